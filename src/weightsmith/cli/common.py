@@ -1,0 +1,141 @@
+"""What every command shares: one-line errors, exit codes, ``--report``, SIGTERM cleanup."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from weightsmith.core.report import peak_rss_bytes, write_report
+from weightsmith.errors import WeightsmithError
+
+EXIT_ERROR = 1  # bad input, failed write: the message says what and where
+EXIT_INTERNAL = 3  # a bug: rerun with --debug for the traceback
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("WEIGHTSMITH_DEBUG", "") not in ("", "0")
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Turn a CI job's SIGTERM into an exception so writers clean their temp dirs up.
+    raise KeyboardInterrupt
+
+
+class WsGroup(click.Group):
+    """A click group whose commands fail with ``error: <one line>`` and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not in the main thread (e.g. some test runners)
+            previous = None
+        try:
+            return super().invoke(ctx)
+        except WeightsmithError as e:
+            _fail(str(e), EXIT_ERROR)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if debug_enabled():
+                raise
+            _fail(
+                f"internal error: {type(e).__name__}: {e} "
+                "(set WEIGHTSMITH_DEBUG=1 for the traceback)",
+                EXIT_INTERNAL,
+            )
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, code: int) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"error: {first_line}", err=True)
+    sys.exit(code)
+
+
+def report_option(fn: Callable) -> Callable:
+    """Add ``--report PATH``: a JSON report of the command, written on success and failure."""
+
+    @click.option(
+        "--report",
+        "report_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Also write a machine-readable JSON report here (for CI).",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args: Any, report_path: str | None = None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        command = ctx.command_path
+        start = time.perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+        except (WeightsmithError, Exception) as e:
+            if report_path:
+                write_report(
+                    report_path,
+                    {
+                        "command": command,
+                        "ok": False,
+                        "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                        "wall_s": round(time.perf_counter() - start, 3),
+                        "peak_rss": peak_rss_bytes(),
+                    },
+                )
+            raise
+        if report_path:
+            body = result if isinstance(result, dict) else {}
+            write_report(
+                report_path,
+                {
+                    "command": command,
+                    "ok": True,
+                    "wall_s": round(time.perf_counter() - start, 3),
+                    "peak_rss": peak_rss_bytes(),
+                    **body,
+                },
+            )
+        return result
+
+    return wrapper
+
+
+def progress_option(fn: Callable) -> Callable:
+    return click.option(
+        "--progress/--no-progress",
+        default=True,
+        show_default=True,
+        help="Show a progress bar on stderr.",
+    )(fn)
+
+
+def force_option(fn: Callable) -> Callable:
+    return click.option(
+        "--force", is_flag=True, help="Replace OUT if it exists (atomically, at the end)."
+    )(fn)
+
+
+def max_shard_size_option(fn: Callable) -> Callable:
+    return click.option(
+        "--max-shard-size",
+        default="5GB",
+        show_default=True,
+        help="Largest shard file to write (e.g. 2GB, 500MB, 4GiB).",
+    )(fn)
+
+
+def allow_pickle_option(fn: Callable) -> Callable:
+    return click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Accept pytorch_model.bin checkpoints (loaded with torch.load(weights_only=True)).",
+    )(fn)

@@ -1,0 +1,1 @@
+"""Commands of the `compress` group (registered on import by weightsmith.cli.main)."""

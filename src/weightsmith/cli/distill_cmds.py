@@ -1,0 +1,1 @@
+"""Commands of the `distill` group (registered on import by weightsmith.cli.main)."""

@@ -1,0 +1,1 @@
+"""Commands of the `eval` group (registered on import by weightsmith.cli.main)."""

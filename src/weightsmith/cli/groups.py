@@ -1,0 +1,44 @@
+"""The command groups: ``weightsmith`` and its shortcuts ``compress``, ``merge``, ``distill``.
+
+Subsystem command modules import their group from here and add commands to it.
+"""
+
+from __future__ import annotations
+
+import click
+
+from weightsmith import __version__
+from weightsmith.cli.common import WsGroup
+
+
+@click.group(cls=WsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="weightsmith")
+def cli() -> None:
+    """weightsmith: make language models smaller (compress), combine them (merge) and teach
+    small ones from big ones (distill), streaming one tensor or layer at a time."""
+
+
+@click.group(cls=WsGroup)
+def compress_cli() -> None:
+    """Quantize and prune checkpoints."""
+
+
+@click.group(cls=WsGroup)
+def merge_cli() -> None:
+    """Merge checkpoints (linear, SLERP, task arithmetic, TIES, DARE, passthrough, LoRA)."""
+
+
+@click.group(cls=WsGroup)
+def distill_cli() -> None:
+    """Train a small student from a teacher model."""
+
+
+@click.group("eval", cls=WsGroup)
+def eval_cli() -> None:
+    """Measure a model: perplexity, divergence from a reference, task accuracy."""
+
+
+cli.add_command(compress_cli, "compress")
+cli.add_command(merge_cli, "merge")
+cli.add_command(distill_cli, "distill")
+cli.add_command(eval_cli, "eval")

@@ -1,0 +1,81 @@
+"""``weightsmith`` and its shortcut commands ``compress``, ``merge`` and ``distill``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from weightsmith.cli.common import (
+    allow_pickle_option,
+    force_option,
+    max_shard_size_option,
+    progress_option,
+    report_option,
+)
+from weightsmith.cli.groups import cli, compress_cli, distill_cli, eval_cli, merge_cli
+from weightsmith.io.sizes import format_size, parse_size
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@allow_pickle_option
+@report_option
+def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
+    """Show what the checkpoint at PATH holds (reads headers only)."""
+    from weightsmith.inspection import format_inspection, inspect_checkpoint
+
+    info = inspect_checkpoint(path, allow_pickle=allow_pickle)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+    return {"result": info}
+
+
+@cli.command("convert")
+@click.argument("path", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Cast floating-point tensors (default: keep, bit-exact).",
+)
+@max_shard_size_option
+@force_option
+@allow_pickle_option
+@progress_option
+@report_option
+def convert_cmd(
+    path: str,
+    out: str,
+    dtype: str | None,
+    max_shard_size: str,
+    force: bool,
+    allow_pickle: bool,
+    progress: bool,
+) -> dict:
+    """Re-shard and/or cast the checkpoint at PATH into OUT."""
+    from weightsmith.convert import convert
+
+    result = convert(
+        path,
+        out,
+        dtype=dtype,
+        max_shard_size=parse_size(max_shard_size),
+        force=force,
+        allow_pickle=allow_pickle,
+        progress=progress,
+    )
+    shards = len(result.shards)
+    click.echo(
+        f"converted {result.tensors} tensors ({format_size(result.total_size)}) into {shards} "
+        f"shard{'s' if shards != 1 else ''} in {result.wall_s:.1f} s, peak RSS "
+        f"{format_size(result.peak_rss)} -> {result.out}"
+    )
+    return {"input": path, "output": result.out, "result": result.to_dict()}
+
+
+# Each subsystem registers its commands on the groups above when its module is imported.
+from weightsmith.cli import compress_cmds, distill_cmds, eval_cmds, merge_cmds  # noqa: E402, F401
+
+__all__ = ["cli", "compress_cli", "distill_cli", "eval_cli", "merge_cli"]

@@ -1,0 +1,106 @@
+"""``weightsmith convert``: re-shard and/or cast a checkpoint through the streaming layer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.errors import CheckpointError
+from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
+from weightsmith.io.reader import TensorGroup, open_checkpoint
+from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+
+CASTABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Options of a conversion, recorded in the output's ``weightsmith.json``."""
+
+    dtype: str | None = None  # None keeps every tensor's stored dtype (bit-exact copy)
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    version: int = 1
+
+
+def convert(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> StreamResult:
+    """Copy ``path`` to ``out`` one tensor at a time, optionally casting floating tensors.
+
+    Without ``dtype`` the stored bytes are copied unchanged; with it, float tensors are cast
+    (integer, boolean and float8 tensors are kept: casting them would corrupt quantized data)
+    and config.json's dtype is updated. Casting to float16 refuses values it cannot represent.
+    """
+    target = parse_user_dtype(dtype) if dtype else None
+    cfg = ConvertConfig(
+        dtype=config_dtype_name(target) if target else None, max_shard_size=max_shard_size
+    )
+    with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+
+        def out_dtype(name: str) -> torch.dtype:
+            stored = ckpt.info(name).torch_dtype
+            return target if target is not None and stored in CASTABLE else stored
+
+        def plan(group: TensorGroup) -> list[TensorSpec]:
+            return [TensorSpec(n, out_dtype(n), ckpt.info(n).shape) for n in group.names]
+
+        def apply(group: TensorGroup):
+            for name in group.names:
+                info = ckpt.info(name)
+                want = out_dtype(name)
+                if want == info.torch_dtype:
+                    spec = TensorSpec(name, want, info.shape)
+                    yield name, RawTensor(spec, lambda n=name: ckpt.raw_chunks(n))
+                else:
+                    yield name, _cast(ckpt.get_tensor(name), want, name)
+
+        patch = None
+        if target is not None:
+            patch = _dtype_patch(config_dtype_name(target))
+        return stream_transform(
+            ckpt.groups("tensor"),
+            out,
+            plan=plan,
+            apply=apply,
+            sources=[ckpt],
+            support_from=ckpt.root,
+            config_patch=patch,
+            max_shard_size=max_shard_size,
+            force=force,
+            provenance={"operation": "convert", "config": asdict(cfg)},
+            progress=progress,
+            description="convert",
+        )
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if dtype == torch.float16 and t.is_floating_point() and t.numel():
+        finite = t[torch.isfinite(t)]
+        peak = finite.abs().max().item() if finite.numel() else 0.0
+        if peak > torch.finfo(torch.float16).max:
+            raise CheckpointError(
+                f"tensor {name!r}: values up to {peak:.4g} overflow float16 "
+                f"(max 65504); use --dtype bfloat16"
+            )
+    return t.to(dtype)
+
+
+def _dtype_patch(name: str):
+    def patch(config: dict) -> dict:
+        # transformers >= 4.56 writes "dtype"; older versions "torch_dtype". Keep whichever exist.
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = name
+        return config
+
+    return patch

@@ -1,0 +1,135 @@
+"""Architectures described as data (``architectures/*.json``), not as if/else on model names.
+
+Each description names how decoder-layer tensors are prefixed (``model.layers.{layer}.``),
+which tensors sit before and after the layers, the lm_head, how Linear weights are laid out,
+and the order in which a layer's Linears run (used by calibration-based methods).
+Adding an architecture is adding one JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+# Used when no description matches: any ``<prefix>.<layers|h|layer|blocks>.<N>.`` name.
+_GENERIC_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks))\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one family of models names its tensors."""
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    num_layers_key: str
+    layer_templates: tuple[str, ...]
+    embed: tuple[str, ...]
+    final: tuple[str, ...]
+    lm_head: str | None
+    linear_layout: str  # "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D)
+    sequential_linears: tuple[tuple[str, ...], ...]
+    description: str = ""
+    known: bool = True
+    _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        """The decoder-layer index a tensor belongs to, or None for embeddings/norm/head."""
+        for pattern in self._patterns:
+            m = pattern.match(tensor_name)
+            if m:
+                return int(m.group("layer"))
+        return None
+
+    def layer_prefix(self, tensor_name: str) -> str | None:
+        """The ``model.layers.N.`` part of a layer tensor's name."""
+        for pattern in self._patterns:
+            m = pattern.match(tensor_name)
+            if m:
+                return m.group(0)
+        return None
+
+    def rename_layer(self, tensor_name: str, new_index: int) -> str:
+        """The same tensor name with its layer index replaced (for slicing/renumbering)."""
+        for pattern in self._patterns:
+            m = pattern.match(tensor_name)
+            if m:
+                start, end = m.span("layer")
+                return tensor_name[:start] + str(new_index) + tensor_name[end:]
+        raise ValueError(f"{tensor_name!r} is not a decoder-layer tensor")
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    head, _, tail = template.partition("{layer}")
+    return re.compile(re.escape(head) + r"(?P<layer>\d+)" + re.escape(tail))
+
+
+def _from_dict(d: dict, known: bool = True) -> Architecture:
+    templates = tuple(d["layer_templates"])
+    return Architecture(
+        name=d["name"],
+        description=d.get("description", ""),
+        model_types=tuple(d.get("model_types", ())),
+        architectures=tuple(d.get("architectures", ())),
+        num_layers_key=d.get("num_layers_key", "num_hidden_layers"),
+        layer_templates=templates,
+        embed=tuple(d.get("embed", ())),
+        final=tuple(d.get("final", ())),
+        lm_head=d.get("lm_head"),
+        linear_layout=d.get("linear_layout", "out_in"),
+        sequential_linears=tuple(tuple(g) for g in d.get("sequential_linears", ())),
+        known=known,
+        _patterns=tuple(_compile(t) for t in templates),
+    )
+
+
+@cache
+def registry() -> dict[str, Architecture]:
+    """All shipped architecture descriptions, keyed by name."""
+    out: dict[str, Architecture] = {}
+    folder = resources.files("weightsmith.io") / "architectures"
+    for item in sorted(folder.iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".json"):
+            arch = _from_dict(json.loads(item.read_text(encoding="utf-8")))
+            out[arch.name] = arch
+    return out
+
+
+def detect_architecture(config: dict | None, tensor_names: list[str]) -> Architecture:
+    """Pick the description for a checkpoint: by config ``model_type``, then ``architectures``,
+    then by which layer template its tensor names match; else a generic, ``known=False`` one."""
+    archs = list(registry().values())
+    if config:
+        model_type = config.get("model_type")
+        for arch in archs:
+            if model_type in arch.model_types:
+                return arch
+        for name in config.get("architectures") or []:
+            for arch in archs:
+                if name in arch.architectures:
+                    return arch
+    best, best_hits = None, 0
+    for arch in archs:
+        hits = sum(arch.layer_of(n) is not None for n in tensor_names)
+        if hits > best_hits:
+            best, best_hits = arch, hits
+    if best is not None:
+        return best
+    return _generic(tensor_names)
+
+
+def _generic(tensor_names: list[str]) -> Architecture:
+    prefixes = {m.group(1) for n in tensor_names if (m := _GENERIC_LAYER.match(n))}
+    templates = [p + ".{layer}." for p in sorted(prefixes)]
+    return _from_dict(
+        {
+            "name": "unknown",
+            "description": "no shipped description matched; layers found by name pattern",
+            "layer_templates": templates,
+            "lm_head": None,
+        },
+        known=False,
+    )

@@ -1,0 +1,357 @@
+"""Lazy, validated access to a Hugging Face checkpoint: headers first, tensors one at a time.
+
+``open_checkpoint(path)`` accepts a directory holding ``model.safetensors`` or shards plus
+``model.safetensors.index.json``, or a single ``.safetensors`` file. Every header is parsed and
+cross-checked against the index on open, so a corrupt or inconsistent checkpoint fails before any
+work starts. Tensor data is read lazily through mmap (``safe_open``), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from weightsmith.errors import CheckpointError
+from weightsmith.io.architectures import Architecture, detect_architecture
+from weightsmith.io.dtypes import safetensors_dtype, torch_dtype
+from weightsmith.io.paths import safe_member
+from weightsmith.io.safetensors_format import Header, read_header, reject_duplicate_keys
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's name, safetensors dtype, shape and the shard file that holds it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str  # file name relative to the checkpoint root
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """Tensors processed together: one tensor, or all tensors of one decoder layer."""
+
+    key: str  # "model.layers.3" / "embed" / "final" / a tensor name
+    layer: int | None
+    names: tuple[str, ...]
+
+
+class Checkpoint:
+    """An opened checkpoint. Lists tensors from headers; reads data only when asked."""
+
+    def __init__(self, path: Path, *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        self._headers: dict[str, Header] = {}
+        self._handles: dict[str, object] = {}
+        self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._index_bytes = b""
+        self.format = "safetensors"
+        self.tensors: dict[str, TensorInfo] = self._discover(allow_pickle)
+        self.config: dict | None = self._read_config()
+        self.arch: Architecture = detect_architecture(self.config, list(self.tensors))
+
+    # ----------------------------------------------------------------- discovery
+    def _discover(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        if self.path.is_file():
+            if self.path.suffix == ".safetensors":
+                return self._from_safetensors_files([self.path.name])
+            if self.path.suffix == ".bin":
+                return self._from_pickle(allow_pickle, [self.path.name])
+            raise CheckpointError(f"{self.path}: not a .safetensors file or checkpoint dir")
+        d = self.path
+        if (d / SAFE_INDEX).exists():
+            return self._from_index(d / SAFE_INDEX)
+        if (d / SAFE_SINGLE).exists():
+            return self._from_safetensors_files([SAFE_SINGLE])
+        found = sorted(p.name for p in d.glob("*.safetensors"))
+        if len(found) == 1:
+            return self._from_safetensors_files(found)
+        if len(found) > 1:
+            raise CheckpointError(
+                f"{d}: {len(found)} .safetensors files but no {SAFE_INDEX} to say which to use"
+            )
+        if (d / PICKLE_INDEX).exists() or (d / PICKLE_SINGLE).exists():
+            return self._from_pickle(allow_pickle, None)
+        raise CheckpointError(f"{d}: no weights found (expected {SAFE_SINGLE} or {SAFE_INDEX})")
+
+    def _from_index(self, index_path: Path) -> dict[str, TensorInfo]:
+        weight_map = self._load_index(index_path)
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        infos = self._from_safetensors_files(list(by_shard), index_path=index_path)
+        listed = set(weight_map)
+        for name, shard in weight_map.items():
+            info = infos.get(name)
+            if info is None or info.shard != shard:
+                raise CheckpointError(
+                    f"{index_path}: tensor {name!r} is mapped to {shard} but that shard "
+                    "does not hold it"
+                )
+        # Tensors stored in a shard but absent from the index are ignored, as transformers does.
+        return {n: i for n, i in infos.items() if n in listed}
+
+    def _load_index(self, index_path: Path) -> dict[str, str]:
+        try:
+            self._index_bytes = index_path.read_bytes()
+            data = json.loads(
+                self._index_bytes, object_pairs_hook=reject_duplicate_keys(str(index_path))
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable index ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: index has no 'weight_map'")
+        for name, shard in weight_map.items():
+            safe_member(self.root, shard, f"{index_path}: tensor {name!r}")
+        return weight_map
+
+    def _from_safetensors_files(
+        self, shards: list[str], index_path: Path | None = None
+    ) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        where = str(index_path or self.root)
+        for shard in shards:
+            file = safe_member(self.root, shard, where)
+            if not file.is_file():
+                raise CheckpointError(f"{where}: shard {shard} is missing")
+            header = read_header(file)
+            self._headers[shard] = header
+            for entry in sorted(header.entries.values(), key=lambda e: e.begin):
+                if entry.name in infos:
+                    raise CheckpointError(
+                        f"{self.root}: tensor {entry.name!r} is stored twice "
+                        f"(in {infos[entry.name].shard} and {shard})"
+                    )
+                infos[entry.name] = TensorInfo(
+                    entry.name, entry.dtype, entry.shape, shard, entry.nbytes
+                )
+        return infos
+
+    def _from_pickle(self, allow_pickle: bool, files: list[str] | None) -> dict[str, TensorInfo]:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{self.path}: is a pickle (.bin) checkpoint; pickle can run code on load, so it "
+                "is refused by default. Pass --allow-pickle to load it with "
+                "torch.load(weights_only=True), or convert it to safetensors at the source"
+            )
+        self.format = "pickle"
+        if files is None:
+            index = self.root / PICKLE_INDEX
+            files = (
+                sorted(set(self._load_index(index).values())) if index.exists() else [PICKLE_SINGLE]
+            )
+        infos: dict[str, TensorInfo] = {}
+        for shard in files:
+            state = self._load_pickle(shard)
+            for name, t in state.items():
+                if name in infos:
+                    raise CheckpointError(f"{self.root}: tensor {name!r} is stored twice")
+                infos[name] = TensorInfo(
+                    name,
+                    safetensors_dtype(t.dtype),
+                    tuple(t.shape),
+                    shard,
+                    t.numel() * t.element_size(),
+                )
+        return infos
+
+    def _load_pickle(self, shard: str) -> dict[str, torch.Tensor]:
+        if self._pickle_cache and self._pickle_cache[0] == shard:
+            return self._pickle_cache[1]
+        file = safe_member(self.root, shard, str(self.root))
+        if not file.is_file():
+            raise CheckpointError(f"{self.root}: shard {shard} is missing")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for corrupt/unsafe pickles
+            raise CheckpointError(f"{file}: cannot load with weights_only=True ({e})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file}: not a state dict")
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self._pickle_cache = (shard, state)
+        return state
+
+    def _read_config(self) -> dict | None:
+        cfg = self.root / "config.json"
+        if not cfg.is_file():
+            return None
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg}: unreadable config ({e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{cfg}: config is not a JSON object")
+        return data
+
+    # ----------------------------------------------------------------- reading
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (a copy; the checkpoint stays untouched)."""
+        info = self.info(name)
+        if self.format == "pickle":
+            return self._load_pickle(info.shard)[name].clone()
+        return self._handle(info.shard).get_tensor(name)
+
+    def get_slice(self, name: str):
+        """A lazy slice handle (``handle[a:b]`` reads only those rows), for chunked work."""
+        info = self.info(name)
+        if self.format == "pickle":
+            return self._load_pickle(info.shard)[name]
+        return self._handle(info.shard).get_slice(name)
+
+    def raw_chunks(self, name: str, chunk_size: int = 64 << 20) -> Iterator[bytes]:
+        """The tensor's stored bytes, in chunks: a bit-exact copy path with bounded memory."""
+        info = self.info(name)
+        if self.format == "pickle":
+            t = self._load_pickle(info.shard)[name].contiguous()
+            yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            return
+        header = self._headers[info.shard]
+        entry = header.entries[name]
+        start, end = header.data_start + entry.begin, header.data_start + entry.end
+        with open(header.path, "rb") as f:
+            pos = start
+            while pos < end:
+                n = min(chunk_size, end - pos)
+                data = os.pread(f.fileno(), n, pos)
+                if len(data) != n:
+                    raise CheckpointError(f"{header.path}: file shrank while reading {name!r}")
+                yield data
+                pos += n
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def _handle(self, shard: str):
+        h = self._handles.get(shard)
+        if h is None:
+            try:
+                h = safe_open(str(self.root / shard), framework="pt", device="cpu")
+            except Exception as e:
+                raise CheckpointError(f"{self.root / shard}: cannot open ({e})") from None
+            self._handles[shard] = h
+        return h
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickle_cache = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def shards(self) -> list[str]:
+        return list(dict.fromkeys(i.shard for i in self.tensors.values()))
+
+    @property
+    def num_params(self) -> int:
+        return sum(i.numel for i in self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def layers(self) -> dict[int, list[str]]:
+        """Decoder-layer index -> its tensor names, in stored order."""
+        out: dict[int, list[str]] = {}
+        for name in self.tensors:
+            layer = self.arch.layer_of(name)
+            if layer is not None:
+                out.setdefault(layer, []).append(name)
+        return dict(sorted(out.items()))
+
+    @property
+    def num_layers(self) -> int:
+        layers = self.layers()
+        return max(layers) + 1 if layers else 0
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the lm_head shares the input embedding (config says so or it is absent)."""
+        if self.config and "tie_word_embeddings" in self.config:
+            return bool(self.config["tie_word_embeddings"])
+        head = self.arch.lm_head
+        return (
+            head is not None
+            and head not in self.tensors
+            and any(e in self.tensors for e in self.arch.embed)
+        )
+
+    def groups(self, by: str = "tensor") -> list[TensorGroup]:
+        """Processing units: ``tensor`` (one each, stored order) or ``layer`` (embeddings,
+        then each decoder layer, then everything else)."""
+        if by == "tensor":
+            return [TensorGroup(n, self.arch.layer_of(n), (n,)) for n in self.tensors]
+        if by != "layer":
+            raise ValueError(f"unknown grouping {by!r}")
+        layers = self.layers()
+        in_layers = {n for names in layers.values() for n in names}
+        embed = tuple(n for n in self.tensors if n in self.arch.embed)
+        rest = tuple(n for n in self.tensors if n not in in_layers and n not in embed)
+        out = [TensorGroup("embed", None, embed)] if embed else []
+        for idx, names in layers.items():
+            prefix = self.arch.layer_prefix(names[0]) or str(idx)
+            out.append(TensorGroup(prefix.rstrip("."), idx, tuple(names)))
+        if rest:
+            out.append(TensorGroup("final", None, rest))
+        return out
+
+    def fingerprint(self) -> str:
+        """A cheap identity of the checkpoint: index, headers, file sizes and sampled data bytes.
+
+        Reading every byte of a 70B model to fingerprint it would cost minutes; headers plus
+        samples at fixed positions catch renamed, resharded, recast and edited checkpoints.
+        """
+        h = hashlib.sha256(self._index_bytes)
+        for shard in self.shards:
+            file = self.root / shard
+            size = file.stat().st_size
+            h.update(f"{shard}:{size}".encode())
+            header = self._headers.get(shard)
+            if header is not None:
+                h.update(header.raw)
+            with open(file, "rb") as f:
+                for k in range(16):
+                    f.seek(size * k // 16)
+                    h.update(f.read(4096))
+        return "sha256:" + h.hexdigest()
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint directory or ``.safetensors`` file, validating every header."""
+    return Checkpoint(Path(path), allow_pickle=allow_pickle)

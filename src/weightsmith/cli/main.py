@@ -76,6 +76,13 @@ def convert_cmd(
 
 
 # Each subsystem registers its commands on the groups above when its module is imported.
-from weightsmith.cli import compress_cmds, distill_cmds, eval_cmds, merge_cmds  # noqa: E402, F401
+from weightsmith.cli import (  # noqa: E402, F401
+    compress_cmds,
+    distill_cmds,
+    eval_cmds,
+    merge_cmds,
+    prune_cmds,
+    qat_cmds,
+)
 
 __all__ = ["cli", "compress_cli", "distill_cli", "eval_cli", "merge_cli"]

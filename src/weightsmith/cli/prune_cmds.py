@@ -1,0 +1,1 @@
+"""Commands of the `compress` group for prune (registered on import by weightsmith.cli.main)."""

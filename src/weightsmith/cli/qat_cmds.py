@@ -1,0 +1,1 @@
+"""Commands of the `compress` group for qat (registered on import by weightsmith.cli.main)."""

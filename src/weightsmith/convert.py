@@ -60,7 +60,8 @@ def convert(
                 want = out_dtype(name)
                 if want == info.torch_dtype:
                     spec = TensorSpec(name, want, info.shape)
-                    yield name, RawTensor(spec, lambda n=name: ckpt.raw_chunks(n))
+                    chunks = lambda n=name: ckpt.raw_chunks(n)  # noqa: E731
+                    yield name, RawTensor(spec, chunks, ckpt.raw_location(name))
                 else:
                     yield name, _cast(ckpt.get_tensor(name), want, name)
 
@@ -85,13 +86,16 @@ def convert(
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     if dtype == torch.float16 and t.is_floating_point() and t.numel():
-        finite = t[torch.isfinite(t)]
-        peak = finite.abs().max().item() if finite.numel() else 0.0
-        if peak > torch.finfo(torch.float16).max:
-            raise CheckpointError(
-                f"tensor {name!r}: values up to {peak:.4g} overflow float16 "
-                f"(max 65504); use --dtype bfloat16"
-            )
+        low, high = torch.aminmax(t)  # one pass; NaN stays NaN and is not an overflow
+        limit = torch.finfo(torch.float16).max
+        if high.item() > limit or low.item() < -limit:
+            finite = t[torch.isfinite(t)].abs()
+            peak = finite.max().item() if finite.numel() else 0.0
+            if peak > limit:
+                raise CheckpointError(
+                    f"tensor {name!r}: values up to {peak:.4g} overflow float16 "
+                    f"(max 65504); use --dtype bfloat16"
+                )
     return t.to(dtype)
 
 

@@ -30,10 +30,12 @@ class Group(Protocol):
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A tensor passed through as stored bytes (bit-exact, no decode/encode)."""
+    """A tensor passed through as stored bytes (bit-exact, no decode/encode): copied in the
+    kernel from ``location`` (file, offset) when given, else from ``chunks``."""
 
     spec: TensorSpec
     chunks: Callable[[], Iterable[bytes]]
+    location: tuple[Path, int] | None = None
 
 
 @dataclass
@@ -100,7 +102,10 @@ def stream_transform(
                 for name, value in apply(group):
                     if name not in expected:
                         raise RuntimeError(f"{group.key}: apply produced unplanned {name!r}")
-                    if isinstance(value, RawTensor):
+                    if isinstance(value, RawTensor) and value.location is not None:
+                        writer.write_from_file(value.spec, *value.location)
+                        bar.update(value.spec.nbytes)
+                    elif isinstance(value, RawTensor):
                         writer.write_raw(value.spec, value.chunks())
                         bar.update(value.spec.nbytes)
                     else:

@@ -28,6 +28,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+_FULL_HASH_LIMIT = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Checkpoint:
         self.root = self.path if self.path.is_dir() else self.path.parent
         self._headers: dict[str, Header] = {}
         self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._index_bytes = b""
         self.format = "safetensors"
@@ -214,14 +216,54 @@ class Checkpoint:
 
     # ----------------------------------------------------------------- reading
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a copy; the checkpoint stays untouched)."""
+        """Read one tensor into fresh memory (the checkpoint stays untouched).
+
+        Safetensors data is read with ``pread`` rather than through an mmap: pages of a mapped
+        file count towards resident memory until the kernel evicts them, so a long streaming
+        run over mmaps looks (and on tight machines behaves) like it holds the whole model.
+        """
         info = self.info(name)
         if self.format == "pickle":
             return self._load_pickle(info.shard)[name].clone()
-        return self._handle(info.shard).get_tensor(name)
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along dim 0), reading only those bytes: lets a
+        method process a huge embedding or projection in bounded-memory blocks."""
+        info = self.info(name)
+        if self.format == "pickle":
+            return self._load_pickle(info.shard)[name][start:stop].clone()
+        rows = info.shape[0] if info.shape else 1
+        start, stop = max(0, start), min(stop, rows)
+        row_bytes = info.nbytes // rows if rows else 0
+        shape = (max(stop - start, 0), *info.shape[1:]) if info.shape else ()
+        out = torch.empty(shape, dtype=info.torch_dtype)
+        if out.numel() == 0:
+            return out
+        header = self._headers[info.shard]
+        entry = header.entries[name]
+        offset = header.data_start + entry.begin + start * row_bytes
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd = self._fd(info.shard)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{header.path}: file shrank while reading {name!r}")
+            done += n
+        return out
+
+    def raw_location(self, name: str) -> tuple[Path, int] | None:
+        """(file, absolute byte offset) of a tensor's stored bytes, for kernel-side copies;
+        None for pickle checkpoints."""
+        if self.format == "pickle":
+            return None
+        info = self.info(name)
+        header = self._headers[info.shard]
+        return header.path, header.data_start + header.entries[name].begin
 
     def get_slice(self, name: str):
-        """A lazy slice handle (``handle[a:b]`` reads only those rows), for chunked work."""
+        """A lazy ``safe_open`` slice handle (``handle[:, a:b]``), for arbitrary partial reads."""
         info = self.info(name)
         if self.format == "pickle":
             return self._load_pickle(info.shard)[name]
@@ -263,7 +305,21 @@ class Checkpoint:
             self._handles[shard] = h
         return h
 
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            path = self._headers[shard].path
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+            self._fds[shard] = fd
+        return fd
+
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()
         self._pickle_cache = None
 
@@ -332,10 +388,11 @@ class Checkpoint:
         return out
 
     def fingerprint(self) -> str:
-        """A cheap identity of the checkpoint: index, headers, file sizes and sampled data bytes.
+        """A cheap identity of the checkpoint: index, headers, file sizes and data bytes.
 
-        Reading every byte of a 70B model to fingerprint it would cost minutes; headers plus
-        samples at fixed positions catch renamed, resharded, recast and edited checkpoints.
+        Shards up to 16 MiB are hashed whole; larger ones by 17 fixed 4 KiB windows (reading
+        every byte of a 70B model would cost minutes). Headers plus samples catch renamed,
+        resharded, recast and most edited checkpoints; the location does not count.
         """
         h = hashlib.sha256(self._index_bytes)
         for shard in self.shards:
@@ -346,8 +403,11 @@ class Checkpoint:
             if header is not None:
                 h.update(header.raw)
             with open(file, "rb") as f:
-                for k in range(16):
-                    f.seek(size * k // 16)
+                if size <= _FULL_HASH_LIMIT:
+                    h.update(f.read())
+                    continue
+                for pos in [size * k // 16 for k in range(16)] + [size - 4096]:
+                    f.seek(pos)
                     h.update(f.read(4096))
         return "sha256:" + h.hexdigest()
 

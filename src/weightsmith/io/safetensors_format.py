@@ -136,9 +136,14 @@ def _parse_entry(path: Path, name: str, info: object, data_len: int) -> TensorEn
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and o >= 0 for o in offsets)
-        and offsets[0] <= offsets[1] <= data_len
+        and offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{where}: data offsets {offsets!r} outside the data section")
+        raise CheckpointError(f"{where}: corrupt data offsets {offsets!r}")
+    if offsets[1] > data_len:
+        raise CheckpointError(
+            f"{where}: truncated or corrupt: data ends at byte {offsets[1]} but the file holds "
+            f"{data_len} bytes of tensor data"
+        )
     entry = TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
     if entry.nbytes != entry.numel * itemsize(dtype):
         raise CheckpointError(

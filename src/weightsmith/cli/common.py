@@ -84,6 +84,7 @@ def report_option(fn: Callable) -> Callable:
                 write_report(
                     report_path,
                     {
+                        **ctx.meta.get("weightsmith_report", {}),
                         "command": command,
                         "ok": False,
                         "error": str(e).splitlines()[0] if str(e) else type(e).__name__,

@@ -90,6 +90,37 @@ def compare_cmd(a: str, b: str, top: int, as_json: bool) -> dict:
     return {"result": {k: v for k, v in result.items() if k != "tensors"}}
 
 
+@cli.command("run")
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--workdir", required=True, type=click.Path(), help="Step outputs go here.")
+@click.option("--resume", is_flag=True, help="Skip steps whose inputs and settings are unchanged.")
+@click.option("--force", is_flag=True, help="Redo steps whose outputs already exist.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the commands; run nothing.")
+@progress_option
+@report_option
+def run_cmd(
+    recipe: str, workdir: str, resume: bool, force: bool, dry_run: bool, progress: bool
+) -> dict:
+    """Run a recipe of steps (merge, prune, quantize, distill, eval...) as one batch job."""
+    from weightsmith.pipeline import run_recipe
+    from weightsmith.pipeline.runner import RecipeFailed
+
+    try:
+        report = run_recipe(
+            recipe, workdir, resume=resume, force=force, dry_run=dry_run, progress=progress,
+            echo=lambda m: click.echo(m, err=True),
+        )  # fmt: skip
+    except RecipeFailed as e:
+        click.get_current_context().meta["weightsmith_report"] = e.report
+        raise
+    done = sum(1 for s in report["steps"] if not s.get("skipped"))
+    click.echo(
+        f"{'validated' if dry_run else 'ran'} {done} step(s), "
+        f"{len(report['steps']) - done} up to date, in {report['wall_s']:.1f} s -> {workdir}"
+    )
+    return report
+
+
 # Each subsystem registers its commands on the groups above when its module is imported.
 from weightsmith.cli import (  # noqa: E402, F401
     compress_cmds,

@@ -173,3 +173,20 @@ def test_raw_bytes_path_is_bit_exact(tiny_model, tmp_path: Path) -> None:
         assert torch.equal(
             load_file(tmp_path / "out/model.safetensors")[name], ckpt.get_tensor(name)
         )
+
+
+def test_weights_name_for_adapter_folders(tmp_path: Path) -> None:
+    with CheckpointWriter(tmp_path / "one", weights_name="adapter_model") as w:
+        w.write("a", torch.zeros(3))
+        s = w.commit()
+    assert s.shards == ["adapter_model.safetensors"]
+    with CheckpointWriter(tmp_path / "two", weights_name="adapter_model", max_shard_size=12) as w:
+        w.plan([TensorSpec("a", torch.float32, (3,)), TensorSpec("b", torch.float32, (3,))])
+        w.write("a", torch.zeros(3))
+        w.write("b", torch.ones(3))
+        w.commit()
+    index = json.loads((tmp_path / "two/adapter_model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {
+        "adapter_model-00001-of-00002.safetensors",
+        "adapter_model-00002-of-00002.safetensors",
+    }

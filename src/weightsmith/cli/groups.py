@@ -28,9 +28,14 @@ def merge_cli() -> None:
     """Merge checkpoints (linear, SLERP, task arithmetic, TIES, DARE, passthrough, LoRA)."""
 
 
-@click.group(cls=WsGroup)
-def distill_cli() -> None:
-    """Train a small student from a teacher model."""
+@click.group(cls=WsGroup, invoke_without_command=True, no_args_is_help=True)
+@click.pass_context
+def distill_cli(ctx: click.Context, **options: object) -> None:
+    """Train a small student from a teacher model (options below; see also `distill cache`)."""
+    if ctx.invoked_subcommand is None:  # the training options are attached in distill_cmds
+        from weightsmith.cli.distill_cmds import train_command
+
+        train_command.callback(**options)
 
 
 @click.group("eval", cls=WsGroup)

@@ -37,7 +37,6 @@ from weightsmith.io.safetensors_format import (
 from weightsmith.io.sizes import format_size
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
-INDEX_NAME = "model.safetensors.index.json"
 PROVENANCE_NAME = "weightsmith.json"
 
 # Files that travel with the weights: config, generation settings, tokenizer, chat template.
@@ -109,8 +108,12 @@ class CheckpointWriter:
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         force: bool = False,
         inputs: Iterable[str | os.PathLike[str]] = (),
+        weights_name: str = "model",
     ) -> None:
+        """``weights_name`` names the files: ``model.safetensors`` (the default), or e.g.
+        ``adapter_model`` for a PEFT adapter folder."""
         self.out = Path(out).absolute()
+        self.weights_name = weights_name
         self.max_shard_size = max_shard_size
         self.force = force
         check_output_location(self.out, [Path(p) for p in inputs], force)
@@ -333,10 +336,11 @@ class CheckpointWriter:
         for k in list(self._fds):
             self._close_fd(k)
         n = len(self._shards)
+        base = self.weights_name
         names = (
-            ["model.safetensors"]
+            [f"{base}.safetensors"]
             if n <= 1
-            else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+            else [f"{base}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         )
         weight_map: dict[str, str] = {}
         for shard, final in zip(self._shards, names, strict=False):
@@ -355,7 +359,8 @@ class CheckpointWriter:
                 "metadata": {"total_size": total},
                 "weight_map": dict(sorted(weight_map.items())),
             }
-            self.write_text(INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            index_name = f"{base}.safetensors.index.json"
+            self.write_text(index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
         summary = WriteSummary(str(self.out), names, len(weight_map), total)
         self.write_json(PROVENANCE_NAME, _provenance(provenance or {}, summary))
         self._move_into_place()

@@ -1,0 +1,93 @@
+"""Frozen, versioned configs of a distillation run (recorded in the output's provenance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from weightsmith.distill.losses import LossConfig
+from weightsmith.errors import ConfigError
+
+METHODS = ("kd", "seqkd")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+# Short names for --lora-targets, expanded to the module names transformers uses.
+SHORT_TARGETS = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A LoRA student: rank, scale, dropout, which linear layers, rsLoRA scaling."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = "all-linear"  # or a comma list: "q,v", "q_proj,v_proj,dense"
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
+    version: int = 1
+
+    def target_modules(self) -> str | list[str]:
+        if self.targets == "all-linear":
+            return "all-linear"
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not names:
+            raise ConfigError("--lora-targets is empty")
+        return [SHORT_TARGETS.get(n, n) for n in names]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that decides what a distillation run computes."""
+
+    method: str = "kd"
+    loss: LossConfig = field(default_factory=LossConfig)
+    steps: int | None = None  # optimizer steps; None -> from epochs
+    epochs: float | None = None  # None with steps None -> 1 epoch
+    lr: float = 1e-4
+    batch_size: int = 8  # sequences per micro-batch, over all processes
+    grad_accum: int = 1
+    seq_len: int = 512
+    warmup_steps: int | None = None  # None -> 5% of the steps
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    optim: str = "adamw"
+    lora: LoraSettings | None = None
+    qlora: bool = False
+    save_adapter: bool = False
+    gen_max_new_tokens: int = 128  # seqkd: completion length
+    gen_temperature: float = 1.0  # seqkd: sampling temperature (0 = greedy); not the loss τ
+    gen_prompt_tokens: int = 16  # seqkd on plain text: tokens of each window used as prompt
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r} (choose from {METHODS})")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"unknown --optim {self.optim!r} (choose from {OPTIMIZERS})")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give --steps or --epochs, not both")
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if (self.qlora or self.save_adapter) and self.lora is None:
+            flag = "--qlora" if self.qlora else "--save-adapter"
+            raise ConfigError(f"{flag} needs a LoRA student (--lora-r)")
+        if self.lora is not None and self.lora.r < 1:
+            raise ConfigError(f"--lora-r must be at least 1, got {self.lora.r}")
+        if self.lora is not None and not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora.dropout}")

@@ -1,0 +1,206 @@
+"""Distillation losses: pure functions on tensors (no models, no files).
+
+Conventions (all divergences are per position, summed over the vocabulary):
+
+- ``p_T`` is the teacher's next-token distribution, ``p_S`` the student's, both at temperature
+  τ: ``softmax(logits / τ)``. Temperature is a *loss* temperature only; it never affects
+  generation (``--method seqkd`` samples at its own ``--gen-temperature``).
+- ``fkl``: forward KL(p_T ‖ p_S) (Hinton et al.; mean-seeking).
+- ``rkl``: reverse KL(p_S ‖ p_T) (mode-seeking; MiniLLM).
+- ``jsd``: generalized JSD with mixture ``M = β·p_T + (1−β)·p_S`` (the GKD paper's mixture,
+  arXiv:2306.13649 eq. 1, and TRL after huggingface/trl#3043, which fixed TRL's earlier
+  swapped ``β·p_S + (1−β)·p_T``). We weight the two terms as
+  ``(1−β)·KL(p_T ‖ M) + β·KL(p_S ‖ M)`` so that the loss is *continuous* in β and reduces to
+  forward KL as β→0 and to reverse KL as β→1, which is what TRL documents for β. At β = 0.5 it
+  is the standard JSD and equals the paper's JSD(0.5). (The paper's own weights,
+  ``β·KL(p_T‖M) + (1−β)·KL(p_S‖M)``, vanish at both endpoints: near them β only scales the
+  loss; see modelscope/ms-swift#10078.)
+
+The distillation objective (Hinton et al. 2015, with the τ² factor that keeps gradient
+magnitudes comparable across temperatures)::
+
+    loss = [ α · Σ_t CE_t  +  (1 − α) · τ² · Σ_t D_t ] / N
+
+summed over completion positions t only (labels != -100: neither prompt nor padding) and
+divided by N, the number of such positions in the *whole optimizer step* (all micro-batches
+of gradient accumulation, all processes), so that accumulation and data parallelism give the
+same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def divergence(name: str) -> Callable[[Divergence], Divergence]:
+    """Register ``fn(student_logp, teacher_logp, beta) -> per-position divergence``."""
+
+    def register(fn: Divergence) -> Divergence:
+        DIVERGENCES[name] = fn
+        return fn
+
+    return register
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per position from log-probabilities, with 0·log 0 = 0."""
+    p = p_logp.exp()
+    diff = torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p_logp))
+    return (p * diff).sum(-1)
+
+
+@divergence("fkl")
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.0):
+    """KL(p_T ‖ p_S) per position."""
+    return _kl(teacher_logp, student_logp)
+
+
+@divergence("rkl")
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.0):
+    """KL(p_S ‖ p_T) per position."""
+    return _kl(student_logp, teacher_logp)
+
+
+@divergence("jsd")
+def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5):
+    """(1−β)·KL(p_T ‖ M) + β·KL(p_S ‖ M), M = β·p_T + (1−β)·p_S (see the module docstring)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logp, teacher_logp)
+    if beta == 1.0:
+        return reverse_kl(student_logp, teacher_logp)
+    # log M computed in log space: mixing probabilities, not log-probabilities (trl#2202).
+    mixture = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+    return (1.0 - beta) * _kl(teacher_logp, mixture) + beta * _kl(student_logp, mixture)
+
+
+def bucket_logprobs(
+    student_logp: torch.Tensor, topk_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapse a full distribution onto the k+1 buckets of a top-k cache.
+
+    Returns ``(log p[ids] (…, k), log of the remaining mass (…))``; the tail is a logsumexp
+    over the non-top-k entries (stable even when the top-k hold almost all the mass).
+    """
+    top = student_logp.gather(-1, topk_ids)
+    rest = student_logp.scatter(-1, topk_ids, float("-inf"))
+    return top, torch.logsumexp(rest, dim=-1)
+
+
+def sparse_divergence(
+    loss: str,
+    student_logp: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """A divergence between the teacher's cached top-k + tail and the student, per position.
+
+    Both distributions are compared on the same k+1 events (each top-k token, and "any other
+    token"), so the result is a true divergence of coarsened distributions: it is zero iff they
+    agree on those events and never exceeds the full-vocabulary divergence (data processing).
+    """
+    s_top, s_tail = bucket_logprobs(student_logp, topk_ids)
+    student_b = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
+    teacher_b = torch.cat([topk_logp.to(s_top.dtype), tail_logmass.to(s_top.dtype)[..., None]], -1)
+    return DIVERGENCES[loss](student_b, teacher_b, beta)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the distillation loss is formed (recorded in the output's provenance)."""
+
+    loss: str = "fkl"  # a key of DIVERGENCES
+    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
+    temperature: float = 2.0  # τ of the divergence term (CE always at τ = 1)
+    alpha: float = 0.5  # weight of the hard-label CE term; 0 = pure KD, 1 = CE only
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loss not in DIVERGENCES:
+            raise ValueError(f"unknown loss {self.loss!r} (choose from {sorted(DIVERGENCES)})")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class LossParts:
+    """The step's loss (already divided by the global token count) and its summed parts."""
+
+    loss: torch.Tensor  # scalar to backpropagate
+    ce_sum: torch.Tensor  # Σ CE over this micro-batch's completion positions (detached)
+    div_sum: torch.Tensor  # Σ divergence at τ (without τ²) (detached)
+    tokens: int  # completion positions in this micro-batch
+
+
+def shift_for_next_token(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align position t's logits with token t+1 (causal LM): (B, T-1, V), (B, T-1)."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def completion_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True where a position is trained on (a completion token, not prompt or padding)."""
+    return labels != IGNORE_INDEX
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: LossConfig,
+    num_tokens: int,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> LossParts:
+    """α·CE + (1−α)·τ²·D summed over completion positions, divided by ``num_tokens``.
+
+    ``student_logits``/``teacher_logits`` are already shifted: (B, T, V) predicting
+    ``labels`` (B, T) (use :func:`shift_for_next_token`). Vocabulary widths must already agree
+    (the caller slices to the common length). ``teacher_topk`` is ``(ids, logp, tail)`` at
+    temperature τ from a cache, used instead of ``teacher_logits``. ``num_tokens`` is the
+    global count of completion positions in the optimizer step.
+    """
+    mask = completion_mask(labels)
+    tokens = int(mask.sum())
+    s_logits = student_logits[mask].float()  # (N, V): only completion positions
+    targets = labels[mask]
+    ce_sum = F.cross_entropy(s_logits, targets, reduction="sum")
+    zero = s_logits.new_zeros(())
+    div_sum = zero
+    if cfg.alpha < 1.0:
+        s_logp = F.log_softmax(s_logits / cfg.temperature, dim=-1)
+        if teacher_topk is not None:
+            ids, logp, tail = (t[mask] for t in teacher_topk)
+            div = sparse_divergence(cfg.loss, s_logp, ids.long(), logp, tail, cfg.beta)
+        elif teacher_logits is not None:
+            if teacher_logits.shape[-1] != s_logits.shape[-1]:
+                raise ValueError(
+                    f"teacher has {teacher_logits.shape[-1]} logits, student "
+                    f"{s_logits.shape[-1]}: slice both to the common vocabulary first"
+                )
+            t_logp = F.log_softmax(teacher_logits[mask].float() / cfg.temperature, dim=-1)
+            div = DIVERGENCES[cfg.loss](s_logp, t_logp, cfg.beta)
+        else:
+            raise ValueError("alpha < 1 needs teacher_logits or teacher_topk")
+        div_sum = div.sum()
+    total = cfg.alpha * ce_sum + (1.0 - cfg.alpha) * cfg.temperature**2 * div_sum
+    loss = total / max(num_tokens, 1)
+    return LossParts(loss, ce_sum.detach(), div_sum.detach(), tokens)

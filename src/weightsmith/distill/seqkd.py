@@ -1,0 +1,72 @@
+"""Sequence-level KD (Kim & Rush 2016): the teacher writes completions, the student trains on
+them with cross-entropy. Works across tokenizers because only text passes between them."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from weightsmith.distill.config import DistillConfig
+from weightsmith.distill.data import Records
+from weightsmith.distill.distributed import gather_objects
+
+
+def prompts_of(records: Records, teacher_tok, cfg: DistillConfig) -> list[str]:
+    """Prompts: the given ones, or the first ``gen_prompt_tokens`` of each text window."""
+    if records.pairs:
+        return [p for p, _ in records.pairs]
+    prompts = []
+    for text in records.texts:
+        ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), cfg.seq_len):
+            window = ids[start : start + cfg.seq_len]
+            if len(window) > cfg.gen_prompt_tokens:
+                prompts.append(teacher_tok.decode(window[: cfg.gen_prompt_tokens]))
+    return prompts
+
+
+def generate_pairs(
+    teacher,
+    teacher_tok,
+    prompts: list[str],
+    cfg: DistillConfig,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> list[tuple[str, str]]:
+    """(prompt, teacher completion) pairs; each process generates its share, all get all."""
+    mine = list(range(rank, len(prompts), world))
+    pad_side = teacher_tok.padding_side
+    teacher_tok.padding_side = "left"  # generation continues from the last real token
+    out: list[tuple[int, str, str]] = []
+    torch.manual_seed(cfg.seed + rank)
+    bar = tqdm(total=len(mine), desc="teacher generating", disable=not progress, leave=False)
+    try:
+        for b in range(0, len(mine), cfg.batch_size):
+            idx = mine[b : b + cfg.batch_size]
+            enc = teacher_tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(
+                device
+            )
+            sample = cfg.gen_temperature > 0
+            with torch.no_grad():
+                gen = teacher.generate(
+                    **enc,
+                    max_new_tokens=cfg.gen_max_new_tokens,
+                    do_sample=sample,
+                    temperature=cfg.gen_temperature if sample else None,
+                    top_k=0 if sample else None,
+                    top_p=1.0 if sample else None,
+                    pad_token_id=teacher_tok.pad_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            for i, row in zip(idx, new, strict=True):
+                text = teacher_tok.decode(row, skip_special_tokens=True)
+                out.append((i, prompts[i], text))
+            bar.update(len(idx))
+    finally:
+        teacher_tok.padding_side = pad_side
+        bar.close()
+    merged = sorted((x for part in gather_objects(out, world) for x in part), key=lambda x: x[0])
+    return [(p, c) for _, p, c in merged if c.strip()]

@@ -1,1 +1,142 @@
 """Commands of the `compress` group (registered on import by weightsmith.cli.main)."""
+
+from __future__ import annotations
+
+import click
+
+# Methods and formats register on import; the choices below come from the registries.
+import weightsmith.compress.quantize  # noqa: F401
+from weightsmith.cli.common import (
+    force_option,
+    max_shard_size_option,
+    progress_option,
+    report_option,
+)
+from weightsmith.cli.groups import compress_cli
+from weightsmith.compress.registry import FORMATS, METHODS
+from weightsmith.io.sizes import format_size, parse_size
+
+
+@compress_cli.command("quantize")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option(
+    "--group-size",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Input columns per scale; -1 = per output channel.",
+)
+@click.option(
+    "--sym/--asym",
+    default=True,
+    show_default=True,
+    help="Symmetric or asymmetric (zero point) levels.",
+)
+@click.option(
+    "--ignore",
+    multiple=True,
+    help="Keep this Linear unquantized (name, dotted suffix, or re:REGEX); repeatable. lm_head is always kept.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(sorted(FORMATS)),
+    default="compressed-tensors",
+    show_default=True,
+)
+@click.option(
+    "--calib",
+    type=click.Path(),
+    default=None,
+    help="Calibration text (.txt or .jsonl); default: built-in text.",
+)
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option(
+    "--act-order",
+    is_flag=True,
+    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups).",
+)
+@click.option(
+    "--damp", default=0.01, show_default=True, help="GPTQ: dampening, fraction of mean diag(H)."
+)
+@click.option(
+    "--allow-rtn-fallback",
+    is_flag=True,
+    help="GPTQ: use RTN for a Linear whose Hessian is not positive definite (listed in the report).",
+)
+@click.option("--double-quant", is_flag=True, help="NF4: also quantize the absmax constants.")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda)."
+)
+@max_shard_size_option
+@force_option
+@progress_option
+@report_option
+def quantize_cmd(
+    model: str,
+    out: str,
+    method: str,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    ignore: tuple[str, ...],
+    fmt: str,
+    calib: str | None,
+    calib_samples: int,
+    seq_len: int,
+    act_order: bool,
+    damp: float,
+    allow_rtn_fallback: bool,
+    double_quant: bool,
+    device: str,
+    max_shard_size: str,
+    force: bool,
+    progress: bool,
+) -> dict:
+    """Quantize the Linear weights of MODEL into OUT (RTN, GPTQ, or NF4)."""
+    from weightsmith.compress import QuantConfig, quantize_checkpoint
+
+    if method == "nf4" and fmt == "compressed-tensors":
+        fmt = "bnb"  # nf4 has exactly one format
+    cfg = QuantConfig(
+        method=method,
+        bits=4 if method == "nf4" else bits,
+        group_size=group_size,
+        symmetric=sym,
+        format=fmt,
+        ignore=ignore,
+        calib=calib,
+        calib_samples=calib_samples,
+        seq_len=seq_len,
+        damp=damp,
+        act_order=act_order,
+        allow_rtn_fallback=allow_rtn_fallback,
+        double_quant=double_quant,
+    )
+    if METHODS[method].needs_calibration and calib is None:
+        click.echo(
+            "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
+            err=True,
+        )
+    r = quantize_checkpoint(
+        model,
+        out,
+        cfg,
+        force=force,
+        max_shard_size=parse_size(max_shard_size),
+        device=device,
+        progress=progress,
+    )
+    x = r.extra
+    fallbacks = f", {len(x['rtn_fallbacks'])} RTN fallbacks" if x.get("rtn_fallbacks") else ""
+    click.echo(
+        f"quantized {x['quantized_linears']} Linears ({100 * x['fraction_quantized']:.1f}% of "
+        f"parameters) with {method} {x['bits']}-bit into {fmt}: "
+        f"{format_size(x['input_size'])} -> {format_size(x['output_size'])}{fallbacks} "
+        f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
+    )
+    return {"input": model, "output": r.out, "result": r.to_dict()}

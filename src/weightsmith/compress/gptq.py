@@ -1,0 +1,171 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323): quantize a Linear column by column while
+compensating the error on the not-yet-quantized columns with the inverse Hessian of the
+layer-wise reconstruction loss ``||WX - ŴX||²``.
+
+Follows the reference ``gptq.py`` (IST-DASLab/gptq, ``GPTQ.fasterquant``): dead inputs
+(``H_ii = 0``) are zeroed, ``H += damp·mean(diag H)·I``, the upper Cholesky factor of ``H⁻¹``
+drives the updates (Alg. 1), columns are processed in blocks of 128 with the rest of the matrix
+updated lazily once per block, and with act-order the columns run in order of decreasing
+``H_ii`` while group qparams are fixed up front on the original order ("static groups"), so
+``g_idx`` stays ``i // group_size`` and inference kernels need no reordering. One deliberate
+difference: a group's qparams are computed from the *current* (error-compensated) weights even
+when the group starts inside a block (the reference reads stale values there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightsmith.compress.registry import QuantConfig, QuantizedWeight, quant_method
+from weightsmith.compress.rtn import group_qparams, minmax_qparams, quantize_levels, zero_min_for
+from weightsmith.errors import ConfigError
+
+
+class HessianNotPositiveDefinite(ConfigError):
+    """``H + damp·I`` has no Cholesky factor (too little or degenerate calibration data)."""
+
+
+class HessianStat:
+    """Accumulates ``H = 2/n · Σ x xᵀ`` over the ``n`` calibration tokens of one Linear."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.sum: torch.Tensor | None = None  # allocated on the inputs' device
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        if self.sum is None:
+            n = self.in_features
+            self.sum = torch.zeros(n, n, dtype=torch.float32, device=x.device)
+        self.sum.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.sum is None:
+            return torch.zeros(self.in_features, self.in_features)
+        return self.sum * (2.0 / max(self.n, 1))
+
+
+def _qparams_for(
+    w: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype, zero_min: int | None
+):
+    """Min-max qparams of each row of ``w`` ``(out, g)``: scale rounded to ``dtype``."""
+    scale, zero = minmax_qparams(w, bits, symmetric)
+    scale = scale.to(dtype).float()
+    if not symmetric:  # recompute the zero for the rounded scale
+        lo = w.min(-1, keepdim=True).values.clamp(max=0)
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        zero = torch.clamp(torch.round(qmin - lo / scale), zero_min or qmin, qmax)
+    return scale, zero
+
+
+def gptq_quantize_weight(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    dtype: torch.dtype | None = None,
+    zero_min: int | None = None,
+) -> QuantizedWeight:
+    """GPTQ on one ``(out, in)`` weight with Hessian ``(in, in)``; ``group_size=-1`` is per
+    channel. Scales are rounded to ``dtype`` (the stored dtype) before use. Raises
+    :class:`HessianNotPositiveDefinite` when the damped Hessian has no Cholesky factor."""
+    dtype = dtype or w.dtype
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone()
+    out_f, cols = W.shape
+    g = cols if group_size == -1 else group_size
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static_scale = static_zero = None
+    if group_size == -1 or act_order:  # qparams fixed before the pass, on the original order
+        static_scale, static_zero = group_qparams(W, bits, g, symmetric, dtype, zero_min)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    dev = W.device
+    H = H.to(dev)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=dev)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError:
+        raise HessianNotPositiveDefinite(
+            f"the damped Hessian is not positive definite (damp {damp})"
+        ) from None
+
+    Q = torch.zeros(out_f, cols, dtype=torch.int8, device=dev)
+    n_groups = cols // g
+    scale = torch.zeros(out_f, n_groups, device=dev) if static_scale is None else static_scale
+    zero = torch.zeros(out_f, n_groups, device=dev) if static_zero is None else static_zero
+    loss = torch.zeros(out_f, device=dev)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col]) if perm is not None else col
+            grp = orig // g
+            if static_scale is None and col % g == 0:
+                # the group's current, error-compensated weights (may extend past the block)
+                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
+                s, z = _qparams_for(cur, bits, symmetric, dtype, zero_min)
+                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
+            x = W1[:, i]
+            q = quantize_levels(x[:, None], scale[:, grp : grp + 1], zero[:, grp : grp + 1], bits)
+            Q[:, col] = q[:, 0]
+            deq = (q[:, 0].float() - zero[:, grp]) * scale[:, grp]
+            d = Hinv1[i, i]
+            err = (x - deq) / d
+            loss += (x - deq) ** 2 / d**2 / 2
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return QuantizedWeight(
+        q=Q.cpu(),
+        scale=scale.to(dtype).cpu(),
+        zero=zero.to(torch.int8).cpu(),
+        bits=bits,
+        group_size=g,
+        symmetric=symmetric,
+        g_idx=(torch.arange(cols) // g).to(torch.int32),
+        info={"loss": float(loss.sum())},
+    )
+
+
+@quant_method("gptq", needs_calibration=True, summary="GPTQ, Hessian-compensated rounding")
+def gptq_quantize(
+    w: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None = None, *, dtype=None
+) -> QuantizedWeight:
+    """GPTQ with the settings of ``cfg`` (see :func:`gptq_quantize_weight`)."""
+    if hessian is None:
+        raise ValueError("gptq needs the Hessian of the Linear's calibration inputs")
+    return gptq_quantize_weight(
+        w,
+        hessian,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        symmetric=cfg.symmetric,
+        damp=cfg.damp,
+        act_order=cfg.act_order,
+        block_size=cfg.block_size,
+        dtype=dtype,
+        zero_min=zero_min_for(cfg),
+    )

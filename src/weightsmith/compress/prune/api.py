@@ -1,0 +1,47 @@
+"""``prune_checkpoint``: the one public entry point; dispatches on the method's kind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from weightsmith.compress.prune.common import PruneResult
+from weightsmith.compress.prune.registry import PruneConfig
+from weightsmith.compress.prune.structured import prune_depth, prune_width
+from weightsmith.compress.prune.unstructured import prune_unstructured
+from weightsmith.errors import CheckpointError
+from weightsmith.io.reader import open_checkpoint
+from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
+
+DRIVERS = {"unstructured": prune_unstructured, "depth": prune_depth, "width": prune_width}
+
+
+def prune_checkpoint(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    cfg: PruneConfig,
+    *,
+    force: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    device: str = "cpu",
+    progress: bool = True,
+) -> PruneResult:
+    """Prune the checkpoint at ``path`` into ``out`` as ``cfg`` says (see the package docs)."""
+    cfg.validate()
+    start = time.perf_counter()
+    with open_checkpoint(path) as ckpt:
+        if ckpt.config is None:
+            raise CheckpointError(f"{ckpt.root}: no config.json; pruning needs it")
+        if ckpt.config.get("quantization_config") is not None:
+            raise CheckpointError(f"{ckpt.root}: is quantized; prune the unquantized model first")
+        result = DRIVERS[cfg.kind](
+            ckpt,
+            out,
+            cfg,
+            force=force,
+            max_shard_size=max_shard_size,
+            device=device,
+            progress=progress,
+        )
+    result.wall_s = round(time.perf_counter() - start, 3)  # calibration/scoring included
+    return result

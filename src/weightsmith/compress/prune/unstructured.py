@@ -1,0 +1,166 @@
+"""The driver for unstructured and N:M pruning (magnitude, Wanda): zeros written in place.
+
+Magnitude needs no data and streams one tensor at a time. Wanda streams one decoder layer at a
+time through :class:`~weightsmith.core.calibration.LayerStreamer`: the inputs of every Linear
+of a layer are recorded in one pass over the calibration activations (as locuslab/wanda
+does), the layer's weights are masked, and the *pruned* layer's outputs feed the next layer.
+
+The output is dense safetensors in the input's dtype: pruned entries are zero, every other
+entry is bit-identical to the input. Each tensor's sparsity is verified before it is written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from weightsmith.compress.prune.common import (
+    LinearTarget,
+    PruneResult,
+    as_out_in,
+    calibration_streamer,
+    passthrough,
+    select_targets,
+    spec_of,
+)
+from weightsmith.compress.prune.masks import check_sparsity, prune_mask
+from weightsmith.compress.prune.registry import METHODS, PruneConfig
+from weightsmith.compress.prune.wanda import ColumnNormStat
+from weightsmith.core.calibration import CalibrationLayer, build_skeleton
+from weightsmith.core.streaming import stream_transform
+from weightsmith.errors import OutputError
+from weightsmith.io.reader import Checkpoint, TensorGroup
+
+
+def linear_mask(
+    w: torch.Tensor, cfg: PruneConfig, input_norm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The pruning mask of one ``(out, in)`` weight under ``cfg`` (pure)."""
+    method = METHODS[cfg.method]
+    scores = method.fn(w.float(), input_norm) if method.needs_calibration else method.fn(w.float())
+    sparsity = None if cfg.pattern else cfg.target_sparsity
+    return prune_mask(scores, sparsity=sparsity, pattern=cfg.pattern, compare=method.compare)
+
+
+def prune_unstructured(
+    ckpt: Checkpoint,
+    out: str | os.PathLike[str],
+    cfg: PruneConfig,
+    *,
+    force: bool,
+    max_shard_size: int,
+    device: str,
+    progress: bool,
+) -> PruneResult:
+    method = METHODS[cfg.method]
+    targets, kept = select_targets(ckpt, build_skeleton(ckpt), cfg)
+    transposed = ckpt.arch.linear_layout == "in_out"
+    zeros: dict[str, int] = {}
+    calib_info: dict[str, Any] = {}
+
+    def finish(t: LinearTarget, stored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Zero ``stored`` where ``mask`` (given as (out, in)) says, and verify the result."""
+        pruned = stored.clone()
+        as_out_in(pruned, transposed)[mask] = 0
+        try:
+            zeros[t.tensor] = check_sparsity(
+                as_out_in(pruned, transposed),
+                sparsity=cfg.target_sparsity,
+                pattern=cfg.pattern,
+                compare=method.compare,
+            )
+        except ValueError as e:  # cannot happen unless a mask function is wrong
+            raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
+        return pruned
+
+    def plan(group: TensorGroup):
+        return [spec_of(ckpt, n) for n in group.names]
+
+    if not method.needs_calibration:
+
+        def apply(group: TensorGroup) -> Iterator:
+            for n in group.names:
+                t = targets.get(n)
+                if t is None:
+                    yield passthrough(ckpt, n)
+                    continue
+                stored = ckpt.get_tensor(n)
+                yield n, finish(t, stored, linear_mask(as_out_in(stored, transposed), cfg))
+
+        groups = ckpt.groups("tensor")
+    else:
+        streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
+        calib_info.update(info)
+
+        def wanda_layer(cl: CalibrationLayer) -> dict[str, torch.Tensor]:
+            names = [n for n in cl.linear_names if cl.tensor_name(n) in targets]
+            stats = cl.collect(names, lambda n, m: ColumnNormStat(cl.weight(n).shape[1]))
+            masks = {}
+            for n in names:
+                w = cl.weight(n)
+                mask = linear_mask(w, cfg, stats[n].norm())
+                cl.set_weight(n, w.masked_fill(mask, 0))  # later layers see the pruned layer
+                masks[cl.tensor_name(n)] = mask
+            return masks
+
+        def apply(group: TensorGroup) -> Iterator:
+            masks = streamer.run_layer(group.layer, wanda_layer) if group.layer is not None else {}
+            for n in group.names:
+                t = targets.get(n)
+                if t is None:
+                    yield passthrough(ckpt, n)
+                else:
+                    yield n, finish(t, ckpt.get_tensor(n), masks[n])
+
+        groups = ckpt.groups("layer")
+
+    provenance = {"operation": "prune", "config": asdict(cfg), "calibration": calib_info}
+    result = stream_transform(
+        groups,
+        out,
+        plan=plan,
+        apply=apply,
+        sources=[ckpt],
+        support_from=ckpt.root,
+        max_shard_size=max_shard_size,
+        force=force,
+        provenance=provenance,
+        progress=progress,
+        description=f"prune {cfg.method}",
+    )
+    r = PruneResult(**result.__dict__)
+    r.extra = _report(ckpt, cfg, targets, kept, zeros, calib_info)
+    return r
+
+
+def _report(
+    ckpt: Checkpoint,
+    cfg: PruneConfig,
+    targets: dict[str, LinearTarget],
+    kept: list[str],
+    zeros: dict[str, int],
+    calib_info: dict,
+) -> dict:
+    numel = {n: t.shape[0] * t.shape[1] for n, t in targets.items()}
+    per_layer: dict[int, list[int]] = {}
+    for n, t in targets.items():
+        acc = per_layer.setdefault(t.layer, [0, 0])
+        acc[0] += zeros[n]
+        acc[1] += numel[n]
+    pruned, total = sum(zeros.values()), sum(numel.values())
+    return {
+        "method": cfg.method,
+        "target": f"{cfg.pattern[0]}:{cfg.pattern[1]}" if cfg.pattern else cfg.target_sparsity,
+        "pruned_linears": len(targets),
+        "kept_linears": kept,
+        "sparsity": pruned / total if total else 0.0,
+        "sparsity_of_all_params": pruned / ckpt.num_params if ckpt.num_params else 0.0,
+        "layer_sparsity": {str(i): z / n for i, (z, n) in sorted(per_layer.items())},
+        "tensor_sparsity": {n: zeros[n] / numel[n] for n in targets},
+        "input_size": ckpt.total_bytes,
+        "calibration": calib_info or None,
+    }

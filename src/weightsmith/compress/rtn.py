@@ -1,0 +1,116 @@
+"""Round-to-nearest quantization: min-max qparams per output channel or per input group.
+
+Conventions follow compressed-tensors (and the GPTQ reference, shifted to signed levels):
+symmetric ``scale = 2·max|w| / (2^b - 1)``, zero 0; asymmetric ``scale = (max - min) / (2^b - 1)``,
+``zero = round(qmin - min / scale)``, with the range widened to include 0 in both cases.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightsmith.compress.registry import QuantConfig, QuantizedWeight, quant_method
+
+
+def level_range(bits: int) -> tuple[int, int]:
+    """Signed integer levels of a ``bits``-wide quantizer: ``(-2^(b-1), 2^(b-1) - 1)``."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def minmax_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``w`` (rows are channels, or groups reshaped to rows).
+
+    Returns float scale and float (already rounded) zero, both ``(rows, 1)``.
+    """
+    qmin, qmax = level_range(bits)
+    lo = w.min(dim=-1, keepdim=True).values.clamp(max=0)
+    hi = w.max(dim=-1, keepdim=True).values.clamp(min=0)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.zeros_like(scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows
+    if not symmetric:
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def quantize_levels(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """``clamp(round(w / scale) + zero)`` as int8 levels (broadcasting scale/zero)."""
+    qmin, qmax = level_range(bits)
+    return torch.clamp(torch.round(w / scale) + zero, qmin, qmax).to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(q - zero) * scale`` with each input column's group from ``g_idx`` (or ``i // g``)."""
+    cols = q.shape[1]
+    if g_idx is None:
+        g_idx = torch.arange(cols) // group_size
+    g = g_idx.long()
+    s = scale[:, g].float()
+    z = zero[:, g].float()
+    return (q.float() - z) * s
+
+
+def group_qparams(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    dtype: torch.dtype,
+    zero_min: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams ``(out, n_groups)`` of a ``(out, in)`` weight; scales are rounded to
+    the output ``dtype`` first so quantization uses exactly the scale that is stored.
+    ``zero_min`` raises the lowest allowed zero point (the gptq v1 format cannot store the
+    lowest level as zero, since it keeps ``zero - 1`` unsigned)."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    scale, zero = minmax_qparams(w.float().reshape(out_f * (in_f // g), g), bits, symmetric)
+    scale = scale.to(dtype).float().reshape(out_f, in_f // g)
+    zero = zero.reshape(out_f, in_f // g)
+    if not symmetric:  # recompute the zero for the rounded scale
+        lo = w.float().reshape(out_f, in_f // g, g).min(-1).values.clamp(max=0)
+        qmin, qmax = level_range(bits)
+        zero = torch.clamp(torch.round(qmin - lo / scale), zero_min or qmin, qmax)
+    return scale, zero
+
+
+def zero_min_for(cfg: QuantConfig) -> int | None:
+    """The lowest zero point the output format can store (see :func:`group_qparams`)."""
+    if cfg.format == "gptq" and not cfg.symmetric:
+        return -(1 << (cfg.bits - 1)) + 1
+    return None
+
+
+@quant_method("rtn", summary="round-to-nearest, min-max per channel or group (no calibration)")
+def rtn_quantize(
+    w: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None = None, *, dtype=None
+) -> QuantizedWeight:
+    """Round every weight to its nearest level with min-max qparams."""
+    dtype = dtype or w.dtype
+    in_f = w.shape[1]
+    g = in_f if cfg.group_size == -1 else cfg.group_size
+    scale, zero = group_qparams(w, cfg.bits, g, cfg.symmetric, dtype, zero_min_for(cfg))
+    idx = torch.arange(in_f) // g
+    q = quantize_levels(w.float(), scale[:, idx], zero[:, idx], cfg.bits)
+    return QuantizedWeight(
+        q=q,
+        scale=scale.to(dtype),
+        zero=zero.to(torch.int8),
+        bits=cfg.bits,
+        group_size=g,
+        symmetric=cfg.symmetric,
+    )

@@ -1,0 +1,463 @@
+"""Layer-streamed calibration: run a checkpoint on disk one decoder layer at a time.
+
+This is the engine under every calibration-based method (GPTQ, Wanda, ...). Peak memory is
+one decoder layer plus the calibration activations (plus the embeddings while the first
+layer's inputs are computed), independent of depth.
+
+How it works:
+
+1. The model skeleton is built from ``config.json`` with parameters on the ``meta`` device
+   (buffers such as rotary ``inv_freq`` are real), so nothing of size is allocated.
+2. The embeddings (every non-layer tensor except the lm_head) are read from the checkpoint and
+   the model's own ``forward`` runs on the calibration tokens until it reaches decoder layer 0,
+   where a catcher records the hidden states and every argument transformers passes to a layer
+   (rotary ``position_embeddings``, the causal mask, ``position_ids``...). The layer call
+   therefore matches transformers exactly for every architecture it supports, with no
+   per-architecture code. The embeddings are then released.
+3. For each layer in order, :meth:`LayerStreamer.run_layer` reads only that layer's tensors,
+   materialises the transformers decoder-layer module, hands a :class:`CalibrationLayer` to a
+   callback (which may collect statistics of its Linears' inputs and modify weights), then
+   runs the *modified* layer on the stored hidden states to produce the next layer's inputs,
+   and releases the layer again.
+
+Example (a callback that records each Linear's mean squared input per column, as Wanda needs)::
+
+    with open_checkpoint(path) as ckpt:
+        ids = calibration_tokens(ckpt, text, samples=128, seq_len=512)
+        streamer = LayerStreamer(ckpt, ids)
+        for layer in streamer.layers():
+            def step(cl: CalibrationLayer):
+                stats = cl.collect(cl.linear_names, lambda name, mod: SquaredNormStat())
+                ...  # modify weights with cl.set_weight(name, w)
+                return cl.state_dict()  # the (possibly modified) tensors to write
+            tensors = streamer.run_layer(layer, step)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.io.reader import Checkpoint
+
+T = TypeVar("T")
+
+
+class InputStat(Protocol):
+    """Accumulates statistics of one Linear's inputs, batch by batch."""
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x``: the Linear's inputs of one batch as ``(tokens, in_features)`` float32."""
+
+
+class _StopForward(Exception):
+    """Raised by the catcher at decoder layer 0 once its inputs are recorded."""
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor  # (batch, seq, hidden) in compute dtype
+    args: tuple  # positional arguments after hidden_states, as transformers passed them
+    kwargs: dict  # keyword arguments (position_embeddings, attention_mask, ...)
+
+
+# ----------------------------------------------------------------------------- calibration text
+@dataclass(frozen=True)
+class CalibrationText:
+    """Calibration text and where it came from (recorded in reports)."""
+
+    text: str
+    source: str  # a path, or "builtin"
+
+    @property
+    def builtin(self) -> bool:
+        return self.source == "builtin"
+
+
+def load_calibration_text(path: str | Path | None, max_chars: int | None = None) -> CalibrationText:
+    """Read calibration text from a ``.txt`` file, or a ``.jsonl`` file (the ``text`` field of
+    each line, else its first string field), joined by blank lines. With ``path=None`` return the
+    built-in fallback: a few kilobytes of plain English prose shipped with weightsmith, enough to
+    run but not representative of any model's domain (callers say so in their output)."""
+    if path is None:
+        from weightsmith.core.calibration_text import BUILTIN_TEXT
+
+        return CalibrationText(BUILTIN_TEXT, "builtin")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"calibration file {p}: no such file")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"calibration file {p}: unreadable ({e})") from None
+    if p.suffix == ".jsonl":
+        parts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"calibration file {p}: line {n} is not JSON ({e})") from None
+            value = obj.get("text") if isinstance(obj, dict) else obj
+            if not isinstance(value, str) and isinstance(obj, dict):
+                value = next((v for v in obj.values() if isinstance(v, str)), None)
+            if not isinstance(value, str):
+                raise ConfigError(f"calibration file {p}: line {n} has no text field")
+            parts.append(value)
+        raw = "\n\n".join(parts)
+    elif p.suffix not in (".txt", ".text", ".md"):
+        raise ConfigError(f"calibration file {p}: expected a .txt or .jsonl file")
+    if not raw.strip():
+        raise ConfigError(f"calibration file {p}: is empty")
+    return CalibrationText(raw[:max_chars] if max_chars else raw, str(p))
+
+
+def load_tokenizer(root: str | Path):
+    """The checkpoint's own tokenizer (transformers ``AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(root))
+    except Exception as e:  # transformers raises many types for missing/broken tokenizers
+        raise CheckpointError(f"{root}: cannot load the tokenizer ({type(e).__name__})") from None
+
+
+def tokenize_windows(tokenizer: Any, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``seq_len`` tokens from ``text``: ``(n, seq_len)``
+    with ``n <= samples``. Text shorter than one window gives one shorter window."""
+    if samples < 1 or seq_len < 2:
+        raise ConfigError(f"need samples >= 1 and seq_len >= 2 (got {samples}, {seq_len})")
+    # Tokenize only what is needed (a token is rarely more than 16 characters).
+    ids = tokenizer(text[: samples * seq_len * 16], add_special_tokens=False, verbose=False)[
+        "input_ids"
+    ]
+    ids = torch.tensor(ids, dtype=torch.long)
+    if ids.numel() < 2:
+        raise ConfigError("calibration text is shorter than 2 tokens")
+    n = min(samples, ids.numel() // seq_len)
+    if n == 0:
+        return ids.unsqueeze(0)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+# ----------------------------------------------------------------------------- the layer view
+class CalibrationLayer:
+    """One materialised decoder layer, handed to a :meth:`LayerStreamer.run_layer` callback.
+
+    Linear names are relative to the layer (``self_attn.q_proj``); weights are exchanged in
+    ``(out_features, in_features)`` layout whatever the storage (GPT-2's Conv1D is transposed).
+    """
+
+    def __init__(self, streamer: LayerStreamer, index: int, prefix: str, module: nn.Module):
+        self.index = index
+        self.prefix = prefix  # checkpoint name prefix, e.g. "model.layers.3."
+        self.module = module
+        self._streamer = streamer
+        self._transposed = streamer.ckpt.arch.linear_layout == "in_out"
+        self.linears: dict[str, nn.Module] = {
+            name: m for name, m in module.named_modules() if _is_linear(m)
+        }
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(self.linears)
+
+    @property
+    def sequential_groups(self) -> list[tuple[str, ...]]:
+        """The layer's Linears in execution order, grouped (q/k/v -> o -> gate/up -> down), from
+        the architecture description; Linears it does not name come last, one group."""
+        groups = [
+            tuple(n for n in g if n in self.linears)
+            for g in self._streamer.ckpt.arch.sequential_linears
+        ]
+        groups = [g for g in groups if g]
+        named = {n for g in groups for n in g}
+        rest = tuple(n for n in self.linears if n not in named)
+        return groups + ([rest] if rest else [])
+
+    def tensor_name(self, linear: str) -> str:
+        """The checkpoint name of a Linear's weight."""
+        return f"{self.prefix}{linear}.weight"
+
+    def weight(self, linear: str) -> torch.Tensor:
+        """A copy of a Linear's weight as ``(out, in)``, in the compute dtype."""
+        w = self.linears[linear].weight.detach()
+        return (w.t() if self._transposed else w).clone()
+
+    def set_weight(self, linear: str, w: torch.Tensor) -> None:
+        """Replace a Linear's weight, given as ``(out, in)``; later forwards use it."""
+        p = self.linears[linear].weight
+        new = w.t() if self._transposed else w
+        if tuple(new.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{linear}: weight shape {tuple(w.shape)} does not fit {tuple(p.shape)}"
+            )
+        with torch.no_grad():
+            p.copy_(new.to(p.dtype))
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The layer's tensors under their checkpoint names (stored dtype unless ``dtype``)."""
+        out = {}
+        for rel, t in self.module.state_dict().items():
+            name = self.prefix + rel
+            info = self._streamer.ckpt.tensors.get(name)
+            if info is None:
+                continue  # a buffer transformers rebuilds itself
+            out[name] = t.detach().to(dtype or info.torch_dtype).clone()
+        return out
+
+    def collect(
+        self, names: Sequence[str], make_stat: Callable[[str, nn.Module], InputStat]
+    ) -> dict[str, InputStat]:
+        """Run the layer (current weights) over every calibration batch and feed the inputs of
+        the Linears ``names`` to fresh statistics from ``make_stat(name, module)``. Each batch's
+        forward stops as soon as all of them have seen their input."""
+        stats = {n: make_stat(n, self.linears[n]) for n in names}
+        seen: set[str] = set()
+        handles = []
+        for n in names:
+
+            def hook(mod: nn.Module, args: tuple, n: str = n) -> None:
+                x = args[0].detach()
+                stats[n].add(x.reshape(-1, x.shape[-1]).float())
+                seen.add(n)
+                if len(seen) == len(stats):  # the rest of the layer is not needed
+                    seen.clear()
+                    raise _StopForward
+
+            handles.append(self.linears[n].register_forward_pre_hook(hook))
+        try:
+            self._streamer._forward_all(self.module, keep=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+# ----------------------------------------------------------------------------- the engine
+class LayerStreamer:
+    """Feeds calibration tokens through a checkpoint one decoder layer at a time.
+
+    ``input_ids``: ``(n, seq)`` calibration token windows. ``batch_size`` windows are run per
+    forward call. Layers must be run in order (each consumes the previous one's outputs).
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        input_ids: torch.Tensor,
+        *,
+        batch_size: int = 8,
+        compute_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> None:
+        self.ckpt = ckpt
+        self.compute_dtype = compute_dtype
+        self.device = torch.device(device)
+        self.progress = progress
+        self._layer_names = ckpt.layers()
+        if not self._layer_names:
+            raise CheckpointError(f"{ckpt.path}: no decoder layers found to calibrate")
+        self.model = build_skeleton(ckpt)
+        self._next = min(self._layer_names)
+        self._batches = self._embed(input_ids, batch_size)
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self._batches)
+
+    def layers(self) -> list[int]:
+        """Decoder-layer indices in the order they must be run."""
+        return list(self._layer_names)
+
+    def hidden_states(self) -> torch.Tensor:
+        """The current hidden states (inputs of the next layer), ``(n, seq, hidden)``."""
+        return torch.cat([b.hidden for b in self._batches])
+
+    # ------------------------------------------------------------------ running
+    def run_layer(self, index: int, fn: Callable[[CalibrationLayer], T]) -> T:
+        """Materialise layer ``index``, call ``fn`` on it, then propagate the calibration
+        activations through the (possibly modified) layer. Returns what ``fn`` returned."""
+        if index != self._next:
+            raise RuntimeError(f"layers must run in order: expected {self._next}, got {index}")
+        names = self._layer_names[index]
+        prefix = self.ckpt.arch.layer_prefix(names[0]) or ""
+        module = self._materialise_layer(prefix, names)
+        try:
+            layer = CalibrationLayer(self, index, prefix, module)
+            result = fn(layer)
+            self._forward_all(module, keep=True)
+        finally:
+            module.to("meta")  # release the layer's memory
+        later = [i for i in self._layer_names if i > index]
+        self._next = later[0] if later else -1
+        return result
+
+    def run(self, fn: Callable[[CalibrationLayer], T]) -> Iterator[tuple[int, T]]:
+        """Run every layer in order: yields ``(index, fn(layer))``."""
+        for i in self.layers():
+            yield i, self.run_layer(i, fn)
+
+    def _forward_all(self, module: nn.Module, *, keep: bool) -> None:
+        with torch.no_grad():
+            for b in tqdm(self._batches, disable=not self.progress, leave=False, desc="forward"):
+                try:
+                    out = module(b.hidden, *b.args, **b.kwargs)
+                except _StopForward:  # a collect() hook has everything it needs
+                    continue
+                if isinstance(out, tuple):
+                    out = out[0]
+                if keep:
+                    b.hidden = out.detach()
+
+    # ------------------------------------------------------------------ loading
+    def _module_path(self, name: str) -> str:
+        return module_path(self.model, name)
+
+    def _materialise_layer(self, prefix: str, names: list[str]) -> nn.Module:
+        path = self._module_path(prefix)
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(
+                f"{self.ckpt.path}: config's model has no module {path!r} for {prefix}*"
+            ) from None
+        state = {
+            n[len(prefix) :]: self.ckpt.get_tensor(n).to(self.device, self.compute_dtype)
+            if self.ckpt.info(n).torch_dtype.is_floating_point
+            else self.ckpt.get_tensor(n).to(self.device)
+            for n in names
+        }
+        _assign(module, state, where=f"{self.ckpt.path}: layer {prefix}")
+        return module
+
+    def _embed(self, input_ids: torch.Tensor, batch_size: int) -> list[_Batch]:
+        """Run the model's own forward up to decoder layer 0 and record what it receives."""
+        layer_names = {n for names in self._layer_names.values() for n in names}
+        head = self.ckpt.arch.lm_head
+        outer = [n for n in self.ckpt.tensors if n not in layer_names and n != head]
+        touched: list[str] = []
+        for n in outer:
+            mpath = self._module_path(n)
+            owner, _, attr = mpath.rpartition(".")
+            try:
+                mod = self.model.get_submodule(owner)
+            except AttributeError:
+                continue  # not part of this model class (e.g. a stale buffer): ignore
+            if attr not in mod._parameters and attr not in mod._buffers:
+                continue
+            t = self.ckpt.get_tensor(n)
+            if t.is_floating_point():
+                t = t.to(self.compute_dtype)
+            _assign(mod, {attr: t.to(self.device)}, where=str(self.ckpt.path), strict=False)
+            touched.append(mpath)
+
+        first_prefix = self.ckpt.arch.layer_prefix(self._layer_names[self._next][0]) or ""
+        first_path = self._module_path(first_prefix)
+        parent_path, _, idx = first_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        original = parent[int(idx)]
+        captured: list[_Batch] = []
+
+        class Catcher(nn.Module):
+            def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                captured.append(_Batch(hidden.detach(), args, kwargs))
+                raise _StopForward
+
+        parent[int(idx)] = Catcher()
+        try:
+            with torch.no_grad():
+                for start in range(0, input_ids.shape[0], batch_size):
+                    ids = input_ids[start : start + batch_size].to(self.device)
+                    with contextlib.suppress(_StopForward):
+                        self.model(input_ids=ids, use_cache=False)
+        finally:
+            parent[int(idx)] = original
+            for mpath in touched:  # release the embeddings
+                owner, _, attr = mpath.rpartition(".")
+                mod = self.model.get_submodule(owner)
+                if attr in mod._parameters:
+                    mod._parameters[attr] = nn.Parameter(
+                        torch.empty_like(mod._parameters[attr], device="meta"), requires_grad=False
+                    )
+        if len(captured) != (input_ids.shape[0] + batch_size - 1) // batch_size:
+            raise CheckpointError(f"{self.ckpt.path}: the model never reached decoder layer 0")
+        return captured
+
+
+def module_path(model: nn.Module, name: str) -> str:
+    """The model's path for a checkpoint name (GPT-2 checkpoints may omit ``transformer.``)."""
+    path = name.rstrip(".")
+    with contextlib.suppress(AttributeError):
+        model.get_submodule(path.rsplit(".", 1)[0] if "." in path else path)
+        return path
+    base = getattr(model, "base_model_prefix", "")
+    return f"{base}.{path}" if base else path
+
+
+def _assign(
+    module: nn.Module, state: dict[str, torch.Tensor], *, where: str, strict: bool = True
+) -> None:
+    """Put ``state`` into ``module`` (replacing meta parameters); every parameter must be set."""
+    for rel, t in state.items():
+        owner_path, _, attr = rel.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_path) if owner_path else module
+        except AttributeError:
+            continue  # a tensor this transformers version does not use
+        if attr in owner._parameters:
+            old = owner._parameters[attr]
+            if tuple(old.shape) != tuple(t.shape):
+                raise CheckpointError(
+                    f"{where}{rel} has shape {list(t.shape)}, config expects {list(old.shape)}"
+                )
+            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = t
+    if strict:
+        missing = [n for n, p in module.named_parameters() if p.is_meta]
+        if missing:
+            raise CheckpointError(f"{where}{missing[0]} is missing from the checkpoint")
+
+
+def build_skeleton(ckpt: Checkpoint) -> nn.Module:
+    """The transformers model for the checkpoint's config: parameters on meta, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if ckpt.config is None:
+        raise CheckpointError(f"{ckpt.root}: no config.json; calibration needs the model config")
+    try:
+        config = AutoConfig.from_pretrained(str(ckpt.root))
+    except Exception as e:
+        raise CheckpointError(
+            f"{ckpt.root}/config.json: transformers cannot read it ({e})"
+        ) from None
+    if getattr(config, "quantization_config", None) is not None:
+        raise CheckpointError(f"{ckpt.root}: is already quantized; calibrate an unquantized model")
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise CheckpointError(
+            f"{ckpt.root}: transformers has no causal-LM class for this config ({e})"
+        ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

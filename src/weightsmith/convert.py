@@ -59,9 +59,7 @@ def convert(
                 info = ckpt.info(name)
                 want = out_dtype(name)
                 if want == info.torch_dtype:
-                    spec = TensorSpec(name, want, info.shape)
-                    chunks = lambda n=name: ckpt.raw_chunks(n)  # noqa: E731
-                    yield name, RawTensor(spec, chunks, ckpt.raw_location(name))
+                    yield name, RawTensor.of(ckpt, name)
                 else:
                     yield name, _cast(ckpt.get_tensor(name), want, name)
 

@@ -1,1 +1,446 @@
-"""Commands of the `merge` group (registered on import by weightsmith.cli.main)."""
+"""Commands of the ``merge`` group: one per method, ``passthrough``, ``lora`` and ``run``.
+
+Each command builds a :class:`~weightsmith.merge.MergeRecipe` (mergekit's schema) and calls
+:func:`weightsmith.merge.merge`; ``merge run`` reads the same recipe from mergekit YAML.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from weightsmith.cli.common import (
+    allow_pickle_option,
+    force_option,
+    max_shard_size_option,
+    progress_option,
+    report_option,
+)
+from weightsmith.cli.groups import merge_cli
+from weightsmith.errors import ConfigError
+from weightsmith.io.sizes import format_size, parse_size
+
+
+def merge_options(fn: Callable) -> Callable:
+    """Output, dtype, device, sharding, progress and report options shared by every command."""
+    options = [
+        click.option("-o", "--out", required=True, type=click.Path(), help="Output directory."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["bfloat16", "float16", "float32"]),
+            default=None,
+            help="Output dtype of floating tensors (default: the base/first model's).",
+        ),
+        click.option(
+            "--device",
+            default="cpu",
+            show_default=True,
+            help="Where the arithmetic runs: cpu, cuda or cuda:N.",
+        ),
+        max_shard_size_option,
+        force_option,
+        allow_pickle_option,
+        progress_option,
+        report_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def tokenizer_option(fn: Callable) -> Callable:
+    return click.option(
+        "--tokenizer-source",
+        type=click.Choice(["base"]),
+        default=None,
+        help="Allow different vocabulary sizes: keep the base model's vocabulary and "
+        "tokenizer, merge the rows all models share.",
+    )(fn)
+
+
+def base_option(fn: Callable) -> Callable:
+    return click.option(
+        "--base",
+        "base",
+        required=True,
+        type=click.Path(),
+        help="Base model (task vectors are differences from it).",
+    )(fn)
+
+
+def weights_option(fn: Callable) -> Callable:
+    return click.option(
+        "--weights", default=None, help="Comma-separated weight per model (default: 1 each)."
+    )(fn)
+
+
+def lambda_option(fn: Callable) -> Callable:
+    return click.option(
+        "--lambda",
+        "lam",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Scale of the mixed task vector.",
+    )(fn)
+
+
+# ---------------------------------------------------------------------- value parsing
+def parse_number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a number") from None
+
+
+def parse_scalar_or_gradient(text: str, what: str) -> float | list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    values = [parse_number(p, what) for p in parts]
+    return values[0] if len(values) == 1 else values
+
+
+def parse_setting(values: tuple[str, ...], what: str) -> Any:
+    """``0.5`` | ``0,0.5,1`` (gradient over depth) | ``self_attn=0.3`` (repeatable filters)."""
+    if not values:
+        return None
+    conditions: list[dict] = []
+    default = None
+    for v in values:
+        if "=" in v:
+            flt, _, val = v.partition("=")
+            conditions.append({"filter": flt.strip(), "value": parse_scalar_or_gradient(val, what)})
+        elif default is not None:
+            raise ConfigError(f"{what}: more than one value without a filter ({values})")
+        else:
+            default = parse_scalar_or_gradient(v, what)
+    if not conditions:
+        return default
+    if default is not None:
+        conditions.append({"value": default})
+    return conditions
+
+
+def model_entries(models: tuple[str, ...], weights: str | None, extra: dict | None = None):
+    from weightsmith.merge import ModelInput
+
+    if weights is None:
+        ws = [1.0] * len(models)
+    else:
+        ws = [parse_number(w, "--weights") for w in weights.split(",")]
+        if len(ws) != len(models):
+            raise ConfigError(f"--weights has {len(ws)} values for {len(models)} models")
+    return tuple(
+        ModelInput(m, {"weight": w, **(extra or {})}) for m, w in zip(models, ws, strict=True)
+    )
+
+
+def run_recipe(recipe, out: str, **opts: Any) -> dict:
+    from weightsmith.merge import merge
+
+    result = merge(
+        recipe,
+        out,
+        dtype=opts["dtype"],
+        device=opts["device"],
+        max_shard_size=parse_size(opts["max_shard_size"]),
+        force=opts["force"],
+        progress=opts["progress"],
+        allow_pickle=opts["allow_pickle"],
+        models_dir=opts.get("models_dir"),
+        final_from=opts.get("final_from"),
+    )
+    click.echo(
+        f"merged ({recipe.merge_method}) {result.tensors} tensors "
+        f"({format_size(result.total_size)}) in {result.wall_s:.1f} s, peak RSS "
+        f"{format_size(result.peak_rss)} -> {result.out}"
+    )
+    return {"method": recipe.merge_method, "output": result.out, "result": result.to_dict()}
+
+
+def common(fn: Callable) -> Callable:
+    """Pass the shared options through as ``opts``."""
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        keys = ("dtype", "device", "max_shard_size", "force", "progress", "allow_pickle")
+        opts = {k: kwargs.pop(k) for k in keys}
+        return fn(opts=opts, **kwargs)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------- commands
+@merge_cli.command("linear")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@weights_option
+@click.option(
+    "--normalize/--no-normalize",
+    default=True,
+    show_default=True,
+    help="Divide by the sum of the weights.",
+)
+@tokenizer_option
+@merge_options
+@common
+def linear_cmd(models, weights, normalize, tokenizer_source, out, opts) -> dict:
+    """Weighted average of MODELS (mergekit 'linear')."""
+    from weightsmith.merge import MergeRecipe
+
+    if len(models) < 2:
+        raise ConfigError("linear needs at least two models")
+    recipe = MergeRecipe(
+        "linear",
+        models=model_entries(models, weights),
+        parameters={"normalize": normalize},
+        tokenizer_source=tokenizer_source,
+    )
+    return run_recipe(recipe, out, **opts)
+
+
+@merge_cli.command("slerp")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option(
+    "--t",
+    "t",
+    multiple=True,
+    required=True,
+    help="0 gives A, 1 gives B. A gradient over depth (0,0.5,1) or per-filter values "
+    "(--t self_attn=0.3 --t mlp=0.7 --t 0.5); repeatable.",
+)
+@tokenizer_option
+@merge_options
+@common
+def slerp_cmd(a, b, t, tokenizer_source, out, opts) -> dict:
+    """Spherical interpolation from A (the base) towards B (mergekit 'slerp')."""
+    from weightsmith.merge import MergeRecipe, ModelInput
+
+    recipe = MergeRecipe(
+        "slerp",
+        models=(ModelInput(a), ModelInput(b)),
+        base_model=a,
+        parameters={"t": parse_setting(t, "--t")},
+        tokenizer_source=tokenizer_source,
+    )
+    return run_recipe(recipe, out, **opts)
+
+
+@merge_cli.command("task-arithmetic")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@base_option
+@weights_option
+@lambda_option
+@click.option(
+    "--normalize/--no-normalize",
+    default=False,
+    show_default=True,
+    help="Divide the summed task vectors by the sum of the weights.",
+)
+@tokenizer_option
+@merge_options
+@common
+def task_arithmetic_cmd(models, base, weights, lam, normalize, tokenizer_source, out, opts):
+    """base + λ·Σ wᵢ (MODELᵢ − base) (mergekit 'task_arithmetic')."""
+    from weightsmith.merge import MergeRecipe
+
+    recipe = MergeRecipe(
+        "task_arithmetic",
+        models=model_entries(models, weights),
+        base_model=base,
+        parameters={"lambda": lam, "normalize": normalize},
+        tokenizer_source=tokenizer_source,
+    )
+    return run_recipe(recipe, out, **opts)
+
+
+@merge_cli.command("ties")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@base_option
+@click.option(
+    "--density",
+    multiple=True,
+    required=True,
+    help="Fraction of each task vector kept by magnitude (also a gradient or "
+    "filter=value, like slerp --t).",
+)
+@weights_option
+@lambda_option
+@click.option(
+    "--normalize/--no-normalize",
+    default=True,
+    show_default=True,
+    help="Divide by the sum of the agreeing weights (disjoint mean).",
+)
+@tokenizer_option
+@merge_options
+@common
+def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, out, opts):
+    """TIES: trim task vectors, elect signs, average what agrees (mergekit 'ties')."""
+    from weightsmith.merge import MergeRecipe
+
+    recipe = MergeRecipe(
+        "ties",
+        models=model_entries(models, weights),
+        base_model=base,
+        parameters={
+            "density": parse_setting(density, "--density"),
+            "normalize": normalize,
+            "lambda": lam,
+        },
+        tokenizer_source=tokenizer_source,
+    )
+    return run_recipe(recipe, out, **opts)
+
+
+@merge_cli.command("dare")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@base_option
+@click.option(
+    "--density",
+    multiple=True,
+    required=True,
+    help="Probability of keeping each task-vector entry (also a gradient or filter=value).",
+)
+@click.option("--ties", "use_ties", is_flag=True, help="Add TIES sign election (dare_ties).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the drop masks.")
+@weights_option
+@lambda_option
+@click.option(
+    "--normalize/--no-normalize",
+    default=False,
+    show_default=True,
+    help="Divide by the sum of the (agreeing) weights.",
+)
+@click.option(
+    "--rescale/--no-rescale",
+    default=True,
+    show_default=True,
+    help="Rescale kept entries by 1/density.",
+)
+@tokenizer_option
+@merge_options
+@common
+def dare_cmd(
+    models,
+    base,
+    density,
+    use_ties,
+    seed,
+    weights,
+    lam,
+    normalize,
+    rescale,
+    tokenizer_source,
+    out,
+    opts,
+):
+    """DARE: random drop + rescale of task vectors (mergekit 'dare_linear' / 'dare_ties')."""
+    from weightsmith.merge import MergeRecipe
+
+    recipe = MergeRecipe(
+        "dare_ties" if use_ties else "dare_linear",
+        models=model_entries(models, weights),
+        base_model=base,
+        parameters={
+            "density": parse_setting(density, "--density"),
+            "normalize": normalize,
+            "rescale": rescale,
+            "lambda": lam,
+            "seed": seed,
+        },
+        tokenizer_source=tokenizer_source,
+    )
+    return run_recipe(recipe, out, **opts)
+
+
+@merge_cli.command("passthrough")
+@click.option(
+    "--slice",
+    "slices",
+    multiple=True,
+    required=True,
+    help="MODEL:START:END, layers [START, END) of MODEL; repeat in output order.",
+)
+@click.option(
+    "--final-from",
+    default=None,
+    type=click.Path(),
+    help="Model whose final norm and lm_head are used (default: the first slice's).",
+)
+@merge_options
+@common
+def passthrough_cmd(slices, final_from, out, opts) -> dict:
+    """Stack layer ranges of models into a new model (renumbers layers, updates config)."""
+    from weightsmith.merge import InputSlice, MergeRecipe, OutputSlice
+
+    parsed = []
+    for s in slices:
+        parts = s.rsplit(":", 2)
+        if len(parts) != 3:
+            raise ConfigError(f"--slice {s!r}: expected MODEL:START:END")
+        model, start, end = parts
+        try:
+            rng = (int(start), int(end))
+        except ValueError:
+            raise ConfigError(f"--slice {s!r}: START and END must be integers") from None
+        parsed.append(OutputSlice((InputSlice(model, rng),)))
+    recipe = MergeRecipe("passthrough", slices=tuple(parsed))
+    first = parsed[0].sources[0].model
+    return run_recipe(recipe, out, final_from=final_from or first, **opts)
+
+
+@merge_cli.command("run")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path())
+@click.option(
+    "--models-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder that relative model names in the recipe are looked up in first.",
+)
+@merge_options
+@common
+def run_cmd(recipe_path, models_dir, out, opts) -> dict:
+    """Run a mergekit YAML recipe (merge_method, models/slices, parameters, dtype, ...)."""
+    from weightsmith.merge import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    return {"recipe": recipe_path, **run_recipe(recipe, out, models_dir=models_dir, **opts)}
+
+
+@merge_cli.command("lora")
+@click.argument("base", type=click.Path())
+@click.argument("adapter", type=click.Path())
+@click.option(
+    "--scale",
+    type=float,
+    default=None,
+    help="Override the trained scale lora_alpha/r (e.g. lower it to soften the adapter).",
+)
+@merge_options
+@common
+def lora_cmd(base, adapter, scale, out, opts) -> dict:
+    """Fold the PEFT LoRA adapter in ADAPTER into BASE (equals peft's merge_and_unload)."""
+    from weightsmith.merge.lora import merge_lora
+
+    if opts["allow_pickle"]:
+        raise ConfigError("merge lora reads safetensors checkpoints only")
+    result = merge_lora(
+        base,
+        adapter,
+        out,
+        scale=scale,
+        dtype=opts["dtype"],
+        device=opts["device"],
+        max_shard_size=parse_size(opts["max_shard_size"]),
+        force=opts["force"],
+        progress=opts["progress"],
+    )
+    click.echo(
+        f"merged LoRA ({result.extra['lora_modules']} tensors) into {result.tensors} tensors "
+        f"({format_size(result.total_size)}) in {result.wall_s:.1f} s, peak RSS "
+        f"{format_size(result.peak_rss)} -> {result.out}"
+    )
+    return {"method": "lora", "output": result.out, "result": result.to_dict()}

@@ -9,7 +9,6 @@ then down), and the quantized layer's outputs feed the next layer.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -33,6 +32,7 @@ from weightsmith.core.calibration import (
     tokenize_windows,
 )
 from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.core.targets import ignore_matches
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
@@ -50,14 +50,6 @@ class LinearTarget:
     model_module: str  # transformers module name (for config "ignore")
     layer: int | None
     shape: tuple[int, int]  # (out, in)
-
-
-def _matches(module: str, pattern: str) -> bool:
-    """``--ignore`` patterns: an exact module name, a dotted suffix (``mlp.down_proj``), or
-    ``re:<regex>`` matched against the whole module name."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], module) is not None
-    return module == pattern or module.endswith("." + pattern)
 
 
 def select_linears(
@@ -78,7 +70,7 @@ def select_linears(
         if not isinstance(mod, nn.Linear):
             continue
         tensor = by_model_path.get(name)
-        hit = [p for p in cfg.ignore if _matches(name, p)]
+        hit = [p for p in cfg.ignore if ignore_matches(name, p)]
         used_patterns.update(hit)
         head = ckpt.arch.lm_head and name == ckpt.arch.lm_head[: -len(".weight")]
         if tensor is None or hit or head or name == "lm_head":
@@ -156,10 +148,7 @@ def quantize_checkpoint(
             return specs
 
         def passthrough(n: str):
-            info = ckpt.info(n)
-            return n, RawTensor(
-                TensorSpec(n, info.torch_dtype, info.shape), lambda n=n: ckpt.raw_chunks(n)
-            )
+            return n, RawTensor.of(ckpt, n)
 
         stats: dict[str, Any] = {"fallbacks": [], "loss": {}}
         calib_info: dict[str, Any] = {}

@@ -37,6 +37,13 @@ class RawTensor:
     chunks: Callable[[], Iterable[bytes]]
     location: tuple[Path, int] | None = None
 
+    @classmethod
+    def of(cls, ckpt: Checkpoint, name: str, new_name: str | None = None) -> RawTensor:
+        """Tensor ``name`` of ``ckpt`` copied unchanged (optionally under ``new_name``)."""
+        info = ckpt.info(name)
+        spec = TensorSpec(new_name or name, info.torch_dtype, info.shape)
+        return cls(spec, lambda: ckpt.raw_chunks(name), ckpt.raw_location(name))
+
 
 @dataclass
 class StreamResult:

@@ -51,9 +51,7 @@ def write_student(
                 info = ckpt.info(name)
                 value = new_weights(name)
                 if value is None:
-                    spec = TensorSpec(name, info.torch_dtype, info.shape)
-                    chunks = lambda n=name: ckpt.raw_chunks(n)  # noqa: E731
-                    yield name, RawTensor(spec, chunks, ckpt.raw_location(name))
+                    yield name, RawTensor.of(ckpt, name)
                     continue
                 if tuple(value.shape) != tuple(info.shape):
                     raise ConfigError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from weightsmith.core.calibration import (
     tokenize_windows,
 )
 from weightsmith.core.streaming import RawTensor, StreamResult
+from weightsmith.core.targets import ignore_matches as matches
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
@@ -35,14 +35,6 @@ class LinearTarget:
     module: str  # transformers module name (what --ignore matches)
     layer: int
     shape: tuple[int, int]  # (out, in)
-
-
-def matches(module: str, pattern: str) -> bool:
-    """``--ignore`` patterns: an exact module name, a dotted suffix (``mlp.down_proj``), or
-    ``re:<regex>`` matched against the whole module name."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], module) is not None
-    return module == pattern or module.endswith("." + pattern)
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -121,10 +113,9 @@ def calibration_streamer(
 
 
 def passthrough(ckpt: Checkpoint, name: str, new_name: str | None = None) -> tuple[str, RawTensor]:
-    """A tensor copied bit-exactly (optionally under a new name)."""
-    info = ckpt.info(name)
-    spec = TensorSpec(new_name or name, info.torch_dtype, info.shape)
-    return spec.name, RawTensor(spec, lambda: ckpt.raw_chunks(name), ckpt.raw_location(name))
+    """A tensor copied bit-exactly (optionally under a new name), as ``(name, value)``."""
+    raw = RawTensor.of(ckpt, name, new_name)
+    return raw.spec.name, raw
 
 
 def spec_of(ckpt: Checkpoint, name: str) -> TensorSpec:

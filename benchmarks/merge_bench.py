@@ -1,0 +1,246 @@
+"""Merge benchmark: weightsmith vs mergekit on a seeded ~1.1B-parameter bf16 Llama.
+
+Generates (once, in a cache folder outside the repository) a base model with TinyLlama-1.1B's
+shapes and two "fine-tunes" (base + N(0, 0.002) deltas), then times SLERP (t=0.5), TIES
+(density 0.5) and DARE-TIES (density 0.5) with weightsmith and, when its venv exists, with
+mergekit, each as a subprocess measured by ``/usr/bin/time -v`` (wall time, peak RSS).
+
+    python benchmarks/merge_bench.py --cache ~/.cache/weightsmith/merge-bench
+    python benchmarks/merge_bench.py --cleanup   # delete the generated models afterwards
+
+Not a timed test: run it by hand and record the table in benchmarks/results/merge.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from weightsmith.io.writer import CheckpointWriter, TensorSpec
+
+# TinyLlama-1.1B's shapes: 22 layers, hidden 2048, MLP 5632, 32 heads / 4 KV heads, 32000 vocab.
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+MODELS = {"base": None, "ft1": 1, "ft2": 2}  # name -> fine-tune seed (None: the base)
+METHODS = ("slerp", "ties", "dare_ties")
+
+
+def llama_specs(cfg: dict) -> list[TensorSpec]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    bf = torch.bfloat16
+    specs = [TensorSpec("model.embed_tokens.weight", bf, (v, h))]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", bf, (h,)),
+            TensorSpec(p + "self_attn.q_proj.weight", bf, (h, h)),
+            TensorSpec(p + "self_attn.k_proj.weight", bf, (kv, h)),
+            TensorSpec(p + "self_attn.v_proj.weight", bf, (kv, h)),
+            TensorSpec(p + "self_attn.o_proj.weight", bf, (h, h)),
+            TensorSpec(p + "post_attention_layernorm.weight", bf, (h,)),
+            TensorSpec(p + "mlp.gate_proj.weight", bf, (i, h)),
+            TensorSpec(p + "mlp.up_proj.weight", bf, (i, h)),
+            TensorSpec(p + "mlp.down_proj.weight", bf, (h, i)),
+        ]
+    specs += [
+        TensorSpec("model.norm.weight", bf, (h,)),
+        TensorSpec("lm_head.weight", bf, (v, h)),
+    ]
+    return specs
+
+
+def _seed(*parts: object) -> int:
+    return (
+        int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+        >> 1
+    )
+
+
+def generate(out: Path, ft_seed: int | None) -> None:
+    """Write one model tensor by tensor (never more than one tensor in memory)."""
+    if (out / "config.json").is_file():
+        return
+    specs = llama_specs(CONFIG)
+    with CheckpointWriter(out, max_shard_size=2 * 10**9) as writer:
+        writer.plan(specs)
+        for spec in specs:
+            g = torch.Generator().manual_seed(_seed("base", spec.name))
+            if spec.name.endswith("norm.weight"):
+                w = 1.0 + 0.05 * torch.randn(spec.shape, generator=g)
+            else:
+                w = 0.02 * torch.randn(spec.shape, generator=g)
+            if ft_seed is not None:
+                g2 = torch.Generator().manual_seed(_seed("ft", ft_seed, spec.name))
+                w += 0.002 * torch.randn(spec.shape, generator=g2)
+            writer.write(spec.name, w.to(spec.dtype))
+            del w
+        writer.write_json("config.json", CONFIG)
+        writer.commit({"operation": "merge_bench.generate", "finetune_seed": ft_seed})
+
+
+def recipes(models: dict[str, Path]) -> dict[str, dict]:
+    base, ft1, ft2 = (str(models[k]) for k in ("base", "ft1", "ft2"))
+    task = [
+        {"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": ft2, "parameters": {"weight": 1.0, "density": 0.5}},
+    ]
+    return {
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft1}],
+            "parameters": {"t": 0.5},
+            "dtype": "bfloat16",
+        },
+        "ties": {"merge_method": "ties", "base_model": base, "models": task, "dtype": "bfloat16"},
+        "dare_ties": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "models": task,
+            "dtype": "bfloat16",
+        },
+    }
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, int, int, float]:
+    """Run ``cmd`` under /usr/bin/time -v: (wall s, peak RSS bytes, exit code, 1-min load)."""
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    load = max(load, os.getloadavg()[0])
+    return wall, int(m.group(1)) * 1024 if m else -1, proc.returncode, round(load, 1)
+
+
+def parse_time_log(log: Path) -> dict | None:
+    """Wall, CPU (user + sys) seconds, peak RSS and exit status from a /usr/bin/time -v log."""
+    if not log.is_file():
+        return None
+    text = log.read_text(errors="replace")
+
+    def grab(pattern: str) -> str | None:
+        m = re.search(pattern, text)
+        return m.group(1) if m else None
+
+    wall = grab(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)")
+    if wall is None:
+        return None
+    secs = 0.0
+    for part in wall.split(":"):
+        secs = secs * 60 + float(part)
+    return {
+        "wall": secs,
+        "cpu": float(grab(r"User time \(seconds\): ([\d.]+)") or 0)
+        + float(grab(r"System time \(seconds\): ([\d.]+)") or 0),
+        "rss": int(grab(r"Maximum resident set size \(kbytes\): (\d+)") or 0) * 1024,
+        "ok": grab(r"Exit status: (\d+)") == "0",
+    }
+
+
+def summary_table(cache: Path, methods: list[str]) -> str:
+    """The Markdown table, from the logs of the latest runs in ``cache``."""
+    lines = [
+        "| method | weightsmith wall | CPU (user+sys) | peak RSS "
+        "| mergekit wall | CPU (user+sys) | peak RSS | wall speed-up | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(r: dict | None) -> list[str]:
+        if r is None:
+            return ["–", "–", "–"]
+        flag = "" if r["ok"] else " (FAILED)"
+        return [f"{r['wall']:.0f} s{flag}", f"{r['cpu']:.0f} s", f"{r['rss'] / 2**30:.2f} GiB"]
+
+    for method in methods:
+        ws = parse_time_log(cache / f"ws-{method}.log")
+        mk = parse_time_log(cache / f"mk-{method}.log")
+        ratio = ["–", "–"]
+        if ws and mk:
+            ratio = [f"{mk['wall'] / ws['wall']:.1f}×", f"{mk['cpu'] / ws['cpu']:.1f}×"]
+        lines.append("| " + " | ".join([method, *cells(ws), *cells(mk), *ratio]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cache", default="~/.cache/weightsmith/merge-bench")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--mergekit", default="/opt/venvs/mergekit/bin/mergekit-yaml")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--cleanup", action="store_true", help="delete the cache folder and exit")
+    ap.add_argument(
+        "--table-only", action="store_true", help="print the table from the logs in --cache"
+    )
+    args = ap.parse_args()
+    cache = Path(args.cache).expanduser()
+    if args.cleanup:
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"removed {cache}")
+        return
+    if args.table_only:
+        print(summary_table(cache, args.methods.split(",")))
+        return
+    models = {name: cache / name for name in MODELS}
+    for name, seed in MODELS.items():
+        t0 = time.perf_counter()
+        generate(models[name], seed)
+        print(f"model {name}: {models[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    all_recipes = recipes(models)
+    run_mergekit = not args.skip_mergekit and Path(args.mergekit).exists()
+    rows = []
+    for method in args.methods.split(","):
+        cfg = cache / f"{method}.yml"
+        cfg.write_text(yaml.safe_dump(all_recipes[method], sort_keys=False))
+        ws_out, mk_out = cache / f"out-ws-{method}", cache / f"out-mk-{method}"
+        ws_cmd = [
+            sys.executable, "-c", "from weightsmith.cli.main import cli; cli()",
+            "merge", "run", str(cfg), "-o", str(ws_out), "--force", "--no-progress",
+        ]  # fmt: skip
+        ws = timed(ws_cmd, cache / f"ws-{method}.log")
+        shutil.rmtree(ws_out, ignore_errors=True)
+        mk = None
+        if run_mergekit:
+            shutil.rmtree(mk_out, ignore_errors=True)
+            mk_cmd = [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
+            mk = timed(mk_cmd, cache / f"mk-{method}.log")
+            shutil.rmtree(mk_out, ignore_errors=True)
+        rows.append((method, ws, mk))
+        print(json.dumps({"method": method, "weightsmith": ws, "mergekit": mk}), flush=True)
+    print()
+    print(summary_table(cache, [m for m, _, _ in rows]))
+    print(f"\nmachine: {os.cpu_count()} CPUs visible, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""``merge(recipe, out)``: the one library call behind every ``merge`` command."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.errors import ConfigError
+from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
+from weightsmith.io.reader import Checkpoint, open_checkpoint
+from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+from weightsmith.merge.card import model_card
+from weightsmith.merge.engine import DEFAULT_CHUNK_ELEMENTS, job_spec, produce
+from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
+from weightsmith.merge.recipe import MergeRecipe
+
+RECIPE_FILE = "mergekit_config.yml"
+CARD_FILE = "README.md"
+
+
+def resolve_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> str:
+    """A recipe's model reference as an absolute local path (``models_dir`` first)."""
+    p = Path(ref).expanduser()
+    candidates = [p] if p.is_absolute() else []
+    if not p.is_absolute():
+        if models_dir is not None:
+            candidates.append(Path(models_dir) / p)
+        candidates.append(Path.cwd() / p)
+    for c in candidates:
+        if c.exists():
+            return str(c.resolve())
+    looked = ", ".join(str(c) for c in candidates)
+    raise ConfigError(
+        f"model {ref!r} not found (looked at {looked}); recipes take local checkpoint "
+        "folders (use --models-dir for relative names); hub ids are not downloaded"
+    )
+
+
+def merge(
+    recipe: MergeRecipe,
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+    models_dir: str | os.PathLike[str] | None = None,
+    final_from: str | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    allow_pickle: bool = False,
+) -> StreamResult:
+    """Run ``recipe`` and write the merged checkpoint to ``out`` (atomically).
+
+    ``dtype`` overrides the recipe's output dtype (default: each tensor keeps its base/first
+    model's dtype); arithmetic is float32 on ``device``. ``final_from`` (slices only) names the
+    model whose final norm and lm_head are used instead of the last slice's.
+    """
+    recipe = recipe.validate()
+    if dtype is not None:
+        recipe = _replace_dtype(recipe, config_dtype_name(parse_user_dtype(dtype)))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    recipe = recipe.resolved(lambda r: resolve_model(r, models_dir))
+    if final_from is not None:
+        final_from = resolve_model(final_from, models_dir)
+    out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
+    with contextlib.ExitStack() as stack:
+        ckpts: dict[str, Checkpoint] = {}
+        for ref in [*recipe.referenced_models(), *([final_from] if final_from else [])]:
+            if ref not in ckpts:
+                ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
+        plan = build_plan(recipe, ckpts, final_from)
+        specs = {job.out_name: job_spec(job, ckpts, out_dtype) for job in plan.jobs}
+        stats: dict = {}
+
+        def apply(job: TensorJob):
+            spec = specs[job.out_name]
+            chunks = lambda: produce(  # noqa: E731
+                job, ckpts, spec, device=device, chunk_elements=chunk_elements, stats=stats
+            )
+            yield job.out_name, RawTensor(spec, chunks)
+
+        ref = ckpts[plan.reference]
+
+        def before_commit(writer: CheckpointWriter) -> None:
+            note = ""
+            if final_from and recipe.slices and final_from != recipe.slices[-1].sources[0].model:
+                note = (
+                    f"# weightsmith: final norm / lm_head taken from {final_from} "
+                    "(mergekit would take them from the last slice)\n"
+                )
+            writer.write_text(RECIPE_FILE, note + recipe.to_yaml())
+            writer.write_text(CARD_FILE, model_card(recipe, plan))
+
+        result = stream_transform(
+            plan.jobs,
+            out,
+            plan=lambda job: [specs[job.out_name]],
+            apply=apply,
+            sources=list(ckpts.values()),
+            support_from=ref.root,
+            config_patch=_config_patch(ref, plan, recipe, out_dtype),
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=progress,
+            description=f"merge {recipe.merge_method}",
+            provenance={
+                "operation": "merge",
+                "method": recipe.merge_method,
+                "recipe": recipe.record(),
+                "config": {"device": device, "chunk_elements": chunk_elements},
+            },
+            before_commit=before_commit,
+        )
+        result.extra.update(
+            {
+                "method": recipe.merge_method,
+                "tensors_merged": sum(1 for j in plan.jobs if j.params is not None),
+                "tensors_copied": sum(1 for j in plan.jobs if j.params is None),
+                "num_layers": plan.num_layers,
+                **stats,
+            }
+        )
+        return result
+
+
+def _replace_dtype(recipe: MergeRecipe, name: str) -> MergeRecipe:
+    from dataclasses import replace
+
+    return replace(recipe, out_dtype=name)
+
+
+def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dtype):
+    old_layers = ref.num_layers
+    layers_key = ref.arch.num_layers_key
+
+    def patch(config: dict) -> dict:
+        if out_dtype is not None:
+            for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
+                config[k] = config_dtype_name(out_dtype)
+        if recipe.slices:
+            configs = _source_configs(plan)
+            for key, value in list(config.items()):
+                if isinstance(value, list) and len(value) == old_layers and key != "architectures":
+                    config[key] = [
+                        configs.get(m, {}).get(key, value)[i] for m, i in plan.layer_sources
+                    ]
+            config[layers_key] = plan.num_layers
+        return config
+
+    return patch
+
+
+def _source_configs(plan: MergePlan) -> Mapping[str, dict]:
+    import json
+
+    out = {}
+    for model, _ in plan.layer_sources:
+        if model not in out:
+            cfg = Path(model) / "config.json"
+            out[model] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    return out

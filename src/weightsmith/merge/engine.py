@@ -1,0 +1,215 @@
+"""The streaming merge engine: every output tensor is computed chunk by chunk from its inputs.
+
+Inputs are read with ``pread`` in aligned flat chunks (never the whole model, never an mmap that
+would keep pages resident), converted to float32 on the compute device, combined by the method
+and written straight to their offset in the output shard. Peak memory is a few chunks per input
+plus what a method needs for whole-tensor statistics (TIES: one float32 copy of |δ|).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from weightsmith.errors import CheckpointError
+from weightsmith.io.reader import Checkpoint
+from weightsmith.io.writer import TensorSpec
+from weightsmith.merge.methods import get_method
+from weightsmith.merge.methods.base import ChunkSource, run_method
+from weightsmith.merge.plan import TensorJob
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
+DEFAULT_CACHE_BYTES = 256 << 20  # float32 copies of one tensor's inputs kept between passes
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class CheckpointChunks(ChunkSource):
+    """Aligned float32 chunks of one tensor from several checkpoints, read with pread.
+
+    Each input is checked for NaN/Inf on its first pass; ``numel`` may be smaller than the
+    stored tensor (common vocabulary rows), in which case only that prefix is read.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[tuple[Checkpoint, str]],
+        name: str,
+        shape: tuple[int, ...],
+        numel: int,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        device: torch.device | str = "cpu",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.inputs = list(inputs)
+        self.name = name
+        self.shape = shape
+        self.numel = numel
+        self.num_inputs = len(inputs)
+        self.chunk = max(1, chunk_elements)
+        self.device = torch.device(device)
+        self._checked: set[int] = set()
+        # Multi-pass methods (SLERP, TIES) read inputs again; keep the converted chunks when
+        # all inputs of this tensor fit the budget, so later passes skip pread + conversion.
+        self._cache: dict[int, list[torch.Tensor]] | None = (
+            {} if numel * 4 * len(inputs) <= cache_bytes else None
+        )
+
+    def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
+        idx = list(range(self.num_inputs)) if indices is None else list(indices)
+        streams = [self._stream(i) for i in idx]
+        try:
+            yield from (list(parts) for parts in zip(*streams, strict=True))
+        finally:
+            for s in streams:
+                s.close()
+
+    def _stream(self, i: int) -> Iterator[torch.Tensor]:
+        if self._cache is not None and i in self._cache:
+            yield from self._cache[i]
+            return
+        kept: list[torch.Tensor] | None = [] if self._cache is not None else None
+        ckpt, tname = self.inputs[i]
+        dtype = ckpt.info(tname).torch_dtype
+        check = i not in self._checked
+        remaining = self.numel
+        for piece in _pieces(ckpt, tname, self.chunk, dtype):
+            t = piece[:remaining] if piece.numel() > remaining else piece
+            out = t.to(self.device, torch.float32, copy=True)
+            if check and not _all_finite(out):
+                raise CheckpointError(f"{ckpt.path}: tensor {tname!r} holds NaN or Inf values")
+            remaining -= out.numel()
+            if kept is not None:
+                kept.append(out)
+            if remaining <= 0:
+                # Record before the last yield: zip() abandons the other streams right after
+                # their last chunk, so code after it would never run for them.
+                self._finish(i, check, kept)
+                yield out
+                return
+            yield out
+        self._finish(i, check, kept)
+
+    def _finish(self, i: int, checked: bool, kept: list[torch.Tensor] | None) -> None:
+        if checked:
+            self._checked.add(i)
+        if kept is not None and self._cache is not None:
+            self._cache[i] = kept
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """True when x has no NaN/Inf: a sum is finite unless one is there (or it overflows)."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _pieces(ckpt: Checkpoint, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The stored tensor as flat pieces of ``chunk`` elements, without mmap."""
+    if ckpt.format != "safetensors":
+        flat = ckpt.get_tensor(name).reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            yield flat[start : start + chunk]
+        return
+    for raw in ckpt.raw_chunks(name, chunk_size=chunk * dtype.itemsize):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: we copy before any write
+            yield torch.frombuffer(raw, dtype=dtype)
+
+
+def job_output_dtype(
+    job: TensorJob, ckpts: Mapping[str, Checkpoint], out_dtype: torch.dtype | None
+):
+    """The dtype a job writes: ``out_dtype`` for float tensors, else the first input's."""
+    model, name = job.inputs[0]
+    stored = ckpts[model].info(name).torch_dtype
+    return out_dtype if out_dtype is not None and stored in FLOAT_DTYPES else stored
+
+
+def job_spec(job: TensorJob, ckpts: Mapping[str, Checkpoint], out_dtype: torch.dtype | None):
+    return TensorSpec(job.out_name, job_output_dtype(job, ckpts, out_dtype), job.shape)
+
+
+def produce(
+    job: TensorJob,
+    ckpts: Mapping[str, Checkpoint],
+    spec: TensorSpec,
+    *,
+    device: str = "cpu",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    stats: dict | None = None,
+) -> Iterator[memoryview]:
+    """The output tensor's bytes, chunk by chunk."""
+    first_ckpt, first_name = ckpts[job.inputs[0][0]], job.inputs[0][1]
+    stored = first_ckpt.info(first_name).torch_dtype
+    if job.params is None or stored not in FLOAT_DTYPES:
+        if job.params is not None and stats is not None:
+            stats.setdefault("copied_non_float", []).append(job.out_name)
+        if job.scale == 1.0 and spec.dtype == stored:
+            yield from (memoryview(b) for b in first_ckpt.raw_chunks(first_name))
+            return
+        src = CheckpointChunks(
+            [(first_ckpt, first_name)],
+            job.out_name,
+            job.shape,
+            _numel(job.shape),
+            chunk_elements,
+            device,
+        )
+        for (x,) in src.chunks():
+            yield _to_bytes(x.mul_(job.scale) if job.scale != 1.0 else x, spec.dtype, job)
+        return
+    numel = _numel(job.shape)
+    region = numel if job.common_rows is None else job.common_rows * _numel(job.shape[1:])
+    inputs = [(ckpts[m], n) for m, n in job.inputs]
+    src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
+    method = get_method(job.method)
+    for out in run_method(method, src, job.params):
+        yield _to_bytes(out, spec.dtype, job)
+    if region < numel:  # vocabulary rows only the base has: copied from the base
+        rows = first_ckpt.get_slice(first_name)[job.common_rows :]
+        yield _to_bytes(rows.reshape(-1).float(), spec.dtype, job)
+    del src
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last tensor back to the OS (glibc keeps freed multi-MB blocks
+    in its heap otherwise, and peak RSS creeps up with fragmentation across tensors)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:
+    if dtype == torch.float16 and x.numel():
+        peak = float(x.abs().max())
+        if peak > torch.finfo(torch.float16).max:
+            raise CheckpointError(
+                f"tensor {job.out_name!r}: merged values up to {peak:.4g} overflow float16; "
+                "use --dtype bfloat16"
+            )
+    y = x.to("cpu", dtype).contiguous()
+    return memoryview(y.reshape(-1).view(torch.uint8).numpy())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,274 @@
+"""Fold a PEFT LoRA adapter into its base model: W += scale · B @ A, tensor by tensor.
+
+Reads adapter folders as peft saves them (``adapter_config.json`` + ``adapter_model.safetensors``):
+scale = lora_alpha / r (lora_alpha / √r with ``use_rslora``), per-module ``rank_pattern`` and
+``alpha_pattern`` (peft's suffix match), ``fan_in_fan_out`` (GPT-2 Conv1D), embedding LoRA
+(``lora_embedding_A/B``), and full tensors saved for ``modules_to_save`` or resized embeddings
+(they replace the base tensor). The result equals peft's ``merge_and_unload()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
+from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
+from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+
+PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class LoraMergeConfig:
+    """Options of a LoRA merge, recorded in the output's ``weightsmith.json``."""
+
+    adapter: str
+    scale: float | None = None  # None: the trained scale (alpha / r per module)
+    dtype: str | None = None
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted base tensor and where its low-rank factors live in the adapter."""
+
+    target: str  # base tensor name, e.g. model.layers.0.self_attn.q_proj.weight
+    a_key: str
+    b_key: str
+    scale: float
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+
+
+def lora_delta(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    *,
+    embedding: bool = False,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """scale · B @ A laid out like the base weight (float32).
+
+    Linear: A (r, in), B (out, r) -> (out, in), transposed for Conv1D (fan_in_fan_out).
+    Embedding: A (r, vocab), B (dim, r) -> (B @ A)ᵀ = (vocab, dim).
+    """
+    delta = b.float() @ a.float()
+    if embedding or fan_in_fan_out:
+        delta = delta.T
+    return delta * scale
+
+
+def pattern_value(patterns: dict, module: str, default: float) -> float:
+    """peft's ``get_pattern_key``: the first pattern that matches a suffix of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(
+    adapter: Checkpoint, config: dict, scale_override: float | None
+) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """(base tensor -> LoRA factors, base tensor -> adapter tensor that replaces it)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"adapter is {config.get('peft_type')}, only LORA adapters are merged")
+    if config.get("use_dora"):
+        raise ConfigError("DoRA adapters (use_dora) are not supported")
+    r_default = config.get("r", 8)
+    alpha_default = config.get("lora_alpha", r_default)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    modules: dict[str, LoraModule] = {}
+    replace: dict[str, str] = {}
+    for key in adapter.tensors:
+        if not key.startswith(PREFIX):
+            raise CheckpointError(f"{adapter.path}: unexpected adapter tensor {key!r}")
+        name = key[len(PREFIX) :]
+        m = re.match(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)\.weight$", name) or re.match(
+            r"^(?P<mod>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$", name
+        )
+        if m is None:
+            if ".lora_" in name:
+                raise CheckpointError(
+                    f"{adapter.path}: unsupported adapter tensor {key!r} (DoRA / LoRA bias?)"
+                )
+            replace[name.replace(".base_layer.", ".")] = key  # modules_to_save / resized embed
+            continue
+        if not m["kind"].endswith("A"):
+            continue
+        mod, embedding = m["mod"], m["kind"].startswith("lora_embedding")
+        b_key = key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        if b_key not in adapter.tensors:
+            raise CheckpointError(f"{adapter.path}: {key!r} has no matching {b_key!r}")
+        a_info = adapter.info(key)
+        r = a_info.shape[0]
+        expected_r = pattern_value(rank_pattern, mod, r_default)
+        if r != expected_r:
+            raise CheckpointError(
+                f"{adapter.path}: {mod} has rank {r} but adapter_config says {expected_r}"
+            )
+        alpha = pattern_value(alpha_pattern, mod, alpha_default)
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if scale_override is not None:
+            scale = scale_override
+        modules[f"{mod}.weight"] = LoraModule(
+            f"{mod}.weight", key, b_key, scale, embedding, fan_in_fan_out and not embedding
+        )
+    if not modules and not replace:
+        raise CheckpointError(f"{adapter.path}: adapter holds no LoRA tensors")
+    return modules, replace
+
+
+def merge_lora(
+    base: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    scale: float | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+) -> StreamResult:
+    """Write ``base`` with the LoRA adapter in ``adapter_dir`` folded in, to ``out``."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    target = parse_user_dtype(dtype) if dtype else None
+    cfg = LoraMergeConfig(
+        str(adapter_dir.resolve()), scale, config_dtype_name(target) if target else None
+    )
+    with open_checkpoint(base) as ck, open_checkpoint(adapter_dir) as ad:
+        modules, replace = read_adapter(ad, config, scale)
+        for name in [*modules, *replace]:
+            if name not in ck.tensors:
+                raise CheckpointError(f"{base}: adapter targets {name!r}, which the base lacks")
+        for mod in modules.values():
+            _check_shapes(ck, ad, mod)
+        for name, key in replace.items():
+            if ad.info(key).shape != ck.info(name).shape:
+                raise CheckpointError(
+                    f"{adapter_dir}: {key!r} is {list(ad.info(key).shape)} but the base "
+                    f"{name!r} is {list(ck.info(name).shape)}"
+                )
+
+        def out_dtype(name: str) -> torch.dtype:
+            stored = ck.info(name).torch_dtype
+            return target if target is not None and stored in FLOAT_DTYPES else stored
+
+        def plan(group: TensorGroup) -> list[TensorSpec]:
+            return [TensorSpec(n, out_dtype(n), ck.info(n).shape) for n in group.names]
+
+        def apply(group: TensorGroup):
+            for name in group.names:
+                want = out_dtype(name)
+                if name in modules:
+                    mod = modules[name]
+                    w = ck.get_tensor(name).to(device, torch.float32)
+                    w += lora_delta(
+                        ad.get_tensor(mod.a_key).to(device),
+                        ad.get_tensor(mod.b_key).to(device),
+                        mod.scale,
+                        embedding=mod.embedding,
+                        fan_in_fan_out=mod.fan_in_fan_out,
+                    )
+                    yield name, w.to("cpu", want)
+                elif name in replace:
+                    yield name, ad.get_tensor(replace[name]).to(want)
+                elif want == ck.info(name).torch_dtype:
+                    spec = TensorSpec(name, want, ck.info(name).shape)
+                    yield name, RawTensor(spec, lambda n=name: ck.raw_chunks(n))
+                else:
+                    yield name, ck.get_tensor(name).to(want)
+
+        def before_commit(writer: CheckpointWriter) -> None:
+            writer.write_text("mergekit_config.yml", _recipe_yaml(ck, adapter_dir, cfg))
+            writer.write_text("README.md", _card(ck, adapter_dir, cfg, len(modules)))
+
+        patch = None
+        if target is not None:
+            name = config_dtype_name(target)
+
+            def patch(c: dict) -> dict:
+                for k in [k for k in ("dtype", "torch_dtype") if k in c] or ["torch_dtype"]:
+                    c[k] = name
+                return c
+
+        result = stream_transform(
+            ck.groups("tensor"),
+            out,
+            plan=plan,
+            apply=apply,
+            sources=[ck, ad],
+            support_from=ck.root,
+            config_patch=patch,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=progress,
+            description="merge lora",
+            provenance={"operation": "merge_lora", "config": asdict(cfg)},
+            before_commit=before_commit,
+        )
+        result.extra.update({"lora_modules": len(modules), "replaced_tensors": sorted(replace)})
+        return result
+
+
+def _check_shapes(ck: Checkpoint, ad: Checkpoint, mod: LoraModule) -> None:
+    a, b = ad.info(mod.a_key).shape, ad.info(mod.b_key).shape
+    w = ck.info(mod.target).shape
+    if mod.embedding:
+        delta = (a[1], b[0]) if len(a) == 2 and len(b) == 2 else None
+    else:
+        delta = (b[0], a[1]) if len(a) == 2 and len(b) == 2 else None
+        if delta is not None and mod.fan_in_fan_out:
+            delta = (delta[1], delta[0])
+    if delta is None or tuple(w) != delta or a[0] != b[1]:
+        raise CheckpointError(
+            f"{ad.path}: LoRA factors {list(a)} and {list(b)} do not fit {mod.target!r} {list(w)}"
+        )
+
+
+def _recipe_yaml(ck: Checkpoint, adapter_dir: Path, cfg: LoraMergeConfig) -> str:
+    import yaml
+
+    note = ""
+    if cfg.scale is not None:
+        note = f"# weightsmith: LoRA scale overridden to {cfg.scale} (mergekit has no such knob)\n"
+    data = {
+        "merge_method": "passthrough",
+        "models": [{"model": f"{ck.root.resolve()}+{adapter_dir.resolve()}"}],
+    }
+    if cfg.dtype:
+        data["dtype"] = cfg.dtype
+    return note + yaml.safe_dump(data, sort_keys=False)
+
+
+def _card(ck: Checkpoint, adapter_dir: Path, cfg: LoraMergeConfig, n: int) -> str:
+    scale = "the trained scale (lora_alpha / r)" if cfg.scale is None else f"scale {cfg.scale}"
+    return (
+        "---\ntags:\n- merge\n- lora\n- weightsmith\n---\n"
+        f"# Merged model\n\nBase model `{ck.root.resolve()}` with the LoRA adapter "
+        f"`{adapter_dir.resolve()}` folded in ({n} adapted tensors, {scale}), made with "
+        "weightsmith's `merge lora`. Equivalent to peft's `merge_and_unload()`.\n"
+    )

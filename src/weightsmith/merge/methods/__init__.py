@@ -1,0 +1,41 @@
+"""Merge methods: pure tensor code, registered by name with ``@merge_method``.
+
+Adding a method is one module here (imported below) and one test.
+"""
+
+from weightsmith.merge.methods import dare, linear, slerp, task_arithmetic, ties  # noqa: F401
+from weightsmith.merge.methods.base import (
+    MERGE_METHODS,
+    ChunkSource,
+    MergeMethod,
+    Param,
+    TensorChunks,
+    TensorParams,
+    get_method,
+    merge_method,
+    merge_tensors,
+    run_method,
+)
+from weightsmith.merge.methods.dare import dare as dare_merge
+from weightsmith.merge.methods.linear import linear as linear_merge
+from weightsmith.merge.methods.slerp import slerp as slerp_merge
+from weightsmith.merge.methods.task_arithmetic import task_arithmetic as task_arithmetic_merge
+from weightsmith.merge.methods.ties import ties as ties_merge
+
+__all__ = [
+    "MERGE_METHODS",
+    "ChunkSource",
+    "MergeMethod",
+    "Param",
+    "TensorChunks",
+    "TensorParams",
+    "dare_merge",
+    "get_method",
+    "linear_merge",
+    "merge_method",
+    "merge_tensors",
+    "run_method",
+    "slerp_merge",
+    "task_arithmetic_merge",
+    "ties_merge",
+]

@@ -1,0 +1,215 @@
+"""What a merge method is, and the registry that ``@merge_method("name")`` fills.
+
+A method is pure tensor code in two steps so the engine can stream big tensors in chunks:
+``prepare`` may scan the inputs once or more for whole-tensor statistics (SLERP's norms, TIES'
+top-k threshold) and ``combine`` turns one aligned chunk of every input into that chunk of the
+output. Running both on a single chunk is the plain whole-tensor function (see
+:func:`merge_tensors`), so the tests of the formulas and the streaming engine share one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from weightsmith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a method accepts, as mergekit names it (``weight``, ``density``, ``t``)."""
+
+    name: str
+    default: Any = None
+    required: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one output tensor: global ones and one mapping per model input.
+
+    ``models`` lines up with the non-base inputs (all inputs for methods without a base).
+    """
+
+    name: str
+    globals: Mapping[str, Any] = field(default_factory=dict)
+    models: tuple[Mapping[str, Any], ...] = ()
+
+    def model_values(self, key: str) -> list[float]:
+        return [float(m[key]) for m in self.models]
+
+
+class ChunkSource:
+    """Aligned flat chunks of a method's inputs (float32, on the compute device).
+
+    ``chunks(indices)`` yields, for each chunk, a list with one tensor per requested input;
+    every call starts again at the first element, so ``prepare`` can take several passes.
+    Chunks are read-only: a source may hand the same tensors to several passes.
+    """
+
+    name: str
+    numel: int
+    shape: tuple[int, ...]
+    num_inputs: int
+
+    def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
+        raise NotImplementedError
+
+
+class TensorChunks(ChunkSource):
+    """In-memory inputs cut into ``chunk_size``-element pieces (whole tensors by default)."""
+
+    def __init__(
+        self, tensors: Sequence[torch.Tensor], name: str = "tensor", chunk_size: int | None = None
+    ) -> None:
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) != 1:
+            raise ConfigError(f"{name}: inputs have different shapes {sorted(shapes)}")
+        self.name = name
+        self.shape = tuple(tensors[0].shape)
+        self.numel = tensors[0].numel()
+        self.num_inputs = len(tensors)
+        # float32 copies made once: passes share them, so a method that wrote into its input
+        # chunks (the contract says they are read-only) would corrupt its own next pass.
+        self._flat = [t.detach().reshape(-1).to(torch.float32, copy=True) for t in tensors]
+        self._chunk = max(1, chunk_size or self.numel or 1)
+
+    def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
+        idx = list(range(self.num_inputs)) if indices is None else list(indices)
+        for start in range(0, max(self.numel, 1), self._chunk):
+            stop = min(start + self._chunk, self.numel)
+            yield [self._flat[i][start:stop] for i in idx]
+
+
+class MergeMethod:
+    """Base class of a merge method; subclasses set the class attributes and ``combine``.
+
+    Inputs are ordered base first (when ``needs_base``), then the models in recipe order.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    needs_base: ClassVar[bool] = False
+    exact_inputs: ClassVar[int | None] = None  # total inputs, base included (SLERP: 2)
+    global_params: ClassVar[tuple[Param, ...]] = ()
+    model_params: ClassVar[tuple[Param, ...]] = ()
+
+    def validate(self, params: TensorParams) -> None:
+        """Reject parameter values the formula cannot use (one-line ConfigError)."""
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> Any:
+        """Whole-tensor statistics needed before any output chunk (default: none)."""
+        return None
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        """One chunk of the output from the matching (read-only) chunk of every input."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_names(cls) -> set[str]:
+        return {p.name for p in cls.global_params} | {p.name for p in cls.model_params}
+
+
+MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def merge_method(name: str) -> Callable[[type[MergeMethod]], type[MergeMethod]]:
+    """Register a method class under its mergekit name (``@merge_method("ties")``)."""
+
+    def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+        if name in MERGE_METHODS:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        cls.name = name
+        MERGE_METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``, or a ConfigError listing the known ones."""
+    cls = MERGE_METHODS.get(name)
+    if cls is None:
+        known = ", ".join(sorted([*MERGE_METHODS, "passthrough"]))
+        raise ConfigError(f"unsupported merge method {name!r} (supported: {known})")
+    return cls()
+
+
+def run_method(
+    method: MergeMethod, src: ChunkSource, params: TensorParams
+) -> Iterator[torch.Tensor]:
+    """Stream the output of ``method`` chunk by chunk (float32)."""
+    method.validate(params)
+    state = method.prepare(src, params)
+    offset = 0
+    for chunks in src.chunks():
+        out = method.combine(chunks, state, params, offset)
+        offset += chunks[0].numel()
+        yield out
+
+
+def merge_tensors(
+    method: str | MergeMethod,
+    tensors: Sequence[torch.Tensor],
+    params: TensorParams | None = None,
+    *,
+    chunk_size: int | None = None,
+    **global_params: Any,
+) -> torch.Tensor:
+    """Merge in-memory tensors with a registered method (float32 result, input shape).
+
+    ``tensors`` is base first for methods with a base. Extra keyword arguments are global
+    parameters (``t=0.3``); per-model ones go in ``params.models``.
+    """
+    m = get_method(method) if isinstance(method, str) else method
+    if params is None:
+        params = TensorParams("tensor", global_params, ())
+    elif global_params:
+        params = TensorParams(params.name, {**params.globals, **global_params}, params.models)
+    params = with_defaults(m, params, len(tensors))
+    src = TensorChunks(tensors, params.name, chunk_size)
+    parts = list(run_method(m, src, params))
+    return torch.cat(parts).reshape(src.shape) if parts else torch.empty(src.shape)
+
+
+def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) -> TensorParams:
+    """Fill method defaults and check required parameters and the number of inputs."""
+    if method.exact_inputs is not None and num_inputs != method.exact_inputs:
+        raise ConfigError(
+            f"{method.name} merges exactly {method.exact_inputs} models, got {num_inputs}"
+        )
+    n_models = num_inputs - (1 if method.needs_base else 0)
+    if method.needs_base and n_models < 1:
+        raise ConfigError(f"{method.name} needs a base model and at least one other model")
+    if not method.needs_base and num_inputs < 1:
+        raise ConfigError(f"{method.name} needs at least one model")
+    g = dict(params.globals)
+    for p in method.global_params:
+        if g.get(p.name) is None:
+            if p.required:
+                raise ConfigError(f"{method.name}: missing required parameter {p.name!r}")
+            g[p.name] = p.default
+    models = list(params.models) or [{} for _ in range(n_models if method.model_params else 0)]
+    if method.model_params and len(models) != n_models:
+        raise ConfigError(
+            f"{method.name}: got parameters for {len(models)} models, expected {n_models}"
+        )
+    filled = []
+    for k, m in enumerate(models):
+        d = dict(m)
+        for p in method.model_params:
+            if d.get(p.name) is None:
+                if p.required:
+                    raise ConfigError(
+                        f"{method.name}: missing parameter {p.name!r} for model {k + 1}"
+                    )
+                d[p.name] = p.default
+        filled.append(d)
+    return TensorParams(params.name, g, tuple(filled))

@@ -1,0 +1,114 @@
+"""Task arithmetic and the shared core of TIES/DARE (mergekit's generalized task arithmetic).
+
+With task vectors δ_i = x_i − base, weights w_i and an optional sparsified δ_i:
+- no consensus: mixed = Σ w_i δ_i, divisor = Σ w_i;
+- sign consensus (TIES): elect sign(Σ w_i δ_i) per entry (ties → +), keep only the entries
+  whose sign agrees: mixed = Σ m_i w_i δ_i, divisor = Σ m_i w_i (0 → 1);
+- ``normalize`` divides mixed by the divisor; ``lambda`` scales it; output = base + mixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weightsmith.merge.methods.base import (
+    MergeMethod,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+)
+
+
+def combine_task_vectors(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """base + the (sign-elected, normalized, λ-scaled) weighted sum of ``deltas``.
+
+    ``deltas`` are the method's own tensors and are overwritten (no copies per chunk).
+    """
+    weighted = [d if w == 1.0 else d.mul_(w) for d, w in zip(deltas, weights, strict=True)]
+    mixed = weighted[0].clone()
+    for wd in weighted[1:]:
+        mixed.add_(wd)
+    if consensus:
+        majority = torch.where(mixed >= 0, 1.0, -1.0)  # ties go to +, as in mergekit
+        mixed.zero_()
+        divisor = torch.zeros_like(base) if normalize else None
+        for wd, w in zip(weighted, weights, strict=True):
+            agree = torch.sign(wd) == majority  # zeros (trimmed/dropped) never agree
+            mixed.add_(wd.mul_(agree))
+            if divisor is not None:
+                divisor.add_(agree, alpha=w)
+        if divisor is not None:
+            mixed.div_(divisor.add_(divisor == 0))  # no agreeing weight: divide by 1
+    else:
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            mixed.div_(total)
+    if lam != 1.0:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+class GeneralizedTaskArithmetic(MergeMethod):
+    """Task vectors → optional sparsification → optional sign consensus → weighted mix."""
+
+    needs_base = True
+    consensus: bool = False
+    default_normalize: bool = False
+    global_params = (
+        Param("normalize", False, help="divide the mix by the (agreeing) weights' sum"),
+        Param("lambda", 1.0, help="scale of the mixed task vector"),
+    )
+    model_params = (Param("weight", required=True, help="weight of each task vector"),)
+
+    def sparsify(
+        self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        return delta
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        base, models = chunks[0], chunks[1:]
+        deltas = [self.sparsify(x - base, k, state, params, offset) for k, x in enumerate(models)]
+        return combine_task_vectors(
+            base,
+            deltas,
+            params.model_values("weight"),
+            consensus=self.consensus,
+            normalize=bool(params.globals["normalize"]),
+            lam=float(params.globals["lambda"]),
+        )
+
+
+@merge_method("task_arithmetic")
+class TaskArithmetic(GeneralizedTaskArithmetic):
+    title = "Task arithmetic"
+    reference = "https://arxiv.org/abs/2212.04089"
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    weights: list[float],
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """base + λ·Σ w_i (x_i − base) (divided by Σ w_i when ``normalize``)."""
+    params = TensorParams(
+        "tensor",
+        {"normalize": normalize, "lambda": lam},
+        tuple({"weight": w} for w in weights),
+    )
+    return merge_tensors("task_arithmetic", [base, *models], params)

@@ -1,0 +1,164 @@
+"""TIES merging (Yadav et al. 2023) as mergekit's ``ties``: trim, elect sign, disjoint mean.
+
+Each task vector keeps its ``int(density·numel)`` largest-magnitude entries (entries equal to
+the threshold are kept in storage order until the count is reached, so the result does not
+depend on how the tensor is chunked); the sign of each entry is elected by the total weighted
+mass; entries that agree are averaged (``normalize``, on by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightsmith.errors import ConfigError
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+)
+from weightsmith.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Keep |δ| > threshold, and |δ| == threshold at flat index <= last_tie."""
+
+    threshold: float
+    last_tie: int  # -1: keep no ties; numel: keep all
+
+
+SAMPLE = 1 << 16  # values sampled to bracket the k-th largest before the exact selection
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The exact k-th largest of a flat float tensor (1 <= k <= numel)."""
+    return kth_largest_counts(values, k)[0]
+
+
+def kth_largest_counts(values: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """(k-th largest value, how many values are greater, how many are equal to it).
+
+    ``kthvalue`` on a whole weight matrix is slow on CPU, so a strided sample first brackets
+    the answer in a narrow band [lo, hi]; the exact selection then runs on the band alone.
+    When the sample misjudges (the band does not hold the k-th value) it falls back to
+    ``kthvalue`` on everything, so the result is always exact.
+    """
+    n = values.numel()
+    if n > 16 * SAMPLE:
+        sample = values[:: n // SAMPLE].sort().values
+        m = sample.numel()
+        q = 1.0 - k / n  # the answer's quantile
+        margin = 8.0 * (q * (1.0 - q) / m) ** 0.5 + 8.0 / m
+        lo = float(sample[min(m, max(1, int((q - margin) * m))) - 1])
+        hi = float(sample[min(m, max(1, int((q + margin) * m) + 1)) - 1])
+        above = int((values > hi).sum())
+        band = values[(values >= lo) & (values <= hi)]
+        rank = k - above  # the answer is the rank-th largest inside the band
+        if lo < hi and 1 <= rank <= band.numel():
+            kth = float(torch.kthvalue(band, band.numel() - rank + 1).values)
+            return kth, above + int((band > kth).sum()), int((band == kth).sum())
+    kth = float(torch.kthvalue(values, n - k + 1).values)
+    return kth, int((values > kth).sum()), int((values == kth).sum())
+
+
+def topk_threshold(magnitudes: torch.Tensor, k: int) -> TopK:
+    """The cut that keeps exactly the ``k`` largest of a flat float tensor of magnitudes."""
+    n = magnitudes.numel()
+    if k >= n:
+        return TopK(-1.0, n)
+    kth, greater, equal = kth_largest_counts(magnitudes, k)
+    need = k - greater  # >= 1 ties at the k-th largest value are kept, in storage order
+    if need >= equal:
+        return TopK(kth, n)  # every tie is kept (the usual case for real-valued deltas)
+    seen = 0
+    block = 1 << 22
+    for start in range(0, n, block):
+        eq = magnitudes[start : start + block] == kth
+        count = int(eq.sum())
+        if seen + count >= need:
+            pos = torch.nonzero(eq).flatten()[need - seen - 1]
+            return TopK(kth, start + int(pos))
+        seen += count
+    raise AssertionError("unreachable: not enough ties")
+
+
+def apply_topk(delta: torch.Tensor, cut: TopK, offset: int) -> torch.Tensor:
+    """Zero the entries of a chunk of δ (starting at flat ``offset``) outside the top k."""
+    if cut.threshold < 0:
+        return delta
+    mag = delta.abs()
+    end = offset + delta.numel()
+    if cut.last_tie >= end - 1:  # every tie in this chunk is kept
+        return delta.mul_(mag >= cut.threshold)  # (mul by a bool mask beats masked_fill_)
+    keep = mag > cut.threshold
+    if cut.last_tie >= offset:
+        idx = torch.arange(offset, end, device=delta.device)
+        keep |= (mag == cut.threshold) & (idx <= cut.last_tie)
+    return delta.mul_(keep)
+
+
+@merge_method("ties")
+class Ties(GeneralizedTaskArithmetic):
+    title = "TIES"
+    reference = "https://arxiv.org/abs/2306.01708"
+    consensus = True
+    global_params = (
+        Param("normalize", True, help="divide by the sum of the agreeing weights"),
+        Param("lambda", 1.0, help="scale of the mixed task vector"),
+    )
+    model_params = (
+        Param("weight", required=True, help="weight of each task vector"),
+        Param("density", 1.0, help="fraction of each task vector's entries kept (by magnitude)"),
+    )
+
+    def validate(self, params: TensorParams) -> None:
+        for d in params.model_values("density"):
+            if not 0.0 < d <= 1.0:
+                raise ConfigError(f"{params.name}: density must be in (0, 1], got {d}")
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> list[TopK | None]:
+        cuts: list[TopK | None] = []
+        for k, density in enumerate(params.model_values("density")):
+            if density >= 1.0:
+                cuts.append(None)
+                continue
+            keep = max(1, int(density * src.numel))  # mergekit keeps at least one
+            mags = torch.empty(src.numel, dtype=torch.float32)
+            pos = 0
+            for base, x in src.chunks([0, k + 1]):
+                n = base.numel()
+                mags[pos : pos + n] = (x - base).abs_().cpu()
+                pos += n
+            cuts.append(topk_threshold(mags, keep))
+            del mags
+        return cuts
+
+    def sparsify(
+        self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        cut = state[k]
+        return delta if cut is None else apply_topk(delta, cut, offset)
+
+
+def ties(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    weights: list[float],
+    density: float | list[float],
+    *,
+    normalize: bool = True,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """TIES-merge ``models`` onto ``base`` (float32 result)."""
+    dens = density if isinstance(density, list) else [density] * len(models)
+    params = TensorParams(
+        "tensor",
+        {"normalize": normalize, "lambda": lam},
+        tuple({"weight": w, "density": d} for w, d in zip(weights, dens, strict=True)),
+    )
+    return merge_tensors("ties", [base, *models], params)

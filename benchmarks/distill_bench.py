@@ -5,7 +5,7 @@ offline top-k teacher cache, (d) KD into LoRA and QLoRA students, each run in it
 (so peak RSS is per run), then measures held-out perplexity and KL to the teacher on
 TinyStories validation text (training text is the disjoint TinyStories *train* file).
 
-    python benchmarks/distill_bench.py --steps 60 --out benchmarks/results/distill.json
+    python benchmarks/distill_bench.py --steps 60 --out /tmp/distill.json
 
 Needs ../shared (or WEIGHTSMITH_SHARED); exits with a message when it is absent.
 """

@@ -8,7 +8,7 @@ mergekit, each as a subprocess measured by ``/usr/bin/time -v`` (wall time, peak
     python benchmarks/merge_bench.py --cache ~/.cache/weightsmith/merge-bench
     python benchmarks/merge_bench.py --cleanup   # delete the generated models afterwards
 
-Not a timed test: run it by hand and record the table in benchmarks/results/merge.md.
+Not a timed test: run it by hand and record the table in BENCHMARKS.md.
 """
 
 from __future__ import annotations

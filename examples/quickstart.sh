@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README demo: install weightsmith, then take a real model through the pipeline.
+# The README demo: install weightsmith, then take a real model through the pipeline:
+# inspect, convert, quantize, evaluate, prune and merge.
 #
 #   bash examples/quickstart.sh [MODEL_DIR] [WORKDIR]
 #
@@ -46,4 +47,36 @@ with torch.no_grad():
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
 print("generated:", tok.decode(out[0], skip_special_tokens=True))
 PY
+
+# Text to evaluate on: TinyStories from ../shared when present, else the built-in sample.
+TEXT=$(python -c "from weightsmith.testing import shared_text; print(shared_text('tinystories_valid.txt') or '')")
+if [ -z "$TEXT" ]; then
+  TEXT="$WORK/text.txt"
+  python -c "from weightsmith.core.calibration_text import BUILTIN_TEXT as t; open('$TEXT','w').write(t)"
+fi
+
+echo "== quantize: RTN 4-bit, symmetric, groups of 64 -> compressed-tensors (vLLM/transformers)"
+compress quantize "$MODEL" -o "$WORK/w4" --method rtn --bits 4 --group-size 64 --force \
+  --report "$WORK/quantize.json"
+
+echo "== eval: perplexity of the 4-bit model, KL and top-1 agreement against the original"
+weightsmith eval ppl "$WORK/w4" --data "$TEXT" --seq-len 256 --max-tokens 1024 \
+  --reference "$MODEL" --report "$WORK/eval.json"
+
+echo "== prune: Wanda 2:4, calibrated layer by layer"
+compress prune "$MODEL" -o "$WORK/wanda-2of4" --method wanda --pattern 2:4 \
+  --calib "$TEXT" --calib-samples 8 --seq-len 128 --force --report "$WORK/prune.json"
+
+echo "== merge: SLERP of a base model and its fine-tune"
+A=$(python -c "from weightsmith.testing import shared_model as s; print(s('stories260K') or '')")
+B=$(python -c "from weightsmith.testing import shared_model as s; print(s('stories260K-shakespeare') or '')")
+if [ -z "$A" ] || [ -z "$B" ]; then
+  echo "(../shared absent: merging two tiny seeded models instead)"
+  A="$WORK/tiny-a"; B="$WORK/tiny-b"
+  rm -rf "$A" "$B"
+  python -c "from weightsmith.testing import build_tiny_model as b; b('$A', seed=0); b('$B', seed=1)"
+fi
+merge slerp "$A" "$B" --t 0.5 -o "$WORK/slerp" --force --report "$WORK/merge.json"
+weightsmith compare "$A" "$WORK/slerp" --top 5
+
 echo "== done: outputs in $WORK (reports: $WORK/*.json)"

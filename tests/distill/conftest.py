@@ -73,3 +73,17 @@ def padded_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def prefs_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 pairs sharing one preference (happy cat over sad dog) on different prompts."""
+    names = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Ann", "Tim", "Zoe", "Kim", "Joe"]
+    rows = [
+        {"prompt": f"Q: how is {n}'s pet?", "chosen": " The cat is happy.",
+         "rejected": " The dog is sad."}
+        for n in names
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path

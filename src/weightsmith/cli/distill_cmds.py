@@ -18,6 +18,7 @@ from weightsmith.cli.common import (
     report_option,
 )
 from weightsmith.cli.groups import distill_cli
+from weightsmith.distill.dpo import DPO_LOSSES
 from weightsmith.distill.losses import DIVERGENCES
 from weightsmith.io.sizes import format_size, parse_size
 
@@ -33,10 +34,29 @@ _PATH = click.Path()
 @click.option("-o", "--out", type=_PATH, default=None, help="Output folder (model or adapter).")
 @click.option(
     "--method",
-    type=click.Choice(["kd", "seqkd"]),
+    type=click.Choice(["kd", "seqkd", "sft", "dpo", "step-by-step"]),
     default="kd",
     show_default=True,
-    help="kd: match the teacher's logits; seqkd: train on teacher-written completions.",
+    help="kd: match the teacher's logits; seqkd: the teacher writes completions, then CE; "
+    "sft: CE on the prompt/completion pairs of --data (dSFT); dpo: preference pairs "
+    "(prompt/chosen/rejected) against --ref; step-by-step: rationales (predict:/explain:).",
+)
+@click.option("--ref", type=_PATH, default=None, help="dpo: reference model (default: --student).")
+@click.option(
+    "--ref-cache",
+    type=_PATH,
+    default=None,
+    help="dpo: folder of reference log-probs; reused when it matches, built when absent.",
+)
+@click.option(
+    "--label-smoothing", type=float, default=0.0, show_default=True, help="dpo sigmoid: ε."
+)
+@click.option(
+    "--eval-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="dpo: share of pairs held out for reward accuracy/margins.",
 )
 @click.option(
     "--teacher-cache",
@@ -46,17 +66,16 @@ _PATH = click.Path()
 )
 @click.option(
     "--loss",
-    type=click.Choice(sorted(DIVERGENCES)),
-    default="fkl",
-    show_default=True,
-    help="Divergence: fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd.",
+    type=click.Choice(sorted(DIVERGENCES) + sorted(DPO_LOSSES)),
+    default=None,
+    help="kd divergence (default fkl): fkl = KL(teacher‖student), rkl = KL(student‖teacher), "
+    "jsd; dpo loss (default sigmoid): sigmoid, ipo, hinge.",
 )
 @click.option(
     "--beta",
     type=float,
-    default=0.5,
-    show_default=True,
-    help="jsd: 0 = forward KL, 1 = reverse KL.",
+    default=None,
+    help="jsd: 0 = forward KL, 1 = reverse KL (default 0.5); dpo: β (default 0.1).",
 )
 @click.option(
     "--temperature",
@@ -70,7 +89,8 @@ _PATH = click.Path()
     type=float,
     default=0.5,
     show_default=True,
-    help="Weight of the CE term: α·CE + (1−α)·τ²·divergence.",
+    help="Weight of the CE term: α·CE + (1−α)·τ²·divergence; step-by-step: "
+    "α·L_label + (1−α)·L_rationale.",
 )
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: 1 epoch).")
 @click.option("--epochs", type=float, default=None, help="Epochs over the data.")
@@ -130,6 +150,7 @@ _PATH = click.Path()
 def train_command(**o: object) -> dict:
     """Train STUDENT from TEACHER on DATA and write it to OUT."""
     from weightsmith.distill.config import DistillConfig, LoraSettings
+    from weightsmith.distill.dpo import DpoSettings
     from weightsmith.distill.losses import LossConfig
     from weightsmith.distill.trainer import distill
 
@@ -146,10 +167,24 @@ def train_command(**o: object) -> dict:
             targets=str(o["lora_targets"]),
             rslora=bool(o["rslora"]),
         )
+    dpo = None
+    loss_name, beta = o["loss"], o["beta"]
+    if o["method"] == "dpo":
+        if loss_name in DIVERGENCES:
+            raise click.BadParameter(f"--loss {loss_name} is a kd divergence; dpo takes "
+                                     f"{'|'.join(sorted(DPO_LOSSES))}")  # fmt: skip
+        dpo = DpoSettings(
+            beta=0.1 if beta is None else beta, loss=loss_name or "sigmoid",
+            label_smoothing=o["label_smoothing"], eval_fraction=o["eval_fraction"],
+        )  # fmt: skip
+        loss_name, beta = None, None
+    elif loss_name in DPO_LOSSES:
+        raise click.BadParameter(f"--loss {loss_name} is a dpo loss (use it with --method dpo)")
     try:
         loss = LossConfig(
-            loss=o["loss"], beta=o["beta"], temperature=o["temperature"], alpha=o["alpha"]
-        )
+            loss=loss_name or "fkl", beta=0.5 if beta is None else beta,
+            temperature=o["temperature"], alpha=1.0 if o["method"] == "dpo" else o["alpha"],
+        )  # fmt: skip
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     cfg = DistillConfig(
@@ -159,18 +194,28 @@ def train_command(**o: object) -> dict:
         max_grad_norm=o["max_grad_norm"] or None, seed=o["seed"], optim=o["optim"], lora=lora,
         qlora=bool(o["qlora"]), save_adapter=bool(o["save_adapter"]),
         gen_max_new_tokens=o["gen_max_new_tokens"], gen_temperature=o["gen_temperature"],
+        dpo=dpo, sbs_alpha=o["alpha"],
     )  # fmt: skip
     result = distill(
         o["teacher"], o["student"], o["data"], o["out"], cfg,
         teacher_cache=o["teacher_cache"], eval_data=o["eval_data"], device=o["device"],
         force=o["force"], progress=o["progress"], max_shard_size=parse_size(o["max_shard_size"]),
+        ref=o["ref"], ref_cache=o["ref_cache"],
     )  # fmt: skip
     line = (
         f"distilled {result.steps} steps ({result.train_tokens} tokens, "
         f"{result.tokens_per_s:.0f} tok/s), loss {result.losses[0]:.4f} -> "
         f"{result.losses[-1]:.4f}"
     )
-    if result.eval_after:
+    if result.eval_after and "reward_accuracy" in result.eval_after:
+        a, b = result.eval_before, result.eval_after
+        line += (
+            f", held-out reward accuracy {a['reward_accuracy']:.2f} -> {b['reward_accuracy']:.2f}"
+            f" (margin {b['reward_margin']:.4f}, {b['pairs']} pairs)"
+        )
+    elif result.eval_after and "accuracy" in result.eval_after:
+        line += f", held-out answer accuracy {result.eval_after['accuracy']:.3f}"
+    elif result.eval_after:
         line += f", held-out ppl {result.eval_before['ppl']:.3f} -> {result.eval_after['ppl']:.3f}"
     if os.environ.get("RANK", "0") == "0":  # one summary under a multi-process launcher
         for note in result.notes:
@@ -217,5 +262,119 @@ def cache_cmd(teacher: str, data: str, out: str, top_k: int, temperature: float,
         f"cached top-{top_k} of {info['examples']} examples ({info['positions']} positions, "
         f"{format_size(info['bytes'])}, {info['bytes_per_position']} B/position) in "
         f"{info['wall_s']:.1f} s -> {info['output']}"
+    )
+    return {"output": info["output"], "result": info}
+
+
+def _generation_options(fn):
+    for opt in reversed([
+        click.option("--max-new-tokens", type=int, default=128, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 = greedy; above 0 samples (seeded, resumable)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True),
+    ]):  # fmt: skip
+        fn = opt(fn)
+    return fn
+
+
+def _gen_config(o: dict):
+    from weightsmith.distill.generate import GenerateConfig
+
+    return GenerateConfig(max_new_tokens=o["max_new_tokens"], temperature=o["temperature"],
+                          top_p=o["top_p"], batch_size=o["batch_size"], seed=o["seed"])  # fmt: skip
+
+
+@distill_cli.command("generate")
+@click.option("--teacher", type=_PATH, required=True, help="Model that writes the completions.")
+@click.option("--prompts", type=_PATH, required=True, help='.jsonl of {"prompt": ...}.')
+@click.option("-o", "--out", type=_PATH, required=True, help=".jsonl of prompt/completion.")
+@_generation_options
+@force_option
+@progress_option
+@report_option
+def generate_cmd(teacher: str, prompts: str, out: str, force: bool, progress: bool,
+                 device: str, **o: object) -> dict:  # fmt: skip
+    """TEACHER completes every prompt (batched; re-running resumes an interrupted run)."""
+    from weightsmith.distill.generate import generate_file
+
+    info = generate_file(teacher, prompts, out, _gen_config(o), device=device, force=force,
+                         progress=progress)  # fmt: skip
+    click.echo(
+        f"generated {info['generated']} completions ({info['resumed']} resumed), "
+        f"{info['rows']} rows in {info['wall_s']:.1f} s -> {info['output']}"
+    )
+    return {"output": info["output"], "result": info}
+
+
+@distill_cli.command("feedback")
+@click.option("--prompts", type=_PATH, required=True, help='.jsonl of {"prompt": ...}.')
+@click.option("--candidates", required=True, help="Comma list of model folders that answer.")
+@click.option(
+    "--judge",
+    required=True,
+    help="module:function, file.py:function, or llm:MODEL (rating prompt).",
+)
+@click.option("-o", "--out", type=_PATH, required=True, help=".jsonl of prompt/chosen/rejected.")
+@click.option("--k", type=int, default=1, show_default=True, help="Answers per candidate/prompt.")
+@_generation_options
+@force_option
+@progress_option
+@report_option
+def feedback_cmd(prompts: str, candidates: str, judge: str, out: str, k: int, force: bool,
+                 progress: bool, device: str, **o: object) -> dict:  # fmt: skip
+    """Candidates answer PROMPTS, JUDGE scores them: best = chosen, a random lower = rejected."""
+    from weightsmith.distill.feedback import FeedbackConfig, collect_feedback, load_judge
+
+    fn = load_judge(judge)
+    cfg = FeedbackConfig(k=k, generation=_gen_config(o), seed=int(o["seed"]))
+    cands = [c.strip() for c in candidates.split(",") if c.strip()]
+    info = collect_feedback(prompts, cands, fn, out, cfg, device=device, force=force,
+                            progress=progress)  # fmt: skip
+    click.echo(
+        f"{info['pairs']} preference pairs from {info['prompts']} prompts "
+        f"({info['ties_dropped']} ties dropped, {info['generated']} answers generated) "
+        f"in {info['wall_s']:.1f} s -> {info['output']}"
+    )
+    return {"output": info["output"], "result": info}
+
+
+@distill_cli.command("rationales")
+@click.option("--teacher", type=_PATH, required=True, help="Model that writes the rationales.")
+@click.option("--data", type=_PATH, required=True, help='.jsonl of {"question", "answer"?}.')
+@click.option("-o", "--out", type=_PATH, required=True, help=".jsonl with rationale + answer.")
+@click.option("--template", type=_PATH, default=None, help="File with a {question} prompt.")
+@click.option("--few-shot", type=int, default=0, show_default=True,
+              help="Use the first K rows with a gold rationale as demonstrations.")  # fmt: skip
+@_generation_options
+@force_option
+@progress_option
+@report_option
+def rationales_cmd(teacher: str, data: str, out: str, template: str | None, few_shot: int,
+                   force: bool, progress: bool, device: str, **o: object) -> dict:  # fmt: skip
+    """TEACHER explains and answers every question; disagreeing rationales are dropped."""
+    from pathlib import Path
+
+    from weightsmith.distill.rationales import (
+        DEFAULT_TEMPLATE,
+        RationaleConfig,
+        generate_rationales,
+    )
+    from weightsmith.errors import ConfigError
+
+    text = DEFAULT_TEMPLATE
+    if template is not None:
+        if not Path(template).is_file():
+            raise ConfigError(f"{template}: template file not found")
+        text = Path(template).read_text(encoding="utf-8").rstrip("\n")
+    cfg = RationaleConfig(template=text, few_shot=few_shot, generation=_gen_config(o))
+    info = generate_rationales(teacher, data, out, cfg, device=device, force=force,
+                               progress=progress)  # fmt: skip
+    click.echo(
+        f"kept {info['kept']} of {info['questions']} rationales "
+        f"({info['dropped_disagreeing']} disagreeing, {info['dropped_unparsed']} unparsed "
+        f"dropped; {info['resumed']} resumed) in {info['wall_s']:.1f} s -> {info['output']}"
     )
     return {"output": info["output"], "result": info}

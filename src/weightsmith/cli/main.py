@@ -123,6 +123,7 @@ def run_cmd(
 
 # Each subsystem registers its commands on the groups above when its module is imported.
 from weightsmith.cli import (  # noqa: E402, F401
+    accuracy_cmds,
     compress_cmds,
     distill_cmds,
     eval_cmds,

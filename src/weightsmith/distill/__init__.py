@@ -1,5 +1,6 @@
 """Distillation: train a small student from a teacher's logits (online or from an offline
-top-k cache) or from its generations, as a full, LoRA or QLoRA student.
+top-k cache) or from its generations, as a full, LoRA or QLoRA student; Zephyr-style dSFT →
+AI feedback → DPO, and step-by-step distillation from teacher rationales.
 
 Python API::
 
@@ -10,18 +11,22 @@ Python API::
 
 from weightsmith.distill.cache import CacheConfig, TeacherCache, build_cache
 from weightsmith.distill.config import DistillConfig, LoraSettings
+from weightsmith.distill.dpo import DPO_LOSSES, DpoSettings, dpo_loss
 from weightsmith.distill.losses import DIVERGENCES, LossConfig, distillation_loss
 from weightsmith.distill.trainer import DistillResult, distill
 
 __all__ = [
     "DIVERGENCES",
+    "DPO_LOSSES",
     "CacheConfig",
     "DistillConfig",
     "DistillResult",
+    "DpoSettings",
     "LoraSettings",
     "LossConfig",
     "TeacherCache",
     "build_cache",
     "distill",
     "distillation_loss",
+    "dpo_loss",
 ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from weightsmith.distill.dpo import DpoSettings
 from weightsmith.distill.losses import LossConfig
 from weightsmith.errors import ConfigError
 
-METHODS = ("kd", "seqkd")
+METHODS = ("kd", "seqkd", "sft", "dpo", "step-by-step")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 # Short names for --lora-targets, expanded to the module names transformers uses.
@@ -66,6 +67,8 @@ class DistillConfig:
     gen_max_new_tokens: int = 128  # seqkd: completion length
     gen_temperature: float = 1.0  # seqkd: sampling temperature (0 = greedy); not the loss τ
     gen_prompt_tokens: int = 16  # seqkd on plain text: tokens of each window used as prompt
+    dpo: DpoSettings | None = None  # --method dpo (defaults when None)
+    sbs_alpha: float = 0.5  # step-by-step: α·L_label + (1−α)·L_rationale
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -87,6 +90,10 @@ class DistillConfig:
         if (self.qlora or self.save_adapter) and self.lora is None:
             flag = "--qlora" if self.qlora else "--save-adapter"
             raise ConfigError(f"{flag} needs a LoRA student (--lora-r)")
+        if self.dpo is not None and self.method != "dpo":
+            raise ConfigError(f"DPO settings given for --method {self.method}")
+        if not 0.0 <= self.sbs_alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.sbs_alpha}")
         if self.lora is not None and self.lora.r < 1:
             raise ConfigError(f"--lora-r must be at least 1, got {self.lora.r}")
         if self.lora is not None and not 0.0 <= self.lora.dropout < 1.0:

@@ -102,8 +102,44 @@ def distill(
     force: bool = False,
     progress: bool = True,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    ref: str | os.PathLike[str] | None = None,
+    ref_cache: str | os.PathLike[str] | None = None,
 ) -> DistillResult:
-    """Train ``student`` on ``data`` with the teacher's signal and write it to ``out``."""
+    """Train ``student`` on ``data`` with the teacher's signal and write it to ``out``.
+
+    ``--method dpo`` trains on preference pairs against ``ref`` (default: the student itself)
+    through a reference log-prob cache (``ref_cache``, built when absent); ``--method sft``
+    is cross-entropy on prompt/completion pairs; ``--method step-by-step`` trains on rationales.
+    """
+    if cfg.method in ("dpo", "step-by-step") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--method {cfg.method} runs in one process (no torchrun yet)")
+    if cfg.method == "dpo":
+        if teacher is not None or teacher_cache is not None:
+            raise ConfigError("--method dpo takes --ref (the reference model), not --teacher")
+        if eval_data is not None:
+            raise ConfigError("--method dpo holds out --eval-fraction of the pairs; no --eval-data")
+        from weightsmith.distill.dpo_train import train_dpo
+
+        return train_dpo(student, data, out, cfg, ref=ref, ref_cache=ref_cache, device=device,
+                         force=force, progress=progress, max_shard_size=max_shard_size)  # fmt: skip
+    if ref is not None or ref_cache is not None:
+        raise ConfigError("--ref and --ref-cache are for --method dpo")
+    if cfg.method == "step-by-step":
+        from weightsmith.distill.stepbystep import train_step_by_step
+
+        if teacher is not None or teacher_cache is not None:
+            raise ConfigError("--method step-by-step trains on --data rationales; no --teacher "
+                              "(write them with distill rationales)")  # fmt: skip
+        return train_step_by_step(student, data, out, cfg, device=device, force=force,
+                                  progress=progress, max_shard_size=max_shard_size,
+                                  eval_data=eval_data)  # fmt: skip
+    if cfg.method == "sft":
+        if teacher is not None or teacher_cache is not None:
+            raise ConfigError(
+                "--method sft trains on the completions in --data; it takes no --teacher "
+                "(write them with distill generate)"
+            )
+        cfg = replace(cfg, loss=replace(cfg.loss, alpha=1.0))
     start = time.perf_counter()
     dev = _device(device)
     pg = init_process_group(dev.type)

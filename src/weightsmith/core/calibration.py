@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from weightsmith.core.memory import release_freed_memory
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint
 
@@ -304,6 +305,7 @@ class LayerStreamer:
             self._forward_all(module, keep=True)
         finally:
             module.to("meta")  # release the layer's memory
+            release_freed_memory()
         later = [i for i in self._layer_names if i > index]
         self._next = later[0] if later else -1
         return result

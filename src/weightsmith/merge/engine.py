@@ -8,14 +8,13 @@ plus what a method needs for whole-tensor statistics (TIES: one float32 copy of 
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from weightsmith.core.memory import release_freed_memory
 from weightsmith.errors import CheckpointError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
@@ -173,27 +172,6 @@ def produce(
         yield _to_bytes(rows.reshape(-1).float(), spec.dtype, job)
     del src
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the last tensor back to the OS (glibc keeps freed multi-MB blocks
-    in its heap otherwise, and peak RSS creeps up with fragmentation across tensors)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:

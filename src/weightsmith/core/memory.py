@@ -26,3 +26,15 @@ def release_freed_memory() -> None:
     tensors and layers until a streamed run looks as big as the whole model."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+
+
+def map_large_blocks(threshold: int = 32 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more with its own mmap, so it goes back
+    to the OS when freed. glibc otherwise raises its mmap threshold after the first large free
+    and keeps later multi-MB chunk buffers in a heap that only :func:`release_freed_memory`
+    (a whole-heap walk, tens of ms) shrinks again."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(M_MMAP_THRESHOLD, int(threshold))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.core.parallel import compute_pool
 from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
 from weightsmith.errors import ConfigError
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
@@ -98,6 +99,7 @@ def merge(
             writer.write_text(RECIPE_FILE, note + recipe.to_yaml())
             writer.write_text(CARD_FILE, model_card(recipe, plan))
 
+        stack.enter_context(compute_pool(device=device))
         result = stream_transform(
             plan.jobs,
             out,

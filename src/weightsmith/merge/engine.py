@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from weightsmith.core.memory import release_freed_memory
+from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import CheckpointError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
@@ -78,8 +78,8 @@ class CheckpointChunks(ChunkSource):
         remaining = self.numel
         for piece in _pieces(ckpt, tname, self.chunk, dtype):
             t = piece[:remaining] if piece.numel() > remaining else piece
-            out = t.to(self.device, torch.float32, copy=True)
-            if check and not _all_finite(out):
+            out = _to_float32(t, self.device, check)
+            if out is None:
                 raise CheckpointError(f"{ckpt.path}: tensor {tname!r} holds NaN or Inf values")
             remaining -= out.numel()
             if kept is not None:
@@ -98,6 +98,22 @@ class CheckpointChunks(ChunkSource):
             self._checked.add(i)
         if kept is not None and self._cache is not None:
             self._cache[i] = kept
+
+
+def _to_float32(t: torch.Tensor, device: torch.device, check: bool) -> torch.Tensor | None:
+    """A float32 copy of ``t`` on ``device`` (converted in parallel sub-chunks on the CPU), or
+    None when ``check`` finds a NaN/Inf."""
+    if device.type != "cpu":
+        out = t.to(device, torch.float32, copy=True)
+        return None if check and not _all_finite(out) else out
+    out = torch.empty(t.numel(), dtype=torch.float32)
+
+    def convert(r: tuple[int, int]) -> bool:
+        part = out[r[0] : r[1]]
+        part.copy_(t[r[0] : r[1]])
+        return not check or _all_finite(part)
+
+    return out if all(pmap(convert, sub_ranges(0, t.numel()))) else None
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -165,13 +181,11 @@ def produce(
     inputs = [(ckpts[m], n) for m, n in job.inputs]
     src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
     method = get_method(job.method)
-    for out in run_method(method, src, job.params):
-        yield _to_bytes(out, spec.dtype, job)
+    yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
     if region < numel:  # vocabulary rows only the base has: copied from the base
         rows = first_ckpt.get_slice(first_name)[job.common_rows :]
         yield _to_bytes(rows.reshape(-1).float(), spec.dtype, job)
     del src
-    release_freed_memory()
 
 
 def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import ConfigError
 
 
@@ -143,16 +144,30 @@ def get_method(name: str) -> MergeMethod:
 
 
 def run_method(
-    method: MergeMethod, src: ChunkSource, params: TensorParams
-) -> Iterator[torch.Tensor]:
-    """Stream the output of ``method`` chunk by chunk (float32)."""
+    method: MergeMethod,
+    src: ChunkSource,
+    params: TensorParams,
+    post: Callable[[torch.Tensor], Any] | None = None,
+) -> Iterator[Any]:
+    """Stream the output of ``method`` sub-chunk by sub-chunk (float32, or ``post(out)``).
+
+    Each input chunk is cut at fixed element offsets (:func:`~weightsmith.core.parallel.sub_ranges`)
+    and the pieces are combined (and passed through ``post``) on the active compute pool, so
+    ``combine`` must treat pieces independently, as the chunk contract already requires.
+    """
     method.validate(params)
     state = method.prepare(src, params)
     offset = 0
     for chunks in src.chunks():
-        out = method.combine(chunks, state, params, offset)
-        offset += chunks[0].numel()
-        yield out
+        n = chunks[0].numel()
+
+        def work(r: tuple[int, int], chunks=chunks, start=offset) -> Any:
+            a, b = r[0] - start, r[1] - start
+            out = method.combine([c[a:b] for c in chunks], state, params, r[0])
+            return post(out) if post is not None else out
+
+        yield from pmap(work, sub_ranges(offset, offset + n))
+        offset += n
 
 
 def merge_tensors(

@@ -2,8 +2,9 @@
 
 Each task vector entry is kept with probability ``density`` and kept entries are rescaled by
 1/density (``rescale``, on by default), so E[sparsified δ] = δ. ``dare_ties`` then elects signs
-as TIES does. Masks come from a generator seeded by (seed, tensor name, model index) and drawn
-in storage order, so a run is reproducible and independent of chunking or tensor order.
+as TIES does. Masks are drawn in blocks of 65,536 entries, each from a generator seeded by
+(seed, tensor name, model index, block), so a run is reproducible and independent of chunking,
+threads or tensor order.
 """
 
 from __future__ import annotations
@@ -30,11 +31,40 @@ def tensor_seed(seed: int, name: str, model: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+BLOCK = 1 << 16  # entries per independently seeded block of the drop mask
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The seed of one ``BLOCK``-entry block of a task vector's mask (63 bits)."""
+    return (seed + (block + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def keep_mask(seed: int, offset: int, n: int, density: float) -> torch.Tensor:
+    """Which of the entries ``[offset, offset + n)`` of a flat task vector DARE keeps.
+
+    Every ``BLOCK`` of entries draws its uniforms from its own generator, so a mask is the
+    same however the tensor is chunked or whichever thread computes it.
+    """
+    # Uniform 32-bit integers, two per 64-bit draw (half the generator calls of torch.rand):
+    # an entry is kept when u < density·2³², i.e. with probability density (to within 2⁻³²).
+    cut = round(density * 2**32) - 2**31
+    parts = []
+    for blk in range(offset // BLOCK, (offset + n - 1) // BLOCK + 1):
+        gen = torch.Generator().manual_seed(block_seed(seed, blk))
+        words = torch.randint(-(2**63), 2**63 - 1, (BLOCK // 2,), generator=gen, dtype=torch.int64)
+        u = words.view(torch.int32)
+        a = max(offset, blk * BLOCK) - blk * BLOCK
+        b = min(offset + n, (blk + 1) * BLOCK) - blk * BLOCK
+        parts.append(u[a:b] < cut)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def dare_mask(
-    delta: torch.Tensor, density: float, gen: torch.Generator, rescale: bool = True
+    delta: torch.Tensor, density: float, seed: int, offset: int = 0, rescale: bool = True
 ) -> torch.Tensor:
-    """Drop entries of δ with probability 1 − density; rescale the rest by 1/density."""
-    keep = torch.rand(delta.numel(), generator=gen, dtype=torch.float32) < density
+    """Drop entries of δ (flat offset ``offset``) with probability 1 − density; rescale the
+    rest by 1/density."""
+    keep = keep_mask(seed, offset, delta.numel(), density)
     delta.mul_(keep.reshape(delta.shape).to(delta.device))
     return delta.div_(density) if rescale else delta
 
@@ -57,12 +87,9 @@ class _Dare(GeneralizedTaskArithmetic):
             if not 0.0 < d <= 1.0:
                 raise ConfigError(f"{params.name}: density must be in (0, 1], got {d}")
 
-    def prepare(self, src: ChunkSource, params: TensorParams) -> list[torch.Generator]:
+    def prepare(self, src: ChunkSource, params: TensorParams) -> list[int]:
         seed = int(params.globals["seed"])
-        return [
-            torch.Generator().manual_seed(tensor_seed(seed, params.name, k))
-            for k in range(len(params.models))
-        ]
+        return [tensor_seed(seed, params.name, k) for k in range(len(params.models))]
 
     def sparsify(
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
@@ -70,7 +97,7 @@ class _Dare(GeneralizedTaskArithmetic):
         density = float(params.models[k]["density"])
         if density >= 1.0:
             return delta
-        return dare_mask(delta, density, state[k], bool(params.globals["rescale"]))
+        return dare_mask(delta, density, state[k], offset, bool(params.globals["rescale"]))
 
 
 @merge_method("dare_linear")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -66,10 +67,17 @@ class Slerp(MergeMethod):
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> SlerpCoefficients:
         dot = aa = bb = 0.0
-        for a, b in src.chunks([0, 1]):  # float32 per chunk (as mergekit), summed in float64
-            dot += float(torch.dot(a, b))
-            aa += float(torch.dot(a, a))
-            bb += float(torch.dot(b, b))
+        offset = 0
+        for a, b in src.chunks([0, 1]):
+            # float32 per sub-chunk (as mergekit), summed in float64 in a fixed order
+
+            def dots(r: tuple[int, int], a=a, b=b, start=offset) -> tuple[float, float, float]:
+                x, y = a[r[0] - start : r[1] - start], b[r[0] - start : r[1] - start]
+                return float(torch.dot(x, y)), float(torch.dot(x, x)), float(torch.dot(y, y))
+
+            for d, xx, yy in pmap(dots, sub_ranges(offset, offset + a.numel())):
+                dot, aa, bb = dot + d, aa + xx, bb + yy
+            offset += a.numel()
         return slerp_coefficients(float(params.globals["t"]), dot, math.sqrt(aa), math.sqrt(bb))
 
     def combine(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.core.parallel import SUB_ELEMENTS, pmap, sub_ranges
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -33,6 +34,11 @@ class TopK:
 
 
 SAMPLE = 1 << 16  # values sampled to bracket the k-th largest before the exact selection
+PIECE = SUB_ELEMENTS  # elements per parallel counting piece (cache-sized)
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+    return sub_ranges(0, n, PIECE)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
@@ -44,9 +50,10 @@ def kth_largest_counts(values: torch.Tensor, k: int) -> tuple[float, int, int]:
     """(k-th largest value, how many values are greater, how many are equal to it).
 
     ``kthvalue`` on a whole weight matrix is slow on CPU, so a strided sample first brackets
-    the answer in a narrow band [lo, hi]; the exact selection then runs on the band alone.
-    When the sample misjudges (the band does not hold the k-th value) it falls back to
-    ``kthvalue`` on everything, so the result is always exact.
+    the answer in a narrow band [lo, hi]; the exact selection then runs on the band alone
+    (counting and band extraction run in parallel pieces). When the sample misjudges (the band
+    does not hold the k-th value) it falls back to ``kthvalue`` on everything, so the result is
+    always exact.
     """
     n = values.numel()
     if n > 16 * SAMPLE:
@@ -56,14 +63,21 @@ def kth_largest_counts(values: torch.Tensor, k: int) -> tuple[float, int, int]:
         margin = 8.0 * (q * (1.0 - q) / m) ** 0.5 + 8.0 / m
         lo = float(sample[min(m, max(1, int((q - margin) * m))) - 1])
         hi = float(sample[min(m, max(1, int((q + margin) * m) + 1)) - 1])
-        above = int((values > hi).sum())
-        band = values[(values >= lo) & (values <= hi)]
+
+        def scan(r: tuple[int, int]) -> tuple[int, torch.Tensor]:
+            v = values[r[0] : r[1]]
+            return int(torch.count_nonzero(v > hi)), v[(v >= lo) & (v <= hi)]
+
+        parts = pmap(scan, _pieces(n))
+        above = sum(c for c, _ in parts)
+        band = torch.cat([b for _, b in parts])
         rank = k - above  # the answer is the rank-th largest inside the band
         if lo < hi and 1 <= rank <= band.numel():
             kth = float(torch.kthvalue(band, band.numel() - rank + 1).values)
-            return kth, above + int((band > kth).sum()), int((band == kth).sum())
+            greater = above + int(torch.count_nonzero(band > kth))
+            return kth, greater, int(torch.count_nonzero(band == kth))
     kth = float(torch.kthvalue(values, n - k + 1).values)
-    return kth, int((values > kth).sum()), int((values == kth).sum())
+    return kth, int(torch.count_nonzero(values > kth)), int(torch.count_nonzero(values == kth))
 
 
 def topk_threshold(magnitudes: torch.Tensor, k: int) -> TopK:
@@ -75,12 +89,12 @@ def topk_threshold(magnitudes: torch.Tensor, k: int) -> TopK:
     need = k - greater  # >= 1 ties at the k-th largest value are kept, in storage order
     if need >= equal:
         return TopK(kth, n)  # every tie is kept (the usual case for real-valued deltas)
+    pieces = _pieces(n)
+    counts = pmap(lambda r: int(torch.count_nonzero(magnitudes[r[0] : r[1]] == kth)), pieces)
     seen = 0
-    block = 1 << 22
-    for start in range(0, n, block):
-        eq = magnitudes[start : start + block] == kth
-        count = int(eq.sum())
+    for (start, stop), count in zip(pieces, counts, strict=True):
         if seen + count >= need:
+            eq = magnitudes[start:stop] == kth
             pos = torch.nonzero(eq).flatten()[need - seen - 1]
             return TopK(kth, start + int(pos))
         seen += count
@@ -132,7 +146,12 @@ class Ties(GeneralizedTaskArithmetic):
             pos = 0
             for base, x in src.chunks([0, k + 1]):
                 n = base.numel()
-                mags[pos : pos + n] = (x - base).abs_().cpu()
+
+                def fill(r: tuple[int, int], base=base, x=x, pos=pos, mags=mags) -> None:
+                    a, b = r
+                    torch.sub(x[a:b], base[a:b], out=mags[pos + a : pos + b]).abs_()
+
+                pmap(fill, sub_ranges(0, n))
                 pos += n
             cuts.append(topk_threshold(mags, keep))
             del mags

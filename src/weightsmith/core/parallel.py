@@ -1,0 +1,85 @@
+"""Cache-sized, thread-parallel elementwise work for streaming transforms.
+
+Big elementwise passes over multi-MB chunks are bound by memory bandwidth, and torch's own
+intra-op threads spin and wait on a busy machine. :func:`compute_pool` instead runs torch
+single-threaded and hands *sub-chunks* of ``SUB_ELEMENTS`` (1 MB of float32, cache-sized) to a
+few Python threads: torch kernels release the GIL, each worker chains all of a method's passes
+over one sub-chunk while it is in cache, and the split is fixed by element offsets, so results
+do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from weightsmith.core.memory import map_large_blocks
+
+SUB_ELEMENTS = 1 << 18  # 256k elements per sub-chunk: 1 MB of float32
+
+T = TypeVar("T")
+_state = threading.local()
+_lock = threading.Lock()
+
+
+def default_workers() -> int:
+    """Worker threads: the CPUs this process may use (``WEIGHTSMITH_THREADS`` overrides)."""
+    env = os.environ.get("WEIGHTSMITH_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def compute_pool(workers: int | None = None, *, device: str = "cpu") -> Iterator[None]:
+    """Within this block :func:`pmap` runs on ``workers`` threads with torch single-threaded.
+
+    On CUDA the kernels are already parallel: the pool is not used there.
+    """
+    n = default_workers() if workers is None else workers
+    map_large_blocks()
+    if n <= 1 or str(device).startswith("cuda") or getattr(_state, "pool", None) is not None:
+        yield
+        return
+    with _lock:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="weightsmith")
+    _state.pool = pool
+    try:
+        yield
+    finally:
+        _state.pool = None
+        pool.shutdown(wait=True)
+        with _lock:
+            torch.set_num_threads(saved)
+
+
+def pmap(fn: Callable[[T], object], items: Sequence[T]) -> list:
+    """``[fn(x) for x in items]``, on the current :func:`compute_pool` when one is active."""
+    pool = getattr(_state, "pool", None)
+    if pool is None or len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(pool.map(fn, items))
+
+
+def sub_ranges(start: int, stop: int, size: int = SUB_ELEMENTS) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut at the multiples of ``size`` (absolute offsets), so a chunk's
+    sub-chunks line up the same way whatever the chunk boundaries are."""
+    cuts = [start]
+    nxt = (start // size + 1) * size
+    while nxt < stop:
+        cuts.append(nxt)
+        nxt += size
+    cuts.append(stop)
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]

@@ -80,14 +80,30 @@ def convert_cmd(
 @click.argument("b", type=click.Path())
 @click.option("--top", default=20, show_default=True, help="Rows in the table.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write a PNG of every tensor's difference by layer (numbers beside it as .json/.csv; needs weightsmith[plots]).",
+)
 @report_option
-def compare_cmd(a: str, b: str, top: int, as_json: bool) -> dict:
+def compare_cmd(a: str, b: str, top: int, as_json: bool, plot: str | None) -> dict:
     """Show how checkpoint B differs from A, tensor by tensor (relative L2, cosine, max |Δ|)."""
     from weightsmith.compare import compare_checkpoints, format_comparison
 
+    if plot is not None:
+        from weightsmith.pipeline.plots import require_matplotlib
+
+        require_matplotlib()
     result = compare_checkpoints(a, b)
     click.echo(json.dumps(result, indent=2) if as_json else format_comparison(result, top))
-    return {"result": {k: v for k, v in result.items() if k != "tensors"}}
+    summary = {k: v for k, v in result.items() if k != "tensors"}
+    if plot is not None:
+        from weightsmith.pipeline.plots import plot_comparison
+
+        summary["plots"] = plot_comparison(result, plot)
+        click.echo(f"plot -> {plot}", err=as_json)
+    return {"result": summary}
 
 
 @cli.command("run")
@@ -96,10 +112,22 @@ def compare_cmd(a: str, b: str, top: int, as_json: bool) -> dict:
 @click.option("--resume", is_flag=True, help="Skip steps whose inputs and settings are unchanged.")
 @click.option("--force", is_flag=True, help="Redo steps whose outputs already exist.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the commands; run nothing.")
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write PNG plots here: per-layer weight error/sparsity per step, size vs perplexity (needs weightsmith[plots]).",
+)
 @progress_option
 @report_option
 def run_cmd(
-    recipe: str, workdir: str, resume: bool, force: bool, dry_run: bool, progress: bool
+    recipe: str,
+    workdir: str,
+    resume: bool,
+    force: bool,
+    dry_run: bool,
+    plots: str | None,
+    progress: bool,
 ) -> dict:
     """Run a recipe of steps (merge, prune, quantize, distill, eval...) as one batch job."""
     from weightsmith.pipeline import run_recipe
@@ -108,7 +136,7 @@ def run_cmd(
     try:
         report = run_recipe(
             recipe, workdir, resume=resume, force=force, dry_run=dry_run, progress=progress,
-            echo=lambda m: click.echo(m, err=True),
+            plots=plots, echo=lambda m: click.echo(m, err=True),
         )  # fmt: skip
     except RecipeFailed as e:
         click.get_current_context().meta["weightsmith_report"] = e.report

@@ -33,6 +33,7 @@ class PlannedStep:
     input: Path | None
     output: Path  # where the model ends up (the input, for steps that only measure)
     depends: list[str] = field(default_factory=list)  # ids of earlier steps it reads
+    reference: Path | None = None  # the model its output is measured against in plots
 
 
 def _command_for(path: tuple[str, ...]) -> click.Command:
@@ -96,6 +97,10 @@ def plan_recipe(recipe: Recipe, workdir: Path, progress: bool = True) -> list[Pl
             if value in outputs:
                 deps.append(value)
                 return str(outputs[value])
+            made_by = {str(p): sid for sid, p in outputs.items()}
+            if value in made_by:  # an earlier step's output, passed on as this step's input
+                deps.append(made_by[value])
+                return value
             p = Path(os.path.expanduser(value))
             p = p if p.is_absolute() else recipe.base_dir / p
             if not p.exists():
@@ -140,9 +145,11 @@ def plan_recipe(recipe: Recipe, workdir: Path, progress: bool = True) -> list[Pl
                 continue
             options[kind.input_as] = str(inp)
         argv = list(positional)
+        resolved: dict[str, Any] = {}
         for key, value in options.items():
             try:
-                argv += _option_args(cmd, key, resolve(value, key))
+                resolved[key] = resolve(value, key)
+                argv += _option_args(cmd, key, resolved[key])
             except ConfigError as e:
                 problems.append(f"{where}: {e}")
         out = workdir / step.id if kind.writes_model else (inp or workdir / step.id)
@@ -157,10 +164,21 @@ def plan_recipe(recipe: Recipe, workdir: Path, progress: bool = True) -> list[Pl
         problems.extend(f"{where}: {p}" for p in validate_gates(step.gate, "reference" in options))
         outputs[step.id] = out
         previous = out
-        planned.append(PlannedStep(step, [*path, *argv], inp, out, depends))
+        reference = _weights_reference(kind.input_as, positional, resolved)
+        planned.append(PlannedStep(step, [*path, *argv], inp, out, depends, reference))
     if problems:
         raise ConfigError(f"{recipe.path}: {len(problems)} problem(s): " + "; ".join(problems))
     return planned
+
+
+def _weights_reference(input_as: str, positional: list[str], options: dict) -> Path | None:
+    """What a step's new weights are compared with: its input model; for merges the
+    ``base`` model, else the first one merged."""
+    if input_as == "positional" or (input_as == "none" and not options.get("base")):
+        first = positional[0] if positional else None
+    else:
+        first = options.get("base" if input_as == "none" else input_as)
+    return Path(first) if isinstance(first, str) else None
 
 
 def _path_fingerprint(path: Path) -> str:
@@ -220,10 +238,16 @@ def run_recipe(
     force: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    plots: str | os.PathLike[str] | None = None,
     echo=print,
 ) -> dict:
     """Run every step of a recipe; raise :class:`WeightsmithError` naming the failed step or
-    gate. Returns the run report (also the body of ``--report``)."""
+    gate. Returns the run report (also the body of ``--report``). With ``plots``, also write
+    PNG plots (and their numbers) of the steps that ran into that directory."""
+    if plots is not None:
+        from weightsmith.pipeline.plots import require_matplotlib
+
+        require_matplotlib()  # before any work
     recipe = load_recipe(recipe_path)
     workdir = Path(workdir).absolute()
     planned = plan_recipe(recipe, workdir, progress=progress)
@@ -256,6 +280,8 @@ def run_recipe(
             ):
                 entry.update(state["entry"], skipped=True)
                 echo(f"[{sid}] up to date, skipped")
+                if plots is not None and _measure_weights(ps, entry, echo):
+                    write_report(state_file, {"fingerprint": fingerprint, "entry": entry})
                 if not all(g["passed"] for g in entry.get("gates", [])):
                     failure = _gate_failure(sid, entry["gates"])
                     break
@@ -285,6 +311,10 @@ def run_recipe(
             entry["gates"] = [asdict(g) for g in gates]
             for g in gates:
                 echo(f"[{sid}] gate {g.name}: {'pass' if g.passed else 'FAIL'} ({g.message})")
+        if ps.step.kind == "eval" and (entry["result"] or {}).get("reference"):
+            entry["reference_size"] = _dir_size(Path(entry["result"]["reference"]))
+        if plots is not None:
+            _measure_weights(ps, entry, echo)
         write_report(state_file, {"fingerprint": fingerprint, "entry": entry})
         if not all(g["passed"] for g in entry.get("gates", [])):
             failure = _gate_failure(sid, entry["gates"])
@@ -295,10 +325,35 @@ def run_recipe(
         report["error"] = failure
     if not dry_run:
         state_dir.mkdir(parents=True, exist_ok=True)
+        if plots is not None:
+            from weightsmith.pipeline.plots import write_recipe_plots
+
+            report["plots"] = write_recipe_plots(report, plots)
+            echo(f"wrote {len(report['plots'])} plot file(s) to {plots}")
         (workdir / "summary.md").write_text(markdown_summary(report), encoding="utf-8")
     if failure:
         raise RecipeFailed(failure, report)
     return report
+
+
+def _measure_weights(ps: PlannedStep, entry: dict, echo) -> bool:
+    """Record in ``entry["weights"]`` how a weight-changing step's output differs from its
+    reference, per decoder layer (for plots); True when it was measured now."""
+    if "weights" in entry or not STEP_KINDS[ps.step.kind].writes_model:
+        return False
+    if ps.reference is None or not ps.output.exists():
+        entry["weights"] = {"skipped": "no input model to compare with"}
+        return True
+    from weightsmith.pipeline.plots import weight_change
+
+    try:
+        entry["weights"] = weight_change(ps.reference, ps.output)
+    except CheckpointError as e:
+        entry["weights"] = {"skipped": str(e)}
+    if not (entry["weights"].get("layers")):
+        reason = entry["weights"].get("skipped") or "no decoder-layer weights in common"
+        echo(f"[{ps.step.id}] no per-layer plot: {reason}")
+    return True
 
 
 class RecipeFailed(WeightsmithError):

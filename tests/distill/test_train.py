@@ -40,6 +40,7 @@ def test_full_kd_lowers_loss_and_kl_and_output_loads(teacher, student, corpus, t
     assert res.losses[-1] < res.losses[0] * 0.9, res.losses
     assert res.eval_after["kl_to_teacher"] < res.eval_before["kl_to_teacher"] * 0.9
     assert res.steps == 8 and res.tokens_per_s > 0
+    assert 0 < res.train_peak_rss <= res.peak_rss  # training-phase peak, then the whole run
     # same tensors (names, shapes, dtypes) as the student checkpoint, and it loads
     with open_checkpoint(student) as a, open_checkpoint(out) as b:
         assert {n: (i.dtype, i.shape) for n, i in a.tensors.items()} == {

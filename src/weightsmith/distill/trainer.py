@@ -75,6 +75,7 @@ class DistillResult:
     eval_after: dict | None = None
     notes: list[str] = field(default_factory=list)
     world_size: int = 1
+    train_peak_rss: int = 0  # peak RSS through loading and training, before eval and saving
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,6 +245,7 @@ def distill(
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{seen_tokens * pg.world / elapsed:.0f}")
             bar.update(1)
     train_wall = time.perf_counter() - train_start
+    train_peak_rss = peak_rss_bytes()  # saving a merged LoRA holds extra copies: report apart
     input_tokens = int(all_reduce_sum(torch.tensor(float(seen_tokens)), pg.world).item())
 
     eval_after = None
@@ -261,6 +263,7 @@ def distill(
         eval_after=eval_after,
         notes=notes,
         world_size=pg.world,
+        train_peak_rss=train_peak_rss,
     )
     if pg.main:
         _save(student_model, student, out, cfg, teacher, teacher_cache, records, s_tok, result,

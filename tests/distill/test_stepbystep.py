@@ -172,3 +172,45 @@ def test_step_by_step_trains_and_eval_accuracy(student, tmp_path):
     r = CliRunner().invoke(eval_cli, ["accuracy", str(out), "--data", str(tmp_path / "no.jsonl")])
     assert r.exit_code == 1 and "not found" in r.output
     assert math.isfinite(res["losses"][-1])
+
+
+@pytest.mark.parametrize("alpha, task", [(1.0, "predict: "), (0.0, "explain: ")])
+def test_zero_weight_task_is_not_run(student, tmp_path, monkeypatch, alpha, task):
+    """α = 1 (label-only) or 0 runs one forward pass per step, and its loss is that task's CE."""
+    from weightsmith.distill import DistillConfig
+    from weightsmith.distill import stepbystep as sbs
+    from weightsmith.distill.data import collate
+    from weightsmith.distill.losses import shift_for_next_token
+    from weightsmith.distill.models import load_model, load_tokenizer
+
+    rows = [{"question": f"What is {a} plus 2?", "answer": str(a + 2),
+             "rationale": f"{a} plus 2 makes {a + 2}."} for a in range(3)]  # fmt: skip
+    data = tmp_path / "r.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(student)
+    ref = load_model(student, torch.device("cpu"))
+    ex = [e[0 if alpha == 1.0 else 1] for e in sbs.task_examples(rows, tok, 48)]
+    b = collate(ex, tok.pad_token_id)
+    with torch.no_grad():  # hand-computed: CE of the untrained student on that task alone
+        logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        expected = F.cross_entropy(*[x.flatten(0, -2) if x.dim() == 3 else x.flatten()
+                                     for x in shift_for_next_token(logits, b["labels"])],
+                                   ignore_index=-100).item()  # fmt: skip
+    seen: list[str] = []
+    real_load = sbs.load_model
+
+    def load_and_watch(*a, **k):
+        model = real_load(*a, **k)
+        model.register_forward_pre_hook(
+            lambda m, args, kw: seen.extend(tok.batch_decode(kw["input_ids"][:, :9])),
+            with_kwargs=True,
+        )
+        return model
+
+    monkeypatch.setattr(sbs, "load_model", load_and_watch)
+    cfg = DistillConfig(method="step-by-step", sbs_alpha=alpha, steps=2, lr=1e-3, batch_size=3,
+                        seq_len=48)  # fmt: skip
+    res = sbs.train_step_by_step(student, data, tmp_path / "out", cfg, device="cpu",
+                                 progress=False)  # fmt: skip
+    assert len(seen) == 2 * 3 and all(s.startswith(task) for s in seen), seen
+    assert res.losses[0] == pytest.approx(expected, abs=1e-5)

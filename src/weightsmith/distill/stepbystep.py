@@ -43,11 +43,15 @@ def multitask_loss(
     rationale_logits: torch.Tensor, rationale_labels: torch.Tensor, alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(α·L_label + (1−α)·L_rationale, L_label, L_rationale): mean CE over aligned positions."""
-    ll = F.cross_entropy(label_logits.flatten(0, -2).float(), label_labels.flatten(),
-                         ignore_index=IGNORE_INDEX)  # fmt: skip
-    lr = F.cross_entropy(rationale_logits.flatten(0, -2).float(), rationale_labels.flatten(),
-                         ignore_index=IGNORE_INDEX)  # fmt: skip
+    ll = task_loss(label_logits, label_labels)
+    lr = task_loss(rationale_logits, rationale_labels)
     return alpha * ll + (1 - alpha) * lr, ll, lr
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose label is not IGNORE_INDEX."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
+                           ignore_index=IGNORE_INDEX)  # fmt: skip
 
 
 def task_examples(rows: list[dict], tok, seq_len: int) -> list[tuple[Example, Example]]:
@@ -85,6 +89,8 @@ def train_step_by_step(student, data, out, cfg: DistillConfig, *, device="auto",
     acc_before = _accuracy(model, tok, eval_data, cfg, dev)
     total = cfg.steps or max(1, -(-int((cfg.epochs or 1.0) * len(rows)) // cfg.batch_size))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total)
+    # a task with zero weight adds exactly nothing to the gradient: do not run its forward pass
+    trained_tasks = tuple(t for t, w in enumerate((cfg.sbs_alpha, 1 - cfg.sbs_alpha)) if w > 0)
     gen = torch.Generator().manual_seed(cfg.seed)
     pending: list[int] = []
     losses, tokens = [], 0
@@ -99,13 +105,18 @@ def train_step_by_step(student, data, out, cfg: DistillConfig, *, device="auto",
                 pending += torch.randperm(len(rows), generator=gen).tolist()
             idx, pending = pending[: cfg.batch_size], pending[cfg.batch_size :]
             parts = []
-            for task in (0, 1):
+            for task in trained_tasks:
                 b = collate([examples[i][task] for i in idx], tok.pad_token_id)
                 logits = model(input_ids=b["input_ids"].to(dev),
                                attention_mask=b["attention_mask"].to(dev)).logits  # fmt: skip
                 parts.append(shift_for_next_token(logits, b["labels"].to(dev)))
                 tokens += int(b["attention_mask"].sum())
-            loss, ll, lr_ = multitask_loss(*parts[0], *parts[1], cfg.sbs_alpha)
+            if len(parts) == 2:
+                loss, ll, lr_ = multitask_loss(*parts[0], *parts[1], cfg.sbs_alpha)
+            else:  # α = 1 or 0: the other task has no weight, so its forward pass is skipped
+                loss = task_loss(*parts[0])
+                nan = torch.tensor(float("nan"))
+                ll, lr_ = (loss, nan) if trained_tasks == (0,) else (nan, loss)
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

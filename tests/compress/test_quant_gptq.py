@@ -12,7 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from weightsmith.cli.main import cli
 from weightsmith.compress import QuantConfig, quantize_checkpoint
-from weightsmith.compress.gptq import HessianNotPositiveDefinite, gptq_quantize_weight
+from weightsmith.compress.gptq import (
+    HessianNotPositiveDefinite,
+    HessianStat,
+    gptq_quantize_weight,
+)
 from weightsmith.compress.rtn import quantize_levels, rtn_quantize
 
 
@@ -106,6 +110,29 @@ def test_dead_columns_are_zero_and_non_pd_is_an_error():
     assert bool((qw.dequantize()[:, 5] == 0).all())
     with pytest.raises(HessianNotPositiveDefinite, match="not positive definite"):
         gptq_quantize_weight(w, -torch.eye(64), bits=4, group_size=-1, symmetric=True)
+
+
+@pytest.mark.parametrize("act_order,g", [(False, -1), (False, 32), (True, 32)])
+def test_overwriting_the_hessian_gives_identical_results(act_order, g):
+    # The memory-saving path (Cholesky steps written into the caller's Hessian, as the
+    # layer-streamed driver does) must not change a single level, scale or the loss; without
+    # it the caller's Hessian is untouched. 160 columns: two blocks of the default 128.
+    w, x, _ = _problem(out_f=24, in_f=160, tokens=640, seed=3)
+    x[:, 9] = 0  # a dead column
+    stat = HessianStat(160)
+    stat.add(x[:300])
+    stat.add(x[300:])
+    h = stat.hessian()
+    h_before = h.clone()
+    kw = dict(bits=4, group_size=g, symmetric=True, act_order=act_order, dtype=torch.bfloat16)
+    a = gptq_quantize_weight(w, h, **kw)
+    assert torch.equal(h, h_before)
+    taken = stat.take_hessian()
+    assert torch.equal(taken, h_before) and stat.sum is None  # handed over, computed in place
+    b = gptq_quantize_weight(w, taken, overwrite_hessian=True, **kw)
+    assert not torch.equal(taken, h_before)  # its storage was reused
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+    assert torch.equal(a.zero, b.zero) and a.info["loss"] == b.info["loss"]
 
 
 def _rel_error_to_original(src, out, ids):

@@ -158,3 +158,30 @@ def test_shipped_recipes_run(example: Path, tmp_path: Path) -> None:
     (tmp_path / "models" / "text.txt").write_text(" ".join(TOKENIZER_CORPUS))
     report = run_recipe(tmp_path / example.name, tmp_path / "work", progress=False)
     assert report["ok"]
+
+
+def test_qat_and_bitnet_steps_run(tmp_path: Path, models: Path) -> None:
+    """The `qat` and `bitnet` step kinds run their commands and feed the next step."""
+    steps = [
+        {"id": "qat4", "input": "models/a",
+         "qat": {"data": "models/text.txt", "bits": 4, "group_size": 32, "steps": 2,
+                 "batch_size": 2, "seq_len": 16, "lr": 1e-3}},
+        {"id": "ternary", "input": "models/a",
+         "bitnet": {"data": "models/text.txt", "steps": 2, "batch_size": 2, "seq_len": 16,
+                    "lambda_warmup": 1}},
+        {"eval": {"data": "models/text.txt", "seq_len": 16, "max_tokens": 64,
+                  "reference": "models/a"}, "input": "qat4"},
+    ]  # fmt: skip
+    recipe = _write(tmp_path, {"steps": steps})
+    work, report = tmp_path / "work", tmp_path / "report.json"
+    result = CliRunner().invoke(
+        cli, ["run", str(recipe), "-o", str(work), "--no-progress", "--report", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["ok"] and len(data["steps"]) == 3
+    qcfg = json.loads((work / "qat4" / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors"
+    bcfg = json.loads((work / "ternary" / "config.json").read_text())["quantization_config"]
+    assert bcfg["quant_method"] == "bitnet"
+    assert data["steps"][2]["result"]["ppl"] > 1

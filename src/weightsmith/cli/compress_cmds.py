@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 # Methods and formats register on import; the choices below come from the registries.
 import weightsmith.compress.quantize  # noqa: F401
@@ -14,6 +15,7 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.registry import FORMATS, METHODS
+from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
@@ -70,6 +72,17 @@ from weightsmith.io.sizes import format_size, parse_size
 )
 @click.option("--double-quant", is_flag=True, help="NF4: also quantize the absmax constants.")
 @click.option(
+    "--linear-class",
+    type=click.Choice(["bitlinear", "autobitlinear"]),
+    default="bitlinear",
+    show_default=True,
+    help="Ternary: transformers' BitNet module (decides how weight_scale is stored).",
+)
+@click.option(
+    "--use-rms-norm", is_flag=True, help="Ternary: RMSNorm before each BitLinear's activations."
+)
+@click.option("--rms-norm-eps", default=1e-6, show_default=True, help="Ternary: RMSNorm epsilon.")
+@click.option(
     "--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda)."
 )
 @max_shard_size_option
@@ -92,16 +105,22 @@ def quantize_cmd(
     damp: float,
     allow_rtn_fallback: bool,
     double_quant: bool,
+    linear_class: str,
+    use_rms_norm: bool,
+    rms_norm_eps: float,
     device: str,
     max_shard_size: str,
     force: bool,
     progress: bool,
 ) -> dict:
-    """Quantize the Linear weights of MODEL into OUT (RTN, GPTQ, or NF4)."""
+    """Quantize the Linear weights of MODEL into OUT (RTN, GPTQ, NF4 or BitNet ternary)."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 
     if method == "nf4" and fmt == "compressed-tensors":
         fmt = "bnb"  # nf4 has exactly one format
+    if method == "ternary":
+        _reject_bits_for_ternary()
+        fmt = "bitnet" if _is_default("fmt") else fmt  # ternary has exactly one format
     cfg = QuantConfig(
         method=method,
         bits=4 if method == "nf4" else bits,
@@ -116,6 +135,9 @@ def quantize_cmd(
         act_order=act_order,
         allow_rtn_fallback=allow_rtn_fallback,
         double_quant=double_quant,
+        linear_class=linear_class,
+        use_rms_norm=use_rms_norm,
+        rms_norm_eps=rms_norm_eps,
     )
     if METHODS[method].needs_calibration and calib is None:
         click.echo(
@@ -140,3 +162,17 @@ def quantize_cmd(
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )
     return {"input": model, "output": r.out, "result": r.to_dict()}
+
+
+def _is_default(param: str) -> bool:
+    src = click.get_current_context().get_parameter_source(param)
+    return src in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _reject_bits_for_ternary() -> None:
+    """--method ternary has one scale per tensor: an explicit --bits/--group-size is an error."""
+    given = [f"--{p.replace('_', '-')}" for p in ("bits", "group_size") if not _is_default(p)]
+    if given:
+        raise ConfigError(
+            f"--method ternary stores {{-1, 0, 1}} with one scale per tensor: {given[0]} does not apply"
+        )

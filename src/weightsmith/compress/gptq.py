@@ -46,6 +46,14 @@ class HessianStat:
             return torch.zeros(self.in_features, self.in_features)
         return self.sum * (2.0 / max(self.n, 1))
 
+    def take_hessian(self) -> torch.Tensor:
+        """:meth:`hessian`, computed in place in the accumulator, which is handed over (the
+        stat is empty afterwards): saves one ``(in, in)`` float32 copy per Linear."""
+        if self.sum is None:
+            return self.hessian()
+        h, self.sum = self.sum.mul_(2.0 / max(self.n, 1)), None
+        return h
+
 
 def _qparams_for(
     w: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype, zero_min: int | None
@@ -72,13 +80,20 @@ def gptq_quantize_weight(
     block_size: int = 128,
     dtype: torch.dtype | None = None,
     zero_min: int | None = None,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """GPTQ on one ``(out, in)`` weight with Hessian ``(in, in)``; ``group_size=-1`` is per
     channel. Scales are rounded to ``dtype`` (the stored dtype) before use. Raises
-    :class:`HessianNotPositiveDefinite` when the damped Hessian has no Cholesky factor."""
+    :class:`HessianNotPositiveDefinite` when the damped Hessian has no Cholesky factor.
+
+    Memory: besides ``W`` it holds two ``(in, in)`` float32 matrices at any time (the
+    Cholesky steps write into each other's storage). ``overwrite_hessian=True`` lets it use a
+    float32 ``hessian`` as one of them (its contents are destroyed); otherwise it is copied."""
     dtype = dtype or w.dtype
     W = w.detach().float().clone()
-    H = hessian.detach().float().clone()
+    H = hessian.detach()
+    if not (overwrite_hessian and H.dtype == torch.float32):
+        H = H.float().clone()
     out_f, cols = W.shape
     g = cols if group_size == -1 else group_size
 
@@ -93,18 +108,23 @@ def gptq_quantize_weight(
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H.copy_(H[perm])  # permute rows then columns in place: one temporary at a time
+        H.copy_(H[:, perm])
 
     dev = W.device
-    H = H.to(dev)
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=dev)
+    if H.device != dev:
+        H = H.to(dev)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp·mean(diag H)·I
     try:
         L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        torch.cholesky_inverse(L, out=H)  # H⁻¹, into H's storage
+        Hinv = torch.linalg.cholesky(H, upper=True, out=L)  # its upper factor, into L's
     except torch.linalg.LinAlgError:
         raise HessianNotPositiveDefinite(
             f"the damped Hessian is not positive definite (damp {damp})"
         ) from None
+    del H
 
     Q = torch.zeros(out_f, cols, dtype=torch.int8, device=dev)
     n_groups = cols // g
@@ -152,7 +172,12 @@ def gptq_quantize_weight(
 
 @quant_method("gptq", needs_calibration=True, summary="GPTQ, Hessian-compensated rounding")
 def gptq_quantize(
-    w: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None = None, *, dtype=None
+    w: torch.Tensor,
+    cfg: QuantConfig,
+    hessian: torch.Tensor | None = None,
+    *,
+    dtype=None,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """GPTQ with the settings of ``cfg`` (see :func:`gptq_quantize_weight`)."""
     if hessian is None:
@@ -168,4 +193,5 @@ def gptq_quantize(
         block_size=cfg.block_size,
         dtype=dtype,
         zero_min=zero_min_for(cfg),
+        overwrite_hessian=overwrite_hessian,
     )

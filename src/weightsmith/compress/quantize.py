@@ -9,17 +9,19 @@ then down), and the quantized layer's outputs feed the next layer.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers ternary / bitnet)
 from weightsmith.compress import formats as _formats  # noqa: F401  (registers formats)
 from weightsmith.compress import gptq as _gptq  # noqa: F401  (registers gptq)
 from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb)
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
-from weightsmith.compress.gptq import HessianNotPositiveDefinite, HessianStat
+from weightsmith.compress.gptq import HessianNotPositiveDefinite, HessianStat, gptq_quantize
 from weightsmith.compress.registry import FORMATS, METHODS, QuantConfig, QuantizedWeight
 from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.core.calibration import (
@@ -31,6 +33,7 @@ from weightsmith.core.calibration import (
     module_path,
     tokenize_windows,
 )
+from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
 from weightsmith.core.targets import ignore_matches
 from weightsmith.errors import CheckpointError, ConfigError
@@ -110,13 +113,23 @@ def quantize_checkpoint(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     device: str = "cpu",
     progress: bool = True,
+    provenance: dict | None = None,
 ) -> QuantizeResult:
-    """Quantize the Linears of the checkpoint at ``path`` into ``out`` (see module docstring)."""
+    """Quantize the Linears of the checkpoint at ``path`` into ``out`` (see module docstring).
+
+    ``provenance`` adds fields to the output's ``weightsmith.json`` (e.g. how QAT trained it)."""
     cfg.validate()
     if cfg.method == "nf4":
         from weightsmith.compress.nf4 import quantize_nf4_checkpoint
 
         return quantize_nf4_checkpoint(path, out, cfg, force=force, progress=progress)
+    if cfg.method == "ternary":
+        from weightsmith.compress.bitnet_format import quantize_bitnet_checkpoint
+
+        return quantize_bitnet_checkpoint(
+            path, out, cfg, force=force, max_shard_size=max_shard_size, progress=progress,
+            provenance=provenance,
+        )  # fmt: skip
     method = METHODS[cfg.method]
     fmt = FORMATS[cfg.format]
     with open_checkpoint(path) as ckpt:
@@ -191,11 +204,11 @@ def quantize_checkpoint(
                     return
                 results = streamer().run_layer(
                     group.layer,
-                    lambda cl: _calibrated_layer(cl, cfg, by_tensor, scale_dtype, stats),
+                    lambda cl: _calibrated_layer(cl, cfg, by_tensor, scale_dtype, stats, encode),
                 )
                 for n in group.names:
                     t = by_tensor.get(n)
-                    yield from encode(t, results[t.module]) if t else [passthrough(n)]
+                    yield from results.pop(t.module) if t else [passthrough(n)]
 
             groups = ckpt.groups("layer")
 
@@ -207,7 +220,8 @@ def quantize_checkpoint(
 
         total = ckpt.num_params
         quantized = sum(t.shape[0] * t.shape[1] for t in targets)
-        provenance = {"operation": "quantize", "config": asdict(cfg), "calibration": calib_info}
+        record = {"operation": "quantize", "config": asdict(cfg), "calibration": calib_info}
+        record.update(provenance or {})
         result = stream_transform(
             groups,
             out,
@@ -218,7 +232,7 @@ def quantize_checkpoint(
             config_patch=patch,
             max_shard_size=max_shard_size,
             force=force,
-            provenance=provenance,
+            provenance=record,
             progress=progress,
             description=f"quantize {cfg.method}",
         )
@@ -253,22 +267,27 @@ def _calibrated_layer(
     by_tensor: dict[str, LinearTarget],
     scale_dtype: torch.dtype,
     stats: dict,
-) -> dict[str, QuantizedWeight]:
-    """GPTQ every target Linear of one layer, true-sequentially; returns module -> result."""
+    encode: Callable[[LinearTarget, QuantizedWeight], Iterable[tuple[str, torch.Tensor]]],
+) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """GPTQ every target Linear of one layer, true-sequentially; returns module -> its encoded
+    output tensors. Memory: each Hessian is freed as soon as its Linear is quantized, and only
+    the encoded (packed) tensors are kept until the layer is written."""
     method = METHODS[cfg.method]
-    done: dict[str, QuantizedWeight] = {}
+    extra = {"overwrite_hessian": True} if method.fn is gptq_quantize else {}
+    done: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for group in cl.sequential_groups:
         names = [n for n in group if cl.tensor_name(n) in by_tensor]
         if not names:
             continue
-        hs = cl.collect(names, lambda n, m: HessianStat(cl.weight(n).shape[1]))
+        hs = cl.collect(names, lambda n, m: HessianStat(by_tensor[cl.tensor_name(n)].shape[1]))
         if any(hs[n].n == 0 for n in names):
             raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
         for n in names:
             target = by_tensor[cl.tensor_name(n)]
             w = cl.weight(n)
+            h = hs.pop(n).take_hessian()
             try:
-                qw = method.fn(w, cfg, hs[n].hessian(), dtype=scale_dtype)
+                qw = method.fn(w, cfg, h, dtype=scale_dtype, **extra)
             except HessianNotPositiveDefinite as e:
                 if not cfg.allow_rtn_fallback:
                     raise ConfigError(
@@ -277,7 +296,11 @@ def _calibrated_layer(
                     ) from None
                 qw = rtn_quantize(w, replace(cfg, method="rtn"), dtype=scale_dtype)
                 stats["fallbacks"].append(target.module)
+            del h
             stats["loss"][target.module] = qw.info.get("loss")
             cl.set_weight(n, qw.dequantize().to(w.device))
-            done[target.module] = qw
+            del w
+            done[target.module] = list(encode(target, qw))
+            del qw
+            release_freed_memory()
     return done

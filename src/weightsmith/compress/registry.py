@@ -36,6 +36,10 @@ class QuantConfig:
     allow_rtn_fallback: bool = False
     # nf4 (bitsandbytes)
     double_quant: bool = False
+    # ternary (transformers' bitnet format; see compress/bitnet_format.py)
+    linear_class: str = "bitlinear"  # or "autobitlinear": decides the weight_scale convention
+    use_rms_norm: bool = False  # a weightless RMSNorm before each BitLinear's int8 activations
+    rms_norm_eps: float = 1e-6
     version: int = 1
 
     def validate(self) -> None:
@@ -43,7 +47,7 @@ class QuantConfig:
             raise ConfigError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r} (known: {', '.join(FORMATS)})")
-        if self.method != "nf4" and not 2 <= self.bits <= 8:
+        if self.method not in ("nf4", "ternary") and not 2 <= self.bits <= 8:
             raise ConfigError(f"--bits must be between 2 and 8 (got {self.bits})")
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"--group-size must be -1 or positive (got {self.group_size})")
@@ -51,6 +55,10 @@ class QuantConfig:
             raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
         if (self.method == "nf4") != (self.format == "bnb"):
             raise ConfigError("--method nf4 goes with --format bnb (and only it)")
+        if (self.method == "ternary") != (self.format == "bitnet"):
+            raise ConfigError("--method ternary goes with --format bitnet (and only it)")
+        if self.format != "bitnet" and (self.linear_class != "bitlinear" or self.use_rms_norm):
+            raise ConfigError("--linear-class and --use-rms-norm apply to --format bitnet only")
         FORMATS[self.format].check(self)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.compress.conftest import QAT_TEXT as TEXT
 from weightsmith.cli.main import cli
 from weightsmith.compress import QuantConfig, quantize_checkpoint
 from weightsmith.compress.qat import BitnetConfig, TrainConfig, bitnet_checkpoint
@@ -22,26 +23,7 @@ from weightsmith.compress.qat.modules import (
     swap_linears,
 )
 
-TEXT = (
-    "the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
-    "the cat saw the bird and the dog saw the cat. "
-) * 12
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and lose a lot on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def data(tmp_path):
-    p = tmp_path / "train.txt"
-    p.write_text(TEXT)
-    return p
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(src, n: int = 64) -> torch.Tensor:

@@ -20,26 +20,9 @@ from weightsmith.compress.qat.modules import as_fake_quant, swap_linears
 
 pytest.importorskip("compressed_tensors")
 
-TEXT = (
-    "the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
-    "the cat saw the bird and the dog saw the cat. "
-) * 12
+from tests.compress.conftest import QAT_TEXT as TEXT
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and lose a lot on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def data(tmp_path):
-    p = tmp_path / "train.txt"
-    p.write_text(TEXT)
-    return p
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lm_loss(model, ids: torch.Tensor) -> float:

@@ -23,6 +23,22 @@ SHORT_TARGETS = {
 }
 
 
+def check_training_loop(cfg) -> None:
+    """Reject impossible loop settings of a training config (distill, QAT, BitNet): ``steps``,
+    ``epochs``, ``batch_size``, ``grad_accum``, ``seq_len`` and ``lr`` attributes."""
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ConfigError("give --steps or --epochs, not both")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """A LoRA student: rank, scale, dropout, which linear layers, rsLoRA scaling."""
@@ -76,17 +92,7 @@ class DistillConfig:
             raise ConfigError(f"unknown --method {self.method!r} (choose from {METHODS})")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"unknown --optim {self.optim!r} (choose from {OPTIMIZERS})")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.steps is not None and self.epochs is not None:
-            raise ConfigError("give --steps or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        check_training_loop(self)
         if (self.qlora or self.save_adapter) and self.lora is None:
             flag = "--qlora" if self.qlora else "--save-adapter"
             raise ConfigError(f"{flag} needs a LoRA student (--lora-r)")

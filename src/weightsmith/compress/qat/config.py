@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from weightsmith.compress.registry import QuantConfig
+from weightsmith.distill.config import check_training_loop
 from weightsmith.errors import ConfigError
 
 
@@ -27,17 +28,7 @@ class TrainConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.steps is not None and self.epochs is not None:
-            raise ConfigError("give --steps or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        check_training_loop(self)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.kl_weight <= 1.0:

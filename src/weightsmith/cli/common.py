@@ -140,3 +140,40 @@ def allow_pickle_option(fn: Callable) -> Callable:
         is_flag=True,
         help="Accept pytorch_model.bin checkpoints (loaded with torch.load(weights_only=True)).",
     )(fn)
+
+
+def calibration_options(fn: Callable) -> Callable:
+    """``--calib``, ``--calib-samples``, ``--seq-len`` and ``--device`` of the calibrated commands
+    (quantize, prune), declared once."""
+    for opt in reversed(
+        [
+            click.option(
+                "--calib",
+                type=click.Path(),
+                default=None,
+                help="Calibration text (.txt or .jsonl); default: built-in text.",
+            ),
+            click.option(
+                "--calib-samples", default=128, show_default=True, help="Calibration windows."
+            ),
+            click.option(
+                "--seq-len", default=512, show_default=True, help="Tokens per calibration window."
+            ),
+            click.option(
+                "--device",
+                default="cpu",
+                show_default=True,
+                help="Where calibration runs (cpu, cuda).",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def note_builtin_calibration() -> None:
+    """Say on stderr that calibration falls back to the built-in text (no ``--calib``)."""
+    click.echo(
+        "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
+        err=True,
+    )

@@ -8,8 +8,10 @@ from click.core import ParameterSource
 # Methods and formats register on import; the choices below come from the registries.
 import weightsmith.compress.quantize  # noqa: F401
 from weightsmith.cli.common import (
+    calibration_options,
     force_option,
     max_shard_size_option,
+    note_builtin_calibration,
     progress_option,
     report_option,
 )
@@ -49,14 +51,7 @@ from weightsmith.io.sizes import format_size, parse_size
     default="compressed-tensors",
     show_default=True,
 )
-@click.option(
-    "--calib",
-    type=click.Path(),
-    default=None,
-    help="Calibration text (.txt or .jsonl); default: built-in text.",
-)
-@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@calibration_options
 @click.option(
     "--act-order",
     is_flag=True,
@@ -82,9 +77,6 @@ from weightsmith.io.sizes import format_size, parse_size
     "--use-rms-norm", is_flag=True, help="Ternary: RMSNorm before each BitLinear's activations."
 )
 @click.option("--rms-norm-eps", default=1e-6, show_default=True, help="Ternary: RMSNorm epsilon.")
-@click.option(
-    "--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda)."
-)
 @max_shard_size_option
 @force_option
 @progress_option
@@ -140,10 +132,7 @@ def quantize_cmd(
         rms_norm_eps=rms_norm_eps,
     )
     if METHODS[method].needs_calibration and calib is None:
-        click.echo(
-            "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
-            err=True,
-        )
+        note_builtin_calibration()
     r = quantize_checkpoint(
         model,
         out,

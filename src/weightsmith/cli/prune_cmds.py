@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from weightsmith.cli.common import (
+    calibration_options,
     force_option,
     max_shard_size_option,
+    note_builtin_calibration,
     progress_option,
     report_option,
 )
@@ -71,17 +73,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
     default=None,
     help="channels: fraction of MLP channels kept, e.g. 0.75.",
 )
-@click.option(
-    "--calib",
-    type=click.Path(),
-    default=None,
-    help="Calibration text (.txt or .jsonl); default: built-in text.",
-)
-@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
-@click.option(
-    "--device", default="cpu", show_default=True, help="Where calibration runs (cpu, cuda)."
-)
+@calibration_options
 @max_shard_size_option
 @force_option
 @progress_option
@@ -119,10 +111,7 @@ def prune_cmd(
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:
-        click.echo(
-            "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
-            err=True,
-        )
+        note_builtin_calibration()
     r = prune_checkpoint(
         model,
         out,

@@ -46,3 +46,15 @@ def test_convert_peak_memory_is_about_one_tensor(tmp_path: Path, dtype: str | No
     growth_mb = (peak - _baseline_rss()) / 1e6
     # input tensor + cast output + temporaries: a few tensors, never the 400 MB model
     assert growth_mb < 5 * TENSOR_MB, f"peak RSS grew {growth_mb:.0f} MB over start-up"
+
+
+def test_peak_rss_is_this_program_s_own_not_its_parent_s() -> None:
+    """ru_maxrss survives execve on Linux; a report must not show the launching process's peak."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    ballast = bytearray(800 << 20)  # the parent touches 800 MB before starting the command
+    ballast[::4096] = b"\1" * len(ballast[::4096])
+    code = "from weightsmith.core.report import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.check_output([sys.executable, "-c", code], text=True))
+    del ballast
+    assert child < 600 << 20, child  # the child itself (python + torch) is ~250 MB

@@ -12,7 +12,19 @@ from weightsmith.errors import OutputError
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process so far.
+
+    Linux: ``VmHWM`` of /proc/self/status, this program's own high-water mark. ``ru_maxrss``
+    is not: Linux keeps it across ``execve``, so a command started by a big parent (a benchmark
+    holding a model) would report the parent's peak. Elsewhere ``ru_maxrss`` (macOS: bytes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -18,6 +18,7 @@ from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import CheckpointError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods import get_method
 from weightsmith.merge.methods.base import ChunkSource, run_method
 from weightsmith.merge.plan import TensorJob
@@ -110,6 +111,9 @@ def _to_float32(t: torch.Tensor, device: torch.device, check: bool) -> torch.Ten
 
     def convert(r: tuple[int, int]) -> bool:
         part = out[r[0] : r[1]]
+        bad = native.to_float32(t[r[0] : r[1]], part, check)  # one fused pass when it can
+        if bad is not None:
+            return bad == 0
         part.copy_(t[r[0] : r[1]])
         return not check or _all_finite(part)
 

@@ -2,9 +2,9 @@
 
 Each task vector entry is kept with probability ``density`` and kept entries are rescaled by
 1/density (``rescale``, on by default), so E[sparsified δ] = δ. ``dare_ties`` then elects signs
-as TIES does. Masks are drawn in blocks of 65,536 entries, each from a generator seeded by
-(seed, tensor name, model index, block), so a run is reproducible and independent of chunking,
-threads or tensor order.
+as TIES does. Each entry's draw comes from a counter-based generator (SplitMix64 seeded by
+seed, tensor name and model index, indexed by the entry's position), so a run is reproducible
+and independent of chunking, threads, device or tensor order.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import ConfigError
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     Param,
@@ -31,32 +32,46 @@ def tensor_seed(seed: int, name: str, model: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-BLOCK = 1 << 16  # entries per independently seeded block of the drop mask
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def block_seed(seed: int, block: int) -> int:
-    """The seed of one ``BLOCK``-entry block of a task vector's mask (63 bits)."""
-    return (seed + (block + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
+def _signed(v: int) -> int:
+    """A 64-bit constant as the int64 with the same bits (torch integer arithmetic wraps)."""
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def keep_mask(seed: int, offset: int, n: int, density: float) -> torch.Tensor:
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(seed: int, j: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's ``j``-th outputs (int64 bit patterns) for a generator seeded with ``seed``."""
+    z = (j + 1) * _signed(_GOLDEN) + _signed(seed)
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def keep_mask(
+    seed: int, offset: int, n: int, density: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Which of the entries ``[offset, offset + n)`` of a flat task vector DARE keeps.
 
-    Every ``BLOCK`` of entries draws its uniforms from its own generator, so a mask is the
-    same however the tensor is chunked or whichever thread computes it.
+    Entry i draws a uniform 32-bit integer u (the low half of SplitMix64(seed)'s output i//2
+    for even i, the high half for odd i) and is kept when u < round(density·2³²), i.e. with
+    probability density. A counter-based draw: the mask is the same however the tensor is
+    chunked, whichever thread or device computes it, and the native kernel draws the same.
     """
-    # Uniform 32-bit integers, two per 64-bit draw (half the generator calls of torch.rand):
-    # an entry is kept when u < density·2³², i.e. with probability density (to within 2⁻³²).
-    cut = round(density * 2**32) - 2**31
-    parts = []
-    for blk in range(offset // BLOCK, (offset + n - 1) // BLOCK + 1):
-        gen = torch.Generator().manual_seed(block_seed(seed, blk))
-        words = torch.randint(-(2**63), 2**63 - 1, (BLOCK // 2,), generator=gen, dtype=torch.int64)
-        u = words.view(torch.int32)
-        a = max(offset, blk * BLOCK) - blk * BLOCK
-        b = min(offset + n, (blk + 1) * BLOCK) - blk * BLOCK
-        parts.append(u[a:b] < cut)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    cut = round(density * 2**32)
+    if torch.device(device).type == "cpu":
+        fused = native.dare_keep(seed, cut, offset, n)
+        if fused is not None:
+            return fused
+    i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    w = splitmix64(seed, i >> 1)
+    u = torch.where((i & 1).bool(), _shr(w, 32), w & 0xFFFFFFFF)
+    return u < cut
 
 
 def dare_mask(
@@ -64,8 +79,8 @@ def dare_mask(
 ) -> torch.Tensor:
     """Drop entries of δ (flat offset ``offset``) with probability 1 − density; rescale the
     rest by 1/density."""
-    keep = keep_mask(seed, offset, delta.numel(), density)
-    delta.mul_(keep.reshape(delta.shape).to(delta.device))
+    keep = keep_mask(seed, offset, delta.numel(), density, delta.device)
+    delta.mul_(keep.reshape(delta.shape))
     return delta.div_(density) if rescale else delta
 
 
@@ -98,6 +113,13 @@ class _Dare(GeneralizedTaskArithmetic):
         if density >= 1.0:
             return delta
         return dare_mask(delta, density, state[k], offset, bool(params.globals["rescale"]))
+
+    def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:
+        density = float(params.models[k]["density"])
+        if density >= 1.0:
+            return native.Sparsify()
+        cut = round(density * 2**32)
+        return native.Sparsify(native.DARE, seed=state[k], cut=cut, density=density)
 
 
 @merge_method("dare_linear")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     MergeMethod,
     Param,
@@ -76,10 +77,27 @@ class GeneralizedTaskArithmetic(MergeMethod):
     ) -> torch.Tensor:
         return delta
 
+    def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:
+        """What ``sparsify`` does to task vector ``k``, as the native kernel's description."""
+        return native.Sparsify()
+
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
         base, models = chunks[0], chunks[1:]
+        fused = native.gta_combine(
+            base,
+            models,
+            params.model_values("weight"),
+            [self.native_sparsify(k, state, params) for k in range(len(models))],
+            offset,
+            consensus=self.consensus,
+            normalize=bool(params.globals["normalize"]),
+            rescale=bool(params.globals.get("rescale", True)),
+            lam=float(params.globals["lambda"]),
+        )
+        if fused is not None:  # one fused pass, bit-identical to the code below
+            return fused
         deltas = [self.sparsify(x - base, k, state, params, offset) for k, x in enumerate(models)]
         return combine_task_vectors(
             base,

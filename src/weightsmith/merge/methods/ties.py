@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from weightsmith.core.parallel import SUB_ELEMENTS, pmap, sub_ranges
+from weightsmith.core.parallel import SUB_ELEMENTS, default_workers, pmap, sub_ranges
 from weightsmith.errors import ConfigError
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     Param,
@@ -116,6 +117,75 @@ def apply_topk(delta: torch.Tensor, cut: TopK, offset: int) -> torch.Tensor:
     return delta.mul_(keep)
 
 
+def native_topk_cuts(src: ChunkSource, keep: dict[int, int]) -> dict[int, TopK] | None:
+    """The top-k cuts of several task vectors by radix selection with the native kernels.
+
+    Two passes over the inputs (top 16 bits of |δ|'s float pattern, then the low 16 bits inside
+    the bin that holds the k-th largest), no |δ| copy; a third pass only when ties at the
+    threshold must be cut in storage order. Same cuts as :func:`topk_threshold`.
+    None when a chunk is not something the kernels take.
+    """
+    models = sorted(keep)
+    hist = {k: torch.zeros(native.BINS, dtype=torch.int64) for k in models}
+    prefix = dict.fromkeys(models, 0)
+
+    def scan(level: int) -> bool:
+        workers = default_workers()
+        for chunks in src.chunks([0, *[k + 1 for k in models]]):
+            base, xs = chunks[0], chunks[1:]
+            if not native.available(base, *xs):
+                return False
+            n = base.numel()
+            step = -(-n // workers)
+            ranges = [(a, min(a + step, n)) for a in range(0, n, step)]
+            for k, x in zip(models, xs, strict=True):
+
+                def count(r: tuple[int, int], base=base, x=x, k=k) -> torch.Tensor:
+                    h = torch.zeros(native.BINS, dtype=torch.int64)
+                    native.absdelta_hist(base[r[0] : r[1]], x[r[0] : r[1]], level, prefix[k], h)
+                    return h
+
+                for h in pmap(count, ranges):
+                    hist[k] += h
+        return True
+
+    if not scan(0):
+        return None
+    above = {}
+    for k in models:
+        prefix[k], above[k] = native.select_from_hist(hist[k], keep[k])
+        hist[k].zero_()
+    if not scan(1):
+        return None
+    cuts: dict[int, TopK] = {}
+    for k in models:
+        low, above_low = native.select_from_hist(hist[k], keep[k] - above[k])
+        kth = native.bits_to_float((prefix[k] << 16) | low)
+        greater, equal = above[k] + above_low, int(hist[k][low])
+        need = keep[k] - greater  # ties at the k-th value kept in storage order
+        cuts[k] = TopK(kth, src.numel) if need >= equal else TopK(kth, _nth_tie(src, k, kth, need))
+    return cuts
+
+
+def _nth_tie(src: ChunkSource, k: int, value: float, need: int) -> int:
+    """Flat index of the ``need``-th entry (1-based, storage order) with |δ_k| == value."""
+    seen = offset = 0
+    for base, x in src.chunks([0, k + 1]):
+        pieces = _pieces(base.numel())
+        counts = pmap(
+            lambda r, base=base, x=x: native.absdelta_count_eq(
+                base[r[0] : r[1]], x[r[0] : r[1]], value
+            ),
+            pieces,
+        )
+        for (a, b), c in zip(pieces, counts, strict=True):
+            if seen + c >= need:
+                return offset + a + native.absdelta_nth_eq(base[a:b], x[a:b], value, need - seen)
+            seen += c
+        offset += base.numel()
+    raise AssertionError("unreachable: not enough ties")
+
+
 @merge_method("ties")
 class Ties(GeneralizedTaskArithmetic):
     title = "TIES"
@@ -136,12 +206,17 @@ class Ties(GeneralizedTaskArithmetic):
                 raise ConfigError(f"{params.name}: density must be in (0, 1], got {d}")
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> list[TopK | None]:
-        cuts: list[TopK | None] = []
-        for k, density in enumerate(params.model_values("density")):
-            if density >= 1.0:
-                cuts.append(None)
-                continue
-            keep = max(1, int(density * src.numel))  # mergekit keeps at least one
+        densities = params.model_values("density")
+        active = [k for k, d in enumerate(densities) if d < 1.0]
+        keep = {k: max(1, int(densities[k] * src.numel)) for k in active}  # mergekit keeps >= 1
+        cuts: list[TopK | None] = [None] * len(densities)
+        if active and native.available(torch.empty(0)):
+            found = native_topk_cuts(src, keep)
+            if found is not None:
+                for k, cut in found.items():
+                    cuts[k] = cut
+                return cuts
+        for k in active:
             mags = torch.empty(src.numel, dtype=torch.float32)
             pos = 0
             for base, x in src.chunks([0, k + 1]):
@@ -153,9 +228,15 @@ class Ties(GeneralizedTaskArithmetic):
 
                 pmap(fill, sub_ranges(0, n))
                 pos += n
-            cuts.append(topk_threshold(mags, keep))
+            cuts[k] = topk_threshold(mags, keep[k])
             del mags
         return cuts
+
+    def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:
+        cut = state[k]
+        if cut is None:
+            return native.Sparsify()
+        return native.Sparsify(native.TOPK, threshold=cut.threshold, last_tie=cut.last_tie)
 
     def sparsify(
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int

@@ -1,0 +1,128 @@
+"""Native kernels, compiled on first use with the system C compiler and loaded with ctypes.
+
+Fused loops for the hot elementwise work of task-vector merges (see ``merge_kernels.c``). The
+shared library is built once per source/compiler/CPU into the user cache
+(``$WEIGHTSMITH_CACHE`` or ``~/.cache/weightsmith``) and reused. No compiler, a failed build or
+``WEIGHTSMITH_KERNELS=0`` means :func:`merge_kernels` returns None and callers use their eager
+torch code, which gives bit-identical results (the tests compare both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("merge_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
+_ABI = 1
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+_i64, _f32, _i32, _u64, _u32 = (
+    ctypes.c_int64,
+    ctypes.c_float,
+    ctypes.c_int32,
+    ctypes.c_uint64,
+    ctypes.c_uint32,
+)
+_p = ctypes.c_void_p
+SIGNATURES = {
+    "ws_abi_version": ([], ctypes.c_int),
+    "ws_max_models": ([], ctypes.c_int),
+    "ws_dare_keep": ([_u64, _u64, _i64, _i64, _p], None),
+    "ws_gta_combine": (
+        [_p, _p, _i64, _i64, _i64, *[_p] * 7, _i32, _i32, _i32, _i32, _f32, _f32, _p],
+        None,
+    ),
+    "ws_absdelta_hist": ([_p, _p, _i64, _i32, _u32, _p], None),
+    "ws_absdelta_count_eq": ([_p, _p, _i64, _f32], _i64),
+    "ws_absdelta_nth_eq": ([_p, _p, _i64, _f32, _i64], _i64),
+    "ws_to_f32": ([_p, _i32, _i64, _i32, _p], _i64),
+}
+
+
+def enabled() -> bool:
+    return os.environ.get("WEIGHTSMITH_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("WEIGHTSMITH_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "weightsmith"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return cc
+
+
+def _build(cc: str) -> Path:
+    src = _SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        version = ""
+    key = hashlib.sha256(
+        b"\0".join([src, " ".join(_FLAGS).encode(), version.encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"merge_kernels-{platform.machine()}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
+        os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def merge_kernels() -> ctypes.CDLL | None:
+    """The merge kernel library, built and loaded once per process (None: use eager torch)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "merge" in _loaded:
+            return _loaded["merge"]
+        lib = None
+        cc = _compiler()
+        if cc is not None:
+            try:
+                lib = ctypes.CDLL(str(_build(cc)))
+                for name, (args, res) in SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, res
+                if lib.ws_abi_version() != _ABI:
+                    lib = None
+            except (OSError, RuntimeError, AttributeError) as exc:
+                warnings.warn(
+                    f"weightsmith: native merge kernels unavailable ({exc}); using torch",
+                    stacklevel=2,
+                )
+                lib = None
+        _loaded["merge"] = lib
+        return lib

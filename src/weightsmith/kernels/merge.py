@@ -1,0 +1,152 @@
+"""Typed wrappers around the native merge kernels (``merge_kernels.c``).
+
+Every function returns None when the kernels are unavailable or the tensors are not contiguous
+float32 on the CPU; the caller then runs its eager torch code, which gives the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from weightsmith.kernels import merge_kernels
+
+NONE, TOPK, DARE = 0, 1, 2
+BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """How one task vector is sparsified: not at all, by a top-k cut, or by a DARE drop."""
+
+    mode: int = NONE
+    threshold: float = -1.0  # TOPK: keep |δ| > threshold ...
+    last_tie: int = -1  # ... and |δ| == threshold at flat index <= last_tie
+    seed: int = 0  # DARE: the task vector's SplitMix64 seed
+    cut: int = 0  # DARE: keep entry when its 32-bit uniform < cut
+    density: float = 1.0  # DARE: kept entries are divided by this when rescaling
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def gta_combine(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sparsify: Sequence[Sparsify],
+    offset: int,
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lam: float,
+) -> torch.Tensor | None:
+    """The fused task-arithmetic / TIES / DARE output for one flat range (or None)."""
+    lib = merge_kernels()
+    k = len(models)
+    if lib is None or k == 0 or k > lib.ws_max_models() or not _usable(base, *models):
+        return None
+    n = base.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    total = float(sum(weights))
+    divide_total = (not consensus) and normalize and abs(total) >= 1e-8
+    f32 = ctypes.c_float * k
+    lib.ws_gta_combine(
+        base.data_ptr(),
+        (ctypes.c_void_p * k)(*[m.data_ptr() for m in models]),
+        k,
+        n,
+        offset,
+        f32(*weights),
+        (ctypes.c_int32 * k)(*[s.mode for s in sparsify]),
+        f32(*[s.threshold for s in sparsify]),
+        (ctypes.c_int64 * k)(*[s.last_tie for s in sparsify]),
+        (ctypes.c_uint64 * k)(*[s.seed for s in sparsify]),
+        (ctypes.c_uint64 * k)(*[s.cut for s in sparsify]),
+        f32(*[s.density for s in sparsify]),
+        int(rescale),
+        int(consensus),
+        int(normalize),
+        int(divide_total),
+        total,
+        lam,
+        out.data_ptr(),
+    )
+    return out.reshape(base.shape)
+
+
+def to_float32(src: torch.Tensor, out: torch.Tensor, check: bool) -> int | None:
+    """Copy bfloat16/float32 ``src`` into float32 ``out``; the number of NaN/Inf values seen
+    when ``check`` (else 0), or None when the kernels cannot take these tensors."""
+    lib = merge_kernels()
+    if (
+        lib is None
+        or src.dtype not in (torch.bfloat16, torch.float32)
+        or src.device.type != "cpu"
+        or not src.is_contiguous()
+        or not _usable(out)
+    ):
+        return None
+    is_bf16 = int(src.dtype == torch.bfloat16)
+    return int(lib.ws_to_f32(src.data_ptr(), is_bf16, src.numel(), int(check), out.data_ptr()))
+
+
+def dare_keep(seed: int, cut: int, offset: int, n: int) -> torch.Tensor | None:
+    """DARE's keep mask for entries ``[offset, offset + n)`` (bool), or None."""
+    lib = merge_kernels()
+    if lib is None:
+        return None
+    keep = torch.empty(n, dtype=torch.uint8)
+    lib.ws_dare_keep(seed, cut, offset, n, keep.data_ptr())
+    return keep.view(torch.bool)
+
+
+def absdelta_hist(
+    base: torch.Tensor, x: torch.Tensor, level: int, prefix: int, hist: torch.Tensor
+) -> bool:
+    """Add the radix histogram of |x − base| (level 0: top 16 bits; level 1: low 16 bits of
+    entries whose top bits are ``prefix``) into ``hist`` (int64, 65536). False: unavailable."""
+    lib = merge_kernels()
+    if lib is None or not _usable(base, x):
+        return False
+    lib.ws_absdelta_hist(
+        base.data_ptr(), x.data_ptr(), base.numel(), level, prefix, hist.data_ptr()
+    )
+    return True
+
+
+def absdelta_count_eq(base: torch.Tensor, x: torch.Tensor, t: float) -> int:
+    lib = merge_kernels()
+    assert lib is not None
+    return int(lib.ws_absdelta_count_eq(base.data_ptr(), x.data_ptr(), base.numel(), t))
+
+
+def absdelta_nth_eq(base: torch.Tensor, x: torch.Tensor, t: float, need: int) -> int:
+    lib = merge_kernels()
+    assert lib is not None
+    return int(lib.ws_absdelta_nth_eq(base.data_ptr(), x.data_ptr(), base.numel(), t, need))
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are loaded and can take these tensors."""
+    return merge_kernels() is not None and _usable(*tensors)
+
+
+def select_from_hist(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest entry, how many entries lie in higher bins)."""
+    counts = hist.flip(0).cumsum(0)
+    idx = int(torch.searchsorted(counts, torch.tensor([k], dtype=counts.dtype)))
+    b = BINS - 1 - idx
+    return b, int(counts[idx]) - int(hist[b])
+
+
+def bits_to_float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]

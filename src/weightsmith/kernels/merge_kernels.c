@@ -1,0 +1,193 @@
+/* Fused elementwise kernels for task-vector merges (task arithmetic, TIES, DARE).
+ *
+ * Each function works on one flat float32 range and is pure: the Python side cuts tensors at
+ * fixed offsets and calls these from several threads (ctypes releases the GIL). Every result
+ * is bit-identical to the eager torch code in weightsmith.merge.methods (same operations in
+ * the same order, no FMA contraction: build with -ffp-contract=off), which the tests check.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 256
+#define MAXK 32
+
+enum { SP_NONE = 0, SP_TOPK = 1, SP_DARE = 2 };
+
+int ws_abi_version(void) { return 1; }
+int ws_max_models(void) { return MAXK; }
+
+/* SplitMix64's j-th output for a generator seeded with `seed` (Steele et al. 2014). */
+static inline uint64_t splitmix64(uint64_t seed, uint64_t j) {
+    uint64_t z = seed + (j + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* DARE's uniform 32-bit draw for flat entry i: low half of output i/2 for even i, high for odd. */
+static inline uint64_t dare_uniform(uint64_t seed, uint64_t i) {
+    uint64_t w = splitmix64(seed, i >> 1);
+    return (i & 1) ? (w >> 32) : (w & 0xFFFFFFFFULL);
+}
+
+/* Fill keep[0..n) with DARE's keep decisions (u < cut) for entries offset.. of a task vector. */
+void ws_dare_keep(uint64_t seed, uint64_t cut, int64_t offset, int64_t n, uint8_t *keep) {
+    for (int64_t i = 0; i < n; i++) keep[i] = dare_uniform(seed, (uint64_t)(offset + i)) < cut;
+}
+
+/* Generalized task arithmetic on one range [offset, offset + n) of a tensor:
+ *   δ_k = x_k − base, sparsified per model (none / top-k cut / DARE drop and rescale),
+ *   weighted by w_k; without consensus mixed = Σ w_k δ_k (÷ total when divide_total);
+ *   with consensus the sign of Σ w_k δ_k is elected (0 → +) and only agreeing entries are
+ *   summed (÷ their weight sum when normalize); out = mixed·λ + base.
+ */
+void ws_gta_combine(const float *base, const float *const *xs, int64_t K, int64_t n,
+                    int64_t offset, const float *weights, const int32_t *modes,
+                    const float *thr, const int64_t *last_tie, const uint64_t *seeds,
+                    const uint64_t *cuts, const float *density, int32_t rescale,
+                    int32_t consensus, int32_t normalize, int32_t divide_total, float total,
+                    float lam, float *out) {
+    float wd[MAXK][TILE];
+    float mixed[TILE], acc[TILE], div[TILE];
+    uint8_t pos[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        const float *b = base + s;
+        for (int64_t k = 0; k < K; k++) {
+            const float *x = xs[k] + s;
+            float *d = wd[k];
+            const float w = weights[k];
+            const int32_t mode = modes[k];
+            if (mode == SP_TOPK && thr[k] >= 0.0f) {
+                const float t = thr[k];
+                const int64_t first = offset + s;
+                if (last_tie[k] >= first + m - 1) {
+                    for (int64_t i = 0; i < m; i++) {
+                        float v = x[i] - b[i];
+                        d[i] = (v * (float)(fabsf(v) >= t)) * w;
+                    }
+                } else {
+                    const int64_t lt = last_tie[k];
+                    for (int64_t i = 0; i < m; i++) {
+                        float v = x[i] - b[i];
+                        float a = fabsf(v);
+                        int keep = (a > t) || (a == t && first + i <= lt);
+                        d[i] = (v * (float)keep) * w;
+                    }
+                }
+            } else if (mode == SP_DARE) {
+                const uint64_t seed = seeds[k], cut = cuts[k];
+                const float dens = density[k];
+                const uint64_t first = (uint64_t)(offset + s);
+                for (int64_t i = 0; i < m; i++) {
+                    float v = x[i] - b[i];
+                    v = v * (float)(dare_uniform(seed, first + (uint64_t)i) < cut);
+                    if (rescale) v = v / dens;
+                    d[i] = v * w;
+                }
+            } else {
+                for (int64_t i = 0; i < m; i++) d[i] = (x[i] - b[i]) * w;
+            }
+        }
+        for (int64_t i = 0; i < m; i++) mixed[i] = wd[0][i];
+        for (int64_t k = 1; k < K; k++)
+            for (int64_t i = 0; i < m; i++) mixed[i] = mixed[i] + wd[k][i];
+        float *o = out + s;
+        if (consensus) {
+            for (int64_t i = 0; i < m; i++) {
+                pos[i] = mixed[i] >= 0.0f;
+                acc[i] = 0.0f;
+                div[i] = 0.0f;
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const float *d = wd[k];
+                const float w = weights[k];
+                for (int64_t i = 0; i < m; i++) {
+                    float agree = (float)(pos[i] ? d[i] > 0.0f : d[i] < 0.0f);
+                    acc[i] = acc[i] + d[i] * agree;
+                    div[i] = div[i] + w * agree;
+                }
+            }
+            if (normalize) {
+                for (int64_t i = 0; i < m; i++) {
+                    float q = div[i] + (float)(div[i] == 0.0f);
+                    o[i] = acc[i] / q;
+                }
+            } else {
+                for (int64_t i = 0; i < m; i++) o[i] = acc[i];
+            }
+        } else if (divide_total) {
+            for (int64_t i = 0; i < m; i++) o[i] = mixed[i] / total;
+        } else {
+            for (int64_t i = 0; i < m; i++) o[i] = mixed[i];
+        }
+        for (int64_t i = 0; i < m; i++) o[i] = o[i] * lam + b[i];
+    }
+}
+
+static inline uint32_t absdelta_bits(float x, float b) {
+    float a = fabsf(x - b);
+    uint32_t u;
+    memcpy(&u, &a, sizeof u);
+    return u;
+}
+
+/* Radix-select histograms of |x − base| as float bit patterns (monotone for values >= 0):
+ * level 0 counts the top 16 bits; level 1 counts the low 16 bits of the entries whose top 16
+ * bits equal `prefix`. hist has 65536 entries and is added to. */
+void ws_absdelta_hist(const float *base, const float *x, int64_t n, int32_t level,
+                      uint32_t prefix, int64_t *hist) {
+    if (level == 0) {
+        for (int64_t i = 0; i < n; i++) hist[absdelta_bits(x[i], base[i]) >> 16]++;
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = absdelta_bits(x[i], base[i]);
+            if ((u >> 16) == prefix) hist[u & 0xFFFFu]++;
+        }
+    }
+}
+
+/* How many entries have |x − base| == t. */
+int64_t ws_absdelta_count_eq(const float *base, const float *x, int64_t n, float t) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) c += fabsf(x[i] - base[i]) == t;
+    return c;
+}
+
+/* out = float32(src) for bfloat16 (is_bf16) or float32 input; returns how many values are
+ * NaN or ±Inf when check is set (0 otherwise). One pass instead of a cast plus a scan. */
+int64_t ws_to_f32(const void *src, int32_t is_bf16, int64_t n, int32_t check, float *out) {
+    int64_t bad = 0;
+    if (is_bf16) {
+        const uint16_t *h = (const uint16_t *)src;
+        uint32_t *o = (uint32_t *)out;
+        if (check) {
+            for (int64_t i = 0; i < n; i++) {
+                o[i] = (uint32_t)h[i] << 16;
+                bad += (h[i] & 0x7F80u) == 0x7F80u;
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) o[i] = (uint32_t)h[i] << 16;
+        }
+    } else {
+        const uint32_t *f = (const uint32_t *)src;
+        uint32_t *o = (uint32_t *)out;
+        if (check) {
+            for (int64_t i = 0; i < n; i++) {
+                o[i] = f[i];
+                bad += (f[i] & 0x7F800000u) == 0x7F800000u;
+            }
+        } else {
+            memcpy(o, f, (size_t)n * sizeof(float));
+        }
+    }
+    return bad;
+}
+
+/* Index of the need-th (1-based) entry with |x − base| == t, or −1. */
+int64_t ws_absdelta_nth_eq(const float *base, const float *x, int64_t n, float t, int64_t need) {
+    for (int64_t i = 0; i < n; i++)
+        if (fabsf(x[i] - base[i]) == t && --need == 0) return i;
+    return -1;
+}

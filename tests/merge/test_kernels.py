@@ -1,0 +1,155 @@
+"""The native merge kernels give exactly the eager torch results, and fall back cleanly."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import weightsmith.kernels as kernels
+from weightsmith.kernels import merge as native
+from weightsmith.merge.methods.base import TensorChunks, TensorParams, merge_tensors
+from weightsmith.merge.methods.dare import keep_mask, splitmix64
+from weightsmith.merge.methods.ties import native_topk_cuts, topk_threshold
+
+pytestmark = pytest.mark.skipif(kernels.merge_kernels() is None, reason="no C compiler here")
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64_reference(seed: int, j: int) -> int:
+    """SplitMix64 (Steele, Lea, Flood 2014) in plain Python integers: the j-th output."""
+    z = (seed + (j + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def _deltas(n: int, k: int, seed: int = 0) -> list[torch.Tensor]:
+    """A base and k models whose deltas include exact zeros, sign mixes and repeated values."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    models = []
+    for i in range(k):
+        d = torch.randn(n, generator=g) * 0.01
+        d[torch.rand(n, generator=g) < 0.1] = 0.0  # untouched entries
+        d[torch.rand(n, generator=g) < 0.05] = 0.0078125 * (1 if i % 2 else -1)  # ties
+        models.append(base + d)
+    return [base, *models]
+
+
+def test_splitmix64_matches_the_reference_in_torch_and_c():
+    seed = 0x0123456789ABCDEF
+    js = [0, 1, 2, 3, 1000, 2**31, 2**40 + 7]
+    got = splitmix64(seed, torch.tensor(js)).tolist()
+    assert [g & MASK64 for g in got] == [splitmix64_reference(seed, j) for j in js]
+    # The keep mask uses both halves of each output: check the native one entry by entry.
+    cut = round(0.3 * 2**32)
+    mask = keep_mask(seed, 5, 8, 0.3)
+    for i, kept in zip(range(5, 13), mask.tolist(), strict=True):
+        w = splitmix64_reference(seed, i // 2)
+        u = (w >> 32) if i % 2 else (w & 0xFFFFFFFF)
+        assert kept == (u < cut)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_dare_keep_mask_native_equals_torch(density, monkeypatch):
+    fast = keep_mask(42, 123_457, 100_003, density)
+    monkeypatch.setattr(native, "merge_kernels", lambda: None)
+    slow = keep_mask(42, 123_457, 100_003, density)
+    assert torch.equal(fast, slow)
+    assert abs(fast.float().mean().item() - density) < 0.01
+
+
+CASES = list(
+    itertools.product(
+        ["task_arithmetic", "ties", "dare_linear", "dare_ties"],
+        [1, 2, 3],
+        [True, False],  # normalize
+    )
+)
+
+
+@pytest.mark.parametrize(("method", "k", "normalize"), CASES)
+def test_fused_merge_is_bit_identical_to_eager(method, k, normalize, monkeypatch):
+    tensors = _deltas(70_001, k, seed=k)
+    weights = [1.0, 0.7, -0.3][:k]
+    models = tuple(
+        {"weight": w, "density": d} for w, d in zip(weights, [0.5, 0.3, 1.0][:k], strict=True)
+    )
+    params = TensorParams("layers.0.w", {"normalize": normalize, "lambda": 0.9}, models)
+    fast = merge_tensors(method, tensors, params, chunk_size=30_000)
+    monkeypatch.setattr(native, "merge_kernels", lambda: None)
+    slow = merge_tensors(method, tensors, params, chunk_size=30_000)
+    assert torch.equal(fast, slow), (fast - slow).abs().max()
+
+
+def test_fused_dare_without_rescale_is_bit_identical(monkeypatch):
+    tensors = _deltas(10_000, 2, seed=9)
+    models = ({"weight": 1.0, "density": 0.4}, {"weight": 0.5, "density": 0.6})
+    params = TensorParams("t", {"rescale": False, "seed": 3}, models)
+    fast = merge_tensors("dare_ties", tensors, params)
+    monkeypatch.setattr(native, "merge_kernels", lambda: None)
+    assert torch.equal(fast, merge_tensors("dare_ties", tensors, params))
+
+
+@pytest.mark.parametrize("chunk", [None, 4096, 77_777])
+def test_radix_topk_cuts_equal_the_exact_selection(chunk):
+    base, *models = _deltas(300_000, 2, seed=5)
+    src = TensorChunks([base, *models], chunk_size=chunk)
+    n = base.numel()
+    # 0.5: the cut falls inside the continuous values; the others land on the tied 2**-7 and
+    # 0.0 values, so only some of the ties are kept (in storage order).
+    for frac in (0.5, 0.03, 0.1, 0.95):
+        keep = {0: max(1, int(frac * n)), 1: max(1, int(frac * n) + 1)}
+        cuts = native_topk_cuts(src, keep)
+        for k, m in enumerate(models):
+            assert cuts[k] == topk_threshold((m - base).abs(), keep[k]), (frac, k)
+
+
+def test_native_topk_cuts_keep_exactly_k_entries():
+    base = torch.zeros(1000)
+    x = torch.zeros(1000)
+    x[::10] = 1.0  # 100 entries of |δ| = 1, 900 of 0
+    src = TensorChunks([base, x], chunk_size=128)
+    cut = native_topk_cuts(src, {0: 250})[0]  # all 100 ones plus the first 150 zeros
+    assert cut.threshold == 0.0
+    kept = (x > 0) | (torch.arange(1000) <= cut.last_tie)
+    assert int(kept.sum()) == 250
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with pytest.warns(UserWarning, match="native merge kernels unavailable"):
+        assert kernels.merge_kernels() is None
+    assert kernels.merge_kernels() is None  # remembered: no second build attempt
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("WEIGHTSMITH_KERNELS", "0")
+    assert kernels.merge_kernels() is None
+
+
+def test_kernels_are_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.merge_kernels() is not None
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.merge_kernels() is not None
+    assert list((tmp_path / "kernels").glob("*.so")) == built
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_conversion_is_exact_and_counts_nan_inf(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(10_000, generator=g) * 1e-38).to(dtype)  # subnormals included
+    x[3], x[70], x[9_999] = float("nan"), float("inf"), float("-inf")
+    out = torch.empty(10_000)
+    assert native.to_float32(x, out, check=True) == 3
+    assert torch.equal(out.view(torch.int32), x.float().view(torch.int32))  # bit for bit
+    assert native.to_float32(x[:3], torch.empty(3), check=True) == 0
+    assert native.to_float32(x, out, check=False) == 0
+    assert native.to_float32(x.half(), out, check=True) is None  # not a kernel dtype: torch

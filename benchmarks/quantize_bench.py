@@ -67,6 +67,9 @@ CONFIGS = {
         "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
         "gptq w3 g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
         "gptq w4 g64 act-order": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
+        "gptq w4 per-channel act-order": ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--act-order"],
+        "rtn w3 per-channel": ["--method", "rtn", "--bits", "3", "--group-size", "-1"],
+        "gptq w3 per-channel act-order": ["--method", "gptq", "--bits", "3", "--group-size", "-1", "--act-order"],
         "nf4 (bitsandbytes)": ["--method", "nf4"],
     },
 }  # fmt: skip
@@ -109,7 +112,7 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
     ids_path = work / "peer_ids.pt"
     torch.save(ids, ids_path)
     rows = []
-    for bits in (4, 3):
+    for bits in args.peer_bits:
         out = work / f"peer_llmcompressor_w{bits}_pc"
         proc = subprocess.run(
             [python, "-c", PEER_SCRIPT, str(base), str(ids_path), str(out), str(bits)],
@@ -141,6 +144,24 @@ def run(cmd: list[str]) -> dict:
     return data
 
 
+def holdout_calibration(base: Path, data: Path, eval_tokens: int, work: Path) -> Path:
+    """The second half of the evaluation text as a calibration file, after checking that the
+    first half alone holds every evaluated token (so calibration never sees them)."""
+    from weightsmith.core.calibration import load_tokenizer
+
+    text = data.read_text(encoding="utf-8")
+    half = len(text) // 2
+    first = len(load_tokenizer(base)(text[:half])["input_ids"])
+    if first < eval_tokens:
+        raise SystemExit(
+            f"{data}: the first half holds {first} tokens < --max-tokens {eval_tokens}"
+        )
+    out = work / f"calib-holdout-{data.name}"
+    out.write_text(text[half:], encoding="utf-8")
+    print(f"calibration: second half of {data.name} ({len(text) - half} chars)", file=sys.stderr)
+    return out
+
+
 def baseline_row(base: Path, data: Path, evalargs: dict) -> dict:
     """The unquantized model's own perplexity (KL 0, top-1 100%)."""
     r = perplexity(base, data, **evalargs).to_dict()
@@ -164,6 +185,13 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline's own ppl row")
     ap.add_argument("--peer-python", default=None, help="python of a venv with llmcompressor")
+    ap.add_argument("--peer-bits", type=int, nargs="+", default=[4, 3], help="peer runs")
+    ap.add_argument(
+        "--calib-holdout",
+        action="store_true",
+        help="calibrate on the second half of --eval-data (in-domain, disjoint from the "
+        "evaluated tokens) instead of --calib-data",
+    )
     args = ap.parse_args()
 
     base = smollm2_dir() if args.model == "smollm2" else shared_model(args.model)
@@ -171,6 +199,9 @@ def main() -> None:
     if base is None or data is None or calib is None:
         sys.exit(f"skipped: {args.model} or the shared text is not available")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.calib_holdout:
+        calib = holdout_calibration(base, data, args.max_tokens, work)
     ws = [sys.executable, "-m", "weightsmith"]
     evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
     rows = []

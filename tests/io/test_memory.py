@@ -58,3 +58,13 @@ def test_peak_rss_is_this_program_s_own_not_its_parent_s() -> None:
     child = int(subprocess.check_output([sys.executable, "-c", code], text=True))
     del ballast
     assert child < 600 << 20, child  # the child itself (python + torch) is ~250 MB
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
+def test_cli_turns_on_huge_pages_for_torch_unless_told(given, expected, monkeypatch) -> None:
+    if given is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
+    code = "import os, weightsmith.cli.main; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == expected

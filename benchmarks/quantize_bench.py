@@ -82,20 +82,23 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
-base, ids_path, out, bits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+base, ids_path, out, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 ids = torch.load(ids_path)
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel"}
+if group > 0:
+    weights.update(strategy="group", group_size=group)
 recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
                       ignore=["lm_head"], dampening_frac=0.01, block_size=128)
 oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
         num_calibration_samples=ids.shape[0])
 model.save_pretrained(out, save_compressed=True)
 AutoTokenizer.from_pretrained(base).save_pretrained(out)
-print(json.dumps({"wall_s": time.perf_counter() - t,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]  # not ru_maxrss:
+peak = int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": peak}))  # (kept across exec)
 """
 
 
@@ -112,10 +115,12 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
     ids_path = work / "peer_ids.pt"
     torch.save(ids, ids_path)
     rows = []
+    group = args.peer_group_size
+    tag = "per-channel" if group <= 0 else f"g{group}"
     for bits in args.peer_bits:
-        out = work / f"peer_llmcompressor_w{bits}_pc"
+        out = work / f"peer_llmcompressor_w{bits}_{tag}"
         proc = subprocess.run(
-            [python, "-c", PEER_SCRIPT, str(base), str(ids_path), str(out), str(bits)],
+            [python, "-c", PEER_SCRIPT, str(base), str(ids_path), str(out), str(bits), str(group)],
             capture_output=True,
             text=True,
         )
@@ -124,7 +129,7 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
         e = perplexity(out, data, reference=base, **evalargs).to_dict()
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"config": f"llm-compressor gptq w{bits} per-channel", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
+        rows.append({"config": f"llm-compressor gptq w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
     return rows
 
 
@@ -186,6 +191,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline's own ppl row")
     ap.add_argument("--peer-python", default=None, help="python of a venv with llmcompressor")
     ap.add_argument("--peer-bits", type=int, nargs="+", default=[4, 3], help="peer runs")
+    ap.add_argument("--peer-group-size", type=int, default=-1, help="peer group (-1: channel)")
+    ap.add_argument("--no-configs", action="store_true", help="run only the peer")
     ap.add_argument(
         "--calib-holdout",
         action="store_true",
@@ -208,7 +215,7 @@ def main() -> None:
     if not args.no_baseline:
         rows.append(baseline_row(base, data, evalargs))
     for name, extra in CONFIGS[args.configs or args.model].items():
-        if args.only and name not in args.only:
+        if args.no_configs or (args.only and name not in args.only):
             continue
         out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
         calibargs = [

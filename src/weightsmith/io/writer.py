@@ -10,6 +10,7 @@ side file and assembles the shard when it is full.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import errno
@@ -19,6 +20,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +133,7 @@ class CheckpointWriter:
         self._written: set[str] = set()
         self._fds: dict[int, int] = {}
         self._extra_files: list[str] = []
+        self._behind = WriteBehind()
         self._done = False
 
     # ---------------------------------------------------------------- planning
@@ -181,7 +184,11 @@ class CheckpointWriter:
         self._write(TensorSpec.of(name, t), [memoryview(data)])
 
     def write_raw(self, spec: TensorSpec, chunks: Iterable[bytes]) -> None:
-        """Write a tensor from its stored bytes (a bit-exact copy without decoding)."""
+        """Write a tensor from its stored bytes (a bit-exact copy without decoding).
+
+        Chunks are written behind the caller (see :class:`WriteBehind`), so a chunk's buffer
+        must not change after it has been handed over: yield fresh buffers, never a reused one.
+        """
         self._write(spec, chunks)
 
     def write_from_file(self, spec: TensorSpec, src: Path, src_offset: int) -> None:
@@ -210,7 +217,12 @@ class CheckpointWriter:
                     raise OutputError(
                         f"{self.out}: tensor {spec.name!r} has more bytes than its shape"
                     )
-                self._io(path, lambda c=chunk, o=offset + written: pwrite_all(fd, c, o))
+                self._behind.submit(
+                    lambda c=chunk, o=offset + written: self._io(
+                        path, lambda: pwrite_all(fd, c, o)
+                    ),
+                    n,
+                )
                 written += n
             if written != entry.nbytes:
                 raise OutputError(
@@ -282,6 +294,8 @@ class CheckpointWriter:
         return fd
 
     def _close_fd(self, k: int) -> None:
+        if k in self._fds:
+            self._behind.drain()  # no write into this descriptor may still be queued
         fd = self._fds.pop(k, None)
         if fd is not None:
             os.close(fd)
@@ -333,6 +347,7 @@ class CheckpointWriter:
                 )
         elif self._shards and self._shards[-1].tmp_name.endswith(".data"):
             self._assemble_spilled(len(self._shards) - 1)
+        self._behind.drain()
         for k in list(self._fds):
             self._close_fd(k)
         n = len(self._shards)
@@ -365,6 +380,7 @@ class CheckpointWriter:
         self.write_json(PROVENANCE_NAME, _provenance(provenance or {}, summary))
         self._move_into_place()
         self._done = True
+        self._behind.close()
         return summary
 
     def _move_into_place(self) -> None:
@@ -385,12 +401,15 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Remove everything written so far (and parent directories this writer created)."""
+        with contextlib.suppress(Exception):
+            self._behind.drain()
         for k in list(self._fds):
             with contextlib.suppress(OSError):
                 self._close_fd(k)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._remove_parents()
         self._done = True
+        self._behind.close()
 
     def _remove_parents(self) -> None:
         for parent in self._created_parents:
@@ -423,6 +442,54 @@ class CheckpointWriter:
             if e.errno == errno.ENOSPC:
                 raise OutputError(f"no space left on device while writing {path}") from None
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+class WriteBehind:
+    """Tensor writes run on one background thread while the caller produces the next bytes
+    (``pwrite`` releases the GIL), across tensor boundaries, with at most ``max_bytes``
+    queued. A failed write is raised by the next ``submit`` or by ``drain``, which waits for
+    everything queued; the writer drains before closing a file and before committing."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._queue: collections.deque[tuple[Future, int]] = collections.deque()
+        self._queued = 0
+
+    def submit(self, fn: Callable[[], object], nbytes: int) -> None:
+        self._reap(block=False)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-write")
+        self._queue.append((self._pool.submit(fn), nbytes))
+        self._queued += nbytes
+        while self._queued > self.max_bytes:
+            self._pop()
+
+    def drain(self) -> None:
+        error: BaseException | None = None
+        while self._queue:
+            try:
+                self._pop()
+            except BaseException as e:  # wait for every queued write, then raise the first
+                error = error or e
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _reap(self, block: bool) -> None:
+        while self._queue and (block or self._queue[0][0].done()):
+            self._pop()
+
+    def _pop(self) -> None:
+        fut, n = self._queue.popleft()
+        self._queued -= n
+        fut.result()
 
 
 def copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:

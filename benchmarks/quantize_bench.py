@@ -6,12 +6,15 @@ per run), then :func:`weightsmith.evaluate.perplexity` (the code behind ``weight
 held-out text. Results go to a JSON file and a markdown table on stdout.
 
 With ``--peer-python /opt/venvs/llmcompressor/bin/python`` the same model is also quantized by
-llm-compressor's GPTQ (per-channel, symmetric, w4 and w3) on the *same* calibration token
-windows, and evaluated by the same code. llm-compressor lives only in that separate venv.
+llm-compressor's GPTQ (symmetric; ``--peer-bits``, per-channel or ``--peer-group-size``) on the
+*same* calibration token windows, and evaluated by the same code. llm-compressor lives only in
+that separate venv. ``--calib-holdout`` calibrates on the second half of the evaluation file
+(in-domain text the evaluated tokens never come from; checked).
 
     python benchmarks/quantize_bench.py --model stories260K --max-tokens 16384
     python benchmarks/quantize_bench.py --model smollm2 --eval-data wikitext2_test.txt \\
-        --seq-len 512 --max-tokens 8192 --calib-samples 64 --calib-seq-len 256
+        --seq-len 512 --max-tokens 16384 --calib-samples 64 --calib-seq-len 256 \\
+        --calib-holdout --peer-python /opt/venvs/llmcompressor/bin/python --peer-bits 4
 
 SmolLM2's hidden size 576 is not divisible by 128, so its config set uses group 64.
 

@@ -153,3 +153,15 @@ def test_native_conversion_is_exact_and_counts_nan_inf(dtype):
     assert native.to_float32(x[:3], torch.empty(3), check=True) == 0
     assert native.to_float32(x, out, check=False) == 0
     assert native.to_float32(x.half(), out, check=True) is None  # not a kernel dtype: torch
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_tiny_and_empty_tensors_merge_the_same_with_and_without_kernels(n, monkeypatch):
+    tensors = [torch.arange(n, dtype=torch.float32) * s for s in (1.0, 2.0, -1.0)]
+    models = ({"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5})
+    params = TensorParams("t", {}, models)
+    fast = {m: merge_tensors(m, tensors, params) for m in ("ties", "dare_ties")}
+    monkeypatch.setattr(native, "merge_kernels", lambda: None)
+    for m, out in fast.items():
+        assert torch.equal(out, merge_tensors(m, tensors, params)), m
+        assert out.shape == (n,)

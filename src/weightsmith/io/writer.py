@@ -450,7 +450,7 @@ class WriteBehind:
     queued. A failed write is raised by the next ``submit`` or by ``drain``, which waits for
     everything queued; the writer drains before closing a file and before committing."""
 
-    def __init__(self, max_bytes: int = 256 << 20) -> None:
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
         self.max_bytes = max_bytes
         self._pool: ThreadPoolExecutor | None = None
         self._queue: collections.deque[tuple[Future, int]] = collections.deque()

@@ -207,9 +207,10 @@ class Ties(GeneralizedTaskArithmetic):
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> list[TopK | None]:
         densities = params.model_values("density")
-        active = [k for k, d in enumerate(densities) if d < 1.0]
-        keep = {k: max(1, int(densities[k] * src.numel)) for k in active}  # mergekit keeps >= 1
-        cuts: list[TopK | None] = [None] * len(densities)
+        keep = {k: max(1, int(d * src.numel)) for k, d in enumerate(densities)}  # mergekit: >= 1
+        active = [k for k, d in enumerate(densities) if d < 1.0 and keep[k] < src.numel]
+        keep = {k: keep[k] for k in active}
+        cuts: list[TopK | None] = [None] * len(densities)  # None: every entry is kept
         if active and native.available(torch.empty(0)):
             found = native_topk_cuts(src, keep)
             if found is not None:

@@ -105,6 +105,8 @@ def merge_kernels() -> ctypes.CDLL | None:
     """The merge kernel library, built and loaded once per process (None: use eager torch)."""
     if not enabled():
         return None
+    if "merge" in _loaded:  # called per sub-chunk: no lock once loaded
+        return _loaded["merge"]
     with _lock:
         if "merge" in _loaded:
             return _loaded["merge"]

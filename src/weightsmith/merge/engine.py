@@ -3,7 +3,8 @@
 Inputs are read with ``pread`` in aligned flat chunks (never the whole model, never an mmap that
 would keep pages resident), converted to float32 on the compute device, combined by the method
 and written straight to their offset in the output shard. Peak memory is a few chunks per input
-plus what a method needs for whole-tensor statistics (TIES: one float32 copy of |δ|).
+plus what a method needs for whole-tensor statistics (TIES without the native kernels: one
+float32 copy of |δ|).
 """
 
 from __future__ import annotations

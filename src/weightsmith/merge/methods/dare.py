@@ -53,6 +53,11 @@ def splitmix64(seed: int, j: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+def keep_cut(density: float) -> int:
+    """An entry is kept when its 32-bit uniform draw is below this (probability density)."""
+    return round(density * 2**32)
+
+
 def keep_mask(
     seed: int, offset: int, n: int, density: float, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -63,7 +68,7 @@ def keep_mask(
     probability density. A counter-based draw: the mask is the same however the tensor is
     chunked, whichever thread or device computes it, and the native kernel draws the same.
     """
-    cut = round(density * 2**32)
+    cut = keep_cut(density)
     if torch.device(device).type == "cpu":
         fused = native.dare_keep(seed, cut, offset, n)
         if fused is not None:
@@ -118,7 +123,7 @@ class _Dare(GeneralizedTaskArithmetic):
         density = float(params.models[k]["density"])
         if density >= 1.0:
             return native.Sparsify()
-        cut = round(density * 2**32)
+        cut = keep_cut(density)
         return native.Sparsify(native.DARE, seed=state[k], cut=cut, density=density)
 
 

@@ -272,3 +272,70 @@ def test_chunk_cache_serves_later_passes_and_matches_reads(trio):
     for x, y, z in zip(first, second, plain, strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
     assert torch.equal(first[0].reshape(shape), tensors(a)[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_slerp_native_path_equals_the_torch_path_bit_for_bit(
+    tiny_model, dtype, tmp_path, monkeypatch
+):
+    """bf16/fp32 inputs take the kernels that read storage directly (memory-mapped); fp16 and
+    WEIGHTSMITH_KERNELS=0 take the float32 torch path: same bytes out, both near mergekit's
+    formula (merge_tensors)."""
+    a, b = tiny_model("llama", 0, dtype), tiny_model("llama", 1, dtype)
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    from weightsmith.kernels import merge as native
+
+    calls = []
+    lerp2 = native.lerp2
+    monkeypatch.setattr(native, "lerp2", lambda *a, **k: calls.append(1) or lerp2(*a, **k))
+    r = run_cli("slerp", a, b, "--t", "0.3", "-o", fast)
+    assert r.exit_code == 0, r.output
+    assert bool(calls) == (dtype != torch.float16)  # which path ran
+    monkeypatch.setenv("WEIGHTSMITH_KERNELS", "0")
+    r = run_cli("slerp", a, b, "--t", "0.3", "-o", slow)
+    assert r.exit_code == 0, r.output
+    ta, tb, tf, ts = tensors(a), tensors(b), tensors(fast), tensors(slow)
+    for n, v in tf.items():
+        assert v.dtype == dtype
+        assert torch.equal(v.view(torch.uint8), ts[n].view(torch.uint8)), n
+        expected = merge_tensors("slerp", [ta[n], tb[n]], t=0.3).to(dtype)
+        assert torch.equal(v, expected), n
+
+
+def test_slerp_stored_path_reads_the_whole_tensor_across_pieces(tmp_path):
+    """A tensor bigger than one native piece (1M elements): sums and the mix span pieces."""
+    from weightsmith.merge.methods.slerp import NATIVE_PIECE, OUT_PIECES
+
+    n = OUT_PIECES * NATIVE_PIECE + 3 * NATIVE_PIECE // 2 + 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g).to(torch.bfloat16)
+    y = (x.float() + 0.3 * torch.randn(n, generator=g)).to(torch.bfloat16)
+    for name, t in (("a", x), ("b", y)):
+        (tmp_path / name).mkdir()
+        save_file({"w": t}, tmp_path / name / "model.safetensors")
+    out = tmp_path / "out"
+    r = run_cli("slerp", tmp_path / "a", tmp_path / "b", "--t", "0.5", "-o", out)
+    assert r.exit_code == 0, r.output
+    got = load_file(out / "model.safetensors")["w"]
+    expected = merge_tensors("slerp", [x, y], t=0.5).to(torch.bfloat16)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slerp_nan_in_either_input_is_an_error_naming_file_and_tensor(
+    tiny_model, tiny_model_copy, dtype, tmp_path
+):
+    good = tiny_model("llama", 0, dtype)
+    bad = tiny_model_copy("llama", 1, dtype)
+    shard = next(
+        p for p in sorted(bad.glob("*.safetensors")) if "up_proj" in str(load_file(p).keys())
+    )
+    state = load_file(shard)
+    name = next(n for n in state if "up_proj" in n)
+    state[name].view(-1)[-1] = float("inf")
+    save_file(state, shard, metadata={"format": "pt"})
+    for first, second in ((good, bad), (bad, good)):
+        out = tmp_path / "out"
+        r = run_cli("slerp", first, second, "--t", "0.5", "-o", out)
+        assert_one_line_error(r, str(bad), name, "NaN or Inf")
+        assert not out.exists()

@@ -165,3 +165,49 @@ def test_tiny_and_empty_tensors_merge_the_same_with_and_without_kernels(n, monke
     for m, out in fast.items():
         assert torch.equal(out, merge_tensors(m, tensors, params)), m
         assert out.shape == (n,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100_003])
+def test_slerp_dots_are_exact_float64_sums_and_count_nan_inf(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    dot, aa, bb, bad_a, bad_b = native.slerp_dots(a, b)
+    x, y = a.double(), b.double()
+    # products are exact in float64; only the order of the float64 sums differs from torch's
+    for got, ref in ((dot, x @ y), (aa, x @ x), (bb, y @ y)):
+        assert got == pytest.approx(float(ref), rel=1e-12, abs=1e-12)
+    assert (bad_a, bad_b) == (0, 0)
+    a[n // 2] = float("nan")
+    b[0], b[n - 1] = float("inf"), float("-inf")
+    assert native.slerp_dots(a, b)[3:] == (1, 1 if n == 1 else 2)
+    assert native.slerp_dots(a, b.half() if dtype == torch.float32 else b.float()) is None
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_lerp2_equals_torch_mul_add_bit_for_bit(in_dtype, out_dtype):
+    n = 100_003  # not a multiple of the vector width: the tail is covered too
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(n, generator=g) * 0.02).to(in_dtype)
+    b = (torch.randn(n, generator=g) * 0.02).to(in_dtype)
+    s0, s1 = 0.6180339887, 0.4142135623
+    out = torch.empty(n, dtype=out_dtype)
+    assert native.lerp2(a, b, s0, s1, out)
+    # the eager torch path of Slerp.combine: a·s0 rounded, then fma(b, s1, ·) (vector loop)
+    eager = a.float().mul(s0).add_(b.float(), alpha=s1).to(out_dtype)
+    assert torch.equal(eager.view(torch.uint8), out.view(torch.uint8))
+    assert not native.lerp2(a, b.half(), s0, s1, out)
+
+
+def test_bfloat16_rounding_is_nearest_even_like_torch():
+    # float32 values exactly between two bfloat16 neighbours, both parities, and overflow
+    bits = torch.tensor(
+        [0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7FFFFF, 0xFF7F8000, 0x00008000, 0x00018000],
+        dtype=torch.int64,
+    ).to(torch.int32)
+    x = bits.view(torch.float32)
+    out = torch.empty(len(x), dtype=torch.bfloat16)
+    assert native.lerp2(x, torch.zeros_like(x), 1.0, 0.0, out)
+    assert torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import sys
+from collections.abc import Iterator
 
 
 def _load_libc():
@@ -38,3 +41,17 @@ def map_large_blocks(threshold: int = 32 << 20) -> None:
     (a whole-heap walk, tens of ms) shrinks again."""
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(M_MMAP_THRESHOLD, int(threshold))
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Keep the cyclic garbage collector off the objects that already exist (torch's modules,
+    the plan, the checkpoints' headers) for the duration of a streaming loop. The loop makes
+    many short-lived containers, and each full collection would otherwise walk every
+    long-lived object again: about a tenth of a 1.1B-parameter SLERP merge's CPU time.
+    New objects are still collected; the frozen ones are handed back afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from weightsmith.core.memory import frozen_gc
 from weightsmith.core.report import peak_rss_bytes
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
@@ -102,7 +103,7 @@ def stream_transform(
             disable=not progress,
             leave=False,
         )
-        with bar:
+        with bar, frozen_gc():
             for group, specs in zip(groups, specs_by_group, strict=True):
                 bar.set_postfix_str(group.key[-40:], refresh=False)
                 expected = {s.name for s in specs}

@@ -8,9 +8,13 @@ work starts. Tensor data is read lazily through mmap (``safe_open``), one tensor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +77,7 @@ class Checkpoint:
         self._headers: dict[str, Header] = {}
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._index_bytes = b""
         self.format = "safetensors"
@@ -240,18 +245,66 @@ class Checkpoint:
         out = torch.empty(shape, dtype=info.torch_dtype)
         if out.numel() == 0:
             return out
+        self._pread_into(info, start * row_bytes, out)
+        return out
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor as stored (a new 1-D tensor in the
+        file's dtype), reading only those bytes; safe to call from several threads."""
+        info = self.info(name)
+        if self.format == "pickle":
+            return self._load_pickle(info.shard)[name].reshape(-1)[start:stop].clone()
+        start, stop = max(0, start), min(stop, info.numel)
+        out = torch.empty(max(stop - start, 0), dtype=info.torch_dtype)
+        if out.numel():
+            self._pread_into(info, start * info.torch_dtype.itemsize, out)
+        return out
+
+    @contextlib.contextmanager
+    def mapped_flat(self, name: str) -> Iterator[torch.Tensor]:
+        """The whole tensor as stored, 1-D, memory-mapped read-only: kernels read the page
+        cache in place (no copy, no allocation). The tensor holds the mapping, so it is
+        unmapped as soon as the last view of it is freed (normally on leaving the block), and
+        resident pages never add up beyond the tensors in use."""
+        info = self.info(name)
+        if self.format == "pickle" or info.nbytes == 0:
+            yield self.get_tensor(name).reshape(-1)
+            return
         header = self._headers[info.shard]
-        entry = header.entries[name]
-        offset = header.data_start + entry.begin + start * row_bytes
+        start = header.data_start + header.entries[name].begin
+        base = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(
+                self._fd(info.shard),
+                start + info.nbytes - base,
+                offset=base,
+                access=mmap.ACCESS_READ,
+            )
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{header.path}: cannot map {name!r} ({e})") from None
+        with contextlib.suppress(AttributeError, OSError):  # start reading ahead if on disk
+            mm.madvise(mmap.MADV_WILLNEED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: kernels only read it
+            t = torch.frombuffer(mm, dtype=info.torch_dtype, count=info.numel, offset=start - base)
+        del mm  # the tensor keeps the map alive; never close() it under a live view
+        try:
+            yield t
+        finally:
+            del t
+
+    def _pread_into(self, info: TensorInfo, byte_offset: int, out: torch.Tensor) -> None:
+        """Fill ``out`` with the tensor's stored bytes from ``byte_offset`` on."""
+        header = self._headers[info.shard]
+        offset = header.data_start + header.entries[info.name].begin + byte_offset
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         fd = self._fd(info.shard)
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise CheckpointError(f"{header.path}: file shrank while reading {name!r}")
+                raise CheckpointError(f"{header.path}: file shrank while reading {info.name!r}")
             done += n
-        return out
 
     def raw_location(self, name: str) -> tuple[Path, int] | None:
         """(file, absolute byte offset) of a tensor's stored bytes, for kernel-side copies;
@@ -308,12 +361,15 @@ class Checkpoint:
     def _fd(self, shard: str) -> int:
         fd = self._fds.get(shard)
         if fd is None:
-            path = self._headers[shard].path
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-            self._fds[shard] = fd
+            with self._fd_lock:  # readers on several threads open each shard once
+                fd = self._fds.get(shard)
+                if fd is None:
+                    path = self._headers[shard].path
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+                    self._fds[shard] = fd
         return fd
 
     def close(self) -> None:

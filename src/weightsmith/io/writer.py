@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from weightsmith.errors import OutputError
+from weightsmith.io.direct import DirectFile, direct_io_wanted
 from weightsmith.io.dtypes import safetensors_dtype
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.safetensors_format import (
@@ -132,6 +133,8 @@ class CheckpointWriter:
         self._planned: dict[str, tuple[int, TensorSpec]] | None = None
         self._written: set[str] = set()
         self._fds: dict[int, int] = {}
+        self._direct: dict[int, DirectFile] = {}
+        self.direct_bytes = 0  # tensor bytes that went past the page cache (O_DIRECT)
         self._extra_files: list[str] = []
         self._behind = WriteBehind()
         self._done = False
@@ -205,6 +208,7 @@ class CheckpointWriter:
         k, entry = self._reserve(spec)
         shard = self._shards[k]
         fd = self._fd(k)
+        sink = self._direct.get(k)
         path = self.tmp / shard.tmp_name
         offset = shard.data_start + entry.begin
         if source is not None:
@@ -217,12 +221,11 @@ class CheckpointWriter:
                     raise OutputError(
                         f"{self.out}: tensor {spec.name!r} has more bytes than its shape"
                     )
-                self._behind.submit(
-                    lambda c=chunk, o=offset + written: self._io(
-                        path, lambda: pwrite_all(fd, c, o)
-                    ),
-                    n,
-                )
+                if sink is not None:
+                    write = lambda c=chunk, o=offset + written: sink.pwrite(c, o)  # noqa: E731
+                else:
+                    write = lambda c=chunk, o=offset + written: pwrite_all(fd, c, o)  # noqa: E731
+                self._behind.submit(lambda w=write: self._io(path, w), n)
                 written += n
             if written != entry.nbytes:
                 raise OutputError(
@@ -291,11 +294,20 @@ class CheckpointWriter:
             path = self.tmp / self._shards[k].tmp_name
             fd = self._io(path, lambda: os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
             self._fds[k] = fd
+            shard = self._shards[k]
+            # Planned shards know their size; spilled ones only when direct I/O is forced.
+            size = shard.size if self._planned is not None else 0
+            if direct_io_wanted(size):
+                self._direct[k] = self._io(path, lambda: DirectFile(path, fd))
         return fd
 
     def _close_fd(self, k: int) -> None:
         if k in self._fds:
             self._behind.drain()  # no write into this descriptor may still be queued
+        sink = self._direct.pop(k, None)
+        if sink is not None:
+            self.direct_bytes += sink.direct_bytes
+            sink.close()
         fd = self._fds.pop(k, None)
         if fd is not None:
             os.close(fd)

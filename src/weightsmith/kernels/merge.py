@@ -150,3 +150,54 @@ def select_from_hist(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _raw_usable(*tensors: torch.Tensor) -> bool:
+    """CPU, contiguous, float32 or bfloat16 (read-only buffers are fine: kernels only read)."""
+    return all(
+        t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors
+    )
+
+
+def available_stored() -> bool:
+    """True when the kernels that read float32/bfloat16 storage directly are loaded."""
+    return merge_kernels() is not None
+
+
+def slerp_dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, int, int] | None:
+    """(<a,b>, <a,a>, <b,b>, NaN/Inf in a, NaN/Inf in b) of two same-dtype float32/bfloat16
+    ranges, products exact in float64; None when the kernels cannot take them."""
+    lib = merge_kernels()
+    if lib is None or a.dtype != b.dtype or a.numel() != b.numel() or not _raw_usable(a, b):
+        return None
+    out = (ctypes.c_double * 3)()
+    bad = (ctypes.c_int64 * 2)()
+    lib.ws_slerp_dots(a.data_ptr(), b.data_ptr(), _KERNEL_DTYPES[a.dtype], a.numel(), out, bad)
+    return out[0], out[1], out[2], bad[0], bad[1]
+
+
+def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Tensor) -> bool:
+    """``out = s0·a + s1·b`` (float32 arithmetic as torch's ``a.mul(s0).add_(b, alpha=s1)``)
+    into a float32/bfloat16 ``out``; False when the kernels cannot take these tensors."""
+    lib = merge_kernels()
+    if (
+        lib is None
+        or a.dtype != b.dtype
+        or not (a.numel() == b.numel() == out.numel())
+        or not _raw_usable(a, b, out)
+    ):
+        return False
+    lib.ws_lerp2(
+        a.data_ptr(),
+        b.data_ptr(),
+        _KERNEL_DTYPES[a.dtype],
+        a.numel(),
+        s0,
+        s1,
+        out.data_ptr(),
+        _KERNEL_DTYPES[out.dtype],
+    )
+    return True

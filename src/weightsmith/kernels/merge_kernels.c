@@ -1,4 +1,4 @@
-/* Fused elementwise kernels for task-vector merges (task arithmetic, TIES, DARE).
+/* Fused elementwise kernels for merges (task arithmetic, TIES, DARE, SLERP).
  *
  * Each function works on one flat float32 range and is pure: the Python side cuts tensors at
  * fixed offsets and calls these from several threads (ctypes releases the GIL). Every result
@@ -14,7 +14,7 @@
 
 enum { SP_NONE = 0, SP_TOPK = 1, SP_DARE = 2 };
 
-int ws_abi_version(void) { return 1; }
+int ws_abi_version(void) { return 2; }
 int ws_max_models(void) { return MAXK; }
 
 /* SplitMix64's j-th output for a generator seeded with `seed` (Steele et al. 2014). */
@@ -190,4 +190,119 @@ int64_t ws_absdelta_nth_eq(const float *base, const float *x, int64_t n, float t
     for (int64_t i = 0; i < n; i++)
         if (fabsf(x[i] - base[i]) == t && --need == 0) return i;
     return -1;
+}
+
+/* Storage types a kernel reads or writes directly: float32 and bfloat16. */
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+/* float32 -> bfloat16 with round-to-nearest-even and NaN -> 0x7FC0, as c10::BFloat16 does. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#define LANES 8
+
+/* One lane-blocked pass of SLERP's statistics; T is the storage type and E its unsigned bit
+ * type, LOAD(p, i) gives a float, EXP(p, i) the exponent bits, EXPMAX marks NaN/Inf. The
+ * largest exponent seen is tracked (it vectorizes); NaN/Inf are counted only when one is there.
+ * Instantiated per dtype so each loop vectorizes. */
+#define SLERP_DOTS(NAME, T, E, LOAD, EXP, EXPMAX)                                           \
+    static void NAME(const T *a, const T *b, int64_t n, double *out, int64_t *bad) {        \
+        double ab[LANES] = {0}, aa[LANES] = {0}, bb[LANES] = {0};                           \
+        E ea[LANES] = {0}, eb[LANES] = {0};                                                 \
+        int64_t i = 0;                                                                      \
+        for (; i + LANES <= n; i += LANES) {                                                \
+            for (int j = 0; j < LANES; j++) {                                               \
+                double x = LOAD(a, i + j), y = LOAD(b, i + j);                              \
+                ab[j] += x * y;                                                             \
+                aa[j] += x * x;                                                             \
+                bb[j] += y * y;                                                             \
+                E u = EXP(a, i + j), v = EXP(b, i + j);                                     \
+                ea[j] = u > ea[j] ? u : ea[j];                                              \
+                eb[j] = v > eb[j] ? v : eb[j];                                              \
+            }                                                                               \
+        }                                                                                   \
+        for (int j = 0; i + j < n; j++) {                                                   \
+            double x = LOAD(a, i + j), y = LOAD(b, i + j);                                  \
+            ab[j] += x * y;                                                                 \
+            aa[j] += x * x;                                                                 \
+            bb[j] += y * y;                                                                 \
+            E u = EXP(a, i + j), v = EXP(b, i + j);                                         \
+            ea[j] = u > ea[j] ? u : ea[j];                                                  \
+            eb[j] = v > eb[j] ? v : eb[j];                                                  \
+        }                                                                                   \
+        double s_ab = 0, s_aa = 0, s_bb = 0;                                                \
+        E m_a = 0, m_b = 0;                                                                 \
+        for (int j = 0; j < LANES; j++) {                                                   \
+            s_ab += ab[j];                                                                  \
+            s_aa += aa[j];                                                                  \
+            s_bb += bb[j];                                                                  \
+            m_a = ea[j] > m_a ? ea[j] : m_a;                                                \
+            m_b = eb[j] > m_b ? eb[j] : m_b;                                                \
+        }                                                                                   \
+        out[0] = s_ab;                                                                      \
+        out[1] = s_aa;                                                                      \
+        out[2] = s_bb;                                                                      \
+        bad[0] = bad[1] = 0;                                                                \
+        if (m_a == (EXPMAX))                                                                \
+            for (int64_t k = 0; k < n; k++) bad[0] += EXP(a, k) == (EXPMAX);                \
+        if (m_b == (EXPMAX))                                                                \
+            for (int64_t k = 0; k < n; k++) bad[1] += EXP(b, k) == (EXPMAX);                \
+    }
+
+static inline float bf16_at(const uint16_t *p, int64_t i) {
+    uint32_t u = (uint32_t)p[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t bf16_exp(const uint16_t *p, int64_t i) { return p[i] & 0x7F80u; }
+static inline float f32_at(const float *p, int64_t i) { return p[i]; }
+static inline uint32_t f32_exp(const float *p, int64_t i) {
+    uint32_t u;
+    memcpy(&u, p + i, sizeof u);
+    return u & 0x7F800000u;
+}
+
+SLERP_DOTS(slerp_dots_bf16, uint16_t, uint16_t, bf16_at, bf16_exp, 0x7F80u)
+SLERP_DOTS(slerp_dots_f32, float, uint32_t, f32_at, f32_exp, 0x7F800000u)
+
+/* SLERP's statistics of one range of two tensors stored as `dtype` (DT_F32 / DT_BF16):
+ * out[0] = <a,b>, out[1] = <a,a>, out[2] = <b,b>, every product exact in double, summed in
+ * LANES partial sums combined in a fixed order; bad[0], bad[1] = NaN/Inf counts of a and b. */
+void ws_slerp_dots(const void *a, const void *b, int32_t dtype, int64_t n, double *out,
+                   int64_t *bad) {
+    if (dtype == DT_BF16)
+        slerp_dots_bf16((const uint16_t *)a, (const uint16_t *)b, n, out, bad);
+    else
+        slerp_dots_f32((const float *)a, (const float *)b, n, out, bad);
+}
+
+#define LERP2(NAME, TI, LOAD, TO, STORE)                                                    \
+    static void NAME(const TI *a, const TI *b, int64_t n, float s0, float s1, TO *o) {      \
+        for (int64_t i = 0; i < n; i++) o[i] = STORE(fmaf(LOAD(b, i), s1, LOAD(a, i) * s0)); \
+    }
+
+static inline float f32_id(float f) { return f; }
+
+LERP2(lerp2_bf16_bf16, uint16_t, bf16_at, uint16_t, to_bf16)
+LERP2(lerp2_bf16_f32, uint16_t, bf16_at, float, f32_id)
+LERP2(lerp2_f32_bf16, float, f32_at, uint16_t, to_bf16)
+LERP2(lerp2_f32_f32, float, f32_at, float, f32_id)
+
+/* out = s0·a + s1·b over one range, as torch's a.mul(s0).add_(b, alpha=s1) computes it on
+ * float32 (vectorized: fma(b, s1, a·s0)), stored as out_dtype (bfloat16: round to nearest even). */
+void ws_lerp2(const void *a, const void *b, int32_t in_dtype, int64_t n, float s0, float s1,
+              void *out, int32_t out_dtype) {
+    if (in_dtype == DT_BF16 && out_dtype == DT_BF16)
+        lerp2_bf16_bf16((const uint16_t *)a, (const uint16_t *)b, n, s0, s1, (uint16_t *)out);
+    else if (in_dtype == DT_BF16)
+        lerp2_bf16_f32((const uint16_t *)a, (const uint16_t *)b, n, s0, s1, (float *)out);
+    else if (out_dtype == DT_BF16)
+        lerp2_f32_bf16((const float *)a, (const float *)b, n, s0, s1, (uint16_t *)out);
+    else
+        lerp2_f32_f32((const float *)a, (const float *)b, n, s0, s1, (float *)out);
 }

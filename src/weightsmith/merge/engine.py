@@ -9,6 +9,7 @@ float32 copy of |δ|).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from weightsmith.merge.plan import TensorJob
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
 DEFAULT_CACHE_BYTES = 256 << 20  # float32 copies of one tensor's inputs kept between passes
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+STORED_DTYPES = {torch.float32, torch.bfloat16}  # what the native kernels read directly
 
 
 class CheckpointChunks(ChunkSource):
@@ -45,7 +47,10 @@ class CheckpointChunks(ChunkSource):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         device: torch.device | str = "cpu",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        stored: bool = False,
     ) -> None:
+        """``stored``: yield the chunks as stored (file dtype, CPU, unchecked) for a method's
+        :meth:`~weightsmith.merge.methods.base.MergeMethod.stream_stored` fast path."""
         self.inputs = list(inputs)
         self.name = name
         self.shape = shape
@@ -54,10 +59,11 @@ class CheckpointChunks(ChunkSource):
         self.chunk = max(1, chunk_elements)
         self.device = torch.device(device)
         self._checked: set[int] = set()
+        self.as_stored = stored
         # Multi-pass methods (SLERP, TIES) read inputs again; keep the converted chunks when
         # all inputs of this tensor fit the budget, so later passes skip pread + conversion.
         self._cache: dict[int, list[torch.Tensor]] | None = (
-            {} if numel * 4 * len(inputs) <= cache_bytes else None
+            {} if not stored and numel * 4 * len(inputs) <= cache_bytes else None
         )
 
     def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
@@ -80,7 +86,7 @@ class CheckpointChunks(ChunkSource):
         remaining = self.numel
         for piece in _pieces(ckpt, tname, self.chunk, dtype):
             t = piece[:remaining] if piece.numel() > remaining else piece
-            out = _to_float32(t, self.device, check)
+            out = t if self.as_stored else _to_float32(t, self.device, check)
             if out is None:
                 raise CheckpointError(f"{ckpt.path}: tensor {tname!r} holds NaN or Inf values")
             remaining -= out.numel()
@@ -94,6 +100,14 @@ class CheckpointChunks(ChunkSource):
                 return
             yield out
         self._finish(i, check, kept)
+
+    def stored(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
+        ckpt, tname = self.inputs[i]
+        return ckpt.mapped_flat(tname)
+
+    def fail_nonfinite(self, i: int) -> None:
+        ckpt, tname = self.inputs[i]
+        raise CheckpointError(f"{ckpt.path}: tensor {tname!r} holds NaN or Inf values")
 
     def _finish(self, i: int, checked: bool, kept: list[torch.Tensor] | None) -> None:
         if checked:
@@ -184,13 +198,31 @@ def produce(
     numel = _numel(job.shape)
     region = numel if job.common_rows is None else job.common_rows * _numel(job.shape[1:])
     inputs = [(ckpts[m], n) for m, n in job.inputs]
-    src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
     method = get_method(job.method)
+    if _can_stream_stored(inputs, device, region == numel):
+        src = CheckpointChunks(
+            inputs, job.out_name, job.shape, region, chunk_elements, device, stored=True
+        )
+        outs = method.stream_stored(src, job.params, spec.dtype)
+        if outs is not None:
+            yield from (memoryview(o.reshape(-1).view(torch.uint8).numpy()) for o in outs)
+            return
+    src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
     yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
     if region < numel:  # vocabulary rows only the base has: copied from the base
         rows = first_ckpt.get_slice(first_name)[job.common_rows :]
         yield _to_bytes(rows.reshape(-1).float(), spec.dtype, job)
     del src
+
+
+def _can_stream_stored(inputs: Sequence[tuple[Checkpoint, str]], device: str, whole: bool) -> bool:
+    """Whether a method may read this tensor as stored: CPU, whole tensor, safetensors inputs
+    of one dtype that the native kernels read (float32 or bfloat16)."""
+    if str(device) != "cpu" or not whole:
+        return False
+    dtypes = {c.info(n).torch_dtype for c, n in inputs}
+    formats = {c.format for c, _ in inputs}
+    return formats == {"safetensors"} and len(dtypes) == 1 and dtypes <= STORED_DTYPES
 
 
 def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:

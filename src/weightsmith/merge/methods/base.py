@@ -9,6 +9,7 @@ output. Running both on a single chunk is the plain whole-tensor function (see
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
-from weightsmith.errors import ConfigError
+from weightsmith.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ class ChunkSource:
 
     def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
         raise NotImplementedError
+
+    def stored(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """Input ``i`` as stored, whole and flat, valid inside the ``with`` block (sources
+        built for :meth:`MergeMethod.stream_stored`; read-only)."""
+        raise NotImplementedError
+
+    def fail_nonfinite(self, i: int) -> None:
+        """Raise the error for NaN/Inf found in input ``i`` by a method's own scan."""
+        raise CheckpointError(f"tensor {self.name!r}: input {i} holds NaN or Inf values")
 
 
 class TensorChunks(ChunkSource):
@@ -112,6 +122,14 @@ class MergeMethod:
     ) -> torch.Tensor:
         """One chunk of the output from the matching (read-only) chunk of every input."""
         raise NotImplementedError
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """Optional fast path on the inputs as stored (CPU chunks in their file dtype, float32
+        or bfloat16, not yet checked for NaN/Inf): the output's chunks in ``out_dtype``, or
+        None when this method (or this case) has none and the float32 path should run."""
+        return None
 
     @classmethod
     def param_names(cls) -> set[str]:

@@ -8,6 +8,7 @@ When the directions are nearly colinear or opposite (|cos| > 0.9995) it falls ba
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import ConfigError
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     MergeMethod,
@@ -24,6 +26,8 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
 )
 
+NATIVE_PIECE = 1 << 20  # elements per native call: big enough that thread hand-offs are cheap
+OUT_PIECES = 8  # native pieces per output chunk handed to the writer (16 MB of bfloat16)
 DOT_THRESHOLD = 0.9995  # mergekit's colinearity threshold on the cosine
 EPS = 1e-8  # norms at or below this are not normalized (mergekit's eps)
 
@@ -69,10 +73,12 @@ class Slerp(MergeMethod):
         dot = aa = bb = 0.0
         offset = 0
         for a, b in src.chunks([0, 1]):
-            # float32 per sub-chunk (as mergekit), summed in float64 in a fixed order
+            # products in float64 (exact for float32 inputs), like the native kernel, so both
+            # paths derive the same coefficients; sub-chunk sums added in a fixed order
 
             def dots(r: tuple[int, int], a=a, b=b, start=offset) -> tuple[float, float, float]:
-                x, y = a[r[0] - start : r[1] - start], b[r[0] - start : r[1] - start]
+                x = a[r[0] - start : r[1] - start].double()
+                y = b[r[0] - start : r[1] - start].double()
                 return float(torch.dot(x, y)), float(torch.dot(x, x)), float(torch.dot(y, y))
 
             for d, xx, yy in pmap(dots, sub_ranges(offset, offset + a.numel())):
@@ -85,6 +91,50 @@ class Slerp(MergeMethod):
     ) -> torch.Tensor:
         a, b = chunks
         return a.mul(state.s0).add_(b, alpha=state.s1)
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """Both passes in the native kernels, straight from bfloat16/float32 storage: the
+        statistics pass also checks for NaN/Inf, the second writes ``out_dtype`` directly.
+        Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
+        if not native.available_stored() or out_dtype not in (torch.float32, torch.bfloat16):
+            return None
+        self.validate(params)
+        return self._stream_stored(src, params, out_dtype)
+
+    def _stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor]:
+        with src.stored(0) as a, src.stored(1) as b:
+            if a.numel() != src.numel or b.numel() != src.numel:
+                raise RuntimeError(f"{src.name}: stored inputs do not match the planned size")
+            pieces = sub_ranges(0, src.numel, NATIVE_PIECE)
+
+            def stats(r: tuple[int, int]):
+                d = native.slerp_dots(a[r[0] : r[1]], b[r[0] : r[1]])
+                if d is None:
+                    raise RuntimeError(f"native SLERP kernel refused {a.dtype} / {b.dtype}")
+                return d
+
+            dot = aa = bb = 0.0
+            for d, xx, yy, bad_a, bad_b in pmap(stats, pieces):  # fixed order of the sums
+                if bad_a or bad_b:
+                    src.fail_nonfinite(0 if bad_a else 1)
+                dot, aa, bb = dot + d, aa + xx, bb + yy
+            c = slerp_coefficients(float(params.globals["t"]), dot, math.sqrt(aa), math.sqrt(bb))
+            step = OUT_PIECES * NATIVE_PIECE
+            for first in range(0, src.numel, step):
+                last = min(first + step, src.numel)
+                out = torch.empty(last - first, dtype=out_dtype)
+
+                def mix(r: tuple[int, int], out=out, first=first) -> None:
+                    o = out[r[0] - first : r[1] - first]
+                    if not native.lerp2(a[r[0] : r[1]], b[r[0] : r[1]], c.s0, c.s1, o):
+                        raise RuntimeError("native SLERP kernel refused its inputs")
+
+                pmap(mix, sub_ranges(first, last, NATIVE_PIECE))
+                yield out
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -168,27 +169,45 @@ def parse_time_log(log: Path) -> dict | None:
     }
 
 
+def _logs(cache: Path, tool: str, method: str) -> list[dict]:
+    runs = [parse_time_log(p) for p in sorted(cache.glob(f"{tool}-{method}.*.log"))]
+    return [r for r in runs if r is not None]
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.1f} s" if x < 20 else f"{x:.0f} s"
+
+
 def summary_table(cache: Path, methods: list[str]) -> str:
-    """The Markdown table, from the logs of the latest runs in ``cache``."""
+    """The Markdown table, from the logs of the latest runs in ``cache`` (median over the
+    repeats, with the range in brackets when there are several)."""
     lines = [
-        "| method | weightsmith wall | CPU (user+sys) | peak RSS "
-        "| mergekit wall | CPU (user+sys) | peak RSS | wall speed-up | CPU ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | runs | weightsmith wall | CPU (user+sys) | peak RSS "
+        "| mergekit wall | CPU (user+sys) | peak RSS | wall speed-up (of medians) | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cells(r: dict | None) -> list[str]:
-        if r is None:
+    def cells(runs: list[dict]) -> list[str]:
+        if not runs:
             return ["–", "–", "–"]
-        flag = "" if r["ok"] else " (FAILED)"
-        return [f"{r['wall']:.0f} s{flag}", f"{r['cpu']:.0f} s", f"{r['rss'] / 2**30:.2f} GiB"]
+        flag = "" if all(r["ok"] for r in runs) else " (FAILED)"
+        wall = [r["wall"] for r in runs]
+        span = f" [{_seconds(min(wall))}–{_seconds(max(wall))}]" if len(runs) > 1 else ""
+        return [
+            f"{_seconds(statistics.median(wall))}{span}{flag}",
+            _seconds(statistics.median(r["cpu"] for r in runs)),
+            f"{max(r['rss'] for r in runs) / 2**30:.2f} GiB",
+        ]
 
     for method in methods:
-        ws = parse_time_log(cache / f"ws-{method}.log")
-        mk = parse_time_log(cache / f"mk-{method}.log")
+        ws, mk = _logs(cache, "ws", method), _logs(cache, "mk", method)
         ratio = ["–", "–"]
         if ws and mk:
-            ratio = [f"{mk['wall'] / ws['wall']:.1f}×", f"{mk['cpu'] / ws['cpu']:.1f}×"]
-        lines.append("| " + " | ".join([method, *cells(ws), *cells(mk), *ratio]) + " |")
+            w = statistics.median(r["wall"] for r in mk) / statistics.median(r["wall"] for r in ws)
+            c = statistics.median(r["cpu"] for r in mk) / statistics.median(r["cpu"] for r in ws)
+            ratio = [f"{w:.1f}×", f"{c:.1f}×"]
+        runs = f"{len(ws)}/{len(mk)}"
+        lines.append("| " + " | ".join([method, runs, *cells(ws), *cells(mk), *ratio]) + " |")
     return "\n".join(lines)
 
 
@@ -198,6 +217,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--mergekit", default="/opt/venvs/mergekit/bin/mergekit-yaml")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool, alternating tools")
     ap.add_argument("--cleanup", action="store_true", help="delete the cache folder and exit")
     ap.add_argument(
         "--table-only", action="store_true", help="print the table from the logs in --cache"
@@ -220,23 +240,28 @@ def main() -> None:
     run_mergekit = not args.skip_mergekit and Path(args.mergekit).exists()
     rows = []
     for method in args.methods.split(","):
+        for old in [*cache.glob(f"ws-{method}*.log"), *cache.glob(f"mk-{method}*.log")]:
+            old.unlink()  # the table reports this run's repeats only
         cfg = cache / f"{method}.yml"
         cfg.write_text(yaml.safe_dump(all_recipes[method], sort_keys=False))
         ws_out, mk_out = cache / f"out-ws-{method}", cache / f"out-mk-{method}"
-        ws_cmd = [
-            sys.executable, "-c", "from weightsmith.cli.main import cli; cli()",
-            "merge", "run", str(cfg), "-o", str(ws_out), "--force", "--no-progress",
-        ]  # fmt: skip
-        ws = timed(ws_cmd, cache / f"ws-{method}.log")
-        shutil.rmtree(ws_out, ignore_errors=True)
-        mk = None
-        if run_mergekit:
-            shutil.rmtree(mk_out, ignore_errors=True)
-            mk_cmd = [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
-            mk = timed(mk_cmd, cache / f"mk-{method}.log")
-            shutil.rmtree(mk_out, ignore_errors=True)
+        for k in range(args.repeat):
+            # Each tool starts without an output folder (deleting one is not merge work).
+            shutil.rmtree(ws_out, ignore_errors=True)
+            ws_cmd = [
+                sys.executable, "-c", "from weightsmith.cli.main import cli; cli()",
+                "merge", "run", str(cfg), "-o", str(ws_out), "--force", "--no-progress",
+            ]  # fmt: skip
+            ws = timed(ws_cmd, cache / f"ws-{method}.{k}.log")
+            shutil.rmtree(ws_out, ignore_errors=True)
+            mk = None
+            if run_mergekit:
+                shutil.rmtree(mk_out, ignore_errors=True)
+                mk_cmd = [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
+                mk = timed(mk_cmd, cache / f"mk-{method}.{k}.log")
+                shutil.rmtree(mk_out, ignore_errors=True)
+            print(json.dumps({"method": method, "run": k, "weightsmith": ws, "mergekit": mk}))
         rows.append((method, ws, mk))
-        print(json.dumps({"method": method, "weightsmith": ws, "mergekit": mk}), flush=True)
     print()
     print(summary_table(cache, [m for m, _, _ in rows]))
     print(f"\nmachine: {os.cpu_count()} CPUs visible, torch {torch.__version__}")

@@ -68,3 +68,33 @@ def test_cli_turns_on_huge_pages_for_torch_unless_told(given, expected, monkeypa
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
     code = "import os, weightsmith.cli.main; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == expected
+
+
+def test_console_entry_freezes_gc_when_the_command_ends_but_tests_runner_does_not() -> None:
+    """The console script (``cli()``) freezes what exists once the command is done, so Python's
+    shutdown skips collecting torch's import-time objects (~0.5 s); ``cli.main`` (CliRunner,
+    tests) must not freeze, or a test session would never free its models."""
+    code = (
+        "import gc\n"
+        "from weightsmith.cli.main import cli\n"
+        "for call in (lambda: cli.main(['--help']), lambda: cli(['--help'])):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    print('FROZEN', gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.check_output([sys.executable, "-c", code], text=True).splitlines()
+    assert [ln for ln in out if ln.startswith("FROZEN")] == ["FROZEN False", "FROZEN True"]
+
+
+def test_streaming_unfreezes_gc_afterwards() -> None:
+    """``stream_transform`` keeps the collector off existing objects only while it streams."""
+    import gc
+
+    from weightsmith.core.memory import frozen_gc
+
+    before = gc.get_freeze_count()
+    with frozen_gc():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == before

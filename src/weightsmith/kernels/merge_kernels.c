@@ -209,31 +209,26 @@ static inline uint16_t to_bf16(float f) {
  * type, LOAD(p, i) gives a float, EXP(p, i) the exponent bits, EXPMAX marks NaN/Inf. The
  * largest exponent seen is tracked (it vectorizes); NaN/Inf are counted only when one is there.
  * Instantiated per dtype so each loop vectorizes. */
+/* Entry k into lane j: exact products summed in double, largest exponent field kept. */
+#define DOTS_STEP(LOAD, EXP, E, k, j)                                                       \
+    do {                                                                                    \
+        double x = LOAD(a, k), y = LOAD(b, k);                                              \
+        ab[j] += x * y;                                                                     \
+        aa[j] += x * x;                                                                     \
+        bb[j] += y * y;                                                                     \
+        E u = EXP(a, k), v = EXP(b, k);                                                     \
+        ea[j] = u > ea[j] ? u : ea[j];                                                      \
+        eb[j] = v > eb[j] ? v : eb[j];                                                      \
+    } while (0)
+
 #define SLERP_DOTS(NAME, T, E, LOAD, EXP, EXPMAX)                                           \
     static void NAME(const T *a, const T *b, int64_t n, double *out, int64_t *bad) {        \
         double ab[LANES] = {0}, aa[LANES] = {0}, bb[LANES] = {0};                           \
         E ea[LANES] = {0}, eb[LANES] = {0};                                                 \
         int64_t i = 0;                                                                      \
-        for (; i + LANES <= n; i += LANES) {                                                \
-            for (int j = 0; j < LANES; j++) {                                               \
-                double x = LOAD(a, i + j), y = LOAD(b, i + j);                              \
-                ab[j] += x * y;                                                             \
-                aa[j] += x * x;                                                             \
-                bb[j] += y * y;                                                             \
-                E u = EXP(a, i + j), v = EXP(b, i + j);                                     \
-                ea[j] = u > ea[j] ? u : ea[j];                                              \
-                eb[j] = v > eb[j] ? v : eb[j];                                              \
-            }                                                                               \
-        }                                                                                   \
-        for (int j = 0; i + j < n; j++) {                                                   \
-            double x = LOAD(a, i + j), y = LOAD(b, i + j);                                  \
-            ab[j] += x * y;                                                                 \
-            aa[j] += x * x;                                                                 \
-            bb[j] += y * y;                                                                 \
-            E u = EXP(a, i + j), v = EXP(b, i + j);                                         \
-            ea[j] = u > ea[j] ? u : ea[j];                                                  \
-            eb[j] = v > eb[j] ? v : eb[j];                                                  \
-        }                                                                                   \
+        for (; i + LANES <= n; i += LANES)                                                  \
+            for (int j = 0; j < LANES; j++) DOTS_STEP(LOAD, EXP, E, i + j, j);              \
+        for (int j = 0; i + j < n; j++) DOTS_STEP(LOAD, EXP, E, i + j, j);                  \
         double s_ab = 0, s_aa = 0, s_bb = 0;                                                \
         E m_a = 0, m_b = 0;                                                                 \
         for (int j = 0; j < LANES; j++) {                                                   \

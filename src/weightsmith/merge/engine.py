@@ -47,10 +47,7 @@ class CheckpointChunks(ChunkSource):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         device: torch.device | str = "cpu",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        stored: bool = False,
     ) -> None:
-        """``stored``: yield the chunks as stored (file dtype, CPU, unchecked) for a method's
-        :meth:`~weightsmith.merge.methods.base.MergeMethod.stream_stored` fast path."""
         self.inputs = list(inputs)
         self.name = name
         self.shape = shape
@@ -59,11 +56,10 @@ class CheckpointChunks(ChunkSource):
         self.chunk = max(1, chunk_elements)
         self.device = torch.device(device)
         self._checked: set[int] = set()
-        self.as_stored = stored
         # Multi-pass methods (SLERP, TIES) read inputs again; keep the converted chunks when
         # all inputs of this tensor fit the budget, so later passes skip pread + conversion.
         self._cache: dict[int, list[torch.Tensor]] | None = (
-            {} if not stored and numel * 4 * len(inputs) <= cache_bytes else None
+            {} if numel * 4 * len(inputs) <= cache_bytes else None
         )
 
     def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
@@ -86,7 +82,7 @@ class CheckpointChunks(ChunkSource):
         remaining = self.numel
         for piece in _pieces(ckpt, tname, self.chunk, dtype):
             t = piece[:remaining] if piece.numel() > remaining else piece
-            out = t if self.as_stored else _to_float32(t, self.device, check)
+            out = _to_float32(t, self.device, check)
             if out is None:
                 raise CheckpointError(f"{ckpt.path}: tensor {tname!r} holds NaN or Inf values")
             remaining -= out.numel()
@@ -199,15 +195,12 @@ def produce(
     region = numel if job.common_rows is None else job.common_rows * _numel(job.shape[1:])
     inputs = [(ckpts[m], n) for m, n in job.inputs]
     method = get_method(job.method)
+    src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
     if _can_stream_stored(inputs, device, region == numel):
-        src = CheckpointChunks(
-            inputs, job.out_name, job.shape, region, chunk_elements, device, stored=True
-        )
         outs = method.stream_stored(src, job.params, spec.dtype)
         if outs is not None:
             yield from (memoryview(o.reshape(-1).view(torch.uint8).numpy()) for o in outs)
             return
-    src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
     yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
     if region < numel:  # vocabulary rows only the base has: copied from the base
         rows = first_ckpt.get_slice(first_name)[job.common_rows :]

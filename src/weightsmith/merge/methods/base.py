@@ -62,8 +62,8 @@ class ChunkSource:
         raise NotImplementedError
 
     def stored(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
-        """Input ``i`` as stored, whole and flat, valid inside the ``with`` block (sources
-        built for :meth:`MergeMethod.stream_stored`; read-only)."""
+        """Input ``i`` as stored (file dtype, whole, flat, read-only, not yet checked for
+        NaN/Inf) inside the ``with`` block: what :meth:`MergeMethod.stream_stored` reads."""
         raise NotImplementedError
 
     def fail_nonfinite(self, i: int) -> None:
@@ -126,9 +126,10 @@ class MergeMethod:
     def stream_stored(
         self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
     ) -> Iterator[torch.Tensor] | None:
-        """Optional fast path on the inputs as stored (CPU chunks in their file dtype, float32
-        or bfloat16, not yet checked for NaN/Inf): the output's chunks in ``out_dtype``, or
-        None when this method (or this case) has none and the float32 path should run."""
+        """Optional fast path on the inputs as stored (``src.stored(i)``: CPU, float32 or
+        bfloat16, one dtype for all inputs, NaN/Inf not yet checked): the output's chunks in
+        ``out_dtype``, or None when this method (or this case) has none and the float32 path
+        should run."""
         return None
 
     @classmethod

@@ -208,9 +208,7 @@ def test_read_rows_reads_a_block(tiny_model) -> None:
         assert ckpt.read_rows(name, 9, 9).shape == (0, full.shape[1])
 
 
-def test_read_flat_and_mapped_flat_give_the_stored_elements(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_mapped_flat_gives_the_stored_elements_and_unmaps_with_the_last_view(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
         "w": torch.randn(37, 53, generator=g).to(torch.bfloat16),
@@ -220,12 +218,6 @@ def test_read_flat_and_mapped_flat_give_the_stored_elements(tmp_path):
     shard = str(tmp_path / "model.safetensors")
     with open_checkpoint(tmp_path) as ck:
         flat = tensors["w"].reshape(-1)
-        assert torch.equal(ck.read_flat("w", 100, 1500), flat[100:1500])
-        assert torch.equal(ck.read_flat("w", 1900, 10**9), flat[1900:])  # clipped at the end
-        assert ck.read_flat("w", 5, 5).numel() == 0
-        with ThreadPoolExecutor(4) as pool:  # one shared descriptor, several threads
-            parts = list(pool.map(lambda i: ck.read_flat("v", i, i + 100), range(0, 1001, 100)))
-        assert torch.equal(torch.cat(parts), tensors["v"])
 
         def mapped() -> int:
             return sum(shard in line for line in Path("/proc/self/maps").read_text().splitlines())

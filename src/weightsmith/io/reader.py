@@ -13,7 +13,6 @@ import hashlib
 import json
 import mmap
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,7 +76,6 @@ class Checkpoint:
         self._headers: dict[str, Header] = {}
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
         self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._index_bytes = b""
         self.format = "safetensors"
@@ -248,18 +246,6 @@ class Checkpoint:
         self._pread_into(info, start * row_bytes, out)
         return out
 
-    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``start:stop`` of the flattened tensor as stored (a new 1-D tensor in the
-        file's dtype), reading only those bytes; safe to call from several threads."""
-        info = self.info(name)
-        if self.format == "pickle":
-            return self._load_pickle(info.shard)[name].reshape(-1)[start:stop].clone()
-        start, stop = max(0, start), min(stop, info.numel)
-        out = torch.empty(max(stop - start, 0), dtype=info.torch_dtype)
-        if out.numel():
-            self._pread_into(info, start * info.torch_dtype.itemsize, out)
-        return out
-
     @contextlib.contextmanager
     def mapped_flat(self, name: str) -> Iterator[torch.Tensor]:
         """The whole tensor as stored, 1-D, memory-mapped read-only: kernels read the page
@@ -361,15 +347,12 @@ class Checkpoint:
     def _fd(self, shard: str) -> int:
         fd = self._fds.get(shard)
         if fd is None:
-            with self._fd_lock:  # readers on several threads open each shard once
-                fd = self._fds.get(shard)
-                if fd is None:
-                    path = self._headers[shard].path
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except OSError as e:
-                        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-                    self._fds[shard] = fd
+            path = self._headers[shard].path
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+            self._fds[shard] = fd
         return fd
 
     def close(self) -> None:

@@ -31,10 +31,10 @@ class Sparsify:
     density: float = 1.0  # DARE: kept entries are divided by this when rescaling
 
 
-def _usable(*tensors: torch.Tensor) -> bool:
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
+def _usable(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """CPU, contiguous and of one of ``dtypes`` (read-only buffers are fine: kernels only read
+    their inputs)."""
+    return all(t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous() for t in tensors)
 
 
 def gta_combine(
@@ -153,25 +153,19 @@ def bits_to_float(bits: int) -> float:
 
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _raw_usable(*tensors: torch.Tensor) -> bool:
-    """CPU, contiguous, float32 or bfloat16 (read-only buffers are fine: kernels only read)."""
-    return all(
-        t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors
-    )
-
-
-def available_stored() -> bool:
-    """True when the kernels that read float32/bfloat16 storage directly are loaded."""
-    return merge_kernels() is not None
+STORAGE = tuple(_KERNEL_DTYPES)  # what the SLERP kernels read and write directly
 
 
 def slerp_dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, int, int] | None:
     """(<a,b>, <a,a>, <b,b>, NaN/Inf in a, NaN/Inf in b) of two same-dtype float32/bfloat16
     ranges, products exact in float64; None when the kernels cannot take them."""
     lib = merge_kernels()
-    if lib is None or a.dtype != b.dtype or a.numel() != b.numel() or not _raw_usable(a, b):
+    if (
+        lib is None
+        or a.dtype != b.dtype
+        or a.numel() != b.numel()
+        or not _usable(a, b, dtypes=STORAGE)
+    ):
         return None
     out = (ctypes.c_double * 3)()
     bad = (ctypes.c_int64 * 2)()
@@ -187,7 +181,7 @@ def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Ten
         lib is None
         or a.dtype != b.dtype
         or not (a.numel() == b.numel() == out.numel())
-        or not _raw_usable(a, b, out)
+        or not _usable(a, b, out, dtypes=STORAGE)
     ):
         return False
     lib.ws_lerp2(

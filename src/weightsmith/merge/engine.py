@@ -28,7 +28,6 @@ from weightsmith.merge.plan import TensorJob
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
 DEFAULT_CACHE_BYTES = 256 << 20  # float32 copies of one tensor's inputs kept between passes
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-STORED_DTYPES = {torch.float32, torch.bfloat16}  # what the native kernels read directly
 
 
 class CheckpointChunks(ChunkSource):
@@ -215,7 +214,7 @@ def _can_stream_stored(inputs: Sequence[tuple[Checkpoint, str]], device: str, wh
         return False
     dtypes = {c.info(n).torch_dtype for c, n in inputs}
     formats = {c.format for c, _ in inputs}
-    return formats == {"safetensors"} and len(dtypes) == 1 and dtypes <= STORED_DTYPES
+    return formats == {"safetensors"} and len(dtypes) == 1 and dtypes <= set(native.STORAGE)
 
 
 def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:

@@ -98,7 +98,7 @@ class Slerp(MergeMethod):
         """Both passes in the native kernels, straight from bfloat16/float32 storage: the
         statistics pass also checks for NaN/Inf, the second writes ``out_dtype`` directly.
         Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
-        if not native.available_stored() or out_dtype not in (torch.float32, torch.bfloat16):
+        if not native.available() or out_dtype not in (torch.float32, torch.bfloat16):
             return None
         self.validate(params)
         return self._stream_stored(src, params, out_dtype)

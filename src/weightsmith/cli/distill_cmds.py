@@ -175,11 +175,11 @@ def _summary(result) -> str:
 def legacy_command(**o: object) -> dict:
     """The bare ``distill``: ``distill kd``, or the method of the deprecated ``--method``."""
     ctx = click.get_current_context()
-    if ctx.get_parameter_source("method") is not ParameterSource.DEFAULT:
-        if os.environ.get("RANK", "0") == "0":
-            renamed = " (--alpha is --label-weight there)" if o["method"] == "step-by-step" else ""
-            click.echo(f"note: `distill --method {o['method']}` is deprecated; use "
-                       f"`distill {o['method']}`{renamed}", err=True)  # fmt: skip
+    explicit = ctx.get_parameter_source("method") is not ParameterSource.DEFAULT
+    if explicit and os.environ.get("RANK", "0") == "0":
+        renamed = " (--alpha is --label-weight there)" if o["method"] == "step-by-step" else ""
+        click.echo(f"note: `distill --method {o['method']}` is deprecated; use "
+                   f"`distill {o['method']}`{renamed}", err=True)  # fmt: skip
     return run_training(str(o.pop("method")), o)
 
 
@@ -194,6 +194,9 @@ def run_bare(ctx: click.Context, options: dict) -> None:
         return
     given = [p.opts[-1] for p in ctx.command.params if ctx.get_parameter_source(p.name)
              not in (ParameterSource.DEFAULT, None)]  # fmt: skip
+    if "--method" in given:
+        raise click.UsageError(f"--method is the old spelling of the subcommand: write "
+                               f"`distill {ctx.invoked_subcommand} ...` without it")  # fmt: skip
     if given:
         raise click.UsageError(
             f"{', '.join(given)} must come after the subcommand: "

@@ -107,6 +107,8 @@ temperature_option = click.option(
     show_default=True,
     help="Loss temperature τ of the divergence term (scaled by τ²); CE is at τ = 1.",
 )
+
+
 def generation_options(*, hidden: bool = False) -> Decorator:
     """seqkd: how the teacher writes its completions (``hidden``: the bare command's
     deprecated spelling)."""

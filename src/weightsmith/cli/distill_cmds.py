@@ -244,8 +244,8 @@ distill_cli.params.extend(legacy_command.params)
 def kd_cmd(**o: object) -> dict:
     """Logit KD: match the teacher's next-token distributions (online, or from `distill cache`)."""
     if o["beta"] is not None and o["loss"] != "jsd":
-        raise click.BadParameter("is the JSD mixture weight: use it with --loss jsd", None,
-                                 param_hint="--beta")  # fmt: skip
+        raise click.UsageError(f"--beta is the JSD mixture weight: use it with --loss jsd "
+                               f"(not {o['loss']})")  # fmt: skip
     return run_training("kd", o)
 
 
@@ -298,8 +298,8 @@ def sft_cmd(**o: object) -> dict:
 def dpo_cmd(**o: object) -> dict:
     """DPO on preference pairs against a reference model (default: the student itself)."""
     if o["label_smoothing"] and o["loss"] != "sigmoid":
-        raise click.BadParameter("is ε of the sigmoid loss: use it with --loss sigmoid", None,
-                                 param_hint="--label-smoothing")  # fmt: skip
+        raise click.UsageError(f"--label-smoothing is ε of the sigmoid loss: use it with "
+                               f"--loss sigmoid (not {o['loss']})")  # fmt: skip
     return run_training("dpo", o)
 
 

@@ -92,7 +92,10 @@ run_options = options(
 """Where the run happens and how it reports: device, shard size, --force, progress, --report."""
 
 teacher_option = click.option(
-    "--teacher", type=PATH, default=None, help="Teacher model folder (HF layout)."
+    "--teacher",
+    type=PATH,
+    default=None,
+    help="Teacher model folder (HF layout); kd needs it unless --teacher-cache or --alpha 1.",
 )
 teacher_cache_option = click.option(
     "--teacher-cache",

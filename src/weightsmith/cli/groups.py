@@ -31,11 +31,14 @@ def merge_cli() -> None:
 @click.group(cls=WsGroup, invoke_without_command=True, no_args_is_help=True)
 @click.pass_context
 def distill_cli(ctx: click.Context, **options: object) -> None:
-    """Train a small student from a teacher model (options below; see also `distill cache`)."""
-    if ctx.invoked_subcommand is None:  # the training options are attached in distill_cmds
-        from weightsmith.cli.distill_cmds import train_command
+    """Train a small student from a teacher: one subcommand per method (kd, seqkd, sft, dpo,
+    step-by-step) and the data commands (cache, generate, feedback, rationales).
 
-        train_command.callback(**options)
+    Without a subcommand, `distill --teacher T --student S --data D -o OUT` runs `distill kd`
+    with the options below."""
+    from weightsmith.cli.distill_cmds import run_bare  # attaches the bare command's options
+
+    run_bare(ctx, options)
 
 
 @click.group("eval", cls=WsGroup)

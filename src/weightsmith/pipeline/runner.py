@@ -110,7 +110,7 @@ def plan_recipe(recipe: Recipe, workdir: Path, progress: bool = True) -> list[Pl
 
         path = kind.command
         if kind.subcommand_key:
-            sub = options.pop(kind.subcommand_key, "ppl" if step.kind == "eval" else None)
+            sub = options.pop(kind.subcommand_key, kind.default_subcommand)
             if sub is None:
                 problems.append(f"{where}: needs '{kind.subcommand_key}'")
                 continue

@@ -12,6 +12,7 @@ class StepKind:
     name: str
     command: tuple[str, ...]  # command path under `weightsmith`
     subcommand_key: str | None = None  # option naming a subcommand (merge: ``method``)
+    default_subcommand: str | None = None  # the subcommand when that option is absent
     input_as: str = "positional"  # "positional" | an option's python name | "none"
     writes_model: bool = True  # False: the step measures (eval) and passes its input on
 
@@ -26,7 +27,7 @@ STEP_KINDS: dict[str, StepKind] = {
         StepKind("qat", ("compress", "qat")),
         StepKind("bitnet", ("compress", "bitnet")),
         StepKind("distill", ("distill",), input_as="student"),
-        StepKind("eval", ("eval",), subcommand_key="metric", writes_model=False),
+        StepKind("eval", ("eval",), "metric", default_subcommand="ppl", writes_model=False),
     ]
 }
 

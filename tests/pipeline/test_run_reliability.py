@@ -175,3 +175,29 @@ def test_resume_reruns_a_step_whose_output_was_truncated(tmp_path: Path, models:
     assert "[second]" in output and "re-running the step" in output
     assert skipped == [True, False]
     assert _tensors_sha(work / "second") == good
+
+
+# ------------------------------------------------------------------ translation (issue #15)
+def test_child_and_in_process_translation_agree(tmp_path: Path, models: Path) -> None:
+    """The pipeline asks the `weightsmith` program (a child process) for command lines; the
+    `run` command answers in-process. Both must give the same lines and the same problems."""
+    from functools import partial
+
+    from weightsmith.cli.recipe_steps import translate_steps
+    from weightsmith.pipeline.commands import StepRequest, translate_in_child
+
+    requests = [
+        StepRequest(["compress", "quantize"], [str(models / "a")],
+                    {"bits": 4, "sym": False, "ignore": ["lm_head"]}, str(tmp_path / "q"), False),
+        StepRequest(["merge", "slerp"], [str(models / "a"), str(models / "b")],
+                    {"t": [0.5], "bitz": 1}, str(tmp_path / "m")),
+        StepRequest(["compress", "teleport"], [], {}),
+    ]  # fmt: skip
+    child = translate_in_child(requests)
+    assert child == partial(translate_steps, cli)(requests)
+    assert child[0].problems == [] and child[0].argv == [
+        str(models / "a"), "--bits", "4", "--asym", "--ignore", "lm_head",
+        "-o", str(tmp_path / "q"), "--no-progress",
+    ]  # fmt: skip
+    assert child[1].problems == ["unknown option 'bitz'"]
+    assert child[2].problems == ["`weightsmith compress teleport` does not exist here"]

@@ -22,6 +22,7 @@ from weightsmith.cli.common import (
 from weightsmith.cli.groups import merge_cli
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
+from weightsmith.merge.params import check_declared, finite
 
 
 def merge_options(fn: Callable) -> Callable:
@@ -91,7 +92,7 @@ def lambda_option(fn: Callable) -> Callable:
 # ---------------------------------------------------------------------- value parsing
 def parse_number(text: str, what: str) -> float:
     try:
-        return float(text)
+        return finite(float(text), what)
     except ValueError:
         raise ConfigError(f"{what}: {text!r} is not a number") from None
 
@@ -102,10 +103,17 @@ def parse_scalar_or_gradient(text: str, what: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def parse_setting(values: tuple[str, ...], what: str) -> Any:
-    """``0.5`` | ``0,0.5,1`` (gradient over depth) | ``self_attn=0.3`` (repeatable filters)."""
+def parse_setting(values: tuple[str, ...], what: str, method: str = "", name: str = "") -> Any:
+    """``0.5`` | ``0,0.5,1`` (gradient over depth) | ``self_attn=0.3`` (repeatable filters),
+    checked against ``method``'s declaration of parameter ``name`` when given."""
     if not values:
         return None
+    if method:
+        from weightsmith.merge.methods import get_method
+
+        setting = parse_setting(values, what)
+        check_declared(get_method(method).declared(name), setting, what)
+        return setting
     conditions: list[dict] = []
     default = None
     for v in values:
@@ -222,7 +230,7 @@ def slerp_cmd(a, b, t, tokenizer_source, out, opts) -> dict:
         "slerp",
         models=(ModelInput(a), ModelInput(b)),
         base_model=a,
-        parameters={"t": parse_setting(t, "--t")},
+        parameters={"t": parse_setting(t, "--t", "slerp", "t")},
         tokenizer_source=tokenizer_source,
     )
     return run_recipe(recipe, out, **opts)
@@ -250,7 +258,7 @@ def task_arithmetic_cmd(models, base, weights, lam, normalize, tokenizer_source,
         "task_arithmetic",
         models=model_entries(models, weights),
         base_model=base,
-        parameters={"lambda": lam, "normalize": normalize},
+        parameters={"lambda": finite(lam, "--lambda"), "normalize": normalize},
         tokenizer_source=tokenizer_source,
     )
     return run_recipe(recipe, out, **opts)
@@ -286,9 +294,9 @@ def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, o
         models=model_entries(models, weights),
         base_model=base,
         parameters={
-            "density": parse_setting(density, "--density"),
+            "density": parse_setting(density, "--density", "ties", "density"),
             "normalize": normalize,
-            "lambda": lam,
+            "lambda": finite(lam, "--lambda"),
         },
         tokenizer_source=tokenizer_source,
     )
@@ -324,19 +332,9 @@ def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, o
 @merge_options
 @common
 def dare_cmd(
-    models,
-    base,
-    density,
-    use_ties,
-    seed,
-    weights,
-    lam,
-    normalize,
-    rescale,
-    tokenizer_source,
-    out,
-    opts,
-):
+    models, base, density, use_ties, seed, weights, lam, normalize, rescale, tokenizer_source,
+    out, opts,
+):  # fmt: skip
     """DARE: random drop + rescale of task vectors (mergekit 'dare_linear' / 'dare_ties')."""
     from weightsmith.merge import MergeRecipe
 
@@ -345,10 +343,10 @@ def dare_cmd(
         models=model_entries(models, weights),
         base_model=base,
         parameters={
-            "density": parse_setting(density, "--density"),
+            "density": parse_setting(density, "--density", "dare_linear", "density"),
             "normalize": normalize,
             "rescale": rescale,
-            "lambda": lam,
+            "lambda": finite(lam, "--lambda"),
             "seed": seed,
         },
         tokenizer_source=tokenizer_source,
@@ -431,7 +429,7 @@ def lora_cmd(base, adapter, scale, out, opts) -> dict:
         base,
         adapter,
         out,
-        scale=scale,
+        scale=None if scale is None else finite(scale, "--scale"),
         dtype=opts["dtype"],
         device=opts["device"],
         max_shard_size=parse_size(opts["max_shard_size"]),

@@ -126,10 +126,10 @@ def _resolve(
     params = TensorParams(tensor, g, models if method.model_params else ())
     try:
         params = with_defaults(method, params, len(order))
-        method.validate(params)
-        return params
     except ConfigError as e:
         raise ConfigError(f"tensor {tensor!r}: {e}") from None
+    method.validate(params)  # its messages name the tensor
+    return params
 
 
 def _depth(layer: int, num_layers: int) -> float:

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
-from weightsmith.errors import ConfigError
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -64,11 +63,6 @@ class Slerp(MergeMethod):
     exact_inputs = 2
     global_params = (Param("t", required=True, help="0 gives the base, 1 the other model"),)
 
-    def validate(self, params: TensorParams) -> None:
-        t = params.globals["t"]
-        if not isinstance(t, (int, float)) or isinstance(t, bool):
-            raise ConfigError(f"{params.name}: slerp t must be a number, got {t!r}")
-
     def prepare(self, src: ChunkSource, params: TensorParams) -> SlerpCoefficients:
         dot = aa = bb = 0.0
         offset = 0
@@ -100,7 +94,6 @@ class Slerp(MergeMethod):
         Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
         if not native.available() or out_dtype not in (torch.float32, torch.bfloat16):
             return None
-        self.validate(params)
         return self._stream_stored(src, params, out_dtype)
 
     def _stream_stored(

@@ -22,7 +22,7 @@ from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods import get_method
-from weightsmith.merge.methods.base import ChunkSource, run_method
+from weightsmith.merge.methods.base import ChunkSource, fail_overflow, run_method
 from weightsmith.merge.plan import TensorJob
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
@@ -218,6 +218,8 @@ def _can_stream_stored(inputs: Sequence[tuple[Checkpoint, str]], device: str, wh
 
 
 def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:
+    """The output block as ``dtype`` bytes; an error when it holds NaN/Inf (the inputs were
+    checked, so the arithmetic or the cast overflowed): nothing non-finite is written."""
     if dtype == torch.float16 and x.numel():
         peak = float(x.abs().max())
         if peak > torch.finfo(torch.float16).max:
@@ -226,6 +228,8 @@ def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview
                 "use --dtype bfloat16"
             )
     y = x.to("cpu", dtype).contiguous()
+    if y.is_floating_point() and not _all_finite(y):
+        fail_overflow(job.out_name, dtype)
     return memoryview(y.reshape(-1).view(torch.uint8).numpy())
 
 

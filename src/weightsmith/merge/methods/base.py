@@ -62,6 +62,15 @@ class ChunkSource:
         raise CheckpointError(f"tensor {self.name!r}: input {i} holds NaN or Inf values")
 
 
+def fail_overflow(name: str, dtype: torch.dtype) -> None:
+    """Raise the error for a merged output that holds NaN/Inf although its inputs are finite."""
+    kind = str(dtype).removeprefix("torch.")
+    raise CheckpointError(
+        f"tensor {name!r}: merged values overflow {kind} (Inf); lower the weights / lambda / t "
+        "or, for a float16 or bfloat16 output, pass --dtype float32"
+    )
+
+
 class TensorChunks(ChunkSource):
     """In-memory inputs cut into ``chunk_size``-element pieces (whole tensors by default)."""
 

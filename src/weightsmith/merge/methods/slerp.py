@@ -21,6 +21,7 @@ from weightsmith.merge.methods.base import (
     MergeMethod,
     Param,
     TensorParams,
+    fail_overflow,
     merge_method,
     merge_tensors,
 )
@@ -121,12 +122,15 @@ class Slerp(MergeMethod):
                 last = min(first + step, src.numel)
                 out = torch.empty(last - first, dtype=out_dtype)
 
-                def mix(r: tuple[int, int], out=out, first=first) -> None:
+                def mix(r: tuple[int, int], out=out, first=first) -> int:
                     o = out[r[0] - first : r[1] - first]
-                    if not native.lerp2(a[r[0] : r[1]], b[r[0] : r[1]], c.s0, c.s1, o):
+                    bad = native.lerp2(a[r[0] : r[1]], b[r[0] : r[1]], c.s0, c.s1, o)
+                    if bad is None:
                         raise RuntimeError("native SLERP kernel refused its inputs")
+                    return bad
 
-                pmap(mix, sub_ranges(first, last, NATIVE_PIECE))
+                if any(pmap(mix, sub_ranges(first, last, NATIVE_PIECE))):
+                    fail_overflow(src.name, out_dtype)
                 yield out
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.core.transform import checked_chunks
 from weightsmith.errors import CheckpointError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
@@ -176,8 +177,8 @@ def produce(
     if job.params is None or stored not in FLOAT_DTYPES:
         if job.params is not None and stats is not None:
             stats.setdefault("copied_non_float", []).append(job.out_name)
-        if job.scale == 1.0 and spec.dtype == stored:
-            yield from (memoryview(b) for b in first_ckpt.raw_chunks(first_name))
+        if job.scale == 1.0 and spec.dtype == stored:  # copied as stored, checked on the way
+            yield from (memoryview(b) for b in checked_chunks(first_ckpt, first_name))
             return
         src = CheckpointChunks(
             [(first_ckpt, first_name)],

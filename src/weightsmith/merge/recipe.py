@@ -280,7 +280,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> MergeRecipe:
         models=models,
         slices=tuple(slices),
         base_model=str(base) if base is not None else None,
-        parameters=_params(data, where),
+        parameters=_params(data, where, top=True),
         dtype=data.get("dtype"),
         out_dtype=data.get("out_dtype"),
         tokenizer_source=data.get("tokenizer_source"),
@@ -323,8 +323,9 @@ def _ref(entry: Any, where: str) -> str:
     return model
 
 
-def _params(entry: Mapping, where: str) -> dict:
+def _params(entry: Mapping, where: str, top: bool = False) -> dict:
     params = entry.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}: 'parameters' must be a mapping")
-    return {str(k): check_setting(v, f"{where}.parameters.{k}") for k, v in params.items()}
+    label = f"{where}: parameters" if top else f"{where}.parameters"
+    return {str(k): check_setting(v, f"{label}.{k}") for k, v in params.items()}

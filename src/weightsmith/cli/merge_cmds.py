@@ -22,7 +22,6 @@ from weightsmith.cli.common import (
 from weightsmith.cli.groups import merge_cli
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
-from weightsmith.merge.params import check_declared, finite
 
 
 def merge_options(fn: Callable) -> Callable:
@@ -90,7 +89,10 @@ def lambda_option(fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------- value parsing
-def parse_number(text: str, what: str) -> float:
+def parse_number(text: str | float, what: str) -> float:
+    """``text`` as a finite number (the one check of merge/params.py), else a ConfigError."""
+    from weightsmith.merge.params import finite
+
     try:
         return finite(float(text), what)
     except ValueError:
@@ -110,6 +112,7 @@ def parse_setting(values: tuple[str, ...], what: str, method: str = "", name: st
         return None
     if method:
         from weightsmith.merge.methods import get_method
+        from weightsmith.merge.params import check_declared
 
         setting = parse_setting(values, what)
         check_declared(get_method(method).declared(name), setting, what)
@@ -258,7 +261,7 @@ def task_arithmetic_cmd(models, base, weights, lam, normalize, tokenizer_source,
         "task_arithmetic",
         models=model_entries(models, weights),
         base_model=base,
-        parameters={"lambda": finite(lam, "--lambda"), "normalize": normalize},
+        parameters={"lambda": parse_number(lam, "--lambda"), "normalize": normalize},
         tokenizer_source=tokenizer_source,
     )
     return run_recipe(recipe, out, **opts)
@@ -296,7 +299,7 @@ def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, o
         parameters={
             "density": parse_setting(density, "--density", "ties", "density"),
             "normalize": normalize,
-            "lambda": finite(lam, "--lambda"),
+            "lambda": parse_number(lam, "--lambda"),
         },
         tokenizer_source=tokenizer_source,
     )
@@ -346,7 +349,7 @@ def dare_cmd(
             "density": parse_setting(density, "--density", "dare_linear", "density"),
             "normalize": normalize,
             "rescale": rescale,
-            "lambda": finite(lam, "--lambda"),
+            "lambda": parse_number(lam, "--lambda"),
             "seed": seed,
         },
         tokenizer_source=tokenizer_source,
@@ -429,7 +432,7 @@ def lora_cmd(base, adapter, scale, out, opts) -> dict:
         base,
         adapter,
         out,
-        scale=None if scale is None else finite(scale, "--scale"),
+        scale=None if scale is None else parse_number(scale, "--scale"),
         dtype=opts["dtype"],
         device=opts["device"],
         max_shard_size=parse_size(opts["max_shard_size"]),

@@ -65,9 +65,10 @@ class ChunkSource:
 def fail_overflow(name: str, dtype: torch.dtype) -> None:
     """Raise the error for a merged output that holds NaN/Inf although its inputs are finite."""
     kind = str(dtype).removeprefix("torch.")
+    wider = " or pass --dtype float32" if dtype in (torch.float16, torch.bfloat16) else ""
     raise CheckpointError(
-        f"tensor {name!r}: merged values overflow {kind} (Inf); lower the weights / lambda / t "
-        "or, for a float16 or bfloat16 output, pass --dtype float32"
+        f"tensor {name!r}: merged values overflow {kind} (Inf); lower the weights / lambda / t"
+        f"{wider}"
     )
 
 

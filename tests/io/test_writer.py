@@ -154,8 +154,9 @@ def test_writes_checked_against_plan(tmp_path: Path) -> None:
 
 def test_support_files_copied_and_config_patched(tiny_model, tmp_path: Path) -> None:
     src = tiny_model("llama")
-    with CheckpointWriter(tmp_path / "out") as w:
-        w.write("a", torch.zeros(1))
+    with open_checkpoint(src) as ckpt, CheckpointWriter(tmp_path / "out") as w:
+        for name in ckpt.tensors:  # config.json must describe the tensors written
+            w.write(name, ckpt.get_tensor(name))
         copied = w.copy_support_files(src, config_patch={"rms_norm_eps": 0.125})
         w.commit()
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= set(copied)

@@ -66,22 +66,31 @@ def test_fallback_without_renameat2(tmp_path: Path, monkeypatch) -> None:
     assert b.exists() and not (tmp_path / ".out.weightsmith-lock").exists()
 
 
+def _slow_convert(src: Path, out: Path, delay: float) -> list[str]:
+    """A ``convert`` subprocess that sleeps ``delay`` s before each tensor it writes."""
+    script = (
+        "import time, weightsmith.io.writer as w\n"
+        "orig = w.CheckpointWriter.write_from_file\n"
+        f"def slow(self, *a):\n    time.sleep({delay}); return orig(self, *a)\n"
+        "w.CheckpointWriter.write_from_file = slow\n"
+        "from weightsmith.cli.main import cli\n"
+        f"cli(['convert', {str(src)!r}, '-o', {str(out)!r}, '--no-progress'])\n"
+    )
+    return [sys.executable, "-c", script]
+
+
 def test_concurrent_converts_one_wins_one_fails(tiny_model, tmp_path: Path) -> None:
+    """Both runs pass the start check (OUT absent) while the other is still writing; the
+    later commit must not replace the earlier output."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "weightsmith", "convert", str(tiny_model("llama")), "-o", str(out)]
-    for trial in range(3):
-        procs = [subprocess.Popen([*cmd, "--no-progress"], stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]  # fmt: skip
-        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-        codes = sorted(rc for rc, _ in results)
-        assert codes in ([0, 1], [0, 0]) or codes == [1, 1], results
-        assert codes.count(0) <= 1, (trial, results)  # never two silent successes
-        for rc, err in results:
-            if rc == 1:
-                assert "already exists" in err or "appeared while this run" in err
-        assert out.is_dir()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = _slow_convert(tiny_model("llama"), out, 0.1)
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1)
+    assert "appeared while this run" in err or "already exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_temporary_of_a_killed_run_is_cleaned_by_the_next(tmp_path: Path) -> None:
@@ -145,15 +154,7 @@ def test_sigkill_mid_convert_then_next_convert_cleans(tiny_model, tmp_path: Path
     """A real convert killed with SIGKILL mid-write (slowed by a tiny shard size)."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    slow = (
-        "import time, weightsmith.io.writer as w\n"
-        "orig = w.CheckpointWriter.write_from_file\n"
-        "def slow(self, *a):\n    time.sleep(0.2); return orig(self, *a)\n"
-        "w.CheckpointWriter.write_from_file = slow\n"
-        "from weightsmith.cli.main import cli\n"
-        f"cli(['convert', {str(tiny_model('llama'))!r}, '-o', {str(out)!r}, '--no-progress'])\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", slow], env=env)
+    proc = subprocess.Popen(_slow_convert(tiny_model("llama"), out, 0.2), env=env)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".out.weightsmith-tmp-") for p in tmp_path.iterdir()):
         assert time.monotonic() < deadline and proc.poll() is None

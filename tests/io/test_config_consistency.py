@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,57 @@ def test_every_command_refuses_a_disagreeing_config(tiny_model_copy, tmp_path, c
     assert result.output.strip().splitlines()[-1].startswith("error: ")
     assert "hidden_size is 128" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"hidden_size": 128},
+        {"num_hidden_layers": 3},
+        {"num_hidden_layers": 8},
+        {"vocab_size": 1000},
+    ],
+)
+def test_issue_cases_on_stories260k(stories260k: Path, tmp_path: Path, changes) -> None:
+    """The issue's reproductions: quantize and merge used to exit 0 on each of these."""
+    path = tmp_path / "base"
+    shutil.copytree(stories260k, path)
+    _patch_config(path, **changes)
+    key, value = next(iter(changes.items()))
+    for args in (
+        ["compress", "quantize", str(path), "--method", "rtn", "-o", str(tmp_path / "q")],
+        ["merge", "linear", str(path), str(path), "-o", str(tmp_path / "m")],
+    ):
+        result = CliRunner().invoke(cli, [*args, "--no-progress"])
+        assert result.exit_code == 1, result.output
+        assert f"{key} is {value} but" in result.output.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_passthrough_of_layers_of_two_widths_is_refused(tiny_model, tmp_path: Path) -> None:
+    """Layers 0-1 of a model and layer 1 of a copy with a narrower MLP: each input agrees with
+    its config, but the stacked output would not load, so the commit refuses it."""
+    narrow = tmp_path / "narrow"
+    shutil.copytree(tiny_model("llama"), narrow)
+    for shard in narrow.glob("*.safetensors"):
+        state = load_file(shard)
+        for name, t in state.items():
+            if name.endswith(("gate_proj.weight", "up_proj.weight")):
+                state[name] = t[:96].contiguous()
+            elif name.endswith("down_proj.weight"):
+                state[name] = t[:, :96].contiguous()
+        save_file(state, shard, metadata={"format": "pt"})
+    _patch_config(narrow, intermediate_size=96)
+    open_checkpoint(narrow).close()  # consistent on its own
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        ["merge", "passthrough", "--slice", f"{tiny_model('llama')}:0:2", "--slice",
+         f"{narrow}:1:2", "-o", str(out), "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert (
+        "would not load" in line and "intermediate_size is 128 but tensor 'model.layers.2" in line
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow"]

@@ -64,6 +64,11 @@ def test_fallback_without_renameat2(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(OutputError, match="appeared while this run was writing"):
         move_into_place(b, out, force=False)
     assert b.exists() and not (tmp_path / ".out.weightsmith-lock").exists()
+    lock = tmp_path / ".new.weightsmith-lock"  # left by a run killed while placing
+    lock.mkdir()
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    move_into_place(b, tmp_path / "new", force=False)
+    assert (tmp_path / "new").is_dir() and not lock.exists()
 
 
 def _slow_convert(src: Path, out: Path, delay: float) -> list[str]:

@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from functools import cache
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), str(dst))
     lock = dst.parent / f".{dst.name}.weightsmith-lock"
+    with contextlib.suppress(OSError):  # held for milliseconds: an old one is a killed run's
+        if time.time() - os.stat(lock).st_mtime > 60:
+            os.rmdir(lock)
     os.mkdir(lock)  # FileExistsError while another run is placing the same OUT
     try:
         if os.path.lexists(dst):

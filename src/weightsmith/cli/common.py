@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from weightsmith.core.report import check_report_path, peak_rss_bytes, write_report
-from weightsmith.errors import PickleRefusedError, WeightsmithError
+from weightsmith.errors import OutputError, PickleRefusedError, WeightsmithError
 
 EXIT_ERROR = 1  # bad input, failed write: the message says what and where
 EXIT_INTERNAL = 3  # a bug: rerun with --debug for the traceback
@@ -135,16 +135,17 @@ def report_option(fn: Callable) -> Callable:
             raise
         if report_path:
             body = result if isinstance(result, dict) else {}
-            write_report(
-                report_path,
-                {
-                    "command": command,
-                    "ok": True,
-                    "wall_s": round(time.perf_counter() - start, 3),
-                    "peak_rss": peak_rss_bytes(),
-                    **body,
-                },
-            )
+            report = {
+                "command": command,
+                "ok": True,
+                "wall_s": round(time.perf_counter() - start, 3),
+                "peak_rss": peak_rss_bytes(),
+                **body,
+            }
+            try:
+                write_report(report_path, report)
+            except WeightsmithError as e:  # exit 1 (CI must notice), saying the work is done
+                raise OutputError(f"{e} (the command itself succeeded)") from None
         return result
 
     return wrapper

@@ -9,6 +9,7 @@ import click
 
 from weightsmith import __version__
 from weightsmith.cli.common import WsGroup
+from weightsmith.cli.distill_train import legacy_command, run_bare
 
 
 @click.group(cls=WsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,9 +37,11 @@ def distill_cli(ctx: click.Context, **options: object) -> None:
 
     Without a subcommand, `distill --teacher T --student S --data D -o OUT` runs `distill kd`
     with the options below."""
-    from weightsmith.cli.distill_cmds import run_bare  # attaches the bare command's options
-
     run_bare(ctx, options)
+
+
+# The group runs the bare command itself when no subcommand is given.
+distill_cli.params.extend(legacy_command.params)
 
 
 @click.group("eval", cls=WsGroup)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from weightsmith.io.writer import WriteSummary
+
+@dataclass(frozen=True)
+class WriteSummary:
+    """What a committed output holds."""
+
+    out: str
+    shards: list[str]
+    tensors: int
+    total_size: int
 
 
 def provenance_record(extra: dict, summary: WriteSummary) -> dict:

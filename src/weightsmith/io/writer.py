@@ -27,7 +27,7 @@ from weightsmith.io.direct import DirectFile, direct_io_wanted
 from weightsmith.io.dtypes import safetensors_dtype
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.placement import clean_stale_temporaries, move_into_place, temp_path
-from weightsmith.io.provenance import provenance_record
+from weightsmith.io.provenance import WriteSummary, provenance_record
 from weightsmith.io.safetensors_format import (
     FORMAT_METADATA,
     TensorEntry,
@@ -70,16 +70,6 @@ class _Shard:
     tmp_name: str = ""
     data_start: int = 0
     pending: int = 0  # planned tensors not written yet
-
-
-@dataclass(frozen=True)
-class WriteSummary:
-    """What a committed output holds."""
-
-    out: str
-    shards: list[str]
-    tensors: int
-    total_size: int
 
 
 class CheckpointWriter:

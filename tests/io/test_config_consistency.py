@@ -183,7 +183,8 @@ def test_issue_cases_on_stories260k(stories260k: Path, tmp_path: Path, changes) 
 
 def test_passthrough_of_layers_of_two_widths_is_refused(tiny_model, tmp_path: Path) -> None:
     """Layers 0-1 of a model and layer 1 of a copy with a narrower MLP: each input agrees with
-    its config, but the stacked output would not load, so the commit refuses it."""
+    its config, but the stacked output would not load: the merge plan refuses it (and the
+    writer's commit-time config check would, were the plan to let it through)."""
     narrow = tmp_path / "narrow"
     shutil.copytree(tiny_model("llama"), narrow)
     for shard in narrow.glob("*.safetensors"):
@@ -204,7 +205,6 @@ def test_passthrough_of_layers_of_two_widths_is_refused(tiny_model, tmp_path: Pa
     )  # fmt: skip
     assert result.exit_code == 1, result.output
     line = result.output.strip().splitlines()[-1]
-    assert (
-        "would not load" in line and "intermediate_size is 128 but tensor 'model.layers.2" in line
-    )
+    assert "'model.layers.2." in line
+    assert "different shapes" in line or "would not load" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow"]

@@ -13,79 +13,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from weightsmith.errors import ConfigError, OutputError
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-
-
-def read_jsonl(path: str | os.PathLike[str], required: Iterable[str]) -> list[dict]:
-    """Rows of a JSON-lines file, each an object with string values for ``required`` keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    rows = []
-    keys = list(required)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
-            raise ConfigError(f"{path}:{lineno}: expected an object with string {keys}")
-        rows.append(obj)
-    if not rows:
-        raise ConfigError(f"{path}: no records")
-    return rows
-
-
-@torch.no_grad()
-def generate_texts(model, tok, prompts: list[str], cfg: GenerateConfig, seed: int) -> list[str]:
-    """Continue each prompt (left-padded batch); greedy at temperature 0, else sampled."""
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-        sample = cfg.temperature > 0
-        torch.manual_seed(seed)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sample,
-            temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample else None,
-            top_k=0 if sample else None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,  # stop at the tokenizer's EOS even when the model's
-        )  # generation_config names none
-    finally:
-        tok.padding_side = side
-    new = gen[:, enc["input_ids"].shape[1] :]
-    return [tok.decode(row, skip_special_tokens=True) for row in new]
+from weightsmith.core.device import select_device
+from weightsmith.core.generation import GenerateConfig, generate_texts
+from weightsmith.core.jsonl import read_jsonl
+from weightsmith.core.models import load_model, load_tokenizer
+from weightsmith.errors import OutputError
 
 
 class ResumableJsonl:
@@ -146,16 +84,13 @@ def generate_file(
     stop_after: int | None = None,  # tests: simulate an interruption after this many batches
 ) -> dict:
     """Write ``{"index", "prompt", "completion"}`` rows (teacher completions) to ``out``."""
-    from weightsmith.distill.cache import _device
-    from weightsmith.distill.models import load_model, load_tokenizer
-
     start = time.perf_counter()
     rows = read_jsonl(prompts, ["prompt"])
     store = ResumableJsonl(out, force=force)
     todo = [i for i in range(len(rows)) if i not in store.done]
     new = 0
     if todo:
-        dev = _device(device)
+        dev = select_device(device)
         tok = load_tokenizer(teacher)
         model = load_model(teacher, dev)
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generating",

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from weightsmith.distill.data import Example, collate
+from weightsmith.core.models import load_model, load_tokenizer
+from weightsmith.core.training.data import Example, collate
+from weightsmith.core.training.losses import IGNORE_INDEX, shift_for_next_token
 from weightsmith.distill.dpo import sequence_logps
-from weightsmith.distill.losses import IGNORE_INDEX, shift_for_next_token
-from weightsmith.distill.models import load_model, load_tokenizer
 from weightsmith.distill.vocab import tokenizer_hash
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import open_checkpoint

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from weightsmith.core.training.data import Records
+from weightsmith.core.training.distributed import gather_objects
 from weightsmith.distill.config import DistillConfig
-from weightsmith.distill.data import Records
-from weightsmith.distill.distributed import gather_objects
 
 
 def prompts_of(records: Records, teacher_tok, cfg: DistillConfig) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from weightsmith.distill.losses import IGNORE_INDEX
+from weightsmith.core.training.losses import IGNORE_INDEX
 from weightsmith.errors import ConfigError
 
 DATA_FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import weightsmith.cli.accuracy_cmds  # noqa: F401  (registers `eval accuracy`)
 from weightsmith.cli.groups import eval_cli
 from weightsmith.cli.main import distill_cli
 from weightsmith.core.answers import answers_agree, normalize_answer, parse_answer, prediction_of
-from weightsmith.distill import rationales as rat
+from weightsmith.distill import generate as gen
 from weightsmith.distill.generate import GenerateConfig
 from weightsmith.distill.methods.step_by_step import multitask_loss
 from weightsmith.distill.rationales import RationaleConfig, cut_at_next_example, generate_rationales
@@ -88,8 +88,8 @@ def test_rationales_resume_and_drop(tmp_path, monkeypatch, student):
                "4+4?": " I do not know.", "5+5?": " 5 and 5 make 10. The answer is 10.",
                "6+6?": " 6 doubled. The answer is 12.0.\nQuestion: 1+1? The answer is 3."}  # fmt: skip
     calls: list[int] = []
-    monkeypatch.setattr(rat, "generate_texts", _fake_generate(outputs, calls))
-    monkeypatch.setattr(rat, "load_model", lambda *a, **k: _FakeModel())
+    monkeypatch.setattr(gen, "generate_texts", _fake_generate(outputs, calls))
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: _FakeModel())
     cfg = RationaleConfig(generation=GenerateConfig(batch_size=2))
     out = tmp_path / "r.jsonl"
     with pytest.raises(KeyboardInterrupt):

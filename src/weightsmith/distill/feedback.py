@@ -22,13 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from weightsmith.core.device import select_device
-from weightsmith.core.generation import GenerateConfig, generate_texts
+from weightsmith.core.generation import GenerateConfig
 from weightsmith.core.jsonl import read_jsonl
 from weightsmith.core.models import load_model, load_tokenizer
-from weightsmith.distill.generate import ResumableJsonl
+from weightsmith.distill.generate import ResumableJsonl, generate_rows
 from weightsmith.errors import ConfigError, OutputError
 
 Judge = Callable[[str, str], float]
@@ -139,10 +137,10 @@ def collect_feedback(
     if out.exists() and not force:
         raise OutputError(f"{out} exists (use --force to overwrite)")
     store = ResumableJsonl(out.with_name(out.name + ".completions.jsonl"), force=True)
-    dev = select_device(device)
+    select_device(device)  # an unknown --device fails before any work
     generated = 0
     for m, cand in enumerate(candidates):  # one candidate model resident at a time
-        generated += _answer_with(m, cand, rows, judge, store, cfg, dev, progress)
+        generated += _answer_with(m, cand, rows, judge, store, cfg, device, progress)
     answers = store.finish()
     pairs, ties = _preference_pairs(rows, answers, cfg.seed)
     n = len(rows)
@@ -172,33 +170,26 @@ def collect_feedback(
 
 
 def _answer_with(m: int, cand: str, rows: list[dict], judge: Judge, store: ResumableJsonl,
-                 cfg: FeedbackConfig, dev, progress: bool) -> int:  # fmt: skip
+                 cfg: FeedbackConfig, device: str, progress: bool) -> int:  # fmt: skip
     """Candidate ``m`` answers every prompt ``k`` times (skipping stored answers), judged."""
-    n, k, g = len(rows), cfg.k, cfg.generation
+    n, k = len(rows), cfg.k
     jobs = [(m * n + p) * k + j for p in range(n) for j in range(k)]
     todo = [i for i in jobs if i not in store.done]
-    if not todo:
-        return 0
-    tok = load_tokenizer(cand)
-    model = load_model(cand, dev)
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"candidate {m + 1}",
-               unit="answer", disable=not progress)  # fmt: skip
-    with bar:
-        for b in range(0, len(todo), g.batch_size):
-            idx = todo[b : b + g.batch_size]
-            texts = generate_texts(model, tok, [rows[(i // k) % n]["prompt"] for i in idx], g,
-                                   seed=g.seed + idx[0])  # fmt: skip
-            new = []
-            for i, text in zip(idx, texts, strict=True):
-                p = (i // k) % n
-                score = float(judge(rows[p]["prompt"], text))
-                if math.isnan(score):
-                    raise ConfigError(f"--judge returned NaN for prompt {p}")
-                new.append({"index": i, "prompt_index": p, "model": cand, "sample": i % k,
-                            "completion": text, "score": score})  # fmt: skip
-            store.append(new)
-            bar.update(len(idx))
-    return len(todo)
+
+    def judged(idx: list[int], texts: list[str]) -> list[dict]:
+        new = []
+        for i, text in zip(idx, texts, strict=True):
+            p = (i // k) % n
+            score = float(judge(rows[p]["prompt"], text))
+            if math.isnan(score):
+                raise ConfigError(f"--judge returned NaN for prompt {p}")
+            new.append({"index": i, "prompt_index": p, "model": cand, "sample": i % k,
+                        "completion": text, "score": score})  # fmt: skip
+        return new
+
+    return generate_rows(store, cand, todo, lambda i: rows[(i // k) % n]["prompt"], judged,
+                         cfg.generation, total=len(jobs), device=device, progress=progress,
+                         desc=f"candidate {m + 1}", unit="answer")  # fmt: skip
 
 
 def _preference_pairs(rows: list[dict], answers: list[dict], seed: int) -> tuple[list[dict], int]:

@@ -88,24 +88,14 @@ def generate_file(
     rows = read_jsonl(prompts, ["prompt"])
     store = ResumableJsonl(out, force=force)
     todo = [i for i in range(len(rows)) if i not in store.done]
-    new = 0
-    if todo:
-        dev = select_device(device)
-        tok = load_tokenizer(teacher)
-        model = load_model(teacher, dev)
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generating",
-                   unit="prompt", disable=not progress)  # fmt: skip
-        with bar:
-            for n, b in enumerate(range(0, len(todo), cfg.batch_size)):
-                if stop_after is not None and n >= stop_after:
-                    raise KeyboardInterrupt("stopped for a test")
-                idx = todo[b : b + cfg.batch_size]
-                texts = generate_texts(model, tok, [rows[i]["prompt"] for i in idx], cfg,
-                                       seed=cfg.seed + idx[0])  # fmt: skip
-                store.append([{"index": i, "prompt": rows[i]["prompt"], "completion": t}
-                              for i, t in zip(idx, texts, strict=True)])  # fmt: skip
-                new += len(idx)
-                bar.update(len(idx))
+
+    def to_rows(idx: list[int], texts: list[str]) -> list[dict]:
+        return [{"index": i, "prompt": rows[i]["prompt"], "completion": t}
+                for i, t in zip(idx, texts, strict=True)]  # fmt: skip
+
+    new = generate_rows(store, teacher, todo, lambda i: rows[i]["prompt"], to_rows, cfg,
+                        total=len(rows), device=device, progress=progress, stop_after=stop_after,
+                        desc="generating", unit="prompt")  # fmt: skip
     written = store.finish()
     return {
         "output": str(store.out.absolute()),
@@ -115,3 +105,39 @@ def generate_file(
         "config": asdict(cfg),
         "wall_s": round(time.perf_counter() - start, 3),
     }
+
+
+def generate_rows(
+    store: ResumableJsonl,
+    model_dir: str | os.PathLike[str],
+    todo: list[int],
+    prompt_of: Callable[[int], str],
+    to_rows: Callable[[list[int], list[str]], list[dict]],
+    cfg: GenerateConfig,
+    *,
+    total: int,
+    device: str = "auto",
+    progress: bool = True,
+    stop_after: int | None = None,  # tests: simulate an interruption after this many batches
+    desc: str = "generating",
+    unit: str = "prompt",
+) -> int:
+    """Generate for the job indices ``todo`` batch by batch (seeded by each batch's first index)
+    and append ``to_rows(indices, texts)`` to ``store``; the number of jobs generated."""
+    if not todo:
+        return 0
+    dev = select_device(device)
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, dev)
+    bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit=unit,
+               disable=not progress)  # fmt: skip
+    with bar:
+        for n, b in enumerate(range(0, len(todo), cfg.batch_size)):
+            if stop_after is not None and n >= stop_after:
+                raise KeyboardInterrupt("stopped for a test")
+            idx = todo[b : b + cfg.batch_size]
+            texts = generate_texts(model, tok, [prompt_of(i) for i in idx], cfg,
+                                   seed=cfg.seed + idx[0])  # fmt: skip
+            store.append(to_rows(idx, texts))
+            bar.update(len(idx))
+    return len(todo)

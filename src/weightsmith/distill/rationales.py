@@ -13,14 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from weightsmith.core.answers import answers_agree, parse_answer
-from weightsmith.core.device import select_device
-from weightsmith.core.generation import GenerateConfig, generate_texts
+from weightsmith.core.generation import GenerateConfig
 from weightsmith.core.jsonl import read_jsonl
-from weightsmith.core.models import load_model, load_tokenizer
-from weightsmith.distill.generate import ResumableJsonl
+from weightsmith.distill.generate import ResumableJsonl, generate_rows
 from weightsmith.errors import ConfigError
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: Let's think step by step."
@@ -78,22 +74,14 @@ def generate_rationales(
                           "'rationale' and 'answer'")  # fmt: skip
     store = ResumableJsonl(out, force=force)
     todo = [i for i in range(len(rows)) if i not in store.done]
-    g = cfg.generation
-    if todo:
-        tok = load_tokenizer(teacher)
-        model = load_model(teacher, select_device(device))
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="rationales",
-                   unit="question", disable=not progress)  # fmt: skip
-        with bar:
-            for n, b in enumerate(range(0, len(todo), g.batch_size)):
-                if stop_after is not None and n >= stop_after:
-                    raise KeyboardInterrupt("stopped for a test")
-                idx = todo[b : b + g.batch_size]
-                prompts = [build_prompt(rows[i]["question"], cfg, shots) for i in idx]
-                texts = generate_texts(model, tok, prompts, g, seed=g.seed + idx[0])
-                store.append([_judge_row(i, rows[i], cut_at_next_example(t, cfg.template))
-                              for i, t in zip(idx, texts, strict=True)])  # fmt: skip
-                bar.update(len(idx))
+
+    def to_rows(idx: list[int], texts: list[str]) -> list[dict]:
+        return [_judge_row(i, rows[i], cut_at_next_example(t, cfg.template))
+                for i, t in zip(idx, texts, strict=True)]  # fmt: skip
+
+    generate_rows(store, teacher, todo, lambda i: build_prompt(rows[i]["question"], cfg, shots),
+                  to_rows, cfg.generation, total=len(rows), device=device, progress=progress,
+                  stop_after=stop_after, desc="rationales", unit="question")  # fmt: skip
     kept = store.finish(keep=lambda r: r["status"] == "ok")
     counts = {"ok": 0, "disagrees": 0, "unparsed": 0}
     for r in store.done.values():

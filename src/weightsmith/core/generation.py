@@ -28,14 +28,20 @@ class GenerateConfig:
 
 
 @torch.no_grad()
-def generate_texts(model, tok, prompts: list[str], cfg: GenerateConfig, seed: int) -> list[str]:
-    """Continue each prompt (left-padded batch); greedy at temperature 0, else sampled."""
+def generate_texts(
+    model, tok, prompts: list[str], cfg: GenerateConfig, seed: int | None
+) -> list[str]:
+    """Continue each prompt (left-padded batch); greedy at temperature 0, else sampled.
+
+    ``seed`` reseeds torch before sampling; ``None`` continues the current random stream.
+    """
     side = tok.padding_side
     tok.padding_side = "left"
     try:
         enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
         sample = cfg.temperature > 0
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         gen = model.generate(
             **enc,
             max_new_tokens=cfg.max_new_tokens,

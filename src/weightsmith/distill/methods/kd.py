@@ -159,7 +159,7 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     if teacher is not None and (seqkd or cache is None):
         t_model = load_model(teacher, dev)
     if seqkd:
-        records, cfg = _teacher_completions(run, cfg, records, t_model, dev, pg, notes)
+        records, cfg = _teacher_completions(run, cfg, records, t_model, pg, notes)
         t_model = None
     examples = tokenize_records(records, s_tok, cfg.seq_len)
     student = load_student(run, dev)
@@ -187,11 +187,11 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     return finish(run, result)
 
 
-def _teacher_completions(run: DistillRun, cfg, records: Records, t_model, dev, pg, notes):
+def _teacher_completions(run: DistillRun, cfg, records: Records, t_model, pg, notes):
     """seqkd: the teacher's completions of the data's prompts become the training pairs."""
     t_tok = load_tokenizer(run.teacher)
     prompts = prompts_of(records, t_tok, cfg)
-    pairs = generate_pairs(t_model, t_tok, prompts, cfg, dev, rank=pg.rank, world=pg.world,
+    pairs = generate_pairs(t_model, t_tok, prompts, cfg, rank=pg.rank, world=pg.world,
                            progress=run.progress)  # fmt: skip
     notes.append(f"seqkd: teacher generated {len(pairs)} completions")
     return Records([], pairs, records.fingerprint), replace(cfg, loss=replace(cfg.loss, alpha=1.0))

@@ -112,12 +112,17 @@ def train(
     pg: ProcessGroup = SINGLE_PROCESS,
     on_step: Callable[[int, int], None] | None = None,
     evaluate: Callable[[], dict | None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> TrainResult:
-    """Train ``model``'s trainable parameters in place on ``task``; see the module docstring."""
+    """Train ``model``'s trainable parameters in place on ``task``; see the module docstring.
+
+    ``optimizer`` replaces the default :func:`make_optimizer` (its lr is overwritten each step
+    by the schedule).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, loop)
+    optimizer = optimizer or make_optimizer(params, loop)
     eval_before = evaluate() if evaluate is not None else None
     total = loop.total_steps(n_examples)
     warmup = loop.warmup(total)

@@ -22,6 +22,26 @@ def load_tokenizer(path: str | os.PathLike[str]):
     return tok
 
 
+def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **kwargs):
+    """Load any checkpoint transformers can (plain, compressed-tensors, GPTQ, bitsandbytes), in
+    eval mode; ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p}: no config.json (expected a Hugging Face model folder)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, **kwargs)
+    except Exception as e:  # transformers raises many types for unloadable checkpoints
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{p}: transformers cannot load it ({type(e).__name__}: {msg})"
+        ) from None
+    return model.eval()
+
+
 def load_model(
     path: str | os.PathLike[str],
     device: torch.device,
@@ -29,13 +49,9 @@ def load_model(
     nf4: bool = False,
     trainable: bool = False,
 ):
-    """A causal LM in float32 (or with NF4 linear weights for QLoRA) on ``device``."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model folder)")
-    kwargs: dict = {"dtype": torch.float32}
+    """A causal LM in float32 (or with NF4 linear weights for QLoRA) on ``device``; frozen
+    unless ``trainable``."""
+    kwargs: dict = {}
     if nf4:
         from transformers import BitsAndBytesConfig
 
@@ -46,10 +62,7 @@ def load_model(
             bnb_4bit_use_double_quant=False,
         )
         kwargs["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot load as a causal LM ({e})") from None
+    model = load_causal_lm(path, torch.float32, **kwargs)
     if not nf4:
         model.to(device)
     model.train(trainable)

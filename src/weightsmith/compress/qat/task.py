@@ -15,33 +15,24 @@ import torch
 
 from weightsmith.compress.qat.config import TrainConfig
 from weightsmith.core.training import LoopConfig, StepOutput, TrainResult, train
-from weightsmith.core.training.data import Example, collate
-from weightsmith.core.training.losses import ce_kl_loss, completion_tokens, shift_for_next_token
+from weightsmith.core.training.data import Example
+from weightsmith.core.training.losses import ce_kl_loss
+from weightsmith.core.training.tasks import TokenTask
 from weightsmith.errors import ConfigError
 
 
-class CausalLmTask:
+class CausalLmTask(TokenTask):
     """Next-token CE on token windows, plus ``kl_weight``·KL(original ‖ model) when asked."""
 
     def __init__(self, model, examples: list[Example], pad_id: int, kl_weight: float,
                  device: torch.device, teacher=None) -> None:  # fmt: skip
         if kl_weight > 0 and teacher is None:
             raise ConfigError("--kl-weight > 0 needs the original model as teacher")
-        self.model, self.examples, self.pad_id = model, examples, pad_id
-        self.kl_weight, self.device, self.teacher = kl_weight, device, teacher
-
-    def batch(self, indices: list[int]) -> dict:
-        return collate([self.examples[i] for i in indices], self.pad_id)
-
-    def count(self, batch: dict) -> int:
-        return completion_tokens(batch["labels"])
+        super().__init__(model, examples, pad_id, device)
+        self.kl_weight, self.teacher = kl_weight, teacher
 
     def step(self, batch: dict, indices: list[int], normaliser: int) -> StepOutput:
-        ids = batch["input_ids"].to(self.device)
-        attn = batch["attention_mask"].to(self.device)
-        logits, labels = shift_for_next_token(
-            self.model(input_ids=ids, attention_mask=attn).logits, batch["labels"].to(self.device)
-        )
+        ids, attn, logits, labels = self.forward(batch)
         reference = None
         if self.kl_weight > 0:
             with torch.no_grad():

@@ -18,18 +18,8 @@ from weightsmith.core.device import select_device
 from weightsmith.core.models import load_tokenizer
 from weightsmith.core.training import StepOutput, train
 from weightsmith.distill.dpo import AVERAGED_LOSSES, DpoSettings, dpo_loss, reward_stats
-from weightsmith.distill.methods.base import (
-    DistillResult,
-    DistillRun,
-    add_lora,
-    check_output,
-    distill_method,
-    finish,
-    load_student,
-    loop_config,
-    make_result,
-    save_student,
-)
+from weightsmith.distill.methods import base
+from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.preference import (
     RefLogps,
     batch_logps,
@@ -101,7 +91,7 @@ def train_dpo(run: DistillRun) -> DistillResult:
     cfg = replace(run.cfg, dpo=settings)  # the provenance records the settings actually used
     dev = select_device(run.device)
     ref = run.ref or run.student  # Zephyr: the dSFT model is both the start and the reference
-    check_output(run, [p for p in (ref, run.student, run.ref_cache) if p and Path(p).exists()])
+    base.check_output(run, [p for p in (ref, run.student, run.ref_cache) if p and Path(p).exists()])
     tok = load_tokenizer(run.student)
     if tokenizer_hash(load_tokenizer(ref)) != tokenizer_hash(tok):
         raise ConfigError(f"--ref {ref} and --student {run.student} have different tokenizers")
@@ -110,7 +100,7 @@ def train_dpo(run: DistillRun) -> DistillResult:
     notes = [f"dpo: reference {ref}"]
     ref_c, ref_r = _reference_logps(run, cfg, ref, pairs_data, tok, dev, notes)
     train_idx, eval_idx = split_pairs(len(examples), settings.eval_fraction, cfg.seed)
-    model = add_lora(load_student(run, dev), cfg)
+    model = base.add_lora(base.load_student(run, dev), cfg)
     pad = tok.pad_token_id
 
     def evaluate() -> dict | None:
@@ -118,16 +108,16 @@ def train_dpo(run: DistillRun) -> DistillResult:
                               cfg.batch_size)  # fmt: skip
 
     task = _DpoTask(model, examples, train_idx, ref_c, ref_r, settings, pad, dev)
-    tr = train(model, task, len(train_idx), loop_config(cfg), evaluate=evaluate,
+    tr = train(model, task, len(train_idx), base.loop_config(cfg), evaluate=evaluate,
                progress=run.progress, desc="dpo")  # fmt: skip
     if eval_idx:
         notes.append(f"dpo: {len(train_idx)} training pairs, {len(eval_idx)} held out")
     else:
         notes.append("dpo: no held-out pairs (--eval-fraction 0 or a single pair)")
-    result = make_result(run, tr, tr.tokens, notes)
-    save_student(run, model, cfg, pairs_data.fingerprint, tok, result,
+    result = base.make_result(run, tr, tr.tokens, notes)
+    base.save_student(run, model, cfg, pairs_data.fingerprint, tok, result,
                  teacher_cache=run.ref_cache)  # fmt: skip
-    return finish(run, result)
+    return base.finish(run, result)
 
 
 class _DpoTask:

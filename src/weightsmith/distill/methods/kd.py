@@ -34,25 +34,15 @@ from weightsmith.core.training.distributed import (
 )
 from weightsmith.core.training.losses import (
     IGNORE_INDEX,
-    completion_tokens,
     kl_divergence,
     shift_for_next_token,
 )
+from weightsmith.core.training.tasks import TokenTask
 from weightsmith.distill.cache import TeacherCache
 from weightsmith.distill.config import DistillConfig
 from weightsmith.distill.losses import distillation_loss
-from weightsmith.distill.methods.base import (
-    DistillResult,
-    DistillRun,
-    add_lora,
-    check_output,
-    distill_method,
-    finish,
-    load_student,
-    loop_config,
-    make_result,
-    save_student,
-)
+from weightsmith.distill.methods import base
+from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.seqkd import generate_pairs, prompts_of
 from weightsmith.distill.vocab import plan_vocab, tokenizer_hash
 from weightsmith.errors import ConfigError
@@ -99,26 +89,15 @@ class _Teacher:
     common: int | None = None  # logits compared over [..., :common]
 
 
-class _KdTask:
+class _KdTask(TokenTask):
     """Micro-batches of token examples and the distillation loss step."""
 
     def __init__(self, model, examples, pad_id, src: _Teacher, cfg: DistillConfig, dev) -> None:
-        self.model, self.examples, self.pad_id = model, examples, pad_id
-        self.src, self.cfg, self.dev = src, cfg, dev
-
-    def batch(self, indices: list[int]) -> dict:
-        return collate([self.examples[i] for i in indices], self.pad_id)
-
-    def count(self, batch: dict) -> int:
-        return completion_tokens(batch["labels"])
+        super().__init__(model, examples, pad_id, dev)
+        self.src, self.cfg = src, cfg
 
     def step(self, batch: dict, indices: list[int], normaliser: int) -> StepOutput:
-        input_ids = batch["input_ids"].to(self.dev)
-        attn = batch["attention_mask"].to(self.dev)
-        logits, labels = shift_for_next_token(
-            self.model(input_ids=input_ids, attention_mask=attn).logits,
-            batch["labels"].to(self.dev),
-        )
+        input_ids, attn, logits, labels = self.forward(batch)
         kwargs = self._teacher_signal(input_ids, attn, indices)
         if self.src.common is not None:
             logits = logits[..., : self.src.common]
@@ -137,7 +116,9 @@ class _KdTask:
                 raise ConfigError(
                     f"teacher cache top-k holds token ids >= the student's {src.common} logits"
                 )
-            return {"teacher_topk": (ids.to(self.dev), logp.to(self.dev), tail.to(self.dev))}
+            return {
+                "teacher_topk": (ids.to(self.device), logp.to(self.device), tail.to(self.device))
+            }
         return {}
 
 
@@ -151,7 +132,7 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
         raise ConfigError(
             f"--batch-size {cfg.batch_size} must be divisible by the {pg.world} processes"
         )
-    check_output(run, [teacher, run.student, cache])  # fail before training
+    base.check_output(run, [teacher, run.student, cache])  # fail before training
     notes: list[str] = []
     s_tok = load_tokenizer(run.student)
     records = read_records(run.data)
@@ -162,11 +143,11 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
         records, cfg = _teacher_completions(run, cfg, records, t_model, pg, notes)
         t_model = None
     examples = tokenize_records(records, s_tok, cfg.seq_len)
-    student = load_student(run, dev)
+    student = base.load_student(run, dev)
     src = _Teacher()
     if cfg.method == "kd" and cfg.loss.alpha < 1.0:
         src = _teacher_source(run, cfg, records, s_tok, t_model, logits_width(student), notes)
-    student = add_lora(student, cfg)
+    student = base.add_lora(student, cfg)
     evaluate = None
     if run.eval_data is not None:
         held_out = tokenize_records(read_records(run.eval_data), s_tok, cfg.seq_len)
@@ -175,16 +156,16 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
             return heldout_metrics(student, held_out, s_tok, cfg, dev, pg, t_model)
 
     task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev)
-    tr = train(student, task, len(examples), loop_config(cfg), pg=pg, evaluate=evaluate,
+    tr = train(student, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
                progress=run.progress, desc="distill")  # fmt: skip
-    result = make_result(run, tr, tr.units, notes, pg.world)
+    result = base.make_result(run, tr, tr.units, notes, pg.world)
     if pg.main:
-        save_student(run, student, cfg, records.fingerprint, s_tok, result, teacher=teacher,
+        base.save_student(run, student, cfg, records.fingerprint, s_tok, result, teacher=teacher,
                      teacher_cache=cache)  # fmt: skip
     barrier(pg.world)
     if src.cache is not None:
         src.cache.close()
-    return finish(run, result)
+    return base.finish(run, result)
 
 
 def _teacher_completions(run: DistillRun, cfg, records: Records, t_model, pg, notes):

@@ -24,18 +24,8 @@ from weightsmith.core.models import load_tokenizer
 from weightsmith.core.training import StepOutput, train
 from weightsmith.core.training.data import Example, collate
 from weightsmith.core.training.losses import IGNORE_INDEX, shift_for_next_token
-from weightsmith.distill.methods.base import (
-    DistillResult,
-    DistillRun,
-    add_lora,
-    check_output,
-    distill_method,
-    finish,
-    load_student,
-    loop_config,
-    make_result,
-    save_student,
-)
+from weightsmith.distill.methods import base
+from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.preference import tokenize_completion
 from weightsmith.errors import ConfigError
 
@@ -87,14 +77,14 @@ def train_step_by_step(run: DistillRun) -> DistillResult:
     if cfg.grad_accum != 1:
         raise ConfigError("--method step-by-step takes one micro-batch per step (--grad-accum 1)")
     dev = select_device(run.device)
-    check_output(run, [run.student])
+    base.check_output(run, [run.student])
     rows = read_jsonl(run.data, ["question", "rationale"])
     for i, r in enumerate(rows):
         if "answer" not in r:
             raise ConfigError(f"{run.data}: row {i + 1} has no 'answer'")
     tok = load_tokenizer(run.student)
     examples = task_examples(rows, tok, cfg.seq_len)
-    model = add_lora(load_student(run, dev), cfg)
+    model = base.add_lora(base.load_student(run, dev), cfg)
     held_out = read_jsonl(run.eval_data, ["question"]) if run.eval_data is not None else None
 
     def evaluate() -> dict | None:
@@ -103,12 +93,12 @@ def train_step_by_step(run: DistillRun) -> DistillResult:
         return answer_accuracy(model, tok, held_out, template=PREDICT, batch_size=cfg.batch_size)
 
     task = _MultiTask(model, examples, tok.pad_token_id, cfg.sbs_alpha, dev)
-    tr = train(model, task, len(rows), loop_config(cfg), evaluate=evaluate,
+    tr = train(model, task, len(rows), base.loop_config(cfg), evaluate=evaluate,
                progress=run.progress, desc="step-by-step")  # fmt: skip
     notes = [f"step-by-step: {len(rows)} questions, alpha {cfg.sbs_alpha}"]
-    result = make_result(run, tr, tr.tokens, notes)
-    save_student(run, model, cfg, _fingerprint(run.data), tok, result)
-    return finish(run, result)
+    result = base.make_result(run, tr, tr.tokens, notes)
+    base.save_student(run, model, cfg, _fingerprint(run.data), tok, result)
+    return base.finish(run, result)
 
 
 class _MultiTask:

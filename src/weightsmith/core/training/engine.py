@@ -45,7 +45,7 @@ class StepOutput:
 
     loss: torch.Tensor
     tokens: int  # input tokens this micro-batch put through the model (throughput)
-    metrics: dict[str, float] = field(default_factory=dict)  # shown on the progress bar
+    metrics: dict[str, float] = field(default_factory=dict)  # progress bar: mean over the step
 
 
 class TrainingTask(Protocol):
@@ -149,7 +149,8 @@ def train(
                 out.loss.backward()
                 step_loss += out.loss.detach().cpu()
                 tokens += out.tokens
-                metrics.update(out.metrics)
+                for k, v in out.metrics.items():  # shown as the mean over the micro-batches
+                    metrics[k] = metrics.get(k, 0.0) + v / len(micro)
             all_reduce_grads(params, pg.world)
             if loop.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)

@@ -122,7 +122,8 @@ def train(
     by the schedule).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer or make_optimizer(params, loop)
+    if optimizer is None:
+        optimizer = make_optimizer(params, loop)
     eval_before = evaluate() if evaluate is not None else None
     total = loop.total_steps(n_examples)
     warmup = loop.warmup(total)

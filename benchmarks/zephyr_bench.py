@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.core.generation import GenerateConfig, generate_texts
+from weightsmith.core.models import load_model, load_tokenizer
 from weightsmith.distill import DistillConfig, LossConfig, distill
 from weightsmith.distill.dpo import DpoSettings
 from weightsmith.distill.feedback import FeedbackConfig, collect_feedback
-from weightsmith.distill.generate import GenerateConfig, generate_file, generate_texts
-from weightsmith.distill.models import load_model, load_tokenizer
+from weightsmith.distill.generate import generate_file
 from weightsmith.testing import shared_model, shared_text
 
 POSITIVE = {"happy", "smile", "smiled", "smiling", "fun", "love", "loved", "laugh", "laughed",

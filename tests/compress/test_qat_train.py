@@ -15,8 +15,8 @@ from weightsmith.cli.main import cli
 from weightsmith.compress import QuantConfig, quantize_checkpoint
 from weightsmith.compress.qat import QatConfig, TrainConfig, qat_checkpoint
 from weightsmith.compress.qat.fake_quant import WeightSpec
-from weightsmith.compress.qat.loop import total_steps
 from weightsmith.compress.qat.modules import as_fake_quant, swap_linears
+from weightsmith.core.training import LoopConfig
 
 pytest.importorskip("compressed_tensors")
 
@@ -79,6 +79,9 @@ def test_kl_to_original_and_act_bits_train(tiny_model, tmp_path, data):
 
 
 def test_one_pass_by_default():
+    def total_steps(cfg: TrainConfig, n: int) -> int:
+        return LoopConfig.of(cfg).total_steps(n)
+
     assert total_steps(TrainConfig(batch_size=4), 41) == 11  # ceil(41 / 4)
     assert total_steps(TrainConfig(batch_size=4, grad_accum=2, epochs=2.0), 41) == 11
     assert total_steps(TrainConfig(steps=5), 41) == 5

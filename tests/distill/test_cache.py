@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from weightsmith.core.models import load_tokenizer
+from weightsmith.core.training.data import collate, read_records, tokenize_records
 from weightsmith.distill import CacheConfig, DistillConfig, LossConfig, TeacherCache, build_cache
 from weightsmith.distill import distill as run_distill
 from weightsmith.distill.cache import topk_of_logits
-from weightsmith.distill.data import collate, read_records, tokenize_records
-from weightsmith.distill.models import load_tokenizer
 from weightsmith.errors import ConfigError
 
 

@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from weightsmith.cli.main import distill_cli
+from weightsmith.core.models import load_model, load_tokenizer
 from weightsmith.distill import DistillConfig
 from weightsmith.distill.dpo import DpoSettings, dpo_loss, reward_stats, sequence_logps
-from weightsmith.distill.dpo_train import split_pairs
-from weightsmith.distill.models import load_model, load_tokenizer
+from weightsmith.distill.methods.dpo import split_pairs
 from weightsmith.distill.preference import (
     RefLogps,
     build_ref_logps,

@@ -125,8 +125,8 @@ def test_feedback_cli(teacher, student, prompts_file, tmp_path):
 def test_llm_judge_expected_rating(teacher):
     import torch
 
+    from weightsmith.core.models import load_model, load_tokenizer
     from weightsmith.distill.feedback import RATING_TEMPLATE, LlmJudge
-    from weightsmith.distill.models import load_model, load_tokenizer
 
     judge = load_judge(f"llm:{teacher}")
     assert isinstance(judge, LlmJudge)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from weightsmith.core.training.schedule import lr_factor
 from weightsmith.distill.losses import (
     IGNORE_INDEX,
     LossConfig,
@@ -18,7 +19,6 @@ from weightsmith.distill.losses import (
     reverse_kl,
     sparse_divergence,
 )
-from weightsmith.distill.schedule import lr_factor
 
 # p_T = [0.7, 0.2, 0.1], p_S = [0.4, 0.4, 0.2]; values worked out by hand:
 #   KL(p_T‖p_S) = 0.7 ln(7/4) + 0.2 ln(1/2) + 0.1 ln(1/2)            = 0.1837869

@@ -14,18 +14,11 @@ from click.testing import CliRunner
 import weightsmith.cli.accuracy_cmds  # noqa: F401  (registers `eval accuracy`)
 from weightsmith.cli.groups import eval_cli
 from weightsmith.cli.main import distill_cli
-from weightsmith.distill import rationales as rat
+from weightsmith.core.answers import answers_agree, normalize_answer, parse_answer, prediction_of
+from weightsmith.distill import generate as gen
 from weightsmith.distill.generate import GenerateConfig
-from weightsmith.distill.rationales import (
-    RationaleConfig,
-    answers_agree,
-    cut_at_next_example,
-    generate_rationales,
-    normalize_answer,
-    parse_answer,
-    prediction_of,
-)
-from weightsmith.distill.stepbystep import multitask_loss
+from weightsmith.distill.methods.step_by_step import multitask_loss
+from weightsmith.distill.rationales import RationaleConfig, cut_at_next_example, generate_rationales
 
 
 @pytest.mark.parametrize(
@@ -95,8 +88,8 @@ def test_rationales_resume_and_drop(tmp_path, monkeypatch, student):
                "4+4?": " I do not know.", "5+5?": " 5 and 5 make 10. The answer is 10.",
                "6+6?": " 6 doubled. The answer is 12.0.\nQuestion: 1+1? The answer is 3."}  # fmt: skip
     calls: list[int] = []
-    monkeypatch.setattr(rat, "generate_texts", _fake_generate(outputs, calls))
-    monkeypatch.setattr("weightsmith.distill.models.load_model", lambda *a, **k: _FakeModel())
+    monkeypatch.setattr(gen, "generate_texts", _fake_generate(outputs, calls))
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: _FakeModel())
     cfg = RationaleConfig(generation=GenerateConfig(batch_size=2))
     out = tmp_path / "r.jsonl"
     with pytest.raises(KeyboardInterrupt):
@@ -177,11 +170,12 @@ def test_step_by_step_trains_and_eval_accuracy(student, tmp_path):
 @pytest.mark.parametrize("alpha, task", [(1.0, "predict: "), (0.0, "explain: ")])
 def test_zero_weight_task_is_not_run(student, tmp_path, monkeypatch, alpha, task):
     """α = 1 (label-only) or 0 runs one forward pass per step, and its loss is that task's CE."""
-    from weightsmith.distill import DistillConfig
-    from weightsmith.distill import stepbystep as sbs
-    from weightsmith.distill.data import collate
+    from weightsmith.core.models import load_model, load_tokenizer
+    from weightsmith.core.training.data import collate
+    from weightsmith.distill import DistillConfig, distill
     from weightsmith.distill.losses import shift_for_next_token
-    from weightsmith.distill.models import load_model, load_tokenizer
+    from weightsmith.distill.methods import base
+    from weightsmith.distill.methods import step_by_step as sbs
 
     rows = [{"question": f"What is {a} plus 2?", "answer": str(a + 2),
              "rationale": f"{a} plus 2 makes {a + 2}."} for a in range(3)]  # fmt: skip
@@ -197,7 +191,7 @@ def test_zero_weight_task_is_not_run(student, tmp_path, monkeypatch, alpha, task
                                      for x in shift_for_next_token(logits, b["labels"])],
                                    ignore_index=-100).item()  # fmt: skip
     seen: list[str] = []
-    real_load = sbs.load_model
+    real_load = base.load_model
 
     def load_and_watch(*a, **k):
         model = real_load(*a, **k)
@@ -207,10 +201,9 @@ def test_zero_weight_task_is_not_run(student, tmp_path, monkeypatch, alpha, task
         )
         return model
 
-    monkeypatch.setattr(sbs, "load_model", load_and_watch)
+    monkeypatch.setattr(base, "load_model", load_and_watch)
     cfg = DistillConfig(method="step-by-step", sbs_alpha=alpha, steps=2, lr=1e-3, batch_size=3,
                         seq_len=48)  # fmt: skip
-    res = sbs.train_step_by_step(student, data, tmp_path / "out", cfg, device="cpu",
-                                 progress=False)  # fmt: skip
+    res = distill(None, student, data, tmp_path / "out", cfg, device="cpu", progress=False)
     assert len(seen) == 2 * 3 and all(s.startswith(task) for s in seen), seen
     assert res.losses[0] == pytest.approx(expected, abs=1e-5)

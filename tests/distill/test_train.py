@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from weightsmith.core.models import load_tokenizer
+from weightsmith.core.training.data import read_records, tokenize_records
 from weightsmith.distill import DistillConfig, LoraSettings, LossConfig, distill
-from weightsmith.distill.data import read_records, tokenize_records
 from weightsmith.distill.losses import IGNORE_INDEX
-from weightsmith.distill.models import load_tokenizer
 from weightsmith.distill.vocab import plan_vocab
 from weightsmith.errors import ConfigError
 from weightsmith.io import open_checkpoint
@@ -78,8 +78,8 @@ def test_grad_accum_equals_one_big_batch(teacher, student, corpus, tmp_path):
 def test_lora_merge_matches_peft_merge_and_unload(student, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from weightsmith.distill.models import lora_deltas
-    from weightsmith.distill.save import merged_weights, write_student
+    from weightsmith.core.training.save import merged_weights, write_student
+    from weightsmith.distill.lora import lora_deltas
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     peft_model = get_peft_model(

@@ -26,14 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from weightsmith.core.device import select_device
+from weightsmith.core.models import load_model, load_tokenizer, logits_width
 from weightsmith.core.report import peak_rss_bytes
-from weightsmith.distill.data import (
+from weightsmith.core.training.data import (
     collate,
     data_fingerprint,
     read_records,
     tokenize_records,
 )
-from weightsmith.distill.models import load_model, load_tokenizer, logits_width
 from weightsmith.distill.vocab import tokenizer_hash
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import open_checkpoint
@@ -88,7 +89,7 @@ def build_cache(
     if not cfg.temperature > 0:
         raise ConfigError(f"--temperature must be positive, got {cfg.temperature}")
     start = time.perf_counter()
-    dev = _device(device)
+    dev = select_device(device)
     tok = load_tokenizer(teacher)
     records = read_records(data)
     examples = tokenize_records(records, tok, cfg.seq_len)
@@ -100,16 +101,7 @@ def build_cache(
         if cfg.top_k > vocab:
             raise ConfigError(f"--top-k {cfg.top_k} exceeds the teacher's {vocab} logits")
         id_dtype = torch.int16 if vocab <= 2**15 else torch.int32
-        T, k, n = cfg.seq_len, cfg.top_k, len(examples)
-        chunks = [(c, min(cfg.chunk_examples, n - c)) for c in range(0, n, cfg.chunk_examples)]
-        specs = []
-        for c, size in chunks:
-            name = f"chunk{c // cfg.chunk_examples:05d}"
-            specs += [
-                TensorSpec(f"{name}.topk_ids", id_dtype, (size, T, k)),
-                TensorSpec(f"{name}.topk_logprobs", torch.float16, (size, T, k)),
-                TensorSpec(f"{name}.tail_logmass", torch.float32, (size, T)),
-            ]
+        n = len(examples)
         meta = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -118,44 +110,15 @@ def build_cache(
             "data_fingerprint": data_fingerprint(records, t_hash, cfg.seq_len),
             "vocab_length": vocab,
             "temperature": cfg.temperature,
-            "top_k": k,
-            "seq_len": T,
+            "top_k": cfg.top_k,
+            "seq_len": cfg.seq_len,
             "examples": n,
             "chunk_examples": cfg.chunk_examples,
         }
-        bar = tqdm(total=n, desc="teacher cache", unit="ex", disable=not progress, leave=False)
-        tokens = 0
-        with (
-            CheckpointWriter(
-                out, max_shard_size=max_shard_size, force=force, inputs=[ckpt.path]
-            ) as writer,
-            bar,
-        ):
-            writer.plan(specs)
-            for c, size in chunks:
-                name = f"chunk{c // cfg.chunk_examples:05d}"
-                ids = torch.zeros((size, T, k), dtype=id_dtype)
-                logp = torch.full((size, T, k), -math.inf, dtype=torch.float16)
-                tail = torch.zeros((size, T), dtype=torch.float32)
-                for b in range(0, size, cfg.batch_size):
-                    part = examples[c + b : c + min(b + cfg.batch_size, size)]
-                    batch = collate(part, tok.pad_token_id)
-                    with torch.no_grad():
-                        logits = model(
-                            input_ids=batch["input_ids"].to(dev),
-                            attention_mask=batch["attention_mask"].to(dev),
-                        ).logits
-                    top = topk_of_logits(logits, k, cfg.temperature)
-                    w = logits.shape[1]
-                    rows = slice(b, b + len(part))
-                    ids[rows, :w] = top.ids.to("cpu", id_dtype)
-                    logp[rows, :w] = top.logprobs.to("cpu", torch.float16)
-                    tail[rows, :w] = top.tail_logmass.cpu()
-                    tokens += int(batch["attention_mask"].sum())
-                    bar.update(len(part))
-                writer.write(f"{name}.topk_ids", ids)
-                writer.write(f"{name}.topk_logprobs", logp)
-                writer.write(f"{name}.tail_logmass", tail)
+        with CheckpointWriter(out, max_shard_size=max_shard_size, force=force,
+                              inputs=[ckpt.path]) as writer:  # fmt: skip
+            tokens = _write_chunks(writer, model, examples, tok.pad_token_id, cfg, id_dtype, dev,
+                                   progress)  # fmt: skip
             writer.write_json(CACHE_META, meta)
             summary = writer.commit(
                 {
@@ -167,17 +130,59 @@ def build_cache(
                     ],
                 }
             )
-    wall = time.perf_counter() - start
     return {
         "output": summary.out,
         "examples": n,
         "positions": tokens,
         "bytes": summary.total_size,
-        "bytes_per_position": round(summary.total_size / max(n * T, 1), 1),
-        "wall_s": round(wall, 3),
+        "bytes_per_position": round(summary.total_size / max(n * cfg.seq_len, 1), 1),
+        "wall_s": round(time.perf_counter() - start, 3),
         "peak_rss": peak_rss_bytes(),
         "meta": meta,
     }
+
+
+def _write_chunks(writer, model, examples, pad_id: int, cfg: CacheConfig, id_dtype, dev,
+                  progress: bool) -> int:  # fmt: skip
+    """Plan and write every chunk's top-k tensors; the number of real positions covered."""
+    T, k, n = cfg.seq_len, cfg.top_k, len(examples)
+    chunks = [(c, min(cfg.chunk_examples, n - c)) for c in range(0, n, cfg.chunk_examples)]
+    specs = []
+    for c, size in chunks:
+        name = f"chunk{c // cfg.chunk_examples:05d}"
+        specs += [
+            TensorSpec(f"{name}.topk_ids", id_dtype, (size, T, k)),
+            TensorSpec(f"{name}.topk_logprobs", torch.float16, (size, T, k)),
+            TensorSpec(f"{name}.tail_logmass", torch.float32, (size, T)),
+        ]
+    writer.plan(specs)
+    tokens = 0
+    with tqdm(total=n, desc="teacher cache", unit="ex", disable=not progress, leave=False) as bar:
+        for c, size in chunks:
+            name = f"chunk{c // cfg.chunk_examples:05d}"
+            ids = torch.zeros((size, T, k), dtype=id_dtype)
+            logp = torch.full((size, T, k), -math.inf, dtype=torch.float16)
+            tail = torch.zeros((size, T), dtype=torch.float32)
+            for b in range(0, size, cfg.batch_size):
+                part = examples[c + b : c + min(b + cfg.batch_size, size)]
+                batch = collate(part, pad_id)
+                with torch.no_grad():
+                    logits = model(
+                        input_ids=batch["input_ids"].to(dev),
+                        attention_mask=batch["attention_mask"].to(dev),
+                    ).logits
+                top = topk_of_logits(logits, k, cfg.temperature)
+                w = logits.shape[1]
+                rows = slice(b, b + len(part))
+                ids[rows, :w] = top.ids.to("cpu", id_dtype)
+                logp[rows, :w] = top.logprobs.to("cpu", torch.float16)
+                tail[rows, :w] = top.tail_logmass.cpu()
+                tokens += int(batch["attention_mask"].sum())
+                bar.update(len(part))
+            writer.write(f"{name}.topk_ids", ids)
+            writer.write(f"{name}.topk_logprobs", logp)
+            writer.write(f"{name}.tail_logmass", tail)
+    return tokens
 
 
 class TeacherCache:
@@ -235,12 +240,3 @@ class TeacherCache:
 
     def close(self) -> None:
         self.ckpt.close()
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown --device {device!r}") from None

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from weightsmith.core.training.config import OPTIMIZERS, check_training_loop
 from weightsmith.distill.dpo import DpoSettings
 from weightsmith.distill.losses import LossConfig
 from weightsmith.errors import ConfigError
-
-METHODS = ("kd", "seqkd", "sft", "dpo", "step-by-step")
-OPTIMIZERS = ("adamw", "adamw8bit")
 
 # Short names for --lora-targets, expanded to the module names transformers uses.
 SHORT_TARGETS = {
@@ -23,20 +21,11 @@ SHORT_TARGETS = {
 }
 
 
-def check_training_loop(cfg) -> None:
-    """Reject impossible loop settings of a training config (distill, QAT, BitNet): ``steps``,
-    ``epochs``, ``batch_size``, ``grad_accum``, ``seq_len`` and ``lr`` attributes."""
-    if cfg.steps is not None and cfg.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ConfigError("give --steps or --epochs, not both")
-    for name in ("batch_size", "grad_accum", "seq_len"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if not cfg.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+def method_names() -> tuple[str, ...]:
+    """The registered distillation methods (built-in ones first)."""
+    from weightsmith.distill.methods import DISTILL_METHODS  # the methods import this module
+
+    return tuple(DISTILL_METHODS)
 
 
 @dataclass(frozen=True)
@@ -88,8 +77,9 @@ class DistillConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r} (choose from {METHODS})")
+        methods = method_names()
+        if self.method not in methods:
+            raise ConfigError(f"unknown --method {self.method!r} (choose from {methods})")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"unknown --optim {self.optim!r} (choose from {OPTIMIZERS})")
         check_training_loop(self)

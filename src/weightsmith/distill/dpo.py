@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from weightsmith.distill.losses import IGNORE_INDEX
+from weightsmith.core.training.losses import IGNORE_INDEX
 from weightsmith.errors import ConfigError
 
 PairLoss = Callable[[torch.Tensor, float, float], torch.Tensor]

@@ -22,14 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from weightsmith.distill.generate import (
-    GenerateConfig,
-    ResumableJsonl,
-    generate_texts,
-    read_jsonl,
-)
+from weightsmith.core.device import select_device
+from weightsmith.core.generation import GenerateConfig
+from weightsmith.core.jsonl import read_jsonl
+from weightsmith.core.models import load_model, load_tokenizer
+from weightsmith.distill.generate import ResumableJsonl, generate_rows
 from weightsmith.errors import ConfigError, OutputError
 
 Judge = Callable[[str, str], float]
@@ -64,9 +61,6 @@ class LlmJudge:
 
     def __init__(self, model_dir: str | os.PathLike[str], template: str = RATING_TEMPLATE,
                  device: str = "auto") -> None:  # fmt: skip
-        from weightsmith.distill.cache import _device
-        from weightsmith.distill.models import load_model, load_tokenizer
-
         self.tok = load_tokenizer(model_dir)
         self.digits = []
         for d in range(1, 10):
@@ -75,7 +69,7 @@ class LlmJudge:
                 raise ConfigError(f"--judge llm:{model_dir}: digit {d} is not one token")
             self.digits.append(ids[0])
         self.template = template
-        self.model = load_model(model_dir, _device(device))
+        self.model = load_model(model_dir, select_device(device))
 
     def __call__(self, prompt: str, completion: str) -> float:
         import torch
@@ -135,9 +129,6 @@ def collect_feedback(
     progress: bool = True,
 ) -> dict:
     """Generate, judge and pair; writes ``out`` (prefs) and ``out.completions.jsonl``."""
-    from weightsmith.distill.cache import _device
-    from weightsmith.distill.models import load_model, load_tokenizer
-
     start = time.perf_counter()
     if not candidates:
         raise ConfigError("--candidates is empty")
@@ -146,52 +137,13 @@ def collect_feedback(
     if out.exists() and not force:
         raise OutputError(f"{out} exists (use --force to overwrite)")
     store = ResumableJsonl(out.with_name(out.name + ".completions.jsonl"), force=True)
-    n, k, g = len(rows), cfg.k, cfg.generation
-    dev = _device(device)
+    select_device(device)  # an unknown --device fails before any work
     generated = 0
     for m, cand in enumerate(candidates):  # one candidate model resident at a time
-        jobs = [(m * n + p) * k + j for p in range(n) for j in range(k)]
-        todo = [i for i in jobs if i not in store.done]
-        if not todo:
-            continue
-        tok = load_tokenizer(cand)
-        model = load_model(cand, dev)
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"candidate {m + 1}",
-                   unit="answer", disable=not progress)  # fmt: skip
-        with bar:
-            for b in range(0, len(todo), g.batch_size):
-                idx = todo[b : b + g.batch_size]
-                texts = generate_texts(model, tok, [rows[(i // k) % n]["prompt"] for i in idx], g,
-                                       seed=g.seed + idx[0])  # fmt: skip
-                new = []
-                for i, text in zip(idx, texts, strict=True):
-                    p = (i // k) % n
-                    score = float(judge(rows[p]["prompt"], text))
-                    if math.isnan(score):
-                        raise ConfigError(f"--judge returned NaN for prompt {p}")
-                    new.append({"index": i, "prompt_index": p, "model": cand, "sample": i % k,
-                                "completion": text, "score": score})  # fmt: skip
-                store.append(new)
-                generated += len(idx)
-                bar.update(len(idx))
-        del model
+        generated += _answer_with(m, cand, rows, judge, store, cfg, device, progress)
     answers = store.finish()
-    by_prompt: dict[int, list[dict]] = {}
-    for a in answers:
-        by_prompt.setdefault(a["prompt_index"], []).append(a)
-    rng = random.Random(cfg.seed)
-    pairs, ties = [], 0
-    for p in range(n):
-        group = by_prompt.get(p, [])
-        pick = pick_pair([a["score"] for a in group], rng) if len(group) > 1 else None
-        if pick is None:
-            ties += 1
-            continue
-        c, r = group[pick[0]], group[pick[1]]
-        pairs.append({"prompt": rows[p]["prompt"], "chosen": c["completion"],
-                      "rejected": r["completion"], "score_chosen": c["score"],
-                      "score_rejected": r["score"], "chosen_model": c["model"],
-                      "rejected_model": r["model"]})  # fmt: skip
+    pairs, ties = _preference_pairs(rows, answers, cfg.seed)
+    n = len(rows)
     if not pairs:
         raise ConfigError(f"every one of the {n} prompts tied under the judge; no pairs to write")
     tmp = out.with_name(out.name + ".tmp")
@@ -215,6 +167,50 @@ def collect_feedback(
         "config": asdict(cfg),
         "wall_s": round(time.perf_counter() - start, 3),
     }
+
+
+def _answer_with(m: int, cand: str, rows: list[dict], judge: Judge, store: ResumableJsonl,
+                 cfg: FeedbackConfig, device: str, progress: bool) -> int:  # fmt: skip
+    """Candidate ``m`` answers every prompt ``k`` times (skipping stored answers), judged."""
+    n, k = len(rows), cfg.k
+    jobs = [(m * n + p) * k + j for p in range(n) for j in range(k)]
+    todo = [i for i in jobs if i not in store.done]
+
+    def judged(idx: list[int], texts: list[str]) -> list[dict]:
+        new = []
+        for i, text in zip(idx, texts, strict=True):
+            p = (i // k) % n
+            score = float(judge(rows[p]["prompt"], text))
+            if math.isnan(score):
+                raise ConfigError(f"--judge returned NaN for prompt {p}")
+            new.append({"index": i, "prompt_index": p, "model": cand, "sample": i % k,
+                        "completion": text, "score": score})  # fmt: skip
+        return new
+
+    return generate_rows(store, cand, todo, lambda i: rows[(i // k) % n]["prompt"], judged,
+                         cfg.generation, total=len(jobs), device=device, progress=progress,
+                         desc=f"candidate {m + 1}", unit="answer")  # fmt: skip
+
+
+def _preference_pairs(rows: list[dict], answers: list[dict], seed: int) -> tuple[list[dict], int]:
+    """(chosen = best-scored, rejected = a seeded pick among the lower-scored) per prompt; ties."""
+    by_prompt: dict[int, list[dict]] = {}
+    for a in answers:
+        by_prompt.setdefault(a["prompt_index"], []).append(a)
+    rng = random.Random(seed)
+    pairs, ties = [], 0
+    for p in range(len(rows)):
+        group = by_prompt.get(p, [])
+        pick = pick_pair([a["score"] for a in group], rng) if len(group) > 1 else None
+        if pick is None:
+            ties += 1
+            continue
+        c, r = group[pick[0]], group[pick[1]]
+        pairs.append({"prompt": rows[p]["prompt"], "chosen": c["completion"],
+                      "rejected": r["completion"], "score_chosen": c["score"],
+                      "score_rejected": r["score"], "chosen_model": c["model"],
+                      "rejected_model": r["model"]})  # fmt: skip
+    return pairs, ties
 
 
 def _mean(xs: list[float]) -> float:

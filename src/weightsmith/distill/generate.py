@@ -13,79 +13,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from weightsmith.errors import ConfigError, OutputError
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-
-
-def read_jsonl(path: str | os.PathLike[str], required: Iterable[str]) -> list[dict]:
-    """Rows of a JSON-lines file, each an object with string values for ``required`` keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    rows = []
-    keys = list(required)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
-            raise ConfigError(f"{path}:{lineno}: expected an object with string {keys}")
-        rows.append(obj)
-    if not rows:
-        raise ConfigError(f"{path}: no records")
-    return rows
-
-
-@torch.no_grad()
-def generate_texts(model, tok, prompts: list[str], cfg: GenerateConfig, seed: int) -> list[str]:
-    """Continue each prompt (left-padded batch); greedy at temperature 0, else sampled."""
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-        sample = cfg.temperature > 0
-        torch.manual_seed(seed)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sample,
-            temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample else None,
-            top_k=0 if sample else None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,  # stop at the tokenizer's EOS even when the model's
-        )  # generation_config names none
-    finally:
-        tok.padding_side = side
-    new = gen[:, enc["input_ids"].shape[1] :]
-    return [tok.decode(row, skip_special_tokens=True) for row in new]
+from weightsmith.core.device import select_device
+from weightsmith.core.generation import GenerateConfig, generate_texts
+from weightsmith.core.jsonl import read_jsonl
+from weightsmith.core.models import load_model, load_tokenizer
+from weightsmith.errors import OutputError
 
 
 class ResumableJsonl:
@@ -146,31 +84,18 @@ def generate_file(
     stop_after: int | None = None,  # tests: simulate an interruption after this many batches
 ) -> dict:
     """Write ``{"index", "prompt", "completion"}`` rows (teacher completions) to ``out``."""
-    from weightsmith.distill.cache import _device
-    from weightsmith.distill.models import load_model, load_tokenizer
-
     start = time.perf_counter()
     rows = read_jsonl(prompts, ["prompt"])
     store = ResumableJsonl(out, force=force)
     todo = [i for i in range(len(rows)) if i not in store.done]
-    new = 0
-    if todo:
-        dev = _device(device)
-        tok = load_tokenizer(teacher)
-        model = load_model(teacher, dev)
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generating",
-                   unit="prompt", disable=not progress)  # fmt: skip
-        with bar:
-            for n, b in enumerate(range(0, len(todo), cfg.batch_size)):
-                if stop_after is not None and n >= stop_after:
-                    raise KeyboardInterrupt("stopped for a test")
-                idx = todo[b : b + cfg.batch_size]
-                texts = generate_texts(model, tok, [rows[i]["prompt"] for i in idx], cfg,
-                                       seed=cfg.seed + idx[0])  # fmt: skip
-                store.append([{"index": i, "prompt": rows[i]["prompt"], "completion": t}
-                              for i, t in zip(idx, texts, strict=True)])  # fmt: skip
-                new += len(idx)
-                bar.update(len(idx))
+
+    def to_rows(idx: list[int], texts: list[str]) -> list[dict]:
+        return [{"index": i, "prompt": rows[i]["prompt"], "completion": t}
+                for i, t in zip(idx, texts, strict=True)]  # fmt: skip
+
+    new = generate_rows(store, teacher, todo, lambda i: rows[i]["prompt"], to_rows, cfg,
+                        total=len(rows), device=device, progress=progress, stop_after=stop_after,
+                        desc="generating", unit="prompt")  # fmt: skip
     written = store.finish()
     return {
         "output": str(store.out.absolute()),
@@ -180,3 +105,39 @@ def generate_file(
         "config": asdict(cfg),
         "wall_s": round(time.perf_counter() - start, 3),
     }
+
+
+def generate_rows(
+    store: ResumableJsonl,
+    model_dir: str | os.PathLike[str],
+    todo: list[int],
+    prompt_of: Callable[[int], str],
+    to_rows: Callable[[list[int], list[str]], list[dict]],
+    cfg: GenerateConfig,
+    *,
+    total: int,
+    device: str = "auto",
+    progress: bool = True,
+    stop_after: int | None = None,  # tests: simulate an interruption after this many batches
+    desc: str = "generating",
+    unit: str = "prompt",
+) -> int:
+    """Generate for the job indices ``todo`` batch by batch (seeded by each batch's first index)
+    and append ``to_rows(indices, texts)`` to ``store``; the number of jobs generated."""
+    if not todo:
+        return 0
+    dev = select_device(device)
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, dev)
+    bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit=unit,
+               disable=not progress)  # fmt: skip
+    with bar:
+        for n, b in enumerate(range(0, len(todo), cfg.batch_size)):
+            if stop_after is not None and n >= stop_after:
+                raise KeyboardInterrupt("stopped for a test")
+            idx = todo[b : b + cfg.batch_size]
+            texts = generate_texts(model, tok, [prompt_of(i) for i in idx], cfg,
+                                   seed=cfg.seed + idx[0])  # fmt: skip
+            store.append(to_rows(idx, texts))
+            bar.update(len(idx))
+    return len(todo)

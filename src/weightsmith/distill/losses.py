@@ -36,7 +36,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from weightsmith.core.training.losses import (  # re-exported: the token-level pieces
+    IGNORE_INDEX,
+    completion_ce,
+    completion_mask,
+    kl_divergence,
+    shift_for_next_token,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "IGNORE_INDEX",
+    "LossConfig",
+    "LossParts",
+    "completion_mask",
+    "distillation_loss",
+    "divergence",
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "shift_for_next_token",
+    "sparse_divergence",
+]
 
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 DIVERGENCES: dict[str, Divergence] = {}
@@ -52,23 +73,16 @@ def divergence(name: str) -> Callable[[Divergence], Divergence]:
     return register
 
 
-def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per position from log-probabilities, with 0·log 0 = 0."""
-    p = p_logp.exp()
-    diff = torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p_logp))
-    return (p * diff).sum(-1)
-
-
 @divergence("fkl")
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.0):
     """KL(p_T ‖ p_S) per position."""
-    return _kl(teacher_logp, student_logp)
+    return kl_divergence(teacher_logp, student_logp)
 
 
 @divergence("rkl")
 def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.0):
     """KL(p_S ‖ p_T) per position."""
-    return _kl(student_logp, teacher_logp)
+    return kl_divergence(student_logp, teacher_logp)
 
 
 @divergence("jsd")
@@ -82,7 +96,9 @@ def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
         return reverse_kl(student_logp, teacher_logp)
     # log M computed in log space: mixing probabilities, not log-probabilities (trl#2202).
     mixture = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
-    return (1.0 - beta) * _kl(teacher_logp, mixture) + beta * _kl(student_logp, mixture)
+    return (1.0 - beta) * kl_divergence(teacher_logp, mixture) + beta * kl_divergence(
+        student_logp, mixture
+    )
 
 
 def bucket_logprobs(
@@ -149,18 +165,6 @@ class LossParts:
     tokens: int  # completion positions in this micro-batch
 
 
-def shift_for_next_token(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align position t's logits with token t+1 (causal LM): (B, T-1, V), (B, T-1)."""
-    return logits[:, :-1, :], labels[:, 1:]
-
-
-def completion_mask(labels: torch.Tensor) -> torch.Tensor:
-    """True where a position is trained on (a completion token, not prompt or padding)."""
-    return labels != IGNORE_INDEX
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -178,11 +182,8 @@ def distillation_loss(
     temperature τ from a cache, used instead of ``teacher_logits``. ``num_tokens`` is the
     global count of completion positions in the optimizer step.
     """
-    mask = completion_mask(labels)
+    mask, s_logits, ce_sum = completion_ce(student_logits, labels)
     tokens = int(mask.sum())
-    s_logits = student_logits[mask].float()  # (N, V): only completion positions
-    targets = labels[mask]
-    ce_sum = F.cross_entropy(s_logits, targets, reduction="sum")
     zero = s_logits.new_zeros(())
     div_sum = zero
     if cfg.alpha < 1.0:

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from weightsmith.distill.data import Example, collate
+from weightsmith.core.jsonl import json_objects
+from weightsmith.core.models import load_model, load_tokenizer
+from weightsmith.core.training.data import Example, collate
+from weightsmith.core.training.losses import IGNORE_INDEX, shift_for_next_token
 from weightsmith.distill.dpo import sequence_logps
-from weightsmith.distill.losses import IGNORE_INDEX, shift_for_next_token
-from weightsmith.distill.models import load_model, load_tokenizer
 from weightsmith.distill.vocab import tokenizer_hash
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import open_checkpoint
@@ -55,13 +56,7 @@ def read_pairs(path: str | os.PathLike[str]) -> PreferencePairs:
         raise ConfigError(f"{path}: preference file not found")
     raw = path.read_bytes()
     prompts, chosen, rejected = [], [], []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, obj in json_objects(path, raw.decode("utf-8", errors="replace")):
         if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in FIELD_KEYS)):
             raise ConfigError(
                 f"{path}:{lineno}: expected 'prompt', 'chosen' and 'rejected' strings"

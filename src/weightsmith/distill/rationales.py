@@ -8,92 +8,19 @@ resumable (see :mod:`weightsmith.distill.generate`).
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from weightsmith.distill.generate import GenerateConfig, ResumableJsonl, generate_texts, read_jsonl
+from weightsmith.core.answers import answers_agree, parse_answer
+from weightsmith.core.generation import GenerateConfig
+from weightsmith.core.jsonl import read_jsonl
+from weightsmith.distill.generate import ResumableJsonl, generate_rows
 from weightsmith.errors import ConfigError
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: Let's think step by step."
 FEW_SHOT_SEPARATOR = "\n\n"
-
-# The last of these markers in the text introduces the answer.
-_MARKERS = re.compile(
-    r"(?:(?:the\s+)?(?:final\s+)?answer\s+is\s*:?|final\s+answer\s*:|answer\s*:|####)",
-    re.IGNORECASE,
-)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$")
-_LEADING_NUMBER = re.compile(r"^[\$€£]?\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:\s|$)")
-_CONNECTIVE = re.compile(r"[\s,]*(?:so|thus|therefore|hence)[\s,]*$", re.IGNORECASE)
-
-
-def normalize_answer(text: str) -> str:
-    """Canonical form: no markdown/quotes/currency/trailing punctuation, numbers as plain digits
-    ("1,000.50" -> "1000.5", "3.0" -> "3", "$5" -> "5", "-0" -> "0"), words lower-cased."""
-    s = text.strip().strip("*_`\"'“”‘’ ")
-    s = re.sub(r"^[\$€£]\s*", "", s)
-    s = re.sub(r"[.,;:!?)\]]+$", "", s).strip()
-    s = re.sub(r"^[(\[]+", "", s).strip()
-    s = re.sub(r"\s*(?:%|dollars?|units?)$", "", s, flags=re.IGNORECASE)
-    s = re.sub(r"^[\$€£]\s*", "", s)
-    if _NUMBER.match(s):
-        value = float(s.replace(",", ""))
-        if value.is_integer():
-            return str(int(value)) if value != 0 else "0"
-        return repr(value)
-    return " ".join(s.lower().split())
-
-
-def parse_answer(text: str) -> tuple[str, str] | None:
-    """(rationale, answer) from a teacher's output, or None when no answer can be found.
-
-    The answer follows the *last* marker ("the answer is", "Answer:", "####", ``\\boxed{}``),
-    up to the end of its line or sentence; an answer that is a number may contain "," and ".".
-    """
-    boxed = list(_BOXED.finditer(text))
-    markers = list(_MARKERS.finditer(text))
-    if boxed and (not markers or boxed[-1].start() > markers[-1].start()):
-        m = boxed[-1]
-        answer = normalize_answer(m.group(1))
-        return (text[: m.start()].strip(), answer) if answer else None
-    if not markers:
-        return None
-    m = markers[-1]
-    tail = text[m.end() :].strip().split("\n", 1)[0]
-    # a sentence ends at ". " (not inside a number like 3.5) or at the line end
-    tail = re.split(r"(?<!\d)\.(?:\s|$)|\.\s", tail, maxsplit=1)[0]
-    number = _LEADING_NUMBER.match(tail.strip().strip("*_`"))
-    answer = normalize_answer(number.group(1) if number else tail)  # "3.5 apples" -> "3.5"
-    if not answer:
-        return None
-    return _CONNECTIVE.sub("", text[: m.start()]).strip(), answer
-
-
-def answers_agree(predicted: str, gold: str) -> bool:
-    """Equal after normalization, numbers compared as numbers (1e-6 relative)."""
-    a, b = normalize_answer(predicted), normalize_answer(gold)
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-    except ValueError:
-        return a == b
-
-
-def prediction_of(text: str) -> str:
-    """A model's answer: the parsed one, else its first non-empty line, normalized."""
-    parsed = parse_answer(text)
-    if parsed is not None:
-        return parsed[1]
-    for line in text.splitlines():
-        if line.strip():
-            return normalize_answer(line)
-    return ""
 
 
 @dataclass(frozen=True)
@@ -138,9 +65,6 @@ def generate_rationales(
     stop_after: int | None = None,  # tests: simulate an interruption after this many batches
 ) -> dict:
     """Rows ``{question, answer, rationale, teacher_answer}`` for the questions in ``data``."""
-    from weightsmith.distill.cache import _device
-    from weightsmith.distill.models import load_model, load_tokenizer
-
     start = time.perf_counter()
     rows = read_jsonl(data, ["question"])
     shots = [r for r in rows if isinstance(r.get("rationale"), str) and "answer" in r]
@@ -150,22 +74,14 @@ def generate_rationales(
                           "'rationale' and 'answer'")  # fmt: skip
     store = ResumableJsonl(out, force=force)
     todo = [i for i in range(len(rows)) if i not in store.done]
-    g = cfg.generation
-    if todo:
-        tok = load_tokenizer(teacher)
-        model = load_model(teacher, _device(device))
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="rationales",
-                   unit="question", disable=not progress)  # fmt: skip
-        with bar:
-            for n, b in enumerate(range(0, len(todo), g.batch_size)):
-                if stop_after is not None and n >= stop_after:
-                    raise KeyboardInterrupt("stopped for a test")
-                idx = todo[b : b + g.batch_size]
-                prompts = [build_prompt(rows[i]["question"], cfg, shots) for i in idx]
-                texts = generate_texts(model, tok, prompts, g, seed=g.seed + idx[0])
-                store.append([_judge_row(i, rows[i], cut_at_next_example(t, cfg.template))
-                              for i, t in zip(idx, texts, strict=True)])  # fmt: skip
-                bar.update(len(idx))
+
+    def to_rows(idx: list[int], texts: list[str]) -> list[dict]:
+        return [_judge_row(i, rows[i], cut_at_next_example(t, cfg.template))
+                for i, t in zip(idx, texts, strict=True)]  # fmt: skip
+
+    generate_rows(store, teacher, todo, lambda i: build_prompt(rows[i]["question"], cfg, shots),
+                  to_rows, cfg.generation, total=len(rows), device=device, progress=progress,
+                  stop_after=stop_after, desc="rationales", unit="question")  # fmt: skip
     kept = store.finish(keep=lambda r: r["status"] == "ok")
     counts = {"ok": 0, "disagrees": 0, "unparsed": 0}
     for r in store.done.values():

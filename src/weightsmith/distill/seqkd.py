@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from weightsmith.core.generation import GenerateConfig, generate_texts
+from weightsmith.core.training.data import Records
+from weightsmith.core.training.distributed import gather_objects
 from weightsmith.distill.config import DistillConfig
-from weightsmith.distill.data import Records
-from weightsmith.distill.distributed import gather_objects
 
 
 def prompts_of(records: Records, teacher_tok, cfg: DistillConfig) -> list[str]:
@@ -30,7 +31,6 @@ def generate_pairs(
     teacher_tok,
     prompts: list[str],
     cfg: DistillConfig,
-    device: torch.device,
     *,
     rank: int = 0,
     world: int = 1,
@@ -38,35 +38,15 @@ def generate_pairs(
 ) -> list[tuple[str, str]]:
     """(prompt, teacher completion) pairs; each process generates its share, all get all."""
     mine = list(range(rank, len(prompts), world))
-    pad_side = teacher_tok.padding_side
-    teacher_tok.padding_side = "left"  # generation continues from the last real token
+    gen = GenerateConfig(max_new_tokens=cfg.gen_max_new_tokens, temperature=cfg.gen_temperature,
+                         batch_size=cfg.batch_size)  # fmt: skip
     out: list[tuple[int, str, str]] = []
-    torch.manual_seed(cfg.seed + rank)
-    bar = tqdm(total=len(mine), desc="teacher generating", disable=not progress, leave=False)
-    try:
+    torch.manual_seed(cfg.seed + rank)  # one stream for all of this process's batches
+    with tqdm(total=len(mine), desc="teacher generating", disable=not progress, leave=False) as bar:
         for b in range(0, len(mine), cfg.batch_size):
             idx = mine[b : b + cfg.batch_size]
-            enc = teacher_tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(
-                device
-            )
-            sample = cfg.gen_temperature > 0
-            with torch.no_grad():
-                gen = teacher.generate(
-                    **enc,
-                    max_new_tokens=cfg.gen_max_new_tokens,
-                    do_sample=sample,
-                    temperature=cfg.gen_temperature if sample else None,
-                    top_k=0 if sample else None,
-                    top_p=1.0 if sample else None,
-                    pad_token_id=teacher_tok.pad_token_id,
-                )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            for i, row in zip(idx, new, strict=True):
-                text = teacher_tok.decode(row, skip_special_tokens=True)
-                out.append((i, prompts[i], text))
+            texts = generate_texts(teacher, teacher_tok, [prompts[i] for i in idx], gen, seed=None)
+            out += [(i, prompts[i], t) for i, t in zip(idx, texts, strict=True)]
             bar.update(len(idx))
-    finally:
-        teacher_tok.padding_side = pad_side
-        bar.close()
     merged = sorted((x for part in gather_objects(out, world) for x in part), key=lambda x: x[0])
     return [(p, c) for _, p, c in merged if c.strip()]

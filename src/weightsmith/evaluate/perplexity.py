@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from weightsmith.core.models import load_causal_lm, load_tokenizer
 from weightsmith.core.report import peak_rss_bytes
-from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,6 @@ def token_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32):
-    """Load any checkpoint transformers can (plain, compressed-tensors, GPTQ, bitsandbytes)."""
-    from transformers import AutoModelForCausalLM
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-    except Exception as e:  # transformers raises many types for unloadable checkpoints
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"{p}: transformers cannot load it ({type(e).__name__}: {msg})"
-        ) from None
-    return model.eval()
-
-
 def _read_text(data: str | os.PathLike[str], max_tokens: int | None) -> str:
     p = Path(data)
     if not p.is_file():
@@ -107,8 +91,6 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the text file ``data``; with ``reference``, also the mean
     KL divergence and top-1 agreement of ``model`` against it on the same windows."""
-    from weightsmith.core.calibration import load_tokenizer
-
     start = time.perf_counter()
     tokenizer = load_tokenizer(model)
     tokenizer.model_max_length = 1 << 62  # we window the stream ourselves; silence the warning

@@ -1,7 +1,7 @@
 """Quantization-aware training (fake-quant RTN + STE) and BitNet b1.58 continued training.
 
-Pure quantizers live in :mod:`.fake_quant`, the training Linears in :mod:`.modules`, the one
-training loop in :mod:`.loop`; :func:`qat_checkpoint` and :func:`bitnet_checkpoint` train and
+Pure quantizers live in :mod:`.fake_quant`, the training Linears in :mod:`.modules`, the
+training task handed to the shared engine in :mod:`.task`; :func:`qat_checkpoint` and :func:`bitnet_checkpoint` train and
 convert with :func:`weightsmith.compress.quantize_checkpoint`.
 """
 

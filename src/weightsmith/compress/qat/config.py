@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from weightsmith.compress.registry import QuantConfig
-from weightsmith.distill.config import check_training_loop
+from weightsmith.core.training.config import check_training_loop
 from weightsmith.errors import ConfigError
 
 

@@ -5,7 +5,7 @@ Both run the same pipeline and differ only in the swap factory and the per-step 
 1. select the target Linears exactly as ``compress quantize`` does (lm_head kept);
 2. load the model in float32 (and the frozen original as teacher when a KL term is asked);
 3. swap the targets for training modules (fake-quant RTN, or BitLinear with its λ schedule);
-4. train (:func:`weightsmith.compress.qat.loop.train`);
+4. train with the engine (:func:`weightsmith.compress.qat.task.train_model`);
 5. write the trained full-precision weights to a temporary checkpoint through the I/O layer and
    convert it with :func:`weightsmith.compress.quantize_checkpoint` into ``out``, so the output
    is the same real format ``compress quantize`` writes.
@@ -27,7 +27,6 @@ from torch import nn
 
 from weightsmith.compress.qat.config import BitnetConfig, QatConfig, TrainConfig
 from weightsmith.compress.qat.fake_quant import WeightSpec
-from weightsmith.compress.qat.loop import TrainStats, train
 from weightsmith.compress.qat.modules import (
     as_bitlinear,
     as_fake_quant,
@@ -35,14 +34,16 @@ from weightsmith.compress.qat.modules import (
     set_lambda,
     swap_linears,
 )
+from weightsmith.compress.qat.task import train_model
 from weightsmith.compress.quantize import QuantizeResult, quantize_checkpoint, select_linears
 from weightsmith.compress.registry import FORMATS, QuantConfig
 from weightsmith.compress.rtn import zero_min_for
 from weightsmith.core.calibration import build_skeleton
+from weightsmith.core.models import load_model, load_tokenizer
 from weightsmith.core.report import peak_rss_bytes
-from weightsmith.distill.data import read_records, tokenize_records
-from weightsmith.distill.models import load_model, load_tokenizer
-from weightsmith.distill.save import full_weights, write_student
+from weightsmith.core.training import TrainResult
+from weightsmith.core.training.data import read_records, tokenize_records
+from weightsmith.core.training.save import full_weights, write_student
 from weightsmith.errors import CheckpointError
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.reader import open_checkpoint
@@ -176,17 +177,19 @@ def _train_and_convert(
         teacher = load_model(model_dir, dev) if tcfg.kl_weight > 0 else None
     swapped = swap_linears(net, [t.model_module for t in targets], factory(ckpt_dtype))
     hook = prepare(net, swapped) if prepare is not None else None
-    stats: TrainStats = train(net, examples, tok.pad_token_id, tcfg, dev, teacher=teacher,
-                              on_step=hook, progress=progress, desc=kind)  # fmt: skip
+    stats: TrainResult = train_model(net, examples, tok.pad_token_id, tcfg, dev,
+                                     teacher=teacher, on_step=hook, progress=progress,
+                                     desc=kind)  # fmt: skip
     if hook is not None:
         hook(stats.steps, stats.steps)  # the saved model is the fully quantized one (λ = 1)
     del teacher
 
+    losses = [round(x, 6) for x in stats.losses]
     work = Path(keep_trained) if keep_trained else Path(tempfile.mkdtemp(prefix=f"ws-{kind}-"))
     try:
         provenance = {"operation": kind, "config": config_record,
                       "training": {"steps": stats.steps, "tokens": stats.tokens,
-                                   "final_loss": stats.losses[-1]}}  # fmt: skip
+                                   "final_loss": losses[-1]}}  # fmt: skip
         write_student(model_dir, work, new_weights=full_weights(net, names),
                       provenance=provenance, max_shard_size=max_shard_size,
                       force=True, progress=False)  # fmt: skip
@@ -202,9 +205,9 @@ def _train_and_convert(
         steps=stats.steps,
         train_tokens=stats.tokens,
         tokens_per_s=round(stats.tokens_per_s, 1),
-        first_loss=stats.losses[0],
-        final_loss=stats.losses[-1],
-        losses=stats.losses,
+        first_loss=losses[0],
+        final_loss=losses[-1],
+        losses=losses,
         wall_s=round(time.perf_counter() - start, 3),
         train_wall_s=round(stats.wall_s, 3),
         peak_rss=peak_rss_bytes(),

@@ -13,14 +13,14 @@ Padding positions always get label -100 and attention mask 0.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from weightsmith.distill.losses import IGNORE_INDEX
+from weightsmith.core.jsonl import json_objects
+from weightsmith.core.training.losses import IGNORE_INDEX
 from weightsmith.errors import ConfigError
 
 DATA_FORMAT_VERSION = 1
@@ -60,13 +60,7 @@ def read_records(path: str | os.PathLike[str]) -> Records:
         raise ConfigError(f"{path}: data must be .txt or .jsonl (got {path.suffix or 'no suffix'})")
     texts: list[str] = []
     pairs: list[tuple[str, str]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, obj in json_objects(path, text):
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             texts.append(obj["text"])
         elif (

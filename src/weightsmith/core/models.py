@@ -1,0 +1,75 @@
+"""Load causal LMs and their tokenizers (transformers) for training, generation and evaluation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from weightsmith.errors import CheckpointError
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a missing/odd tokenizer
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **kwargs):
+    """Load any checkpoint transformers can (plain, compressed-tensors, GPTQ, bitsandbytes), in
+    eval mode; ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p}: no config.json (expected a Hugging Face model folder)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, **kwargs)
+    except Exception as e:  # transformers raises many types for unloadable checkpoints
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{p}: transformers cannot load it ({type(e).__name__}: {msg})"
+        ) from None
+    return model.eval()
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: torch.device,
+    *,
+    nf4: bool = False,
+    trainable: bool = False,
+):
+    """A causal LM in float32 (or with NF4 linear weights for QLoRA) on ``device``; frozen
+    unless ``trainable``."""
+    kwargs: dict = {}
+    if nf4:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
+            bnb_4bit_use_double_quant=False,
+        )
+        kwargs["device_map"] = {"": device}
+    model = load_causal_lm(path, torch.float32, **kwargs)
+    if not nf4:
+        model.to(device)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def logits_width(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])

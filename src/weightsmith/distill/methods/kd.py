@@ -1,0 +1,242 @@
+"""Logit distillation (``kd``), sequence-level KD (``seqkd``) and SFT on prompt/completion pairs.
+
+All three train a causal-LM student on token examples with
+``[α·Σ CE + (1−α)·τ²·Σ D] / N`` (:func:`weightsmith.distill.losses.distillation_loss`); they
+differ in where the completions and the teacher signal come from: ``kd`` compares logits with a
+teacher loaded online or a top-k cache, ``seqkd`` has the teacher write the completions first
+(α = 1 then), ``sft`` trains on the completions in the data (α = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from weightsmith.core.device import select_device
+from weightsmith.core.models import load_model, load_tokenizer, logits_width
+from weightsmith.core.training import StepOutput, train
+from weightsmith.core.training.data import (
+    Example,
+    Records,
+    collate,
+    data_fingerprint,
+    read_records,
+    tokenize_records,
+)
+from weightsmith.core.training.distributed import (
+    ProcessGroup,
+    all_reduce_sum,
+    barrier,
+    init_process_group,
+)
+from weightsmith.core.training.losses import (
+    IGNORE_INDEX,
+    kl_divergence,
+    shift_for_next_token,
+)
+from weightsmith.core.training.tasks import TokenTask
+from weightsmith.distill.cache import TeacherCache
+from weightsmith.distill.config import DistillConfig
+from weightsmith.distill.losses import distillation_loss
+from weightsmith.distill.methods import base
+from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
+from weightsmith.distill.seqkd import generate_pairs, prompts_of
+from weightsmith.distill.vocab import plan_vocab, tokenizer_hash
+from weightsmith.errors import ConfigError
+from weightsmith.io.reader import open_checkpoint
+
+
+@distill_method("kd", inputs=("teacher", "teacher_cache", "eval_data"), options=("loss",),
+                multi_process=True)  # fmt: skip
+def train_kd(run: DistillRun) -> DistillResult:
+    """Match the teacher's next-token distribution (online or from a top-k cache) plus α·CE."""
+    if run.cfg.loss.alpha < 1.0 and run.teacher is None and run.teacher_cache is None:
+        raise ConfigError("give --teacher or --teacher-cache (or --alpha 1 for CE only)")
+    return _train_lm(run, run.cfg, seqkd=False)
+
+
+@distill_method("seqkd", inputs=("teacher", "eval_data"),
+                options=("gen_max_new_tokens", "gen_temperature", "gen_prompt_tokens"),
+                multi_process=True,
+                refuse={"teacher_cache": "--method seqkd does not use --teacher-cache"})  # fmt: skip
+def train_seqkd(run: DistillRun) -> DistillResult:
+    """The teacher writes completions of the data's prompts; the student learns them by CE."""
+    if run.teacher is None:
+        raise ConfigError("--method seqkd needs --teacher (it generates the completions)")
+    return _train_lm(run, run.cfg, seqkd=True)
+
+
+_SFT_NO_TEACHER = ("--method sft trains on the completions in --data; it takes no --teacher "
+                   "(write them with distill generate)")  # fmt: skip
+
+
+@distill_method("sft", inputs=("eval_data",), multi_process=True,
+                refuse={"teacher": _SFT_NO_TEACHER, "teacher_cache": _SFT_NO_TEACHER})  # fmt: skip
+def train_sft(run: DistillRun) -> DistillResult:
+    """Cross-entropy on the completions in --data (e.g. written by ``distill generate``)."""
+    return _train_lm(run, replace(run.cfg, loss=replace(run.cfg.loss, alpha=1.0)), seqkd=False)
+
+
+@dataclass
+class _Teacher:
+    """Where the teacher signal comes from in this run."""
+
+    model: object | None = None
+    cache: TeacherCache | None = None
+    common: int | None = None  # logits compared over [..., :common]
+
+
+class _KdTask(TokenTask):
+    """Micro-batches of token examples and the distillation loss step."""
+
+    def __init__(self, model, examples, pad_id, src: _Teacher, cfg: DistillConfig, dev) -> None:
+        super().__init__(model, examples, pad_id, dev)
+        self.src, self.cfg = src, cfg
+
+    def step(self, batch: dict, indices: list[int], normaliser: int) -> StepOutput:
+        input_ids, attn, logits, labels = self.forward(batch)
+        kwargs = self._teacher_signal(input_ids, attn, indices)
+        if self.src.common is not None:
+            logits = logits[..., : self.src.common]
+        parts = distillation_loss(logits, labels, self.cfg.loss, normaliser, **kwargs)
+        return StepOutput(parts.loss, int(attn.sum()))
+
+    def _teacher_signal(self, input_ids, attn, indices: list[int]) -> dict:
+        src = self.src
+        if src.model is not None:
+            with torch.no_grad():
+                t_logits = src.model(input_ids=input_ids, attention_mask=attn).logits
+            return {"teacher_logits": t_logits[:, :-1, : src.common]}
+        if src.cache is not None:
+            ids, logp, tail = src.cache.rows(indices, input_ids.shape[1] - 1)
+            if src.common is not None and int(ids.max()) >= src.common:
+                raise ConfigError(
+                    f"teacher cache top-k holds token ids >= the student's {src.common} logits"
+                )
+            return {
+                "teacher_topk": (ids.to(self.device), logp.to(self.device), tail.to(self.device))
+            }
+        return {}
+
+
+def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillResult:
+    teacher, cache = run.teacher, run.teacher_cache
+    dev = select_device(run.device)
+    pg = init_process_group(dev.type)
+    if pg.world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", pg.local_rank)
+    if cfg.batch_size % pg.world:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be divisible by the {pg.world} processes"
+        )
+    base.check_output(run, [teacher, run.student, cache])  # fail before training
+    notes: list[str] = []
+    s_tok = load_tokenizer(run.student)
+    records = read_records(run.data)
+    t_model = None
+    if teacher is not None and (seqkd or cache is None):
+        t_model = load_model(teacher, dev)
+    if seqkd:
+        records, cfg = _teacher_completions(run, cfg, records, t_model, pg, notes)
+        t_model = None
+    examples = tokenize_records(records, s_tok, cfg.seq_len)
+    student = base.load_student(run, dev)
+    src = _Teacher()
+    if cfg.method == "kd" and cfg.loss.alpha < 1.0:
+        src = _teacher_source(run, cfg, records, s_tok, t_model, logits_width(student), notes)
+    student = base.add_lora(student, cfg)
+    evaluate = None
+    if run.eval_data is not None:
+        held_out = tokenize_records(read_records(run.eval_data), s_tok, cfg.seq_len)
+
+        def evaluate() -> dict:
+            return heldout_metrics(student, held_out, s_tok, cfg, dev, pg, t_model)
+
+    task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev)
+    tr = train(student, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
+               progress=run.progress, desc="distill")  # fmt: skip
+    result = base.make_result(run, tr, tr.units, notes, pg.world)
+    if pg.main:
+        base.save_student(run, student, cfg, records.fingerprint, s_tok, result, teacher=teacher,
+                     teacher_cache=cache)  # fmt: skip
+    barrier(pg.world)
+    if src.cache is not None:
+        src.cache.close()
+    return base.finish(run, result)
+
+
+def _teacher_completions(run: DistillRun, cfg, records: Records, t_model, pg, notes):
+    """seqkd: the teacher's completions of the data's prompts become the training pairs."""
+    t_tok = load_tokenizer(run.teacher)
+    prompts = prompts_of(records, t_tok, cfg)
+    pairs = generate_pairs(t_model, t_tok, prompts, cfg, rank=pg.rank, world=pg.world,
+                           progress=run.progress)  # fmt: skip
+    notes.append(f"seqkd: teacher generated {len(pairs)} completions")
+    return Records([], pairs, records.fingerprint), replace(cfg, loss=replace(cfg.loss, alpha=1.0))
+
+
+def _teacher_source(run: DistillRun, cfg, records, s_tok, t_model, s_width, notes) -> _Teacher:
+    """The teacher signal of a kd run: its top-k cache (checked) or the loaded teacher."""
+    src = _Teacher()
+    if run.teacher_cache is not None:
+        src.cache = TeacherCache(run.teacher_cache)
+        t_fp = None
+        if run.teacher is not None:
+            with open_checkpoint(run.teacher) as c:
+                t_fp = c.fingerprint()
+        s_hash = tokenizer_hash(s_tok)
+        src.cache.check(
+            data_fingerprint=data_fingerprint(records, s_hash, cfg.seq_len),
+            tokenizer_hash=s_hash,
+            temperature=cfg.loss.temperature,
+            teacher_fingerprint=t_fp,
+        )
+        src.common = min(int(src.cache.meta["vocab_length"]), s_width)
+        return src
+    src.model = t_model
+    plan = plan_vocab(
+        load_tokenizer(run.teacher), s_tok, logits_width(t_model), s_width,
+        where=(f"teacher {run.teacher}", f"student {run.student}"),
+    )  # fmt: skip
+    src.common = plan.common
+    if plan.note:
+        notes.append(plan.note)
+    return src
+
+
+@torch.no_grad()
+def heldout_metrics(
+    model, examples: list[Example], tok, cfg: DistillConfig, dev, pg: ProcessGroup, teacher=None
+) -> dict:
+    """Held-out CE per completion token, perplexity, and KL(teacher ‖ student) at τ = 1."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # ce, kl, tokens
+    mine = examples[pg.rank :: pg.world]
+    for b in range(0, len(mine), cfg.batch_size):
+        batch = collate(mine[b : b + cfg.batch_size], tok.pad_token_id)
+        ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+        logits, labels = shift_for_next_token(
+            model(input_ids=ids, attention_mask=attn).logits.float(), batch["labels"].to(dev)
+        )
+        mask = labels != IGNORE_INDEX
+        sums[0] += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        sums[2] += int(mask.sum())
+        if teacher is not None:
+            t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            width = min(t_logits.shape[-1], logits.shape[-1])
+            kl = kl_divergence(
+                F.log_softmax(t_logits[mask][:, :width], -1),
+                F.log_softmax(logits[mask][:, :width], -1),
+            )
+            sums[1] += float(kl.sum())
+    all_reduce_sum(sums, pg.world)
+    model.train(was_training)
+    n = max(float(sums[2]), 1.0)
+    out = {"tokens": int(sums[2]), "ce": float(sums[0]) / n, "ppl": math.exp(float(sums[0]) / n)}
+    if teacher is not None:
+        out["kl_to_teacher"] = float(sums[1]) / n
+    return out

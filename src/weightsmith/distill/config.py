@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from weightsmith.core.training.config import OPTIMIZERS, check_training_loop
 from weightsmith.distill.dpo import DpoSettings
 from weightsmith.distill.losses import LossConfig
+from weightsmith.distill.registry import DISTILL_METHODS
 from weightsmith.errors import ConfigError
 
 # Short names for --lora-targets, expanded to the module names transformers uses.
@@ -23,8 +24,6 @@ SHORT_TARGETS = {
 
 def method_names() -> tuple[str, ...]:
     """The registered distillation methods (built-in ones first)."""
-    from weightsmith.distill.methods import DISTILL_METHODS  # the methods import this module
-
     return tuple(DISTILL_METHODS)
 
 

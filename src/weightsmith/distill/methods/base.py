@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,20 +28,12 @@ from weightsmith.core.training.save import (
 )
 from weightsmith.distill.config import DistillConfig
 from weightsmith.distill.lora import lora_deltas, wrap_lora
+from weightsmith.distill.registry import DISTILL_METHODS, INPUT_FLAGS, DistillMethod, distill_method  # noqa: F401
 from weightsmith.distill.vocab import tokenizer_hash
 from weightsmith.errors import ConfigError
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
-
-# the optional inputs of distill(), as the CLI spells them
-INPUT_FLAGS = {
-    "teacher": "--teacher",
-    "teacher_cache": "--teacher-cache",
-    "eval_data": "--eval-data",
-    "ref": "--ref",
-    "ref_cache": "--ref-cache",
-}
 
 
 @dataclass(frozen=True)
@@ -88,50 +79,6 @@ class DistillResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class DistillMethod:
-    """A registered method: its training function and what it accepts."""
-
-    name: str
-    train: Callable[[DistillRun], DistillResult]
-    inputs: tuple[str, ...]  # the optional inputs it takes (keys of INPUT_FLAGS)
-    options: tuple[str, ...]  # DistillConfig fields only this method reads
-    multi_process: bool  # runs under torchrun / accelerate launch
-    summary: str
-    refuse: dict[str, str] = field(default_factory=dict)  # input -> why this method refuses it
-
-
-DISTILL_METHODS: dict[str, DistillMethod] = {}
-
-
-def distill_method(
-    name: str,
-    *,
-    inputs: tuple[str, ...] = (),
-    options: tuple[str, ...] = (),
-    multi_process: bool = False,
-    refuse: dict[str, str] | None = None,
-) -> Callable[[Callable[[DistillRun], DistillResult]], Callable[[DistillRun], DistillResult]]:
-    """Register ``train(run) -> DistillResult`` as ``--method name`` (``@distill_method("kd")``).
-
-    ``inputs``: the optional inputs it takes; ``options``: the config fields only it reads;
-    ``refuse``: a clearer message for an input it does not take (default: which methods do).
-    """
-
-    def register(fn: Callable[[DistillRun], DistillResult]):
-        if name in DISTILL_METHODS:
-            raise RuntimeError(f"distillation method {name!r} registered twice")
-        unknown = set(inputs) - set(INPUT_FLAGS)
-        if unknown:
-            raise RuntimeError(f"{name}: unknown inputs {sorted(unknown)}")
-        summary = (fn.__doc__ or name).strip().splitlines()[0]
-        DISTILL_METHODS[name] = DistillMethod(name, fn, inputs, options, multi_process, summary,
-                                              dict(refuse or {}))  # fmt: skip
-        return fn
-
-    return register
 
 
 def check_run(method: DistillMethod, run: DistillRun) -> None:

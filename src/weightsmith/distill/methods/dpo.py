@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+import weightsmith.distill.methods.base as base
 from weightsmith.core.device import select_device
 from weightsmith.core.models import load_tokenizer
 from weightsmith.core.training import StepOutput, train
 from weightsmith.distill.dpo import AVERAGED_LOSSES, DpoSettings, dpo_loss, reward_stats
-from weightsmith.distill.methods import base
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.preference import (
     RefLogps,

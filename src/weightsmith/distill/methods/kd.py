@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+import weightsmith.distill.methods.base as base
 from weightsmith.core.device import select_device
 from weightsmith.core.models import load_model, load_tokenizer, logits_width
 from weightsmith.core.training import StepOutput, train
@@ -41,7 +42,6 @@ from weightsmith.core.training.tasks import TokenTask
 from weightsmith.distill.cache import TeacherCache
 from weightsmith.distill.config import DistillConfig
 from weightsmith.distill.losses import distillation_loss
-from weightsmith.distill.methods import base
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.seqkd import generate_pairs, prompts_of
 from weightsmith.distill.vocab import plan_vocab, tokenizer_hash

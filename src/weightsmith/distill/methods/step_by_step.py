@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import weightsmith.distill.methods.base as base
 from weightsmith.core.answers import PREDICT_TEMPLATE as PREDICT
 from weightsmith.core.answers import answer_accuracy
 from weightsmith.core.device import select_device
@@ -24,7 +25,6 @@ from weightsmith.core.models import load_tokenizer
 from weightsmith.core.training import StepOutput, train
 from weightsmith.core.training.data import Example, collate
 from weightsmith.core.training.losses import IGNORE_INDEX, shift_for_next_token
-from weightsmith.distill.methods import base
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.preference import tokenize_completion
 from weightsmith.errors import ConfigError

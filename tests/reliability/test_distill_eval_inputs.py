@@ -16,7 +16,6 @@ from weightsmith.testing.shared import shared_model, shared_text
 BASE = shared_model("stories260K")
 pytestmark = [
     pytest.mark.skipif(BASE is None, reason="needs ../shared/models/stories260K"),
-    pytest.mark.xfail(strict=True, reason="fixed after the #15 refactor lands"),  # TEMP
 ]
 
 

@@ -151,11 +151,28 @@ def report_option(fn: Callable) -> Callable:
     return wrapper
 
 
+def _quiet_libraries(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    """``--no-progress`` also silences transformers' and the hub's own bars ("Loading
+    weights"), for this command only."""
+    if not value:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+        if was:
+            ctx.call_on_close(hf_logging.enable_progress_bar)
+            ctx.call_on_close(enable_progress_bars)
+    return value
+
+
 def progress_option(fn: Callable) -> Callable:
     return click.option(
         "--progress/--no-progress",
         default=True,
         show_default=True,
+        callback=_quiet_libraries,
         help="Show a progress bar on stderr.",
     )(fn)
 

@@ -115,8 +115,14 @@ def generate_cmd(teacher: str, prompts: str, out: str, force: bool, progress: bo
 def feedback_cmd(prompts: str, candidates: str, judge: str, out: str, k: int, force: bool,
                  progress: bool, device: str, **o: object) -> dict:  # fmt: skip
     """Candidates answer PROMPTS, JUDGE scores them: best = chosen, a random lower = rejected."""
-    from weightsmith.distill.feedback import FeedbackConfig, collect_feedback, load_judge
+    from weightsmith.distill.feedback import (
+        FeedbackConfig,
+        check_feedback_output,
+        collect_feedback,
+        load_judge,
+    )
 
+    check_feedback_output(prompts, out, force)  # before the judge (user code) is imported
     fn = load_judge(judge)
     cfg = FeedbackConfig(k=k, generation=_gen_config(o), seed=int(o["seed"]))
     cands = [c.strip() for c in candidates.split(",") if c.strip()]

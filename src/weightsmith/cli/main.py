@@ -95,9 +95,11 @@ def compare_cmd(a: str, b: str, top: int, as_json: bool, plot: str | None) -> di
     from weightsmith.compare import compare_checkpoints, format_comparison
 
     if plot is not None:
+        from weightsmith.core.report import check_report_path
         from weightsmith.pipeline.plots import require_matplotlib
 
         require_matplotlib()
+        check_report_path(plot, what="plot")  # before the comparison's work
     result = compare_checkpoints(a, b)
     click.echo(json.dumps(result, indent=2) if as_json else format_comparison(result, top))
     summary = {k: v for k, v in result.items() if k != "tensors"}

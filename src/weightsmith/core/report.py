@@ -30,23 +30,23 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def check_report_path(path: str | os.PathLike[str]) -> None:
-    """Refuse a report path that cannot be written, before the command does any work: its
-    nearest existing folder must be a folder we can create files in."""
+def check_report_path(path: str | os.PathLike[str], what: str = "report") -> None:
+    """Refuse a report (or plot, ``what``) path that cannot be written, before the command
+    does any work: its nearest existing folder must be a folder we can create files in."""
     path = Path(path).absolute()
     if path.is_dir():
-        raise OutputError(f"cannot write report {path}: it is a directory")
+        raise OutputError(f"cannot write {what} {path}: it is a directory")
     folder = path.parent
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise OutputError(f"cannot write report {path}: {folder} is not a directory")
+        raise OutputError(f"cannot write {what} {path}: {folder} is not a directory")
     probe = folder / f".{path.name}.probe-{os.getpid()}"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"cannot write report {path}: {folder}: {e.strerror}") from None
+        raise OutputError(f"cannot write {what} {path}: {folder}: {e.strerror}") from None
 
 
 def write_report(path: str | os.PathLike[str], report: dict) -> None:

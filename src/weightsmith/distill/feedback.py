@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from weightsmith.core.generation import GenerateConfig
 from weightsmith.core.jsonl import read_jsonl
 from weightsmith.core.models import load_model, load_tokenizer
 from weightsmith.distill.generate import ResumableJsonl, generate_rows
-from weightsmith.errors import ConfigError, OutputError
+from weightsmith.errors import ConfigError
+from weightsmith.io.paths import check_file_output
 
 Judge = Callable[[str, str], float]
 
@@ -104,7 +106,29 @@ def load_judge(spec: str) -> Judge:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"--judge {spec!r}: {target} has no function {name!r}")
+    _check_judge_signature(spec, fn)
     return fn
+
+
+def check_feedback_output(
+    prompts: str | os.PathLike[str], out: str | os.PathLike[str], force: bool
+) -> Path:
+    """Refuse an OUT that is the prompts file, or exists without ``force`` (before any work,
+    and before a judge file is imported)."""
+    out = Path(out)
+    check_file_output(out, [Path(prompts)], force)
+    return out
+
+
+def _check_judge_signature(spec: str, fn: Judge) -> None:
+    try:
+        inspect.signature(fn).bind("prompt", "completion")
+    except TypeError:
+        raise ConfigError(
+            f"--judge {spec!r}: must be a function score(prompt, completion) -> float"
+        ) from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
 
 
 def pick_pair(scores: list[float], rng: random.Random) -> tuple[int, int] | None:
@@ -132,10 +156,8 @@ def collect_feedback(
     start = time.perf_counter()
     if not candidates:
         raise ConfigError("--candidates is empty")
+    out = check_feedback_output(prompts, out, force)
     rows = read_jsonl(prompts, ["prompt"])
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists (use --force to overwrite)")
     store = ResumableJsonl(out.with_name(out.name + ".completions.jsonl"), force=True)
     select_device(device)  # an unknown --device fails before any work
     generated = 0

@@ -23,19 +23,18 @@ from weightsmith.core.device import select_device
 from weightsmith.core.generation import GenerateConfig, generate_texts
 from weightsmith.core.jsonl import read_jsonl
 from weightsmith.core.models import load_model, load_tokenizer
-from weightsmith.errors import OutputError
+from weightsmith.io.paths import check_file_output
 
 
 class ResumableJsonl:
     """Append-only ``OUT.partial`` keyed by ``index``; :meth:`finish` renames it to ``OUT``."""
 
-    def __init__(self, out: str | os.PathLike[str], *, force: bool = False) -> None:
+    def __init__(
+        self, out: str | os.PathLike[str], *, force: bool = False, inputs: tuple = ()
+    ) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
-        if self.out.exists() and not force:
-            raise OutputError(f"{self.out} exists (use --force to overwrite)")
-        if not self.out.parent.is_dir():
-            raise OutputError(f"{self.out.parent}: output directory does not exist")
+        check_file_output(self.out, [Path(p) for p in inputs], force)
         self.done: dict[int, dict] = {}
         if self.partial.is_file():
             for line in self.partial.read_text(encoding="utf-8").splitlines():
@@ -86,7 +85,7 @@ def generate_file(
     """Write ``{"index", "prompt", "completion"}`` rows (teacher completions) to ``out``."""
     start = time.perf_counter()
     rows = read_jsonl(prompts, ["prompt"])
-    store = ResumableJsonl(out, force=force)
+    store = ResumableJsonl(out, force=force, inputs=(prompts,))
     todo = [i for i in range(len(rows)) if i not in store.done]
 
     def to_rows(idx: list[int], texts: list[str]) -> list[dict]:

@@ -72,7 +72,7 @@ def generate_rationales(
     if len(shots) < cfg.few_shot:
         raise ConfigError(f"--few-shot {cfg.few_shot}: {data} has only {len(shots)} rows with "
                           "'rationale' and 'answer'")  # fmt: skip
-    store = ResumableJsonl(out, force=force)
+    store = ResumableJsonl(out, force=force, inputs=(data,))
     todo = [i for i in range(len(rows)) if i not in store.done]
 
     def to_rows(idx: list[int], texts: list[str]) -> list[dict]:

@@ -98,7 +98,10 @@ def perplexity(
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     windows = token_windows(ids, seq_len, max_tokens)
     lm = load_causal_lm(model)
+    check_token_range(lm, ids, f"{model}", len(tokenizer))
     ref = load_causal_lm(reference) if reference is not None else None
+    if ref is not None:
+        check_token_range(ref, ids, f"--reference {reference}", len(tokenizer))
     nll_sum, ref_nll_sum, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     with torch.no_grad():
         for s in tqdm(
@@ -135,6 +138,18 @@ def perplexity(
         kl=kl_sum / count if ref is not None else None,
         top1_agreement=agree / count if ref is not None else None,
     )
+
+
+def check_token_range(lm, ids: torch.Tensor, what: str, vocab: int) -> None:
+    """Refuse a model whose embedding has fewer rows than the token ids it would be fed (an
+    IndexError deep in torch otherwise): the models must share the tokenizer."""
+    rows = int(lm.get_input_embeddings().weight.shape[0])
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= rows:
+        raise ConfigError(
+            f"{what}: its embedding has {rows} rows, but the tokenizer (vocabulary {vocab}) "
+            f"gives token id {top}; evaluate models that share the tokenizer"
+        )
 
 
 def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,18 @@ def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
             raise OutputError(f"output {out} already exists (use --force to replace it)")
         if not out.is_dir() or out.is_symlink():
             raise OutputError(f"output {out} exists and is not a directory; refusing to replace")
+
+
+def check_file_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """A file OUT (``.jsonl``): never one of the ``inputs`` (even with ``force``), never
+    replaced without ``force``, in a folder that exists."""
+    out_r = out.resolve()
+    for inp in inputs:
+        if inp is not None and out_r == Path(inp).resolve():
+            raise OutputError(f"output {out} is the input {inp}: choose another -o")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"output {out} already exists (use --force to replace it)")
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; -o names a file here")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: output directory does not exist")

@@ -44,7 +44,7 @@ from weightsmith.core.report import peak_rss_bytes
 from weightsmith.core.training import TrainResult
 from weightsmith.core.training.data import read_records, tokenize_records
 from weightsmith.core.training.save import full_weights, write_student
-from weightsmith.errors import CheckpointError
+from weightsmith.errors import CheckpointError, OutputError
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
@@ -161,6 +161,11 @@ def _train_and_convert(
     start = time.perf_counter()
     model_dir = Path(model_dir)
     check_output_location(Path(out).absolute(), [model_dir], force)  # fail before training
+    if keep_trained is not None:  # the same rules for the second output
+        keep = Path(keep_trained).absolute()
+        if keep == Path(out).absolute():
+            raise OutputError(f"--keep-trained {keep_trained} is OUT: choose another folder")
+        check_output_location(keep, [model_dir], force)
     with open_checkpoint(model_dir) as ckpt:
         if ckpt.config is None:
             raise CheckpointError(f"{ckpt.root}: no config.json; {kind} needs it")
@@ -192,7 +197,7 @@ def _train_and_convert(
                                    "final_loss": losses[-1]}}  # fmt: skip
         write_student(model_dir, work, new_weights=full_weights(net, names),
                       provenance=provenance, max_shard_size=max_shard_size,
-                      force=True, progress=False)  # fmt: skip
+                      force=force or not keep_trained, progress=False)  # fmt: skip
         q: QuantizeResult = quantize_checkpoint(
             work, out, qcfg, force=force, max_shard_size=max_shard_size, progress=progress,
             provenance={"trained": {**provenance, "source": str(model_dir)}},

@@ -151,18 +151,18 @@ def _reference_logps(run: DistillRun, cfg, ref, pairs_data, tok, dev, notes: lis
     with open_checkpoint(ref) as c:
         ref_fp = c.fingerprint()
     tmp = None
-    if run.ref_cache is None or not Path(run.ref_cache).exists():
-        target = run.ref_cache
-        if target is None:
-            tmp = tempfile.mkdtemp(prefix=".ref-logps-", dir=Path(run.out).absolute().parent)
-            target = Path(tmp) / "cache"
-        build_ref_logps(ref, run.data, target, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                        device=dev, progress=run.progress)  # fmt: skip
-        notes.append(f"dpo: reference log-probs computed for {len(pairs_data)} pairs")
-    else:
-        target = run.ref_cache
-        notes.append(f"dpo: reference log-probs read from {run.ref_cache}")
-    try:
+    try:  # the temporary cache goes on any exit: an error, Ctrl-C, SIGTERM
+        if run.ref_cache is None or not Path(run.ref_cache).exists():
+            target = run.ref_cache
+            if target is None:
+                tmp = tempfile.mkdtemp(prefix=".ref-logps-", dir=Path(run.out).absolute().parent)
+                target = Path(tmp) / "cache"
+            build_ref_logps(ref, run.data, target, seq_len=cfg.seq_len,
+                            batch_size=cfg.batch_size, device=dev, progress=run.progress)  # fmt: skip
+            notes.append(f"dpo: reference log-probs computed for {len(pairs_data)} pairs")
+        else:
+            target = run.ref_cache
+            notes.append(f"dpo: reference log-probs read from {run.ref_cache}")
         cache = RefLogps(target)
         cache.check(
             data_fingerprint=pairs_fingerprint(pairs_data, t_hash, cfg.seq_len),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from weightsmith.core.report import check_report_path, peak_rss_bytes, write_report
-from weightsmith.errors import OutputError, PickleRefusedError, WeightsmithError
+from weightsmith.errors import ConfigError, OutputError, PickleRefusedError, WeightsmithError
 
 EXIT_ERROR = 1  # bad input, failed write: the message says what and where
 EXIT_INTERNAL = 3  # a bug: rerun with --debug for the traceback
@@ -149,6 +150,28 @@ def report_option(fn: Callable) -> Callable:
         return result
 
     return wrapper
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and ±inf at parse time, before any work (a NaN
+    learning rate or scale would train or write non-finite weights)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):  # bad input: exit 1 and one line, like the other checks
+            name = max(param.opts, key=len) if param is not None else "value"
+            raise ConfigError(f"{name}: {value!r} is not a finite number")
+        return number
+
+
+FINITE_FLOAT = FiniteFloat()
 
 
 def _quiet_libraries(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

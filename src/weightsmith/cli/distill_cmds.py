@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from weightsmith.cli import distill_data_cmds  # noqa: F401  (registers cache, generate, ...)
+from weightsmith.cli.common import FINITE_FLOAT
 from weightsmith.cli.distill_options import (
     PATH,
     dpo_options,
@@ -44,7 +45,7 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
 )
 @click.option(
     "--beta",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="With --loss jsd: teacher weight β of the mixture; 0 = forward KL, 1 = reverse KL "
     "(default 0.5).",
@@ -52,7 +53,7 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
 @temperature_option
 @click.option(
     "--alpha",
-    type=float,
+    type=FINITE_FLOAT,
     default=0.5,
     show_default=True,
     help="Weight of the hard-label CE term: α·CE + (1−α)·τ²·divergence; 1 = CE only.",
@@ -106,7 +107,7 @@ def sft_cmd(**o: object) -> dict:
 )
 @click.option(
     "--beta",
-    type=float,
+    type=FINITE_FLOAT,
     default=0.1,
     show_default=True,
     help="DPO's β: how far the student may move from the reference.",
@@ -127,7 +128,7 @@ def dpo_cmd(**o: object) -> dict:
 @model_options(".jsonl of question/rationale/answer (e.g. from `distill rationales`).")
 @click.option(
     "--label-weight",
-    type=float,
+    type=FINITE_FLOAT,
     default=0.5,
     show_default=True,
     help="α of α·L_label + (1−α)·L_rationale: weight of the predict: (answer) task.",

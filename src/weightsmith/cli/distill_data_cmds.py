@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from weightsmith.cli.common import (
+    FINITE_FLOAT,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -24,7 +25,7 @@ _PATH = click.Path()
 @click.option("--top-k", type=int, default=32, show_default=True)
 @click.option(
     "--temperature",
-    type=float,
+    type=FINITE_FLOAT,
     default=2.0,
     show_default=True,
     help="τ of the cached log-probs; training must use the same --temperature.",
@@ -58,9 +59,9 @@ def cache_cmd(teacher: str, data: str, out: str, top_k: int, temperature: float,
 def _generation_options(fn):
     for opt in reversed([
         click.option("--max-new-tokens", type=int, default=128, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True,
+        click.option("--temperature", type=FINITE_FLOAT, default=0.0, show_default=True,
                      help="0 = greedy; above 0 samples (seeded, resumable)."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-p", type=FINITE_FLOAT, default=1.0, show_default=True),
         click.option("--batch-size", type=int, default=8, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),

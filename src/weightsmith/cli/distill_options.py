@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 
 from weightsmith.cli.common import (
+    FINITE_FLOAT,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -51,8 +52,8 @@ def training_loop_options(*, grad_accum: bool = True) -> Decorator:
                           help="Micro-batches per optimizer step.")]  # fmt: skip
     return options(
         click.option("--steps", type=int, default=None, help="Optimizer steps (default: 1 epoch)."),
-        click.option("--epochs", type=float, default=None, help="Epochs over the data."),
-        click.option("--lr", type=float, default=1e-4, show_default=True,
+        click.option("--epochs", type=FINITE_FLOAT, default=None, help="Epochs over the data."),
+        click.option("--lr", type=FINITE_FLOAT, default=1e-4, show_default=True,
                      help="Peak learning rate."),
         click.option("--batch-size", type=int, default=8, show_default=True,
                      help="Sequences per micro-batch, over all processes."),
@@ -61,8 +62,8 @@ def training_loop_options(*, grad_accum: bool = True) -> Decorator:
                      help="Tokens per training sequence."),
         click.option("--warmup-steps", type=int, default=None,
                      help="Linear warm-up before the cosine decay (default: 5% of the steps)."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+        click.option("--weight-decay", type=FINITE_FLOAT, default=0.0, show_default=True),
+        click.option("--max-grad-norm", type=FINITE_FLOAT, default=1.0, show_default=True,
                      help="0 = no clipping."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--optim", type=click.Choice(["adamw", "adamw8bit"]), default="adamw",
@@ -72,8 +73,8 @@ def training_loop_options(*, grad_accum: bool = True) -> Decorator:
 
 lora_options = options(
     click.option("--lora-r", type=int, default=None, help="Train a LoRA of this rank (default: full)."),
-    click.option("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2·r)."),
-    click.option("--lora-dropout", type=float, default=0.05, show_default=True),
+    click.option("--lora-alpha", type=FINITE_FLOAT, default=None, help="LoRA scale numerator (default 2·r)."),
+    click.option("--lora-dropout", type=FINITE_FLOAT, default=0.05, show_default=True),
     click.option("--lora-targets", default="all-linear", show_default=True,
                  help="all-linear, or a comma list such as q,v or q_proj,v_proj."),
     click.option("--rslora", is_flag=True, help="Scale the LoRA by alpha/sqrt(r)."),
@@ -105,7 +106,7 @@ teacher_cache_option = click.option(
 )
 temperature_option = click.option(
     "--temperature",
-    type=float,
+    type=FINITE_FLOAT,
     default=2.0,
     show_default=True,
     help="Loss temperature τ of the divergence term (scaled by τ²); CE is at τ = 1.",
@@ -118,7 +119,7 @@ def generation_options(*, hidden: bool = False) -> Decorator:
     return options(
         click.option("--gen-max-new-tokens", type=int, default=128, show_default=True,
                      hidden=hidden, help="Length of each teacher completion."),
-        click.option("--gen-temperature", type=float, default=1.0, show_default=True,
+        click.option("--gen-temperature", type=FINITE_FLOAT, default=1.0, show_default=True,
                      hidden=hidden, help="Teacher sampling temperature (0 = greedy)."),
     )  # fmt: skip
 
@@ -130,8 +131,8 @@ def dpo_options(*, hidden: bool = False) -> Decorator:
                      help="Reference model (default: --student)."),
         click.option("--ref-cache", type=PATH, default=None, hidden=hidden,
                      help="Folder of reference log-probs; reused when it matches, built when absent."),
-        click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+        click.option("--label-smoothing", type=FINITE_FLOAT, default=0.0, show_default=True,
                      hidden=hidden, help="ε of the sigmoid loss (conservative DPO)."),
-        click.option("--eval-fraction", type=float, default=0.1, show_default=True,
+        click.option("--eval-fraction", type=FINITE_FLOAT, default=0.1, show_default=True,
                      hidden=hidden, help="Share of pairs held out for reward accuracy/margins."),
     )  # fmt: skip

@@ -16,6 +16,7 @@ import os
 import click
 from click.core import ParameterSource
 
+from weightsmith.cli.common import FINITE_FLOAT
 from weightsmith.cli.distill_options import (
     dpo_options,
     eval_data_option,
@@ -153,14 +154,14 @@ def _summary(result) -> str:
 )
 @click.option(
     "--beta",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="--loss jsd: teacher weight of the mixture; 0 = forward KL, 1 = reverse KL (default 0.5).",
 )
 @temperature_option
 @click.option(
     "--alpha",
-    type=float,
+    type=FINITE_FLOAT,
     default=0.5,
     show_default=True,
     help="Weight of the hard-label CE term: α·CE + (1−α)·τ²·divergence.",

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from weightsmith.cli.common import (
+    FINITE_FLOAT,
     allow_pickle_option,
     force_option,
     max_shard_size_option,
@@ -81,7 +82,7 @@ def lambda_option(fn: Callable) -> Callable:
     return click.option(
         "--lambda",
         "lam",
-        type=float,
+        type=FINITE_FLOAT,
         default=1.0,
         show_default=True,
         help="Scale of the mixed task vector.",
@@ -416,7 +417,7 @@ def run_cmd(recipe_path, models_dir, out, opts) -> dict:
 @click.argument("adapter", type=click.Path())
 @click.option(
     "--scale",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Override the trained scale lora_alpha/r (e.g. lower it to soften the adapter).",
 )

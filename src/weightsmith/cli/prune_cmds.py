@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from weightsmith.cli.common import (
+    FINITE_FLOAT,
     calibration_options,
     force_option,
     max_shard_size_option,
@@ -41,7 +42,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
 )
 @click.option(
     "--sparsity",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="magnitude/wanda: fraction of weights zeroed (default 0.5).",
 )
@@ -69,7 +70,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
 )
 @click.option(
     "--mlp-ratio",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="channels: fraction of MLP channels kept, e.g. 0.75.",
 )

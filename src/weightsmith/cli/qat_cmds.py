@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from weightsmith.cli.common import (
+    FINITE_FLOAT,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -26,16 +27,16 @@ def _training_options(fn):
         click.option("-o", "--out", required=True, type=_PATH, help="Output directory."),
         click.option("--data", required=True, type=_PATH, help="Training text (.txt or .jsonl)."),
         click.option("--steps", type=int, default=None, help="Optimizer steps (default: one pass)."),
-        click.option("--epochs", type=float, default=None, help="Passes over the data."),
-        click.option("--lr", type=float, default=None, help="Peak learning rate (see defaults)."),
+        click.option("--epochs", type=FINITE_FLOAT, default=None, help="Passes over the data."),
+        click.option("--lr", type=FINITE_FLOAT, default=None, help="Peak learning rate (see defaults)."),
         click.option("--batch-size", type=int, default=8, show_default=True),
         click.option("--grad-accum", type=int, default=1, show_default=True),
         click.option("--seq-len", type=int, default=256, show_default=True),
         click.option("--warmup", type=int, default=None, help="LR warm-up steps (default 5%)."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--weight-decay", type=FINITE_FLOAT, default=0.0, show_default=True),
         click.option("--distill-from-original", is_flag=True,
                      help="Add KL(original ‖ model) on the same batch (original frozen, eval)."),
-        click.option("--kl-weight", type=float, default=0.5, show_default=True,
+        click.option("--kl-weight", type=FINITE_FLOAT, default=0.5, show_default=True,
                      help="With --distill-from-original: loss = (1−w)·CE + w·KL."),
         click.option("--ignore", multiple=True,
                      help="Keep this Linear unquantized (as compress quantize); repeatable."),

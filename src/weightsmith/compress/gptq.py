@@ -14,45 +14,26 @@ when the group starts inside a block (the reference reads stale values there).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from weightsmith.compress.registry import QuantConfig, QuantizedWeight, quant_method
+from weightsmith.compress.registry import (
+    CalibratedConfig,
+    CalibrationFailed,
+    GridConfig,
+    QuantizedWeight,
+    quant_method,
+)
 from weightsmith.compress.rtn import group_qparams, minmax_qparams, quantize_levels, zero_min_for
+from weightsmith.core.statistics import HessianStat  # noqa: F401  (re-exported)
 from weightsmith.errors import ConfigError
 
 
-class HessianNotPositiveDefinite(ConfigError):
+class HessianNotPositiveDefinite(CalibrationFailed):
     """``H + damp·I`` has no Cholesky factor (too little or degenerate calibration data)."""
 
-
-class HessianStat:
-    """Accumulates ``H = 2/n · Σ x xᵀ`` over the ``n`` calibration tokens of one Linear."""
-
-    def __init__(self, in_features: int) -> None:
-        self.in_features = in_features
-        self.sum: torch.Tensor | None = None  # allocated on the inputs' device
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.float()
-        if self.sum is None:
-            n = self.in_features
-            self.sum = torch.zeros(n, n, dtype=torch.float32, device=x.device)
-        self.sum.addmm_(x.t(), x)
-        self.n += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        if self.sum is None:
-            return torch.zeros(self.in_features, self.in_features)
-        return self.sum * (2.0 / max(self.n, 1))
-
-    def take_hessian(self) -> torch.Tensor:
-        """:meth:`hessian`, computed in place in the accumulator, which is handed over (the
-        stat is empty afterwards): saves one ``(in, in)`` float32 copy per Linear."""
-        if self.sum is None:
-            return self.hessian()
-        h, self.sum = self.sum.mul_(2.0 / max(self.n, 1)), None
-        return h
+    hint = "raise --damp, use more calibration data, or pass --allow-rtn-fallback"
 
 
 def _qparams_for(
@@ -170,16 +151,32 @@ def gptq_quantize_weight(
     )
 
 
-@quant_method("gptq", needs_calibration=True, summary="GPTQ, Hessian-compensated rounding")
+@dataclass(frozen=True)
+class GPTQConfig(GridConfig, CalibratedConfig):
+    """``--method gptq``: grid options, calibration text, and GPTQ's own settings."""
+
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False
+    block_size: int = 128
+    allow_rtn_fallback: bool = False  # RTN for a Linear whose Hessian has no Cholesky factor
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be positive (got {self.block_size})")
+
+
+@quant_method("gptq", config=GPTQConfig, statistic="hessian",
+              summary="GPTQ, Hessian-compensated rounding")  # fmt: skip
 def gptq_quantize(
-    w: torch.Tensor,
-    cfg: QuantConfig,
-    hessian: torch.Tensor | None = None,
-    *,
-    dtype=None,
-    overwrite_hessian: bool = False,
-) -> QuantizedWeight:
-    """GPTQ with the settings of ``cfg`` (see :func:`gptq_quantize_weight`)."""
+    w: torch.Tensor, cfg: GPTQConfig, hessian: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, zero_min: int | None = None,
+    overwrite_hessian: bool = True,
+) -> QuantizedWeight:  # fmt: skip
+    """GPTQ with the settings of ``cfg`` (see :func:`gptq_quantize_weight`). The Hessian is
+    handed over: its storage is reused (``overwrite_hessian=False`` keeps it)."""
     if hessian is None:
         raise ValueError("gptq needs the Hessian of the Linear's calibration inputs")
     return gptq_quantize_weight(
@@ -192,6 +189,6 @@ def gptq_quantize(
         act_order=cfg.act_order,
         block_size=cfg.block_size,
         dtype=dtype,
-        zero_min=zero_min_for(cfg),
+        zero_min=zero_min if zero_min is not None else zero_min_for(cfg),
         overwrite_hessian=overwrite_hessian,
     )

@@ -54,6 +54,9 @@ class CalibratedRun:
         statistic is freed as soon as its Linear is quantized, and only the encoded (packed)
         tensors are kept until the layer is written."""
         job, done = self.job, {}
+        for rel, t in cl.module.state_dict().items():  # before any statistic is computed
+            if cl.prefix + rel in job.ckpt.tensors:
+                require_finite(t, cl.prefix + rel)
         for group in cl.sequential_groups:
             names = [n for n in group if cl.tensor_name(n) in job.by_tensor]
             if not names:
@@ -63,7 +66,7 @@ class CalibratedRun:
                 raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
             for n in names:
                 t = job.by_tensor[cl.tensor_name(n)]
-                w = require_finite(cl.weight(n), t.tensor)
+                w = cl.weight(n)
                 qw = self._quantize(t, w, stats.pop(n).result())
                 cl.set_weight(n, qw.dequantize().to(w.device))
                 del w

@@ -75,7 +75,7 @@ def gptq_quantize_weight(
     H = hessian.detach()
     if not (overwrite_hessian and H.dtype == torch.float32):
         H = H.float().clone()
-    out_f, cols = W.shape
+    cols = W.shape[1]
     g = cols if group_size == -1 else group_size
 
     dead = torch.diag(H) == 0
@@ -93,20 +93,59 @@ def gptq_quantize_weight(
         H.copy_(H[perm])  # permute rows then columns in place: one temporary at a time
         H.copy_(H[:, perm])
 
-    dev = W.device
-    if H.device != dev:
-        H = H.to(dev)
+    if H.device != W.device:
+        H = H.to(W.device)
+    Hinv = _inverse_cholesky(H, damp)
+    del H
+    grid = _Grid(bits, g, symmetric, dtype, zero_min, perm)
+    Q, scale, zero, loss = _quantize_columns(W, Hinv, grid, block_size, static_scale, static_zero)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return QuantizedWeight(
+        q=Q.cpu(),
+        scale=scale.to(dtype).cpu(),
+        zero=zero.to(torch.int8).cpu(),
+        bits=bits,
+        group_size=g,
+        symmetric=symmetric,
+        g_idx=(torch.arange(cols) // g).to(torch.int32),
+        info={"loss": float(loss.sum())},
+    )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """What the column loop needs to know about the quantization grid."""
+
+    bits: int
+    g: int  # columns per group
+    symmetric: bool
+    dtype: torch.dtype
+    zero_min: int | None
+    perm: torch.Tensor | None  # act-order column order (None: natural)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``, reusing ``H``'s storage."""
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp·mean(diag H)·I
     try:
         L = torch.linalg.cholesky(H)
         torch.cholesky_inverse(L, out=H)  # H⁻¹, into H's storage
-        Hinv = torch.linalg.cholesky(H, upper=True, out=L)  # its upper factor, into L's
+        return torch.linalg.cholesky(H, upper=True, out=L)  # its upper factor, into L's
     except torch.linalg.LinAlgError:
         raise HessianNotPositiveDefinite(
             f"the damped Hessian is not positive definite (damp {damp})"
         ) from None
-    del H
 
+
+def _quantize_columns(
+    W: torch.Tensor, Hinv: torch.Tensor, grid: _Grid, block_size: int,
+    static_scale: torch.Tensor | None, static_zero: torch.Tensor | None,
+):  # fmt: skip
+    """Alg. 1: quantize column by column, spreading each error over the later columns; the rest
+    of the matrix is updated once per block. Returns levels, scale, zero and the loss."""
+    bits, g, perm, dev = grid.bits, grid.g, grid.perm, W.device
+    out_f, cols = W.shape
     Q = torch.zeros(out_f, cols, dtype=torch.int8, device=dev)
     n_groups = cols // g
     scale = torch.zeros(out_f, n_groups, device=dev) if static_scale is None else static_scale
@@ -124,7 +163,7 @@ def gptq_quantize_weight(
             if static_scale is None and col % g == 0:
                 # the group's current, error-compensated weights (may extend past the block)
                 cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
-                s, z = _qparams_for(cur, bits, symmetric, dtype, zero_min)
+                s, z = _qparams_for(cur, bits, grid.symmetric, grid.dtype, grid.zero_min)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
             x = W1[:, i]
             q = quantize_levels(x[:, None], scale[:, grp : grp + 1], zero[:, grp : grp + 1], bits)
@@ -136,19 +175,7 @@ def gptq_quantize_weight(
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)
-
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(
-        q=Q.cpu(),
-        scale=scale.to(dtype).cpu(),
-        zero=zero.to(torch.int8).cpu(),
-        bits=bits,
-        group_size=g,
-        symmetric=symmetric,
-        g_idx=(torch.arange(cols) // g).to(torch.int32),
-        info={"loss": float(loss.sum())},
-    )
+    return Q, scale, zero, loss
 
 
 @dataclass(frozen=True)

@@ -272,9 +272,8 @@ class QuantConfig:
         theirs = {f.name for f in dataclasses.fields(fo)} - {"version"} if fo else set()
         for k in flat:
             if k not in mine | theirs:
-                raise ConfigError(
-                    f"--{k.replace('_', '-')} does not apply to --method {method} --format {fmt}"
-                )
+                flag = _FLAGS.get(k, f"--{k.replace('_', '-')}")
+                raise ConfigError(f"{flag} does not apply to --method {method} --format {fmt}")
         options = options or info.config(**{k: v for k, v in flat.items() if k in mine})
         if fo is not None and format_options is None:
             format_options = fo(**{k: v for k, v in flat.items() if k in theirs})
@@ -308,6 +307,9 @@ class QuantConfig:
             self.method: dataclasses.asdict(self.options),
             **({self.format: dataclasses.asdict(fo)} if fo is not None else {}),
         }  # fmt: skip
+
+
+_FLAGS = {"symmetric": "--sym/--asym"}  # options whose CLI flag is not --<name>
 
 
 def _method(name: str) -> MethodInfo:

@@ -50,7 +50,7 @@ def test_options_are_checked():
     for bad, match in [({"max_shrink": 1.0}, "--max-shrink"), ({"grid": 0}, "--grid"),
                        ({"max_shrink": float("nan")}, "finite")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):
-            QuantConfig("mse", **bad)
+            QuantConfig("mse", **bad).validate()
 
 
 def test_compressed_tensors_output_loads_in_transformers(tiny_model, tmp_path):

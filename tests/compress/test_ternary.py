@@ -95,4 +95,4 @@ def test_ternary_defaults_to_the_bitnet_format():
 )  # fmt: skip
 def test_method_format_pairing_is_validated(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        QuantConfig(**kwargs)
+        QuantConfig(**kwargs).validate()

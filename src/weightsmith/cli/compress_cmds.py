@@ -100,6 +100,7 @@ def quantize_cmd(
 
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
+    cfg.validate()
     if METHODS[method].needs_calibration and cfg.calib is None:
         note_builtin_calibration()
     r = quantize_checkpoint(

@@ -246,7 +246,8 @@ class QuantConfig:
     it: ``QuantConfig("gptq", bits=3, damp=0.02)`` holds ``GPTQConfig(bits=3, damp=0.02)``.
     An option that neither the method nor the format has is a :class:`ConfigError`;
     ``format=None`` is the method's default format, and a format the method cannot write is an
-    error. Reading ``cfg.bits`` reads the method's (or format's) option."""
+    error. Values are checked by :meth:`validate` (``quantize_checkpoint`` calls it first).
+    Reading ``cfg.bits`` reads the method's (or format's) option."""
 
     method: str
     format: str
@@ -280,7 +281,6 @@ class QuantConfig:
         for k, v in (("method", method), ("format", fmt), ("options", options),
                      ("format_options", format_options), ("ignore", tuple(ignore))):  # fmt: skip
             object.__setattr__(self, k, v)
-        self.validate()
 
     def validate(self) -> None:
         if not isinstance(self.options, METHODS[self.method].config):

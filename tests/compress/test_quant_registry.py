@@ -204,3 +204,31 @@ def test_options_of_other_methods_and_unknown_names_are_refused():
     )
     with pytest.raises(AttributeError):
         _ = QuantConfig("nf4").bits
+
+
+def test_a_scale_that_overflows_its_stored_dtype_is_an_error(tiny_model_copy, tmp_path):
+    # gptq stores float16 scales: a group whose max is 1e6 needs 1e6 / 7.5 > 65504
+    bad = tiny_model_copy("llama")
+    name = _poison(bad, "layers.0.self_attn.v_proj.weight", 1e6)
+    r = _cli(bad, "-o", tmp_path / "q", "--format", "gptq", "--group-size", "32")
+    assert r.exit_code == 1, r.output
+    module = name[: -len(".weight")]
+    assert r.output == (
+        f"error: {module}.scales: quantizing {name} gives non-finite values (overflows "
+        "torch.float16)\n"
+    )
+    assert not (tmp_path / "q").exists()
+
+
+def test_statistics_are_hand_computed():
+    from weightsmith.core.statistics import STATISTICS
+
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    h = STATISTICS["hessian"](2)
+    m = STATISTICS["channel_magnitude"](2)
+    for s in (h, m):
+        s.add(x[:1])
+        s.add(x[1:])
+    # H = 2/n · XᵀX = [[1+9, -2], [-2, 4]] (n = 2 tokens); mean |x| = [(1+3)/2, (2+0)/2]
+    assert torch.equal(h.result(), torch.tensor([[10.0, -2.0], [-2.0, 4.0]]))
+    assert torch.equal(m.result(), torch.tensor([2.0, 1.0])) and h.n == m.n == 2

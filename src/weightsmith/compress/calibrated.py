@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from weightsmith.compress.registry import CalibrationFailed
+import torch
+
+from weightsmith.compress.registry import CalibrationFailed, LinearTarget
 from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.core.calibration import (
     CalibrationLayer,
@@ -19,7 +21,7 @@ from weightsmith.core.memory import release_freed_memory
 from weightsmith.errors import ConfigError
 
 if TYPE_CHECKING:
-    from weightsmith.compress.quantize import _Job
+    from weightsmith.compress.quantize import QuantizeJob
 
 
 class CalibratedRun:
@@ -27,7 +29,7 @@ class CalibratedRun:
     and tokenized at construction, before any output exists; the streamer (which embeds the
     tokens) starts with the first layer."""
 
-    def __init__(self, job: _Job, device: str) -> None:
+    def __init__(self, job: QuantizeJob, device: str) -> None:
         self.job, self.device = job, device
         outside = [t.tensor for t in job.targets if t.layer is None]
         if outside:
@@ -77,10 +79,10 @@ class CalibratedRun:
                 release_freed_memory()
         return done
 
-    def _quantize(self, t, w, stat) -> Any:
+    def _quantize(self, t: LinearTarget, w: torch.Tensor, stat: Any) -> Any:
         job = self.job
         try:
-            return job.quantize(t, w, stat)
+            return job.quantize(w, stat)
         except CalibrationFailed as e:
             if not getattr(job.cfg.options, "allow_rtn_fallback", False):
                 raise ConfigError(f"{t.module}: {e}; {e.hint}") from None

@@ -95,7 +95,7 @@ def select_linears(
     return targets, ignored
 
 
-class _Job:
+class QuantizeJob:
     """One quantize run over an open checkpoint: plans and applies each tensor group."""
 
     def __init__(self, ckpt: Checkpoint, cfg: QuantConfig, device: str) -> None:
@@ -112,7 +112,8 @@ class _Job:
             "zero_min": self.fmt.zero_min(cfg.options),
         }
         self.stats: dict[str, Any] = {"fallbacks": [], "loss": {}, "zeros": None}
-        self._pending: dict[str, Any] = {}  # module -> quantized weight, until its tensors are out
+        # module -> (quantized weight, the tensors still to write from it)
+        self._pending: dict[str, tuple[Any, set[str]]] = {}
         self.calibrated = CalibratedRun(self, device) if self.method.statistic is not None else None
 
     @property
@@ -129,7 +130,7 @@ class _Job:
         return specs
 
     def apply(self, group: TensorGroup) -> Iterator[tuple[str, Any]]:
-        done = {}  # tensor -> its stored tensors, from the calibrated layer step
+        done: dict[str, list] = {}  # tensor -> its stored tensors, from the calibrated layer step
         if self.calibrated is not None and group.layer is not None:
             done = self.calibrated.run_layer(group.layer)
         for n in group.names:
@@ -148,23 +149,20 @@ class _Job:
     def read(self, name: str) -> torch.Tensor:
         return require_finite(self.ckpt.get_tensor(name), name)
 
-    def quantize(self, t: LinearTarget, w: torch.Tensor, stat: Any = None) -> Any:
+    def quantize(self, w: torch.Tensor, stat: Any = None) -> Any:
         """The method's own function on one weight (``w`` as stored, or the compute dtype)."""
         return self.method.fn(w, self.cfg.options, stat, **self.quant_args)
 
     def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
         """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
-        todo = self._pending.get(t.module)
-        if todo is None:
-            w = self.read(t.tensor)
-            todo = self._pending[t.module] = [
-                self.quantize(t, w),
-                {t.tensor, *self.fmt.rewrites(t, self.cfg)},
-            ]
-        todo[1].discard(use or t.tensor)
-        if not todo[1]:
+        if t.module not in self._pending:
+            qw = self.quantize(self.read(t.tensor))
+            self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg)})
+        qw, waiting = self._pending[t.module]
+        waiting.discard(use or t.tensor)
+        if not waiting:
             del self._pending[t.module]
-        return todo[0]
+        return qw
 
     def encode(self, t: LinearTarget, qw: Any) -> Iterator[tuple[str, torch.Tensor]]:
         if "zeros" in qw.info:
@@ -201,7 +199,7 @@ def quantize_checkpoint(
     cfg.validate()
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
-        job = _Job(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
+        job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}
         record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}
         result = stream_transform(
@@ -224,7 +222,7 @@ def quantize_checkpoint(
     return r
 
 
-def _summary(job: _Job, ckpt: Checkpoint, result: StreamResult, calib: dict) -> dict:
+def _summary(job: QuantizeJob, ckpt: Checkpoint, result: StreamResult, calib: dict) -> dict:
     cfg, total = job.cfg, ckpt.num_params
     quantized = sum(t.shape[0] * t.shape[1] for t in job.targets)
     fo = job.cfg.format_options

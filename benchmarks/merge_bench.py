@@ -215,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cache", default="~/.cache/weightsmith/merge-bench")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--mergekit", default="/opt/venvs/mergekit/bin/mergekit-yaml")
+    ap.add_argument("--mergekit", default=".cache/peers/mergekit/bin/mergekit-yaml")  # .ci/peers.sh
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool, alternating tools")
     ap.add_argument("--cleanup", action="store_true", help="delete the cache folder and exit")

@@ -154,14 +154,34 @@ def test_writes_checked_against_plan(tmp_path: Path) -> None:
 
 def test_support_files_copied_and_config_patched(tiny_model, tmp_path: Path) -> None:
     src = tiny_model("llama")
-    with CheckpointWriter(tmp_path / "out") as w:
-        w.write("a", torch.zeros(1))
-        copied = w.copy_support_files(src, config_patch={"num_hidden_layers": 7})
+    with open_checkpoint(src) as ckpt, CheckpointWriter(tmp_path / "out") as w:
+        for name in ckpt.tensors:  # config.json must describe the tensors written
+            w.write(name, ckpt.get_tensor(name))
+        copied = w.copy_support_files(src, config_patch={"rms_norm_eps": 0.125})
         w.commit()
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= set(copied)
     config = json.loads((tmp_path / "out/config.json").read_text())
-    assert config["num_hidden_layers"] == 7 and config["model_type"] == "llama"
+    assert config["rms_norm_eps"] == 0.125 and config["model_type"] == "llama"
     assert (tmp_path / "out/tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_commit_refuses_a_config_that_disagrees_with_the_tensors(tiny_model, tmp_path) -> None:
+    """A transform that changed shapes but not config.json (passthrough of layers of two
+    widths, a prune that forgot the config) fails at commit instead of writing a model that
+    does not load."""
+    src = tiny_model("llama")
+    with open_checkpoint(src) as ckpt, CheckpointWriter(tmp_path / "out") as w:
+        for name in ckpt.tensors:
+            t = ckpt.get_tensor(name)
+            w.write(name, t[:96] if name == "model.layers.1.mlp.up_proj.weight" else t)
+        w.copy_support_files(src)
+        with pytest.raises(
+            OutputError,
+            match=r"would not load: .*out/config.json: "
+            r"intermediate_size is 128 but tensor 'model.layers.1.mlp.up_proj",
+        ):
+            w.commit()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_raw_bytes_path_is_bit_exact(tiny_model, tmp_path: Path) -> None:

@@ -27,3 +27,18 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1, result.output
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def poke(model: Path, fragment: str, value: float, index: int = 0) -> str:
+    """Set flat element ``index`` of the first tensor whose name contains ``fragment`` (in
+    the shard that holds it) to ``value``; returns the tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(model.glob("*.safetensors")):
+        state = load_file(shard)
+        name = next((n for n in sorted(state) if fragment in n), None)
+        if name is not None:
+            state[name].view(-1)[index] = value
+            save_file(state, shard, metadata={"format": "pt"})
+            return name
+    raise AssertionError(f"no tensor named like {fragment!r} in {model}")

@@ -1,4 +1,4 @@
-"""Same tensors as mergekit for the same recipe (runs mergekit from /opt/venvs/mergekit).
+"""Same tensors as mergekit for the same recipe (runs mergekit from its own venv, .cache/peers/mergekit).
 
 Slow: skipped when that venv is absent. Exact methods must agree within 1e-6 (float32);
 DARE draws different random masks, so only the kept mass is compared (mergekit 0.1.5
@@ -7,7 +7,6 @@ rescales by the task vector's L1 norm, weightsmith by 1/density: equal in expect
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import yaml
 from merge_testlib import run_cli, tensors
 
 from weightsmith.testing import build_tiny_model
+from weightsmith.testing.peers import peer_python, require_peer
 
-MERGEKIT_PY = Path(os.environ.get("MERGEKIT_VENV", "/opt/venvs/mergekit")) / "bin" / "python"
+MERGEKIT_PY = peer_python("mergekit")
 EXAMPLES = Path(__file__).parents[2] / "examples" / "merge"
 
 DRIVER = """
@@ -31,12 +31,12 @@ for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
     run_merge(config, out, options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
 """
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not MERGEKIT_PY.exists(), reason=f"mergekit venv not found at {MERGEKIT_PY}"
-    ),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mergekit() -> None:
+    require_peer("mergekit")
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from weightsmith.core.report import peak_rss_bytes, write_report
-from weightsmith.errors import WeightsmithError
+from weightsmith.core.report import check_report_path, peak_rss_bytes, write_report
+from weightsmith.errors import OutputError, PickleRefusedError, WeightsmithError
 
 EXIT_ERROR = 1  # bad input, failed write: the message says what and where
 EXIT_INTERNAL = 3  # a bug: rerun with --debug for the traceback
@@ -29,8 +29,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class WsCommand(click.Command):
+    """A command that records itself, so errors can be worded for the command at hand."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta["weightsmith_command"] = ctx
+        return super().invoke(ctx)
+
+
 class WsGroup(click.Group):
     """A click group whose commands fail with ``error: <one line>`` and a non-zero exit."""
+
+    command_class = WsCommand
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The console-script entry (tests call ``main`` instead). Python's shutdown runs full
@@ -49,6 +59,9 @@ class WsGroup(click.Group):
             previous = None
         try:
             return super().invoke(ctx)
+        except PickleRefusedError as e:
+            remedy = _pickle_remedy(ctx.meta.get("weightsmith_command"), e.path)
+            _fail(e.with_remedy(remedy), EXIT_ERROR)
         except WeightsmithError as e:
             _fail(str(e), EXIT_ERROR)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
@@ -64,6 +77,20 @@ class WsGroup(click.Group):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _pickle_remedy(ctx: click.Context | None, path: object) -> str:
+    """How to get past a refused pickle with the command that was run."""
+    if ctx is not None and any(p.name == "allow_pickle" for p in ctx.command.params):
+        return (
+            f"pass --allow-pickle to `{ctx.command_path}` to load it with "
+            "torch.load(weights_only=True), or convert it to safetensors at the source"
+        )
+    return (
+        "this command does not load pickles; convert it first with "
+        f"`weightsmith convert --allow-pickle {path} -o NEW` (it loads with "
+        "torch.load(weights_only=True)) and pass NEW"
+    )
 
 
 def _fail(message: str, code: int) -> None:
@@ -86,35 +113,39 @@ def report_option(fn: Callable) -> Callable:
     def wrapper(*args: Any, report_path: str | None = None, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         command = ctx.command_path
+        if report_path:
+            check_report_path(report_path)  # before any work, not after it
         start = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
         except (WeightsmithError, Exception) as e:
             if report_path:
-                write_report(
-                    report_path,
-                    {
-                        **ctx.meta.get("weightsmith_report", {}),
-                        "command": command,
-                        "ok": False,
-                        "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                        "wall_s": round(time.perf_counter() - start, 3),
-                        "peak_rss": peak_rss_bytes(),
-                    },
-                )
+                report = {
+                    **ctx.meta.get("weightsmith_report", {}),
+                    "command": command,
+                    "ok": False,
+                    "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    "wall_s": round(time.perf_counter() - start, 3),
+                    "peak_rss": peak_rss_bytes(),
+                }
+                try:
+                    write_report(report_path, report)
+                except WeightsmithError as report_error:  # the command's error comes first
+                    click.echo(f"warning: {report_error}", err=True)
             raise
         if report_path:
             body = result if isinstance(result, dict) else {}
-            write_report(
-                report_path,
-                {
-                    "command": command,
-                    "ok": True,
-                    "wall_s": round(time.perf_counter() - start, 3),
-                    "peak_rss": peak_rss_bytes(),
-                    **body,
-                },
-            )
+            report = {
+                "command": command,
+                "ok": True,
+                "wall_s": round(time.perf_counter() - start, 3),
+                "peak_rss": peak_rss_bytes(),
+                **body,
+            }
+            try:
+                write_report(report_path, report)
+            except WeightsmithError as e:  # exit 1 (CI must notice), saying the work is done
+                raise OutputError(f"{e} (the command itself succeeded)") from None
         return result
 
     return wrapper

@@ -9,6 +9,7 @@ import click
 
 from weightsmith import __version__
 from weightsmith.cli.common import WsGroup
+from weightsmith.cli.distill_train import legacy_command, run_bare
 
 
 @click.group(cls=WsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,11 +32,16 @@ def merge_cli() -> None:
 @click.group(cls=WsGroup, invoke_without_command=True, no_args_is_help=True)
 @click.pass_context
 def distill_cli(ctx: click.Context, **options: object) -> None:
-    """Train a small student from a teacher model (options below; see also `distill cache`)."""
-    if ctx.invoked_subcommand is None:  # the training options are attached in distill_cmds
-        from weightsmith.cli.distill_cmds import train_command
+    """Train a small student from a teacher: one subcommand per method (kd, seqkd, sft, dpo,
+    step-by-step) and the data commands (cache, generate, feedback, rationales).
 
-        train_command.callback(**options)
+    Without a subcommand, `distill --teacher T --student S --data D -o OUT` runs `distill kd`
+    with the options below."""
+    run_bare(ctx, options)
+
+
+# The group runs the bare command itself when no subcommand is given.
+distill_cli.params.extend(legacy_command.params)
 
 
 @click.group("eval", cls=WsGroup)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 
 import click
 
@@ -14,6 +16,7 @@ from weightsmith.cli.common import (
     report_option,
 )
 from weightsmith.cli.groups import cli, compress_cli, distill_cli, eval_cli, merge_cli
+from weightsmith.cli.recipe_steps import translate_steps
 from weightsmith.io.sizes import format_size, parse_size
 
 
@@ -137,6 +140,7 @@ def run_cmd(
         report = run_recipe(
             recipe, workdir, resume=resume, force=force, dry_run=dry_run, progress=progress,
             plots=plots, echo=lambda m: click.echo(m, err=True),
+            translate=functools.partial(translate_steps, cli),  # this process has the commands
         )  # fmt: skip
     except RecipeFailed as e:
         click.get_current_context().meta["weightsmith_report"] = e.report
@@ -147,6 +151,18 @@ def run_cmd(
         f"{len(report['steps']) - done} up to date, in {report['wall_s']:.1f} s -> {workdir}"
     )
     return report
+
+
+@cli.command("translate-steps", hidden=True)
+def translate_steps_cmd() -> None:
+    """Recipe steps (JSON on stdin) -> their checked command lines (JSON on stdout); the
+    pipeline's way to use the commands' options without importing this package."""
+    from dataclasses import asdict
+
+    from weightsmith.pipeline.commands import requests_from_json
+
+    answers = translate_steps(cli, requests_from_json(sys.stdin.read()))
+    click.echo(json.dumps([asdict(a) for a in answers]))
 
 
 # Each subsystem registers its commands on the groups above when its module is imported.

@@ -89,9 +89,12 @@ def lambda_option(fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------- value parsing
-def parse_number(text: str, what: str) -> float:
+def parse_number(text: str | float, what: str) -> float:
+    """``text`` as a finite number (the one check of merge/params.py), else a ConfigError."""
+    from weightsmith.merge.params import finite
+
     try:
-        return float(text)
+        return finite(float(text), what)
     except ValueError:
         raise ConfigError(f"{what}: {text!r} is not a number") from None
 
@@ -102,10 +105,18 @@ def parse_scalar_or_gradient(text: str, what: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def parse_setting(values: tuple[str, ...], what: str) -> Any:
-    """``0.5`` | ``0,0.5,1`` (gradient over depth) | ``self_attn=0.3`` (repeatable filters)."""
+def parse_setting(values: tuple[str, ...], what: str, method: str = "", name: str = "") -> Any:
+    """``0.5`` | ``0,0.5,1`` (gradient over depth) | ``self_attn=0.3`` (repeatable filters),
+    checked against ``method``'s declaration of parameter ``name`` when given."""
     if not values:
         return None
+    if method:
+        from weightsmith.merge.methods import get_method
+        from weightsmith.merge.params import check_declared
+
+        setting = parse_setting(values, what)
+        check_declared(get_method(method).declared(name), setting, what)
+        return setting
     conditions: list[dict] = []
     default = None
     for v in values:
@@ -222,7 +233,7 @@ def slerp_cmd(a, b, t, tokenizer_source, out, opts) -> dict:
         "slerp",
         models=(ModelInput(a), ModelInput(b)),
         base_model=a,
-        parameters={"t": parse_setting(t, "--t")},
+        parameters={"t": parse_setting(t, "--t", "slerp", "t")},
         tokenizer_source=tokenizer_source,
     )
     return run_recipe(recipe, out, **opts)
@@ -250,7 +261,7 @@ def task_arithmetic_cmd(models, base, weights, lam, normalize, tokenizer_source,
         "task_arithmetic",
         models=model_entries(models, weights),
         base_model=base,
-        parameters={"lambda": lam, "normalize": normalize},
+        parameters={"lambda": parse_number(lam, "--lambda"), "normalize": normalize},
         tokenizer_source=tokenizer_source,
     )
     return run_recipe(recipe, out, **opts)
@@ -286,9 +297,9 @@ def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, o
         models=model_entries(models, weights),
         base_model=base,
         parameters={
-            "density": parse_setting(density, "--density"),
+            "density": parse_setting(density, "--density", "ties", "density"),
             "normalize": normalize,
-            "lambda": lam,
+            "lambda": parse_number(lam, "--lambda"),
         },
         tokenizer_source=tokenizer_source,
     )
@@ -324,19 +335,9 @@ def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, o
 @merge_options
 @common
 def dare_cmd(
-    models,
-    base,
-    density,
-    use_ties,
-    seed,
-    weights,
-    lam,
-    normalize,
-    rescale,
-    tokenizer_source,
-    out,
-    opts,
-):
+    models, base, density, use_ties, seed, weights, lam, normalize, rescale, tokenizer_source,
+    out, opts,
+):  # fmt: skip
     """DARE: random drop + rescale of task vectors (mergekit 'dare_linear' / 'dare_ties')."""
     from weightsmith.merge import MergeRecipe
 
@@ -345,10 +346,10 @@ def dare_cmd(
         models=model_entries(models, weights),
         base_model=base,
         parameters={
-            "density": parse_setting(density, "--density"),
+            "density": parse_setting(density, "--density", "dare_linear", "density"),
             "normalize": normalize,
             "rescale": rescale,
-            "lambda": lam,
+            "lambda": parse_number(lam, "--lambda"),
             "seed": seed,
         },
         tokenizer_source=tokenizer_source,
@@ -431,7 +432,7 @@ def lora_cmd(base, adapter, scale, out, opts) -> dict:
         base,
         adapter,
         out,
-        scale=scale,
+        scale=None if scale is None else parse_number(scale, "--scale"),
         dtype=opts["dtype"],
         device=opts["device"],
         max_shard_size=parse_size(opts["max_shard_size"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +30,25 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def check_report_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a report path that cannot be written, before the command does any work: its
+    nearest existing folder must be a folder we can create files in."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise OutputError(f"cannot write report {path}: it is a directory")
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write report {path}: {folder} is not a directory")
+    probe = folder / f".{path.name}.probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write report {path}: {folder}: {e.strerror}") from None
+
+
 def write_report(path: str | os.PathLike[str], report: dict) -> None:
     """Write a JSON report atomically (temp file + rename), so CI never reads half a file."""
     path = Path(path)
@@ -38,5 +58,6 @@ def write_report(path: str | os.PathLike[str], report: dict) -> None:
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never let cleanup hide the first error
+            tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write report {path}: {e.strerror}") from None

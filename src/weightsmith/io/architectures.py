@@ -2,7 +2,8 @@
 
 Each description names how decoder-layer tensors are prefixed (``model.layers.{layer}.``),
 which tensors sit before and after the layers, the lm_head, how Linear weights are laid out,
-and the order in which a layer's Linears run (used by calibration-based methods).
+the order in which a layer's Linears run (used by calibration-based methods), and which tensor
+dimension each config.json size must equal (checked when a checkpoint is opened).
 Adding an architecture is adding one JSON file.
 """
 
@@ -32,6 +33,8 @@ class Architecture:
     lm_head: str | None
     linear_layout: str  # "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D)
     sequential_linears: tuple[tuple[str, ...], ...]
+    # (config expression, tensor name or ``{layer}`` template, dim): see io/consistency.py
+    config_shapes: tuple[tuple[str, str, int], ...] = ()
     description: str = ""
     known: bool = True
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
@@ -81,6 +84,9 @@ def _from_dict(d: dict, known: bool = True) -> Architecture:
         lm_head=d.get("lm_head"),
         linear_layout=d.get("linear_layout", "out_in"),
         sequential_linears=tuple(tuple(g) for g in d.get("sequential_linears", ())),
+        config_shapes=tuple(
+            (r["config"], r["tensor"], int(r["dim"])) for r in d.get("config_shapes", ())
+        ),
         known=known,
         _patterns=tuple(_compile(t) for t in templates),
     )

@@ -1,4 +1,5 @@
-"""Path rules: never read outside a checkpoint directory, never write over an input."""
+"""Path rules: never read outside a checkpoint directory (symlinks included, with one
+exception for the Hugging Face cache), never write over an input."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ def safe_member(root: Path, name: str, where: str) -> Path:
     """Resolve a file name taken from a checkpoint (e.g. an index entry) inside ``root``.
 
     Absolute paths, drive letters and ``..`` components are refused, so a crafted index cannot
-    make us read ``/etc/passwd`` or a sibling directory.
+    make us read ``/etc/passwd`` or a sibling directory. Symlinks are not looked at here; use
+    :func:`checked_member` for a file that will be read.
     """
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{where}: empty or non-string file name {name!r}")
@@ -25,6 +27,52 @@ def safe_member(root: Path, name: str, where: str) -> Path:
     if not _is_within(full, Path(os.path.normpath(root))):
         raise CheckpointError(f"{where}: refuses path {name!r} that leaves the checkpoint dir")
     return full
+
+
+def checked_member(root: Path, name: str, where: str) -> Path:
+    """:func:`safe_member`, plus the symlink rule for a file that will be read or copied.
+
+    A symlink (the file or a folder on the way to it) is followed only when its target stays
+    inside the checkpoint directory, or when the checkpoint is a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>/``) and the target lies in that repository's
+    ``blobs/`` folder. Anything else is refused, naming the file.
+    """
+    full = safe_member(root, name, where)
+    if not (full.is_symlink() or _has_symlink_between(root, full)):
+        return full
+    target = full.resolve()
+    real_root = root.resolve()
+    blobs = hf_cache_blobs(real_root)
+    if _is_within(target, real_root) or (blobs is not None and _is_within(target, blobs)):
+        return full
+    raise CheckpointError(
+        f"{where}: {name} is a symlink to {target}, outside the checkpoint directory; "
+        "refusing to read it (copy the file into the checkpoint instead)"
+    )
+
+
+def hf_cache_blobs(snapshot: Path) -> Path | None:
+    """The ``blobs/`` folder of the Hugging Face cache repository that ``snapshot`` (a
+    resolved path) lies in, or None when it is not inside ``models--*/snapshots/<rev>/``."""
+    parts = snapshot.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return Path(*parts[:i]) / "blobs"
+    return None
+
+
+def _has_symlink_between(root: Path, full: Path) -> bool:
+    """True when a folder between ``root`` and ``full`` (exclusive) is a symlink."""
+    try:
+        rel = full.relative_to(os.path.normpath(root))
+    except ValueError:
+        return False
+    here = Path(os.path.normpath(root))
+    for part in rel.parts[:-1]:
+        here = here / part
+        if here.is_symlink():
+            return True
+    return False
 
 
 def _is_within(path: Path, root: Path) -> bool:

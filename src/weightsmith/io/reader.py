@@ -2,15 +2,15 @@
 
 ``open_checkpoint(path)`` accepts a directory holding ``model.safetensors`` or shards plus
 ``model.safetensors.index.json``, or a single ``.safetensors`` file. Every header is parsed and
-cross-checked against the index on open, so a corrupt or inconsistent checkpoint fails before any
-work starts. Tensor data is read lazily through mmap (``safe_open``), one tensor at a time.
+cross-checked against the index and config.json on open (:mod:`weightsmith.io.discovery`), so a
+corrupt or inconsistent checkpoint fails before any work starts. Tensor data is read lazily,
+one tensor (or a block of rows) at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import mmap
 import os
 import warnings
@@ -23,37 +23,20 @@ from safetensors import safe_open
 
 from weightsmith.errors import CheckpointError
 from weightsmith.io.architectures import Architecture, detect_architecture
-from weightsmith.io.dtypes import safetensors_dtype, torch_dtype
-from weightsmith.io.paths import safe_member
-from weightsmith.io.safetensors_format import Header, read_header, reject_duplicate_keys
+from weightsmith.io.consistency import check_config_shapes
+from weightsmith.io.discovery import (
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    TensorInfo,
+    discover,
+    load_pickle,
+    read_config,
+)
+from weightsmith.io.safetensors_format import Header
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
 _FULL_HASH_LIMIT = 16 << 20
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor's name, safetensors dtype, shape and the shard file that holds it."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    shard: str  # file name relative to the checkpoint root
-    nbytes: int
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass(frozen=True)
@@ -73,149 +56,31 @@ class Checkpoint:
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
         self.root = self.path if self.path.is_dir() else self.path.parent
-        self._headers: dict[str, Header] = {}
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
         self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
-        self._index_bytes = b""
-        self.format = "safetensors"
-        self.tensors: dict[str, TensorInfo] = self._discover(allow_pickle)
-        self.config: dict | None = self._read_config()
+        layout = discover(self.path, self.root, allow_pickle)
+        if not layout.tensors:
+            raise CheckpointError(f"{self.path}: no tensors (its safetensors header is empty)")
+        self._headers: dict[str, Header] = layout.headers
+        self._index_bytes = layout.index_bytes
+        self.format = layout.format
+        self.tensors: dict[str, TensorInfo] = layout.tensors
+        self.config: dict | None = read_config(self.root)
         self.arch: Architecture = detect_architecture(self.config, list(self.tensors))
-
-    # ----------------------------------------------------------------- discovery
-    def _discover(self, allow_pickle: bool) -> dict[str, TensorInfo]:
-        if self.path.is_file():
-            if self.path.suffix == ".safetensors":
-                return self._from_safetensors_files([self.path.name])
-            if self.path.suffix == ".bin":
-                return self._from_pickle(allow_pickle, [self.path.name])
-            raise CheckpointError(f"{self.path}: not a .safetensors file or checkpoint dir")
-        d = self.path
-        if (d / SAFE_INDEX).exists():
-            return self._from_index(d / SAFE_INDEX)
-        if (d / SAFE_SINGLE).exists():
-            return self._from_safetensors_files([SAFE_SINGLE])
-        found = sorted(p.name for p in d.glob("*.safetensors"))
-        if len(found) == 1:
-            return self._from_safetensors_files(found)
-        if len(found) > 1:
-            raise CheckpointError(
-                f"{d}: {len(found)} .safetensors files but no {SAFE_INDEX} to say which to use"
-            )
-        if (d / PICKLE_INDEX).exists() or (d / PICKLE_SINGLE).exists():
-            return self._from_pickle(allow_pickle, None)
-        raise CheckpointError(f"{d}: no weights found (expected {SAFE_SINGLE} or {SAFE_INDEX})")
-
-    def _from_index(self, index_path: Path) -> dict[str, TensorInfo]:
-        weight_map = self._load_index(index_path)
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(name)
-        infos = self._from_safetensors_files(list(by_shard), index_path=index_path)
-        listed = set(weight_map)
-        for name, shard in weight_map.items():
-            info = infos.get(name)
-            if info is None or info.shard != shard:
-                raise CheckpointError(
-                    f"{index_path}: tensor {name!r} is mapped to {shard} but that shard "
-                    "does not hold it"
-                )
-        # Tensors stored in a shard but absent from the index are ignored, as transformers does.
-        return {n: i for n, i in infos.items() if n in listed}
-
-    def _load_index(self, index_path: Path) -> dict[str, str]:
-        try:
-            self._index_bytes = index_path.read_bytes()
-            data = json.loads(
-                self._index_bytes, object_pairs_hook=reject_duplicate_keys(str(index_path))
-            )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index_path}: unreadable index ({e})") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: index has no 'weight_map'")
-        for name, shard in weight_map.items():
-            safe_member(self.root, shard, f"{index_path}: tensor {name!r}")
-        return weight_map
-
-    def _from_safetensors_files(
-        self, shards: list[str], index_path: Path | None = None
-    ) -> dict[str, TensorInfo]:
-        infos: dict[str, TensorInfo] = {}
-        where = str(index_path or self.root)
-        for shard in shards:
-            file = safe_member(self.root, shard, where)
-            if not file.is_file():
-                raise CheckpointError(f"{where}: shard {shard} is missing")
-            header = read_header(file)
-            self._headers[shard] = header
-            for entry in sorted(header.entries.values(), key=lambda e: e.begin):
-                if entry.name in infos:
-                    raise CheckpointError(
-                        f"{self.root}: tensor {entry.name!r} is stored twice "
-                        f"(in {infos[entry.name].shard} and {shard})"
-                    )
-                infos[entry.name] = TensorInfo(
-                    entry.name, entry.dtype, entry.shape, shard, entry.nbytes
-                )
-        return infos
-
-    def _from_pickle(self, allow_pickle: bool, files: list[str] | None) -> dict[str, TensorInfo]:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{self.path}: is a pickle (.bin) checkpoint; pickle can run code on load, so it "
-                "is refused by default. Pass --allow-pickle to load it with "
-                "torch.load(weights_only=True), or convert it to safetensors at the source"
-            )
-        self.format = "pickle"
-        if files is None:
-            index = self.root / PICKLE_INDEX
-            files = (
-                sorted(set(self._load_index(index).values())) if index.exists() else [PICKLE_SINGLE]
-            )
-        infos: dict[str, TensorInfo] = {}
-        for shard in files:
-            state = self._load_pickle(shard)
-            for name, t in state.items():
-                if name in infos:
-                    raise CheckpointError(f"{self.root}: tensor {name!r} is stored twice")
-                infos[name] = TensorInfo(
-                    name,
-                    safetensors_dtype(t.dtype),
-                    tuple(t.shape),
-                    shard,
-                    t.numel() * t.element_size(),
-                )
-        return infos
+        check_config_shapes(
+            self.config,
+            self.arch,
+            {n: (i.shape, i.dtype) for n, i in self.tensors.items()},
+            str(self.root / "config.json"),
+        )
 
     def _load_pickle(self, shard: str) -> dict[str, torch.Tensor]:
         if self._pickle_cache and self._pickle_cache[0] == shard:
             return self._pickle_cache[1]
-        file = safe_member(self.root, shard, str(self.root))
-        if not file.is_file():
-            raise CheckpointError(f"{self.root}: shard {shard} is missing")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for corrupt/unsafe pickles
-            raise CheckpointError(f"{file}: cannot load with weights_only=True ({e})") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{file}: not a state dict")
-        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        state = load_pickle(self.root, shard)
         self._pickle_cache = (shard, state)
         return state
-
-    def _read_config(self) -> dict | None:
-        cfg = self.root / "config.json"
-        if not cfg.is_file():
-            return None
-        try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{cfg}: unreadable config ({e})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{cfg}: config is not a JSON object")
-        return data
 
     # ----------------------------------------------------------------- reading
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -454,3 +319,15 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint directory or ``.safetensors`` file, validating every header."""
     return Checkpoint(Path(path), allow_pickle=allow_pickle)
+
+
+__all__ = [
+    "PICKLE_INDEX",
+    "PICKLE_SINGLE",
+    "SAFE_INDEX",
+    "SAFE_SINGLE",
+    "Checkpoint",
+    "TensorGroup",
+    "TensorInfo",
+    "open_checkpoint",
+]

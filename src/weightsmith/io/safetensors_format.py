@@ -94,6 +94,8 @@ def read_header(path: Path) -> Header:
         parsed = json.loads(text, object_pairs_hook=reject_duplicate_keys(str(path)))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except RecursionError:  # e.g. '[' * 200000: JSON nested deeper than Python can parse
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
 

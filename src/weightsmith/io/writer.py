@@ -10,26 +10,24 @@ side file and assembles the shard when it is full.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import datetime as _dt
 import errno
 import json
 import os
-import secrets
 import shutil
-import sys
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from weightsmith.errors import OutputError
+from weightsmith.io.consistency import check_written_config
 from weightsmith.io.direct import DirectFile, direct_io_wanted
 from weightsmith.io.dtypes import safetensors_dtype
 from weightsmith.io.paths import check_output_location
+from weightsmith.io.placement import clean_stale_temporaries, move_into_place, temp_path
+from weightsmith.io.provenance import WriteSummary, provenance_record
 from weightsmith.io.safetensors_format import (
     FORMAT_METADATA,
     TensorEntry,
@@ -38,25 +36,11 @@ from weightsmith.io.safetensors_format import (
     pwrite_all,
 )
 from weightsmith.io.sizes import format_size
+from weightsmith.io.support_files import copy_support_files
+from weightsmith.io.write_behind import WriteBehind, copy_range
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default
 PROVENANCE_NAME = "weightsmith.json"
-
-# Files that travel with the weights: config, generation settings, tokenizer, chat template.
-SUPPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 @dataclass(frozen=True)
@@ -88,16 +72,6 @@ class _Shard:
     pending: int = 0  # planned tensors not written yet
 
 
-@dataclass(frozen=True)
-class WriteSummary:
-    """What a committed output holds."""
-
-    out: str
-    shards: list[str]
-    tensors: int
-    total_size: int
-
-
 class CheckpointWriter:
     """Write a Hugging Face checkpoint one tensor at a time; nothing appears at OUT until commit.
 
@@ -123,8 +97,8 @@ class CheckpointWriter:
         self._created_parents = _missing_parents(self.out.parent)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            token = f"{os.getpid()}-{secrets.token_hex(4)}"
-            self.tmp = self.out.parent / f".{self.out.name}.weightsmith-tmp-{token}"
+            clean_stale_temporaries(self.out.parent)  # left by runs that were SIGKILLed
+            self.tmp = temp_path(self.out)
             self.tmp.mkdir()
         except OSError as e:
             self._remove_parents()
@@ -319,24 +293,9 @@ class CheckpointWriter:
         config_patch: dict | Callable[[dict], dict] | None = None,
         skip: Iterable[str] = (),
     ) -> list[str]:
-        """Copy config/tokenizer/generation files from ``src_dir``; patch config.json if asked."""
-        src_dir = Path(src_dir)
-        copied = []
-        for name in SUPPORT_FILES:
-            src = src_dir / name
-            if name in skip or not src.is_file():
-                continue
-            if name == "config.json" and config_patch is not None:
-                config = json.loads(src.read_text(encoding="utf-8"))
-                if callable(config_patch):
-                    config = config_patch(config)
-                else:
-                    config.update(config_patch)
-                self.write_json(name, config)
-            else:
-                self._io(self.tmp / name, lambda s=src, n=name: shutil.copyfile(s, self.tmp / n))
-            copied.append(name)
-        return copied
+        """Copy config/tokenizer/generation files from ``src_dir``; patch config.json if asked.
+        Symlinks follow the checkpoint rule of :func:`weightsmith.io.paths.checked_member`."""
+        return copy_support_files(Path(src_dir), self.tmp, self._io, config_patch, skip)
 
     def write_json(self, name: str, obj: object) -> None:
         """Write a JSON file (config.json, a report, ...) into the output."""
@@ -359,6 +318,7 @@ class CheckpointWriter:
                 )
         elif self._shards and self._shards[-1].tmp_name.endswith(".data"):
             self._assemble_spilled(len(self._shards) - 1)
+        self._check_config()
         self._behind.drain()
         for k in list(self._fds):
             self._close_fd(k)
@@ -389,27 +349,18 @@ class CheckpointWriter:
             index_name = f"{base}.safetensors.index.json"
             self.write_text(index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
         summary = WriteSummary(str(self.out), names, len(weight_map), total)
-        self.write_json(PROVENANCE_NAME, _provenance(provenance or {}, summary))
-        self._move_into_place()
+        self.write_json(PROVENANCE_NAME, provenance_record(provenance or {}, summary))
+        move_into_place(self.tmp, self.out, self.force)
         self._done = True
         self._behind.close()
         return summary
 
-    def _move_into_place(self) -> None:
-        old = None
-        try:
-            if self.out.exists():
-                old = self.out.parent / f".{self.out.name}.weightsmith-old-{secrets.token_hex(4)}"
-                os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-        except OSError as e:
-            if old is not None and not self.out.exists():
-                os.rename(old, self.out)
-            raise OutputError(
-                f"cannot move output into place at {self.out}: {e.strerror}"
-            ) from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def _check_config(self) -> None:
+        """Refuse to commit a config.json that disagrees with the tensors written (as the
+        reader would refuse to open it): a transform that changed shapes must say so."""
+        if self.weights_name == "model":
+            shapes = {e.name: (e.shape, e.dtype) for s in self._shards for e in s.entries.values()}
+            check_written_config(self.tmp / "config.json", shapes, f"{self.out}/config.json")
 
     def abort(self) -> None:
         """Remove everything written so far (and parent directories this writer created)."""
@@ -456,82 +407,6 @@ class CheckpointWriter:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-class WriteBehind:
-    """Tensor writes run on one background thread while the caller produces the next bytes
-    (``pwrite`` releases the GIL), across tensor boundaries, with at most ``max_bytes``
-    queued. A failed write is raised by the next ``submit`` or by ``drain``, which waits for
-    everything queued; the writer drains before closing a file and before committing."""
-
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._pool: ThreadPoolExecutor | None = None
-        self._queue: collections.deque[tuple[Future, int]] = collections.deque()
-        self._queued = 0
-
-    def submit(self, fn: Callable[[], object], nbytes: int) -> None:
-        self._reap(block=False)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-write")
-        self._queue.append((self._pool.submit(fn), nbytes))
-        self._queued += nbytes
-        while self._queued > self.max_bytes:
-            self._pop()
-
-    def drain(self) -> None:
-        error: BaseException | None = None
-        while self._queue:
-            try:
-                self._pop()
-            except BaseException as e:  # wait for every queued write, then raise the first
-                error = error or e
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.drain()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def _reap(self, block: bool) -> None:
-        while self._queue and (block or self._queue[0][0].done()):
-            self._pop()
-
-    def _pop(self) -> None:
-        fut, n = self._queue.popleft()
-        self._queued -= n
-        fut.result()
-
-
-def copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
-    """Copy ``count`` bytes between files in the kernel; fall back to read/write if the
-    filesystem cannot (``copy_file_range`` fails across some mounts or on old kernels)."""
-    with open(src, "rb") as f:
-        done = 0
-        try:
-            while done < count:
-                n = os.copy_file_range(
-                    f.fileno(), dst_fd, count - done, src_offset + done, dst_offset + done
-                )
-                if n == 0:
-                    raise OutputError(f"{src}: file ended while copying (truncated?)")
-                done += n
-            return
-        except (AttributeError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in _NO_COPY_RANGE:
-                raise
-        while done < count:
-            data = os.pread(f.fileno(), min(64 << 20, count - done), src_offset + done)
-            if not data:
-                raise OutputError(f"{src}: file ended while copying (truncated?)")
-            pwrite_all(dst_fd, data, dst_offset + done)
-            done += len(data)
-
-
-_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-
-
 def _create_file(path: Path, header: bytes, data_size: int) -> None:
     with open(path, "wb") as f:
         f.write(header)
@@ -545,20 +420,3 @@ def _missing_parents(path: Path) -> list[Path]:
         out.append(path)
         path = path.parent
     return out
-
-
-def _provenance(extra: dict, summary: WriteSummary) -> dict:
-    from weightsmith import __version__
-
-    return {
-        "tool": "weightsmith",
-        "version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
-        **extra,
-        "output": {
-            "tensors": summary.tensors,
-            "total_size": summary.total_size,
-            "shards": summary.shards,
-        },
-    }

@@ -22,7 +22,7 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("merge_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
-_ABI = 2
+_ABI = 3
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -47,7 +47,7 @@ SIGNATURES = {
     "ws_absdelta_nth_eq": ([_p, _p, _i64, _f32, _i64], _i64),
     "ws_to_f32": ([_p, _i32, _i64, _i32, _p], _i64),
     "ws_slerp_dots": ([_p, _p, _i32, _i64, _p, _p], None),
-    "ws_lerp2": ([_p, _p, _i32, _i64, _f32, _f32, _p, _i32], None),
+    "ws_lerp2": ([_p, _p, _i32, _i64, _f32, _f32, _p, _i32], _i64),
 }
 
 

@@ -173,9 +173,10 @@ def slerp_dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, i
     return out[0], out[1], out[2], bad[0], bad[1]
 
 
-def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Tensor) -> bool:
+def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Tensor) -> int | None:
     """``out = s0·a + s1·b`` (float32 arithmetic as torch's ``a.mul(s0).add_(b, alpha=s1)``)
-    into a float32/bfloat16 ``out``; False when the kernels cannot take these tensors."""
+    into a float32/bfloat16 ``out``: how many outputs are NaN/Inf (overflows of ``out``'s
+    dtype), or None when the kernels cannot take these tensors."""
     lib = merge_kernels()
     if (
         lib is None
@@ -183,8 +184,8 @@ def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Ten
         or not (a.numel() == b.numel() == out.numel())
         or not _usable(a, b, out, dtypes=STORAGE)
     ):
-        return False
-    lib.ws_lerp2(
+        return None
+    return lib.ws_lerp2(
         a.data_ptr(),
         b.data_ptr(),
         _KERNEL_DTYPES[a.dtype],
@@ -194,4 +195,3 @@ def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Ten
         out.data_ptr(),
         _KERNEL_DTYPES[out.dtype],
     )
-    return True

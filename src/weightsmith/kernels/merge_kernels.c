@@ -14,7 +14,7 @@
 
 enum { SP_NONE = 0, SP_TOPK = 1, SP_DARE = 2 };
 
-int ws_abi_version(void) { return 2; }
+int ws_abi_version(void) { return 3; }
 int ws_max_models(void) { return MAXK; }
 
 /* SplitMix64's j-th output for a generator seeded with `seed` (Steele et al. 2014). */
@@ -276,28 +276,36 @@ void ws_slerp_dots(const void *a, const void *b, int32_t dtype, int64_t n, doubl
         slerp_dots_f32((const float *)a, (const float *)b, n, out, bad);
 }
 
-#define LERP2(NAME, TI, LOAD, TO, STORE)                                                    \
-    static void NAME(const TI *a, const TI *b, int64_t n, float s0, float s1, TO *o) {      \
-        for (int64_t i = 0; i < n; i++) o[i] = STORE(fmaf(LOAD(b, i), s1, LOAD(a, i) * s0)); \
+/* The stores are unchanged by the count: the same bits as without it (an overflow to ±Inf in
+ * the output is counted, like a NaN/Inf input in ws_to_f32, and the caller refuses to write). */
+#define LERP2(NAME, TI, LOAD, TO, STORE, OEXP, OEXPMAX)                                     \
+    static int64_t NAME(const TI *a, const TI *b, int64_t n, float s0, float s1, TO *o) {   \
+        int64_t bad = 0;                                                                    \
+        for (int64_t i = 0; i < n; i++) {                                                   \
+            o[i] = STORE(fmaf(LOAD(b, i), s1, LOAD(a, i) * s0));                            \
+            bad += OEXP(o, i) == (OEXPMAX);                                                 \
+        }                                                                                   \
+        return bad;                                                                         \
     }
 
 static inline float f32_id(float f) { return f; }
 
-LERP2(lerp2_bf16_bf16, uint16_t, bf16_at, uint16_t, to_bf16)
-LERP2(lerp2_bf16_f32, uint16_t, bf16_at, float, f32_id)
-LERP2(lerp2_f32_bf16, float, f32_at, uint16_t, to_bf16)
-LERP2(lerp2_f32_f32, float, f32_at, float, f32_id)
+LERP2(lerp2_bf16_bf16, uint16_t, bf16_at, uint16_t, to_bf16, bf16_exp, 0x7F80u)
+LERP2(lerp2_bf16_f32, uint16_t, bf16_at, float, f32_id, f32_exp, 0x7F800000u)
+LERP2(lerp2_f32_bf16, float, f32_at, uint16_t, to_bf16, bf16_exp, 0x7F80u)
+LERP2(lerp2_f32_f32, float, f32_at, float, f32_id, f32_exp, 0x7F800000u)
 
 /* out = s0·a + s1·b over one range, as torch's a.mul(s0).add_(b, alpha=s1) computes it on
- * float32 (vectorized: fma(b, s1, a·s0)), stored as out_dtype (bfloat16: round to nearest even). */
-void ws_lerp2(const void *a, const void *b, int32_t in_dtype, int64_t n, float s0, float s1,
-              void *out, int32_t out_dtype) {
+ * float32 (vectorized: fma(b, s1, a·s0)), stored as out_dtype (bfloat16: round to nearest even).
+ * Returns how many outputs are NaN or ±Inf (an overflow of the output dtype). */
+int64_t ws_lerp2(const void *a, const void *b, int32_t in_dtype, int64_t n, float s0, float s1,
+                 void *out, int32_t out_dtype) {
     if (in_dtype == DT_BF16 && out_dtype == DT_BF16)
-        lerp2_bf16_bf16((const uint16_t *)a, (const uint16_t *)b, n, s0, s1, (uint16_t *)out);
-    else if (in_dtype == DT_BF16)
-        lerp2_bf16_f32((const uint16_t *)a, (const uint16_t *)b, n, s0, s1, (float *)out);
-    else if (out_dtype == DT_BF16)
-        lerp2_f32_bf16((const float *)a, (const float *)b, n, s0, s1, (uint16_t *)out);
-    else
-        lerp2_f32_f32((const float *)a, (const float *)b, n, s0, s1, (float *)out);
+        return lerp2_bf16_bf16((const uint16_t *)a, (const uint16_t *)b, n, s0, s1,
+                               (uint16_t *)out);
+    if (in_dtype == DT_BF16)
+        return lerp2_bf16_f32((const uint16_t *)a, (const uint16_t *)b, n, s0, s1, (float *)out);
+    if (out_dtype == DT_BF16)
+        return lerp2_f32_bf16((const float *)a, (const float *)b, n, s0, s1, (uint16_t *)out);
+    return lerp2_f32_f32((const float *)a, (const float *)b, n, s0, s1, (float *)out);
 }

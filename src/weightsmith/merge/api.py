@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from weightsmith.core.parallel import compute_pool
-from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.core.streaming import RawTensor, StreamResult
+from weightsmith.core.transform import WriteOptions, dtype_patch, rewrite_checkpoint
 from weightsmith.errors import ConfigError
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.reader import Checkpoint, open_checkpoint
@@ -60,7 +61,9 @@ def merge(
 
     ``dtype`` overrides the recipe's output dtype (default: each tensor keeps its base/first
     model's dtype); arithmetic is float32 on ``device``. ``final_from`` (slices only) names the
-    model whose final norm and lm_head are used instead of the last slice's.
+    model whose final norm and lm_head are used instead of the last slice's. Every parameter
+    value is checked (finite, in range) before any checkpoint is opened, every input tensor and
+    every output block is checked for NaN/Inf.
     """
     recipe = recipe.validate()
     if dtype is not None:
@@ -70,66 +73,79 @@ def merge(
     recipe = recipe.resolved(lambda r: resolve_model(r, models_dir))
     if final_from is not None:
         final_from = resolve_model(final_from, models_dir)
-    out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
+    options = WriteOptions(max_shard_size, force, progress)
     with contextlib.ExitStack() as stack:
         ckpts: dict[str, Checkpoint] = {}
         for ref in [*recipe.referenced_models(), *([final_from] if final_from else [])]:
             if ref not in ckpts:
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
         plan = build_plan(recipe, ckpts, final_from)
-        specs = {job.out_name: job_spec(job, ckpts, out_dtype) for job in plan.jobs}
-        stats: dict = {}
-
-        def apply(job: TensorJob):
-            spec = specs[job.out_name]
-            chunks = lambda: produce(  # noqa: E731
-                job, ckpts, spec, device=device, chunk_elements=chunk_elements, stats=stats
-            )
-            yield job.out_name, RawTensor(spec, chunks)
-
-        ref = ckpts[plan.reference]
-
-        def before_commit(writer: CheckpointWriter) -> None:
-            note = ""
-            if final_from and recipe.slices and final_from != recipe.slices[-1].sources[0].model:
-                note = (
-                    f"# weightsmith: final norm / lm_head taken from {final_from} "
-                    "(mergekit would take them from the last slice)\n"
-                )
-            writer.write_text(RECIPE_FILE, note + recipe.to_yaml())
-            writer.write_text(CARD_FILE, model_card(recipe, plan))
-
         stack.enter_context(compute_pool(device=device))
-        result = stream_transform(
-            plan.jobs,
-            out,
-            plan=lambda job: [specs[job.out_name]],
-            apply=apply,
-            sources=list(ckpts.values()),
-            support_from=ref.root,
-            config_patch=_config_patch(ref, plan, recipe, out_dtype),
-            max_shard_size=max_shard_size,
-            force=force,
-            progress=progress,
-            description=f"merge {recipe.merge_method}",
-            provenance={
-                "operation": "merge",
-                "method": recipe.merge_method,
-                "recipe": recipe.record(),
-                "config": {"device": device, "chunk_elements": chunk_elements},
-            },
-            before_commit=before_commit,
+        return _run_plan(recipe, plan, ckpts, out, options, device, chunk_elements, final_from)
+
+
+def _run_plan(
+    recipe: MergeRecipe,
+    plan: MergePlan,
+    ckpts: dict[str, Checkpoint],
+    out: str | os.PathLike[str],
+    options: WriteOptions,
+    device: str,
+    chunk_elements: int,
+    final_from: str | None,
+) -> StreamResult:
+    """Stream every job of ``plan`` into ``out`` and report what was merged."""
+    out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
+    specs = {job.out_name: job_spec(job, ckpts, out_dtype) for job in plan.jobs}
+    stats: dict = {}
+
+    def apply(job: TensorJob):
+        spec = specs[job.out_name]
+        chunks = lambda: produce(  # noqa: E731
+            job, ckpts, spec, device=device, chunk_elements=chunk_elements, stats=stats
         )
-        result.extra.update(
-            {
-                "method": recipe.merge_method,
-                "tensors_merged": sum(1 for j in plan.jobs if j.params is not None),
-                "tensors_copied": sum(1 for j in plan.jobs if j.params is None),
-                "num_layers": plan.num_layers,
-                **stats,
-            }
-        )
-        return result
+        yield job.out_name, RawTensor(spec, chunks)
+
+    ref = ckpts[plan.reference]
+
+    def before_commit(writer: CheckpointWriter) -> None:
+        note = ""
+        if final_from and recipe.slices and final_from != recipe.slices[-1].sources[0].model:
+            note = (
+                f"# weightsmith: final norm / lm_head taken from {final_from} "
+                "(mergekit would take them from the last slice)\n"
+            )
+        writer.write_text(RECIPE_FILE, note + recipe.to_yaml())
+        writer.write_text(CARD_FILE, model_card(recipe, plan))
+
+    result = rewrite_checkpoint(
+        ref,
+        plan.jobs,
+        out,
+        plan=lambda job: [specs[job.out_name]],
+        apply=apply,
+        options=options,
+        sources=list(ckpts.values()),
+        config_patch=_config_patch(ref, plan, recipe, out_dtype),
+        description=f"merge {recipe.merge_method}",
+        provenance={
+            "operation": "merge",
+            "method": recipe.merge_method,
+            "recipe": recipe.record(),
+            "config": {"device": device, "chunk_elements": chunk_elements},
+        },
+        before_commit=before_commit,
+    )
+    result.extra.update(
+        {
+            "method": recipe.merge_method,
+            "tensors_merged": sum(1 for j in plan.jobs if j.params is not None),
+            "tensors_copied": sum(1 for j in plan.jobs if j.params is None),
+            "num_layers": plan.num_layers,
+            **stats,
+        }
+    )
+    return result
 
 
 def _replace_dtype(recipe: MergeRecipe, name: str) -> MergeRecipe:
@@ -144,8 +160,7 @@ def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dty
 
     def patch(config: dict) -> dict:
         if out_dtype is not None:
-            for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
-                config[k] = config_dtype_name(out_dtype)
+            config = dtype_patch(config_dtype_name(out_dtype))(config)
         if recipe.slices:
             configs = _source_configs(plan)
             for key, value in list(config.items()):

@@ -17,12 +17,13 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.core.transform import checked_chunks
 from weightsmith.errors import CheckpointError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods import get_method
-from weightsmith.merge.methods.base import ChunkSource, run_method
+from weightsmith.merge.methods.base import ChunkSource, fail_overflow, run_method
 from weightsmith.merge.plan import TensorJob
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
@@ -176,8 +177,8 @@ def produce(
     if job.params is None or stored not in FLOAT_DTYPES:
         if job.params is not None and stats is not None:
             stats.setdefault("copied_non_float", []).append(job.out_name)
-        if job.scale == 1.0 and spec.dtype == stored:
-            yield from (memoryview(b) for b in first_ckpt.raw_chunks(first_name))
+        if job.scale == 1.0 and spec.dtype == stored:  # copied as stored, checked on the way
+            yield from (memoryview(b) for b in checked_chunks(first_ckpt, first_name))
             return
         src = CheckpointChunks(
             [(first_ckpt, first_name)],
@@ -218,6 +219,8 @@ def _can_stream_stored(inputs: Sequence[tuple[Checkpoint, str]], device: str, wh
 
 
 def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview:
+    """The output block as ``dtype`` bytes; an error when it holds NaN/Inf (the inputs were
+    checked, so the arithmetic or the cast overflowed): nothing non-finite is written."""
     if dtype == torch.float16 and x.numel():
         peak = float(x.abs().max())
         if peak > torch.finfo(torch.float16).max:
@@ -226,6 +229,8 @@ def _to_bytes(x: torch.Tensor, dtype: torch.dtype, job: TensorJob) -> memoryview
                 "use --dtype bfloat16"
             )
     y = x.to("cpu", dtype).contiguous()
+    if y.is_floating_point() and not _all_finite(y):
+        fail_overflow(job.out_name, dtype)
     return memoryview(y.reshape(-1).view(torch.uint8).numpy())
 
 

@@ -13,16 +13,27 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.core.streaming import StreamResult
+from weightsmith.core.transform import (
+    WriteOptions,
+    all_finite,
+    checked_copy,
+    dtype_patch,
+    require_finite,
+    rewrite_checkpoint,
+)
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+from weightsmith.merge.params import finite
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,6 +87,62 @@ def pattern_value(patterns: dict, module: str, default: float) -> float:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_rank(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_names(v: object) -> bool:
+    return (
+        v is None
+        or isinstance(v, str)
+        or (isinstance(v, list) and all(isinstance(e, str) for e in v))
+    )
+
+
+# adapter_config.json keys this merge reads: (check, what a valid value is)
+CONFIG_TYPES: dict[str, tuple] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (_is_rank, "an integer >= 1"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (_is_names, "a name or a list of names"),
+    "modules_to_save": (_is_names, "a list of names"),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_rank(x) for x in v.values()),
+        "a mapping of module patterns to integers >= 1",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+        "a mapping of module patterns to finite numbers",
+    ),
+}
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """``adapter_config.json`` parsed, every key this merge reads checked for its type
+    (one-line error naming the file and the key); null values mean peft's default."""
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    for key, (ok, what) in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and not ok(value):
+            raise CheckpointError(f"{cfg_path}: {key!r} must be {what}, got {value!r}")
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def read_adapter(
@@ -144,15 +211,15 @@ def merge_lora(
     force: bool = False,
     progress: bool = True,
 ) -> StreamResult:
-    """Write ``base`` with the LoRA adapter in ``adapter_dir`` folded in, to ``out``."""
+    """Write ``base`` with the LoRA adapter in ``adapter_dir`` folded in, to ``out``.
+
+    Every tensor read (base and adapter) is checked for NaN/Inf, and so is every merged
+    tensor before it is written (an overflow of the output dtype is an error).
+    """
     adapter_dir = Path(adapter_dir)
-    cfg_path = adapter_dir / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+    config = read_adapter_config(adapter_dir)
+    if scale is not None:
+        finite(scale, "scale")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     target = parse_user_dtype(dtype) if dtype else None
@@ -161,17 +228,7 @@ def merge_lora(
     )
     with open_checkpoint(base) as ck, open_checkpoint(adapter_dir) as ad:
         modules, replace = read_adapter(ad, config, scale)
-        for name in [*modules, *replace]:
-            if name not in ck.tensors:
-                raise CheckpointError(f"{base}: adapter targets {name!r}, which the base lacks")
-        for mod in modules.values():
-            _check_shapes(ck, ad, mod)
-        for name, key in replace.items():
-            if ad.info(key).shape != ck.info(name).shape:
-                raise CheckpointError(
-                    f"{adapter_dir}: {key!r} is {list(ad.info(key).shape)} but the base "
-                    f"{name!r} is {list(ck.info(name).shape)}"
-                )
+        _check_targets(ck, ad, modules, replace)
 
         def out_dtype(name: str) -> torch.dtype:
             stored = ck.info(name).torch_dtype
@@ -180,58 +237,86 @@ def merge_lora(
         def plan(group: TensorGroup) -> list[TensorSpec]:
             return [TensorSpec(n, out_dtype(n), ck.info(n).shape) for n in group.names]
 
-        def apply(group: TensorGroup):
-            for name in group.names:
-                want = out_dtype(name)
-                if name in modules:
-                    mod = modules[name]
-                    w = ck.get_tensor(name).to(device, torch.float32)
-                    w += lora_delta(
-                        ad.get_tensor(mod.a_key).to(device),
-                        ad.get_tensor(mod.b_key).to(device),
-                        mod.scale,
-                        embedding=mod.embedding,
-                        fan_in_fan_out=mod.fan_in_fan_out,
-                    )
-                    yield name, w.to("cpu", want)
-                elif name in replace:
-                    yield name, ad.get_tensor(replace[name]).to(want)
-                elif want == ck.info(name).torch_dtype:
-                    spec = TensorSpec(name, want, ck.info(name).shape)
-                    yield name, RawTensor(spec, lambda n=name: ck.raw_chunks(n))
-                else:
-                    yield name, ck.get_tensor(name).to(want)
-
         def before_commit(writer: CheckpointWriter) -> None:
             writer.write_text("mergekit_config.yml", _recipe_yaml(ck, adapter_dir, cfg))
             writer.write_text("README.md", _card(ck, adapter_dir, cfg, len(modules)))
 
-        patch = None
-        if target is not None:
-            name = config_dtype_name(target)
-
-            def patch(c: dict) -> dict:
-                for k in [k for k in ("dtype", "torch_dtype") if k in c] or ["torch_dtype"]:
-                    c[k] = name
-                return c
-
-        result = stream_transform(
+        result = rewrite_checkpoint(
+            ck,
             ck.groups("tensor"),
             out,
             plan=plan,
-            apply=apply,
+            apply=_lora_apply(ck, ad, modules, replace, out_dtype, device),
+            options=WriteOptions(max_shard_size, force, progress),
             sources=[ck, ad],
-            support_from=ck.root,
-            config_patch=patch,
-            max_shard_size=max_shard_size,
-            force=force,
-            progress=progress,
+            config_patch=dtype_patch(config_dtype_name(target)) if target is not None else None,
             description="merge lora",
             provenance={"operation": "merge_lora", "config": asdict(cfg)},
             before_commit=before_commit,
         )
         result.extra.update({"lora_modules": len(modules), "replaced_tensors": sorted(replace)})
         return result
+
+
+def _check_targets(
+    ck: Checkpoint, ad: Checkpoint, modules: dict[str, LoraModule], replace: dict[str, str]
+) -> None:
+    """Every adapted or replaced tensor exists in the base, with shapes that fit."""
+    for name in [*modules, *replace]:
+        if name not in ck.tensors:
+            raise CheckpointError(f"{ck.root}: adapter targets {name!r}, which the base lacks")
+    for mod in modules.values():
+        _check_shapes(ck, ad, mod)
+    for name, key in replace.items():
+        if ad.info(key).shape != ck.info(name).shape:
+            raise CheckpointError(
+                f"{ad.root}: {key!r} is {list(ad.info(key).shape)} but the base "
+                f"{name!r} is {list(ck.info(name).shape)}"
+            )
+
+
+def _lora_apply(
+    ck: Checkpoint,
+    ad: Checkpoint,
+    modules: dict[str, LoraModule],
+    replace: dict[str, str],
+    out_dtype: Callable[[str], torch.dtype],
+    device: str,
+) -> Callable[[TensorGroup], Iterator[tuple[str, Any]]]:
+    """``apply`` of the LoRA merge: W + scale·B@A for adapted tensors, the adapter's tensor
+    for replaced ones, a checked copy (or cast) of the rest."""
+
+    def read(c: Checkpoint, name: str) -> torch.Tensor:
+        return require_finite(c.get_tensor(name), str(c.path), name)
+
+    def apply(group: TensorGroup) -> Iterator[tuple[str, Any]]:
+        for name in group.names:
+            want = out_dtype(name)
+            if name in modules:
+                mod = modules[name]
+                w = read(ck, name).to(device, torch.float32)
+                w += lora_delta(
+                    read(ad, mod.a_key).to(device),
+                    read(ad, mod.b_key).to(device),
+                    mod.scale,
+                    embedding=mod.embedding,
+                    fan_in_fan_out=mod.fan_in_fan_out,
+                )
+                merged = w.to("cpu", want)
+                if not all_finite(merged):
+                    kind = str(want).removeprefix("torch.")
+                    raise CheckpointError(
+                        f"tensor {name!r}: merged values overflow {kind} (Inf); lower --scale"
+                    )
+                yield name, merged
+            elif name in replace:
+                yield name, read(ad, replace[name]).to(want)
+            elif want == ck.info(name).torch_dtype:
+                yield checked_copy(ck, name)
+            else:
+                yield name, read(ck, name).to(want)
+
+    return apply
 
 
 def _check_shapes(ck: Checkpoint, ad: Checkpoint, mod: LoraModule) -> None:

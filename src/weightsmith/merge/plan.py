@@ -126,10 +126,10 @@ def _resolve(
     params = TensorParams(tensor, g, models if method.model_params else ())
     try:
         params = with_defaults(method, params, len(order))
-        method.validate(params)
-        return params
     except ConfigError as e:
         raise ConfigError(f"tensor {tensor!r}: {e}") from None
+    method.validate(params)  # its messages name the tensor
+    return params
 
 
 def _depth(layer: int, num_layers: int) -> float:
@@ -178,8 +178,33 @@ def _plan_slices(
         if final_from:
             src_slice = OutputSlice((InputSlice(final_from, (0, 1)),))
         jobs.append(_slice_job(recipe, method, src_slice, name, name, NON_LAYER_T, ckpts, None))
-    plan = MergePlan(jobs, first.sources[0].model, out_layer, layer_sources)
-    return plan
+    _check_output_shapes(jobs, ref, ckpts)
+    return MergePlan(jobs, first.sources[0].model, out_layer, layer_sources)
+
+
+def _check_output_shapes(
+    jobs: list[TensorJob], ref: Checkpoint, ckpts: Mapping[str, Checkpoint]
+) -> None:
+    """Every tensor taken from another model must have the shape the output config (the
+    reference's, with its layer count changed) gives it: the reference's own tensor of the same
+    role. Configs with per-layer lists (layers of different shapes by design) are left alone."""
+    n_ref = ref.num_layers
+    config = ref.config or {}
+    if any(isinstance(v, list) and len(v) == n_ref and n_ref > 1 for v in config.values()):
+        return
+    for job in jobs:
+        model, name = job.inputs[0]
+        if ckpts[model] is ref:
+            continue
+        layer = ckpts[model].arch.layer_of(name)
+        role = name if layer is None else ref.arch.rename_layer(name, 0)
+        expected = ref.tensors.get(role)
+        if expected is None or tuple(expected.shape) != tuple(job.shape):
+            want = "has no such tensor" if expected is None else f"makes it {list(expected.shape)}"
+            raise CheckpointError(
+                f"tensor {job.out_name!r} (from {model}) is {list(job.shape)}, but the output "
+                f"config (from {ref.path}) {want}: the models have different shapes"
+            )
 
 
 def _slice_job(

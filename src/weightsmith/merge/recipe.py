@@ -17,13 +17,15 @@ import yaml
 
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods import MERGE_METHODS, get_method
-from weightsmith.merge.params import check_setting
+from weightsmith.merge.params import BOOL, Param, check_declared, check_setting
 
 RECIPE_VERSION = 1
 PASSTHROUGH = "passthrough"
-PASSTHROUGH_PARAMS = {"scale"}
+PASSTHROUGH_DECLARED = (Param("scale", 1.0, help="factor applied to the copied tensor"),)
+PASSTHROUGH_PARAMS = {p.name for p in PASSTHROUGH_DECLARED}
 # Accepted for compatibility; they change nothing here (say so in the docs).
-NO_OP_PARAMS = {"int8_mask"}
+NO_OP_DECLARED = (Param("int8_mask", False, kind=BOOL),)
+NO_OP_PARAMS = {p.name for p in NO_OP_DECLARED}
 TOP_KEYS = {
     "merge_method",
     "models",
@@ -133,21 +135,29 @@ class MergeRecipe:
         return {**asdict(self), "mergekit": self.to_dict()}
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> MergeRecipe:
-        """Check method, inputs and parameter names; return self for chaining."""
+    def validate(self, where: str | None = None) -> MergeRecipe:
+        """Check method, inputs, parameter names and every parameter value against the
+        method's declarations (``where``, e.g. the recipe file, prefixes errors); return self."""
         method = self.merge_method
         if method != PASSTHROUGH:
             get_method(method)  # unsupported -> ConfigError listing the known ones
         if bool(self.models) == bool(self.slices):
             raise ConfigError("a recipe needs exactly one of 'models' or 'slices'")
-        known = (
-            PASSTHROUGH_PARAMS if method == PASSTHROUGH else MERGE_METHODS[method].param_names()
-        ) | NO_OP_PARAMS
-        where = [("parameters", self.parameters)]
-        where += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)]
+        declared = {
+            p.name: p
+            for p in (
+                PASSTHROUGH_DECLARED
+                if method == PASSTHROUGH
+                else (*MERGE_METHODS[method].global_params, *MERGE_METHODS[method].model_params)
+            )
+        }
+        declared.update({p.name: p for p in NO_OP_DECLARED})
+        known = set(declared)
+        levels = [("parameters", self.parameters)]
+        levels += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)]
         for i, sl in enumerate(self.slices):
-            where.append((f"slices[{i}].parameters", sl.parameters))
-            where += [
+            levels.append((f"slices[{i}].parameters", sl.parameters))
+            levels += [
                 (f"slices[{i}].sources[{j}].parameters", s.parameters)
                 for j, s in enumerate(sl.sources)
             ]
@@ -160,13 +170,16 @@ class MergeRecipe:
                 a, b = s.layer_range
                 if not 0 <= a < b:
                     raise ConfigError(f"slices[{i}]: bad layer_range [{a}, {b}]")
-        for label, params in where:
+        prefix = f"{where}: " if where else ""
+        for label, params in levels:
             bad = sorted(set(params) - known)
             if bad:
                 raise ConfigError(
-                    f"{label}: unknown parameter(s) {', '.join(bad)} for {method} "
+                    f"{prefix}{label}: unknown parameter(s) {', '.join(bad)} for {method} "
                     f"(known: {', '.join(sorted(known - NO_OP_PARAMS))})"
                 )
+            for key, setting in params.items():
+                check_declared(declared[key], setting, f"{prefix}{label}.{key}")
         if self.tokenizer_source not in (None, "base"):
             raise ConfigError(
                 f"tokenizer_source {self.tokenizer_source!r} is not supported (only 'base')"
@@ -267,12 +280,12 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> MergeRecipe:
         models=models,
         slices=tuple(slices),
         base_model=str(base) if base is not None else None,
-        parameters=_params(data, where),
+        parameters=_params(data, where, top=True),
         dtype=data.get("dtype"),
         out_dtype=data.get("out_dtype"),
         tokenizer_source=data.get("tokenizer_source"),
     )
-    return recipe.validate()
+    return recipe.validate(where)
 
 
 def load_recipe(path: str | os.PathLike[str]) -> MergeRecipe:
@@ -310,8 +323,9 @@ def _ref(entry: Any, where: str) -> str:
     return model
 
 
-def _params(entry: Mapping, where: str) -> dict:
+def _params(entry: Mapping, where: str, top: bool = False) -> dict:
     params = entry.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}: 'parameters' must be a mapping")
-    return {str(k): check_setting(v, f"{where}.parameters.{k}") for k, v in params.items()}
+    label = f"{where}: parameters" if top else f"{where}.parameters"
+    return {str(k): check_setting(v, f"{label}.{k}") for k, v in params.items()}

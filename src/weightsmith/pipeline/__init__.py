@@ -1,9 +1,11 @@
 """Recipes for CI batch jobs: a YAML file of steps (merge, prune, quantize, distill, eval, ...)
 run in order, each step's output feeding the next, resumable, with quality gates.
 
-Each step is one CLI command with the same options, so the recipe language has no second list
-of options to drift from the commands: the runner builds the command line from the step's
-mapping and lets click validate it before any work starts.
+Each step is one ``weightsmith`` command with the same options, so the recipe language has no
+second list of options to drift from the commands. The pipeline never imports the command
+layer: it asks the ``weightsmith`` program to turn each step's mapping into a checked command
+line before any work starts (:mod:`weightsmith.pipeline.commands`), then runs each step as
+that program in a child process.
 """
 
 from weightsmith.pipeline.gates import GateResult, check_gates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ from weightsmith.errors import ConfigError
 from weightsmith.pipeline.steps import STEP_KINDS
 
 STEP_META_KEYS = frozenset({"id", "input"})
+# A step id names WORKDIR/<id> and the run's state files <id>.json and <id>.report.json, so it
+# is a plain name: no dot (``summary.md`` is the run's own file; ``a.report`` would collide
+# with step ``a``'s report), no path separator, nothing hidden.
+STEP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -73,11 +78,12 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
             problems.append(f"{where} ({kind}): its options must be a mapping")
             continue
         step_id = str(raw.get("id") or (kind if kind not in seen else f"{kind}{k}"))
-        if step_id in seen:
+        if step_id.casefold() in seen:  # casefold: WORKDIR may be on a case-blind filesystem
             problems.append(f"{where}: duplicate id {step_id!r}")
-        if "/" in step_id or step_id.startswith("."):
-            problems.append(f"{where}: id {step_id!r} must be a plain name")
-        seen.add(step_id)
+        if not STEP_ID.fullmatch(step_id):
+            problems.append(f"{where}: id {step_id!r} must be a plain name (letters, digits, "
+                            "'_' and '-', starting with a letter or digit, at most 64)")  # fmt: skip
+        seen.add(step_id.casefold())
         options = dict(options)
         gate = options.pop("gate", None) or {}
         if gate and kind != "eval":

@@ -1,233 +1,34 @@
-"""Run a recipe: validate every step against its CLI command, then run the steps in order
-as subprocesses (own progress bars, own peak memory), resumable and gated."""
+"""Run a recipe: plan and check every step first, then run the steps in order, each in its
+own child process (own progress bar, own peak memory), resumable and gated."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shlex
-import subprocess
-import sys
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import click
-
-from weightsmith.core.report import write_report
 from weightsmith.errors import CheckpointError, ConfigError, WeightsmithError
 from weightsmith.io.sizes import format_size
-from weightsmith.pipeline.gates import check_gates, validate_gates
-from weightsmith.pipeline.recipe import Recipe, Step, load_recipe
-from weightsmith.pipeline.steps import PATH_KEYS, STEP_KINDS
+from weightsmith.pipeline.child import run_step_process
+from weightsmith.pipeline.commands import PROGRAM, Translate
+from weightsmith.pipeline.gates import check_gates
+from weightsmith.pipeline.plan import PlannedStep, plan_recipe
+from weightsmith.pipeline.recipe import load_recipe
+from weightsmith.pipeline.state import (
+    STATE_DIR,
+    load_state,
+    path_fingerprint,
+    save_state,
+    state_file,
+    step_fingerprint,
+)
+from weightsmith.pipeline.steps import STEP_KINDS
 
-STATE_DIR = ".weightsmith-run"
-
-
-@dataclass
-class PlannedStep:
-    step: Step
-    command: list[str]  # path under `weightsmith` + arguments, without --report/--force
-    input: Path | None
-    output: Path  # where the model ends up (the input, for steps that only measure)
-    depends: list[str] = field(default_factory=list)  # ids of earlier steps it reads
-    reference: Path | None = None  # the model its output is measured against in plots
-
-
-def _command_for(path: tuple[str, ...]) -> click.Command:
-    from weightsmith.cli.main import cli
-
-    cmd: click.Command = cli
-    for name in path:
-        sub = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
-        if sub is None:
-            raise KeyError(" ".join(path))
-        cmd = sub
-    return cmd
-
-
-def _option_args(cmd: click.Command, key: str, value: Any) -> list[str]:
-    """``group_size: 32`` -> ``["--group-size", "32"]`` using the command's own option."""
-    param = next((p for p in cmd.params if p.name == key.replace("-", "_")), None)
-    if not isinstance(param, click.Option):
-        raise ConfigError(f"unknown option {key!r}")
-    flag = max(param.opts, key=len)
-    if param.is_flag and not param.multiple:
-        if param.secondary_opts:
-            return [flag if value else max(param.secondary_opts, key=len)]
-        return [flag] if value else []
-    values = value if param.multiple and isinstance(value, list) else [value]
-    out: list[str] = []
-    for v in values:
-        if isinstance(v, dict):
-            out += [a for k, x in v.items() for a in (flag, f"{k}={_scalar(x)}")]
-        else:
-            out += [flag, _scalar(v)]
-    return out
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, list):
-        return ",".join(_scalar(x) for x in v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def plan_recipe(recipe: Recipe, workdir: Path, progress: bool = True) -> list[PlannedStep]:
-    """Resolve inputs and outputs and build each step's command line; check them all with
-    click before anything runs, and report every problem in one error."""
-    problems: list[str] = []
-    outputs: dict[str, Path] = {}
-    planned: list[PlannedStep] = []
-    previous: Path | None = None
-    for step in recipe.steps:
-        where = f"step {step.id!r} ({step.kind})"
-        kind = STEP_KINDS[step.kind]
-        options = dict(step.options)
-        depends: list[str] = []
-
-        def resolve(value: Any, key: str, deps: list[str] = depends, where: str = where) -> Any:
-            if isinstance(value, list):
-                return [resolve(v, key) for v in value]
-            if not isinstance(value, str) or key not in PATH_KEYS:
-                return value
-            if value in outputs:
-                deps.append(value)
-                return str(outputs[value])
-            made_by = {str(p): sid for sid, p in outputs.items()}
-            if value in made_by:  # an earlier step's output, passed on as this step's input
-                deps.append(made_by[value])
-                return value
-            p = Path(os.path.expanduser(value))
-            p = p if p.is_absolute() else recipe.base_dir / p
-            if not p.exists():
-                problems.append(f"{where}: {key} {value!r} is neither a step id nor a path "
-                                f"that exists ({p})")  # fmt: skip
-            return str(p)
-
-        path = kind.command
-        if kind.subcommand_key:
-            sub = options.pop(kind.subcommand_key, "ppl" if step.kind == "eval" else None)
-            if sub is None:
-                problems.append(f"{where}: needs '{kind.subcommand_key}'")
-                continue
-            path = (*path, str(sub))
-        try:
-            cmd = _command_for(path)
-        except KeyError:
-            problems.append(f"{where}: `weightsmith {' '.join(path)}` does not exist here")
-            continue
-        if "out" in options:
-            problems.append(f"{where}: outputs live in WORKDIR/{step.id}; remove 'out'")
-            options.pop("out")
-
-        if step.input is not None:
-            inp: Path | None = Path(resolve(step.input, "input"))
-        else:
-            inp = previous
-        positional: list[str] = []
-        if "args" in options:
-            args = options.pop("args")
-            positional = [
-                str(a) for a in resolve(args if isinstance(args, list) else [args], "args")
-            ]
-        elif kind.input_as == "positional":
-            if inp is None:
-                problems.append(f"{where}: has no input (first step: give 'input' or 'args')")
-                continue
-            positional = [str(inp)]
-        if kind.input_as not in ("positional", "none") and kind.input_as not in options:
-            if inp is None:
-                problems.append(f"{where}: needs '{kind.input_as}' (or an earlier step)")
-                continue
-            options[kind.input_as] = str(inp)
-        argv = list(positional)
-        resolved: dict[str, Any] = {}
-        for key, value in options.items():
-            try:
-                resolved[key] = resolve(value, key)
-                argv += _option_args(cmd, key, resolved[key])
-            except ConfigError as e:
-                problems.append(f"{where}: {e}")
-        out = workdir / step.id if kind.writes_model else (inp or workdir / step.id)
-        if kind.writes_model:
-            argv += ["-o", str(out)]
-        if not progress and any(p.name == "progress" for p in cmd.params):
-            argv.append("--no-progress")
-        try:
-            cmd.make_context(" ".join(path), list(argv), resilient_parsing=False)
-        except click.ClickException as e:
-            problems.append(f"{where}: {e.format_message()}")
-        problems.extend(f"{where}: {p}" for p in validate_gates(step.gate, "reference" in options))
-        outputs[step.id] = out
-        previous = out
-        reference = _weights_reference(kind.input_as, positional, resolved)
-        planned.append(PlannedStep(step, [*path, *argv], inp, out, depends, reference))
-    if problems:
-        raise ConfigError(f"{recipe.path}: {len(problems)} problem(s): " + "; ".join(problems))
-    return planned
-
-
-def _weights_reference(input_as: str, positional: list[str], options: dict) -> Path | None:
-    """What a step's new weights are compared with: its input model; for merges the
-    ``base`` model, else the first one merged."""
-    if input_as == "positional" or (input_as == "none" and not options.get("base")):
-        first = positional[0] if positional else None
-    else:
-        first = options.get("base" if input_as == "none" else input_as)
-    return Path(first) if isinstance(first, str) else None
-
-
-def _path_fingerprint(path: Path) -> str:
-    """Content identity of a model directory, adapter folder or data file."""
-    if path.is_file():
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    if path.is_dir():
-        from weightsmith.io.reader import open_checkpoint
-
-        try:
-            with open_checkpoint(path) as ckpt:
-                return ckpt.fingerprint()
-        except CheckpointError:
-            h = hashlib.sha256()
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                h.update(f.relative_to(path).as_posix().encode() + f.read_bytes())
-            return "sha256:" + h.hexdigest()
-    return "missing"
-
-
-def _step_fingerprint(ps: PlannedStep, workdir: Path) -> str:
-    """The step definition plus the content of everything it reads (not their locations)."""
-    inputs = {}
-    for arg in ps.command:
-        p = Path(arg)
-        if p.is_absolute() and p.exists() and not _is_within(p, workdir / ps.step.id):
-            inputs[arg] = _path_fingerprint(p)
-    text = json.dumps(
-        {"kind": ps.step.kind, "options": ps.step.options, "gate": ps.step.gate,
-         "inputs": sorted(inputs.values())},
-        sort_keys=True, default=str,
-    )  # fmt: skip
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def _is_within(p: Path, root: Path) -> bool:
-    try:
-        p.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _dir_size(path: Path) -> int | None:
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return None
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+__all__ = ["STATE_DIR", "PlannedStep", "RecipeFailed", "plan_recipe", "run_recipe"]
 
 
 def run_recipe(
@@ -240,100 +41,162 @@ def run_recipe(
     progress: bool = True,
     plots: str | os.PathLike[str] | None = None,
     echo=print,
+    translate: Translate | None = None,
 ) -> dict:
     """Run every step of a recipe; raise :class:`WeightsmithError` naming the failed step or
     gate. Returns the run report (also the body of ``--report``). With ``plots``, also write
-    PNG plots (and their numbers) of the steps that ran into that directory."""
+    PNG plots (and their numbers) of the steps that ran into that directory. ``translate``
+    turns steps into checked command lines (default: the ``weightsmith`` program, asked in a
+    child process; see :mod:`weightsmith.pipeline.commands`)."""
     if plots is not None:
         from weightsmith.pipeline.plots import require_matplotlib
 
         require_matplotlib()  # before any work
     recipe = load_recipe(recipe_path)
     workdir = Path(workdir).absolute()
-    planned = plan_recipe(recipe, workdir, progress=progress)
-    state_dir = workdir / STATE_DIR
-    if not dry_run and not resume and not force:
-        existing = [ps.step.id for ps in planned if ps.step.kind != "eval" and ps.output.exists()]
-        if existing:
-            raise ConfigError(
-                f"{workdir}: outputs of steps {existing} already exist; pass --resume to reuse "
-                "matching ones or --force to redo them"
-            )
+    planned = plan_recipe(recipe, workdir, progress=progress, translate=translate)
+    _check_workdir(planned, workdir, plots, replace=dry_run or resume or force)
     report: dict[str, Any] = {"recipe": str(recipe.path), "workdir": str(workdir), "steps": []}
     start = time.perf_counter()
     failure: str | None = None
     for ps in planned:
-        sid = ps.step.id
         line = "weightsmith " + shlex.join(ps.command)
-        entry: dict[str, Any] = {"id": sid, "kind": ps.step.kind, "command": line}
+        entry: dict[str, Any] = {"id": ps.step.id, "kind": ps.step.kind, "command": line}
         report["steps"].append(entry)
         if dry_run:
             entry["skipped"] = False
-            echo(f"[{sid}] {line}")
+            echo(f"[{ps.step.id}] {line}")
             continue
-        fingerprint = _step_fingerprint(ps, workdir)
-        state_file = state_dir / f"{sid}.json"
-        if resume and state_file.exists():
-            state = json.loads(state_file.read_text())
-            if state.get("fingerprint") == fingerprint and (
-                ps.step.kind == "eval" or ps.output.exists()
-            ):
-                entry.update(state["entry"], skipped=True)
-                echo(f"[{sid}] up to date, skipped")
-                if plots is not None and _measure_weights(ps, entry, echo):
-                    write_report(state_file, {"fingerprint": fingerprint, "entry": entry})
-                if not all(g["passed"] for g in entry.get("gates", [])):
-                    failure = _gate_failure(sid, entry["gates"])
-                    break
-                continue
-        echo(f"[{sid}] {line}")
-        state_file.unlink(missing_ok=True)
-        step_report = state_dir / f"{sid}.report.json"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        step_report.unlink(missing_ok=True)
-        cmdline = [sys.executable, "-m", "weightsmith", *ps.command, "--report", str(step_report)]
-        if ps.step.kind != "eval" and ps.output.exists():
-            cmdline.append("--force")  # replaced atomically only when the step succeeds
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmdline)
-        body = json.loads(step_report.read_text()) if step_report.exists() else {}
-        entry.update(
-            skipped=False, ok=proc.returncode == 0, wall_s=round(time.perf_counter() - t0, 3),
-            peak_rss=body.get("peak_rss"), output=str(ps.output),
-            output_size=_dir_size(ps.output), result=body.get("result"),
-        )  # fmt: skip
-        if proc.returncode != 0:
-            failure = f"step {sid!r} ({ps.step.kind}) failed: {body.get('error') or f'exit {proc.returncode}'}"
-            break
-        if ps.step.gate:
-            metrics = body.get("result") or {}
-            gates = check_gates(ps.step.gate, metrics, _dir_size(ps.output))
-            entry["gates"] = [asdict(g) for g in gates]
-            for g in gates:
-                echo(f"[{sid}] gate {g.name}: {'pass' if g.passed else 'FAIL'} ({g.message})")
-        if ps.step.kind == "eval" and (entry["result"] or {}).get("reference"):
-            entry["reference_size"] = _dir_size(Path(entry["result"]["reference"]))
-        if plots is not None:
-            _measure_weights(ps, entry, echo)
-        write_report(state_file, {"fingerprint": fingerprint, "entry": entry})
-        if not all(g["passed"] for g in entry.get("gates", [])):
-            failure = _gate_failure(sid, entry["gates"])
+        failure = _resume_or_run(ps, entry, workdir, resume, plots is not None, echo)
+        if failure:
             break
     report["ok"] = failure is None
     report["wall_s"] = round(time.perf_counter() - start, 3)
     if failure:
         report["error"] = failure
     if not dry_run:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        if plots is not None:
-            from weightsmith.pipeline.plots import write_recipe_plots
-
-            report["plots"] = write_recipe_plots(report, plots)
-            echo(f"wrote {len(report['plots'])} plot file(s) to {plots}")
-        (workdir / "summary.md").write_text(markdown_summary(report), encoding="utf-8")
+        _write_summary(report, workdir, plots, echo)
     if failure:
         raise RecipeFailed(failure, report)
     return report
+
+
+def _check_workdir(
+    planned: list[PlannedStep], workdir: Path, plots: str | os.PathLike[str] | None, replace: bool
+) -> None:
+    """Refuse, before any work, to overwrite earlier outputs unasked or to put plots where a
+    step's output goes."""
+    if not replace:
+        existing = [ps.step.id for ps in planned if ps.step.kind != "eval" and ps.output.exists()]
+        if existing:
+            raise ConfigError(
+                f"{workdir}: outputs of steps {existing} already exist; pass --resume to reuse "
+                "matching ones or --force to redo them"
+            )
+    if plots is None:
+        return
+    plots_dir = Path(plots).absolute()
+    for name in [STATE_DIR, *(ps.step.id for ps in planned)]:
+        taken = workdir / name
+        if plots_dir == taken or taken in plots_dir.parents:
+            raise ConfigError(f"--plots {plots}: inside {taken}, which the run writes itself; "
+                              "choose another directory")  # fmt: skip
+
+
+def _resume_or_run(
+    ps: PlannedStep, entry: dict, workdir: Path, resume: bool, plots: bool, echo
+) -> str | None:
+    """Skip the step when ``--resume`` finds it up to date, else run it; the failure message
+    of the step or of its gates, None when it passed."""
+    sid = ps.step.id
+    fingerprint = step_fingerprint(ps, workdir)
+    sfile = state_file(workdir, sid)
+    state = load_state(sfile) if resume else None
+    if state is not None and _up_to_date(ps, state, fingerprint, echo):
+        entry.update(state["entry"], skipped=True)
+        echo(f"[{sid}] up to date, skipped")
+        if plots and _measure_weights(ps, entry, echo):
+            save_state(sfile, fingerprint, entry, state.get("output"))
+    else:
+        failure = _run_step(ps, entry, sfile, plots, echo)
+        if failure:
+            return failure
+        writes = STEP_KINDS[ps.step.kind].writes_model
+        save_state(sfile, fingerprint, entry, path_fingerprint(ps.output) if writes else None)
+    if not all(g["passed"] for g in entry.get("gates", [])):
+        return _gate_failure(sid, entry["gates"])
+    return None
+
+
+def _up_to_date(ps: PlannedStep, state: dict, fingerprint: str, echo) -> bool:
+    """Same definition and inputs as when the step finished, and (for steps that write a
+    model) an output whose content is still what the step wrote."""
+    if state.get("fingerprint") != fingerprint or not isinstance(state.get("entry"), dict):
+        return False
+    if not STEP_KINDS[ps.step.kind].writes_model:
+        return True
+    if not ps.output.exists():
+        return False
+    if state.get("output") != path_fingerprint(ps.output):
+        echo(f"[{ps.step.id}] {ps.output} does not match the content fingerprint recorded when "
+             "the step finished (changed or truncated since); re-running the step")  # fmt: skip
+        return False
+    return True
+
+
+def _run_step(ps: PlannedStep, entry: dict, sfile: Path, plots: bool, echo) -> str | None:
+    """Run one step in its own process and record what it reported; its failure, or None."""
+    sid, kind = ps.step.id, ps.step.kind
+    echo(f"[{sid}] {entry['command']}")
+    sfile.unlink(missing_ok=True)
+    sfile.parent.mkdir(parents=True, exist_ok=True)
+    step_report = sfile.with_name(f"{sid}.report.json")
+    step_report.unlink(missing_ok=True)
+    cmdline = [*PROGRAM, *ps.command, "--report", str(step_report)]
+    if STEP_KINDS[kind].writes_model and ps.output.exists():
+        cmdline.append("--force")  # replaced atomically only when the step succeeds
+    t0 = time.perf_counter()
+    returncode, signum = run_step_process(cmdline)
+    body = load_state(step_report) or {}
+    entry.update(
+        skipped=False, ok=returncode == 0 and signum is None,
+        wall_s=round(time.perf_counter() - t0, 3), peak_rss=body.get("peak_rss"),
+        output=str(ps.output), output_size=_dir_size(ps.output), result=body.get("result"),
+    )  # fmt: skip
+    if signum is not None:
+        return (f"interrupted by {signal.Signals(signum).name} during step {sid!r}: passed it "
+                f"on to the step and waited for it to stop (exit {returncode})")  # fmt: skip
+    if returncode != 0:
+        return f"step {sid!r} ({kind}) failed: {body.get('error') or f'exit {returncode}'}"
+    if ps.step.gate:
+        gates = check_gates(ps.step.gate, body.get("result") or {}, _dir_size(ps.output))
+        entry["gates"] = [asdict(g) for g in gates]
+        for g in gates:
+            echo(f"[{sid}] gate {g.name}: {'pass' if g.passed else 'FAIL'} ({g.message})")
+    if kind == "eval" and (entry["result"] or {}).get("reference"):
+        entry["reference_size"] = _dir_size(Path(entry["result"]["reference"]))
+    if plots:
+        _measure_weights(ps, entry, echo)
+    return None
+
+
+def _write_summary(report: dict, workdir: Path, plots, echo) -> None:
+    """``WORKDIR/summary.md`` and, when asked, the plots of the run."""
+    (workdir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    if plots is not None:
+        from weightsmith.pipeline.plots import write_recipe_plots
+
+        report["plots"] = write_recipe_plots(report, plots)
+        echo(f"wrote {len(report['plots'])} plot file(s) to {plots}")
+    (workdir / "summary.md").write_text(markdown_summary(report), encoding="utf-8")
+
+
+def _dir_size(path: Path) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _measure_weights(ps: PlannedStep, entry: dict, echo) -> bool:

@@ -12,6 +12,7 @@ class StepKind:
     name: str
     command: tuple[str, ...]  # command path under `weightsmith`
     subcommand_key: str | None = None  # option naming a subcommand (merge: ``method``)
+    default_subcommand: str | None = None  # when the step does not name one (None: required)
     input_as: str = "positional"  # "positional" | an option's python name | "none"
     writes_model: bool = True  # False: the step measures (eval) and passes its input on
 
@@ -25,8 +26,17 @@ STEP_KINDS: dict[str, StepKind] = {
         StepKind("quantize", ("compress", "quantize")),
         StepKind("qat", ("compress", "qat")),
         StepKind("bitnet", ("compress", "bitnet")),
-        StepKind("distill", ("distill",), input_as="student"),
-        StepKind("eval", ("eval",), subcommand_key="metric", writes_model=False),
+        # distill: `method:` picks `distill kd|seqkd|sft|dpo|step-by-step` (kd when absent)
+        StepKind(
+            "distill",
+            ("distill",),
+            subcommand_key="method",
+            default_subcommand="kd",
+            input_as="student",
+        ),
+        StepKind(
+            "eval", ("eval",), subcommand_key="metric", default_subcommand="ppl", writes_model=False
+        ),
     ]
 }
 

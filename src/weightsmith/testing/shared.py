@@ -11,8 +11,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def shared_dir() -> Path | None:
-    """The shared folder, or None when this machine does not have one."""
+    """The shared folder, or None when this machine does not have one (or
+    ``WEIGHTSMITH_SHARED=none``)."""
     env = os.environ.get("WEIGHTSMITH_SHARED")
+    if env == "none":  # act as a machine without ../shared (the fresh-machine demo check)
+        return None
     candidates = [Path(env)] if env else []
     repo_root = Path(__file__).resolve().parents[3]  # src/weightsmith/testing -> repo
     candidates += [repo_root.parent / "shared", Path.cwd().parent / "shared"]

@@ -18,6 +18,7 @@ from weightsmith.core.calibration import (
 )
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.targets import ignore_matches as matches
+from weightsmith.core.transform import checked_copy, require_finite
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
@@ -113,9 +114,14 @@ def calibration_streamer(
 
 
 def passthrough(ckpt: Checkpoint, name: str, new_name: str | None = None) -> tuple[str, RawTensor]:
-    """A tensor copied bit-exactly (optionally under a new name), as ``(name, value)``."""
-    raw = RawTensor.of(ckpt, name, new_name)
-    return raw.spec.name, raw
+    """A tensor copied bit-exactly (optionally under a new name), as ``(name, value)``; its
+    bytes are checked for NaN/Inf on the way."""
+    return checked_copy(ckpt, name, new_name)
+
+
+def read_checked(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """Tensor ``name`` read into memory; a one-line error naming it when it holds NaN/Inf."""
+    return require_finite(ckpt.get_tensor(name), str(ckpt.path), name)
 
 
 def spec_of(ckpt: Checkpoint, name: str) -> TensorSpec:

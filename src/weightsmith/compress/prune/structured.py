@@ -23,6 +23,7 @@ from weightsmith.compress.prune.common import (
     PruneResult,
     calibration_streamer,
     passthrough,
+    read_checked,
     spec_of,
 )
 from weightsmith.compress.prune.depth import (
@@ -40,7 +41,7 @@ from weightsmith.compress.prune.width import (
     kept_width,
 )
 from weightsmith.core.calibration import CalibrationLayer
-from weightsmith.core.streaming import stream_transform
+from weightsmith.core.transform import WriteOptions, rewrite_checkpoint
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup
 from weightsmith.io.writer import TensorSpec
@@ -50,28 +51,27 @@ from weightsmith.io.writer import TensorSpec
 def score_layers(
     ckpt: Checkpoint, cfg: PruneConfig, *, device: str, progress: bool
 ) -> tuple[dict[int, float], dict]:
-    """``1 - cos(input, output)`` of every decoder layer on the calibration data."""
+    """``1 - cos(input, output)`` of every decoder layer on the calibration data (each
+    layer's tensors are checked for NaN/Inf first: a dropped layer is read only here)."""
     streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
     scores: dict[int, float] = {}
     from tqdm.auto import tqdm
 
+    layers = ckpt.layers()
     for i in tqdm(streamer.layers(), desc="score layers", disable=not progress, leave=False):
+        for n in layers.get(i, []):
+            read_checked(ckpt, n)
         h_in = streamer.hidden_states()
         streamer.run_layer(i, lambda cl: None)
         scores[i] = layer_importance(h_in, streamer.hidden_states())
     return scores, info
 
 
-def prune_depth(
-    ckpt: Checkpoint,
-    out: str | os.PathLike[str],
-    cfg: PruneConfig,
-    *,
-    force: bool,
-    max_shard_size: int,
-    device: str,
-    progress: bool,
-) -> PruneResult:
+def layers_to_drop(
+    ckpt: Checkpoint, cfg: PruneConfig, *, device: str, progress: bool
+) -> tuple[set[int], dict[int, float], dict[str, Any]]:
+    """(layers to drop, their scores when scored, what calibration ran on), checked against
+    the checkpoint's layers and its config."""
     if ckpt.config is None or ckpt.arch.num_layers_key not in ckpt.config:
         raise CheckpointError(f"{ckpt.root}: config.json has no {ckpt.arch.num_layers_key!r}")
     layers = list(ckpt.layers())
@@ -97,6 +97,21 @@ def prune_depth(
         drop = set(least_important(scores, cfg.drop))
     if len(drop) >= len(layers):
         raise ConfigError(f"cannot drop all {len(layers)} layers of {ckpt.root}")
+    return drop, scores, calib_info
+
+
+def prune_depth(
+    ckpt: Checkpoint,
+    out: str | os.PathLike[str],
+    cfg: PruneConfig,
+    *,
+    force: bool,
+    max_shard_size: int,
+    device: str,
+    progress: bool,
+) -> PruneResult:
+    drop, scores, calib_info = layers_to_drop(ckpt, cfg, device=device, progress=progress)
+    layers = list(ckpt.layers())
     new_index = renumbering(layers, drop)
     arch = ckpt.arch
 
@@ -122,25 +137,22 @@ def prune_depth(
         n = group.names[0]
         yield passthrough(ckpt, n, rename(n))
 
-    provenance = {
-        "operation": "prune",
-        "config": asdict(cfg),
-        "calibration": calib_info,
-        "dropped_layers": sorted(drop),
-        "layer_scores": {str(i): s for i, s in scores.items()},
-    }
-    result = stream_transform(
+    layer_scores = {str(i): s for i, s in scores.items()}
+    result = rewrite_checkpoint(
+        ckpt,
         groups,
         out,
         plan=plan,
         apply=apply,
-        sources=[ckpt],
-        support_from=ckpt.root,
+        options=WriteOptions(max_shard_size, force, progress),
         config_patch=patch,
-        max_shard_size=max_shard_size,
-        force=force,
-        provenance=provenance,
-        progress=progress,
+        provenance={
+            "operation": "prune",
+            "config": asdict(cfg),
+            "calibration": calib_info,
+            "dropped_layers": sorted(drop),
+            "layer_scores": layer_scores,
+        },
         description="prune layers",
     )
     r = PruneResult(**result.__dict__)
@@ -149,7 +161,7 @@ def prune_depth(
         "dropped_layers": sorted(drop),
         "layers_before": len(layers),
         "layers_after": len(layers) - len(drop),
-        "layer_scores": {str(i): s for i, s in scores.items()} or None,
+        "layer_scores": layer_scores or None,
         "config_keys_edited": edited,
         "params_before": ckpt.num_params,
         "params_after": sum(ckpt.info(g.names[0]).numel for g in groups),
@@ -176,24 +188,12 @@ def _mlp_layout(ckpt: Checkpoint) -> tuple[tuple[str, ...], str, str, int]:
     return tuple(seq[-2]), seq[-1][0], key, int(width)
 
 
-def prune_width(
-    ckpt: Checkpoint,
-    out: str | os.PathLike[str],
-    cfg: PruneConfig,
-    *,
-    force: bool,
-    max_shard_size: int,
-    device: str,
-    progress: bool,
-) -> PruneResult:
-    assert cfg.mlp_ratio is not None
-    mlp_in, mlp_out, key, width = _mlp_layout(ckpt)
-    keep = kept_width(width, cfg.mlp_ratio)
+def width_slicing(ckpt: Checkpoint, width: int, key: str) -> dict[str, int]:
+    """What to slice, by tensor name: the stored dim holding the MLP's channels (checked
+    against every shape up front)."""
+    mlp_in, mlp_out, _, _ = _mlp_layout(ckpt)
     arch = ckpt.arch
-    transposed = arch.linear_layout == "in_out"
-    out_dim, in_dim = (1, 0) if transposed else (0, 1)  # stored dims of (out, in)
-
-    # What to slice, by tensor name: (stored dim, role). Checked against shapes up front.
+    out_dim, in_dim = (1, 0) if arch.linear_layout == "in_out" else (0, 1)  # dims of (out, in)
     slicing: dict[str, int] = {}
     for i, names in ckpt.layers().items():
         prefix = arch.layer_prefix(names[0]) or ""
@@ -215,7 +215,23 @@ def prune_width(
                 f"{n}: dimension {dim} is {shape[dim]}, not the MLP width {width} ({key}); "
                 f"fused or unusual MLPs cannot be sliced"
             )
+    return slicing
 
+
+def prune_width(
+    ckpt: Checkpoint,
+    out: str | os.PathLike[str],
+    cfg: PruneConfig,
+    *,
+    force: bool,
+    max_shard_size: int,
+    device: str,
+    progress: bool,
+) -> PruneResult:
+    assert cfg.mlp_ratio is not None
+    _, mlp_out, key, width = _mlp_layout(ckpt)
+    keep = kept_width(width, cfg.mlp_ratio)
+    slicing = width_slicing(ckpt, width, key)
     streamer, calib_info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
     kept_channels: dict[int, list[int]] = {}
 
@@ -245,32 +261,24 @@ def prune_width(
             kept_channels[group.layer] = idx.tolist()
         for n in group.names:
             if n in slicing:
-                yield n, ckpt.get_tensor(n).index_select(slicing[n], idx).contiguous()
+                yield n, read_checked(ckpt, n).index_select(slicing[n], idx).contiguous()
             else:
                 yield passthrough(ckpt, n)
-
-    def patch(config: dict) -> dict:
-        return {**config, key: keep}
-
-    provenance = {"operation": "prune", "config": asdict(cfg), "calibration": calib_info}
 
     def record_channels(writer) -> None:
         writer.write_json(
             "pruned_channels.json", {"kept": {str(k): v for k, v in kept_channels.items()}}
         )
 
-    result = stream_transform(
+    result = rewrite_checkpoint(
+        ckpt,
         ckpt.groups("layer"),
         out,
         plan=plan,
         apply=apply,
-        sources=[ckpt],
-        support_from=ckpt.root,
-        config_patch=patch,
-        max_shard_size=max_shard_size,
-        force=force,
-        provenance=provenance,
-        progress=progress,
+        options=WriteOptions(max_shard_size, force, progress),
+        config_patch=lambda config: {**config, key: keep},
+        provenance={"operation": "prune", "config": asdict(cfg), "calibration": calib_info},
         description="prune channels",
         before_commit=record_channels,
     )

@@ -24,6 +24,7 @@ from weightsmith.compress.prune.common import (
     as_out_in,
     calibration_streamer,
     passthrough,
+    read_checked,
     select_targets,
     spec_of,
 )
@@ -31,7 +32,7 @@ from weightsmith.compress.prune.masks import check_sparsity, prune_mask
 from weightsmith.compress.prune.registry import METHODS, PruneConfig
 from weightsmith.compress.prune.wanda import ColumnNormStat
 from weightsmith.core.calibration import CalibrationLayer, build_skeleton
-from weightsmith.core.streaming import stream_transform
+from weightsmith.core.transform import WriteOptions, rewrite_checkpoint
 from weightsmith.errors import OutputError
 from weightsmith.io.reader import Checkpoint, TensorGroup
 
@@ -63,18 +64,7 @@ def prune_unstructured(
     calib_info: dict[str, Any] = {}
 
     def finish(t: LinearTarget, stored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Zero ``stored`` where ``mask`` (given as (out, in)) says, and verify the result."""
-        pruned = stored.clone()
-        as_out_in(pruned, transposed)[mask] = 0
-        try:
-            zeros[t.tensor] = check_sparsity(
-                as_out_in(pruned, transposed),
-                sparsity=cfg.target_sparsity,
-                pattern=cfg.pattern,
-                compare=method.compare,
-            )
-        except ValueError as e:  # cannot happen unless a mask function is wrong
-            raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
+        zeros[t.tensor], pruned = apply_mask(t, stored, mask, cfg, transposed)
         return pruned
 
     def plan(group: TensorGroup):
@@ -88,7 +78,7 @@ def prune_unstructured(
                 if t is None:
                     yield passthrough(ckpt, n)
                     continue
-                stored = ckpt.get_tensor(n)
+                stored = read_checked(ckpt, n)
                 yield n, finish(t, stored, linear_mask(as_out_in(stored, transposed), cfg))
 
         groups = ckpt.groups("tensor")
@@ -96,45 +86,67 @@ def prune_unstructured(
         streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
         calib_info.update(info)
 
-        def wanda_layer(cl: CalibrationLayer) -> dict[str, torch.Tensor]:
-            names = [n for n in cl.linear_names if cl.tensor_name(n) in targets]
-            stats = cl.collect(names, lambda n, m: ColumnNormStat(cl.weight(n).shape[1]))
-            masks = {}
-            for n in names:
-                w = cl.weight(n)
-                mask = linear_mask(w, cfg, stats[n].norm())
-                cl.set_weight(n, w.masked_fill(mask, 0))  # later layers see the pruned layer
-                masks[cl.tensor_name(n)] = mask
-            return masks
-
         def apply(group: TensorGroup) -> Iterator:
-            masks = streamer.run_layer(group.layer, wanda_layer) if group.layer is not None else {}
+            masks = {}
+            if group.layer is not None:
+                masks = streamer.run_layer(group.layer, lambda cl: wanda_masks(cl, targets, cfg))
             for n in group.names:
                 t = targets.get(n)
                 if t is None:
                     yield passthrough(ckpt, n)
                 else:
-                    yield n, finish(t, ckpt.get_tensor(n), masks[n])
+                    yield n, finish(t, read_checked(ckpt, n), masks[n])
 
         groups = ckpt.groups("layer")
 
-    provenance = {"operation": "prune", "config": asdict(cfg), "calibration": calib_info}
-    result = stream_transform(
+    result = rewrite_checkpoint(
+        ckpt,
         groups,
         out,
         plan=plan,
         apply=apply,
-        sources=[ckpt],
-        support_from=ckpt.root,
-        max_shard_size=max_shard_size,
-        force=force,
-        provenance=provenance,
-        progress=progress,
+        options=WriteOptions(max_shard_size, force, progress),
+        provenance={"operation": "prune", "config": asdict(cfg), "calibration": calib_info},
         description=f"prune {cfg.method}",
     )
     r = PruneResult(**result.__dict__)
     r.extra = _report(ckpt, cfg, targets, kept, zeros, calib_info)
     return r
+
+
+def apply_mask(
+    t: LinearTarget, stored: torch.Tensor, mask: torch.Tensor, cfg: PruneConfig, transposed: bool
+) -> tuple[int, torch.Tensor]:
+    """(zeros, ``stored`` zeroed where ``mask`` (given as (out, in)) says), the requested
+    sparsity verified."""
+    pruned = stored.clone()
+    as_out_in(pruned, transposed)[mask] = 0
+    try:
+        zeros = check_sparsity(
+            as_out_in(pruned, transposed),
+            sparsity=cfg.target_sparsity,
+            pattern=cfg.pattern,
+            compare=METHODS[cfg.method].compare,
+        )
+    except ValueError as e:  # cannot happen unless a mask function is wrong
+        raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
+    return zeros, pruned
+
+
+def wanda_masks(
+    cl: CalibrationLayer, targets: dict[str, LinearTarget], cfg: PruneConfig
+) -> dict[str, torch.Tensor]:
+    """Wanda's masks of one layer's target Linears (by tensor name); the layer's weights are
+    masked in place so that later layers calibrate on the pruned layer."""
+    names = [n for n in cl.linear_names if cl.tensor_name(n) in targets]
+    stats = cl.collect(names, lambda n, m: ColumnNormStat(cl.weight(n).shape[1]))
+    masks = {}
+    for n in names:
+        w = cl.weight(n)
+        mask = linear_mask(w, cfg, stats[n].norm())
+        cl.set_weight(n, w.masked_fill(mask, 0))  # later layers see the pruned layer
+        masks[cl.tensor_name(n)] = mask
+    return masks
 
 
 def _report(

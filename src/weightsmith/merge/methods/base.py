@@ -18,16 +18,7 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import CheckpointError, ConfigError
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter a method accepts, as mergekit names it (``weight``, ``density``, ``t``)."""
-
-    name: str
-    default: Any = None
-    required: bool = False
-    help: str = ""
+from weightsmith.merge.params import Param
 
 
 @dataclass(frozen=True)
@@ -69,6 +60,16 @@ class ChunkSource:
     def fail_nonfinite(self, i: int) -> None:
         """Raise the error for NaN/Inf found in input ``i`` by a method's own scan."""
         raise CheckpointError(f"tensor {self.name!r}: input {i} holds NaN or Inf values")
+
+
+def fail_overflow(name: str, dtype: torch.dtype) -> None:
+    """Raise the error for a merged output that holds NaN/Inf although its inputs are finite."""
+    kind = str(dtype).removeprefix("torch.")
+    wider = " or pass --dtype float32" if dtype in (torch.float16, torch.bfloat16) else ""
+    raise CheckpointError(
+        f"tensor {name!r}: merged values overflow {kind} (Inf); lower the weights / lambda / t"
+        f"{wider}"
+    )
 
 
 class TensorChunks(ChunkSource):
@@ -135,6 +136,11 @@ class MergeMethod:
     @classmethod
     def param_names(cls) -> set[str]:
         return {p.name for p in cls.global_params} | {p.name for p in cls.model_params}
+
+    @classmethod
+    def declared(cls, name: str) -> Param | None:
+        """The declaration of parameter ``name`` (None when the method has no such one)."""
+        return next((p for p in (*cls.global_params, *cls.model_params) if p.name == name), None)
 
 
 MERGE_METHODS: dict[str, type[MergeMethod]] = {}
@@ -246,4 +252,9 @@ def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) ->
                     )
                 d[p.name] = p.default
         filled.append(d)
+    for p in method.global_params:
+        p.check(g[p.name], f"{method.name}: parameter")
+    for k, d in enumerate(filled):
+        for p in method.model_params:
+            p.check(d[p.name], f"{method.name}: model {k + 1}'s parameter")
     return TensorParams(params.name, g, tuple(filled))

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from weightsmith.errors import ConfigError
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -24,6 +23,7 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
 )
 from weightsmith.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
+from weightsmith.merge.params import BOOL, INT
 
 
 def tensor_seed(seed: int, name: str, model: int) -> int:
@@ -92,20 +92,22 @@ def dare_mask(
 class _Dare(GeneralizedTaskArithmetic):
     reference = "https://arxiv.org/abs/2311.03099"
     global_params = (
-        Param("normalize", False, help="divide by the sum of the (agreeing) weights"),
-        Param("rescale", True, help="rescale kept entries by 1/density"),
+        Param("normalize", False, help="divide by the sum of the (agreeing) weights", kind=BOOL),
+        Param("rescale", True, help="rescale kept entries by 1/density", kind=BOOL),
         Param("lambda", 1.0, help="scale of the mixed task vector"),
-        Param("seed", 0, help="seed of the random drop masks"),
+        Param("seed", 0, help="seed of the random drop masks", kind=INT),
     )
     model_params = (
         Param("weight", required=True, help="weight of each task vector"),
-        Param("density", 1.0, help="probability of keeping each task-vector entry"),
+        Param(
+            "density",
+            1.0,
+            help="probability of keeping each task-vector entry",
+            low=0.0,
+            low_open=True,
+            high=1.0,
+        ),
     )
-
-    def validate(self, params: TensorParams) -> None:
-        for d in params.model_values("density"):
-            if not 0.0 < d <= 1.0:
-                raise ConfigError(f"{params.name}: density must be in (0, 1], got {d}")
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> list[int]:
         seed = int(params.globals["seed"])

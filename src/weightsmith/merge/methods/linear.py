@@ -8,19 +8,22 @@ import torch
 
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods.base import MergeMethod, Param, TensorParams, merge_method
+from weightsmith.merge.params import BOOL
 
 
 @merge_method("linear")
 class Linear(MergeMethod):
     title = "Linear (model soup)"
     reference = "https://arxiv.org/abs/2203.05482"
-    global_params = (Param("normalize", True, help="divide by the sum of the weights"),)
+    global_params = (Param("normalize", True, help="divide by the sum of the weights", kind=BOOL),)
     model_params = (Param("weight", required=True, help="weight of each model"),)
 
     def validate(self, params: TensorParams) -> None:
         weights = params.model_values("weight")
         if params.globals["normalize"] and sum(weights) == 0:
-            raise ConfigError(f"{params.name}: linear weights sum to 0 and normalize is on")
+            raise ConfigError(
+                f"tensor {params.name!r}: linear weights sum to 0 and normalize is on"
+            )
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int

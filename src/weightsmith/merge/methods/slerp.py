@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
-from weightsmith.errors import ConfigError
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
+    fail_overflow,
     merge_method,
     merge_tensors,
 )
@@ -64,11 +64,6 @@ class Slerp(MergeMethod):
     exact_inputs = 2
     global_params = (Param("t", required=True, help="0 gives the base, 1 the other model"),)
 
-    def validate(self, params: TensorParams) -> None:
-        t = params.globals["t"]
-        if not isinstance(t, (int, float)) or isinstance(t, bool):
-            raise ConfigError(f"{params.name}: slerp t must be a number, got {t!r}")
-
     def prepare(self, src: ChunkSource, params: TensorParams) -> SlerpCoefficients:
         dot = aa = bb = 0.0
         offset = 0
@@ -100,7 +95,6 @@ class Slerp(MergeMethod):
         Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
         if not native.available() or out_dtype not in (torch.float32, torch.bfloat16):
             return None
-        self.validate(params)
         return self._stream_stored(src, params, out_dtype)
 
     def _stream_stored(
@@ -128,12 +122,15 @@ class Slerp(MergeMethod):
                 last = min(first + step, src.numel)
                 out = torch.empty(last - first, dtype=out_dtype)
 
-                def mix(r: tuple[int, int], out=out, first=first) -> None:
+                def mix(r: tuple[int, int], out=out, first=first) -> int:
                     o = out[r[0] - first : r[1] - first]
-                    if not native.lerp2(a[r[0] : r[1]], b[r[0] : r[1]], c.s0, c.s1, o):
+                    bad = native.lerp2(a[r[0] : r[1]], b[r[0] : r[1]], c.s0, c.s1, o)
+                    if bad is None:
                         raise RuntimeError("native SLERP kernel refused its inputs")
+                    return bad
 
-                pmap(mix, sub_ranges(first, last, NATIVE_PIECE))
+                if any(pmap(mix, sub_ranges(first, last, NATIVE_PIECE))):
+                    fail_overflow(src.name, out_dtype)
                 yield out
 
 

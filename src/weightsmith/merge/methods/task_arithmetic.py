@@ -21,6 +21,7 @@ from weightsmith.merge.methods.base import (
     merge_method,
     merge_tensors,
 )
+from weightsmith.merge.params import BOOL
 
 
 def combine_task_vectors(
@@ -67,7 +68,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     consensus: bool = False
     default_normalize: bool = False
     global_params = (
-        Param("normalize", False, help="divide the mix by the (agreeing) weights' sum"),
+        Param("normalize", False, help="divide the mix by the (agreeing) weights' sum", kind=BOOL),
         Param("lambda", 1.0, help="scale of the mixed task vector"),
     )
     model_params = (Param("weight", required=True, help="weight of each task vector"),)

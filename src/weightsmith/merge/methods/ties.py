@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from weightsmith.core.parallel import SUB_ELEMENTS, default_workers, pmap, sub_ranges
-from weightsmith.errors import ConfigError
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -24,6 +23,7 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
 )
 from weightsmith.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
+from weightsmith.merge.params import BOOL
 
 
 @dataclass(frozen=True)
@@ -192,18 +192,20 @@ class Ties(GeneralizedTaskArithmetic):
     reference = "https://arxiv.org/abs/2306.01708"
     consensus = True
     global_params = (
-        Param("normalize", True, help="divide by the sum of the agreeing weights"),
+        Param("normalize", True, help="divide by the sum of the agreeing weights", kind=BOOL),
         Param("lambda", 1.0, help="scale of the mixed task vector"),
     )
     model_params = (
         Param("weight", required=True, help="weight of each task vector"),
-        Param("density", 1.0, help="fraction of each task vector's entries kept (by magnitude)"),
+        Param(
+            "density",
+            1.0,
+            help="fraction of each task vector's entries kept (by magnitude)",
+            low=0.0,
+            low_open=True,
+            high=1.0,
+        ),
     )
-
-    def validate(self, params: TensorParams) -> None:
-        for d in params.model_values("density"):
-            if not 0.0 < d <= 1.0:
-                raise ConfigError(f"{params.name}: density must be in (0, 1], got {d}")
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> list[TopK | None]:
         densities = params.model_values("density")

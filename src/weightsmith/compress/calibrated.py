@@ -3,7 +3,7 @@ method declares, Linears quantized true-sequentially (see :mod:`.quantize`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,12 +16,9 @@ from weightsmith.core.calibration import (
     load_tokenizer,
     tokenize_windows,
 )
-from weightsmith.core.checks import require_finite
 from weightsmith.core.memory import release_freed_memory
+from weightsmith.core.transform import require_finite
 from weightsmith.errors import ConfigError
-
-if TYPE_CHECKING:
-    from weightsmith.compress.quantize import QuantizeJob
 
 
 class CalibratedRun:
@@ -29,7 +26,7 @@ class CalibratedRun:
     and tokenized at construction, before any output exists; the streamer (which embeds the
     tokens) starts with the first layer."""
 
-    def __init__(self, job: QuantizeJob, device: str) -> None:
+    def __init__(self, job: Any, device: str) -> None:  # job: quantize.QuantizeJob
         self.job, self.device = job, device
         outside = [t.tensor for t in job.targets if t.layer is None]
         if outside:
@@ -58,7 +55,7 @@ class CalibratedRun:
         job, done = self.job, {}
         for rel, t in cl.module.state_dict().items():  # before any statistic is computed
             if cl.prefix + rel in job.ckpt.tensors:
-                require_finite(t, cl.prefix + rel)
+                require_finite(t, str(job.ckpt.path), cl.prefix + rel)
         for group in cl.sequential_groups:
             names = [n for n in group if cl.tensor_name(n) in job.by_tensor]
             if not names:

@@ -30,9 +30,14 @@ from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers t
 from weightsmith.compress.calibrated import CalibratedRun
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
-from weightsmith.core.checks import require_finite
-from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
+from weightsmith.core.transform import (
+    WriteOptions,
+    checked_copy,
+    require_finite,
+    rewrite_checkpoint,
+)
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
@@ -143,11 +148,10 @@ class QuantizeJob:
                 t = self.rewritten[n]
                 yield n, self.fmt.rewrite(n, self.read(n), t, self.quantized(t, n), self.cfg)
             else:
-                self.read(n)  # checked finite, then copied as stored
-                yield n, RawTensor.of(self.ckpt, n)
+                yield checked_copy(self.ckpt, n)  # as stored, checked finite on the way
 
     def read(self, name: str) -> torch.Tensor:
-        return require_finite(self.ckpt.get_tensor(name), name)
+        return require_finite(self.ckpt.get_tensor(name), str(self.ckpt.path), name)
 
     def quantize(self, w: torch.Tensor, stat: Any = None) -> Any:
         """The method's own function on one weight (``w`` as stored, or the compute dtype)."""
@@ -202,19 +206,16 @@ def quantize_checkpoint(
         job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}
         record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}
-        result = stream_transform(
+        result = rewrite_checkpoint(
+            ckpt,
             job.groups,
             out,
             plan=job.plan if job.fmt.planned else None,
             apply=job.apply,
-            sources=[ckpt],
-            support_from=ckpt.root,
-            config_patch=job.patch,
-            max_shard_size=max_shard_size,
-            force=force,
-            provenance={**record, **(provenance or {})},
-            progress=progress,
+            options=WriteOptions(max_shard_size, force, progress),
             description=f"quantize {cfg.method}",
+            provenance={**record, **(provenance or {})},
+            config_patch=job.patch,
         )
     r = QuantizeResult(**result.__dict__)
     r.wall_s = round(time.perf_counter() - start, 3)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
+from weightsmith.compress.levels import QuantizedWeight  # noqa: F401  (re-exported)
 from weightsmith.errors import ConfigError
 
 
@@ -81,30 +82,6 @@ class CalibratedConfig(MethodConfig):
 
 
 FormatOptions = MethodConfig  # a format's options are a frozen dataclass of the same shape
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized ``(out, in)`` weight: integer levels and the qparams to map them back.
-
-    Levels are signed, ``[-2^(b-1), 2^(b-1) - 1]``, as compressed-tensors stores them;
-    ``w ≈ (q - zero) * scale`` with ``scale``/``zero`` of shape ``(out, n_groups)`` and input
-    column ``i`` in group ``g_idx[i]`` (``i // group_size`` unless act-order reorders them).
-    """
-
-    q: torch.Tensor  # int8 (out, in)
-    scale: torch.Tensor  # (out, n_groups), the output dtype
-    zero: torch.Tensor  # int8 (out, n_groups); all 0 when symmetric
-    bits: int
-    group_size: int  # == in_features for per-channel
-    symmetric: bool
-    g_idx: torch.Tensor | None = None  # int32 (in,)
-    info: dict = field(default_factory=dict)
-
-    def dequantize(self) -> torch.Tensor:
-        from weightsmith.compress.rtn import dequantize
-
-        return dequantize(self.q, self.scale, self.zero, self.group_size, self.g_idx)
 
 
 @dataclass(frozen=True)

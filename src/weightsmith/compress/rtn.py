@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from weightsmith.compress.registry import GridConfig, QuantizedWeight, quant_method
-
-
-def level_range(bits: int) -> tuple[int, int]:
-    """Signed integer levels of a ``bits``-wide quantizer: ``(-2^(b-1), 2^(b-1) - 1)``."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+from weightsmith.compress.levels import (  # dequantize: re-exported
+    QuantizedWeight,
+    dequantize,  # noqa: F401
+    level_range,
+)
+from weightsmith.compress.registry import GridConfig, quant_method
 
 
 def minmax_qparams(
@@ -48,23 +48,6 @@ def quantize_levels(
     """``clamp(round(w / scale) + zero)`` as int8 levels (broadcasting scale/zero)."""
     qmin, qmax = level_range(bits)
     return torch.clamp(torch.round(w / scale) + zero, qmin, qmax).to(torch.int8)
-
-
-def dequantize(
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    g_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(q - zero) * scale`` with each input column's group from ``g_idx`` (or ``i // g``)."""
-    cols = q.shape[1]
-    if g_idx is None:
-        g_idx = torch.arange(cols) // group_size
-    g = g_idx.long()
-    s = scale[:, g].float()
-    z = zero[:, g].float()
-    return (q.float() - z) * s
 
 
 def group_qparams(

@@ -23,7 +23,7 @@ from weightsmith.compress.registry import (
     QuantizedWeight,
     quant_method,
 )
-from weightsmith.compress.rtn import rtn_quantize
+from weightsmith.compress.rtn import RTNConfig, rtn_quantize
 from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io import open_checkpoint
@@ -207,6 +207,9 @@ def test_options_of_other_methods_and_unknown_names_are_refused():
     )
     with pytest.raises(AttributeError):
         _ = QuantConfig("nf4").bits
+    with pytest.raises(ConfigError, match="as an object or as keywords"):
+        QuantConfig("rtn", options=RTNConfig(bits=8), bits=4)
+    assert QuantConfig("rtn", options=RTNConfig(bits=8)).bits == 8
 
 
 def test_a_scale_that_overflows_its_stored_dtype_is_an_error(tiny_model_copy, tmp_path):

@@ -252,6 +252,8 @@ class QuantConfig:
             if k not in mine | theirs:
                 flag = _FLAGS.get(k, f"--{k.replace('_', '-')}")
                 raise ConfigError(f"{flag} does not apply to --method {method} --format {fmt}")
+        if (options is not None and mine & set(flat)) or (format_options and theirs & set(flat)):
+            raise ConfigError("give a method's (or format's) options as an object or as keywords")
         options = options or info.config(**{k: v for k, v in flat.items() if k in mine})
         if fo is not None and format_options is None:
             format_options = fo(**{k: v for k, v in flat.items() if k in theirs})

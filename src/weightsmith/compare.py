@@ -3,9 +3,10 @@
 For inspecting merges and quantization or pruning damage: relative L2 difference, cosine
 similarity, max absolute difference and sparsity per tensor, computed in float64 one block of
 rows at a time (never two whole models in memory), plus tensors present on one side only.
-Quantized Linears that weightsmith writes (compressed-tensors ``pack-quantized``, GPTQ v1,
-bitsandbytes NF4, dispatched on ``config.json``'s ``quantization_config``) are dequantized one
-at a time and compared as dense weights, so ``compare base quantized`` shows the rounding error.
+Quantized Linears in any output format weightsmith registers (compressed-tensors
+``pack-quantized``, GPTQ v1, bitsandbytes NF4, BitNet; dispatched on ``config.json``'s
+``quantization_config`` to the format's own decoder) are dequantized one at a time and compared
+as dense weights, so ``compare base quantized`` shows the rounding error.
 """
 
 from __future__ import annotations
@@ -92,11 +93,22 @@ class PackedWeight:
 
 
 def packed_weights(ckpt: Checkpoint) -> dict[str, PackedWeight]:
-    """The quantized Linears of ``ckpt`` by dense weight name ({} for a dense checkpoint, or a
-    quantization format this module cannot decode; see :func:`quantization_method`)."""
+    """The quantized Linears of ``ckpt`` by dense weight name, decoded by the registered output
+    format that wrote config.json's ``quantization_config`` ({} for a dense checkpoint, or a
+    quantization this version cannot decode; see :func:`quantization_method`)."""
     qc = (ckpt.config or {}).get("quantization_config") or {}
-    decoder = _DECODERS.get(qc.get("quant_method"))
-    return decoder(ckpt, qc) if decoder else {}
+    fmt = _format(qc.get("quant_method"))
+    if fmt is None:
+        return {}
+    out: dict[str, PackedWeight] = {}
+    for name, parts in fmt.stored_linears(ckpt.tensors, qc).items():
+        module = name[: -len(".weight")]
+
+        def decode(c: Checkpoint, m: str = module, ps: tuple[str, ...] = parts) -> torch.Tensor:
+            return fmt.decode(qc, m, {p: c.get_tensor(p) for p in ps}).float()
+
+        out[name] = PackedWeight(name, parts, decode)
+    return out
 
 
 def quantization_method(ckpt: Checkpoint) -> str | None:
@@ -104,90 +116,12 @@ def quantization_method(ckpt: Checkpoint) -> str | None:
     return qc.get("quant_method")
 
 
-def _compressed_tensors(ckpt: Checkpoint, qc: dict) -> dict[str, PackedWeight]:
-    from weightsmith.compress.packing import unpack_int32
-    from weightsmith.compress.rtn import dequantize
+def _format(quant_method: str | None):
+    """The registered output format that writes ``quant_method`` (None: none does)."""
+    from weightsmith.compress import quantize as _registers  # noqa: F401
+    from weightsmith.compress.registry import format_reading
 
-    groups = list((qc.get("config_groups") or {}).values())
-    if qc.get("format") != "pack-quantized" or len(groups) != 1:
-        return {}
-    bits = int(groups[0]["weights"]["num_bits"])
-    out: dict[str, PackedWeight] = {}
-    for name in ckpt.tensors:
-        if not name.endswith(".weight_packed"):
-            continue
-        module = name[: -len(".weight_packed")]
-        parts = [f"{module}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape",
-                                           "weight_zero_point")]  # fmt: skip
-        parts = [p for p in parts if p in ckpt.tensors]
-
-        def decode(c: Checkpoint, m: str = module) -> torch.Tensor:
-            rows, cols = (int(x) for x in c.get_tensor(f"{m}.weight_shape"))
-            q = unpack_int32(c.get_tensor(f"{m}.weight_packed"), bits, cols, dim=1)
-            scale = c.get_tensor(f"{m}.weight_scale")  # (out, n_groups)
-            zero = (
-                unpack_int32(c.get_tensor(f"{m}.weight_zero_point"), bits, rows, dim=0)
-                if f"{m}.weight_zero_point" in c.tensors
-                else torch.zeros_like(scale, dtype=torch.int8)
-            )
-            return dequantize(q, scale, zero, cols // scale.shape[1])
-
-        out[f"{module}.weight"] = PackedWeight(f"{module}.weight", tuple(parts), decode)
-    return out
-
-
-def _gptq(ckpt: Checkpoint, qc: dict) -> dict[str, PackedWeight]:
-    from weightsmith.compress.packing import unpack_rows_gptq
-    from weightsmith.compress.rtn import dequantize
-
-    if qc.get("checkpoint_format", "gptq") != "gptq" or qc.get("desc_act"):
-        return {}  # gptq v2 zero points / reordered columns: not what weightsmith writes
-    bits = int(qc["bits"])
-    offset = 1 << (bits - 1)
-    out: dict[str, PackedWeight] = {}
-    for name in ckpt.tensors:
-        if not name.endswith(".qweight"):
-            continue
-        module = name[: -len(".qweight")]
-        parts = tuple(f"{module}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx"))
-        if not all(p in ckpt.tensors for p in parts):
-            continue
-
-        def decode(c: Checkpoint, m: str = module) -> torch.Tensor:
-            q = unpack_rows_gptq(c.get_tensor(f"{m}.qweight"), bits, dim=0).t() - offset
-            # qzeros stores zero - 1 (the v1 convention), packed along the output dim
-            zeros_u = unpack_rows_gptq(c.get_tensor(f"{m}.qzeros"), bits, dim=1) + 1
-            scale = c.get_tensor(f"{m}.scales").t()  # (out, n_groups)
-            g_idx = c.get_tensor(f"{m}.g_idx")
-            return dequantize(q, scale, (zeros_u - offset).t(), 0, g_idx)
-
-        out[f"{module}.weight"] = PackedWeight(f"{module}.weight", parts, decode)
-    return out
-
-
-def _bitsandbytes(ckpt: Checkpoint, qc: dict) -> dict[str, PackedWeight]:
-    from weightsmith.compress.nf4 import nf4_dequantize
-
-    if not qc.get("load_in_4bit"):
-        return {}
-    out: dict[str, PackedWeight] = {}
-    for name in ckpt.tensors:
-        if not name.endswith(".weight") or f"{name}.absmax" not in ckpt.tensors:
-            continue
-        parts = (name, *(n for n in ckpt.tensors if n.startswith(f"{name}.")))
-
-        def decode(c: Checkpoint, w: str = name, ps: tuple[str, ...] = parts) -> torch.Tensor:
-            return nf4_dequantize({"weight" + p[len(w) :]: c.get_tensor(p) for p in ps}).float()
-
-        out[name] = PackedWeight(name, parts, decode)
-    return out
-
-
-_DECODERS: dict[str, Callable[[Checkpoint, dict], dict[str, PackedWeight]]] = {
-    "compressed-tensors": _compressed_tensors,
-    "gptq": _gptq,
-    "bitsandbytes": _bitsandbytes,
-}
+    return format_reading(quant_method) if quant_method else None
 
 
 class _DenseView:
@@ -280,7 +214,7 @@ def format_comparison(result: dict, top: int = 20) -> str:
         + (f", {result['dequantized']} dequantized" if result.get("dequantized") else "")
     )
     for side, method in (result.get("quantization") or {}).items():
-        if method and method not in _DECODERS:
+        if method and _format(method) is None:
             lines.append(f"{side.upper()} is quantized with {method!r}, which compare cannot "
                          "decode: its packed tensors are listed as present on one side only")  # fmt: skip
     return "\n".join(lines)

@@ -275,7 +275,7 @@ def test_weights_take_two_bits(tiny_model, tmp_path):
     weights = sum(orig.info(n).numel for n in packed)
     assert bits == 2 * weights  # exactly 2 bits per weight (+ one scale per tensor)
     assert r.extra["quantized_params"] == weights
-    assert 0.2 < r.extra["ternary_zero_fraction"] < 0.5  # ~31% for Gaussian weights
+    assert 0.2 < r.extra["zero_fraction"] < 0.5  # ~31% for Gaussian weights
 
 
 def test_out_features_not_divisible_by_4_is_an_error(tmp_path):
@@ -317,8 +317,8 @@ def test_cli_end_to_end(tiny_model, tmp_path):
     [
         (["--bits", "2"], "--bits does not apply"),
         (["--group-size", "-1"], "--group-size does not apply"),
-        (["--format", "gptq"], "ternary goes with --format bitnet"),
-        (["--asym"], "--asym does not apply"),
+        (["--format", "gptq"], "--method ternary writes --format bitnet, not gptq"),
+        (["--asym"], "--sym/--asym does not apply"),
         (["--ignore", "nothing_like_this"], "matches no Linear"),
     ],
 )
@@ -339,7 +339,8 @@ def test_cli_rejects_bitnet_for_other_methods(tiny_model, tmp_path):
         cli, ["compress", "quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"),
               "--format", "bitnet", "--no-progress"],
     )  # fmt: skip
-    assert res.exit_code == 1 and "ternary goes with --format bitnet" in res.output
+    assert res.exit_code == 1
+    assert "--method rtn writes --format compressed-tensors or gptq, not bitnet" in res.output
 
 
 @pytest.mark.slow

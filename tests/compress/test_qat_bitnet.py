@@ -69,7 +69,7 @@ def test_trained_bitnet_equals_converted_checkpoint(tiny_model, tmp_path, data, 
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     # training beats ternary PTQ of the original (as transformers loads both)
-    ptq = QuantConfig(method="ternary", format="bitnet", group_size=-1,
+    ptq = QuantConfig(method="ternary", format="bitnet",
                       use_rms_norm=use_rms_norm, linear_class=linear_class)  # fmt: skip
     quantize_checkpoint(src, tmp_path / "ptq", ptq, progress=False)
     before = _loss(AutoModelForCausalLM.from_pretrained(tmp_path / "ptq").eval(), ids)

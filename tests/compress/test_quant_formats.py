@@ -140,7 +140,10 @@ def test_cli_quantize_report_and_errors(tiny_model, tmp_path):
     assert "model.layers.0.mlp.down_proj.weight" in stored
     assert "model.layers.0.mlp.up_proj.weight_packed" in stored
     prov = json.loads((out / "weightsmith.json").read_text())
-    assert prov["config"]["method"] == "rtn" and prov["config"]["version"] == 1
+    assert prov["config"]["method"] == "rtn" and prov["config"]["rtn"]["version"] == 1
+    assert prov["config"]["rtn"]["group_size"] == 32 and prov["config"]["format"] == (
+        "compressed-tensors"
+    )
 
     def fails(args, message):
         bad = tmp_path / "bad"

@@ -155,16 +155,15 @@ def test_layer_streamed_gptq_beats_rtn_end_to_end(tiny_model, tmp_path):
 
     calib.write_text(load_calibration_text(None).text)
     ids = tokenize_windows(load_tokenizer(src), calib.read_text(), samples=4, seq_len=64)
-    common = dict(
-        bits=3, group_size=32, symmetric=True, calib=str(calib), calib_samples=16, seq_len=64
-    )
+    grid = dict(bits=3, group_size=32, symmetric=True)
+    calibration = dict(calib=str(calib), calib_samples=16, seq_len=64)
     g = quantize_checkpoint(
-        src, tmp_path / "gptq", QuantConfig(method="gptq", **common), progress=False
+        src, tmp_path / "gptq", QuantConfig(method="gptq", **grid, **calibration), progress=False
     )
-    quantize_checkpoint(src, tmp_path / "rtn", QuantConfig(method="rtn", **common), progress=False)
+    quantize_checkpoint(src, tmp_path / "rtn", QuantConfig(method="rtn", **grid), progress=False)
     assert g.extra["calibration"]["source"] == str(calib)
     assert g.extra["calibration"]["samples"] >= 4
-    assert len(g.extra["gptq_loss"]) == 14
+    assert len(g.extra["loss"]) == 14 and all(v > 0 for v in g.extra["loss"].values())
     err_g = _rel_error_to_original(src, tmp_path / "gptq", ids)
     err_r = _rel_error_to_original(src, tmp_path / "rtn", ids)
     assert err_g < 0.8 * err_r, (err_g, err_r)
@@ -185,7 +184,9 @@ def test_cli_gptq_builtin_fallback_and_errors(tiny_model, tmp_path):
     rep = json.loads(report.read_text())["result"]["extra"]
     assert rep["calibration"]["source"] == "builtin" and rep["rtn_fallbacks"] == []
     prov = json.loads((tmp_path / "q" / "weightsmith.json").read_text())
-    assert prov["calibration"]["source"] == "builtin" and prov["config"]["act_order"] is True
+    assert (
+        prov["calibration"]["source"] == "builtin" and prov["config"]["gptq"]["act_order"] is True
+    )
     # A degenerate Hessian: negative dampening breaks positive definiteness.
     bad = tmp_path / "bad"
     args = ["compress", "quantize", str(src), "-o", str(bad), "--method", "gptq", "--group-size",

@@ -55,7 +55,8 @@ def test_nf4_only_with_bnb_format(tiny_model, tmp_path):
         ["compress", "quantize", str(tiny_model("llama")), "-o", str(tmp_path / "x"),
          "--method", "nf4", "--format", "gptq"],
     )  # fmt: skip
-    assert r.exit_code == 1 and "--method nf4 goes with --format bnb" in r.output
+    assert r.exit_code == 1 and "--method nf4 writes --format bnb, not gptq" in r.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_nf4_tensor_function_double_quant_round_trip():

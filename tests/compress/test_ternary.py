@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from weightsmith.compress.registry import QuantConfig
-from weightsmith.compress.ternary import bitlinear_reference, check_ternary_config, ternary_quantize
+from weightsmith.compress.ternary import bitlinear_reference, ternary_quantize
 from weightsmith.errors import ConfigError
 
 
@@ -66,29 +66,33 @@ def test_bitlinear_reference_is_close_to_the_float_product():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(bits=3), dict(group_size=64), dict(symmetric=False)], ids=str
+    "kwargs", [dict(bits=3), dict(bits=2), dict(group_size=-1), dict(symmetric=False)], ids=str
 )
 def test_ternary_rejects_bits_group_size_and_asym(kwargs):
-    with pytest.raises(ConfigError, match="ternary"):
-        check_ternary_config(QuantConfig(method="ternary", format="bitnet", **kwargs))
+    # one scale per tensor: the grid options are not ternary options, whatever their value
+    with pytest.raises(ConfigError, match="does not apply to --method ternary"):
+        QuantConfig(method="ternary", **kwargs)
 
 
-def test_ternary_accepts_defaults_and_its_own_values():
-    check_ternary_config(QuantConfig(method="ternary", format="bitnet"))
-    check_ternary_config(QuantConfig(method="ternary", format="bitnet", bits=2, group_size=-1))
+def test_ternary_defaults_to_the_bitnet_format():
+    cfg = QuantConfig(method="ternary")
+    assert cfg.format == "bitnet" and cfg.format_options.linear_class == "bitlinear"
+    assert QuantConfig(method="ternary", format="bitnet") == cfg
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="ternary"), "ternary goes with --format bitnet"),
-        (dict(method="ternary", format="gptq"), "ternary goes with --format bitnet"),
-        (dict(method="rtn", format="bitnet"), "ternary goes with --format bitnet"),
-        (dict(linear_class="autobitlinear"), "bitnet only"),
-        (dict(use_rms_norm=True), "bitnet only"),
-        (dict(method="ternary", format="bitnet", linear_class="bitnet"), "--linear-class"),
+        (dict(method="ternary", format="gptq"), "--method ternary writes --format bitnet, not gptq"),
+        (dict(method="rtn", format="bitnet"), "--method rtn writes --format compressed-tensors or gptq"),
+        (dict(linear_class="autobitlinear"), "--linear-class does not apply to --method rtn"),
+        (dict(use_rms_norm=True), "--use-rms-norm does not apply"),
+        (dict(method="ternary", linear_class="bitnet"), "--linear-class must be one of"),
+        (dict(method="ternary", rms_norm_eps=float("nan")), "--rms-norm-eps must be finite"),
+        (dict(method="ternary", rms_norm_eps=float("inf")), "--rms-norm-eps must be finite"),
+        (dict(method="ternary", rms_norm_eps=0.0), "--rms-norm-eps must be positive"),
     ],
-)
+)  # fmt: skip
 def test_method_format_pairing_is_validated(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         QuantConfig(**kwargs).validate()

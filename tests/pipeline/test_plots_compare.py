@@ -24,8 +24,8 @@ def test_quantized_outputs_are_dequantized(
     tmp_path: Path, tiny_model, fmt: str, symmetric: bool, bits: int
 ) -> None:
     src = tiny_model("llama", 0)
-    cfg = QuantConfig(method="nf4" if fmt == "bnb" else "rtn", bits=bits, group_size=32,
-                      symmetric=symmetric, format=fmt)  # fmt: skip
+    grid = {} if fmt == "bnb" else dict(bits=bits, group_size=32, symmetric=symmetric)
+    cfg = QuantConfig(method="nf4" if fmt == "bnb" else "rtn", format=fmt, **grid)
     out = tmp_path / "q"
     quantize_checkpoint(src, out, cfg, progress=False)
     result = compare_checkpoints(src, out)
@@ -55,9 +55,9 @@ def test_quantized_outputs_are_dequantized(
 
 
 def test_undecodable_quantization_is_said() -> None:
-    from weightsmith.compare import _DECODERS
+    from weightsmith.compress.registry import format_reading
 
     fake = {"compared": 0, "identical": 0, "only_in_a": ["w"], "only_in_b": ["w_packed"],
             "shape_mismatch": [], "tensors": [], "quantization": {"a": None, "b": "made-up"}}  # fmt: skip
-    assert "made-up" not in _DECODERS
+    assert format_reading("made-up") is None
     assert "B is quantized with 'made-up', which compare cannot decode" in format_comparison(fake)

@@ -8,6 +8,7 @@ from click.core import ParameterSource
 # Methods and formats register on import; the choices below come from the registries.
 import weightsmith.compress.quantize  # noqa: F401
 from weightsmith.cli.common import (
+    FINITE_FLOAT,
     calibration_options,
     force_option,
     max_shard_size_option,
@@ -17,7 +18,6 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.registry import FORMATS, METHODS
-from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
@@ -48,8 +48,9 @@ from weightsmith.io.sizes import format_size, parse_size
     "--format",
     "fmt",
     type=click.Choice(sorted(FORMATS)),
-    default="compressed-tensors",
-    show_default=True,
+    default=None,
+    help="Output format; default: the method's own (nf4: bnb, ternary: bitnet, others: "
+    "compressed-tensors).",
 )
 @calibration_options
 @click.option(
@@ -58,7 +59,11 @@ from weightsmith.io.sizes import format_size, parse_size
     help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups).",
 )
 @click.option(
-    "--damp", default=0.01, show_default=True, help="GPTQ: dampening, fraction of mean diag(H)."
+    "--damp",
+    type=FINITE_FLOAT,
+    default=0.01,
+    show_default=True,
+    help="GPTQ: dampening, fraction of mean diag(H).",
 )
 @click.option(
     "--allow-rtn-fallback",
@@ -76,7 +81,13 @@ from weightsmith.io.sizes import format_size, parse_size
 @click.option(
     "--use-rms-norm", is_flag=True, help="Ternary: RMSNorm before each BitLinear's activations."
 )
-@click.option("--rms-norm-eps", default=1e-6, show_default=True, help="Ternary: RMSNorm epsilon.")
+@click.option(
+    "--rms-norm-eps",
+    type=FINITE_FLOAT,
+    default=1e-6,
+    show_default=True,
+    help="Ternary: RMSNorm epsilon.",
+)
 @max_shard_size_option
 @force_option
 @progress_option
@@ -85,53 +96,23 @@ def quantize_cmd(
     model: str,
     out: str,
     method: str,
-    bits: int,
-    group_size: int,
-    sym: bool,
     ignore: tuple[str, ...],
-    fmt: str,
-    calib: str | None,
-    calib_samples: int,
-    seq_len: int,
-    act_order: bool,
-    damp: float,
-    allow_rtn_fallback: bool,
-    double_quant: bool,
-    linear_class: str,
-    use_rms_norm: bool,
-    rms_norm_eps: float,
+    fmt: str | None,
     device: str,
     max_shard_size: str,
     force: bool,
     progress: bool,
+    **options,
 ) -> dict:
-    """Quantize the Linear weights of MODEL into OUT (RTN, GPTQ, NF4 or BitNet ternary)."""
+    """Quantize the Linear weights of MODEL into OUT with a registered method (RTN, MSE,
+    GPTQ, NF4, BitNet ternary). Only the options you give are passed on: one that the method
+    or format does not have is an error."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 
-    if method == "nf4" and fmt == "compressed-tensors":
-        fmt = "bnb"  # nf4 has exactly one format
-    if method == "ternary":
-        _reject_bits_for_ternary()
-        fmt = "bitnet" if _is_default("fmt") else fmt  # ternary has exactly one format
-    cfg = QuantConfig(
-        method=method,
-        bits=4 if method == "nf4" else bits,
-        group_size=group_size,
-        symmetric=sym,
-        format=fmt,
-        ignore=ignore,
-        calib=calib,
-        calib_samples=calib_samples,
-        seq_len=seq_len,
-        damp=damp,
-        act_order=act_order,
-        allow_rtn_fallback=allow_rtn_fallback,
-        double_quant=double_quant,
-        linear_class=linear_class,
-        use_rms_norm=use_rms_norm,
-        rms_norm_eps=rms_norm_eps,
-    )
-    if METHODS[method].needs_calibration and calib is None:
+    given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
+    cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
+    cfg.validate()
+    if METHODS[method].needs_calibration and cfg.calib is None:
         note_builtin_calibration()
     r = quantize_checkpoint(
         model,
@@ -146,22 +127,16 @@ def quantize_cmd(
     fallbacks = f", {len(x['rtn_fallbacks'])} RTN fallbacks" if x.get("rtn_fallbacks") else ""
     click.echo(
         f"quantized {x['quantized_linears']} Linears ({100 * x['fraction_quantized']:.1f}% of "
-        f"parameters) with {method} {x['bits']}-bit into {fmt}: "
+        f"parameters) with {method} {x['bits']}-bit into {cfg.format}: "
         f"{format_size(x['input_size'])} -> {format_size(x['output_size'])}{fallbacks} "
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )
     return {"input": model, "output": r.out, "result": r.to_dict()}
 
 
+_OPTION_NAMES = {"sym": "symmetric"}  # CLI parameter -> option name
+
+
 def _is_default(param: str) -> bool:
     src = click.get_current_context().get_parameter_source(param)
     return src in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-
-
-def _reject_bits_for_ternary() -> None:
-    """--method ternary has one scale per tensor: an explicit --bits/--group-size is an error."""
-    given = [f"--{p.replace('_', '-')}" for p in ("bits", "group_size") if not _is_default(p)]
-    if given:
-        raise ConfigError(
-            f"--method ternary stores {{-1, 0, 1}} with one scale per tensor: {given[0]} does not apply"
-        )

@@ -1,8 +1,9 @@
-"""Post-training quantization: RTN, GPTQ (layer-streamed calibration) and NF4.
+"""Post-training quantization: registered methods (RTN, MSE-clipped RTN, GPTQ, NF4, ternary)
+written through registered output formats (compressed-tensors, gptq, bnb, bitnet).
 
-Pure tensor functions live in :mod:`~weightsmith.compress.rtn` and
-:mod:`~weightsmith.compress.gptq`; :func:`quantize_checkpoint` walks a checkpoint and writes
-a format that transformers and vLLM load.
+Pure tensor functions live in one file per method (:mod:`~weightsmith.compress.rtn`,
+:mod:`~weightsmith.compress.gptq`, ...); :func:`quantize_checkpoint` walks a checkpoint and
+writes a format that transformers and vLLM load.
 """
 
 from weightsmith.compress.quantize import QuantizeResult, quantize_checkpoint

@@ -14,20 +14,21 @@ Per quantized Linear ``(out, in)``, as ``transformers.integrations.bitnet`` load
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import asdict, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from weightsmith.compress.registry import QuantConfig, QuantizedWeight, output_format
-from weightsmith.compress.ternary import check_ternary_config, ternary_quantize
-from weightsmith.compress.ternary_math import absmean_ternary
-from weightsmith.core.calibration import build_skeleton
-from weightsmith.core.streaming import RawTensor, stream_transform
-from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.io.reader import TensorGroup, open_checkpoint
-from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+from weightsmith.compress.registry import (
+    FormatDefaults,
+    LinearTarget,
+    MethodConfig,
+    QuantConfig,
+    QuantizedWeight,
+    output_format,
+)
+from weightsmith.errors import ConfigError
+from weightsmith.io.writer import TensorSpec
 
 VALUES_PER_BYTE = 4
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
@@ -69,182 +70,107 @@ def effective_gamma(weight_scale: torch.Tensor, linear_class: str) -> torch.Tens
     return 1.0 / s if linear_class == "bitlinear" else s
 
 
+@dataclass(frozen=True)
+class BitNetOptions(MethodConfig):
+    """``--format bitnet``'s options: how transformers will run the ternary Linears."""
+
+    linear_class: str = "bitlinear"  # or "autobitlinear": decides the weight_scale convention
+    use_rms_norm: bool = False  # a weightless RMSNorm before each BitLinear's int8 activations
+    rms_norm_eps: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        if self.linear_class not in LINEAR_CLASSES:
+            raise ConfigError(
+                f"--linear-class must be one of {', '.join(LINEAR_CLASSES)} "
+                f"(got {self.linear_class!r})"
+            )
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"--rms-norm-eps must be positive (got {self.rms_norm_eps})")
+
+
 @output_format
-class BitNetFormat:
+class BitNetFormat(FormatDefaults):
     """transformers ``bitnet`` (offline): uint8 2-bit ternary weights packed along the output
     dim, a per-tensor ``weight_scale`` whose convention follows ``linear_class``."""
 
     name = "bitnet"
+    quant_method = "bitnet"
+    options = BitNetOptions
     summary = "transformers BitNet b1.58 (quant_method bitnet): 2-bit packed ternary, CPU/GPU"
 
-    def check(self, cfg: QuantConfig) -> None:
-        check_ternary_config(cfg)
-        if cfg.linear_class not in LINEAR_CLASSES:
-            raise ConfigError(
-                f"--linear-class must be one of {', '.join(LINEAR_CLASSES)} (got {cfg.linear_class!r})"
-            )
-        if not cfg.rms_norm_eps > 0:
-            raise ConfigError(f"--rms-norm-eps must be positive (got {cfg.rms_norm_eps})")
-
-    def plan(
-        self, module: str, shape, dtype: torch.dtype, cfg: QuantConfig, *, rms_norm: bool = True
-    ) -> list[TensorSpec]:
-        """Specs of one Linear; ``rms_norm=False`` when the checkpoint brings its own."""
-        out_f, in_f = shape
+    def plan(self, target: LinearTarget, cfg: QuantConfig) -> list[TensorSpec]:
+        (out_f, in_f), m = target.shape, target.module
         if out_f % VALUES_PER_BYTE:
             raise ConfigError(
-                f"{module}: out_features {out_f} is not divisible by 4, which the bitnet format "
+                f"{m}: out_features {out_f} is not divisible by 4, which the bitnet format "
                 f"packs along; --ignore it"
             )
-        specs = [
-            TensorSpec(f"{module}.weight", torch.uint8, (out_f // VALUES_PER_BYTE, in_f)),
-            TensorSpec(f"{module}.weight_scale", dtype, (1,)),
-        ]
-        if cfg.use_rms_norm and rms_norm:
-            specs.append(TensorSpec(f"{module}.rms_norm.weight", dtype, (in_f,)))
-        return specs
-
-    def encode(
-        self, module: str, qw: QuantizedWeight, dtype: torch.dtype, cfg: QuantConfig,
-        *, rms_norm: bool = True,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """The stored tensors of one ternary Linear (``qw`` from :func:`ternary_quantize`)."""
-        out = {
-            f"{module}.weight": pack_ternary(qw.q),
-            f"{module}.weight_scale": stored_scale(qw.scale, cfg.linear_class, dtype),
-        }
-        if cfg.use_rms_norm and rms_norm:
-            out[f"{module}.rms_norm.weight"] = torch.ones(qw.q.shape[1], dtype=dtype)
-        return out
-
-    def encode_bias(
-        self, bias: torch.Tensor, weight_scale: torch.Tensor, cfg: QuantConfig
-    ) -> torch.Tensor:
-        """The stored bias: AutoBitLinear scales it with the output, so it keeps ``b / γ``."""
-        if cfg.linear_class == "bitlinear":
-            return bias
-        return (bias.float() / weight_scale.float()).to(bias.dtype)
-
-    def quantization_config(self, cfg: QuantConfig, ignored: list[str]) -> dict:
-        return {
-            "quant_method": "bitnet",
-            "linear_class": cfg.linear_class,
-            "quantization_mode": "offline",
-            "modules_to_not_convert": ignored,
-            "use_rms_norm": cfg.use_rms_norm,
-            "rms_norm_eps": cfg.rms_norm_eps,
-        }
-
-
-def quantize_bitnet_checkpoint(
-    path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    cfg: QuantConfig,
-    *,
-    force: bool = False,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    progress: bool = True,
-    provenance: dict | None = None,
-):
-    """Ternary-quantize the Linears of ``path`` (but lm_head and ``cfg.ignore``) into the
-    ``bitnet`` format at ``out``, one tensor at a time (biases need their weight's ``γ``)."""
-    from weightsmith.compress.quantize import QuantizeResult, select_linears
-
-    cfg.validate()
-    fmt = BitNetFormat()
-    start = time.perf_counter()
-    with open_checkpoint(path) as ckpt:
-        if ckpt.config is None:
-            raise CheckpointError(f"{ckpt.root}: no config.json; quantization needs it")
-        targets, ignored = select_linears(ckpt, build_skeleton(ckpt), replace(cfg, group_size=-1))
-        by_tensor = {t.tensor: t for t in targets}
-        biases = {f"{t.module}.bias": t for t in targets if f"{t.module}.bias" in ckpt.tensors}
-        own_norms = {f"{t.module}.rms_norm.weight" for t in targets} & set(ckpt.tensors)
-        if own_norms and not cfg.use_rms_norm:
+        if "rms_norm.weight" in target.siblings and not cfg.format_options.use_rms_norm:
             raise ConfigError(
-                f"{sorted(own_norms)[0]}: the checkpoint has BitLinear RMSNorm weights; "
+                f"{m}.rms_norm.weight: the checkpoint has BitLinear RMSNorm weights; "
                 "pass --use-rms-norm"
             )
+        specs = [
+            TensorSpec(f"{m}.weight", torch.uint8, (out_f // VALUES_PER_BYTE, in_f)),
+            TensorSpec(f"{m}.weight_scale", target.dtype, (1,)),
+        ]
+        if self._new_norm(target, cfg):
+            specs.append(TensorSpec(f"{m}.rms_norm.weight", target.dtype, (in_f,)))
+        return specs
 
-        def plan(group: TensorGroup) -> list[TensorSpec]:
-            specs = []
-            for n in group.names:
-                t, info = by_tensor.get(n), ckpt.info(n)
-                specs += (
-                    fmt.plan(t.module, t.shape, info.torch_dtype, cfg,
-                             rms_norm=f"{t.module}.rms_norm.weight" not in own_norms)
-                    if t
-                    else [TensorSpec(n, info.torch_dtype, info.shape)]
-                )  # fmt: skip
-            return specs
+    @staticmethod
+    def _new_norm(target: LinearTarget, cfg: QuantConfig) -> bool:
+        """Write a ones RMSNorm weight (unless the checkpoint brings its own)."""
+        return cfg.format_options.use_rms_norm and "rms_norm.weight" not in target.siblings
 
-        zeros = [0]
+    def encode(
+        self, target: LinearTarget, qw: QuantizedWeight, cfg: QuantConfig
+    ) -> dict[str, torch.Tensor]:
+        """The stored tensors of one ternary Linear (``qw`` from ``ternary_quantize``)."""
+        m, lc = target.module, cfg.format_options.linear_class
+        out = {
+            f"{m}.weight": pack_ternary(qw.q),
+            f"{m}.weight_scale": stored_scale(qw.scale, lc, target.dtype),
+        }
+        if self._new_norm(target, cfg):
+            out[f"{m}.rms_norm.weight"] = torch.ones(qw.q.shape[1], dtype=target.dtype)
+        return out
 
-        def apply(group: TensorGroup):
-            for n in group.names:
-                t = by_tensor.get(n)
-                if t is not None:
-                    qw = ternary_quantize(ckpt.get_tensor(n))
-                    zeros[0] += int((qw.q == 0).sum())
-                    yield from fmt.encode(
-                        t.module, qw, ckpt.info(n).torch_dtype, cfg,
-                        rms_norm=f"{t.module}.rms_norm.weight" not in own_norms,
-                    ).items()  # fmt: skip
-                elif n in biases and cfg.linear_class != "bitlinear":
-                    w = biases[n].tensor  # AutoBitLinear: the bias needs its weight's γ
-                    gamma = absmean_ternary(ckpt.get_tensor(w))[1]
-                    scale = stored_scale(gamma, cfg.linear_class, ckpt.info(w).torch_dtype)
-                    yield n, fmt.encode_bias(ckpt.get_tensor(n), scale, cfg)
-                else:
-                    yield n, RawTensor.of(ckpt, n)
+    def rewrites(self, target: LinearTarget, cfg: QuantConfig) -> tuple[str, ...]:
+        """AutoBitLinear scales the bias with the output, so it stores ``b / γ``."""
+        auto = cfg.format_options.linear_class == "autobitlinear"
+        return (f"{target.module}.bias",) if auto and "bias" in target.siblings else ()
 
-        qcfg = fmt.quantization_config(cfg, ignored)
+    def rewrite(
+        self, name: str, t: torch.Tensor, target: LinearTarget, qw: QuantizedWeight,
+        cfg: QuantConfig,
+    ) -> torch.Tensor:  # fmt: skip
+        scale = stored_scale(qw.scale, cfg.format_options.linear_class, target.dtype)
+        return (t.float() / scale.float()).to(t.dtype)
 
-        def patch(config: dict) -> dict:
-            config["quantization_config"] = qcfg
-            return config
+    def quantization_config(self, cfg: QuantConfig, ignored: list[str], dtype) -> dict:
+        fo = cfg.format_options
+        return {
+            "quant_method": "bitnet",
+            "linear_class": fo.linear_class,
+            "quantization_mode": "offline",
+            "modules_to_not_convert": ignored,
+            "use_rms_norm": fo.use_rms_norm,
+            "rms_norm_eps": fo.rms_norm_eps,
+        }
 
-        result = stream_transform(
-            ckpt.groups("tensor"),
-            out,
-            plan=plan,
-            apply=apply,
-            sources=[ckpt],
-            support_from=ckpt.root,
-            config_patch=patch,
-            max_shard_size=max_shard_size,
-            force=force,
-            provenance={
-                "operation": "quantize",
-                "config": asdict(cfg),
-                "calibration": {},
-                **(provenance or {}),
-            },
-            progress=progress,
-            description="quantize ternary",
-        )
-    quantized = sum(t.shape[0] * t.shape[1] for t in targets)
-    total = ckpt.num_params
-    r = QuantizeResult(**result.__dict__)
-    r.wall_s = round(time.perf_counter() - start, 3)
-    r.extra = {
-        "method": "ternary",
-        "format": "bitnet",
-        "bits": 1.58,  # log2(3); stored as 2 bits
-        "group_size": -1,  # one scale per tensor
-        "symmetric": True,
-        "linear_class": cfg.linear_class,
-        "use_rms_norm": cfg.use_rms_norm,
-        "input_size": ckpt.total_bytes,
-        "output_size": result.total_size,
-        "quantized_linears": len(targets),
-        "kept_linears": ignored,
-        "params": total,
-        "quantized_params": quantized,
-        "fraction_quantized": quantized / total if total else 0.0,
-        "ternary_zero_fraction": zeros[0] / quantized,
-        "calibration": None,
-        "rtn_fallbacks": [],
-        "gptq_loss": None,
-    }
-    return r
+    def stored_linears(self, names: Iterable[str], qc: dict) -> dict[str, tuple[str, ...]]:
+        if qc.get("quantization_mode", "offline") != "offline":
+            return {}
+        have = set(names)
+        return {
+            f"{n[: -len('_scale')]}": (n[: -len("_scale")], n)
+            for n in sorted(have)
+            if n.endswith(".weight_scale") and n[: -len("_scale")] in have
+        }
+
+    def decode(self, qc: dict, module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = unpack_ternary(tensors[f"{module}.weight"]).float()
+        gamma = effective_gamma(tensors[f"{module}.weight_scale"], qc.get("linear_class", ""))
+        return q * gamma

@@ -14,45 +14,26 @@ when the group starts inside a block (the reference reads stale values there).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from weightsmith.compress.registry import QuantConfig, QuantizedWeight, quant_method
+from weightsmith.compress.registry import (
+    CalibratedConfig,
+    CalibrationFailed,
+    GridConfig,
+    QuantizedWeight,
+    quant_method,
+)
 from weightsmith.compress.rtn import group_qparams, minmax_qparams, quantize_levels, zero_min_for
+from weightsmith.core.statistics import HessianStat  # noqa: F401  (re-exported)
 from weightsmith.errors import ConfigError
 
 
-class HessianNotPositiveDefinite(ConfigError):
+class HessianNotPositiveDefinite(CalibrationFailed):
     """``H + damp·I`` has no Cholesky factor (too little or degenerate calibration data)."""
 
-
-class HessianStat:
-    """Accumulates ``H = 2/n · Σ x xᵀ`` over the ``n`` calibration tokens of one Linear."""
-
-    def __init__(self, in_features: int) -> None:
-        self.in_features = in_features
-        self.sum: torch.Tensor | None = None  # allocated on the inputs' device
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.float()
-        if self.sum is None:
-            n = self.in_features
-            self.sum = torch.zeros(n, n, dtype=torch.float32, device=x.device)
-        self.sum.addmm_(x.t(), x)
-        self.n += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        if self.sum is None:
-            return torch.zeros(self.in_features, self.in_features)
-        return self.sum * (2.0 / max(self.n, 1))
-
-    def take_hessian(self) -> torch.Tensor:
-        """:meth:`hessian`, computed in place in the accumulator, which is handed over (the
-        stat is empty afterwards): saves one ``(in, in)`` float32 copy per Linear."""
-        if self.sum is None:
-            return self.hessian()
-        h, self.sum = self.sum.mul_(2.0 / max(self.n, 1)), None
-        return h
+    hint = "raise --damp, use more calibration data, or pass --allow-rtn-fallback"
 
 
 def _qparams_for(
@@ -94,7 +75,7 @@ def gptq_quantize_weight(
     H = hessian.detach()
     if not (overwrite_hessian and H.dtype == torch.float32):
         H = H.float().clone()
-    out_f, cols = W.shape
+    cols = W.shape[1]
     g = cols if group_size == -1 else group_size
 
     dead = torch.diag(H) == 0
@@ -112,20 +93,59 @@ def gptq_quantize_weight(
         H.copy_(H[perm])  # permute rows then columns in place: one temporary at a time
         H.copy_(H[:, perm])
 
-    dev = W.device
-    if H.device != dev:
-        H = H.to(dev)
+    if H.device != W.device:
+        H = H.to(W.device)
+    Hinv = _inverse_cholesky(H, damp)
+    del H
+    grid = _Grid(bits, g, symmetric, dtype, zero_min, perm)
+    Q, scale, zero, loss = _quantize_columns(W, Hinv, grid, block_size, static_scale, static_zero)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return QuantizedWeight(
+        q=Q.cpu(),
+        scale=scale.to(dtype).cpu(),
+        zero=zero.to(torch.int8).cpu(),
+        bits=bits,
+        group_size=g,
+        symmetric=symmetric,
+        g_idx=(torch.arange(cols) // g).to(torch.int32),
+        info={"loss": float(loss.sum())},
+    )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """What the column loop needs to know about the quantization grid."""
+
+    bits: int
+    g: int  # columns per group
+    symmetric: bool
+    dtype: torch.dtype
+    zero_min: int | None
+    perm: torch.Tensor | None  # act-order column order (None: natural)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``, reusing ``H``'s storage."""
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp·mean(diag H)·I
     try:
         L = torch.linalg.cholesky(H)
         torch.cholesky_inverse(L, out=H)  # H⁻¹, into H's storage
-        Hinv = torch.linalg.cholesky(H, upper=True, out=L)  # its upper factor, into L's
+        return torch.linalg.cholesky(H, upper=True, out=L)  # its upper factor, into L's
     except torch.linalg.LinAlgError:
         raise HessianNotPositiveDefinite(
             f"the damped Hessian is not positive definite (damp {damp})"
         ) from None
-    del H
 
+
+def _quantize_columns(
+    W: torch.Tensor, Hinv: torch.Tensor, grid: _Grid, block_size: int,
+    static_scale: torch.Tensor | None, static_zero: torch.Tensor | None,
+):  # fmt: skip
+    """Alg. 1: quantize column by column, spreading each error over the later columns; the rest
+    of the matrix is updated once per block. Returns levels, scale, zero and the loss."""
+    bits, g, perm, dev = grid.bits, grid.g, grid.perm, W.device
+    out_f, cols = W.shape
     Q = torch.zeros(out_f, cols, dtype=torch.int8, device=dev)
     n_groups = cols // g
     scale = torch.zeros(out_f, n_groups, device=dev) if static_scale is None else static_scale
@@ -143,7 +163,7 @@ def gptq_quantize_weight(
             if static_scale is None and col % g == 0:
                 # the group's current, error-compensated weights (may extend past the block)
                 cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
-                s, z = _qparams_for(cur, bits, symmetric, dtype, zero_min)
+                s, z = _qparams_for(cur, bits, grid.symmetric, grid.dtype, grid.zero_min)
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
             x = W1[:, i]
             q = quantize_levels(x[:, None], scale[:, grp : grp + 1], zero[:, grp : grp + 1], bits)
@@ -155,31 +175,35 @@ def gptq_quantize_weight(
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)
-
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(
-        q=Q.cpu(),
-        scale=scale.to(dtype).cpu(),
-        zero=zero.to(torch.int8).cpu(),
-        bits=bits,
-        group_size=g,
-        symmetric=symmetric,
-        g_idx=(torch.arange(cols) // g).to(torch.int32),
-        info={"loss": float(loss.sum())},
-    )
+    return Q, scale, zero, loss
 
 
-@quant_method("gptq", needs_calibration=True, summary="GPTQ, Hessian-compensated rounding")
+@dataclass(frozen=True)
+class GPTQConfig(GridConfig, CalibratedConfig):
+    """``--method gptq``: grid options, calibration text, and GPTQ's own settings."""
+
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False
+    block_size: int = 128
+    allow_rtn_fallback: bool = False  # RTN for a Linear whose Hessian has no Cholesky factor
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be positive (got {self.block_size})")
+
+
+@quant_method("gptq", config=GPTQConfig, statistic="hessian",
+              summary="GPTQ, Hessian-compensated rounding")  # fmt: skip
 def gptq_quantize(
-    w: torch.Tensor,
-    cfg: QuantConfig,
-    hessian: torch.Tensor | None = None,
-    *,
-    dtype=None,
-    overwrite_hessian: bool = False,
-) -> QuantizedWeight:
-    """GPTQ with the settings of ``cfg`` (see :func:`gptq_quantize_weight`)."""
+    w: torch.Tensor, cfg: GPTQConfig, hessian: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, zero_min: int | None = None,
+    overwrite_hessian: bool = True,
+) -> QuantizedWeight:  # fmt: skip
+    """GPTQ with the settings of ``cfg`` (see :func:`gptq_quantize_weight`). The Hessian is
+    handed over: its storage is reused (``overwrite_hessian=False`` keeps it)."""
     if hessian is None:
         raise ValueError("gptq needs the Hessian of the Linear's calibration inputs")
     return gptq_quantize_weight(
@@ -192,6 +216,6 @@ def gptq_quantize(
         act_order=cfg.act_order,
         block_size=cfg.block_size,
         dtype=dtype,
-        zero_min=zero_min_for(cfg),
+        zero_min=zero_min if zero_min is not None else zero_min_for(cfg),
         overwrite_hessian=overwrite_hessian,
     )

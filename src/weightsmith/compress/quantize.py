@@ -1,58 +1,53 @@
 """``compress quantize``: quantize a checkpoint's Linears, streaming, into a loadable format.
 
-RTN streams one tensor at a time. Calibration methods (GPTQ) stream one decoder layer at a time
-through :class:`~weightsmith.core.calibration.LayerStreamer`: inside a layer the Linears are
-quantized true-sequentially (q/k/v, then o with the quantized q/k/v's outputs, then gate/up,
-then down), and the quantized layer's outputs feed the next layer.
+One path for every registered method and format. Data-free methods stream one tensor at a
+time. Calibrated methods stream one decoder layer at a time through
+:class:`~weightsmith.core.calibration.LayerStreamer`, which computes the statistic the method
+declares: inside a layer the Linears are quantized true-sequentially (q/k/v, then o with the
+quantized q/k/v's outputs, then gate/up, then down), and the quantized layer's outputs feed the
+next layer. Every tensor read is checked finite; the format turns each quantized weight (and
+any tensor that depends on it, e.g. a rescaled bias) into its stored tensors.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers ternary / bitnet)
+from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers bitnet)
 from weightsmith.compress import formats as _formats  # noqa: F401  (registers formats)
 from weightsmith.compress import gptq as _gptq  # noqa: F401  (registers gptq)
+from weightsmith.compress import mse as _mse  # noqa: F401  (registers mse)
 from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb)
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
-from weightsmith.compress.gptq import HessianNotPositiveDefinite, HessianStat, gptq_quantize
-from weightsmith.compress.registry import FORMATS, METHODS, QuantConfig, QuantizedWeight
-from weightsmith.compress.rtn import rtn_quantize
-from weightsmith.core.calibration import (
-    CalibrationLayer,
-    LayerStreamer,
-    build_skeleton,
-    load_calibration_text,
-    load_tokenizer,
-    module_path,
-    tokenize_windows,
-)
-from weightsmith.core.memory import release_freed_memory
-from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
+from weightsmith.compress.calibrated import CalibratedRun
+from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
+from weightsmith.core.calibration import build_skeleton, module_path
+from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
+from weightsmith.core.transform import (
+    WriteOptions,
+    checked_copy,
+    require_finite,
+    rewrite_checkpoint,
+)
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+
+__all__ = ["LinearTarget", "QuantizeResult", "quantize_checkpoint", "select_linears"]
 
 
 @dataclass
 class QuantizeResult(StreamResult):
     """A :class:`StreamResult` plus what was quantized."""
-
-
-@dataclass(frozen=True)
-class LinearTarget:
-    tensor: str  # checkpoint name of the weight, e.g. "model.layers.0.mlp.up_proj.weight"
-    module: str  # checkpoint module name (tensor minus ".weight")
-    model_module: str  # transformers module name (for config "ignore")
-    layer: int | None
-    shape: tuple[int, int]  # (out, in)
 
 
 def select_linears(
@@ -67,14 +62,14 @@ def select_linears(
     by_model_path = {
         module_path(model, n[: -len(".weight")]): n for n in ckpt.tensors if n.endswith(".weight")
     }
-    targets, ignored = [], []
-    used_patterns: set[str] = set()
+    group_size = getattr(cfg.options, "group_size", -1)
+    targets, ignored, used = [], [], set()
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
         tensor = by_model_path.get(name)
         hit = [p for p in cfg.ignore if ignore_matches(name, p)]
-        used_patterns.update(hit)
+        used.update(hit)
         head = ckpt.arch.lm_head and name == ckpt.arch.lm_head[: -len(".weight")]
         if tensor is None or hit or head or name == "lm_head":
             ignored.append(name)
@@ -85,23 +80,110 @@ def select_linears(
                 f"{tensor}: expected a 2-D float weight, got {info.dtype} {list(info.shape)}"
             )
         out_f, in_f = info.shape
-        if cfg.group_size != -1 and in_f % cfg.group_size:
+        if group_size != -1 and in_f % group_size:
             raise ConfigError(
-                f"{name}: in_features {in_f} is not divisible by --group-size {cfg.group_size}; "
+                f"{name}: in_features {in_f} is not divisible by --group-size {group_size}; "
                 f"use a group size that divides it, --group-size -1 (per channel), or "
                 f"--ignore {name}"
             )
-        targets.append(
-            LinearTarget(
-                tensor, tensor[: -len(".weight")], name, ckpt.arch.layer_of(tensor), (out_f, in_f)
-            )
+        module = tensor[: -len(".weight")]
+        siblings = frozenset(
+            n[len(module) + 1 :] for n in ckpt.tensors if n.startswith(f"{module}.")
         )
-    unused = [p for p in cfg.ignore if p not in used_patterns]
+        targets.append(LinearTarget(tensor, module, name, ckpt.arch.layer_of(tensor),
+                                    (out_f, in_f), info.torch_dtype, siblings - {"weight"}))  # fmt: skip
+    unused = [p for p in cfg.ignore if p not in used]
     if unused:
         raise ConfigError(f"--ignore {unused[0]!r} matches no Linear of {ckpt.root}")
     if not targets:
         raise ConfigError(f"{ckpt.root}: no Linear left to quantize")
     return targets, ignored
+
+
+class QuantizeJob:
+    """One quantize run over an open checkpoint: plans and applies each tensor group."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: QuantConfig, device: str) -> None:
+        if ckpt.config is None:
+            raise CheckpointError(f"{ckpt.root}: no config.json; quantization needs it")
+        self.ckpt, self.cfg = ckpt, cfg
+        self.method, self.fmt = METHODS[cfg.method], FORMATS[cfg.format]
+        self.targets, self.ignored = select_linears(ckpt, build_skeleton(ckpt), cfg)
+        self.by_tensor = {t.tensor: t for t in self.targets}
+        self.rewritten = {n: t for t in self.targets for n in self.fmt.rewrites(t, cfg)}
+        self.dtype = self.targets[0].dtype
+        self.quant_args = {
+            "dtype": self.fmt.scale_dtype or self.dtype,
+            "zero_min": self.fmt.zero_min(cfg.options),
+        }
+        self.stats: dict[str, Any] = {"fallbacks": [], "loss": {}, "zeros": None}
+        # module -> (quantized weight, the tensors still to write from it)
+        self._pending: dict[str, tuple[Any, set[str]]] = {}
+        self.calibrated = CalibratedRun(self, device) if self.method.statistic is not None else None
+
+    @property
+    def groups(self) -> list[TensorGroup]:
+        return self.ckpt.groups("layer" if self.calibrated else "tensor")
+
+    def plan(self, group: TensorGroup) -> list[TensorSpec]:
+        specs = []
+        for n in group.names:
+            t, info = self.by_tensor.get(n), self.ckpt.info(n)
+            specs += (
+                self.fmt.plan(t, self.cfg) if t else [TensorSpec(n, info.torch_dtype, info.shape)]
+            )
+        return specs
+
+    def apply(self, group: TensorGroup) -> Iterator[tuple[str, Any]]:
+        done: dict[str, list] = {}  # tensor -> its stored tensors, from the calibrated layer step
+        if self.calibrated is not None and group.layer is not None:
+            done = self.calibrated.run_layer(group.layer)
+        for n in group.names:
+            t = self.by_tensor.get(n)
+            if n in done:
+                yield from done.pop(n)
+            elif t is not None:
+                yield from self.encode(t, self.quantized(t))
+            elif n in self.rewritten:
+                t = self.rewritten[n]
+                yield n, self.fmt.rewrite(n, self.read(n), t, self.quantized(t, n), self.cfg)
+            else:
+                yield checked_copy(self.ckpt, n)  # as stored, checked finite on the way
+
+    def read(self, name: str) -> torch.Tensor:
+        return require_finite(self.ckpt.get_tensor(name), str(self.ckpt.path), name)
+
+    def quantize(self, w: torch.Tensor, stat: Any = None) -> Any:
+        """The method's own function on one weight (``w`` as stored, or the compute dtype)."""
+        return self.method.fn(w, self.cfg.options, stat, **self.quant_args)
+
+    def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
+        """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
+        if t.module not in self._pending:
+            qw = self.quantize(self.read(t.tensor))
+            self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg)})
+        qw, waiting = self._pending[t.module]
+        waiting.discard(use or t.tensor)
+        if not waiting:
+            del self._pending[t.module]
+        return qw
+
+    def encode(self, t: LinearTarget, qw: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        if "zeros" in qw.info:
+            self.stats["zeros"] = (self.stats["zeros"] or 0) + qw.info["zeros"]
+        if "loss" in qw.info:
+            self.stats["loss"][t.module] = qw.info["loss"]
+        for name, v in self.fmt.encode(t, qw, self.cfg).items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
+                                  f"(overflows {v.dtype})")  # fmt: skip
+            yield name, v
+
+    def patch(self, config: dict) -> dict:
+        config["quantization_config"] = self.fmt.quantization_config(
+            self.cfg, self.ignored, self.dtype
+        )
+        return config
 
 
 def quantize_checkpoint(
@@ -119,188 +201,47 @@ def quantize_checkpoint(
 
     ``provenance`` adds fields to the output's ``weightsmith.json`` (e.g. how QAT trained it)."""
     cfg.validate()
-    if cfg.method == "nf4":
-        from weightsmith.compress.nf4 import quantize_nf4_checkpoint
-
-        return quantize_nf4_checkpoint(path, out, cfg, force=force, progress=progress)
-    if cfg.method == "ternary":
-        from weightsmith.compress.bitnet_format import quantize_bitnet_checkpoint
-
-        return quantize_bitnet_checkpoint(
-            path, out, cfg, force=force, max_shard_size=max_shard_size, progress=progress,
-            provenance=provenance,
-        )  # fmt: skip
-    method = METHODS[cfg.method]
-    fmt = FORMATS[cfg.format]
+    start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
-        if ckpt.config is None:
-            raise CheckpointError(f"{ckpt.root}: no config.json; quantization needs it")
-        model = build_skeleton(ckpt)
-        targets, ignored = select_linears(ckpt, model, cfg)
-        del model
-        by_tensor = {t.tensor: t for t in targets}
-        if method.needs_calibration:
-            outside = [t.tensor for t in targets if t.layer is None]
-            if outside:
-                raise ConfigError(
-                    f"{outside[0]}: {cfg.method} quantizes decoder-layer Linears only; --ignore it"
-                )
-        model_dtype = _model_dtype(ckpt, targets)
-        scale_dtype = getattr(fmt, "scale_dtype", None) or model_dtype
-
-        def plan(group: TensorGroup) -> list[TensorSpec]:
-            specs = []
-            for n in group.names:
-                t = by_tensor.get(n)
-                info = ckpt.info(n)
-                specs += (
-                    fmt.plan(t.module, t.shape, info.torch_dtype, cfg)
-                    if t
-                    else [TensorSpec(n, info.torch_dtype, info.shape)]
-                )
-            return specs
-
-        def passthrough(n: str):
-            return n, RawTensor.of(ckpt, n)
-
-        stats: dict[str, Any] = {"fallbacks": [], "loss": {}}
-        calib_info: dict[str, Any] = {}
-
-        def encode(t: LinearTarget, qw: QuantizedWeight):
-            yield from fmt.encode(t.module, qw, ckpt.info(t.tensor).torch_dtype).items()
-
-        if not method.needs_calibration:
-
-            def apply(group: TensorGroup):
-                for n in group.names:
-                    t = by_tensor.get(n)
-                    if t is None:
-                        yield passthrough(n)
-                        continue
-                    qw = rtn_quantize(ckpt.get_tensor(n).float(), cfg, dtype=scale_dtype)
-                    yield from encode(t, qw)
-
-            groups = ckpt.groups("tensor")
-        else:
-            # Read and tokenize the calibration text before any output exists.
-            text = load_calibration_text(cfg.calib)
-            ids = tokenize_windows(
-                load_tokenizer(ckpt.root), text.text, samples=cfg.calib_samples, seq_len=cfg.seq_len
-            )
-            calib_info.update(
-                source=text.source, samples=ids.shape[0], seq_len=ids.shape[1], tokens=ids.numel()
-            )
-            state: dict[str, LayerStreamer] = {}
-
-            def streamer() -> LayerStreamer:
-                if "s" not in state:  # embeds the tokens: the first layer group starts it
-                    state["s"] = LayerStreamer(ckpt, ids, device=device)
-                return state["s"]
-
-            def apply(group: TensorGroup):
-                if group.layer is None:
-                    for n in group.names:
-                        yield passthrough(n)
-                    return
-                results = streamer().run_layer(
-                    group.layer,
-                    lambda cl: _calibrated_layer(cl, cfg, by_tensor, scale_dtype, stats, encode),
-                )
-                for n in group.names:
-                    t = by_tensor.get(n)
-                    yield from results.pop(t.module) if t else [passthrough(n)]
-
-            groups = ckpt.groups("layer")
-
-        qcfg = fmt.quantization_config(cfg, ignored)
-
-        def patch(config: dict) -> dict:
-            config["quantization_config"] = qcfg
-            return config
-
-        total = ckpt.num_params
-        quantized = sum(t.shape[0] * t.shape[1] for t in targets)
-        record = {"operation": "quantize", "config": asdict(cfg), "calibration": calib_info}
-        record.update(provenance or {})
-        result = stream_transform(
-            groups,
+        job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
+        calib = job.calibrated.info if job.calibrated else {}
+        record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}
+        result = rewrite_checkpoint(
+            ckpt,
+            job.groups,
             out,
-            plan=plan,
-            apply=apply,
-            sources=[ckpt],
-            support_from=ckpt.root,
-            config_patch=patch,
-            max_shard_size=max_shard_size,
-            force=force,
-            provenance=record,
-            progress=progress,
+            plan=job.plan if job.fmt.planned else None,
+            apply=job.apply,
+            options=WriteOptions(max_shard_size, force, progress),
             description=f"quantize {cfg.method}",
+            provenance={**record, **(provenance or {})},
+            config_patch=job.patch,
         )
-    r = QuantizeResult(**{k: v for k, v in result.__dict__.items()})
-    r.extra = {
-        "method": cfg.method,
-        "format": cfg.format,
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "symmetric": cfg.symmetric,
-        "input_size": ckpt.total_bytes,
-        "output_size": result.total_size,
-        "quantized_linears": len(targets),
-        "kept_linears": ignored,
-        "params": total,
-        "quantized_params": quantized,
-        "fraction_quantized": quantized / total if total else 0.0,
-        "calibration": calib_info or None,
-        "rtn_fallbacks": stats["fallbacks"],
-        "gptq_loss": stats["loss"] or None,
-    }
+    r = QuantizeResult(**result.__dict__)
+    r.wall_s = round(time.perf_counter() - start, 3)
+    r.extra = _summary(job, ckpt, result, calib)
     return r
 
 
-def _model_dtype(ckpt: Checkpoint, targets: list[LinearTarget]) -> torch.dtype:
-    return ckpt.info(targets[0].tensor).torch_dtype
-
-
-def _calibrated_layer(
-    cl: CalibrationLayer,
-    cfg: QuantConfig,
-    by_tensor: dict[str, LinearTarget],
-    scale_dtype: torch.dtype,
-    stats: dict,
-    encode: Callable[[LinearTarget, QuantizedWeight], Iterable[tuple[str, torch.Tensor]]],
-) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """GPTQ every target Linear of one layer, true-sequentially; returns module -> its encoded
-    output tensors. Memory: each Hessian is freed as soon as its Linear is quantized, and only
-    the encoded (packed) tensors are kept until the layer is written."""
-    method = METHODS[cfg.method]
-    extra = {"overwrite_hessian": True} if method.fn is gptq_quantize else {}
-    done: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for group in cl.sequential_groups:
-        names = [n for n in group if cl.tensor_name(n) in by_tensor]
-        if not names:
-            continue
-        hs = cl.collect(names, lambda n, m: HessianStat(by_tensor[cl.tensor_name(n)].shape[1]))
-        if any(hs[n].n == 0 for n in names):
-            raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
-        for n in names:
-            target = by_tensor[cl.tensor_name(n)]
-            w = cl.weight(n)
-            h = hs.pop(n).take_hessian()
-            try:
-                qw = method.fn(w, cfg, h, dtype=scale_dtype, **extra)
-            except HessianNotPositiveDefinite as e:
-                if not cfg.allow_rtn_fallback:
-                    raise ConfigError(
-                        f"{target.module}: {e}; raise --damp, use more calibration data, or "
-                        "pass --allow-rtn-fallback"
-                    ) from None
-                qw = rtn_quantize(w, replace(cfg, method="rtn"), dtype=scale_dtype)
-                stats["fallbacks"].append(target.module)
-            del h
-            stats["loss"][target.module] = qw.info.get("loss")
-            cl.set_weight(n, qw.dequantize().to(w.device))
-            del w
-            done[target.module] = list(encode(target, qw))
-            del qw
-            release_freed_memory()
-    return done
+def _summary(job: QuantizeJob, ckpt: Checkpoint, result: StreamResult, calib: dict) -> dict:
+    cfg, total = job.cfg, ckpt.num_params
+    quantized = sum(t.shape[0] * t.shape[1] for t in job.targets)
+    fo = job.cfg.format_options
+    zeros = job.stats["zeros"]
+    return {
+        "method": cfg.method,
+        "format": cfg.format,
+        **cfg.options.describe(),  # bits, group_size, symmetric
+        **({k: v for k, v in asdict(fo).items() if k != "version"} if fo is not None else {}),
+        "input_size": ckpt.total_bytes,
+        "output_size": result.total_size,
+        "quantized_linears": len(job.targets),
+        "kept_linears": job.ignored,
+        "params": total,
+        "quantized_params": quantized,
+        "fraction_quantized": quantized / total if total else 0.0,
+        "zero_fraction": None if zeros is None else zeros / quantized,  # levels that are 0
+        "calibration": calib or None,
+        "rtn_fallbacks": job.stats["fallbacks"],
+        "loss": job.stats["loss"] or None,
+    }

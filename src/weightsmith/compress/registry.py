@@ -1,103 +1,121 @@
-"""Quantization configs and the registries that methods and output formats join by decorator.
+"""Quantization methods and output formats: one registered unit each.
 
-Adding a method is one file: decorate ``fn(w, cfg, hessian) -> QuantizedWeight`` with
-``@quant_method("name")``. Adding a format is one class decorated with ``@output_format``.
-The CLI choices and the docs table come from these registries.
+A **method** is one file: a frozen, versioned options dataclass (a :class:`MethodConfig`) and
+a tensor function ``fn(w, options, stat, *, dtype, zero_min) -> quantized weight`` decorated
+with ``@quant_method("name", config=..., statistic=..., formats=...)``. ``statistic`` names the
+calibration statistic it needs (``None``: data-free; else a key of
+:data:`weightsmith.core.statistics.STATISTICS`, e.g. ``"hessian"``); the layer streamer
+computes it and passes it as ``stat``. ``formats[0]`` is its default output format.
+
+A **format** is one class decorated with ``@output_format``: it plans, encodes and *decodes*
+the tensors of one quantized Linear and writes config.json's ``quantization_config``
+(see :class:`OutputFormat`). The CLI choices, ``compare`` and the docs come from these
+registries; see docs/quantize.md, "Adding a quantization method / format".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 
+from weightsmith.compress.levels import QuantizedWeight  # noqa: F401  (re-exported)
 from weightsmith.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """Options of one quantization run, recorded in the output's ``weightsmith.json``."""
+class MethodConfig:
+    """Base of every method's (and format's) options; recorded in ``weightsmith.json``."""
 
-    method: str = "rtn"
+    version: int = 1
+
+    def describe(self) -> dict:
+        """What the run's summary reports about the stored grid (bits, group_size, ...)."""
+        return {}
+
+    def validate(self) -> None:
+        """Reject values the method cannot use (every float option must be finite)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be finite (got {v})")
+
+
+class CalibrationFailed(ConfigError):
+    """A calibrated method cannot quantize one Linear from its statistic (the quantize path
+    falls back to RTN when the method's options allow it, else reports ``hint``)."""
+
+    hint = "use more calibration data"
+
+
+@dataclass(frozen=True)
+class GridConfig(MethodConfig):
+    """Options of the integer-grid methods (``w ≈ (q - zero) · scale`` per group)."""
+
+    observer: ClassVar[str] = "minmax"  # how qparams are chosen (compressed-tensors' name)
     bits: int = 4
     group_size: int = 128  # -1: one scale per output channel
     symmetric: bool = True
-    format: str = "compressed-tensors"
-    ignore: tuple[str, ...] = ()  # always in addition to lm_head
-    # calibration (gptq)
-    calib: str | None = None
-    calib_samples: int = 128
-    seq_len: int = 512
-    damp: float = 0.01
-    act_order: bool = False
-    block_size: int = 128
-    allow_rtn_fallback: bool = False
-    # nf4 (bitsandbytes)
-    double_quant: bool = False
-    # ternary (transformers' bitnet format; see compress/bitnet_format.py)
-    linear_class: str = "bitlinear"  # or "autobitlinear": decides the weight_scale convention
-    use_rms_norm: bool = False  # a weightless RMSNorm before each BitLinear's int8 activations
-    rms_norm_eps: float = 1e-6
-    version: int = 1
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown format {self.format!r} (known: {', '.join(FORMATS)})")
-        if self.method not in ("nf4", "ternary") and not 2 <= self.bits <= 8:
+        super().validate()
+        if not 2 <= self.bits <= 8:
             raise ConfigError(f"--bits must be between 2 and 8 (got {self.bits})")
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"--group-size must be -1 or positive (got {self.group_size})")
-        if not 0 <= self.damp < 1:
-            raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
-        if (self.method == "nf4") != (self.format == "bnb"):
-            raise ConfigError("--method nf4 goes with --format bnb (and only it)")
-        if (self.method == "ternary") != (self.format == "bitnet"):
-            raise ConfigError("--method ternary goes with --format bitnet (and only it)")
-        if self.format != "bitnet" and (self.linear_class != "bitlinear" or self.use_rms_norm):
-            raise ConfigError("--linear-class and --use-rms-norm apply to --format bitnet only")
-        FORMATS[self.format].check(self)
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
 
-@dataclass
-class QuantizedWeight:
-    """A quantized ``(out, in)`` weight: integer levels and the qparams to map them back.
+@dataclass(frozen=True)
+class CalibratedConfig(MethodConfig):
+    """Options of every method that runs calibration text through the model."""
 
-    Levels are signed, ``[-2^(b-1), 2^(b-1) - 1]``, as compressed-tensors stores them;
-    ``w ≈ (q - zero) * scale`` with ``scale``/``zero`` of shape ``(out, n_groups)`` and input
-    column ``i`` in group ``g_idx[i]`` (``i // group_size`` unless act-order reorders them).
-    """
-
-    q: torch.Tensor  # int8 (out, in)
-    scale: torch.Tensor  # (out, n_groups), the output dtype
-    zero: torch.Tensor  # int8 (out, n_groups); all 0 when symmetric
-    bits: int
-    group_size: int  # == in_features for per-channel
-    symmetric: bool
-    g_idx: torch.Tensor | None = None  # int32 (in,)
-    info: dict = field(default_factory=dict)
-
-    def dequantize(self) -> torch.Tensor:
-        from weightsmith.compress.rtn import dequantize
-
-        return dequantize(self.q, self.scale, self.zero, self.group_size, self.g_idx)
+    calib: str | None = None  # a .txt/.jsonl file; None: the built-in text
+    calib_samples: int = 128
+    seq_len: int = 512
 
 
-class QuantMethod(Protocol):
+FormatOptions = MethodConfig  # a format's options are a frozen dataclass of the same shape
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    """A Linear to quantize, as the formats see it."""
+
+    tensor: str  # checkpoint name of the weight, e.g. "model.layers.0.mlp.up_proj.weight"
+    module: str  # checkpoint module name (tensor minus ".weight")
+    model_module: str  # transformers module name (for config "ignore")
+    layer: int | None
+    shape: tuple[int, int]  # (out, in)
+    dtype: torch.dtype = torch.float32  # as stored
+    siblings: frozenset[str] = frozenset()  # its other checkpoint tensors ("bias", ...)
+
+
+class QuantMethodFn(Protocol):
     def __call__(
-        self, w: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None = None
-    ) -> QuantizedWeight: ...
+        self, w: torch.Tensor, cfg: Any, stat: torch.Tensor | None = None, *,
+        dtype: torch.dtype | None = None, zero_min: int | None = None,
+    ) -> Any: ...  # fmt: skip
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    fn: QuantMethod
-    needs_calibration: bool
+    fn: QuantMethodFn
+    config: type[MethodConfig]
+    statistic: str | None  # None: data-free
+    formats: tuple[str, ...]  # formats[0] is the default
     summary: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -105,41 +123,175 @@ FORMATS: dict[str, OutputFormat] = {}
 
 
 def quant_method(
-    name: str, *, needs_calibration: bool = False, summary: str = ""
-) -> Callable[[QuantMethod], QuantMethod]:
-    """Register a weight quantization method under ``name``."""
+    name: str,
+    *,
+    config: type[MethodConfig],
+    statistic: str | None = None,
+    formats: tuple[str, ...] = ("compressed-tensors", "gptq"),
+    summary: str = "",
+) -> Callable[[QuantMethodFn], QuantMethodFn]:
+    """Register a weight quantization method under ``name`` (see the module docstring)."""
+    if statistic is not None and not issubclass(config, CalibratedConfig):
+        raise TypeError(f"{name}: a calibrated method's config must extend CalibratedConfig")
 
-    def register(fn: QuantMethod) -> QuantMethod:
-        METHODS[name] = MethodInfo(
-            name, fn, needs_calibration, summary or (fn.__doc__ or "").split("\n")[0]
-        )
+    def register(fn: QuantMethodFn) -> QuantMethodFn:
+        doc = summary or (fn.__doc__ or "").split("\n")[0]
+        METHODS[name] = MethodInfo(name, fn, config, statistic, formats, doc)
         return fn
 
     return register
 
 
 class OutputFormat(Protocol):
+    """One on-disk layout of quantized Linears. ``target`` is the Linear being written (its
+    ``module`` name, ``shape`` ``(out, in)``, stored ``dtype`` and the ``siblings`` it has in
+    the checkpoint, e.g. ``{"bias"}``)."""
+
     name: str
     summary: str
+    quant_method: str  # config.json's quantization_config["quant_method"]
+    options: type[MethodConfig] | None  # the format's own options (None: none)
+    planned: bool  # output shapes known before quantizing (else the writer spills)
 
     def check(self, cfg: QuantConfig) -> None:
         """Reject configs this format cannot store."""
 
-    def plan(
-        self, module: str, shape: tuple[int, int], dtype: torch.dtype, cfg: QuantConfig
-    ) -> list:
-        """TensorSpecs this format writes for a quantized Linear ``module`` (no data)."""
+    def plan(self, target: LinearTarget, cfg: QuantConfig) -> list:
+        """TensorSpecs this format writes for a quantized Linear (no data read)."""
 
-    def encode(
-        self, module: str, qw: QuantizedWeight, dtype: torch.dtype
-    ) -> dict[str, torch.Tensor]:
-        """The tensors stored for a quantized Linear."""
+    def encode(self, target: LinearTarget, qw: Any, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+        """The stored tensors of a quantized Linear."""
 
-    def quantization_config(self, cfg: QuantConfig, ignored: list[str]) -> dict:
+    def rewrites(self, target: LinearTarget, cfg: QuantConfig) -> tuple[str, ...]:
+        """Other checkpoint tensors of the Linear that change with its quantization."""
+
+    def rewrite(
+        self, name: str, t: torch.Tensor, target: LinearTarget, qw: Any, cfg: QuantConfig
+    ) -> torch.Tensor:
+        """The stored value of a tensor from :meth:`rewrites` (``qw``: its Linear's weight)."""
+
+    def quantization_config(self, cfg: QuantConfig, ignored: list[str], dtype) -> dict:
         """The ``quantization_config`` block of config.json."""
+
+    def stored_linears(self, names: Iterable[str], qc: dict) -> dict[str, tuple[str, ...]]:
+        """Dense weight name -> the stored tensors that hold it, in a checkpoint written with
+        ``quantization_config`` ``qc`` (``{}`` when ``qc`` is a variant it cannot decode)."""
+
+    def decode(self, qc: dict, module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dequantized float32 ``(out, in)`` weight of Linear ``module`` from its stored
+        tensors (full names, as :meth:`stored_linears` lists them)."""
+
+
+class FormatDefaults:
+    """Defaults of the optional parts of :class:`OutputFormat` (a format may subclass it)."""
+
+    options: type[MethodConfig] | None = None
+    planned = True
+    scale_dtype: torch.dtype | None = None  # quantize with scales as stored (None: model dtype)
+
+    def check(self, cfg: QuantConfig) -> None:
+        return None
+
+    def zero_min(self, options: MethodConfig) -> int | None:
+        """The lowest zero point this format can store for ``options`` (None: any level)."""
+        return None
+
+    def rewrites(self, target: LinearTarget, cfg: QuantConfig) -> tuple[str, ...]:
+        return ()
+
+    def rewrite(
+        self, name: str, t: torch.Tensor, target: LinearTarget, qw: Any, cfg: QuantConfig
+    ) -> torch.Tensor:
+        raise NotImplementedError(name)
 
 
 def output_format(cls: type) -> type:
     """Register an output format class (instantiated once) under its ``name``."""
     FORMATS[cls.name] = cls()
     return cls
+
+
+def format_reading(quant_method: str | None) -> OutputFormat | None:
+    """The registered format that writes config.json's ``quant_method`` (None: none)."""
+    return next((f for f in FORMATS.values() if f.quant_method == quant_method), None)
+
+
+@dataclass(frozen=True, init=False)
+class QuantConfig:
+    """One quantization run: the method with its own options, the output format with its own,
+    and the Linears kept. Built from flat keywords, each routed to the options class that has
+    it: ``QuantConfig("gptq", bits=3, damp=0.02)`` holds ``GPTQConfig(bits=3, damp=0.02)``.
+    An option that neither the method nor the format has is a :class:`ConfigError`;
+    ``format=None`` is the method's default format, and a format the method cannot write is an
+    error. Values are checked by :meth:`validate` (``quantize_checkpoint`` calls it first).
+    Reading ``cfg.bits`` reads the method's (or format's) option."""
+
+    method: str
+    format: str
+    options: MethodConfig
+    format_options: MethodConfig | None
+    ignore: tuple[str, ...]
+
+    def __init__(
+        self, method: str = "rtn", format: str | None = None, ignore: Iterable[str] = (), *,
+        options: MethodConfig | None = None, format_options: MethodConfig | None = None,
+        **flat: Any,
+    ) -> None:  # fmt: skip
+        info = _method(method)
+        fmt = format or info.formats[0]
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+        if fmt not in info.formats:
+            raise ConfigError(
+                f"--method {method} writes --format {' or '.join(info.formats)}, not {fmt}"
+            )
+        fo = FORMATS[fmt].options
+        mine = {f.name for f in dataclasses.fields(info.config)} - {"version"}
+        theirs = {f.name for f in dataclasses.fields(fo)} - {"version"} if fo else set()
+        for k in flat:
+            if k not in mine | theirs:
+                flag = _FLAGS.get(k, f"--{k.replace('_', '-')}")
+                raise ConfigError(f"{flag} does not apply to --method {method} --format {fmt}")
+        if (options is not None and mine & set(flat)) or (format_options and theirs & set(flat)):
+            raise ConfigError("give a method's (or format's) options as an object or as keywords")
+        options = options or info.config(**{k: v for k, v in flat.items() if k in mine})
+        if fo is not None and format_options is None:
+            format_options = fo(**{k: v for k, v in flat.items() if k in theirs})
+        for k, v in (("method", method), ("format", fmt), ("options", options),
+                     ("format_options", format_options), ("ignore", tuple(ignore))):  # fmt: skip
+            object.__setattr__(self, k, v)
+
+    def validate(self) -> None:
+        if not isinstance(self.options, METHODS[self.method].config):
+            raise ConfigError(
+                f"--method {self.method} takes {METHODS[self.method].config.__name__}"
+            )
+        self.options.validate()
+        if self.format_options is not None:
+            self.format_options.validate()
+        FORMATS[self.format].check(self)
+
+    def __getattr__(self, name: str) -> Any:
+        for part in ("options", "format_options"):
+            holder = self.__dict__.get(part)
+            if holder is not None and hasattr(holder, name) and name != "version":
+                return getattr(holder, name)
+        raise AttributeError(f"--method {self.__dict__.get('method')} has no option {name!r}")
+
+    def record(self) -> dict:
+        """What ``weightsmith.json`` records: method, format and each one's options."""
+        fo = self.format_options
+        return {
+            "method": self.method, "format": self.format, "ignore": list(self.ignore),
+            self.method: dataclasses.asdict(self.options),
+            **({self.format: dataclasses.asdict(fo)} if fo is not None else {}),
+        }  # fmt: skip
+
+
+_FLAGS = {"symmetric": "--sym/--asym"}  # options whose CLI flag is not --<name>
+
+
+def _method(name: str) -> MethodInfo:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name]

@@ -7,14 +7,17 @@ symmetric ``scale = 2·max|w| / (2^b - 1)``, zero 0; asymmetric ``scale = (max -
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from weightsmith.compress.registry import QuantConfig, QuantizedWeight, quant_method
-
-
-def level_range(bits: int) -> tuple[int, int]:
-    """Signed integer levels of a ``bits``-wide quantizer: ``(-2^(b-1), 2^(b-1) - 1)``."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+from weightsmith.compress.levels import (  # dequantize: re-exported
+    QuantizedWeight,
+    dequantize,  # noqa: F401
+    level_range,
+)
+from weightsmith.compress.registry import GridConfig, quant_method
 
 
 def minmax_qparams(
@@ -47,23 +50,6 @@ def quantize_levels(
     return torch.clamp(torch.round(w / scale) + zero, qmin, qmax).to(torch.int8)
 
 
-def dequantize(
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    group_size: int,
-    g_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(q - zero) * scale`` with each input column's group from ``g_idx`` (or ``i // g``)."""
-    cols = q.shape[1]
-    if g_idx is None:
-        g_idx = torch.arange(cols) // group_size
-    g = g_idx.long()
-    s = scale[:, g].float()
-    z = zero[:, g].float()
-    return (q.float() - z) * s
-
-
 def group_qparams(
     w: torch.Tensor,
     bits: int,
@@ -88,22 +74,37 @@ def group_qparams(
     return scale, zero
 
 
-def zero_min_for(cfg: QuantConfig) -> int | None:
-    """The lowest zero point the output format can store (see :func:`group_qparams`)."""
-    if cfg.format == "gptq" and not cfg.symmetric:
-        return -(1 << (cfg.bits - 1)) + 1
-    return None
+def zero_min_for(cfg: Any) -> int | None:
+    """The lowest zero point ``cfg``'s output format can store (see :func:`group_qparams`);
+    ``cfg`` is a :class:`~weightsmith.compress.registry.QuantConfig` (method options alone
+    name no format: None)."""
+    from weightsmith.compress.registry import FORMATS
+
+    fmt = FORMATS.get(getattr(cfg, "format", None) or "")
+    return fmt.zero_min(cfg.options) if fmt is not None else None
 
 
-@quant_method("rtn", summary="round-to-nearest, min-max per channel or group (no calibration)")
+@dataclass(frozen=True)
+class RTNConfig(GridConfig):
+    """``--method rtn``: min-max qparams per channel or group, no options of its own."""
+
+
+@quant_method(
+    "rtn",
+    config=RTNConfig,
+    summary="round-to-nearest, min-max per channel or group (no calibration)",
+)
 def rtn_quantize(
-    w: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None = None, *, dtype=None
-) -> QuantizedWeight:
-    """Round every weight to its nearest level with min-max qparams."""
+    w: torch.Tensor, cfg: GridConfig, stat: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, zero_min: int | None = None,
+) -> QuantizedWeight:  # fmt: skip
+    """Round every weight to its nearest level with min-max qparams (scales rounded to
+    ``dtype``; zero points >= ``zero_min``, default: what ``cfg``'s format allows)."""
     dtype = dtype or w.dtype
+    zero_min = zero_min if zero_min is not None else zero_min_for(cfg)
     in_f = w.shape[1]
     g = in_f if cfg.group_size == -1 else cfg.group_size
-    scale, zero = group_qparams(w, cfg.bits, g, cfg.symmetric, dtype, zero_min_for(cfg))
+    scale, zero = group_qparams(w, cfg.bits, g, cfg.symmetric, dtype, zero_min)
     idx = torch.arange(in_f) // g
     q = quantize_levels(w.float(), scale[:, idx], zero[:, idx], cfg.bits)
     return QuantizedWeight(

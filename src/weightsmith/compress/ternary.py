@@ -8,38 +8,27 @@ and ``group_size=in``. The output format decides how ``γ`` is stored (``bitnet_
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from weightsmith.compress.registry import QuantConfig, QuantizedWeight, quant_method
+from weightsmith.compress.registry import MethodConfig, QuantizedWeight, quant_method
 from weightsmith.compress.ternary_math import absmax_int8, absmean_ternary
-from weightsmith.errors import ConfigError
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
 
 
-def check_ternary_config(cfg: QuantConfig) -> None:
-    """Reject ``--bits``/``--group-size``/``--asym`` values: ternary has one scale per tensor.
+@dataclass(frozen=True)
+class TernaryConfig(MethodConfig):
+    """``--method ternary``: {-1, 0, 1} with one scale per tensor (no bits, no groups)."""
 
-    Their dataclass defaults (4, 128) are accepted and ignored, as are ``bits=2`` and
-    ``group_size=-1``, which describe what ternary does."""
-    if cfg.bits not in (2, _DEFAULTS["bits"]) or cfg.group_size not in (
-        -1,
-        _DEFAULTS["group_size"],
-    ):
-        raise ConfigError(
-            "--method ternary stores {-1, 0, 1} with one scale per tensor: --bits and "
-            f"--group-size do not apply (got --bits {cfg.bits} --group-size {cfg.group_size})"
-        )
-    if not cfg.symmetric:
-        raise ConfigError("--method ternary is symmetric: --asym does not apply")
+    def describe(self) -> dict:
+        return {"bits": 1.58, "group_size": -1, "symmetric": True}  # log2(3), stored as 2 bits
 
 
-@quant_method("ternary", summary="BitNet b1.58 absmean ternary {-1,0,1}, one scale per tensor")
+@quant_method("ternary", config=TernaryConfig, formats=("bitnet",),
+              summary="BitNet b1.58 absmean ternary {-1,0,1}, one scale per tensor")  # fmt: skip
 def ternary_quantize(
-    w: torch.Tensor, cfg: QuantConfig | None = None, hessian: torch.Tensor | None = None, *,
-    dtype: torch.dtype | None = None,
+    w: torch.Tensor, cfg: TernaryConfig | None = None, stat: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, zero_min: int | None = None,
 ) -> QuantizedWeight:  # fmt: skip
     """``W̃ = clip(round(W / γ), -1, 1)``, ``γ = mean|W|`` per tensor (the BitNet b1.58 PTQ)."""
     q, gamma = absmean_ternary(w)
@@ -50,7 +39,7 @@ def ternary_quantize(
         bits=2,
         group_size=w.shape[1],
         symmetric=True,
-        info={"gamma": float(gamma)},
+        info={"gamma": float(gamma), "zeros": int((q == 0).sum())},
     )
 
 

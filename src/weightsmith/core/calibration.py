@@ -36,28 +36,26 @@ Example (a callback that records each Linear's mean squared input per column, as
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
+    CalibrationText,
+    load_calibration_text,
+    load_tokenizer,
+    tokenize_windows,
+)
 from weightsmith.core.memory import release_freed_memory
+from weightsmith.core.statistics import STATISTICS, InputStat
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint
 
 T = TypeVar("T")
-
-
-class InputStat(Protocol):
-    """Accumulates statistics of one Linear's inputs, batch by batch."""
-
-    def add(self, x: torch.Tensor) -> None:
-        """``x``: the Linear's inputs of one batch as ``(tokens, in_features)`` float32."""
 
 
 class _StopForward(Exception):
@@ -69,86 +67,6 @@ class _Batch:
     hidden: torch.Tensor  # (batch, seq, hidden) in compute dtype
     args: tuple  # positional arguments after hidden_states, as transformers passed them
     kwargs: dict  # keyword arguments (position_embeddings, attention_mask, ...)
-
-
-# ----------------------------------------------------------------------------- calibration text
-@dataclass(frozen=True)
-class CalibrationText:
-    """Calibration text and where it came from (recorded in reports)."""
-
-    text: str
-    source: str  # a path, or "builtin"
-
-    @property
-    def builtin(self) -> bool:
-        return self.source == "builtin"
-
-
-def load_calibration_text(path: str | Path | None, max_chars: int | None = None) -> CalibrationText:
-    """Read calibration text from a ``.txt`` file, or a ``.jsonl`` file (the ``text`` field of
-    each line, else its first string field), joined by blank lines. With ``path=None`` return the
-    built-in fallback: a few kilobytes of plain English prose shipped with weightsmith, enough to
-    run but not representative of any model's domain (callers say so in their output)."""
-    if path is None:
-        from weightsmith.core.calibration_text import BUILTIN_TEXT
-
-        return CalibrationText(BUILTIN_TEXT, "builtin")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"calibration file {p}: no such file")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"calibration file {p}: unreadable ({e})") from None
-    if p.suffix == ".jsonl":
-        parts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"calibration file {p}: line {n} is not JSON ({e})") from None
-            value = obj.get("text") if isinstance(obj, dict) else obj
-            if not isinstance(value, str) and isinstance(obj, dict):
-                value = next((v for v in obj.values() if isinstance(v, str)), None)
-            if not isinstance(value, str):
-                raise ConfigError(f"calibration file {p}: line {n} has no text field")
-            parts.append(value)
-        raw = "\n\n".join(parts)
-    elif p.suffix not in (".txt", ".text", ".md"):
-        raise ConfigError(f"calibration file {p}: expected a .txt or .jsonl file")
-    if not raw.strip():
-        raise ConfigError(f"calibration file {p}: is empty")
-    return CalibrationText(raw[:max_chars] if max_chars else raw, str(p))
-
-
-def load_tokenizer(root: str | Path):
-    """The checkpoint's own tokenizer (transformers ``AutoTokenizer``)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(root))
-    except Exception as e:  # transformers raises many types for missing/broken tokenizers
-        raise CheckpointError(f"{root}: cannot load the tokenizer ({type(e).__name__})") from None
-
-
-def tokenize_windows(tokenizer: Any, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
-    """Consecutive non-overlapping windows of ``seq_len`` tokens from ``text``: ``(n, seq_len)``
-    with ``n <= samples``. Text shorter than one window gives one shorter window."""
-    if samples < 1 or seq_len < 2:
-        raise ConfigError(f"need samples >= 1 and seq_len >= 2 (got {samples}, {seq_len})")
-    # Tokenize only what is needed (a token is rarely more than 16 characters).
-    ids = tokenizer(text[: samples * seq_len * 16], add_special_tokens=False, verbose=False)[
-        "input_ids"
-    ]
-    ids = torch.tensor(ids, dtype=torch.long)
-    if ids.numel() < 2:
-        raise ConfigError("calibration text is shorter than 2 tokens")
-    n = min(samples, ids.numel() // seq_len)
-    if n == 0:
-        return ids.unsqueeze(0)
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 # ----------------------------------------------------------------------------- the layer view
@@ -195,6 +113,11 @@ class CalibrationLayer:
         w = self.linears[linear].weight.detach()
         return (w.t() if self._transposed else w).clone()
 
+    def weight_shape(self, linear: str) -> tuple[int, int]:
+        """A Linear's weight shape as ``(out, in)``."""
+        shape = tuple(self.linears[linear].weight.shape)
+        return (shape[1], shape[0]) if self._transposed else (shape[0], shape[1])
+
     def set_weight(self, linear: str, w: torch.Tensor) -> None:
         """Replace a Linear's weight, given as ``(out, in)``; later forwards use it."""
         p = self.linears[linear].weight
@@ -218,12 +141,20 @@ class CalibrationLayer:
         return out
 
     def collect(
-        self, names: Sequence[str], make_stat: Callable[[str, nn.Module], InputStat]
+        self, names: Sequence[str], make_stat: str | Callable[[str, nn.Module], InputStat]
     ) -> dict[str, InputStat]:
         """Run the layer (current weights) over every calibration batch and feed the inputs of
-        the Linears ``names`` to fresh statistics from ``make_stat(name, module)``. Each batch's
-        forward stops as soon as all of them have seen their input."""
-        stats = {n: make_stat(n, self.linears[n]) for n in names}
+        the Linears ``names`` to fresh statistics: the registered statistic ``make_stat``
+        (a name in :data:`~weightsmith.core.statistics.STATISTICS`, e.g. ``"hessian"``), or
+        ``make_stat(name, module)``. Each batch's forward stops as soon as all of them have
+        seen their input."""
+        if isinstance(make_stat, str):
+            if make_stat not in STATISTICS:
+                raise ConfigError(f"unknown calibration statistic {make_stat!r}")
+            cls = STATISTICS[make_stat]
+            stats = {n: cls(self.weight_shape(n)[1]) for n in names}
+        else:
+            stats = {n: make_stat(n, self.linears[n]) for n in names}
         seen: set[str] = set()
         handles = []
         for n in names:

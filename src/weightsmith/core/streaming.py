@@ -66,7 +66,7 @@ def stream_transform(
     groups: Sequence[Group],
     out: str | os.PathLike[str],
     *,
-    plan: Callable[[Group], list[TensorSpec]],
+    plan: Callable[[Group], list[TensorSpec]] | None,
     apply: Callable[[Group], Iterable[tuple[str, torch.Tensor | RawTensor]]],
     sources: Sequence[Checkpoint] = (),
     support_from: Path | None = None,
@@ -82,19 +82,21 @@ def stream_transform(
 
     ``plan(group)`` returns the output specs of a group from shapes alone; ``apply(group)``
     yields ``(name, tensor)`` pairs one at a time (so a group of many tensors still holds one
-    in memory at a time when the method allows it). Inputs are never modified.
+    in memory at a time when the method allows it). Inputs are never modified. ``plan=None``
+    when output sizes are only known after ``apply`` (the writer then spills each shard).
     """
     start = time.perf_counter()
-    specs_by_group = [plan(g) for g in groups]
-    all_specs = [s for specs in specs_by_group for s in specs]
+    specs_by_group = [plan(g) if plan else None for g in groups]
+    all_specs = [s for specs in specs_by_group for s in specs or ()]
     with CheckpointWriter(
         out,
         max_shard_size=max_shard_size,
         force=force,
         inputs=[c.path for c in sources],
     ) as writer:
-        writer.plan(all_specs)
-        total = sum(s.nbytes for s in all_specs)
+        if plan:
+            writer.plan(all_specs)
+        total = sum(s.nbytes for s in all_specs) or None
         bar = tqdm(
             total=total,
             unit="B",
@@ -106,9 +108,9 @@ def stream_transform(
         with bar, frozen_gc():
             for group, specs in zip(groups, specs_by_group, strict=True):
                 bar.set_postfix_str(group.key[-40:], refresh=False)
-                expected = {s.name for s in specs}
+                expected = None if specs is None else {s.name for s in specs}
                 for name, value in apply(group):
-                    if name not in expected:
+                    if expected is not None and name not in expected:
                         raise RuntimeError(f"{group.key}: apply produced unplanned {name!r}")
                     if isinstance(value, RawTensor) and value.location is not None:
                         writer.write_from_file(value.spec, *value.location)

@@ -100,7 +100,7 @@ def rewrite_checkpoint(
     groups: Sequence[Group],
     out: str | os.PathLike[str],
     *,
-    plan: Callable[[Group], list[TensorSpec]],
+    plan: Callable[[Group], list[TensorSpec]] | None,
     apply: Callable[[Group], Iterable[tuple[str, torch.Tensor | RawTensor]]],
     options: WriteOptions,
     description: str,

@@ -100,7 +100,7 @@ def qat_checkpoint(
 
 def bitnet_quant_config(cfg: BitnetConfig) -> QuantConfig:
     """The conversion config: ternary weights in transformers' ``bitnet`` format."""
-    return QuantConfig(method="ternary", format="bitnet", group_size=-1, ignore=cfg.ignore,
+    return QuantConfig(method="ternary", format="bitnet", ignore=cfg.ignore,
                        use_rms_norm=cfg.use_rms_norm, linear_class=cfg.linear_class)  # fmt: skip
 
 

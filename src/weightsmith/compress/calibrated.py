@@ -1,0 +1,87 @@
+"""The calibrated part of the quantize path: one decoder layer at a time, the statistic the
+method declares, Linears quantized true-sequentially (see :mod:`.quantize`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weightsmith.compress.registry import CalibrationFailed, LinearTarget
+from weightsmith.compress.rtn import rtn_quantize
+from weightsmith.core.calibration import (
+    CalibrationLayer,
+    LayerStreamer,
+    load_calibration_text,
+    load_tokenizer,
+    tokenize_windows,
+)
+from weightsmith.core.memory import release_freed_memory
+from weightsmith.core.transform import require_finite
+from weightsmith.errors import ConfigError
+
+
+class CalibratedRun:
+    """Calibration tokens and the :class:`LayerStreamer` of one quantize run. The text is read
+    and tokenized at construction, before any output exists; the streamer (which embeds the
+    tokens) starts with the first layer."""
+
+    def __init__(self, job: Any, device: str) -> None:  # job: quantize.QuantizeJob
+        self.job, self.device = job, device
+        outside = [t.tensor for t in job.targets if t.layer is None]
+        if outside:
+            raise ConfigError(
+                f"{outside[0]}: {job.cfg.method} quantizes decoder-layer Linears only; --ignore it"
+            )
+        o = job.cfg.options
+        text = load_calibration_text(o.calib)
+        self.ids = tokenize_windows(
+            load_tokenizer(job.ckpt.root), text.text, samples=o.calib_samples, seq_len=o.seq_len
+        )
+        self.info = {"source": text.source, "samples": self.ids.shape[0],
+                     "seq_len": self.ids.shape[1], "tokens": self.ids.numel()}  # fmt: skip
+        self.streamer: LayerStreamer | None = None
+
+    def run_layer(self, layer: int) -> dict[str, list[tuple[str, Any]]]:
+        """Quantize layer ``layer``'s targets: tensor name -> its stored tensors."""
+        if self.streamer is None:
+            self.streamer = LayerStreamer(self.job.ckpt, self.ids, device=self.device)
+        return self.streamer.run_layer(layer, self._layer)
+
+    def _layer(self, cl: CalibrationLayer) -> dict[str, list[tuple[str, Any]]]:
+        """Every target Linear of one layer, group by group (true-sequential). Memory: each
+        statistic is freed as soon as its Linear is quantized, and only the encoded (packed)
+        tensors are kept until the layer is written."""
+        job, done = self.job, {}
+        for rel, t in cl.module.state_dict().items():  # before any statistic is computed
+            if cl.prefix + rel in job.ckpt.tensors:
+                require_finite(t, str(job.ckpt.path), cl.prefix + rel)
+        for group in cl.sequential_groups:
+            names = [n for n in group if cl.tensor_name(n) in job.by_tensor]
+            if not names:
+                continue
+            stats = cl.collect(names, job.method.statistic)
+            if any(stats[n].n == 0 for n in names):
+                raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
+            for n in names:
+                t = job.by_tensor[cl.tensor_name(n)]
+                w = cl.weight(n)
+                qw = self._quantize(t, w, stats.pop(n).result())
+                cl.set_weight(n, qw.dequantize().to(w.device))
+                del w
+                done[t.tensor] = list(job.encode(t, qw))
+                for r in job.fmt.rewrites(t, job.cfg):
+                    done[r] = [(r, job.fmt.rewrite(r, job.read(r), t, qw, job.cfg))]
+                del qw
+                release_freed_memory()
+        return done
+
+    def _quantize(self, t: LinearTarget, w: torch.Tensor, stat: Any) -> Any:
+        job = self.job
+        try:
+            return job.quantize(w, stat)
+        except CalibrationFailed as e:
+            if not getattr(job.cfg.options, "allow_rtn_fallback", False):
+                raise ConfigError(f"{t.module}: {e}; {e.hint}") from None
+            job.stats["fallbacks"].append(t.module)
+            return rtn_quantize(w, job.cfg.options, **job.quant_args)

@@ -141,9 +141,9 @@ def test_each_method_writes_its_default_format(tiny_model, tmp_path, method, fmt
         (["--method", "nf4", "--format", "bitnet"], "--method nf4 writes --format bnb, not bitnet"),
         (["--method", "nf4", "--bits", "3"], "--bits does not apply to --method nf4"),
         (["--method", "rtn", "--damp", "0.1"], "--damp does not apply to --method rtn"),
-        (["--method", "gptq", "--damp", "nan"], "--damp must be finite (got nan)"),
-        (["--method", "ternary", "--rms-norm-eps", "nan"], "--rms-norm-eps must be finite"),
-        (["--method", "ternary", "--rms-norm-eps", "inf"], "--rms-norm-eps must be finite"),
+        (["--method", "gptq", "--damp", "nan"], "--damp: 'nan' is not a finite number"),
+        (["--method", "ternary", "--rms-norm-eps", "nan"], "--rms-norm-eps: 'nan' is not a finite"),
+        (["--method", "ternary", "--rms-norm-eps", "inf"], "--rms-norm-eps: 'inf' is not a finite"),
     ],
 )  # fmt: skip
 def test_bad_method_format_or_option_is_one_line_exit_1(tiny_model, tmp_path, args, message):

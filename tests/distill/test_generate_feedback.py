@@ -88,8 +88,10 @@ def test_load_judge(tmp_path):
     f = tmp_path / "judge.py"
     f.write_text(JUDGE)
     assert load_judge(f"{f}:score")("p", "eee") == 3.0
-    assert load_judge("math:fsum")([1.0, 2.0]) == 3.0
+    assert load_judge("math:hypot")(3.0, 4.0) == 5.0  # module:function, two arguments
     for spec, match in [("nocolon", "expected module:function"),
+                        ("math:fsum", r"must be a function score\(prompt, completion\)"),
+                        ("json:loads", r"must be a function score\(prompt, completion\)"),
                         (f"{f}:missing", "no function 'missing'"),
                         ("not_a_module_xyz:f", "cannot import")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
+from weightsmith.core.streaming import RawTensor, StreamResult
+from weightsmith.core.transform import WriteOptions, dtype_patch, rewrite_checkpoint
 from weightsmith.errors import CheckpointError
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.reader import TensorGroup, open_checkpoint
@@ -65,20 +66,17 @@ def convert(
 
         patch = None
         if target is not None:
-            patch = _dtype_patch(config_dtype_name(target))
-        return stream_transform(
+            patch = dtype_patch(config_dtype_name(target))
+        return rewrite_checkpoint(
+            ckpt,
             ckpt.groups("layer"),  # embeddings, layer 0, 1, ... : each layer stays together
             out,
             plan=plan,
             apply=apply,
-            sources=[ckpt],
-            support_from=ckpt.root,
-            config_patch=patch,
-            max_shard_size=max_shard_size,
-            force=force,
-            provenance={"operation": "convert", "config": asdict(cfg)},
-            progress=progress,
+            options=WriteOptions(max_shard_size, force, progress),
             description="convert",
+            provenance={"operation": "convert", "config": asdict(cfg)},
+            config_patch=patch,
         )
 
 
@@ -95,14 +93,3 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
                     f"(max 65504); use --dtype bfloat16"
                 )
     return t.to(dtype)
-
-
-def _dtype_patch(name: str):
-    def patch(config: dict) -> dict:
-        # transformers >= 4.56 writes "dtype"; older versions "torch_dtype". Keep whichever exist.
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
-        for k in keys:
-            config[k] = name
-        return config
-
-    return patch

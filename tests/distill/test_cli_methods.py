@@ -222,3 +222,12 @@ def test_missing_required_options_exit_2(tmp_path):
     assert r.exit_code == 2 and "Missing option '--teacher'" in r.output
     r = _run(["dpo"])  # no arguments: the subcommand's help
     assert r.exit_code in (0, 2) and "--ref-cache" in r.output
+
+
+def test_every_registered_method_has_its_subcommand_and_is_a_method_choice() -> None:
+    from weightsmith.cli.groups import distill_cli
+    from weightsmith.distill import DISTILL_METHODS
+
+    assert set(DISTILL_METHODS) <= set(distill_cli.commands)
+    method = next(p for p in distill_cli.params if p.name == "method")
+    assert set(method.type.choices) == set(DISTILL_METHODS)

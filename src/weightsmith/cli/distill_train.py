@@ -29,10 +29,10 @@ from weightsmith.cli.distill_options import (
     temperature_option,
     training_loop_options,
 )
-from weightsmith.distill import DIVERGENCES, DPO_LOSSES
+from weightsmith.distill import DISTILL_METHODS, DIVERGENCES, DPO_LOSSES
 from weightsmith.io.sizes import format_size, parse_size
 
-TRAINING_METHODS = ("kd", "seqkd", "sft", "dpo", "step-by-step")
+TRAINING_METHODS = tuple(DISTILL_METHODS)  # the registry: a new method is a --method choice
 KD_DATA = ".txt, or .jsonl with text or prompt/completion (loss on the completion only)."
 PPL_EVAL = "Held-out text: perplexity before/after."
 

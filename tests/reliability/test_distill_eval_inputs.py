@@ -144,3 +144,16 @@ def test_no_progress_hides_transformers_bars(text: Path) -> None:
               "--reference", BASE, "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Loading" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
+
+
+def test_eval_of_a_checkpoint_without_tensors_is_refused(text: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BASE / f, empty / f)
+    save_file({}, empty / "model.safetensors")
+    line = one_error_line(ws("eval", "ppl", empty, "--data", text, "--seq-len", "64",
+                             "--max-tokens", "128", "--no-progress"))  # fmt: skip
+    assert "empty" in line and "no tensors" in line

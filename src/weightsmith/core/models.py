@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from weightsmith.errors import CheckpointError
+from weightsmith.io.reader import open_checkpoint
 
 
 def load_tokenizer(path: str | os.PathLike[str]):
@@ -32,6 +33,11 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.floa
         raise CheckpointError(f"{p}: no such file or directory")
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p}: no config.json (expected a Hugging Face model folder)")
+    # What weightsmith's reader refuses, transformers must not load either: pickles, headers
+    # with no tensors (random weights), a config.json that disagrees with the tensors,
+    # symlinks out of the folder.
+    with open_checkpoint(p):
+        pass
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, **kwargs)
     except Exception as e:  # transformers raises many types for unloadable checkpoints

@@ -4,7 +4,6 @@ of another method are reported before any work, and a dSFT step runs."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,12 @@ from weightsmith.errors import ConfigError
 from weightsmith.io import open_checkpoint
 from weightsmith.pipeline import load_recipe, run_recipe
 from weightsmith.pipeline.runner import plan_recipe
-from weightsmith.testing.tiny import TOKENIZER_CORPUS
 
 
 @pytest.fixture
-def models(tmp_path: Path, tiny_model) -> Path:
-    root = tmp_path / "models"
-    root.mkdir()
-    shutil.copytree(tiny_model("llama", 0), root / "a")
-    shutil.copytree(tiny_model("llama", 1), root / "b")
-    (root / "text.txt").write_text(" ".join(TOKENIZER_CORPUS))
+def models(models: Path) -> Path:
+    """The shared models folder plus prompt/completion pairs for dSFT."""
+    root = models
     rows = [{"prompt": "Q: who went to the park?", "completion": " Lily and Tom went."}] * 4
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

@@ -45,16 +45,6 @@ def _write(tmp_path: Path, recipe: dict) -> Path:
     return path
 
 
-@pytest.fixture
-def models(tmp_path: Path, tiny_model) -> Path:
-    root = tmp_path / "models"
-    root.mkdir()
-    shutil.copytree(tiny_model("llama", 0), root / "a")
-    shutil.copytree(tiny_model("llama", 1), root / "b")
-    (root / "text.txt").write_text(" ".join(TOKENIZER_CORPUS))
-    return root
-
-
 def test_every_problem_reported_before_any_work(tmp_path: Path, models: Path) -> None:
     recipe = _write(tmp_path, {"steps": [
         {"id": "m", "merge": {"method": "slerp", "args": ["models/a", "models/nope"], "t": 0.5}},

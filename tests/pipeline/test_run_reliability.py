@@ -21,17 +21,6 @@ from safetensors.torch import load_file
 import weightsmith
 from weightsmith.cli.main import cli
 from weightsmith.convert import convert
-from weightsmith.testing.tiny import TOKENIZER_CORPUS
-
-
-@pytest.fixture
-def models(tmp_path: Path, tiny_model) -> Path:
-    root = tmp_path / "models"
-    root.mkdir()
-    shutil.copytree(tiny_model("llama", 0), root / "a")
-    shutil.copytree(tiny_model("llama", 1), root / "b")
-    (root / "text.txt").write_text(" ".join(TOKENIZER_CORPUS))
-    return root
 
 
 def _recipe(tmp_path: Path, steps: list[dict]) -> Path:

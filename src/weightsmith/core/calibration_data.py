@@ -4,6 +4,7 @@ fixed-length token windows for :class:`~weightsmith.core.calibration.LayerStream
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ class CalibrationText:
         return self.source == "builtin"
 
 
+def read_text_file(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of ``path``; a ConfigError naming ``what`` and the path when it is
+    missing or unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {p}: unreadable ({e})") from None
+
+
 def load_calibration_text(path: str | Path | None, max_chars: int | None = None) -> CalibrationText:
     """Read calibration text from a ``.txt`` file, or a ``.jsonl`` file (the ``text`` field of
     each line, else its first string field), joined by blank lines. With ``path=None`` return the
@@ -35,12 +48,7 @@ def load_calibration_text(path: str | Path | None, max_chars: int | None = None)
 
         return CalibrationText(BUILTIN_TEXT, "builtin")
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"calibration file {p}: no such file")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"calibration file {p}: unreadable ({e})") from None
+    raw = read_text_file(p, "calibration file")
     if p.suffix == ".jsonl":
         parts = []
         for n, line in enumerate(raw.splitlines(), 1):

@@ -17,12 +17,12 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from weightsmith.core.calibration_data import read_text_file
 from weightsmith.core.models import load_causal_lm, load_tokenizer
 from weightsmith.core.report import peak_rss_bytes
 from weightsmith.errors import ConfigError
@@ -67,13 +67,7 @@ def token_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None
 
 
 def _read_text(data: str | os.PathLike[str], max_tokens: int | None) -> str:
-    p = Path(data)
-    if not p.is_file():
-        raise ConfigError(f"--data {p}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--data {p}: unreadable ({e})") from None
+    text = read_text_file(data, "--data")
     if max_tokens is not None:
         text = text[: max_tokens * 32]  # a token is rarely longer than 32 characters
     return text

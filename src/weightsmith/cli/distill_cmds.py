@@ -17,12 +17,12 @@ from weightsmith.cli.distill_options import (
     dpo_options,
     eval_data_option,
     generation_options,
+    kd_mixing_options,
     lora_options,
     model_options,
     run_options,
     teacher_cache_option,
     teacher_option,
-    temperature_option,
     training_loop_options,
 )
 from weightsmith.cli.distill_train import KD_DATA, PPL_EVAL, run_training
@@ -43,21 +43,7 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
     show_default=True,
     help="fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd = generalized JSD.",
 )
-@click.option(
-    "--beta",
-    type=FINITE_FLOAT,
-    default=None,
-    help="With --loss jsd: teacher weight β of the mixture; 0 = forward KL, 1 = reverse KL "
-    "(default 0.5).",
-)
-@temperature_option
-@click.option(
-    "--alpha",
-    type=FINITE_FLOAT,
-    default=0.5,
-    show_default=True,
-    help="Weight of the hard-label CE term: α·CE + (1−α)·τ²·divergence; 1 = CE only.",
-)
+@kd_mixing_options
 @eval_data_option("Held-out text: perplexity and KL to the teacher before/after.")
 @training_loop_options()
 @lora_options

@@ -113,6 +113,26 @@ temperature_option = click.option(
 )
 
 
+# kd's loss mixing, shared by `distill kd` and the bare `distill` (its --loss differs)
+kd_mixing_options = options(
+    click.option(
+        "--beta",
+        type=FINITE_FLOAT,
+        default=None,
+        help="With --loss jsd: teacher weight β of the mixture; 0 = forward KL, 1 = reverse KL "
+        "(default 0.5).",
+    ),
+    temperature_option,
+    click.option(
+        "--alpha",
+        type=FINITE_FLOAT,
+        default=0.5,
+        show_default=True,
+        help="Weight of the hard-label CE term: α·CE + (1−α)·τ²·divergence; 1 = CE only.",
+    ),
+)
+
+
 def generation_options(*, hidden: bool = False) -> Decorator:
     """seqkd: how the teacher writes its completions (``hidden``: the bare command's
     deprecated spelling)."""

@@ -16,17 +16,16 @@ import os
 import click
 from click.core import ParameterSource
 
-from weightsmith.cli.common import FINITE_FLOAT
 from weightsmith.cli.distill_options import (
     dpo_options,
     eval_data_option,
     generation_options,
+    kd_mixing_options,
     lora_options,
     model_options,
     run_options,
     teacher_cache_option,
     teacher_option,
-    temperature_option,
     training_loop_options,
 )
 from weightsmith.distill import DISTILL_METHODS, DIVERGENCES, DPO_LOSSES
@@ -152,20 +151,7 @@ def _summary(result) -> str:
     metavar=f"[{'|'.join(sorted(DIVERGENCES))}]",  # the dpo losses: deprecated --method dpo
     help="Divergence (default fkl): fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd.",
 )
-@click.option(
-    "--beta",
-    type=FINITE_FLOAT,
-    default=None,
-    help="--loss jsd: teacher weight of the mixture; 0 = forward KL, 1 = reverse KL (default 0.5).",
-)
-@temperature_option
-@click.option(
-    "--alpha",
-    type=FINITE_FLOAT,
-    default=0.5,
-    show_default=True,
-    help="Weight of the hard-label CE term: α·CE + (1−α)·τ²·divergence.",
-)
+@kd_mixing_options
 @eval_data_option("Held-out text: perplexity and KL to the teacher before/after.")
 @training_loop_options()
 @lora_options

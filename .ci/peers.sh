@@ -23,3 +23,29 @@ peer() {  # name, stamp (the pinned requirement), pip args...
 
 peer mergekit "mergekit==0.1.5" "mergekit==0.1.5"
 echo "export MERGEKIT_VENV=$ROOT/mergekit"
+
+# llama.cpp (issue #17 oracle): llama-cpp-python's bindings (llama_model_quantize) built from its
+# sdist with a kept build folder, then the bundled llama.cpp's llama-quantize / llama-imatrix
+# tools built incrementally in that same folder (same libllama, so `--imatrix FILE` can be tested).
+llamacpp_peer() {
+  local ver=0.3.36 dir="$ROOT/llamacpp"
+  local stamp="llama-cpp-python==$ver gguf==0.19.0 cmake==3.31.6 scikit-build-core==0.11.6 native=off"
+  if [ -f "$dir/.ready" ] && [ "$(cat "$dir/.ready")" = "$stamp" ]; then
+    return 0
+  fi
+  echo "== peer llamacpp: building $stamp into $dir (10-20 min on 2 cores)" >&2
+  rm -rf "$dir"
+  python -m venv "$dir"
+  "$dir/bin/pip" install -q torch==2.13.0 >&2
+  "$dir/bin/pip" install -q cmake==3.31.6 scikit-build-core==0.11.6 gguf==0.19.0 numpy >&2
+  "$dir/bin/pip" download -q --no-deps --no-binary :all: "llama-cpp-python==$ver" -d "$dir/sdist" >&2
+  tar -xzf "$dir/sdist/llama_cpp_python-$ver.tar.gz" -C "$dir/sdist"
+  local src="$dir/sdist/llama_cpp_python-$ver"
+  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
+    "$dir/bin/pip" install -q --no-build-isolation -C build-dir="$dir/build" "$src" >&2
+  PATH="$dir/bin:$PATH" cmake -S "$src" -B "$dir/build" -DLLAMA_BUILD_TOOLS=ON >/dev/null
+  PATH="$dir/bin:$PATH" cmake --build "$dir/build" -j 2 --target llama-quantize llama-imatrix >&2
+  echo "$stamp" > "$dir/.ready"
+}
+llamacpp_peer
+echo "export LLAMACPP_VENV=$ROOT/llamacpp"

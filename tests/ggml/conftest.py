@@ -22,7 +22,7 @@ from weightsmith.testing.peers import require_peer
 FTYPES = {
     "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
     "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17,
-    "Q6_K": 18, "Q2_K_S": 21,
+    "Q6_K": 18, "Q2_K_S": 21, "F16": 1, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37,
 }  # fmt: skip
 
 DRIVER = r"""

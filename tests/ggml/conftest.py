@@ -172,6 +172,12 @@ def llama_quantize_tool(llamacpp_python: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_tensors() -> Callable[[Path], dict[str, tuple[str, np.ndarray]]]:
+    """``gguf_tensors(path)``: :func:`read_gguf_tensors`."""
+    return read_gguf_tensors
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_gguf() -> Callable[..., TinyLlama]:
     """``tiny_llama_gguf(path, n_layer=..., ...)``: :func:`build_tiny_llama`."""
     return build_tiny_llama

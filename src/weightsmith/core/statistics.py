@@ -86,3 +86,21 @@ class ChannelMagnitudeStat:
 
     def result(self) -> torch.Tensor:
         return (self.sum / max(self.n, 1)).float()
+
+
+@input_statistic("imatrix")
+class ImatrixStat:
+    """``Σ x_j²`` per input column and the token count: llama.cpp's importance matrix
+    (``llama-imatrix`` stores both as ``in_sum2`` / ``counts``; the importance is their ratio)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.sum += x.double().pow(2).sum(0).cpu()
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """Mean ``x_j²`` over the calibration tokens, float32."""
+        return (self.sum / max(self.n, 1)).float()

@@ -33,7 +33,7 @@ from weightsmith.ggml.kquants_ops import (
 QK_K = 256
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-_CHUNK_BLOCKS = 8192  # super-blocks encoded per numpy pass (bounds the temporaries to ~100 MB)
+_CHUNK_BLOCKS = 2048  # super-blocks encoded per numpy pass (bounds the temporaries to ~100 MB)
 
 
 def quantize_k(data: np.ndarray, type_name: str, imatrix: np.ndarray | None = None) -> np.ndarray:

@@ -61,30 +61,41 @@ def abs_max_signed(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def make_qx_quants(
     x: np.ndarray, nmax: int, qw: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: symmetric scale search over 19 steps."""
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: symmetric scale search over 19 steps.
+
+    ``|iscale * x| <= nmax + 1`` here, so ``nearest_int`` is ``rint``; the best step's iscale is
+    kept per group and L re-derived from it at the end (same float operations, same L)."""
     amax, mx = abs_max_signed(x)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
     w = x * x if qw is None else qw
     wx = w * x
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lq = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = lq.astype(F32)
-        return lq, seqsum(wx * lf), seqsum(w * lf * lf)
+    def levels(iscale: np.ndarray) -> np.ndarray:
+        v = x * iscale
+        np.rint(v, out=v)
+        return np.clip(v, -nmax, nmax - 1, out=v)
 
-    lq, sumlx, suml2 = trial(F32(-nmax) / mx)
-    big_l = lq + nmax
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lf = levels(iscale)
+        wl = w * lf
+        wl *= lf
+        return seqsum(wx * lf), seqsum(wl)
+
+    sel = F32(-nmax) / mx
+    sumlx, suml2 = trial(sel)
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lq, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+        sumlx, suml2 = trial(iscale)
         upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        big_l = np.where(upd, lq + nmax, big_l)
+        sel = np.where(upd, iscale, sel)
         scale = np.where(upd, sumlx / np.where(upd, suml2, F32(1)), scale)
         best = np.where(upd, scale * sumlx, best)
+    big_l = levels(sel).astype(np.int64) + nmax
     return np.where(zero, F32(0), scale), np.where(zero, 0, big_l)
 
 
@@ -117,36 +128,64 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, F32(0), scale), np.where(zero, 0, big_l + nmax)
 
 
+def _levels(
+    x: np.ndarray, lo: np.ndarray, iscale: np.ndarray, nmax: int, bound: np.ndarray
+) -> np.ndarray:
+    """``clamp(nearest_int(iscale*(x - lo)), 0, nmax)`` as float32. ``bound`` bounds
+    ``|x - lo|`` per group: while ``|iscale|*bound`` stays far below 2^22, ``nearest_int`` is
+    exactly ``rint`` (round half to even), computed in place; otherwise the bit trick."""
+    v = x - lo
+    v *= iscale
+    if np.all(np.abs(iscale) * bound < 4.0e6):
+        np.rint(v, out=v)
+        return np.clip(v, 0, nmax, out=v)
+    return np.clip(nearest_int(v), 0, nmax).astype(F32)
+
+
+def _weighted_error(
+    x: np.ndarray, w: np.ndarray, lf: np.ndarray, scale: np.ndarray, mn: np.ndarray, mad: bool
+) -> np.ndarray:
+    """``sum_i w * f(scale*L + min - x)`` with f = |.| (mad) or square, in C order."""
+    diff = lf * scale
+    diff += mn
+    diff -= x
+    if mad:
+        np.abs(diff, out=diff)
+    else:
+        diff *= diff
+    diff *= w
+    return seqsum(diff)
+
+
 def make_qkx_quants(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``make_qkx2_quants`` / ``make_qkx3_quants`` (same arithmetic when weights are given).
 
-    Returns (scale, the_min, L): x ~ scale*L - the_min, L in [0, nmax].
-    """
-    lo = x.min(axis=0)
-    lo = np.where(lo > 0, F32(0), lo)
-    hi = x.max(axis=0)
+    Returns (scale, the_min, L): x ~ scale*L - the_min, L in [0, nmax]. The search keeps the
+    (iscale, min) of the best step per group and re-derives L from it once at the end (the same
+    float operations, so the same L)."""
+    xmin, hi = x.min(axis=0), x.max(axis=0)
+    lo = np.where(xmin > 0, F32(0), xmin)
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)
     flat = hi == lo
-
-    def err(scale: np.ndarray, mn: np.ndarray, lf: np.ndarray) -> np.ndarray:
-        diff = scale * lf + mn - x
-        diff = np.abs(diff) if use_mad else diff * diff
-        return seqsum(w * diff)
-
     iscale = F32(nmax) / np.where(flat, F32(1), hi - lo)
     scale = F32(1) / iscale
-    big_l = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
-    best = err(scale, lo, big_l.astype(F32))
+
+    def bound(mn: np.ndarray) -> np.ndarray:
+        return np.maximum(np.abs(hi - mn), np.abs(xmin - mn))
+
+    best = _weighted_error(x, w, _levels(x, lo, iscale, nmax, bound(lo)), scale, lo, use_mad)
+    sel_iscale, sel_lo = iscale, lo
     for step in range(nstep + 1):
         num = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
         iscale = num / np.where(flat, F32(1), hi - lo)
-        laux = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
-        lf = laux.astype(F32)
+        lf = _levels(x, lo, iscale, nmax, bound(lo))
         wl = w * lf
-        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
+        sum_l, sum_xl = seqsum(wl), seqsum(wl * x)
+        wl *= lf
+        sum_l2 = seqsum(wl)
         d = sum_w * sum_l2 - sum_l * sum_l
         pos = d > 0
         dd = np.where(pos, d, F32(1))
@@ -155,12 +194,14 @@ def make_qkx_quants(
         neg = this_min > 0
         this_min = np.where(neg, F32(0), this_min)
         this_scale = np.where(neg, sum_xl / np.where(neg, sum_l2, F32(1)), this_scale)
-        cur = err(this_scale, this_min, lf)
+        cur = _weighted_error(x, w, lf, this_scale, this_min, use_mad)
         upd = pos & (cur < best)
-        big_l = np.where(upd, laux, big_l)
+        sel_iscale = np.where(upd, iscale, sel_iscale)
+        sel_lo = np.where(upd, lo, sel_lo)
         best = np.where(upd, cur, best)
         scale = np.where(upd, this_scale, scale)
         lo = np.where(upd, this_min, lo)
+    big_l = _levels(x, sel_lo, sel_iscale, nmax, bound(sel_lo)).astype(np.int64)
     scale = np.where(flat, F32(0), scale)
     big_l = np.where(flat, 0, big_l)
     return scale, -lo, big_l

@@ -14,11 +14,16 @@ import torch
 from weightsmith.core.calibration_data import (
     load_calibration_text,
     load_tokenizer,
-    tokenize_windows,
 )
 from weightsmith.core.statistics import STATISTICS
 from weightsmith.errors import CheckpointError, ConfigError, OutputError
-from weightsmith.ggml.imatrix import Imatrix, collect_imatrix, load_imatrix, save_imatrix
+from weightsmith.ggml.imatrix import (
+    Imatrix,
+    collect_imatrix,
+    imatrix_chunks,
+    load_imatrix,
+    save_imatrix,
+)
 
 
 def test_imatrix_statistic_hand_computed():
@@ -63,7 +68,7 @@ def test_collect_imatrix_matches_full_model_forward(tiny_model, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(load_calibration_text(None).text)
     im = collect_imatrix(model, calib, samples=4, seq_len=32)
-    ids = tokenize_windows(
+    ids = imatrix_chunks(
         load_tokenizer(model), load_calibration_text(calib).text, samples=4, seq_len=32
     )
     ref = _reference_imatrix(model, ids)
@@ -75,6 +80,20 @@ def test_collect_imatrix_matches_full_model_forward(tiny_model, tmp_path):
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, err_msg=name)
     # q/k/v read the same normed input
     np.testing.assert_array_equal(im.sums["blk.0.attn_q.weight"], im.sums["blk.0.attn_v.weight"])
+
+
+def test_chunks_like_llama_imatrix(stories260k):
+    """BOS + the text's tokens, cut in chunks whose first token is set to BOS (stories260K's
+    tokenizer adds BOS = 1); whole chunks only."""
+    tok = load_tokenizer(stories260k)
+    text = "Once upon a time, there was a little girl named Lily. " * 20
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    chunks = imatrix_chunks(tok, text, samples=3, seq_len=16)
+    assert chunks.shape == (3, 16) and (chunks[:, 0] == 1).all()
+    assert chunks[0, 1:].tolist() == ids[:15]
+    assert chunks[1, 1:].tolist() == ids[16:31]  # token 15 of the text is overwritten by BOS
+    with pytest.raises(ConfigError, match="less than one chunk"):
+        imatrix_chunks(tok, "Once", samples=3, seq_len=16)
 
 
 def _example() -> Imatrix:

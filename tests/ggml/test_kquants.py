@@ -12,7 +12,8 @@ import pytest
 from gguf.quants import dequantize
 
 from weightsmith.errors import ConfigError
-from weightsmith.ggml.kquants import BLOCK_BYTES, K_TYPES, quantize_k
+from weightsmith.ggml.kquants import BLOCK_BYTES, K_TYPES, quantize_k, quantize_tensor
+from weightsmith.ggml.kquants_legacy import quantize_legacy
 from weightsmith.ggml.kquants_ops import nearest_int, seqsum
 
 # relative RMS error bounds on Gaussian rows (measured 0.29, 0.15, 0.070, 0.035, 0.017)
@@ -102,3 +103,20 @@ def test_bad_input_refused():
         quantize_k(np.zeros((2, 256), np.float32), "Q7_K")
     with pytest.raises(ConfigError, match="imatrix has 3 values"):
         quantize_k(np.zeros((2, 256), np.float32), "Q4_K", np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_types_with_imatrix(t):
+    """Without an imatrix: gguf.quants' bytes (llama.cpp's _ref path); with one: a weighted
+    search that lowers the importance-weighted error and decodes with gguf's decoder."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((32, 256)).astype(np.float32)
+    qt = gguf.GGMLQuantizationType[t]
+    assert (quantize_legacy(x, t) == gguf.quants.quantize(x, qt)).all()
+    imx = (rng.random(256) ** 8 * 100 + 1e-3).astype(np.float32)
+    plain = np.sum(imx * (dequantize(quantize_legacy(x, t), qt) - x) ** 2)
+    weighted = np.sum(imx * (dequantize(quantize_legacy(x, t, imx), qt) - x) ** 2)
+    assert weighted < 0.9 * plain
+    assert (quantize_tensor(x, t, imx) == quantize_legacy(x, t, imx)).all()
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        quantize_legacy(x[:, :40], t, imx[:40])

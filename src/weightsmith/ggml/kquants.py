@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from weightsmith.errors import ConfigError
+from weightsmith.ggml.kquants_legacy import LEGACY_TYPES, quantize_legacy
 from weightsmith.ggml.kquants_ops import (
     F32,
     GROUP_MAX_EPS,
@@ -290,3 +291,23 @@ _ENCODERS = {
     "Q5_K": _encode_q5_k,
     "Q6_K": _encode_q6_k,
 }
+
+
+def quantize_tensor(
+    data: np.ndarray, type_name: str, imatrix: np.ndarray | None = None
+) -> np.ndarray:
+    """Any type a mix chooses, as llama.cpp encodes it: K types by :func:`quantize_k`, the
+    32-value types by :func:`~weightsmith.ggml.kquants_legacy.quantize_legacy` (llama.cpp's
+    imatrix path when ``imatrix`` is given), F32/F16/BF16 and the rest by ``gguf.quants``."""
+    if type_name in K_TYPES:
+        return quantize_k(data, type_name, imatrix)
+    if type_name in LEGACY_TYPES:
+        return quantize_legacy(data, type_name, imatrix)
+    import gguf
+    from gguf.quants import quantize
+
+    try:
+        qtype = gguf.GGMLQuantizationType[type_name]
+    except KeyError:
+        raise ConfigError(f"unknown GGML type {type_name!r}") from None
+    return quantize(np.asarray(data, dtype=F32), qtype)

@@ -165,7 +165,9 @@ def make_qkx_quants(
     Returns (scale, the_min, L): x ~ scale*L - the_min, L in [0, nmax]. The search keeps the
     (iscale, min) of the best step per group and re-derives L from it once at the end (the same
     float operations, so the same L)."""
-    xmin, hi = x.min(axis=0), x.max(axis=0)
+    cols = np.arange(x.shape[1])
+    # C scans with strict < / >: the first element reaching the extreme (matters for +-0)
+    xmin, hi = x[np.argmin(x, axis=0), cols], x[np.argmax(x, axis=0), cols]
     lo = np.where(xmin > 0, F32(0), xmin)
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("package root", frozenset({"weightsmith"})),  # __version__, re-exports of errors
     ("io", frozenset({"io"})),
     ("engines", frozenset({"core", "kernels"})),
-    ("subsystems", frozenset({"compress", "merge", "distill", "evaluate"})),
+    ("subsystems", frozenset({"compress", "merge", "distill", "evaluate", "ggml"})),
     ("tools", frozenset({"compare", "convert", "inspection"})),
     ("pipeline", frozenset({"pipeline"})),
     ("cli", frozenset({"cli"})),

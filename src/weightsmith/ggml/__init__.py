@@ -1,0 +1,1 @@
+"""GGML block formats and GGUF files for llama.cpp and Ollama."""

@@ -1,0 +1,157 @@
+"""HF checkpoint -> one GGUF file, streamed: one tensor in memory at a time.
+
+The plan (every tensor's GGUF name, type and byte size) is made from headers alone, so an
+unknown architecture, tensor or tokenizer is refused before anything is written. Then the
+header, metadata and tensor table are written, and each tensor is read, permuted (Q/K for
+Llama), encoded and appended. The file is written beside OUT under a temporary name and renamed
+into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm.auto import tqdm
+
+from weightsmith.core.report import peak_rss_bytes
+from weightsmith.errors import CheckpointError, OutputError
+from weightsmith.ggml import archs, types
+from weightsmith.ggml.vocab import read_vocab
+from weightsmith.io.paths import check_file_output
+from weightsmith.io.reader import Checkpoint, open_checkpoint
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first), as stored in the checkpoint
+    type: str
+    fallback: str | None
+
+
+@dataclass
+class GgufResult:
+    """What a GGUF write produced and what it cost."""
+
+    out: str
+    type: str
+    architecture: str
+    tensors: int
+    total_size: int
+    wall_s: float
+    peak_rss: int
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_tensors(ckpt: Checkpoint, arch: archs.GgufArch, type_name: str) -> list[PlannedTensor]:
+    """Every tensor's GGUF name and type, from headers only."""
+    config = ckpt.config or {}
+    facts = None
+    if type_name in types.K_MIXES:
+        mixes, _ = types.k_backend()
+        facts = types.model_facts(mixes, arch.name, config)
+    out = []
+    for hf in ckpt.tensors:
+        if hf == "lm_head.weight" and ckpt.tied_embeddings:
+            continue  # llama.cpp stores a tied head once, as token_embd
+        name = archs.gguf_name(hf)
+        if name is None:
+            continue
+        shape = tuple(ckpt.info(hf).shape)
+        chosen = types.choose_type(type_name, name, shape, facts)
+        out.append(PlannedTensor(hf, name, shape, chosen.name, chosen.fallback))
+    return out
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    type_name: str = "F16",
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> GgufResult:
+    """Write the checkpoint at ``path`` as a llama.cpp GGUF file ``out`` of ``type_name``."""
+    start = time.perf_counter()
+    type_name = types.check_type(type_name)
+    out = Path(out)
+    check_file_output(out, [Path(path)], force)
+    with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+        config = ckpt.config or {}
+        arch = archs.gguf_arch_for(config)
+        plan = plan_tensors(ckpt, arch, type_name)
+        vocab = read_vocab(ckpt.root, config)
+        w = gguf.GGUFWriter(path=None, arch=arch.name)
+        _write_metadata(w, arch, config, type_name, ckpt.root.name)
+        vocab.add_to(w)
+        for t in plan:
+            shape, dtype = types.stored_shape(t.shape, t.type)
+            raw = None if t.type in ("F32", "F16") else gguf.GGMLQuantizationType[t.type]
+            w.add_tensor_info(
+                t.name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=raw
+            )
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            _write_file(w, tmp, ckpt, arch, plan, progress)
+            os.replace(tmp, out)
+        except BaseException:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    counts = Counter(t.type for t in plan)
+    return GgufResult(
+        out=str(out),
+        type=type_name,
+        architecture=arch.name,
+        tensors=len(plan),
+        total_size=out.stat().st_size,
+        wall_s=time.perf_counter() - start,
+        peak_rss=peak_rss_bytes(),
+        tensor_types=dict(counts.most_common()),
+        fallbacks=[
+            {"tensor": t.name, "type": t.type, "reason": t.fallback} for t in plan if t.fallback
+        ],
+    )
+
+
+def _write_metadata(w: gguf.GGUFWriter, arch, config: dict, type_name: str, name: str) -> None:
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    archs.write_hparams(w, arch, config)
+    w.add_file_type(types.file_type(type_name))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_file(
+    w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool
+) -> None:
+    try:
+        w.open_output_file(tmp)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    except OSError as e:
+        raise OutputError(f"{tmp.parent}: cannot write the GGUF file ({e.strerror})") from e
+    config = ckpt.config or {}
+    for t in tqdm(plan, disable=not progress, desc="gguf", unit="tensor", leave=False):
+        data = ckpt.get_tensor(t.hf_name).float().numpy()
+        if not np.isfinite(data).all():
+            raise CheckpointError(f"tensor {t.hf_name!r} holds NaN or Inf; refusing to write it")
+        n_head = archs.qk_heads(arch, t.name, config)
+        if n_head is not None:
+            data = archs.permute_rows(data, n_head)
+        w.write_tensor_data(types.encode(data, t.type))
+        del data
+    w.close()

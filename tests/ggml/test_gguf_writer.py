@@ -1,0 +1,238 @@
+"""HF -> GGUF writer. Oracles: ``gguf.quants.quantize`` (the ggml project's block encoders) for
+every stored byte, and transformers' own GGUF loader for logits and tokenization."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from weightsmith.cli.main import cli
+from weightsmith.ggml.writer import write_gguf
+from weightsmith.testing import build_tiny_model
+
+TEXT = 'Once upon a time, Lily saw a big dog. She said: "Hello!" Ünïcode  and  spaces?'
+
+
+def _source_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py's LlamaModel.permute, written out independently of weightsmith.ggml
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _expected(hf: str, w: np.ndarray, config: dict) -> np.ndarray:
+    if hf.endswith("self_attn.q_proj.weight"):
+        return _llama_permute(w, config["num_attention_heads"])
+    if hf.endswith("self_attn.k_proj.weight"):
+        return _llama_permute(w, config["num_key_value_heads"])
+    return w
+
+
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _hf(name: str) -> str:
+    if name.startswith("blk."):
+        _, bid, rest = name.split(".", 2)
+        return f"model.layers.{bid}.{GGUF_TO_HF[rest]}"
+    return GGUF_TO_HF[name]
+
+
+@pytest.mark.parametrize(
+    "qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0"]
+)
+def test_every_tensor_is_byte_identical_to_gguf_quants(tmp_path: Path, qtype: str) -> None:
+    # hidden 256 so TQ*_0 (block 256) applies to the 2-D weights; intermediate 160 is not a
+    # multiple of 256 (ffn_down falls back to F16 there) but is of 32 (legacy types apply).
+    src = build_tiny_model(
+        tmp_path / "m", "llama", hidden_size=256, intermediate_size=160, with_tokenizer=True,
+        max_shard_size="10MB",
+    )  # fmt: skip
+    config = json.loads((src / "config.json").read_text())
+    out = tmp_path / "m.gguf"
+    result = write_gguf(src, out, type_name=qtype, progress=False)
+    tensors = _source_tensors(src)
+    reader = gguf.GGUFReader(out)
+    assert len(reader.tensors) == len(tensors) == result.tensors
+    seen_types = set()
+    for t in reader.tensors:
+        hf = _hf(t.name)
+        w = _expected(hf, tensors[hf].float().numpy(), config)
+        want_type = t.tensor_type.name
+        seen_types.add(want_type)
+        if w.ndim == 1:
+            assert want_type == "F32", t.name  # norms stay F32 as llama.cpp keeps them
+        want = gguf.quants.quantize(w, gguf.GGMLQuantizationType[want_type])
+        assert np.asarray(t.data).tobytes() == want.tobytes(), t.name
+        assert list(t.shape) == list(reversed(w.shape)), t.name  # GGUF stores ne0 first
+    assert qtype in seen_types
+    fell_back = {f["tensor"] for f in result.fallbacks}
+    if qtype.startswith("TQ"):
+        # convert_hf_to_gguf.py keeps embeddings/output F16 and falls back on rows of 160
+        assert {"token_embd.weight", "output.weight", "blk.0.ffn_down.weight"} <= fell_back
+    else:
+        assert fell_back == set()
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# relative L2 error of the logits vs the source: F32 is exact up to float rounding
+TOLERANCES = {"F32": 1e-6, "F16": 2e-3, "Q8_0": 2e-2, "Q4_0": 0.3}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_loads_each_type_with_matching_logits_and_tokens(
+    tiny_model, tmp_path: Path, arch: str
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model(arch)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = torch.tensor([tok(TEXT).input_ids])
+    ref = _logits(model, ids)
+    errors = {}
+    for qtype, tol in TOLERANCES.items():
+        write_gguf(src, tmp_path / f"{qtype}.gguf", type_name=qtype, progress=False)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"{qtype}.gguf").eval()
+        assert type(loaded) is type(model)
+        err = ((_logits(loaded, ids) - ref).norm() / ref.norm()).item()
+        errors[qtype] = err
+        assert err <= tol, (qtype, err)
+    assert errors["F32"] < errors["Q8_0"] < errors["Q4_0"]  # the types differ as they should
+    gguf_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="F32.gguf")
+    assert gguf_tok(TEXT).input_ids == tok(TEXT).input_ids
+
+
+def test_qwen3_with_qk_norms_loads_exactly(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import weightsmith.testing.tiny as tiny
+
+    tiny.TINY_ARCHS.setdefault(
+        "qwen3", ("Qwen3Config", dict(tiny.TINY_ARCHS["qwen2"][1], head_dim=128))
+    )
+    src = build_tiny_model(tmp_path / "q3", "qwen3")
+    result = write_gguf(src, tmp_path / "q3.gguf", type_name="F32", progress=False)
+    assert result.architecture == "qwen3"
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "q3.gguf").tensors}
+    assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
+    assert "output.weight" not in names  # tied: stored once, as token_embd
+    ids = torch.arange(3, 40)[None]
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q3.gguf").eval(), ids)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+
+
+def test_metadata_as_llama_cpp_writes_it(tiny_model, tmp_path: Path) -> None:
+    src = tiny_model("llama")
+    write_gguf(src, tmp_path / "m.gguf", type_name="Q8_0", progress=False)
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+
+    def field(key):
+        return r.fields[key].contents()
+
+    assert field("general.architecture") == "llama"
+    assert field("general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert field("llama.block_count") == 2
+    assert field("llama.embedding_length") == 64
+    assert field("llama.feed_forward_length") == 128
+    assert field("llama.attention.head_count") == 4
+    assert field("llama.attention.head_count_kv") == 2
+    assert field("llama.rope.dimension_count") == 16
+    assert field("llama.vocab_size") == 320
+    assert field("llama.context_length") == 256
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == 320 and tokens[300] == "[PAD300]"  # padded to the model's vocabulary
+    types = field("tokenizer.ggml.token_type")
+    assert types[tokens.index("<|endoftext|>")] == int(gguf.TokenType.CONTROL)
+    assert types[300] == int(gguf.TokenType.UNUSED)
+    assert field("tokenizer.ggml.eos_token_id") == tokens.index("<|endoftext|>")
+    assert len(field("tokenizer.ggml.merges")) > 0
+
+
+def test_stories260k_spm_vocab_and_fallbacks(stories260k: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "s.gguf"
+    result = write_gguf(stories260k, out, type_name="Q8_0", progress=False)
+    # intermediate 172 is not a multiple of 32: each ffn_down falls back to F16, listed
+    assert sorted(f["tensor"] for f in result.fallbacks) == [
+        f"blk.{i}.ffn_down.weight" for i in range(5)
+    ]
+    assert {f["type"] for f in result.fallbacks} == {"F16"}
+    r = gguf.GGUFReader(out)
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert r.fields["tokenizer.ggml.bos_token_id"].contents() == 1
+    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is True
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    assert types[3:259] == [int(gguf.TokenType.BYTE)] * 256  # <0x00>..<0xFF>
+    write_gguf(stories260k, tmp_path / "f32.gguf", type_name="F32", progress=False)
+    tok = AutoTokenizer.from_pretrained(stories260k)
+    gguf_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="f32.gguf")
+    assert gguf_tok(TEXT).input_ids == tok(TEXT).input_ids
+    ids = torch.tensor([tok(TEXT).input_ids])
+    ref = _logits(AutoModelForCausalLM.from_pretrained(stories260k).eval(), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f32.gguf").eval(), ids)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-5)
+    q8 = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="s.gguf").eval(), ids)
+    assert ((q8 - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_cli_convert_gguf_report_and_refusals(tiny_model, tmp_path: Path) -> None:
+    src = tiny_model("llama")
+    out = tmp_path / "m.gguf"
+    report = tmp_path / "r.json"
+    runner = CliRunner()
+    args = ["convert", str(src), "-o", str(out), "--format", "gguf", "--type", "Q4_0"]
+    res = runner.invoke(cli, [*args, "--report", str(report), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 21 tensors as Q4_0 GGUF (llama" in res.output
+    data = json.loads(report.read_text())["result"]
+    assert data["tensor_types"] == {"Q4_0": 16, "F32": 5}
+    before = out.read_bytes()
+    res = runner.invoke(cli, args)  # exists, no --force
+    assert res.exit_code == 1 and "already exists" in res.output
+    assert out.read_bytes() == before
+    if importlib.util.find_spec("weightsmith.ggml.kquants") is None:
+        res = runner.invoke(cli, [*args[:-1], "Q4_K_M", "--force"])
+        assert res.exit_code == 1 and "not available in this build" in res.output
+        assert out.read_bytes() == before
+    res = runner.invoke(cli, [*args[:-1], "Q3_0", "--force"])
+    assert res.exit_code == 1 and "unknown GGUF type" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "r.json"]  # no temp left

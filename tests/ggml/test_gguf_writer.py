@@ -236,3 +236,49 @@ def test_cli_convert_gguf_report_and_refusals(tiny_model, tmp_path: Path) -> Non
     res = runner.invoke(cli, [*args[:-1], "Q3_0", "--force"])
     assert res.exit_code == 1 and "unknown GGUF type" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "r.json"]  # no temp left
+
+
+K_PRESENT = importlib.util.find_spec("weightsmith.ggml.kquants") is not None
+
+
+@pytest.mark.skipif(not K_PRESENT, reason="this build has no K-quant encoder (ggml/kquants.py)")
+def test_k_mix_routes_through_mixes_and_kquants(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from weightsmith.ggml import kquants, mixes
+
+    src = build_tiny_model(
+        tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, max_shard_size="10MB"
+    )
+    config = json.loads((src / "config.json").read_text())
+    result = write_gguf(src, tmp_path / "k.gguf", type_name="Q4_K_M", progress=False)
+    assert result.fallbacks == []
+    tensors = _source_tensors(src)
+    reader = gguf.GGUFReader(tmp_path / "k.gguf")
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    facts_kwargs = dict(n_layer=2, n_head=4, n_head_kv=2)
+    facts = mixes.ModelFacts(**facts_kwargs)
+    for t in reader.tensors:
+        hf = _hf(t.name)
+        w = _expected(hf, tensors[hf].float().numpy(), config)
+        if w.ndim == 1:
+            assert t.tensor_type.name == "F32"
+            continue
+        assert t.tensor_type.name == mixes.tensor_type("Q4_K_M", t.name, shapes[t.name], facts)
+        assert t.tensor_type.name in kquants.K_TYPES
+        want = kquants.quantize_k(w, t.tensor_type.name)
+        assert np.asarray(t.data).tobytes() == want.tobytes(), t.name
+    ids = torch.arange(1, 40)[None]
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf").eval(), ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.15  # measured 0.073
+
+
+@pytest.mark.skipif(not K_PRESENT, reason="this build has no K-quant encoder (ggml/kquants.py)")
+def test_k_mix_fallbacks_are_listed(stories260k: Path, tmp_path: Path) -> None:
+    result = write_gguf(stories260k, tmp_path / "s.gguf", type_name="Q4_K_M", progress=False)
+    fell = {f["tensor"]: f["type"] for f in result.fallbacks}
+    # hidden 64 and intermediate 172: no row is a multiple of 256, every 2-D weight falls back
+    assert len(fell) == 5 * 7 + 1
+    assert fell["blk.0.ffn_down.weight"] == "F16"  # 172 is not a multiple of 32 either
+    assert fell["blk.0.ffn_gate.weight"] in ("Q5_0", "Q8_0")

@@ -77,7 +77,7 @@ def block_size(type_name: str) -> int:
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
 
 
-def model_facts(mixes, arch_name: str, config: dict, has_imatrix: bool = False):
+def model_facts(mixes, arch_name: str, config: dict, has_imatrix: bool = False, tied: bool = False):
     """mixes.ModelFacts from config.json, filling fields by their names."""
     n_head = int(config["num_attention_heads"])
     values = {
@@ -86,6 +86,7 @@ def model_facts(mixes, arch_name: str, config: dict, has_imatrix: bool = False):
         "n_head_kv": int(config.get("num_key_value_heads") or n_head),
         "n_expert": int(config.get("num_local_experts") or 0),
         "has_imatrix": has_imatrix,
+        "tied_embeddings": tied,
     }
     kwargs = {}
     for f in fields(mixes.ModelFacts):
@@ -96,14 +97,11 @@ def model_facts(mixes, arch_name: str, config: dict, has_imatrix: bool = False):
     return mixes.ModelFacts(**kwargs)
 
 
-def choose_type(file_type_name: str, name: str, shape: tuple[int, ...], facts=None) -> TensorType:
-    """The GGUF type of tensor ``name`` (numpy ``shape``: rows first) in a ``file_type_name`` file."""
+def choose_type(file_type_name: str, name: str, shape: tuple[int, ...]) -> TensorType:
+    """The GGUF type of tensor ``name`` (numpy ``shape``: rows first) in a file of one of the
+    direct (non-mix) types."""
     if not quantizable(name, shape):
         return TensorType("F32")
-    if file_type_name in K_MIXES:
-        mixes, _ = k_backend()
-        chosen = mixes.tensor_type(file_type_name, name, tuple(shape), facts)
-        return TensorType(chosen, None if chosen == file_type_name else "llama.cpp mix choice")
     wanted = file_type_name
     if wanted in TERNARY_TYPES and name in ("token_embd.weight", "output.weight"):
         return TensorType("F16", "embeddings and output stay F16 in ternary files")
@@ -113,6 +111,31 @@ def choose_type(file_type_name: str, name: str, shape: tuple[int, ...], facts=No
             "F16", f"row of {row} not divisible by {wanted}'s block {block_size(wanted)}"
         )
     return TensorType(wanted)
+
+
+def mix_types(
+    mix: str, shapes: dict[str, tuple[int, ...]], arch_name: str, config: dict
+) -> dict[str, TensorType]:
+    """Every tensor's type in a K-quant mix, as llama.cpp's ``llama_tensor_get_type`` picks
+    them (``mixes.plan_types`` walks the whole model for its per-layer counters)."""
+    mixes, _ = k_backend()
+    facts = model_facts(mixes, arch_name, config, tied="output.weight" not in shapes)
+    plan = getattr(mixes, "plan_types", None)
+    if plan is not None:
+        chosen = plan(mix, shapes, facts, "F32")
+    else:
+        chosen = {n: mixes.tensor_type(mix, n, s, facts, "F32") for n, s in shapes.items()}
+    out = {}
+    for name, shape in shapes.items():
+        kind = chosen[name]
+        if not quantizable(name, shape):
+            out[name] = TensorType("F32")
+        elif shape[-1] % 256:
+            reason = f"row of {shape[-1]} not a multiple of the K-quant block 256: {kind}"
+            out[name] = TensorType(kind, reason)
+        else:
+            out[name] = TensorType(kind)
+    return out
 
 
 def encode(data: np.ndarray, type_name: str) -> np.ndarray:

@@ -56,22 +56,20 @@ class GgufResult:
 
 def plan_tensors(ckpt: Checkpoint, arch: archs.GgufArch, type_name: str) -> list[PlannedTensor]:
     """Every tensor's GGUF name and type, from headers only."""
-    config = ckpt.config or {}
-    facts = None
-    if type_name in types.K_MIXES:
-        mixes, _ = types.k_backend()
-        facts = types.model_facts(mixes, arch.name, config)
-    out = []
+    named = []
     for hf in ckpt.tensors:
         if hf == "lm_head.weight" and ckpt.tied_embeddings:
             continue  # llama.cpp stores a tied head once, as token_embd
         name = archs.gguf_name(hf)
-        if name is None:
-            continue
-        shape = tuple(ckpt.info(hf).shape)
-        chosen = types.choose_type(type_name, name, shape, facts)
-        out.append(PlannedTensor(hf, name, shape, chosen.name, chosen.fallback))
-    return out
+        if name is not None:
+            named.append((hf, name, tuple(ckpt.info(hf).shape)))
+    if type_name in types.K_MIXES:
+        chosen = types.mix_types(
+            type_name, {n: s for _, n, s in named}, arch.name, ckpt.config or {}
+        )
+    else:
+        chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
+    return [PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback) for hf, n, s in named]
 
 
 def write_gguf(

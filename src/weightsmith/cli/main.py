@@ -45,7 +45,7 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
 )
 @click.option(
     "--format",
-    "out_format",
+    "format",
     type=click.Choice(["safetensors", "gguf"]),
     default="safetensors",
     show_default=True,
@@ -53,7 +53,7 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
 )
 @click.option(
     "--type",
-    "gguf_type",
+    "type",
     default=None,
     help="GGUF tensor type: F32, F16 (default), BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, "
     "TQ2_0, or a K-quant mix (Q4_K_M, ...). Only with --format gguf.",
@@ -67,16 +67,16 @@ def convert_cmd(
     path: str,
     out: str,
     dtype: str | None,
-    out_format: str,
-    gguf_type: str | None,
     max_shard_size: str,
     force: bool,
     allow_pickle: bool,
     progress: bool,
+    **gguf_options: str | None,  # --format, --type (their recipe keys: format, type)
 ) -> dict:
     """Re-shard and/or cast the checkpoint at PATH into OUT (a folder, or a .gguf file)."""
     from weightsmith.convert import convert
 
+    out_format, gguf_type = gguf_options["format"], gguf_options["type"]
     if out_format == "gguf" or gguf_type is not None:
         return _convert_gguf(path, out, out_format, gguf_type, dtype, force, allow_pickle, progress)
     result = convert(

@@ -22,8 +22,15 @@ _FLOAT = ("F32", "F16", "BF16")
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
-    """A ``.gguf`` file (by name; its magic is checked on open)."""
-    return str(path).lower().endswith(".gguf")
+    """A ``.gguf`` file by name, or any file starting with the GGUF magic (a recipe step's
+    output ``WORKDIR/<id>`` has no extension)."""
+    if str(path).lower().endswith(".gguf"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 class GgufFile:

@@ -282,3 +282,15 @@ def test_k_mix_fallbacks_are_listed(stories260k: Path, tmp_path: Path) -> None:
     assert len(fell) == 5 * 7 + 1
     assert fell["blk.0.ffn_down.weight"] == "F16"  # 172 is not a multiple of 32 either
     assert fell["blk.0.ffn_gate.weight"] in ("Q5_0", "Q8_0")
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1"])
+def test_row_blocks_write_the_same_bytes(tiny_model, tmp_path: Path, monkeypatch, qtype: str) -> None:
+    import weightsmith.ggml.writer as writer
+
+    src = tiny_model("llama")
+    write_gguf(src, tmp_path / "whole.gguf", type_name=qtype, progress=False)
+    # 3 rows of 64 per block: q (16 rows/head) and k are cut at whole heads, the rest at 3 rows
+    monkeypatch.setattr(writer, "_BLOCK_ELEMENTS", 3 * 64)
+    write_gguf(src, tmp_path / "blocks.gguf", type_name=qtype, progress=False)
+    assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()

@@ -27,6 +27,9 @@ from weightsmith.io.paths import check_file_output
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 
 
+_BLOCK_ELEMENTS = 4 << 20  # floats read and encoded at once: bounds memory for huge embeddings
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     hf_name: str
@@ -132,9 +135,7 @@ def _write_metadata(w: gguf.GGUFWriter, arch, config: dict, type_name: str, name
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_file(
-    w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool
-) -> None:
+def _write_file(w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool) -> None:
     try:
         w.open_output_file(tmp)
         w.write_header_to_file()
@@ -144,12 +145,46 @@ def _write_file(
         raise OutputError(f"{tmp.parent}: cannot write the GGUF file ({e.strerror})") from e
     config = ckpt.config or {}
     for t in tqdm(plan, disable=not progress, desc="gguf", unit="tensor", leave=False):
-        data = ckpt.get_tensor(t.hf_name).float().numpy()
+        n_head = archs.qk_heads(arch, t.name, config)
+        shape, dtype = types.stored_shape(t.shape, t.type)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        w.write_tensor_data(_Encoded(nbytes, _encoded_blocks(ckpt, t, n_head)))
+    w.close()
+
+
+def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
+    """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
+    every GGUF type encodes rows independently, so blocks concatenate to the whole."""
+    rows = t.shape[0] if t.shape else 1
+    per_row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else max(rows, 1)
+    unit = rows // n_head if n_head else 1
+    step = max(unit, _BLOCK_ELEMENTS // max(per_row, 1) // unit * unit)
+    if len(t.shape) < 2 or rows <= step:
+        step = rows
+    for start in range(0, rows, step):
+        if step == rows:
+            data = ckpt.get_tensor(t.hf_name).float().numpy()
+        else:
+            data = ckpt.read_rows(t.hf_name, start, min(start + step, rows)).float().numpy()
         if not np.isfinite(data).all():
             raise CheckpointError(f"tensor {t.hf_name!r} holds NaN or Inf; refusing to write it")
-        n_head = archs.qk_heads(arch, t.name, config)
         if n_head is not None:
-            data = archs.permute_rows(data, n_head)
-        w.write_tensor_data(types.encode(data, t.type))
-        del data
-    w.close()
+            data = archs.permute_rows(data, data.shape[0] // unit)
+        yield types.encode(data, t.type)
+
+
+class _Encoded:
+    """What GGUFWriter.write_tensor_data needs of an array (``nbytes``, ``tofile``), filled
+    from encoded row blocks so a huge embedding is never held whole."""
+
+    def __init__(self, nbytes: int, blocks) -> None:
+        self.nbytes = nbytes
+        self._blocks = blocks
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for block in self._blocks:
+            block.tofile(fout)
+            written += block.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"wrote {written} bytes of a {self.nbytes}-byte tensor")

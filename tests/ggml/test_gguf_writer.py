@@ -285,7 +285,9 @@ def test_k_mix_fallbacks_are_listed(stories260k: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q4_1"])
-def test_row_blocks_write_the_same_bytes(tiny_model, tmp_path: Path, monkeypatch, qtype: str) -> None:
+def test_row_blocks_write_the_same_bytes(
+    tiny_model, tmp_path: Path, monkeypatch, qtype: str
+) -> None:
     import weightsmith.ggml.writer as writer
 
     src = tiny_model("llama")

@@ -26,7 +26,6 @@ from weightsmith.ggml.vocab import read_vocab
 from weightsmith.io.paths import check_file_output
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 
-
 _BLOCK_ELEMENTS = 4 << 20  # floats read and encoded at once: bounds memory for huge embeddings
 
 
@@ -135,7 +134,9 @@ def _write_metadata(w: gguf.GGUFWriter, arch, config: dict, type_name: str, name
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_file(w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool) -> None:
+def _write_file(
+    w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool
+) -> None:
     try:
         w.open_output_file(tmp)
         w.write_header_to_file()

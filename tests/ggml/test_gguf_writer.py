@@ -157,6 +157,33 @@ def test_qwen3_with_qk_norms_loads_exactly(tmp_path: Path) -> None:
     assert torch.allclose(got, ref, rtol=0, atol=1e-6)
 
 
+def test_phi3_keeps_fused_projections_and_loads_exactly(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import weightsmith.testing.tiny as tiny
+
+    kwargs = dict(tiny.TINY_ARCHS["llama"][1], bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    tiny.TINY_ARCHS.setdefault("phi3", ("Phi3Config", kwargs))
+    src = build_tiny_model(tmp_path / "p3", "phi3")
+    out = tmp_path / "p3.gguf"
+    result = write_gguf(src, out, type_name="Q8_0", progress=False)
+    assert result.architecture == "phi3" and result.tensors == 15
+    r = gguf.GGUFReader(out)
+    shapes = {t.name: [int(d) for d in t.shape] for t in r.tensors}
+    assert shapes["blk.0.attn_qkv.weight"] == [64, 64 + 2 * 32]  # q (4 heads) + k, v (2 heads)
+    assert shapes["blk.0.ffn_up.weight"] == [64, 2 * 128]  # gate and up, fused as in HF
+    assert r.fields["phi3.rope.scaling.original_context_length"].contents() == 4096
+    assert r.fields["phi3.rope.dimension_count"].contents() == 16
+    assert r.fields["phi3.attention.sliding_window"].contents() == 0
+    write_gguf(src, tmp_path / "f.gguf", type_name="F32", progress=False)
+    ids = torch.arange(3, 40)[None]
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f.gguf").eval(), ids)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+    q8 = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="p3.gguf").eval(), ids)
+    assert 0 < ((q8 - ref).norm() / ref.norm()).item() < 2e-2
+
+
 def test_metadata_as_llama_cpp_writes_it(tiny_model, tmp_path: Path) -> None:
     src = tiny_model("llama")
     write_gguf(src, tmp_path / "m.gguf", type_name="Q8_0", progress=False)

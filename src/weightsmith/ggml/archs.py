@@ -37,6 +37,7 @@ ARCHS: tuple[GgufArch, ...] = (
     GgufArch(
         "qwen3", ("qwen3",), permute_qk=False, writes_vocab_size=False, writes_rope_dims=False
     ),
+    GgufArch("phi3", ("phi3",), permute_qk=False, writes_vocab_size=False, writes_rope_dims=True),
 )
 
 # HF name (layer part with {bid}) -> GGUF name, as gguf-py's tensor_mapping.py maps them.
@@ -61,6 +62,8 @@ _LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# Phi-3 keeps its fused projections: qkv as attn_qkv, gate+up as ffn_up (llama.cpp splits them).
+_PHI3 = {"self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _BLK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _SKIPPED = (".rotary_emb.inv_freq",)  # llama.cpp computes these itself
@@ -89,17 +92,21 @@ def gguf_name(hf_name: str) -> str | None:
     m = _LAYER_RE.fullmatch(hf_name)
     if m and m.group(2) in _LAYER:
         return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}"
+    if m and m.group(2) in _PHI3:
+        return f"blk.{m.group(1)}.{_PHI3[m.group(2)]}"
     raise ConfigError(f"tensor {hf_name!r} has no GGUF name in weightsmith's description")
 
 
-def hf_name(name: str) -> str:
-    """The HF tensor name of a GGUF tensor (the inverse of :func:`gguf_name`)."""
+def hf_name(name: str, arch_name: str = "llama") -> str:
+    """The HF tensor name of a GGUF tensor in an ``arch_name`` file (the inverse of
+    :func:`gguf_name`)."""
     for hf, g in _GLOBAL.items():
         if g == name:
             return hf
     m = _BLK_RE.fullmatch(name)
+    layer = {**_LAYER, **_PHI3} if arch_name == "phi3" else _LAYER
     if m:
-        for hf, g in _LAYER.items():
+        for hf, g in reversed(layer.items()):
             if g == m.group(2):
                 return f"model.layers.{m.group(1)}.{hf}"
     raise ConfigError(f"GGUF tensor {name!r} has no Hugging Face name in weightsmith's description")
@@ -141,6 +148,9 @@ def rope_settings(config: dict) -> tuple[float | None, dict]:
 
 def write_hparams(w: gguf.GGUFWriter, arch: GgufArch, config: dict) -> None:
     """The hyper-parameter keys llama.cpp's TextModel/LlamaModel/Qwen2Model write."""
+    if arch.name == "phi3":
+        _write_phi3_hparams(w, config)
+        return
     w.add_block_count(int(config["num_hidden_layers"]))
     if "max_position_embeddings" in config:
         w.add_context_length(int(config["max_position_embeddings"]))
@@ -178,3 +188,30 @@ def _write_rope_scaling(w: gguf.GGUFWriter, arch: GgufArch, rope: dict) -> None:
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
         return
     raise ConfigError(f"RoPE scaling {kind!r} is not supported by the GGUF writer for {arch.name}")
+
+
+def _write_phi3_hparams(w: gguf.GGUFWriter, config: dict) -> None:
+    """llama.cpp's Phi3MiniModel.set_gguf_parameters (LongRoPE factors are not supported)."""
+    theta, rope = rope_settings(config)
+    if rope.get("long_factor") or rope.get("rope_type") not in ("default", None):
+        raise ConfigError(
+            f"RoPE scaling {rope.get('rope_type')!r} is not supported by the GGUF writer for phi3"
+        )
+    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    orig = rope.get(
+        "original_max_position_embeddings", config.get("original_max_position_embeddings")
+    )
+    rot_pct = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    w.add_context_length(int(config["max_position_embeddings"]))
+    w.add_rope_scaling_orig_ctx_len(
+        int(orig if orig is not None else config["max_position_embeddings"])
+    )
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(heads(config)[1])
+    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    w.add_rope_dimension_count(int(rot_pct * n_embd) // n_head)
+    w.add_rope_freq_base(float(theta if theta is not None else 10000.0))
+    w.add_sliding_window(int(config.get("sliding_window") or 0))

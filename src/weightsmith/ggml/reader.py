@@ -51,7 +51,7 @@ class GgufFile:
 
     def _hf(self, name: str) -> str:
         try:
-            return archs.hf_name(name)
+            return archs.hf_name(name, self.architecture)
         except ConfigError:
             return name  # a tensor weightsmith does not describe keeps its GGUF name
 

@@ -184,6 +184,24 @@ def test_phi3_keeps_fused_projections_and_loads_exactly(tmp_path: Path) -> None:
     assert 0 < ((q8 - ref).norm() / ref.norm()).item() < 2e-2
 
 
+def test_mistral_is_written_as_llama_like_llama_cpp(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import weightsmith.testing.tiny as tiny
+
+    kwargs = dict(tiny.TINY_ARCHS["llama"][1], sliding_window=None, bos_token_id=0, eos_token_id=0)
+    tiny.TINY_ARCHS.setdefault("mistral", ("MistralConfig", kwargs))
+    # not named "mistral…": transformers' loader then looks for a gguf-py "mistral" arch
+    src = build_tiny_model(tmp_path / "tiny-m", "mistral")
+    assert json.loads((src / "config.json").read_text())["model_type"] == "mistral"
+    result = write_gguf(src, tmp_path / "m.gguf", type_name="F32", progress=False)
+    assert result.architecture == "llama"  # convert_hf_to_gguf.py's LlamaModel takes Mistral
+    ids = torch.arange(3, 40)[None]
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval(), ids)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+
+
 def test_metadata_as_llama_cpp_writes_it(tiny_model, tmp_path: Path) -> None:
     src = tiny_model("llama")
     write_gguf(src, tmp_path / "m.gguf", type_name="Q8_0", progress=False)

@@ -30,7 +30,13 @@ class GgufArch:
 
 
 ARCHS: tuple[GgufArch, ...] = (
-    GgufArch("llama", ("llama",), permute_qk=True, writes_vocab_size=True, writes_rope_dims=True),
+    GgufArch(
+        "llama",
+        ("llama", "mistral"),
+        permute_qk=True,
+        writes_vocab_size=True,
+        writes_rope_dims=True,
+    ),
     GgufArch(
         "qwen2", ("qwen2",), permute_qk=False, writes_vocab_size=False, writes_rope_dims=False
     ),

@@ -68,6 +68,18 @@ def test_llama_cpp_runs_tiny_byte_level_models(tiny_model, tmp_path: Path, arch:
     _check(python, src, tmp_path / "f32.gguf", 1e-3)  # measured 4.5e-6 / 2.7e-5
 
 
+def test_llama_cpp_runs_qwen3_with_qk_norms(tmp_path: Path) -> None:
+    import weightsmith.testing.tiny as tiny
+
+    python = require_peer("llamacpp")
+    tiny.TINY_ARCHS.setdefault(
+        "qwen3", ("Qwen3Config", dict(tiny.TINY_ARCHS["qwen2"][1], head_dim=128))
+    )
+    src = build_tiny_model(tmp_path / "q3", "qwen3")
+    write_gguf(src, tmp_path / "f32.gguf", type_name="F32", progress=False)
+    _check(python, src, tmp_path / "f32.gguf", 1e-3)  # measured 7.4e-6
+
+
 def test_llama_cpp_runs_phi3_with_fused_tensors(stories260k: Path, tmp_path: Path) -> None:
     import weightsmith.testing.tiny as tiny
 

@@ -126,3 +126,20 @@ def test_gguf_options_are_checked(tiny_model, tmp_path: Path) -> None:
     out = tmp_path / "m.gguf"
     res = _convert(tiny_model("llama"), out, "--dtype", "float16")
     _assert_refused(res, out, "--dtype does not apply")
+
+
+def test_f16_overflow_is_refused_by_name(tiny_model_copy, tmp_path: Path) -> None:
+    src = tiny_model_copy("llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def scale(t):
+        if name not in t:
+            return False
+        t[name][0, 0] = 70000.0  # finite in float32, inf in float16
+        return True
+
+    _edit_weights(src, scale)
+    out = tmp_path / "m.gguf"
+    _assert_refused(_convert(src, out, "--type", "F16"), out, name, "overflow F16", "BF16")
+    res = _convert(src, tmp_path / "bf16.gguf", "--type", "BF16")  # BF16 holds it
+    assert res.exit_code == 0, res.output

@@ -341,3 +341,24 @@ def test_row_blocks_write_the_same_bytes(
     monkeypatch.setattr(writer, "_BLOCK_ELEMENTS", 3 * 64)
     write_gguf(src, tmp_path / "blocks.gguf", type_name=qtype, progress=False)
     assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
+def test_spm_vocab_types_added_tokens_as_llama_cpp(stories260k: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "s"
+    shutil.copytree(stories260k, src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    text = next(t for t, i in tok["model"]["vocab"].items() if i == 300)
+    tok["added_tokens"].append({"id": 300, "content": text, "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": False})  # fmt: skip
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    write_gguf(src, tmp_path / "s.gguf", type_name="F32", progress=False)
+    r = gguf.GGUFReader(tmp_path / "s.gguf")
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    scores = r.fields["tokenizer.ggml.scores"].contents()
+    assert types[300] == int(gguf.TokenType.USER_DEFINED) and scores[300] == -1000.0
+    assert types[0:3] == [int(gguf.TokenType.CONTROL)] * 3  # <unk> <s> </s>
+    assert types[301] == int(gguf.TokenType.NORMAL)
+    # SentencePiece order: a token made by an earlier merge scores higher
+    assert scores[259] > scores[260] > scores[265]  # '▁t' (merge 0), 'he' (1), '▁the' (later)

@@ -147,6 +147,10 @@ def _llama_vocab(root: Path, tok: dict, n_vocab: int) -> Vocab:
             tokens.append(text)
             scores.append(0.0)
             types.append(int(gguf.TokenType.CONTROL))
+        elif text in added:  # an added, non-special token: llama.cpp matches it whole
+            tokens.append(text)
+            scores.append(-1000.0)
+            types.append(int(gguf.TokenType.USER_DEFINED))
         else:
             tokens.append(text)
             scores.append(-float(rank.get(text, len(merges) + i)))

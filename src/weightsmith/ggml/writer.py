@@ -26,6 +26,7 @@ from weightsmith.ggml.vocab import read_vocab
 from weightsmith.io.paths import check_file_output
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 
+_F16_MAX = 65504.0
 _BLOCK_ELEMENTS = 4 << 20  # floats read and encoded at once: bounds memory for huge embeddings
 
 
@@ -169,6 +170,11 @@ def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
             data = ckpt.read_rows(t.hf_name, start, min(start + step, rows)).float().numpy()
         if not np.isfinite(data).all():
             raise CheckpointError(f"tensor {t.hf_name!r} holds NaN or Inf; refusing to write it")
+        if t.type == "F16" and data.size and np.abs(data).max() > _F16_MAX:
+            raise CheckpointError(
+                f"tensor {t.hf_name!r}: values up to {np.abs(data).max():.4g} overflow F16 "
+                "(max 65504); use --type BF16 or F32"
+            )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
         yield types.encode(data, t.type)

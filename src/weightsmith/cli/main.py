@@ -36,7 +36,10 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
 
 @cli.command("convert")
 @click.argument("path", type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(),
+    help="Output directory (a .gguf file with --format gguf).",
+)  # fmt: skip
 @click.option(
     "--dtype",
     type=click.Choice(["bfloat16", "float16", "float32"]),

@@ -362,3 +362,48 @@ def test_spm_vocab_types_added_tokens_as_llama_cpp(stories260k: Path, tmp_path: 
     assert types[301] == int(gguf.TokenType.NORMAL)
     # SentencePiece order: a token made by an earlier merge scores higher
     assert scores[259] > scores[260] > scores[265]  # '▁t' (merge 0), 'he' (1), '▁the' (later)
+
+
+_LLAMA3 = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+_BYTE_LEVEL = {
+    "type": "ByteLevel",
+    "add_prefix_space": False,
+    "trim_offsets": True,
+    "use_regex": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("pre_tokenizer", "name"),
+    [
+        ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, "gpt-2"),
+        ({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3}, "behavior": "Isolated", "invert": False},
+            _BYTE_LEVEL]}, "llama-bpe"),
+        ({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3.replace("{1,3}", "")}, "behavior": "Isolated",
+             "invert": False}, _BYTE_LEVEL]}, "qwen2"),
+        ({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, dict(_BYTE_LEVEL, use_regex=True)]}, "smollm"),
+        ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}, None),
+    ],
+)  # fmt: skip
+def test_byte_level_pre_tokenizer_names(
+    tiny_model_copy, tmp_path: Path, pre_tokenizer: dict, name
+) -> None:
+    from weightsmith.errors import ConfigError
+
+    src = tiny_model_copy("llama")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = pre_tokenizer
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    out = tmp_path / "m.gguf"
+    if name is None:
+        with pytest.raises(ConfigError, match="cannot be represented in GGUF"):
+            write_gguf(src, out, type_name="F32", progress=False)
+        return
+    write_gguf(src, out, type_name="F32", progress=False)
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == name

@@ -109,9 +109,12 @@ def _pre_name(pre: dict | None) -> str | None:
     if not pre:
         return None
     if pre.get("type") == "ByteLevel":
-        return "gpt-2" if pre.get("use_regex", True) else None
+        plain = pre.get("use_regex", True) and not pre.get("add_prefix_space")
+        return "gpt-2" if plain else None
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     kinds = [p.get("type") for p in parts]
+    if kinds and kinds[-1] == "ByteLevel" and parts[-1].get("add_prefix_space"):
+        return None  # llama.cpp's byte-level pre-tokenizers never add a leading space
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm" if parts[1].get("use_regex", True) else None
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):

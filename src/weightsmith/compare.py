@@ -145,7 +145,13 @@ class _DenseView:
 
 
 def compare_checkpoints(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> dict:
-    """Compare every tensor the two checkpoints share; list what only one side has."""
+    """Compare every tensor the two checkpoints share; list what only one side has. Either
+    side may be a ``.gguf`` file: its tensors are dequantized one at a time, under their HF
+    names and layout."""
+    from weightsmith.ggml.reader import is_gguf
+
+    if is_gguf(a) or is_gguf(b):
+        return _compare_gguf(a, b)
     with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
         va, vb = _DenseView(ca), _DenseView(cb)
         in_b = set(vb.names)
@@ -181,6 +187,66 @@ def compare_checkpoints(a: str | os.PathLike[str], b: str | os.PathLike[str]) ->
             "shape_mismatch": mismatched,
             "tensors": [asdict(d) for d in diffs],
         }
+
+
+def _compare_gguf(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> dict:
+    from weightsmith.ggml.reader import GgufFile, is_gguf
+
+    def side(path):
+        return GgufFile(path) if is_gguf(path) else open_checkpoint(path)
+
+    sa, sb = side(a), side(b)
+    try:
+        names_a, names_b = _names(sa), _names(sb)
+        diffs, mismatched = [], []
+        for name in names_a:
+            if name not in names_b:
+                continue
+            ta, tb = _dense(sa, name), _dense(sb, name)
+            if ta.shape != tb.shape:
+                mismatched.append({"name": name, "a": list(ta.shape), "b": list(tb.shape)})
+                continue
+            acc = _Accumulator()
+            acc.add(ta, tb)
+            layer = next(
+                (s.arch.layer_of(name) for s in (sa, sb) if isinstance(s, Checkpoint)), None
+            )
+            decoded = any(_gguf_type(s, name) not in (None, "F32") for s in (sa, sb))
+            diffs.append(acc.result(name, tuple(ta.shape), layer=layer, dequantized=decoded))
+            del ta, tb
+        return {
+            "a": str(sa.path),
+            "b": str(sb.path),
+            "quantization": {"a": None, "b": None},
+            "gguf": {
+                k: s.field("general.file_type")
+                for k, s in (("a", sa), ("b", sb))
+                if not isinstance(s, Checkpoint)
+            },
+            "compared": len(diffs),
+            "identical": sum(d.equal for d in diffs),
+            "dequantized": sum(d.dequantized for d in diffs),
+            "only_in_a": [n for n in names_a if n not in names_b],
+            "only_in_b": [n for n in names_b if n not in names_a],
+            "shape_mismatch": mismatched,
+            "tensors": [asdict(d) for d in diffs],
+        }
+    finally:
+        for s in (sa, sb):
+            if isinstance(s, Checkpoint):
+                s.close()
+
+
+def _names(side) -> list[str]:
+    return list(side.tensors) if isinstance(side, Checkpoint) else list(side.by_hf)
+
+
+def _dense(side, name: str) -> torch.Tensor:
+    return (side.get_tensor(name) if isinstance(side, Checkpoint) else side.tensor(name)).float()
+
+
+def _gguf_type(side, name: str) -> str | None:
+    return None if isinstance(side, Checkpoint) else side.type_of(name)
 
 
 def _diff_streamed(ca: Checkpoint, cb: Checkpoint, name: str, layer: int | None) -> TensorDiff:

@@ -80,6 +80,23 @@ def convert(
         )
 
 
+def convert_gguf(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    type_name: str = "F16",
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+):
+    """Write ``path`` as one llama.cpp GGUF file (see :mod:`weightsmith.ggml.writer`)."""
+    from weightsmith.ggml.writer import write_gguf
+
+    return write_gguf(
+        path, out, type_name=type_name, force=force, allow_pickle=allow_pickle, progress=progress
+    )
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     if dtype == torch.float16 and t.is_floating_point() and t.numel():
         low, high = torch.aminmax(t)  # one pass; NaN stays NaN and is not an overflow

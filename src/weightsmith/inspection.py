@@ -10,7 +10,12 @@ from weightsmith.io.sizes import format_size
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict:
-    """Summarise a checkpoint: architecture, parameters, dtypes, shards, layers, tying."""
+    """Summarise a checkpoint: architecture, parameters, dtypes, shards, layers, tying (a
+    ``.gguf`` file: its metadata and every tensor's GGUF type and shape)."""
+    from weightsmith.ggml.reader import GgufFile, is_gguf
+
+    if is_gguf(path):
+        return GgufFile(path).summary()
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
         config = ckpt.config or {}
         dtypes: Counter[str] = Counter()
@@ -57,6 +62,10 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = Fal
 
 def format_inspection(info: dict) -> str:
     """The human-readable form of :func:`inspect_checkpoint`'s result."""
+    if info.get("format") == "gguf":
+        from weightsmith.ggml.reader import format_gguf_summary
+
+        return format_gguf_summary(info)
     total = max(info["num_params"], 1)
     dtype_text = ", ".join(f"{d} {n / total:.1%}" for d, n in info["dtypes"].items())
     rows = [

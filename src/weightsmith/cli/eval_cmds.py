@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -35,18 +36,29 @@ def ppl_cmd(
     as_json: bool,
     progress: bool,
 ) -> dict:
-    """Perplexity of MODEL on a text file (non-overlapping windows, mean NLL)."""
-    from weightsmith.evaluate import perplexity
+    """Perplexity of MODEL on a text file (non-overlapping windows, mean NLL). MODEL or
+    --reference may be a .gguf file (dequantized to float32 with transformers' GGUF loader)."""
+    import tempfile
 
-    r = perplexity(
-        model,
-        data,
-        seq_len=seq_len,
-        max_tokens=max_tokens,
-        reference=reference,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    from weightsmith.evaluate import perplexity
+    from weightsmith.ggml.reader import is_gguf, materialize_hf
+
+    with tempfile.TemporaryDirectory(prefix="weightsmith-gguf-") as tmp:
+        run_model, run_ref = model, reference
+        if is_gguf(model):
+            run_model = str(materialize_hf(model, f"{tmp}/model"))
+        if reference is not None and is_gguf(reference):
+            run_ref = str(materialize_hf(reference, f"{tmp}/reference"))
+        r = perplexity(
+            run_model,
+            data,
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            reference=run_ref,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    r = dataclasses.replace(r, model=str(model), reference=reference)  # not the temp folder
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
     else:

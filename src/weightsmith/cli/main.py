@@ -36,12 +36,30 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
 
 @cli.command("convert")
 @click.argument("path", type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(),
+    help="Output directory (a .gguf file with --format gguf).",
+)  # fmt: skip
 @click.option(
     "--dtype",
     type=click.Choice(["bfloat16", "float16", "float32"]),
     default=None,
     help="Cast floating-point tensors (default: keep, bit-exact).",
+)
+@click.option(
+    "--format",
+    "format",
+    type=click.Choice(["safetensors", "gguf"]),
+    default="safetensors",
+    show_default=True,
+    help="Output format: a safetensors folder, or one GGUF file for llama.cpp/Ollama.",
+)
+@click.option(
+    "--type",
+    "type",
+    default=None,
+    help="GGUF tensor type: F32, F16 (default), BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, "
+    "TQ2_0, or a K-quant mix (Q4_K_M, ...). Only with --format gguf.",
 )
 @max_shard_size_option
 @force_option
@@ -56,10 +74,14 @@ def convert_cmd(
     force: bool,
     allow_pickle: bool,
     progress: bool,
+    **gguf_options: str | None,  # --format, --type (their recipe keys: format, type)
 ) -> dict:
-    """Re-shard and/or cast the checkpoint at PATH into OUT."""
+    """Re-shard and/or cast the checkpoint at PATH into OUT (a folder, or a .gguf file)."""
     from weightsmith.convert import convert
 
+    out_format, gguf_type = gguf_options["format"], gguf_options["type"]
+    if out_format == "gguf" or gguf_type is not None:
+        return _convert_gguf(path, out, out_format, gguf_type, dtype, force, allow_pickle, progress)
     result = convert(
         path,
         out,
@@ -73,6 +95,27 @@ def convert_cmd(
     click.echo(
         f"converted {result.tensors} tensors ({format_size(result.total_size)}) into {shards} "
         f"shard{'s' if shards != 1 else ''} in {result.wall_s:.1f} s, peak RSS "
+        f"{format_size(result.peak_rss)} -> {result.out}"
+    )
+    return {"input": path, "output": result.out, "result": result.to_dict()}
+
+
+def _convert_gguf(path, out, out_format, gguf_type, dtype, force, allow_pickle, progress) -> dict:
+    from weightsmith.convert import convert_gguf
+    from weightsmith.errors import ConfigError
+
+    if out_format != "gguf":
+        raise ConfigError("--type is a GGUF tensor type: add --format gguf")
+    if dtype is not None:
+        raise ConfigError("--dtype does not apply to --format gguf: use --type F32/F16/BF16")
+    result = convert_gguf(
+        path, out, type_name=gguf_type or "F16", force=force, allow_pickle=allow_pickle,
+        progress=progress,
+    )  # fmt: skip
+    fell_back = f", {len(result.fallbacks)} fallback(s)" if result.fallbacks else ""
+    click.echo(
+        f"wrote {result.tensors} tensors as {result.type} GGUF ({result.architecture}, "
+        f"{format_size(result.total_size)}{fell_back}) in {result.wall_s:.1f} s, peak RSS "
         f"{format_size(result.peak_rss)} -> {result.out}"
     )
     return {"input": path, "output": result.out, "result": result.to_dict()}

@@ -1,0 +1,223 @@
+"""How each Hugging Face model family becomes a llama.cpp GGUF: architecture name, tensor names,
+hyper-parameter keys and the Q/K row permutation, as llama.cpp's ``convert_hf_to_gguf.py`` does.
+
+Only families weightsmith has tested against transformers' own GGUF loader are described; any
+other ``model_type`` is refused by name before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+from weightsmith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """One llama.cpp architecture and the HF families written as it."""
+
+    name: str  # general.architecture
+    model_types: tuple[str, ...]
+    permute_qk: (
+        bool  # llama.cpp's LlamaModel.permute of q_proj/k_proj rows (rotate-half -> interleaved)
+    )
+    writes_vocab_size: bool  # LlamaModel adds {arch}.vocab_size
+    writes_rope_dims: bool  # LlamaModel adds {arch}.rope.dimension_count
+
+
+ARCHS: tuple[GgufArch, ...] = (
+    GgufArch(
+        "llama",
+        ("llama", "mistral"),
+        permute_qk=True,
+        writes_vocab_size=True,
+        writes_rope_dims=True,
+    ),
+    GgufArch(
+        "qwen2", ("qwen2",), permute_qk=False, writes_vocab_size=False, writes_rope_dims=False
+    ),
+    GgufArch(
+        "qwen3", ("qwen3",), permute_qk=False, writes_vocab_size=False, writes_rope_dims=False
+    ),
+    GgufArch("phi3", ("phi3",), permute_qk=False, writes_vocab_size=False, writes_rope_dims=True),
+)
+
+# HF name (layer part with {bid}) -> GGUF name, as gguf-py's tensor_mapping.py maps them.
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+# Phi-3 keeps its fused projections: qkv as attn_qkv, gate+up as ffn_up (llama.cpp splits them).
+_PHI3 = {"self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_BLK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_SKIPPED = (".rotary_emb.inv_freq",)  # llama.cpp computes these itself
+
+
+def gguf_arch_for(config: dict | None) -> GgufArch:
+    """The GGUF architecture for a checkpoint's config.json, or a one-line refusal naming it."""
+    model_type = (config or {}).get("model_type")
+    for arch in ARCHS:
+        if model_type in arch.model_types:
+            return arch
+    archs = (config or {}).get("architectures") or ["?"]
+    known = ", ".join(t for a in ARCHS for t in a.model_types)
+    raise ConfigError(
+        f"architecture {archs[0]} (model_type {model_type!r}) has no GGUF description in "
+        f"weightsmith (supported: {known})"
+    )
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF tensor name of a HF tensor; None for tensors llama.cpp does not store."""
+    if hf_name.endswith(_SKIPPED):
+        return None
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}"
+    if m and m.group(2) in _PHI3:
+        return f"blk.{m.group(1)}.{_PHI3[m.group(2)]}"
+    raise ConfigError(f"tensor {hf_name!r} has no GGUF name in weightsmith's description")
+
+
+def hf_name(name: str, arch_name: str = "llama") -> str:
+    """The HF tensor name of a GGUF tensor in an ``arch_name`` file (the inverse of
+    :func:`gguf_name`)."""
+    for hf, g in _GLOBAL.items():
+        if g == name:
+            return hf
+    m = _BLK_RE.fullmatch(name)
+    layer = {**_LAYER, **_PHI3} if arch_name == "phi3" else _LAYER
+    if m:
+        for hf, g in reversed(layer.items()):
+            if g == m.group(2):
+                return f"model.layers.{m.group(1)}.{hf}"
+    raise ConfigError(f"GGUF tensor {name!r} has no Hugging Face name in weightsmith's description")
+
+
+def heads(config: dict) -> tuple[int, int]:
+    n_head = int(config["num_attention_heads"])
+    return n_head, int(config.get("num_key_value_heads") or n_head)
+
+
+def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """llama.cpp's Q/K permutation: per head, rows (half, 2) <- (2, half); ``inverse`` undoes it."""
+    half = w.shape[0] // n_head // 2
+    split = (n_head, half, 2) if inverse else (n_head, 2, half)
+    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qk_heads(arch: GgufArch, name: str, config: dict) -> int | None:
+    """Heads to permute a GGUF tensor's rows by (q: n_head, k: n_head_kv), None when unpermuted."""
+    if not arch.permute_qk:
+        return None
+    n_head, n_kv = heads(config)
+    if name.endswith(("attn_q.weight", "attn_q.bias")):
+        return n_head
+    if name.endswith(("attn_k.weight", "attn_k.bias")):
+        return n_kv
+    return None
+
+
+def rope_settings(config: dict) -> tuple[float | None, dict]:
+    """(theta, scaling dict) from transformers 5's ``rope_parameters`` or the older keys."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta"))
+    merged = {**scaling, **params}
+    merged.setdefault("rope_type", merged.get("type", "default"))
+    return theta, merged
+
+
+def write_hparams(w: gguf.GGUFWriter, arch: GgufArch, config: dict) -> None:
+    """The hyper-parameter keys llama.cpp's TextModel/LlamaModel/Qwen2Model write."""
+    if arch.name == "phi3":
+        _write_phi3_hparams(w, config)
+        return
+    w.add_block_count(int(config["num_hidden_layers"]))
+    if "max_position_embeddings" in config:
+        w.add_context_length(int(config["max_position_embeddings"]))
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    n_head, n_kv = heads(config)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    theta, rope = rope_settings(config)
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim") is not None:
+        w.add_key_length(int(config["head_dim"]))
+        w.add_value_length(int(config["head_dim"]))
+    if arch.writes_vocab_size:
+        w.add_vocab_size(int(config["vocab_size"]))
+    if arch.writes_rope_dims:
+        head_dim = config.get("head_dim") or int(config["hidden_size"]) // n_head
+        w.add_rope_dimension_count(int(head_dim))
+    _write_rope_scaling(w, arch, rope)
+
+
+def _write_rope_scaling(w: gguf.GGUFWriter, arch: GgufArch, rope: dict) -> None:
+    kind = rope.get("rope_type") or "default"
+    if kind == "default":
+        return
+    if kind == "linear" and arch.name == "llama":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        return
+    if kind == "yarn" and arch.name in ("qwen2", "qwen3"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        return
+    raise ConfigError(f"RoPE scaling {kind!r} is not supported by the GGUF writer for {arch.name}")
+
+
+def _write_phi3_hparams(w: gguf.GGUFWriter, config: dict) -> None:
+    """llama.cpp's Phi3MiniModel.set_gguf_parameters (LongRoPE factors are not supported)."""
+    theta, rope = rope_settings(config)
+    if rope.get("long_factor") or rope.get("rope_type") not in ("default", None):
+        raise ConfigError(
+            f"RoPE scaling {rope.get('rope_type')!r} is not supported by the GGUF writer for phi3"
+        )
+    n_embd, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    orig = rope.get(
+        "original_max_position_embeddings", config.get("original_max_position_embeddings")
+    )
+    rot_pct = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    w.add_context_length(int(config["max_position_embeddings"]))
+    w.add_rope_scaling_orig_ctx_len(
+        int(orig if orig is not None else config["max_position_embeddings"])
+    )
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(heads(config)[1])
+    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    w.add_rope_dimension_count(int(rot_pct * n_embd) // n_head)
+    w.add_rope_freq_base(float(theta if theta is not None else 10000.0))
+    w.add_sliding_window(int(config.get("sliding_window") or 0))

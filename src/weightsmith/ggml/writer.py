@@ -1,0 +1,197 @@
+"""HF checkpoint -> one GGUF file, streamed: one tensor in memory at a time.
+
+The plan (every tensor's GGUF name, type and byte size) is made from headers alone, so an
+unknown architecture, tensor or tokenizer is refused before anything is written. Then the
+header, metadata and tensor table are written, and each tensor is read, permuted (Q/K for
+Llama), encoded and appended. The file is written beside OUT under a temporary name and renamed
+into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm.auto import tqdm
+
+from weightsmith.core.report import peak_rss_bytes
+from weightsmith.errors import CheckpointError, OutputError
+from weightsmith.ggml import archs, types
+from weightsmith.ggml.vocab import read_vocab
+from weightsmith.io.paths import check_file_output
+from weightsmith.io.reader import Checkpoint, open_checkpoint
+
+_F16_MAX = 65504.0
+_BLOCK_ELEMENTS = 4 << 20  # floats read and encoded at once: bounds memory for huge embeddings
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first), as stored in the checkpoint
+    type: str
+    fallback: str | None
+
+
+@dataclass
+class GgufResult:
+    """What a GGUF write produced and what it cost."""
+
+    out: str
+    type: str
+    architecture: str
+    tensors: int
+    total_size: int
+    wall_s: float
+    peak_rss: int
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_tensors(ckpt: Checkpoint, arch: archs.GgufArch, type_name: str) -> list[PlannedTensor]:
+    """Every tensor's GGUF name and type, from headers only."""
+    named = []
+    for hf in ckpt.tensors:
+        if hf == "lm_head.weight" and ckpt.tied_embeddings:
+            continue  # llama.cpp stores a tied head once, as token_embd
+        name = archs.gguf_name(hf)
+        if name is not None:
+            named.append((hf, name, tuple(ckpt.info(hf).shape)))
+    if type_name in types.K_MIXES:
+        chosen = types.mix_types(
+            type_name, {n: s for _, n, s in named}, arch.name, ckpt.config or {}
+        )
+    else:
+        chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
+    return [PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback) for hf, n, s in named]
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    type_name: str = "F16",
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> GgufResult:
+    """Write the checkpoint at ``path`` as a llama.cpp GGUF file ``out`` of ``type_name``."""
+    start = time.perf_counter()
+    type_name = types.check_type(type_name)
+    out = Path(out)
+    check_file_output(out, [Path(path)], force)
+    with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
+        config = ckpt.config or {}
+        arch = archs.gguf_arch_for(config)
+        plan = plan_tensors(ckpt, arch, type_name)
+        vocab = read_vocab(ckpt.root, config)
+        w = gguf.GGUFWriter(path=None, arch=arch.name)
+        _write_metadata(w, arch, config, type_name, ckpt.root.name)
+        vocab.add_to(w)
+        for t in plan:
+            shape, dtype = types.stored_shape(t.shape, t.type)
+            raw = None if t.type in ("F32", "F16") else gguf.GGMLQuantizationType[t.type]
+            w.add_tensor_info(
+                t.name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=raw
+            )
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            _write_file(w, tmp, ckpt, arch, plan, progress)
+            os.replace(tmp, out)
+        except BaseException:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    counts = Counter(t.type for t in plan)
+    return GgufResult(
+        out=str(out),
+        type=type_name,
+        architecture=arch.name,
+        tensors=len(plan),
+        total_size=out.stat().st_size,
+        wall_s=time.perf_counter() - start,
+        peak_rss=peak_rss_bytes(),
+        tensor_types=dict(counts.most_common()),
+        fallbacks=[
+            {"tensor": t.name, "type": t.type, "reason": t.fallback} for t in plan if t.fallback
+        ],
+    )
+
+
+def _write_metadata(w: gguf.GGUFWriter, arch, config: dict, type_name: str, name: str) -> None:
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    archs.write_hparams(w, arch, config)
+    w.add_file_type(types.file_type(type_name))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_file(
+    w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool
+) -> None:
+    try:
+        w.open_output_file(tmp)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    except OSError as e:
+        raise OutputError(f"{tmp.parent}: cannot write the GGUF file ({e.strerror})") from e
+    config = ckpt.config or {}
+    for t in tqdm(plan, disable=not progress, desc="gguf", unit="tensor", leave=False):
+        n_head = archs.qk_heads(arch, t.name, config)
+        shape, dtype = types.stored_shape(t.shape, t.type)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        w.write_tensor_data(_Encoded(nbytes, _encoded_blocks(ckpt, t, n_head)))
+    w.close()
+
+
+def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
+    """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
+    every GGUF type encodes rows independently, so blocks concatenate to the whole."""
+    rows = t.shape[0] if t.shape else 1
+    per_row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else max(rows, 1)
+    unit = rows // n_head if n_head else 1
+    step = max(unit, _BLOCK_ELEMENTS // max(per_row, 1) // unit * unit)
+    if len(t.shape) < 2 or rows <= step:
+        step = rows
+    for start in range(0, rows, step):
+        if step == rows:
+            data = ckpt.get_tensor(t.hf_name).float().numpy()
+        else:
+            data = ckpt.read_rows(t.hf_name, start, min(start + step, rows)).float().numpy()
+        if not np.isfinite(data).all():
+            raise CheckpointError(f"tensor {t.hf_name!r} holds NaN or Inf; refusing to write it")
+        if t.type == "F16" and data.size and np.abs(data).max() > _F16_MAX:
+            raise CheckpointError(
+                f"tensor {t.hf_name!r}: values up to {np.abs(data).max():.4g} overflow F16 "
+                "(max 65504); use --type BF16 or F32"
+            )
+        if n_head is not None:
+            data = archs.permute_rows(data, data.shape[0] // unit)
+        yield types.encode(data, t.type)
+
+
+class _Encoded:
+    """What GGUFWriter.write_tensor_data needs of an array (``nbytes``, ``tofile``), filled
+    from encoded row blocks so a huge embedding is never held whole."""
+
+    def __init__(self, nbytes: int, blocks) -> None:
+        self.nbytes = nbytes
+        self._blocks = blocks
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for block in self._blocks:
+            block.tofile(fout)
+            written += block.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"wrote {written} bytes of a {self.nbytes}-byte tensor")

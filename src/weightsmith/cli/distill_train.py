@@ -53,7 +53,7 @@ def run_training(method: str, given: dict) -> dict:
         max_grad_norm=o["max_grad_norm"] or None, seed=o["seed"], optim=o["optim"],
         lora=_lora(o), qlora=bool(o["qlora"]), save_adapter=bool(o["save_adapter"]),
         gen_max_new_tokens=o["gen_max_new_tokens"], gen_temperature=o["gen_temperature"],
-        dpo=dpo, sbs_alpha=o["alpha"],
+        dpo=dpo, sbs_alpha=o["alpha"], **_kd_extras(o),
     )  # fmt: skip
     result = distill(
         o["teacher"], o["student"], o["data"], o["out"], cfg,
@@ -66,6 +66,11 @@ def run_training(method: str, given: dict) -> dict:
             click.echo(f"note: {note}", err=True)
         click.echo(f"{_summary(result)}, peak RSS {format_size(result.peak_rss)} -> {result.out}")
     return {"output": result.out, "result": result.to_dict()}
+
+
+def _kd_extras(o: dict) -> dict:
+    """Options only `distill kd` declares (on-policy GKD); absent under the other spellings."""
+    return {k: o[k] for k in ("lmbda", "gen_prompt_tokens") if o.get(k) is not None}
 
 
 def _lora(o: dict):

@@ -41,6 +41,7 @@ from weightsmith.core.training.losses import (
 from weightsmith.core.training.tasks import TokenTask
 from weightsmith.distill.cache import TeacherCache
 from weightsmith.distill.config import DistillConfig
+from weightsmith.distill.gkd import OnPolicyMix, RolloutSettings
 from weightsmith.distill.losses import distillation_loss
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.seqkd import generate_pairs, prompts_of
@@ -49,10 +50,17 @@ from weightsmith.errors import ConfigError
 from weightsmith.io.reader import open_checkpoint
 
 
-@distill_method("kd", inputs=("teacher", "teacher_cache", "eval_data"), options=("loss",),
-                multi_process=True)  # fmt: skip
+@distill_method("kd", inputs=("teacher", "teacher_cache", "eval_data"),
+                options=("loss", "lmbda"), multi_process=True)  # fmt: skip
 def train_kd(run: DistillRun) -> DistillResult:
     """Match the teacher's next-token distribution (online or from a top-k cache) plus α·CE."""
+    if run.cfg.lmbda > 0:
+        if run.teacher is None or run.teacher_cache is not None:
+            raise ConfigError("--lmbda > 0 (on-policy GKD) needs an online --teacher: it scores "
+                              "the student's own samples, which no --teacher-cache holds")  # fmt: skip
+        if run.cfg.loss.alpha >= 1.0:
+            raise ConfigError("--lmbda > 0 trains on the teacher's logits over the student's "
+                              "samples: give --alpha < 1")  # fmt: skip
     if run.cfg.loss.alpha < 1.0 and run.teacher is None and run.teacher_cache is None:
         raise ConfigError("give --teacher or --teacher-cache (or --alpha 1 for CE only)")
     return _train_lm(run, run.cfg, seqkd=False)
@@ -92,17 +100,30 @@ class _Teacher:
 class _KdTask(TokenTask):
     """Micro-batches of token examples and the distillation loss step."""
 
-    def __init__(self, model, examples, pad_id, src: _Teacher, cfg: DistillConfig, dev) -> None:
+    def __init__(self, model, examples, pad_id, src: _Teacher, cfg: DistillConfig, dev,
+                 mix: OnPolicyMix | None = None, eos_id: int | None = None) -> None:  # fmt: skip
         super().__init__(model, examples, pad_id, dev)
-        self.src, self.cfg = src, cfg
+        self.src, self.cfg, self.mix, self.eos_id = src, cfg, mix, eos_id
+
+    def batch(self, indices: list[int]) -> dict:
+        if self.mix is None or not self.mix.draw():
+            return super().batch(indices)
+        rollouts = self.mix.rollouts(self.model, [self.examples[i] for i in indices],
+                                     self.pad_id, self.eos_id)  # fmt: skip
+        return {**collate(rollouts, self.pad_id), "on_policy": True}
 
     def step(self, batch: dict, indices: list[int], normaliser: int) -> StepOutput:
         input_ids, attn, logits, labels = self.forward(batch)
         kwargs = self._teacher_signal(input_ids, attn, indices)
         if self.src.common is not None:
             logits = logits[..., : self.src.common]
-        parts = distillation_loss(logits, labels, self.cfg.loss, normaliser, **kwargs)
-        return StepOutput(parts.loss, int(attn.sum()))
+        loss_cfg, scale = self.cfg.loss, 1.0
+        if batch.get("on_policy"):  # no CE on the student's own samples: (1−α)·τ²·D only
+            loss_cfg, scale = replace(loss_cfg, alpha=0.0), 1.0 - loss_cfg.alpha
+        parts = distillation_loss(logits, labels, loss_cfg, normaliser, **kwargs)
+        loss = parts.loss if scale == 1.0 else parts.loss * scale
+        metrics = {} if self.mix is None else {"on_policy": float(bool(batch.get("on_policy")))}
+        return StepOutput(loss, int(attn.sum()), metrics)
 
     def _teacher_signal(self, input_ids, attn, indices: list[int]) -> dict:
         src = self.src
@@ -155,9 +176,16 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
         def evaluate() -> dict:
             return heldout_metrics(student, held_out, s_tok, cfg, dev, pg, t_model)
 
-    task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev)
+    mix = None
+    if cfg.lmbda > 0:
+        mix = OnPolicyMix(cfg.lmbda, RolloutSettings(cfg.gen_max_new_tokens, cfg.gen_temperature,
+                          cfg.gen_prompt_tokens, cfg.seq_len), cfg.seed, pg.rank)  # fmt: skip
+    task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev, mix, s_tok.eos_token_id)
     tr = train(student, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
                progress=run.progress, desc="distill")  # fmt: skip
+    if mix is not None:
+        notes.append(f"gkd: the student generated {mix.generated} of {mix.draws} micro-batches "
+                     f"(lmbda {cfg.lmbda})")  # fmt: skip
     result = base.make_result(run, tr, tr.units, notes, pg.world)
     if pg.main:
         base.save_student(run, student, cfg, records.fingerprint, s_tok, result, teacher=teacher,

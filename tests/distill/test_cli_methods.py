@@ -25,7 +25,7 @@ SHARED = {
 OWN = {
     "kd": {"--teacher", "--teacher-cache", "--loss", "--beta", "--temperature", "--alpha",
            "--eval-data", "--grad-accum", "--lmbda", "--gen-temperature", "--max-new-tokens",
-           "--gen-prompt-tokens"},
+           "--gen-prompt-tokens", "--hidden-layers", "--hidden-weight", "--hidden-loss"},
     "seqkd": {"--teacher", "--gen-max-new-tokens", "--gen-temperature", "--eval-data",
               "--grad-accum"},
     "sft": {"--eval-data", "--grad-accum"},

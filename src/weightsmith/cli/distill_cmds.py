@@ -18,6 +18,7 @@ from weightsmith.cli.distill_options import (
     eval_data_option,
     generation_options,
     gkd_options,
+    hidden_options,
     kd_mixing_options,
     lora_options,
     model_options,
@@ -47,6 +48,7 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
 )
 @kd_mixing_options
 @gkd_options
+@hidden_options
 @eval_data_option("Held-out text: perplexity and KL to the teacher before/after.")
 @training_loop_options()
 @lora_options

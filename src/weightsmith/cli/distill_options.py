@@ -171,3 +171,14 @@ gkd_options = options(
     click.option("--gen-prompt-tokens", type=int, default=16, show_default=True,
                  help="With --lmbda on plain text: tokens of each window used as the prompt."),
 )  # fmt: skip
+
+# hidden-state KD (`distill kd --hidden-layers`): which layers, which loss, how much
+hidden_options = options(
+    click.option("--hidden-layers", default=None, metavar="S:T,...",
+                 help="Hidden-state KD on student:teacher layer pairs, e.g. '1:2,2:4' (0 = "
+                 "embeddings, L = last layer); a learned projection when widths differ."),
+    click.option("--hidden-weight", type=FINITE_FLOAT, default=None,
+                 help="With --hidden-layers: weight W of the hidden-state loss (default 1)."),
+    click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default=None,
+                 help="With --hidden-layers: mse (default) or cosine (1 − cos)."),
+)  # fmt: skip

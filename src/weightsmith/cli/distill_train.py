@@ -69,8 +69,20 @@ def run_training(method: str, given: dict) -> dict:
 
 
 def _kd_extras(o: dict) -> dict:
-    """Options only `distill kd` declares (on-policy GKD); absent under the other spellings."""
-    return {k: o[k] for k in ("lmbda", "gen_prompt_tokens") if o.get(k) is not None}
+    """Options only `distill kd` declares (on-policy GKD, hidden-state KD); absent under the
+    other spellings."""
+    from weightsmith.distill.hidden import HiddenSettings, parse_layer_pairs
+
+    extras = {k: o[k] for k in ("lmbda", "gen_prompt_tokens") if o.get(k) is not None}
+    if o.get("hidden_layers") is not None:
+        extras["hidden"] = HiddenSettings(
+            parse_layer_pairs(str(o["hidden_layers"])),
+            weight=1.0 if o["hidden_weight"] is None else float(o["hidden_weight"]),
+            loss=str(o["hidden_loss"] or "mse"),
+        )
+    elif o.get("hidden_weight") is not None or o.get("hidden_loss") is not None:
+        raise click.UsageError("--hidden-weight and --hidden-loss need --hidden-layers")
+    return extras
 
 
 def _lora(o: dict):

@@ -172,3 +172,20 @@ def test_cli_bad_hidden_input_is_refused_before_training(teacher, student, corpu
     if code == 1:
         assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_hidden_with_lora_student_and_on_policy_batches(teacher, narrow_student, corpus,
+                                                        tmp_path):  # fmt: skip
+    """LoRA student + a projection (widths differ) + λ = 1 rollouts: trains, saves only the
+    student's tensors."""
+    from weightsmith.distill import LoraSettings
+
+    cfg = _cfg(loss=LossConfig(loss="gkd", alpha=0.0, temperature=1.0), lmbda=1.0,
+               gen_max_new_tokens=6, gen_prompt_tokens=4, lora=LoraSettings(r=4, dropout=0.0),
+               hidden=HiddenSettings(((1, 2),), weight=0.5))  # fmt: skip
+    res = distill(teacher, narrow_student, corpus, tmp_path / "o", cfg, progress=False)
+    assert "gkd: the student generated 3 of 3 micro-batches (lmbda 1.0)" in res.notes
+    assert all(math.isfinite(x) for x in res.losses)
+    with open_checkpoint(narrow_student) as a, open_checkpoint(tmp_path / "o") as b:
+        assert set(a.tensors) == set(b.tensors)
+        assert any(not torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in a.tensors)

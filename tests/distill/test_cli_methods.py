@@ -24,7 +24,8 @@ SHARED = {
 }  # fmt: skip
 OWN = {
     "kd": {"--teacher", "--teacher-cache", "--loss", "--beta", "--temperature", "--alpha",
-           "--eval-data", "--grad-accum"},
+           "--eval-data", "--grad-accum", "--lmbda", "--gen-temperature", "--max-new-tokens",
+           "--gen-prompt-tokens", "--hidden-layers", "--hidden-weight", "--hidden-loss"},
     "seqkd": {"--teacher", "--gen-max-new-tokens", "--gen-temperature", "--eval-data",
               "--grad-accum"},
     "sft": {"--eval-data", "--grad-accum"},
@@ -55,7 +56,7 @@ def test_help_lists_only_own_options(method):
     assert r.exit_code == 0, r.output
     assert _listed_options(r.output) == SHARED | OWN[method]
     if method == "kd":
-        assert "--loss [fkl|jsd|rkl]" in r.output
+        assert "--loss [fkl|gkd|jsd|rkl]" in r.output
     if method == "dpo":
         assert "--loss [hinge|ipo|sigmoid]" in r.output
 
@@ -87,7 +88,7 @@ def test_shared_names_have_one_meaning_per_command():
         ("dpo", ["--temperature", "2"]),
         ("kd", ["--ref", "{student}"]),
         ("kd", ["--label-smoothing", "0.1"]),
-        ("kd", ["--gen-temperature", "0"]),
+        ("kd", ["--label-weight", "0.5"]),  # (--gen-temperature is kd's too: --lmbda)
         ("kd", ["--method", "sft"]),
         ("seqkd", ["--loss", "jsd"]),
         ("seqkd", ["--teacher-cache", "{student}"]),

@@ -17,6 +17,8 @@ from weightsmith.cli.distill_options import (
     dpo_options,
     eval_data_option,
     generation_options,
+    gkd_options,
+    hidden_options,
     kd_mixing_options,
     lora_options,
     model_options,
@@ -41,17 +43,20 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
     type=click.Choice(sorted(DIVERGENCES)),
     default="fkl",
     show_default=True,
-    help="fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd = generalized JSD.",
+    help="fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd = generalized JSD "
+    "(continuous in β), gkd = TRL GKDTrainer's generalized JSD.",
 )
 @kd_mixing_options
+@gkd_options
+@hidden_options
 @eval_data_option("Held-out text: perplexity and KL to the teacher before/after.")
 @training_loop_options()
 @lora_options
 @run_options
 def kd_cmd(**o: object) -> dict:
     """Logit KD: match the teacher's next-token distributions (online, or from `distill cache`)."""
-    if o["beta"] is not None and o["loss"] != "jsd":
-        raise click.UsageError(f"--beta is the JSD mixture weight: use it with --loss jsd "
+    if o["beta"] is not None and o["loss"] not in ("jsd", "gkd"):
+        raise click.UsageError(f"--beta is the JSD mixture weight: use it with --loss jsd or gkd "
                                f"(not {o['loss']})")  # fmt: skip
     return run_training("kd", o)
 

@@ -119,8 +119,8 @@ kd_mixing_options = options(
         "--beta",
         type=FINITE_FLOAT,
         default=None,
-        help="With --loss jsd: teacher weight β of the mixture; 0 = forward KL, 1 = reverse KL "
-        "(default 0.5).",
+        help="With --loss jsd|gkd: teacher weight β of the mixture M = β·p_T + (1−β)·p_S; "
+        "0 = forward KL, 1 = reverse KL (default 0.5).",
     ),
     temperature_option,
     click.option(
@@ -156,3 +156,29 @@ def dpo_options(*, hidden: bool = False) -> Decorator:
         click.option("--eval-fraction", type=FINITE_FLOAT, default=0.1, show_default=True,
                      hidden=hidden, help="Share of pairs held out for reward accuracy/margins."),
     )  # fmt: skip
+
+
+# on-policy GKD (`distill kd --lmbda`): how often and how the student writes its own completions
+gkd_options = options(
+    click.option("--lmbda", type=FINITE_FLOAT, default=0.0, show_default=True,
+                 help="On-policy GKD: fraction of micro-batches whose completions the student "
+                 "samples itself (then scored by --teacher); 0 = off-policy KD."),
+    click.option("--gen-temperature", type=FINITE_FLOAT, default=1.0, show_default=True,
+                 help="With --lmbda: the student's sampling temperature (0 = greedy)."),
+    click.option("--max-new-tokens", "--gen-max-new-tokens", "gen_max_new_tokens", type=int,
+                 default=128, show_default=True,
+                 help="With --lmbda: at most this many generated tokens per completion."),
+    click.option("--gen-prompt-tokens", type=int, default=16, show_default=True,
+                 help="With --lmbda on plain text: tokens of each window used as the prompt."),
+)  # fmt: skip
+
+# hidden-state KD (`distill kd --hidden-layers`): which layers, which loss, how much
+hidden_options = options(
+    click.option("--hidden-layers", default=None, metavar="S:T,...",
+                 help="Hidden-state KD on student:teacher layer pairs, e.g. '1:2,2:4' (0 = "
+                 "embeddings, L = last layer); a learned projection when widths differ."),
+    click.option("--hidden-weight", type=FINITE_FLOAT, default=None,
+                 help="With --hidden-layers: weight W of the hidden-state loss (default 1)."),
+    click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default=None,
+                 help="With --hidden-layers: mse (default) or cosine (1 − cos)."),
+)  # fmt: skip

@@ -53,7 +53,7 @@ def run_training(method: str, given: dict) -> dict:
         max_grad_norm=o["max_grad_norm"] or None, seed=o["seed"], optim=o["optim"],
         lora=_lora(o), qlora=bool(o["qlora"]), save_adapter=bool(o["save_adapter"]),
         gen_max_new_tokens=o["gen_max_new_tokens"], gen_temperature=o["gen_temperature"],
-        dpo=dpo, sbs_alpha=o["alpha"],
+        dpo=dpo, sbs_alpha=o["alpha"], **_kd_extras(o),
     )  # fmt: skip
     result = distill(
         o["teacher"], o["student"], o["data"], o["out"], cfg,
@@ -66,6 +66,23 @@ def run_training(method: str, given: dict) -> dict:
             click.echo(f"note: {note}", err=True)
         click.echo(f"{_summary(result)}, peak RSS {format_size(result.peak_rss)} -> {result.out}")
     return {"output": result.out, "result": result.to_dict()}
+
+
+def _kd_extras(o: dict) -> dict:
+    """Options only `distill kd` declares (on-policy GKD, hidden-state KD); absent under the
+    other spellings."""
+    from weightsmith.distill.hidden import HiddenSettings, parse_layer_pairs
+
+    extras = {k: o[k] for k in ("lmbda", "gen_prompt_tokens") if o.get(k) is not None}
+    if o.get("hidden_layers") is not None:
+        extras["hidden"] = HiddenSettings(
+            parse_layer_pairs(str(o["hidden_layers"])),
+            weight=1.0 if o["hidden_weight"] is None else float(o["hidden_weight"]),
+            loss=str(o["hidden_loss"] or "mse"),
+        )
+    elif o.get("hidden_weight") is not None or o.get("hidden_loss") is not None:
+        raise click.UsageError("--hidden-weight and --hidden-loss need --hidden-layers")
+    return extras
 
 
 def _lora(o: dict):

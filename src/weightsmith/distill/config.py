@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from weightsmith.core.training.config import OPTIMIZERS, check_training_loop
 from weightsmith.distill.dpo import DpoSettings
+from weightsmith.distill.gkd import check_lmbda
+from weightsmith.distill.hidden import HiddenSettings
 from weightsmith.distill.losses import LossConfig
 from weightsmith.distill.registry import DISTILL_METHODS
 from weightsmith.errors import ConfigError
@@ -68,9 +70,11 @@ class DistillConfig:
     lora: LoraSettings | None = None
     qlora: bool = False
     save_adapter: bool = False
-    gen_max_new_tokens: int = 128  # seqkd: completion length
-    gen_temperature: float = 1.0  # seqkd: sampling temperature (0 = greedy); not the loss τ
-    gen_prompt_tokens: int = 16  # seqkd on plain text: tokens of each window used as prompt
+    gen_max_new_tokens: int = 128  # seqkd/kd --lmbda: completion length
+    gen_temperature: float = 1.0  # seqkd/kd --lmbda: sampling temperature (0 = greedy); not τ
+    gen_prompt_tokens: int = 16  # seqkd/kd --lmbda on plain text: window tokens used as prompt
+    lmbda: float = 0.0  # kd: fraction of micro-batches the student generates (on-policy GKD)
+    hidden: HiddenSettings | None = None  # kd: hidden-state loss on layer pairs
     dpo: DpoSettings | None = None  # --method dpo (defaults when None)
     sbs_alpha: float = 0.5  # step-by-step: α·L_label + (1−α)·L_rationale
     version: int = 1
@@ -87,6 +91,15 @@ class DistillConfig:
             raise ConfigError(f"{flag} needs a LoRA student (--lora-r)")
         if self.dpo is not None and self.method != "dpo":
             raise ConfigError(f"DPO settings given for --method {self.method}")
+        check_lmbda(self.lmbda)
+        if self.lmbda > 0 and self.method != "kd":
+            raise ConfigError(f"--lmbda (on-policy GKD) is for distill kd, not {self.method}")
+        if self.hidden is not None and self.method != "kd":
+            raise ConfigError(f"--hidden-layers is for distill kd, not {self.method}")
+        if self.gen_max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.gen_max_new_tokens}")
+        if self.gen_temperature < 0:
+            raise ConfigError(f"--gen-temperature must be >= 0, got {self.gen_temperature}")
         if not 0.0 <= self.sbs_alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.sbs_alpha}")
         if self.lora is not None and self.lora.r < 1:

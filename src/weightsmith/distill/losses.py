@@ -15,6 +15,9 @@ Conventions (all divergences are per position, summed over the vocabulary):
   is the standard JSD and equals the paper's JSD(0.5). (The paper's own weights,
   ``β·KL(p_T‖M) + (1−β)·KL(p_S‖M)``, vanish at both endpoints: near them β only scales the
   loss; see modelscope/ms-swift#10078.)
+- ``gkd``: TRL's ``GKDTrainer.generalized_jsd_loss`` term for term (same mixture M, weights
+  ``β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M)``, forward KL at β = 0 and reverse KL at β = 1 as special
+  cases), for runs that must match TRL's GKD; equal to ``jsd`` at β = 0.5.
 
 The distillation objective (Hinton et al. 2015, with the τ² factor that keeps gradient
 magnitudes comparable across temperatures)::
@@ -57,6 +60,7 @@ __all__ = [
     "reverse_kl",
     "shift_for_next_token",
     "sparse_divergence",
+    "trl_generalized_jsd",
 ]
 
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -101,6 +105,23 @@ def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
     )
 
 
+@divergence("gkd")
+def trl_generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5):
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` exactly: β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M),
+    M = β·p_T + (1−β)·p_S (GKD paper eq. 1); β = 0 is forward KL, β = 1 reverse KL (TRL's own
+    special cases: the formula itself vanishes at both ends)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logp, teacher_logp)
+    if beta == 1.0:
+        return reverse_kl(student_logp, teacher_logp)
+    mixture = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+    return beta * kl_divergence(teacher_logp, mixture) + (1.0 - beta) * kl_divergence(
+        student_logp, mixture
+    )
+
+
 def bucket_logprobs(
     student_logp: torch.Tensor, topk_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +160,7 @@ class LossConfig:
     """How the distillation loss is formed (recorded in the output's provenance)."""
 
     loss: str = "fkl"  # a key of DIVERGENCES
-    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
+    beta: float = 0.5  # jsd/gkd only: 0 = forward KL, 1 = reverse KL
     temperature: float = 2.0  # τ of the divergence term (CE always at τ = 1)
     alpha: float = 0.5  # weight of the hard-label CE term; 0 = pure KD, 1 = CE only
     version: int = 1

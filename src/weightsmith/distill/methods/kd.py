@@ -41,6 +41,8 @@ from weightsmith.core.training.losses import (
 from weightsmith.core.training.tasks import TokenTask
 from weightsmith.distill.cache import TeacherCache
 from weightsmith.distill.config import DistillConfig
+from weightsmith.distill.gkd import OnPolicyMix, RolloutSettings
+from weightsmith.distill.hidden import HiddenProjector, check_layer_pairs, hidden_state_loss
 from weightsmith.distill.losses import distillation_loss
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.seqkd import generate_pairs, prompts_of
@@ -49,13 +51,34 @@ from weightsmith.errors import ConfigError
 from weightsmith.io.reader import open_checkpoint
 
 
-@distill_method("kd", inputs=("teacher", "teacher_cache", "eval_data"), options=("loss",),
-                multi_process=True)  # fmt: skip
+@distill_method("kd", inputs=("teacher", "teacher_cache", "eval_data"),
+                options=("loss", "lmbda", "hidden"), multi_process=True)  # fmt: skip
 def train_kd(run: DistillRun) -> DistillResult:
     """Match the teacher's next-token distribution (online or from a top-k cache) plus α·CE."""
+    if run.cfg.lmbda > 0:
+        if run.teacher is None or run.teacher_cache is not None:
+            raise ConfigError("--lmbda > 0 (on-policy GKD) needs an online --teacher: it scores "
+                              "the student's own samples, which no --teacher-cache holds")  # fmt: skip
+        if run.cfg.loss.alpha >= 1.0:
+            raise ConfigError("--lmbda > 0 trains on the teacher's logits over the student's "
+                              "samples: give --alpha < 1")  # fmt: skip
+    if run.cfg.hidden is not None:
+        _check_hidden(run)
     if run.cfg.loss.alpha < 1.0 and run.teacher is None and run.teacher_cache is None:
         raise ConfigError("give --teacher or --teacher-cache (or --alpha 1 for CE only)")
     return _train_lm(run, run.cfg, seqkd=False)
+
+
+def _check_hidden(run: DistillRun) -> None:
+    """Hidden-state KD needs the teacher online, and layer pairs inside both models."""
+    if run.teacher is None or run.teacher_cache is not None:
+        raise ConfigError("--hidden-layers needs an online --teacher (a --teacher-cache holds "
+                          "no hidden states)")  # fmt: skip
+    layers = []
+    for path in (run.student, run.teacher):
+        with open_checkpoint(path) as c:
+            layers.append(int((c.config or {}).get("num_hidden_layers", c.num_layers)))
+    check_layer_pairs(run.cfg.hidden.pairs, *layers)
 
 
 @distill_method("seqkd", inputs=("teacher", "eval_data"),
@@ -92,20 +115,57 @@ class _Teacher:
 class _KdTask(TokenTask):
     """Micro-batches of token examples and the distillation loss step."""
 
-    def __init__(self, model, examples, pad_id, src: _Teacher, cfg: DistillConfig, dev) -> None:
+    def __init__(self, model, examples, pad_id, src: _Teacher, cfg: DistillConfig, dev,
+                 mix: OnPolicyMix | None = None, eos_id: int | None = None,
+                 projector: HiddenProjector | None = None) -> None:  # fmt: skip
         super().__init__(model, examples, pad_id, dev)
-        self.src, self.cfg = src, cfg
+        self.src, self.cfg, self.mix, self.eos_id = src, cfg, mix, eos_id
+        self.projector = projector  # with cfg.hidden: student -> teacher width, trained
+
+    def batch(self, indices: list[int]) -> dict:
+        if self.mix is None or not self.mix.draw():
+            return super().batch(indices)
+        rollouts = self.mix.rollouts(self.model, [self.examples[i] for i in indices],
+                                     self.pad_id, self.eos_id)  # fmt: skip
+        return {**collate(rollouts, self.pad_id), "on_policy": True}
 
     def step(self, batch: dict, indices: list[int], normaliser: int) -> StepOutput:
-        input_ids, attn, logits, labels = self.forward(batch)
+        if self.cfg.hidden is None:
+            input_ids, attn, logits, labels = self.forward(batch)
+        else:
+            input_ids, attn, logits, labels, s_states = self._forward_states(batch)
         kwargs = self._teacher_signal(input_ids, attn, indices)
+        t_states = kwargs.pop("hidden_states", None)
         if self.src.common is not None:
             logits = logits[..., : self.src.common]
-        parts = distillation_loss(logits, labels, self.cfg.loss, normaliser, **kwargs)
-        return StepOutput(parts.loss, int(attn.sum()))
+        loss_cfg, scale = self.cfg.loss, 1.0
+        if batch.get("on_policy"):  # no CE on the student's own samples: (1−α)·τ²·D only
+            loss_cfg, scale = replace(loss_cfg, alpha=0.0), 1.0 - loss_cfg.alpha
+        parts = distillation_loss(logits, labels, loss_cfg, normaliser, **kwargs)
+        loss = parts.loss if scale == 1.0 else parts.loss * scale
+        metrics = {} if self.mix is None else {"on_policy": float(bool(batch.get("on_policy")))}
+        if self.cfg.hidden is not None:  # + W·Σ ℓ(proj(h_S), h_T) / N (distill.hidden)
+            mask = labels != IGNORE_INDEX
+            h_sum = hidden_state_loss(s_states, t_states, mask, self.cfg.hidden, self.projector)
+            loss = loss + self.cfg.hidden.weight * h_sum / max(normaliser, 1)
+            metrics["hidden"] = float(h_sum.detach()) / max(int(mask.sum()), 1)
+        return StepOutput(loss, int(attn.sum()), metrics)
+
+    def _forward_states(self, batch: dict) -> tuple:
+        """:meth:`forward` plus the student's hidden states (embeddings, then every layer)."""
+        ids = batch["input_ids"].to(self.device)
+        attn = batch["attention_mask"].to(self.device)
+        out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        logits, labels = shift_for_next_token(out.logits, batch["labels"].to(self.device))
+        return ids, attn, logits, labels, out.hidden_states
 
     def _teacher_signal(self, input_ids, attn, indices: list[int]) -> dict:
         src = self.src
+        if src.model is not None and self.cfg.hidden is not None:
+            with torch.no_grad():
+                out = src.model(input_ids=input_ids, attention_mask=attn, output_hidden_states=True)
+            return {"teacher_logits": out.logits[:, :-1, : src.common],
+                    "hidden_states": out.hidden_states}  # fmt: skip
         if src.model is not None:
             with torch.no_grad():
                 t_logits = src.model(input_ids=input_ids, attention_mask=attn).logits
@@ -147,6 +207,12 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     src = _Teacher()
     if cfg.method == "kd" and cfg.loss.alpha < 1.0:
         src = _teacher_source(run, cfg, records, s_tok, t_model, logits_width(student), notes)
+    elif cfg.hidden is not None:
+        src = _Teacher(model=t_model)  # hidden states only: the logits are not compared
+    projector = None
+    if cfg.hidden is not None:
+        projector = HiddenProjector(len(cfg.hidden.pairs), student.config.hidden_size,
+                                    t_model.config.hidden_size, cfg.seed).to(dev)  # fmt: skip
     student = base.add_lora(student, cfg)
     evaluate = None
     if run.eval_data is not None:
@@ -155,9 +221,22 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
         def evaluate() -> dict:
             return heldout_metrics(student, held_out, s_tok, cfg, dev, pg, t_model)
 
-    task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev)
-    tr = train(student, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
+    mix = None
+    if cfg.lmbda > 0:
+        mix = OnPolicyMix(cfg.lmbda, RolloutSettings(cfg.gen_max_new_tokens, cfg.gen_temperature,
+                          cfg.gen_prompt_tokens, cfg.seq_len), cfg.seed, pg.rank)  # fmt: skip
+    task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev, mix, s_tok.eos_token_id,
+                   projector)  # fmt: skip
+    trained = (
+        student
+        if projector is None
+        else torch.nn.ModuleDict({"student": student, "projector": projector})
+    )  # the projection trains, is not saved
+    tr = train(trained, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
                progress=run.progress, desc="distill")  # fmt: skip
+    if mix is not None:
+        notes.append(f"gkd: the student generated {mix.generated} of {mix.draws} micro-batches "
+                     f"(lmbda {cfg.lmbda})")  # fmt: skip
     result = base.make_result(run, tr, tr.units, notes, pg.world)
     if pg.main:
         base.save_student(run, student, cfg, records.fingerprint, s_tok, result, teacher=teacher,

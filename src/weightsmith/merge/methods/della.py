@@ -57,7 +57,7 @@ def keep_probabilities(mags: torch.Tensor, density: float, epsilon: float) -> to
     cols = mags.shape[1]
     order = torch.argsort(mags, dim=1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols).expand_as(order))
+    ranks.scatter_(1, order, torch.arange(cols, device=mags.device).expand_as(order))
     ranks = ranks.to(torch.float32) + 1
     if cols == 1:
         rank_norm = torch.full_like(ranks, 0.5)
@@ -72,7 +72,7 @@ def magprune_mask(
     delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int
 ) -> torch.Tensor:
     """Which entries of the flat task vector ``delta`` (of ``shape``) MagPrune keeps."""
-    numel = delta.numel()
+    numel, dev = delta.numel(), delta.device
     if len(shape) < 2:
         rows, index = delta.view(1, -1), None
     else:
@@ -80,22 +80,23 @@ def magprune_mask(
         rows = moved.reshape(-1, shape[1])
         index = None
         if len(shape) > 2:  # rows are not contiguous: carry each entry's flat index
-            flat = torch.arange(numel).view(shape).movedim(1, -1)
+            flat = torch.arange(numel, device=dev).view(shape).movedim(1, -1)
             index = flat.reshape(-1, shape[1])
     n_rows, cols = rows.shape
-    keep = torch.empty((n_rows, cols), dtype=torch.bool)
+    keep = torch.empty((n_rows, cols), dtype=torch.bool, device=dev)
     step = max(1, BLOCK // max(cols, 1))
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        probs = keep_probabilities(rows[r0:r1].abs(), density, epsilon)
+        probs = keep_probabilities(rows[r0:r1].abs().to(torch.float32), density, epsilon)
         if index is None:
-            idx = torch.arange(r0 * cols, r1 * cols, dtype=torch.int64).view(r1 - r0, cols)
+            idx = torch.arange(r0 * cols, r1 * cols, dtype=torch.int64, device=dev)
+            idx = idx.view(r1 - r0, cols)
         else:
             idx = index[r0:r1]
         keep[r0:r1] = uniform(seed, idx) < probs.to(torch.float64)
     if index is None:
         return keep.view(-1)
-    out = torch.empty(numel, dtype=torch.bool)
+    out = torch.empty(numel, dtype=torch.bool, device=dev)
     out[index.reshape(-1)] = keep.view(-1)
     return out
 

@@ -39,17 +39,19 @@ class SceState:
 
 def variance_mask(src: ChunkSource, fraction: float) -> torch.Tensor:
     """The entries of highest variance across the task vectors (flat bool)."""
-    var = torch.empty(src.numel, dtype=torch.float32)
+    var: torch.Tensor | None = None
     pos = 0
     for chunks in src.chunks():
         base = chunks[0]
+        if var is None:
+            var = torch.empty(src.numel, dtype=base.dtype, device=base.device)
         tvs = torch.stack([x - base for x in chunks[1:]])
         n = base.numel()
         torch.var(tvs, dim=0, unbiased=False, out=var[pos : pos + n])
         pos += n
-    k = int(int(torch.count_nonzero(var)) * fraction)
-    if k == 0:
-        return torch.zeros(src.numel, dtype=torch.bool)
+    k = 0 if var is None else int(int(torch.count_nonzero(var)) * fraction)
+    if var is None or k == 0:
+        return torch.zeros(src.numel, dtype=torch.bool, device=None if var is None else var.device)
     return topk_mask(var, topk_threshold(var, k), 0)
 
 
@@ -104,11 +106,11 @@ class Sce(MergeMethod):
         total = tvs[0].clone()
         for tv in tvs[1:]:
             total.add_(tv)
-        majority = torch.where(total >= 0, 1.0, -1.0)  # ties go to +, as in mergekit
+        majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)  # ties go to +, as mergekit
         merged = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for tv, w in zip(tvs, state.weights, strict=True):
-            erased = (torch.sign(tv) == majority) * torch.tensor(w, dtype=torch.float32)
+            erased = (torch.sign(tv) == majority) * torch.tensor(w, dtype=base.dtype)
             merged.add_(tv * erased)
             divisor.add_(erased)
         return base + merged / divisor.clamp(min=1e-6)

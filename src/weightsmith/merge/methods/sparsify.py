@@ -25,18 +25,21 @@ RESCALE_EPS = 1e-7  # mergekit: no rescale when either L1 norm is below this
 
 
 def gather_delta(src: ChunkSource, k: int) -> torch.Tensor:
-    """Task vector ``k`` (input k + 1 minus input 0) as one flat float32 tensor."""
-    out = torch.empty(src.numel, dtype=torch.float32)
+    """Task vector ``k`` (input k + 1 minus input 0) as one flat tensor (the chunks' dtype
+    and device)."""
+    out: torch.Tensor | None = None
     pos = 0
     for base, x in src.chunks([0, k + 1]):
         n = base.numel()
+        if out is None:
+            out = torch.empty(src.numel, dtype=base.dtype, device=base.device)
 
-        def fill(r: tuple[int, int], base=base, x=x, pos=pos) -> None:
-            torch.sub(x[r[0] : r[1]], base[r[0] : r[1]], out=out[pos + r[0] : pos + r[1]])
+        def fill(r: tuple[int, int], base=base, x=x, dst=out[pos : pos + n]) -> None:
+            torch.sub(x[r[0] : r[1]], base[r[0] : r[1]], out=dst[r[0] : r[1]])
 
         pmap(fill, sub_ranges(0, n))
         pos += n
-    return out
+    return out if out is not None else torch.empty(0)
 
 
 def topk_cuts(src: ChunkSource, keep: dict[int, int]) -> dict[int, TopK]:

@@ -11,8 +11,11 @@ is ~0.5 %); weightsmith must also give the same bytes for the same seed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from merge_testlib import run_cli, tensors
 from mergekit_oracle import run_both
 
@@ -62,6 +65,10 @@ RANDOM_RECIPES = {
 }
 
 
+EXAMPLES = Path(__file__).parents[2] / "examples" / "merge"
+EXACT_EXAMPLES = ["breadcrumbs_ties", "nearswap"]  # examples/merge/<name>.yaml
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     require_peer("mergekit")
@@ -69,11 +76,16 @@ def tiny_runs(tmp_path_factory):
     models = root / "models"
     for seed, name in enumerate((BASE, FT1, FT2)):
         build_tiny_model(models / name, "llama", seed=seed, num_hidden_layers=5)
-    runs = run_both({**EXACT_RECIPES, **RANDOM_RECIPES}, models, root)
+    (models / "stories260K").symlink_to(models / BASE)  # the examples' model names
+    (models / "stories260K-shakespeare").symlink_to(models / FT1)
+    examples = {
+        f"example_{n}": yaml.safe_load((EXAMPLES / f"{n}.yaml").read_text()) for n in EXACT_EXAMPLES
+    }
+    runs = run_both({**EXACT_RECIPES, **RANDOM_RECIPES, **examples}, models, root)
     return runs, models
 
 
-@pytest.mark.parametrize("name", sorted(EXACT_RECIPES))
+@pytest.mark.parametrize("name", sorted(EXACT_RECIPES) + [f"example_{n}" for n in EXACT_EXAMPLES])
 def test_same_tensors_as_mergekit(tiny_runs, name):
     runs, _ = tiny_runs
     mk, ws = runs[name]

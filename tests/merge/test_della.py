@@ -1,5 +1,5 @@
 """DELLA / MagPrune (mergekit 0.1.5's ``della`` / ``della_linear``): hand-computed keep
-probabilities, the draw and L1 rescale against a direct reference, statistics of the keep
+probabilities, mask and L1 rescale against a direct reference (mergekit's formula written out), statistics of the keep
 decisions (4σ bounds), reproducibility, CLI and bad input."""
 
 from __future__ import annotations
@@ -13,55 +13,56 @@ from merge_testlib import assert_one_line_error, run_cli, tensors
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods import TensorParams, della_merge, merge_tensors
 from weightsmith.merge.methods.dare import tensor_seed
-from weightsmith.merge.methods.della import keep_probabilities, magprune_mask, uniform
+from weightsmith.merge.methods.della import block_seed, magprune_mask, rank_probabilities
 
 T = torch.tensor
 
 
-def test_keep_probabilities_rise_linearly_with_rank_in_each_row():
-    mags = T([[0.3, 0.1, 0.2], [5.0, 7.0, 6.0]])
-    # ranks [2, 0, 1] and [0, 2, 1] of 3 -> rank/2; p = 0.5 − 0.1 + 0.2 · rank/2
-    expected = T([[0.6, 0.4, 0.5], [0.4, 0.6, 0.5]])
-    torch.testing.assert_close(keep_probabilities(mags, 0.5, 0.1), expected, rtol=0, atol=1e-7)
+def test_keep_probabilities_rise_linearly_with_rank():
+    # ranks 1..3 -> (r − 1)/2; p = 0.5 − 0.1 + 0.2 · (r − 1)/2
+    expected = T([0.4, 0.5, 0.6], dtype=torch.float64)
+    torch.testing.assert_close(rank_probabilities(3, 0.5, 0.1), expected, rtol=0, atol=1e-7)
+    assert float(rank_probabilities(1, 0.3, 0.2)[0]) == pytest.approx(0.3)  # one entry: density
 
 
-def test_uniform_draws_are_in_unit_interval_and_uniform():
-    u = uniform(123, torch.arange(200_000))
-    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
-    assert abs(float(u.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / 200_000)
-
-
-def _reference(delta: torch.Tensor, density: float, eps: float, seed: int) -> torch.Tensor:
-    """mergekit's della_magprune with our draws: ranks along dim 1, keep u < p, L1 rescale."""
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32) + 1
-    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    probs = (density - eps) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * eps
-    index = torch.arange(delta.numel()).view(rows.shape)
-    masked = rows * (uniform(seed, index) < probs.double())
-    scale = torch.tensor(float(rows.abs().sum(dtype=torch.float64))
-                         / float(masked.abs().sum(dtype=torch.float64)), dtype=torch.float32)  # fmt: skip
-    return (masked * scale).view(delta.shape)
+def _reference_mask(
+    rows: torch.Tensor, density: float, eps: float, seed: int, first_row: int = 0
+) -> torch.Tensor:
+    """mergekit's della_magprune written out for one block of rows: each entry's rank (argsort
+    of the argsort) picks its probability and its draw (draws are consumed in sorted order)."""
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1)
+    lo_hi = torch.arange(1, rows.shape[1] + 1, dtype=torch.float32)
+    probs = ((density - eps) + ((lo_hi - 1) / (lo_hi[-1] - 1)).clamp(0, 1) * 2 * eps).double()
+    draws = torch.rand(
+        rows.shape,
+        generator=torch.Generator().manual_seed(block_seed(seed, first_row)),
+        dtype=torch.float64,
+    )
+    return torch.gather(draws, 1, ranks) < probs[ranks]
 
 
 def test_della_linear_equals_the_reference_with_rescale():
     g = torch.Generator().manual_seed(1)
     base, ft = torch.randn(40, 50, generator=g), torch.randn(40, 50, generator=g)
     out = della_merge(base, [ft], [1.0], 0.4, 0.2, linear=True, seed=3, name="w")
-    want = base + _reference(ft - base, 0.4, 0.2, tensor_seed(3, "w", 0))
+    delta = ft - base
+    mask = _reference_mask(delta, 0.4, 0.2, tensor_seed(3, "w", 0))
+    scale = float(
+        delta.abs().sum(dtype=torch.float64) / (delta * mask).abs().sum(dtype=torch.float64)
+    )
+    want = base + delta * mask * torch.tensor(scale, dtype=torch.float32)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_rows_run_along_dim_one_for_3d_tensors():
+def test_rows_run_along_dim_one_for_1d_and_3d_tensors():
     g = torch.Generator().manual_seed(2)
     delta = torch.randn(3, 5, 4, generator=g)
     mask = magprune_mask(delta.reshape(-1), (3, 5, 4), 0.5, 0.3, seed=9)
-    moved = delta.movedim(1, -1).reshape(-1, 5)
-    probs = keep_probabilities(moved.abs(), 0.5, 0.3)
-    index = torch.arange(60).view(3, 5, 4).movedim(1, -1).reshape(-1, 5)
-    want = torch.empty(60, dtype=torch.bool)
-    want[index.reshape(-1)] = (uniform(9, index) < probs.double()).reshape(-1)
-    assert torch.equal(mask, want)
+    moved = _reference_mask(delta.movedim(1, -1).reshape(-1, 5), 0.5, 0.3, 9)
+    assert torch.equal(mask, moved.view(3, 4, 5).movedim(-1, 1).reshape(-1))
+    flat = torch.randn(30, generator=g)
+    want = _reference_mask(flat.view(1, -1), 0.5, 0.3, 9).view(-1)
+    assert torch.equal(magprune_mask(flat, (30,), 0.5, 0.3, seed=9), want)
 
 
 def test_keep_rate_follows_the_magnitude_rank():
@@ -155,3 +156,17 @@ def test_recipe_with_bad_epsilon_is_a_one_line_error(trio, tmp_path):
     r = run_cli("run", tmp_path / "r.yml", "-o", tmp_path / "x")
     assert_one_line_error(r, "della_linear: epsilon 0.25 with density 0.2", str(b))
     assert not (tmp_path / "x").exists()
+
+
+def test_blocks_give_the_same_mask_on_any_number_of_threads(monkeypatch):
+    from weightsmith.core.parallel import compute_pool
+    from weightsmith.merge.methods import della as della_module
+
+    monkeypatch.setattr(della_module, "BLOCK", 64)  # 32 blocks of 2 rows of 32
+    delta = torch.randn(64, 32, generator=torch.Generator().manual_seed(6)).reshape(-1)
+    serial = magprune_mask(delta, (64, 32), 0.5, 0.2, seed=1)
+    with compute_pool(3):
+        assert torch.equal(magprune_mask(delta, (64, 32), 0.5, 0.2, seed=1), serial)
+    # the second block draws from its own generator (block_seed(1, 2))
+    want = _reference_mask(delta.view(64, 32)[2:4], 0.5, 0.2, 1, first_row=2)
+    assert torch.equal(serial.view(64, 32)[2:4], want)

@@ -8,11 +8,11 @@ so the task vector keeps its L1 norm (mergekit's RescaleNorm.l1, one factor per 
 paper's per-entry 1/p differs). ``della`` elects signs as TIES does (normalize on); ``della_linear``
 sums (normalize off). ``density`` 1 keeps δ unchanged.
 
-Each keep decision compares the probability with a counter-based uniform draw (SplitMix64
-seeded by seed, tensor name and model, indexed by the entry's flat position), so a run is
-reproducible and independent of chunking and threads; mergekit draws from torch's global RNG,
-so the two agree in distribution, not entry by entry. Rows of one entry (c = 1), where
-mergekit fails (0/0), are kept with probability ``density``.
+The keep decisions are drawn in ``prepare``, on the whole tensor in row order, from torch's
+CPU generator seeded by seed, tensor name and model, so a run is reproducible and independent
+of chunking, threads and device; mergekit draws from torch's global generator, so the two
+agree in distribution, not entry by entry. Rows of one entry (c = 1), where mergekit fails
+(0/0), are kept with probability ``density``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.core.parallel import pmap
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -30,8 +31,8 @@ from weightsmith.merge.methods.base import (
     merge_method,
     merge_tensors,
 )
-from weightsmith.merge.methods.dare import splitmix64, tensor_seed
-from weightsmith.merge.methods.sparsify import MaskedTaskArithmetic, gather_delta, l1_scales
+from weightsmith.merge.methods.dare import tensor_seed
+from weightsmith.merge.methods.sparsify import MaskedTaskArithmetic, gather_delta, l1_scale
 from weightsmith.merge.params import BOOL, INT
 
 BLOCK = 1 << 20  # elements ranked at a time
@@ -45,60 +46,55 @@ class Kept:
     scale: float = 1.0
 
 
-def uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """A float64 uniform in [0, 1) per flat index: the top 53 bits of SplitMix64(seed)'s
-    ``index``-th output."""
-    bits = splitmix64(seed, index)
-    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0**-53
-
-
-def keep_probabilities(mags: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """mergekit's MagPrune probabilities for a block of rows of |δ| (float32 ops as its)."""
-    cols = mags.shape[1]
-    order = torch.argsort(mags, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=mags.device).expand_as(order))
-    ranks = ranks.to(torch.float32) + 1
+def rank_probabilities(cols: int, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probability of the entry of 0-based |δ| rank r = 0 … cols − 1 in a row of ``cols``
+    (mergekit's float32 arithmetic: ranks 1 … c normalised by their min and max)."""
+    ranks = torch.arange(1, cols + 1, dtype=torch.float32)
     if cols == 1:
         rank_norm = torch.full_like(ranks, 0.5)
     else:
-        lo = ranks.min(dim=1, keepdim=True).values
-        hi = ranks.max(dim=1, keepdim=True).values
+        lo, hi = ranks[:1], ranks[-1:]
         rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
-    return (density - epsilon) + rank_norm * 2 * epsilon
+    return ((density - epsilon) + rank_norm * 2 * epsilon).to(torch.float64)
+
+
+def block_seed(seed: int, row: int) -> int:
+    """The generator seed of the block of rows starting at ``row`` (63 bits)."""
+    return (seed + (row + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 def magprune_mask(
     delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int
 ) -> torch.Tensor:
-    """Which entries of the flat task vector ``delta`` (of ``shape``) MagPrune keeps."""
-    numel, dev = delta.numel(), delta.device
-    if len(shape) < 2:
-        rows, index = delta.view(1, -1), None
-    else:
-        moved = delta.view(shape).movedim(1, -1)
-        rows = moved.reshape(-1, shape[1])
-        index = None
-        if len(shape) > 2:  # rows are not contiguous: carry each entry's flat index
-            flat = torch.arange(numel, device=dev).view(shape).movedim(1, -1)
-            index = flat.reshape(-1, shape[1])
+    """Which entries of the flat task vector ``delta`` (of ``shape``) MagPrune keeps.
+
+    Rows are taken in blocks of about ``BLOCK`` entries; in each row the entries are sorted by
+    |δ| (stable) and the j-th smallest is kept when its float64 uniform, drawn in order from
+    torch's CPU generator seeded with ``block_seed(seed, first row of the block)``, is below
+    p(j). Blocks are independent, so they run in parallel with the same result.
+    """
+    dev = delta.device
+    moved_shape = (-1, shape[1]) if len(shape) >= 2 else (1, -1)
+    rows = delta.view(shape).movedim(1, -1).reshape(moved_shape) if len(shape) > 2 else None
+    if rows is None:
+        rows = delta.view(moved_shape)
     n_rows, cols = rows.shape
+    probs = rank_probabilities(cols, density, epsilon).to(dev)
     keep = torch.empty((n_rows, cols), dtype=torch.bool, device=dev)
     step = max(1, BLOCK // max(cols, 1))
-    for r0 in range(0, n_rows, step):
+
+    def block(r0: int) -> None:  # blocks write disjoint rows: safe on the pool's threads
         r1 = min(n_rows, r0 + step)
-        probs = keep_probabilities(rows[r0:r1].abs().to(torch.float32), density, epsilon)
-        if index is None:
-            idx = torch.arange(r0 * cols, r1 * cols, dtype=torch.int64, device=dev)
-            idx = idx.view(r1 - r0, cols)
-        else:
-            idx = index[r0:r1]
-        keep[r0:r1] = uniform(seed, idx) < probs.to(torch.float64)
-    if index is None:
-        return keep.view(-1)
-    out = torch.empty(numel, dtype=torch.bool, device=dev)
-    out[index.reshape(-1)] = keep.view(-1)
-    return out
+        order = torch.argsort(rows[r0:r1].abs(), dim=1, stable=True)
+        gen = torch.Generator().manual_seed(block_seed(seed, r0))
+        draws = torch.rand((r1 - r0, cols), generator=gen, dtype=torch.float64).to(dev)
+        keep[r0:r1].scatter_(1, order, draws < probs)
+
+    pmap(block, range(0, n_rows, step))
+    if len(shape) > 2:
+        moved = [s for i, s in enumerate(shape) if i != 1] + [shape[1]]
+        return keep.view(moved).movedim(-1, 1).reshape(-1)
+    return keep.view(-1)
 
 
 class _Della(MaskedTaskArithmetic):
@@ -128,20 +124,15 @@ class _Della(MaskedTaskArithmetic):
                 )
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> list[Kept | None]:
-        seed = int(params.globals["seed"])
+        seed, rescale = int(params.globals["seed"]), bool(params.globals["rescale"])
         kept: list[Kept | None] = [None] * len(params.models)  # None: δ unchanged
         for k, m in enumerate(params.models):
             d, e = float(m["density"]), float(m["epsilon"])
             if d < 1.0:
                 delta = gather_delta(src, k)
-                kept[k] = Kept(
-                    magprune_mask(delta, src.shape, d, e, tensor_seed(seed, src.name, k))
-                )
+                mask = magprune_mask(delta, src.shape, d, e, tensor_seed(seed, src.name, k))
+                kept[k] = Kept(mask, l1_scale(delta, mask) if rescale else 1.0)
                 del delta
-        active = [k for k, x in enumerate(kept) if x is not None]
-        if params.globals["rescale"] and active:
-            scales = l1_scales(src, active, lambda d, k, o: self.sparsify(d, k, kept, params, o))
-            kept = [None if x is None else Kept(x.mask, scales[k]) for k, x in enumerate(kept)]
         return kept
 
     def sparsify(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.merge.methods.base import (
     ChunkSource,
     MergeMethod,
@@ -37,6 +38,20 @@ class SceState:
     weights: tuple[float, ...]
 
 
+def population_variance(values: list[torch.Tensor]) -> torch.Tensor:
+    """Σ (xᵢ − mean)² / n per entry, in float64 (rounded once to the caller's dtype, this is
+    torch.var(unbiased=False)'s float32 result: it accumulates in float64 too, and is much
+    slower across a short leading dimension)."""
+    mean = values[0].clone()
+    for v in values[1:]:
+        mean.add_(v)
+    mean.div_(len(values))
+    out = torch.zeros_like(mean)
+    for v in values:
+        out.add_((v - mean).square_())
+    return out.div_(len(values))
+
+
 def variance_mask(src: ChunkSource, fraction: float) -> torch.Tensor:
     """The entries of highest variance across the task vectors (flat bool)."""
     var: torch.Tensor | None = None
@@ -45,9 +60,14 @@ def variance_mask(src: ChunkSource, fraction: float) -> torch.Tensor:
         base = chunks[0]
         if var is None:
             var = torch.empty(src.numel, dtype=base.dtype, device=base.device)
-        tvs = torch.stack([x - base for x in chunks[1:]])
         n = base.numel()
-        torch.var(tvs, dim=0, unbiased=False, out=var[pos : pos + n])
+
+        def fill(r: tuple[int, int], chunks=chunks, dst=var[pos : pos + n]) -> None:
+            a, b = r
+            tvs = [(x[a:b] - chunks[0][a:b]).to(torch.float64) for x in chunks[1:]]
+            dst[a:b] = population_variance(tvs)
+
+        pmap(fill, sub_ranges(0, n))
         pos += n
     k = 0 if var is None else int(int(torch.count_nonzero(var)) * fraction)
     if var is None or k == 0:
@@ -78,14 +98,20 @@ class Sce(MergeMethod):
         sums = [0.0] * n_models
         offset = 0
         for chunks in src.chunks():
-            base = chunks[0]
-            n = base.numel()
-            for k, x in enumerate(chunks[1:]):
-                delta = x - base
-                if mask is not None:
-                    delta.mul_(mask[offset : offset + n])
-                sums[k] += float(delta.square().sum(dtype=torch.float64))
-            offset += n
+
+            def energy(r: tuple[int, int], chunks=chunks, offset=offset) -> list[float]:
+                a, b = r
+                out = []
+                for x in chunks[1:]:
+                    delta = x[a:b] - chunks[0][a:b]
+                    if mask is not None:
+                        delta.mul_(mask[offset + a : offset + b])
+                    out.append(float(delta.square().sum(dtype=torch.float64)))
+                return out
+
+            for part in pmap(energy, sub_ranges(0, chunks[0].numel())):
+                sums = [s + p for s, p in zip(sums, part, strict=True)]
+            offset += chunks[0].numel()
         means = torch.tensor([s / max(src.numel, 1) for s in sums], dtype=torch.float32)
         total = float(means.sum())
         if abs(total) < 1e-6:

@@ -59,10 +59,10 @@ def topk_cuts(src: ChunkSource, keep: dict[int, int]) -> dict[int, TopK]:
 def topk_mask(values: torch.Tensor, cut: TopK, offset: int) -> torch.Tensor:
     """Which entries of a chunk of non-negative ``values`` (flat offset ``offset``) are
     inside the top-k that ``cut`` describes."""
-    keep = values > cut.threshold
     end = offset + values.numel()
-    if cut.last_tie >= end - 1:
-        return keep | (values == cut.threshold)
+    if cut.last_tie >= end - 1:  # every tie in this chunk is kept
+        return values >= cut.threshold
+    keep = values > cut.threshold
     if cut.last_tie >= offset:
         idx = torch.arange(offset, end, device=values.device)
         keep |= (values == cut.threshold) & (idx <= cut.last_tie)
@@ -81,17 +81,42 @@ def l1_scales(
     offset = 0
     for chunks in src.chunks():
         base = chunks[0]
-        for k in models:
-            delta = chunks[k + 1] - base
-            before[k] += float(delta.abs().sum(dtype=torch.float64))
-            after[k] += float(masked(delta, k, offset).abs().sum(dtype=torch.float64))
+
+        def norms(r: tuple[int, int], chunks=chunks, base=base, offset=offset) -> list:
+            out = []
+            for k in models:
+                delta = chunks[k + 1][r[0] : r[1]] - base[r[0] : r[1]]
+                b = float(delta.abs().sum(dtype=torch.float64))
+                a = float(masked(delta, k, offset + r[0]).abs().sum(dtype=torch.float64))
+                out.append((b, a))
+            return out
+
+        for part in pmap(norms, sub_ranges(0, base.numel())):
+            for k, (b, a) in zip(models, part, strict=True):
+                before[k] += b
+                after[k] += a
         offset += base.numel()
-    return {
-        k: 1.0
-        if before[k] < RESCALE_EPS or after[k] < RESCALE_EPS
-        else float(torch.tensor(before[k] / after[k], dtype=torch.float32))
-        for k in models
-    }
+    return {k: _ratio(before[k], after[k]) for k in models}
+
+
+def l1_scale(delta: torch.Tensor, mask: torch.Tensor) -> float:
+    """mergekit's ``rescale`` for a whole task vector in memory: ‖δ‖₁ / ‖δ·mask‖₁ (float32),
+    or 1 when either norm is below 1e-7."""
+
+    def norms(r: tuple[int, int]) -> tuple[float, float]:
+        d = delta[r[0] : r[1]].abs()
+        return float(d.sum(dtype=torch.float64)), float(
+            (d * mask[r[0] : r[1]]).sum(dtype=torch.float64)
+        )
+
+    parts = pmap(norms, sub_ranges(0, delta.numel()))
+    return _ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+
+def _ratio(before: float, after: float) -> float:
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    return float(torch.tensor(before / after, dtype=torch.float32))
 
 
 class MaskedTaskArithmetic(GeneralizedTaskArithmetic):

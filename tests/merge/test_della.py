@@ -170,3 +170,21 @@ def test_blocks_give_the_same_mask_on_any_number_of_threads(monkeypatch):
     # the second block draws from its own generator (block_seed(1, 2))
     want = _reference_mask(delta.view(64, 32)[2:4], 0.5, 0.2, 1, first_row=2)
     assert torch.equal(serial.view(64, 32)[2:4], want)
+
+
+def test_shared_vocabulary_rows_with_tokenizer_source_base(trio, tmp_path):
+    """Only the rows all models share are merged (and ranked: rows are whole), the base's
+    extra rows are copied."""
+    from weightsmith.testing import build_tiny_model
+
+    a = trio[0]
+    small = build_tiny_model(tmp_path / "small", "llama", seed=1, vocab_size=300)
+    out = tmp_path / "out"
+    r = run_cli("della", "--base", a, small, "--density", "0.5", "--epsilon", "0.2",
+                "--tokenizer-source", "base", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ta, ts, to = tensors(a), tensors(small), tensors(out)
+    for n in ("lm_head.weight", "model.embed_tokens.weight"):
+        want = della_merge(ta[n][:300], [ts[n]], [1.0], 0.5, 0.2, name=n)
+        assert torch.equal(to[n][:300], want), n
+        assert torch.equal(to[n][300:], ta[n][300:]), n

@@ -17,6 +17,7 @@ agree in distribution, not entry by entry. Rows of one entry (c = 1), where merg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,15 @@ def rank_probabilities(cols: int, density: float, epsilon: float) -> torch.Tenso
         lo, hi = ranks[:1], ranks[-1:]
         rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     return ((density - epsilon) + rank_norm * 2 * epsilon).to(torch.float64)
+
+
+def region_shape(src: ChunkSource) -> tuple[int, ...]:
+    """The shape of what ``src`` streams: the tensor's, or its leading rows only (the rows
+    all models share, when vocabulary sizes differ)."""
+    if len(src.shape) < 2:
+        return (src.numel,)
+    inner = math.prod(src.shape[1:])
+    return (src.numel // inner, *src.shape[1:])
 
 
 def block_seed(seed: int, row: int) -> int:
@@ -130,7 +140,8 @@ class _Della(MaskedTaskArithmetic):
             d, e = float(m["density"]), float(m["epsilon"])
             if d < 1.0:
                 delta = gather_delta(src, k)
-                mask = magprune_mask(delta, src.shape, d, e, tensor_seed(seed, src.name, k))
+                shape = region_shape(src)
+                mask = magprune_mask(delta, shape, d, e, tensor_seed(seed, src.name, k))
                 kept[k] = Kept(mask, l1_scale(delta, mask) if rescale else 1.0)
                 del delta
         return kept

@@ -39,6 +39,12 @@ def test_density_one_keeps_everything_even_with_gamma():
     assert torch.equal(breadcrumbs_merge(torch.zeros(10), [delta], [1.0], 1.0, 0.3), delta)
 
 
+def test_density_below_one_entry_drops_the_task_vector():
+    base = T([0.5, -0.5, 1.0, 2.0])
+    # int(0.2 · 4) = 0 entries kept: mergekit's mask is empty, the output is the base
+    assert torch.equal(breadcrumbs_merge(base, [base + 1], [1.0], 0.2, 0.0), base)
+
+
 def test_rescale_matches_the_l1_norm():
     delta = torch.arange(1.0, 11.0)
     out = breadcrumbs_merge(torch.zeros(10), [delta], [1.0], 0.5, 0.2, rescale=True)

@@ -91,6 +91,16 @@ def test_chunked_equals_whole():
         assert torch.equal(whole, merge_tensors(method, [base, *models], params, chunk_size=77))
 
 
+def test_torch_cuts_equal_the_native_radix_selection(monkeypatch):
+    """Without the native kernels the cuts come from topk_threshold on |δ|: same output."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5000, generator=g)
+    models = [base + torch.randn(5000, generator=g).round(decimals=1) for _ in range(2)]
+    native = breadcrumbs_merge(base, models, [1.0, 0.5], 0.3, 0.05, rescale=True)
+    monkeypatch.setenv("WEIGHTSMITH_KERNELS", "0")
+    assert torch.equal(breadcrumbs_merge(base, models, [1.0, 0.5], 0.3, 0.05, rescale=True), native)
+
+
 def test_bad_parameters_are_errors():
     with pytest.raises(ConfigError, match="density must be in"):
         breadcrumbs_merge(torch.zeros(3), [torch.ones(3)], [1.0], 0.0)

@@ -123,7 +123,8 @@ def _resolve(
         for m in order
         if m != base
     )
-    params = TensorParams(tensor, g, models if method.model_params else ())
+    names = tuple(m for m in order if m != base)
+    params = TensorParams(tensor, g, models if method.model_params else (), names)
     try:
         params = with_defaults(method, params, len(order))
     except ConfigError as e:

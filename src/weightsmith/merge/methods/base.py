@@ -31,9 +31,16 @@ class TensorParams:
     name: str
     globals: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[Mapping[str, Any], ...] = ()
+    model_names: tuple[str, ...] = ()  # the models' paths, when known (for error messages)
 
     def model_values(self, key: str) -> list[float]:
         return [float(m[key]) for m in self.models]
+
+    def model_label(self, k: int) -> str:
+        """How errors name non-base model ``k``: its path when known, else its position."""
+        if k < len(self.model_names):
+            return self.model_names[k]
+        return f"model {k + 1}"
 
 
 class ChunkSource:
@@ -257,4 +264,4 @@ def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) ->
     for k, d in enumerate(filled):
         for p in method.model_params:
             p.check(d[p.name], f"{method.name}: model {k + 1}'s parameter")
-    return TensorParams(params.name, g, tuple(filled))
+    return TensorParams(params.name, g, tuple(filled), params.model_names)

@@ -1,0 +1,202 @@
+"""DELLA (Deep et al. 2024) as mergekit 0.1.5's ``della`` and ``della_linear`` (MagPrune).
+
+Within each row of a task vector δ (1-D tensors are one row; along dim 1 otherwise, as
+mergekit's ``argsort(dim=1)``), entries are ranked by |δ|; the entry of 0-based rank r in a
+row of c entries is kept with probability ``density − epsilon + 2·epsilon·r/(c − 1)``, so
+small entries are dropped more often. ``rescale`` (on by default) then scales the kept entries
+so the task vector keeps its L1 norm (mergekit's RescaleNorm.l1, one factor per tensor; the
+paper's per-entry 1/p differs). ``della`` elects signs as TIES does (normalize on); ``della_linear``
+sums (normalize off). ``density`` 1 keeps δ unchanged.
+
+The keep decisions are drawn in ``prepare``, on the whole tensor in row order, from torch's
+CPU generator seeded by seed, tensor name and model, so a run is reproducible and independent
+of chunking, threads and device; mergekit draws from torch's global generator, so the two
+agree in distribution, not entry by entry. Rows of one entry (c = 1), where mergekit fails
+(0/0), are kept with probability ``density``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightsmith.core.parallel import pmap
+from weightsmith.errors import ConfigError
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+)
+from weightsmith.merge.methods.dare import tensor_seed
+from weightsmith.merge.methods.sparsify import MaskedTaskArithmetic, gather_delta, l1_scale
+from weightsmith.merge.params import BOOL, INT
+
+BLOCK = 1 << 20  # elements ranked at a time
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The entries of one task vector that survive (flat, bool) and their rescale factor."""
+
+    mask: torch.Tensor
+    scale: float = 1.0
+
+
+def rank_probabilities(cols: int, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probability of the entry of 0-based |δ| rank r = 0 … cols − 1 in a row of ``cols``
+    (mergekit's float32 arithmetic: ranks 1 … c normalised by their min and max)."""
+    ranks = torch.arange(1, cols + 1, dtype=torch.float32)
+    if cols == 1:
+        rank_norm = torch.full_like(ranks, 0.5)
+    else:
+        lo, hi = ranks[:1], ranks[-1:]
+        rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).to(torch.float64)
+
+
+def region_shape(src: ChunkSource) -> tuple[int, ...]:
+    """The shape of what ``src`` streams: the tensor's, or its leading rows only (the rows
+    all models share, when vocabulary sizes differ)."""
+    if len(src.shape) < 2:
+        return (src.numel,)
+    inner = math.prod(src.shape[1:])
+    return (src.numel // inner, *src.shape[1:])
+
+
+def block_seed(seed: int, row: int) -> int:
+    """The generator seed of the block of rows starting at ``row`` (63 bits)."""
+    return (seed + (row + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def magprune_mask(
+    delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int
+) -> torch.Tensor:
+    """Which entries of the flat task vector ``delta`` (of ``shape``) MagPrune keeps.
+
+    Rows are taken in blocks of about ``BLOCK`` entries; in each row the entries are sorted by
+    |δ| (stable) and the j-th smallest is kept when its float64 uniform, drawn in order from
+    torch's CPU generator seeded with ``block_seed(seed, first row of the block)``, is below
+    p(j). Blocks are independent, so they run in parallel with the same result.
+    """
+    dev = delta.device
+    moved_shape = (-1, shape[1]) if len(shape) >= 2 else (1, -1)
+    rows = delta.view(shape).movedim(1, -1).reshape(moved_shape) if len(shape) > 2 else None
+    if rows is None:
+        rows = delta.view(moved_shape)
+    n_rows, cols = rows.shape
+    probs = rank_probabilities(cols, density, epsilon).to(dev)
+    keep = torch.empty((n_rows, cols), dtype=torch.bool, device=dev)
+    step = max(1, BLOCK // max(cols, 1))
+
+    def block(r0: int) -> None:  # blocks write disjoint rows: safe on the pool's threads
+        r1 = min(n_rows, r0 + step)
+        order = torch.argsort(rows[r0:r1].abs(), dim=1, stable=True)
+        gen = torch.Generator().manual_seed(block_seed(seed, r0))
+        draws = torch.rand((r1 - r0, cols), generator=gen, dtype=torch.float64).to(dev)
+        keep[r0:r1].scatter_(1, order, draws < probs)
+
+    pmap(block, range(0, n_rows, step))
+    if len(shape) > 2:
+        moved = [s for i, s in enumerate(shape) if i != 1] + [shape[1]]
+        return keep.view(moved).movedim(-1, 1).reshape(-1)
+    return keep.view(-1)
+
+
+class _Della(MaskedTaskArithmetic):
+    reference = "https://arxiv.org/abs/2406.11617"
+    default_normalize = False
+    model_params = (
+        Param("weight", required=True, help="weight of each task vector"),
+        Param(
+            "density",
+            1.0,
+            help="mean probability of keeping each task-vector entry",
+            low=0.0,
+            low_open=True,
+            high=1.0,
+        ),
+        Param("epsilon", 0.15, help="keep probabilities span density ± epsilon by |δ| rank"),
+    )
+
+    def validate(self, params: TensorParams) -> None:
+        for k, m in enumerate(params.models):
+            d, e = float(m["density"]), float(m["epsilon"])
+            if d < 1.0 and not (d - abs(e) > 0.0 and d + abs(e) < 1.0):
+                raise ConfigError(
+                    f"tensor {params.name!r}: {self.name}: epsilon {e:g} with density {d:g} "
+                    f"for {params.model_label(k)} puts keep probabilities outside (0, 1) "
+                    "(need 0 < density − |epsilon| and density + |epsilon| < 1)"
+                )
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> list[Kept | None]:
+        seed, rescale = int(params.globals["seed"]), bool(params.globals["rescale"])
+        kept: list[Kept | None] = [None] * len(params.models)  # None: δ unchanged
+        for k, m in enumerate(params.models):
+            d, e = float(m["density"]), float(m["epsilon"])
+            if d < 1.0:
+                delta = gather_delta(src, k)
+                shape = region_shape(src)
+                mask = magprune_mask(delta, shape, d, e, tensor_seed(seed, src.name, k))
+                kept[k] = Kept(mask, l1_scale(delta, mask) if rescale else 1.0)
+                del delta
+        return kept
+
+    def sparsify(
+        self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        kept = state[k]
+        if kept is None:
+            return delta
+        delta.mul_(kept.mask[offset : offset + delta.numel()])
+        return delta if kept.scale == 1.0 else delta.mul_(kept.scale)
+
+
+def _globals(normalize: bool) -> tuple[Param, ...]:
+    return (
+        Param(
+            "normalize", normalize, help="divide by the sum of the (agreeing) weights", kind=BOOL
+        ),
+        Param("rescale", True, help="rescale kept entries to δ's L1 norm", kind=BOOL),
+        Param("lambda", 1.0, help="scale of the mixed task vector"),
+        Param("seed", 0, help="seed of the random keep decisions", kind=INT),
+    )
+
+
+@merge_method("della")
+class Della(_Della):
+    title = "DELLA"
+    consensus = True
+    global_params = _globals(True)
+
+
+@merge_method("della_linear")
+class DellaLinear(_Della):
+    title = "Linear DELLA"
+    global_params = _globals(False)
+
+
+def della(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    weights: list[float],
+    density: float,
+    epsilon: float = 0.15,
+    *,
+    linear: bool = False,
+    seed: int = 0,
+    rescale: bool = True,
+    normalize: bool | None = None,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """DELLA-merge ``models`` onto ``base`` (float32 result)."""
+    params = TensorParams(
+        name,
+        {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "seed": seed},
+        tuple({"weight": w, "density": density, "epsilon": epsilon} for w in weights),
+    )
+    return merge_tensors("della_linear" if linear else "della", [base, *models], params)

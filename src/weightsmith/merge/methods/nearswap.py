@@ -1,0 +1,46 @@
+"""NearSwap as mergekit 0.1.5's ``nearswap``: take the other model's value where it is near.
+
+With base ``a`` and the other model ``b``, each entry moves from ``a`` towards ``b`` by
+``w = clamp(t / max(|a − b|, 1e-6), 0, 1)``: entries closer than ``t`` become ``b``, distant
+ones stay near ``a``. Exactly two inputs (the base and one model); ``t`` has no default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weightsmith.merge.methods.base import (
+    MergeMethod,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+)
+
+
+@merge_method("nearswap")
+class NearSwap(MergeMethod):
+    title = "NearSwap"
+    reference = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+    needs_base = True
+    exact_inputs = 2
+    global_params = (
+        Param("t", required=True, help="distance below which the other model's value is taken"),
+    )
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        a, b = chunks
+        t = float(params.globals["t"])
+        # the same float32 operations as mergekit, so results agree to the bit
+        absdiff = torch.abs(a - b)
+        weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
+        return weight * b + (1 - weight) * a
+
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """NearSwap ``other`` into ``base`` with distance ``t`` (float32 result)."""
+    return merge_tensors("nearswap", [base, other], t=t)

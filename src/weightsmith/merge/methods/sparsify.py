@@ -1,0 +1,137 @@
+"""Whole-tensor pieces shared by the masked task-vector methods (breadcrumbs, DELLA, SCE).
+
+mergekit sparsifies each task vector on the whole tensor at once; here the statistics a mask
+needs (top-k cuts, per-row ranks, L1 norms) are found in ``prepare`` passes over the streamed
+chunks, holding at most one tensor per model, and ``combine`` applies the mask chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import merge as native
+from weightsmith.merge.methods.base import ChunkSource, TensorParams
+from weightsmith.merge.methods.task_arithmetic import (
+    GeneralizedTaskArithmetic,
+    combine_task_vectors,
+)
+from weightsmith.merge.methods.ties import TopK, native_topk_cuts, topk_threshold
+
+RESCALE_EPS = 1e-7  # mergekit: no rescale when either L1 norm is below this
+
+
+def gather_delta(src: ChunkSource, k: int) -> torch.Tensor:
+    """Task vector ``k`` (input k + 1 minus input 0) as one flat tensor (the chunks' dtype
+    and device)."""
+    out: torch.Tensor | None = None
+    pos = 0
+    for base, x in src.chunks([0, k + 1]):
+        n = base.numel()
+        if out is None:
+            out = torch.empty(src.numel, dtype=base.dtype, device=base.device)
+
+        def fill(r: tuple[int, int], base=base, x=x, dst=out[pos : pos + n]) -> None:
+            torch.sub(x[r[0] : r[1]], base[r[0] : r[1]], out=dst[r[0] : r[1]])
+
+        pmap(fill, sub_ranges(0, n))
+        pos += n
+    return out if out is not None else torch.empty(0)
+
+
+def topk_cuts(src: ChunkSource, keep: dict[int, int]) -> dict[int, TopK]:
+    """For each task vector k, the cut keeping its ``keep[k]`` largest |δ| (ties in storage
+    order); counts must be >= 1, a count >= numel keeps everything."""
+    cuts = {k: TopK(-1.0, src.numel) for k, c in keep.items() if c >= src.numel}
+    active = {k: c for k, c in keep.items() if c < src.numel}
+    if active and native.available(torch.empty(0)):
+        found = native_topk_cuts(src, active)
+        if found is not None:
+            return {**cuts, **found}
+    for k, count in active.items():
+        cuts[k] = topk_threshold(gather_delta(src, k).abs_(), count)
+    return cuts
+
+
+def topk_mask(values: torch.Tensor, cut: TopK, offset: int) -> torch.Tensor:
+    """Which entries of a chunk of non-negative ``values`` (flat offset ``offset``) are
+    inside the top-k that ``cut`` describes."""
+    end = offset + values.numel()
+    if cut.last_tie >= end - 1:  # every tie in this chunk is kept
+        return values >= cut.threshold
+    keep = values > cut.threshold
+    if cut.last_tie >= offset:
+        idx = torch.arange(offset, end, device=values.device)
+        keep |= (values == cut.threshold) & (idx <= cut.last_tie)
+    return keep
+
+
+def l1_scales(
+    src: ChunkSource,
+    models: list[int],
+    masked: Callable[[torch.Tensor, int, int], torch.Tensor],
+) -> dict[int, float]:
+    """mergekit's ``rescale`` (RescaleNorm.l1): for each task vector k, ‖δ‖₁ / ‖masked δ‖₁,
+    or 1 when either norm is below 1e-7. ``masked(delta, k, offset)`` sparsifies a chunk."""
+    before = dict.fromkeys(models, 0.0)
+    after = dict.fromkeys(models, 0.0)
+    offset = 0
+    for chunks in src.chunks():
+        base = chunks[0]
+
+        def norms(r: tuple[int, int], chunks=chunks, base=base, offset=offset) -> list:
+            out = []
+            for k in models:
+                delta = chunks[k + 1][r[0] : r[1]] - base[r[0] : r[1]]
+                b = float(delta.abs().sum(dtype=torch.float64))
+                a = float(masked(delta, k, offset + r[0]).abs().sum(dtype=torch.float64))
+                out.append((b, a))
+            return out
+
+        for part in pmap(norms, sub_ranges(0, base.numel())):
+            for k, (b, a) in zip(models, part, strict=True):
+                before[k] += b
+                after[k] += a
+        offset += base.numel()
+    return {k: _ratio(before[k], after[k]) for k in models}
+
+
+def l1_scale(delta: torch.Tensor, mask: torch.Tensor) -> float:
+    """mergekit's ``rescale`` for a whole task vector in memory: ‖δ‖₁ / ‖δ·mask‖₁ (float32),
+    or 1 when either norm is below 1e-7."""
+
+    def norms(r: tuple[int, int]) -> tuple[float, float]:
+        d = delta[r[0] : r[1]].abs()
+        return float(d.sum(dtype=torch.float64)), float(
+            (d * mask[r[0] : r[1]]).sum(dtype=torch.float64)
+        )
+
+    parts = pmap(norms, sub_ranges(0, delta.numel()))
+    return _ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
+
+
+def _ratio(before: float, after: float) -> float:
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return 1.0
+    return float(torch.tensor(before / after, dtype=torch.float32))
+
+
+class MaskedTaskArithmetic(GeneralizedTaskArithmetic):
+    """Generalized task arithmetic whose ``sparsify`` the native kernel does not know."""
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        base, models = chunks[0], chunks[1:]
+        deltas = [self.sparsify(x - base, k, state, params, offset) for k, x in enumerate(models)]
+        return combine_task_vectors(
+            base,
+            deltas,
+            params.model_values("weight"),
+            consensus=self.consensus,
+            normalize=bool(params.globals["normalize"]),
+            lam=float(params.globals["lambda"]),
+        )

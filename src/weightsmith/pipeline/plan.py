@@ -62,15 +62,16 @@ class _Paths:
             return value
         p = Path(os.path.expanduser(value))
         p = p if p.is_absolute() else self.base_dir / p
+        as_hub = ""
         if not p.exists() and key in MODEL_KEYS and parse_hub_id(value) is not None:
             try:  # a hub id: its cache snapshot (downloaded only with --download)
                 return resolve_model_reference(value)
             except WeightsmithError as e:
-                draft.problems.append(f"{draft.where}: {key}: {e}")
-                return value
+                as_hub = f"; as a hub id: {e}"
         if not p.exists():
             draft.problems.append(
-                f"{draft.where}: {key} {value!r} is neither a step id nor a path that exists ({p})"
+                f"{draft.where}: {key} {value!r} is neither a step id nor a path that exists "
+                f"({p}){as_hub}"
             )
         return str(p)
 

@@ -163,3 +163,73 @@ def test_linear_merge_output_loads_with_oracle_logits(family_model, tmp_path, na
         for p, q in zip(ref.parameters(), other.parameters(), strict=True):
             p.copy_(0.25 * p + 0.75 * q)  # the oracle: (0.25·a + 0.75·b) / 1
     _check_oracle(_logits(loaded), _logits(ref), before)
+
+
+UNDESCRIBED = {
+    "mixtral": ("MixtralConfig", dict(_BASE, num_local_experts=4, num_experts_per_tok=2, **_IDS)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_BASE, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, **_IDS)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def undescribed_model(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setitem(TINY_ARCHS, name, UNDESCRIBED[name])
+                root = tmp_path_factory.mktemp(name)
+                cache[name] = build_tiny_model(root / "m", name, seed=0)
+        return cache[name]
+
+    return make
+
+
+@pytest.mark.parametrize("name", sorted(UNDESCRIBED))
+def test_undescribed_architectures_are_refused(undescribed_model, tmp_path, name) -> None:
+    """Today's llama.json templates match Mixtral's tensor names; guessing from them wrote a
+    checkpoint transformers cannot load. Every command that needs the layout now refuses."""
+    src = undescribed_model(name)
+    out = tmp_path / "out"
+    commands = [
+        ["compress", "quantize", str(src), "-o", str(out), "--method", "rtn", "--group-size", "32"],
+        ["compress", "quantize", str(src), "-o", str(out), "--method", "gptq", "--group-size", "32",
+         "--calib-samples", "2", "--seq-len", "16"],
+        ["compress", "prune", str(src), "-o", str(out), "--method", "wanda"],
+        ["compress", "prune", str(src), "-o", str(out), "--method", "layers", "--drop", "1"],
+        ["merge", "linear", str(src), str(src), "-o", str(out)],
+    ]  # fmt: skip
+    for args in commands:
+        res = CliRunner().invoke(cli, [*args, "--no-progress"])
+        assert res.exit_code == 1, (args, res.output)
+        lines = [x for x in res.output.strip().splitlines() if not x.startswith("note:")]
+        assert len(lines) == 1 and f"architecture {name} (" in lines[0], res.output
+        assert "is not described in weightsmith" in lines[0]
+        assert "src/weightsmith/io/architectures/" in lines[0] and not out.exists()
+    with open_checkpoint(src) as ckpt:
+        assert not ckpt.arch.known
+    # reading and copying need no description: convert stays bit-exact
+    _cli(["convert", str(src), "-o", str(tmp_path / "copy")])
+    with open_checkpoint(src) as a, open_checkpoint(tmp_path / "copy") as b:
+        assert all(torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in a.tensors)
+
+
+def test_multimodal_config_is_not_guessed(family_model, tmp_path) -> None:
+    """A Llama text decoder's tensors under a LLaVA config: the names match llama.json, the
+    config says a class no description covers, and quantize refuses."""
+    import json
+    import shutil
+
+    src = tmp_path / "llava"
+    shutil.copytree(family_model("mistral"), src)
+    config = json.loads((src / "config.json").read_text())
+    text = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "text_config": {"model_type": "mistral", **text},
+    }))  # fmt: skip
+    res = CliRunner().invoke(cli, ["compress", "quantize", str(src), "-o", str(tmp_path / "q")])
+    assert res.exit_code == 1 and "architecture llava (LlavaForConditionalGeneration)" in res.output
+    assert not (tmp_path / "q").exists()

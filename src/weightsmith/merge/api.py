@@ -13,6 +13,7 @@ from weightsmith.core.parallel import compute_pool
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.transform import WriteOptions, dtype_patch, rewrite_checkpoint
 from weightsmith.errors import ConfigError
+from weightsmith.io.architectures import require_described
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.hub import parse_hub_id, resolve_model_reference
 from weightsmith.io.reader import Checkpoint, open_checkpoint
@@ -83,6 +84,7 @@ def merge(
         for ref in [*recipe.referenced_models(), *([final_from] if final_from else [])]:
             if ref not in ckpts:
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
+                require_described(ckpts[ref].arch, f"{ref}: merge")
         plan = build_plan(recipe, ckpts, final_from)
         stack.enter_context(compute_pool(device=device))
         return _run_plan(recipe, plan, ckpts, out, options, device, chunk_elements, final_from)

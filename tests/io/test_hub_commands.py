@@ -126,7 +126,11 @@ def test_uncached_ids_fail_in_one_line_offline(cached, tmp_path, no_network) -> 
         ["compress", "prune", f"org/a@{SHA_B}", "-o", str(out), "--method", "magnitude"],
         ["merge", "linear", "org/a", "org/missing", "-o", str(out)],
         ["eval", "ppl", "org/missing", "--data", str(tmp_path)],
-    ]
+        ["eval", "ppl", "org/a", "--data", str(tmp_path), "--reference", "org/missing"],
+        ["distill", "kd", "--student", "org/a", "--teacher", "org/missing", "--data",
+         str(tmp_path), "-o", str(out)],
+        ["convert", "org/missing@v1", "-o", str(out)],
+    ]  # fmt: skip
     for args in cases:
         res = _run(args)
         assert res.exit_code == 1, (args, res.output)

@@ -19,7 +19,7 @@ SHARED = {
     "--student", "--data", "--out", "--steps", "--epochs", "--lr", "--batch-size",
     "--seq-len", "--warmup-steps", "--weight-decay", "--max-grad-norm", "--seed", "--optim",
     "--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--rslora", "--qlora",
-    "--save-adapter", "--device", "--max-shard-size", "--force", "--progress", "--report",
+    "--save-adapter", "--device", "--max-shard-size", "--force", "--progress", "--report", "--download",
     "--help",
 }  # fmt: skip
 OWN = {

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from weightsmith.cli.common import report_option
+from weightsmith.cli.common import MODEL, report_option
 from weightsmith.cli.groups import eval_cli
 
 
 @eval_cli.command("accuracy")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=MODEL)
 @click.option("--data", type=click.Path(), required=True, help='.jsonl of {"question", "answer"}.')
 @click.option(
     "--template",

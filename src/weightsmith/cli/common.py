@@ -31,7 +31,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 class WsCommand(click.Command):
-    """A command that records itself, so errors can be worded for the command at hand."""
+    """A command that records itself, so errors can be worded for the command at hand. A
+    command that takes a model (a :data:`MODEL` parameter) also gets ``--download``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        takes_model = any(isinstance(p.type, ModelPath) for p in self.params)
+        if takes_model and not any(p.name == "download" for p in self.params):
+            download_option(self)
 
     def invoke(self, ctx: click.Context) -> Any:
         ctx.meta["weightsmith_command"] = ctx
@@ -98,6 +105,56 @@ def _fail(message: str, code: int) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
     click.echo(f"error: {first_line}", err=True)
     sys.exit(code)
+
+
+class ModelPath(click.Path):
+    """A model reference: a local checkpoint path (used as given when it exists), or a hub
+    id ``org/name[@revision]`` resolved to its Hugging Face cache snapshot (offline unless
+    ``--download``; see :mod:`weightsmith.io.hub`). Every command's model arguments use it,
+    so this is the one place the CLI turns a reference into a checkpoint path."""
+
+    name = "model"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from weightsmith.io.hub import resolve_model_reference
+
+        if not isinstance(value, str):
+            return super().convert(value, param, ctx)
+        return super().convert(resolve_model_reference(value), param, ctx)
+
+
+MODEL = ModelPath()
+
+
+def _allow_download(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    """``--download`` is eager (parsed before the model arguments it applies to); it sets
+    ``WEIGHTSMITH_DOWNLOAD=1`` for this command (and the recipe steps it starts)."""
+    from weightsmith.io.hub import DOWNLOAD_ENV
+
+    if value and not ctx.resilient_parsing:
+        before = os.environ.get(DOWNLOAD_ENV)
+        os.environ[DOWNLOAD_ENV] = "1"
+
+        def restore() -> None:
+            if before is None:
+                os.environ.pop(DOWNLOAD_ENV, None)
+            else:
+                os.environ[DOWNLOAD_ENV] = before
+
+        ctx.call_on_close(restore)
+    return value
+
+
+def download_option(fn: Callable) -> Callable:
+    return click.option(
+        "--download",
+        is_flag=True,
+        is_eager=True,
+        expose_value=False,
+        callback=_allow_download,
+        help="Download hub models (org/name[@revision]) missing from the Hugging Face cache "
+        "(default: offline; also WEIGHTSMITH_DOWNLOAD=1).",
+    )(fn)
 
 
 def report_option(fn: Callable) -> Callable:

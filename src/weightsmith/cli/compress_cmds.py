@@ -9,6 +9,7 @@ from click.core import ParameterSource
 import weightsmith.compress.quantize  # noqa: F401
 from weightsmith.cli.common import (
     FINITE_FLOAT,
+    MODEL,
     calibration_options,
     force_option,
     max_shard_size_option,
@@ -22,7 +23,7 @@ from weightsmith.io.sizes import format_size, parse_size
 
 
 @compress_cli.command("quantize")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=MODEL)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)

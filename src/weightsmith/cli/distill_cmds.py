@@ -11,9 +11,8 @@ from __future__ import annotations
 import click
 
 from weightsmith.cli import distill_data_cmds  # noqa: F401  (registers cache, generate, ...)
-from weightsmith.cli.common import FINITE_FLOAT
+from weightsmith.cli.common import FINITE_FLOAT, MODEL
 from weightsmith.cli.distill_options import (
-    PATH,
     dpo_options,
     eval_data_option,
     generation_options,
@@ -63,7 +62,7 @@ def kd_cmd(**o: object) -> dict:
 
 @distill_cli.command("seqkd", no_args_is_help=True)
 @model_options(".jsonl of prompts (prompt or prompt/completion), or .txt (each window's start).")
-@click.option("--teacher", type=PATH, required=True,
+@click.option("--teacher", type=MODEL, required=True,
               help="Teacher that writes the completions (any tokenizer).")  # fmt: skip
 @generation_options()
 @eval_data_option(PPL_EVAL)

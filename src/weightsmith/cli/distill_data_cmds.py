@@ -7,6 +7,7 @@ import click
 
 from weightsmith.cli.common import (
     FINITE_FLOAT,
+    MODEL,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -19,7 +20,7 @@ _PATH = click.Path()
 
 
 @distill_cli.command("cache")
-@click.option("--teacher", type=_PATH, required=True, help="Teacher model folder.")
+@click.option("--teacher", type=MODEL, required=True, help="Teacher model folder.")
 @click.option("--data", type=_PATH, required=True, help="The training data the cache is for.")
 @click.option("-o", "--out", type=_PATH, required=True, help="Cache folder to write.")
 @click.option("--top-k", type=int, default=32, show_default=True)
@@ -78,7 +79,7 @@ def _gen_config(o: dict):
 
 
 @distill_cli.command("generate")
-@click.option("--teacher", type=_PATH, required=True, help="Model that writes the completions.")
+@click.option("--teacher", type=MODEL, required=True, help="Model that writes the completions.")
 @click.option("--prompts", type=_PATH, required=True, help='.jsonl of {"prompt": ...}.')
 @click.option("-o", "--out", type=_PATH, required=True, help=".jsonl of prompt/completion.")
 @_generation_options
@@ -138,7 +139,7 @@ def feedback_cmd(prompts: str, candidates: str, judge: str, out: str, k: int, fo
 
 
 @distill_cli.command("rationales")
-@click.option("--teacher", type=_PATH, required=True, help="Model that writes the rationales.")
+@click.option("--teacher", type=MODEL, required=True, help="Model that writes the rationales.")
 @click.option("--data", type=_PATH, required=True, help='.jsonl of {"question", "answer"?}.')
 @click.option("-o", "--out", type=_PATH, required=True, help=".jsonl with rationale + answer.")
 @click.option("--template", type=_PATH, default=None, help="File with a {question} prompt.")

@@ -9,6 +9,7 @@ import click
 
 from weightsmith.cli.common import (
     FINITE_FLOAT,
+    MODEL,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -33,7 +34,7 @@ def options(*decorators: Decorator) -> Decorator:
 def model_options(data_help: str, *, required: bool = True) -> Decorator:
     """``--student``, ``--data``, ``-o/--out``; ``data_help`` says what this method reads."""
     return options(
-        click.option("--student", type=PATH, required=required,
+        click.option("--student", type=MODEL, required=required,
                      help="Student model folder to train."),
         click.option("--data", type=PATH, required=required, help=data_help),
         click.option("-o", "--out", type=PATH, required=required,
@@ -94,7 +95,7 @@ run_options = options(
 
 teacher_option = click.option(
     "--teacher",
-    type=PATH,
+    type=MODEL,
     default=None,
     help="Teacher model folder (HF layout); kd needs it unless --teacher-cache or --alpha 1.",
 )
@@ -147,7 +148,7 @@ def generation_options(*, hidden: bool = False) -> Decorator:
 def dpo_options(*, hidden: bool = False) -> Decorator:
     """DPO's reference model and held-out pairs (β and the loss are declared by each command)."""
     return options(
-        click.option("--ref", type=PATH, default=None, hidden=hidden,
+        click.option("--ref", type=MODEL, default=None, hidden=hidden,
                      help="Reference model (default: --student)."),
         click.option("--ref-cache", type=PATH, default=None, hidden=hidden,
                      help="Folder of reference log-probs; reused when it matches, built when absent."),

@@ -7,18 +7,18 @@ import json
 
 import click
 
-from weightsmith.cli.common import progress_option, report_option
+from weightsmith.cli.common import MODEL, progress_option, report_option
 from weightsmith.cli.groups import eval_cli
 
 
 @eval_cli.command("ppl")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=MODEL)
 @click.option("--data", required=True, type=click.Path(), help="Text file to evaluate on.")
 @click.option("--seq-len", default=512, show_default=True, help="Window length in tokens.")
 @click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens.")
 @click.option(
     "--reference",
-    type=click.Path(),
+    type=MODEL,
     default=None,
     help="Also report mean KL(REF || MODEL) and top-1 agreement against this model.",
 )

@@ -9,7 +9,9 @@ import sys
 import click
 
 from weightsmith.cli.common import (
+    MODEL,
     allow_pickle_option,
+    download_option,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -21,7 +23,7 @@ from weightsmith.io.sizes import format_size, parse_size
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @allow_pickle_option
 @report_option
@@ -35,7 +37,7 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
 
 
 @cli.command("convert")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=MODEL)
 @click.option(
     "-o", "--out", required=True, type=click.Path(),
     help="Output directory (a .gguf file with --format gguf).",
@@ -122,8 +124,8 @@ def _convert_gguf(path, out, out_format, gguf_type, dtype, force, allow_pickle, 
 
 
 @cli.command("compare")
-@click.argument("a", type=click.Path())
-@click.argument("b", type=click.Path())
+@click.argument("a", type=MODEL)
+@click.argument("b", type=MODEL)
 @click.option("--top", default=20, show_default=True, help="Rows in the table.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
@@ -160,6 +162,7 @@ def compare_cmd(a: str, b: str, top: int, as_json: bool, plot: str | None) -> di
 @click.option("--resume", is_flag=True, help="Skip steps whose inputs and settings are unchanged.")
 @click.option("--force", is_flag=True, help="Redo steps whose outputs already exist.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the commands; run nothing.")
+@download_option
 @click.option(
     "--plots",
     type=click.Path(file_okay=False),

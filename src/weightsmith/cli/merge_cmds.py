@@ -14,7 +14,9 @@ import click
 
 from weightsmith.cli.common import (
     FINITE_FLOAT,
+    MODEL,
     allow_pickle_option,
+    download_option,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -65,9 +67,8 @@ def tokenizer_option(fn: Callable) -> Callable:
 def base_option(fn: Callable) -> Callable:
     return click.option(
         "--base",
-        "base",
         required=True,
-        type=click.Path(),
+        type=MODEL,
         help="Base model (task vectors are differences from it).",
     )(fn)
 
@@ -186,7 +187,7 @@ def common(fn: Callable) -> Callable:
 
 # ---------------------------------------------------------------------- commands
 @merge_cli.command("linear")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @weights_option
 @click.option(
     "--normalize/--no-normalize",
@@ -213,8 +214,8 @@ def linear_cmd(models, weights, normalize, tokenizer_source, out, opts) -> dict:
 
 
 @merge_cli.command("slerp")
-@click.argument("a", type=click.Path())
-@click.argument("b", type=click.Path())
+@click.argument("a", type=MODEL)
+@click.argument("b", type=MODEL)
 @click.option(
     "--t",
     "t",
@@ -241,7 +242,7 @@ def slerp_cmd(a, b, t, tokenizer_source, out, opts) -> dict:
 
 
 @merge_cli.command("task-arithmetic")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @weights_option
 @lambda_option
@@ -269,7 +270,7 @@ def task_arithmetic_cmd(models, base, weights, lam, normalize, tokenizer_source,
 
 
 @merge_cli.command("ties")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @click.option(
     "--density",
@@ -308,7 +309,7 @@ def ties_cmd(models, base, density, weights, lam, normalize, tokenizer_source, o
 
 
 @merge_cli.command("dare")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @click.option(
     "--density",
@@ -369,7 +370,7 @@ def dare_cmd(
 @click.option(
     "--final-from",
     default=None,
-    type=click.Path(),
+    type=MODEL,
     help="Model whose final norm and lm_head are used (default: the first slice's).",
 )
 @merge_options
@@ -396,6 +397,7 @@ def passthrough_cmd(slices, final_from, out, opts) -> dict:
 
 @merge_cli.command("run")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path())
+@download_option
 @click.option(
     "--models-dir",
     default=None,
@@ -413,7 +415,7 @@ def run_cmd(recipe_path, models_dir, out, opts) -> dict:
 
 
 @merge_cli.command("lora")
-@click.argument("base", type=click.Path())
+@click.argument("base", type=MODEL)
 @click.argument("adapter", type=click.Path())
 @click.option(
     "--scale",

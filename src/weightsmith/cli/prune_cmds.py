@@ -6,6 +6,7 @@ import click
 
 from weightsmith.cli.common import (
     FINITE_FLOAT,
+    MODEL,
     calibration_options,
     force_option,
     max_shard_size_option,
@@ -31,7 +32,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
 
 
 @compress_cli.command("prune")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=MODEL)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
 @click.option(
     "--method",

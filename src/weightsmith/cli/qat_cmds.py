@@ -10,6 +10,7 @@ import click
 
 from weightsmith.cli.common import (
     FINITE_FLOAT,
+    MODEL,
     force_option,
     max_shard_size_option,
     progress_option,
@@ -71,7 +72,7 @@ def _summary(what: str, r) -> dict:
 
 
 @compress_cli.command("qat")
-@click.argument("model", type=_PATH)
+@click.argument("model", type=MODEL)
 @_training_options
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True,
@@ -107,7 +108,7 @@ def qat_cmd(model: str, bits: int, group_size: int, sym: bool, act_bits: int | N
 
 
 @compress_cli.command("bitnet")
-@click.argument("model", type=_PATH)
+@click.argument("model", type=MODEL)
 @_training_options
 @click.option("--lambda-warmup", type=int, default=1000, show_default=True,
               help="Steps over which λ (quantization strength) rises to 1; 0 = from the start.")  # fmt: skip

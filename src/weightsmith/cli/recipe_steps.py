@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from weightsmith.errors import ConfigError
+from weightsmith.errors import ConfigError, WeightsmithError
 from weightsmith.pipeline.commands import StepArgv, StepRequest
 
 
@@ -40,6 +40,8 @@ def translate_step(root: click.Group, request: StepRequest) -> StepArgv:
         cmd.make_context(" ".join(request.command), list(argv), resilient_parsing=False)
     except click.ClickException as e:
         problems.append(e.format_message())
+    except WeightsmithError as e:  # a model reference that does not resolve
+        problems.append(str(e))
     return StepArgv(argv=argv, problems=problems)
 
 

@@ -39,6 +39,7 @@ from weightsmith.core.transform import (
     rewrite_checkpoint,
 )
 from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
 
@@ -203,6 +204,7 @@ def quantize_checkpoint(
     cfg.validate()
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
+        require_described(ckpt.arch, f"{ckpt.root}: quantize")
         job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}
         record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+from weightsmith.errors import CheckpointError
+
+GENERIC = "unknown"  # the name of the description made up for a checkpoint without a config
+
 # Used when no description matches: any ``<prefix>.<layers|h|layer|blocks>.<N>.`` name.
 _GENERIC_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks))\.(\d+)\.")
 
@@ -105,18 +109,25 @@ def registry() -> dict[str, Architecture]:
 
 
 def detect_architecture(config: dict | None, tensor_names: list[str]) -> Architecture:
-    """Pick the description for a checkpoint: by config ``model_type``, then ``architectures``,
-    then by which layer template its tensor names match; else a generic, ``known=False`` one."""
+    """Pick the description for a checkpoint: by config ``model_type``, then ``architectures``.
+    A config that names a model type or class no description covers (Mixtral, a multimodal
+    model) gets a generic, ``known=False`` one: its tensors are read and copied, but nothing
+    that needs its layout runs (:func:`require_described`). Only without such a config are the
+    tensor names matched against the layer templates."""
     archs = list(registry().values())
     if config:
         model_type = config.get("model_type")
         for arch in archs:
             if model_type in arch.model_types:
                 return arch
-        for name in config.get("architectures") or []:
+        classes = [c for c in config.get("architectures") or [] if isinstance(c, str)]
+        for name in classes:
             for arch in archs:
                 if name in arch.architectures:
                     return arch
+        if model_type or classes:
+            label = " ".join([str(model_type or "")] + [f"({c})" for c in classes[:1]]).strip()
+            return _generic(tensor_names, name=label)
     best, best_hits = None, 0
     for arch in archs:
         hits = sum(arch.layer_of(n) is not None for n in tensor_names)
@@ -127,12 +138,25 @@ def detect_architecture(config: dict | None, tensor_names: list[str]) -> Archite
     return _generic(tensor_names)
 
 
-def _generic(tensor_names: list[str]) -> Architecture:
+def require_described(arch: Architecture, what: str) -> None:
+    """Refuse ``what`` (a command that calibrates, quantizes, prunes or merges) on a checkpoint
+    whose config.json names an architecture no description covers, rather than guess its
+    layout from tensor names. A checkpoint without such a config (bare safetensors) claims no
+    class: its tensors are processed by name, as before."""
+    if not arch.known and arch.name != GENERIC:
+        raise CheckpointError(
+            f"{what}: architecture {arch.name} is not described in weightsmith, so its layers "
+            "and Linears are unknown; describe it in one JSON file in "
+            "src/weightsmith/io/architectures/ (docs/architecture.md, 'An architecture')"
+        )
+
+
+def _generic(tensor_names: list[str], name: str = GENERIC) -> Architecture:
     prefixes = {m.group(1) for n in tensor_names if (m := _GENERIC_LAYER.match(n))}
     templates = [p + ".{layer}." for p in sorted(prefixes)]
     return _from_dict(
         {
-            "name": "unknown",
+            "name": name,
             "description": "no shipped description matched; layers found by name pattern",
             "layer_templates": templates,
             "lm_head": None,

@@ -20,8 +20,12 @@ class WriteSummary:
 
 def provenance_record(extra: dict, summary: WriteSummary) -> dict:
     """The provenance of a committed output: ``extra`` (method config, inputs) plus the
-    tool, version, time, command line and a summary of what was written."""
+    tool, version, time, command line and a summary of what was written; models read from
+    the Hugging Face cache are listed with their repository id and commit (``hub_models``)."""
     from weightsmith import __version__
+    from weightsmith.io.hub import hub_models_in
+
+    hub_models = hub_models_in(extra)
 
     return {
         "tool": "weightsmith",
@@ -29,6 +33,7 @@ def provenance_record(extra: dict, summary: WriteSummary) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         **extra,
+        **({"hub_models": hub_models} if hub_models else {}),
         "output": {
             "tensors": summary.tensors,
             "total_size": summary.total_size,

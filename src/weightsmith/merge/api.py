@@ -13,7 +13,9 @@ from weightsmith.core.parallel import compute_pool
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.transform import WriteOptions, dtype_patch, rewrite_checkpoint
 from weightsmith.errors import ConfigError
+from weightsmith.io.architectures import require_described
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
+from weightsmith.io.hub import parse_hub_id, resolve_model_reference
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from weightsmith.merge.card import model_card
@@ -26,7 +28,8 @@ CARD_FILE = "README.md"
 
 
 def resolve_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> str:
-    """A recipe's model reference as an absolute local path (``models_dir`` first)."""
+    """A recipe's model reference as an absolute local path (``models_dir`` first), else a
+    hub id ``org/name[@revision]`` from the Hugging Face cache (:mod:`weightsmith.io.hub`)."""
     p = Path(ref).expanduser()
     candidates = [p] if p.is_absolute() else []
     if not p.is_absolute():
@@ -36,10 +39,12 @@ def resolve_model(ref: str, models_dir: str | os.PathLike[str] | None = None) ->
     for c in candidates:
         if c.exists():
             return str(c.resolve())
+    if parse_hub_id(ref) is not None:
+        return resolve_model_reference(ref)
     looked = ", ".join(str(c) for c in candidates)
     raise ConfigError(
         f"model {ref!r} not found (looked at {looked}); recipes take local checkpoint "
-        "folders (use --models-dir for relative names); hub ids are not downloaded"
+        "folders (--models-dir for relative names) or hub ids org/name[@revision]"
     )
 
 
@@ -79,6 +84,7 @@ def merge(
         for ref in [*recipe.referenced_models(), *([final_from] if final_from else [])]:
             if ref not in ckpts:
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
+                require_described(ckpts[ref].arch, f"{ref}: merge")
         plan = build_plan(recipe, ckpts, final_from)
         stack.enter_context(compute_pool(device=device))
         return _run_plan(recipe, plan, ckpts, out, options, device, chunk_elements, final_from)

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightsmith.errors import ConfigError
+from weightsmith.errors import ConfigError, WeightsmithError
+from weightsmith.io.hub import parse_hub_id, resolve_model_reference
 from weightsmith.pipeline.commands import StepRequest, Translate, translate_in_child
 from weightsmith.pipeline.gates import validate_gates
 from weightsmith.pipeline.recipe import Recipe, Step
-from weightsmith.pipeline.steps import PATH_KEYS, STEP_KINDS
+from weightsmith.pipeline.steps import MODEL_KEYS, PATH_KEYS, STEP_KINDS
 
 
 @dataclass
@@ -61,9 +62,16 @@ class _Paths:
             return value
         p = Path(os.path.expanduser(value))
         p = p if p.is_absolute() else self.base_dir / p
+        as_hub = ""
+        if not p.exists() and key in MODEL_KEYS and parse_hub_id(value) is not None:
+            try:  # a hub id: its cache snapshot (downloaded only with --download)
+                return resolve_model_reference(value)
+            except WeightsmithError as e:
+                as_hub = f"; as a hub id: {e}"
         if not p.exists():
             draft.problems.append(
-                f"{draft.where}: {key} {value!r} is neither a step id nor a path that exists ({p})"
+                f"{draft.where}: {key} {value!r} is neither a step id nor a path that exists "
+                f"({p}){as_hub}"
             )
         return str(p)
 

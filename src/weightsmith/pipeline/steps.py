@@ -46,3 +46,5 @@ PATH_KEYS = frozenset(
     {"args", "input", "reference", "teacher", "student", "base", "ref", "teacher_cache",
      "data", "eval_data", "calib", "prompts", "template", "adapter"}
 )  # fmt: skip
+# The keys among them that name models: a value there may be a hub id (org/name[@revision]).
+MODEL_KEYS = frozenset({"args", "input", "reference", "teacher", "student", "base", "ref"})

@@ -10,6 +10,7 @@ from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.compress.prune.structured import prune_depth, prune_width
 from weightsmith.compress.prune.unstructured import prune_unstructured
 from weightsmith.errors import CheckpointError
+from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
 
@@ -32,6 +33,7 @@ def prune_checkpoint(
     with open_checkpoint(path) as ckpt:
         if ckpt.config is None:
             raise CheckpointError(f"{ckpt.root}: no config.json; pruning needs it")
+        require_described(ckpt.arch, f"{ckpt.root}: prune")
         if ckpt.config.get("quantization_config") is not None:
             raise CheckpointError(f"{ckpt.root}: is quantized; prune the unquantized model first")
         result = DRIVERS[cfg.kind](

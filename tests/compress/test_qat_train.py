@@ -131,3 +131,26 @@ def test_cli_qat_report_summary_and_errors(tiny_model, tmp_path, data):
     fails(["--group-size", "32", "--ignore", "nonexistent"], "matches no Linear")
     r = runner.invoke(cli, ["compress", "qat", str(src), "-o", str(out), "--data", str(data)])
     assert r.exit_code == 1 and "already exists" in r.output  # refused before training
+
+
+@pytest.mark.parametrize("command", ["qat", "bitnet"])
+def test_undescribed_architecture_is_refused_before_training(tiny_model, tmp_path, data, command):
+    """A config class no description covers fails at once (not after the training steps)."""
+    import shutil
+
+    src = tmp_path / "llava"
+    shutil.copytree(tiny_model("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    text = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "text_config": {"model_type": "llama", **text},
+    }))  # fmt: skip
+    out = tmp_path / "q"
+    res = CliRunner().invoke(
+        cli, ["compress", command, str(src), "-o", str(out), "--data", str(data),
+              "--steps", "1000", "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "architecture llava (LlavaForConditionalGeneration)" in res.output
+    assert "not described" in res.output and not out.exists()

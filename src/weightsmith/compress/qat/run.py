@@ -46,6 +46,7 @@ from weightsmith.core.training.data import read_records, tokenize_records
 from weightsmith.core.training.save import full_weights, write_student
 from weightsmith.errors import CheckpointError, OutputError
 from weightsmith.io.paths import check_output_location
+from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
 
@@ -169,6 +170,7 @@ def _train_and_convert(
     with open_checkpoint(model_dir) as ckpt:
         if ckpt.config is None:
             raise CheckpointError(f"{ckpt.root}: no config.json; {kind} needs it")
+        require_described(ckpt.arch, f"{ckpt.root}: {kind}")  # before training, not after
         targets, _ignored = select_linears(ckpt, build_skeleton(ckpt), qcfg)
         ckpt_dtype = ckpt.info(targets[0].tensor).torch_dtype
         names = set(ckpt.tensors)

@@ -45,8 +45,8 @@ from weightsmith.core.training import TrainResult
 from weightsmith.core.training.data import read_records, tokenize_records
 from weightsmith.core.training.save import full_weights, write_student
 from weightsmith.errors import CheckpointError, OutputError
-from weightsmith.io.paths import check_output_location
 from weightsmith.io.architectures import require_described
+from weightsmith.io.paths import check_output_location
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
 

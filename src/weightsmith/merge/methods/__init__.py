@@ -3,7 +3,19 @@
 Adding a method is one module here (imported below) and one test.
 """
 
-from weightsmith.merge.methods import dare, linear, slerp, task_arithmetic, ties  # noqa: F401
+from weightsmith.merge.methods import (  # noqa: F401
+    arcee_fusion,
+    dare,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nuslerp,
+    ram,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from weightsmith.merge.methods.base import (
     MERGE_METHODS,
     ChunkSource,

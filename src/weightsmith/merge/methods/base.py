@@ -26,11 +26,26 @@ class TensorParams:
     """Parameters resolved for one output tensor: global ones and one mapping per model input.
 
     ``models`` lines up with the non-base inputs (all inputs for methods without a base).
+    ``has_base``: whether input 0 is a base (None: the method's ``needs_base``; methods with an
+    optional base, like nuslerp, are told). ``compute_dtype``: the dtype mergekit does the
+    arithmetic in (the recipe's ``dtype``, else the inputs'); None is float32, the exact paths.
     """
 
     name: str
     globals: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[Mapping[str, Any], ...] = ()
+    has_base: bool | None = None
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the arithmetic (float32 unless a narrower one was asked for)."""
+        return self.compute_dtype or torch.float32
+
+    @property
+    def narrow(self) -> bool:
+        """True when the arithmetic follows mergekit in a dtype other than float32."""
+        return self.dtype != torch.float32
 
     def model_values(self, key: str) -> list[float]:
         return [float(m[key]) for m in self.models]
@@ -108,6 +123,10 @@ class MergeMethod:
     reference: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
     exact_inputs: ClassVar[int | None] = None  # total inputs, base included (SLERP: 2)
+    optional_base: ClassVar[bool] = False  # a base is used when the recipe names one
+    base_as_input: ClassVar[bool] = False  # the base is one more input (karcher), last
+    min_models: ClassVar[int] = 1  # non-base inputs
+    max_models: ClassVar[int | None] = None
     global_params: ClassVar[tuple[Param, ...]] = ()
     model_params: ClassVar[tuple[Param, ...]] = ()
 
@@ -225,11 +244,13 @@ def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) ->
         raise ConfigError(
             f"{method.name} merges exactly {method.exact_inputs} models, got {num_inputs}"
         )
-    n_models = num_inputs - (1 if method.needs_base else 0)
+    has_base = method.needs_base if params.has_base is None else params.has_base
+    n_models = num_inputs - (1 if has_base else 0)
     if method.needs_base and n_models < 1:
         raise ConfigError(f"{method.name} needs a base model and at least one other model")
     if not method.needs_base and num_inputs < 1:
         raise ConfigError(f"{method.name} needs at least one model")
+    _check_count(method, n_models)
     g = dict(params.globals)
     for p in method.global_params:
         if g.get(p.name) is None:
@@ -257,4 +278,21 @@ def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) ->
     for k, d in enumerate(filled):
         for p in method.model_params:
             p.check(d[p.name], f"{method.name}: model {k + 1}'s parameter")
-    return TensorParams(params.name, g, tuple(filled))
+    return TensorParams(params.name, g, tuple(filled), has_base, params.compute_dtype)
+
+
+def _check_count(method: MergeMethod, n_models: int) -> None:
+    """The number of non-base models a method takes (nuslerp: exactly 2)."""
+    lo, hi = method.min_models, method.max_models
+    if n_models < lo or (hi is not None and n_models > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}-{hi}"
+        raise ConfigError(f"{method.name} merges {want} models besides the base, got {n_models}")
+
+
+def whole(src: ChunkSource, i: int, dtype: torch.dtype) -> torch.Tensor:
+    """Input ``i`` as one flat tensor in ``dtype`` (a float32 input rounded as mergekit's load
+    cast rounds it). For methods whose statistics must be mergekit's whole-tensor reductions
+    bit for bit: one tensor per input, held while ``prepare`` runs."""
+    parts = [c[0] for c in src.chunks([i])]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return flat.to(dtype, copy=True)  # a copy: chunks are read-only and may be shared

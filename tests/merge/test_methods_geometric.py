@@ -249,3 +249,14 @@ def test_compute_dtype_float32_keeps_the_float32_arithmetic(tmp_path, tiny_model
         assert n_narrow[n].dtype == torch.bfloat16
         differ += int((n_narrow[n] != n_wide[n]).sum())
     assert differ > 0  # the bfloat16 arithmetic rounds differently somewhere
+    # the same through a recipe: compute_dtype: float32 is the option's YAML key
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {base}\ncompute_dtype: float32\nmodels:\n"
+        f"  - {{model: {a}, parameters: {{weight: 0.7, density: 0.5}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: 0.4, density: 0.5}}}}\n"
+    )
+    assert run_cli("run", recipe, "-o", tmp_path / "yaml").exit_code == 0
+    from_yaml = tensors(tmp_path / "yaml")
+    assert all(torch.equal(from_yaml[n], n_wide[n]) for n in n_wide)
+    assert "compute_dtype: float32" in (tmp_path / "yaml" / "mergekit_config.yml").read_text()

@@ -293,6 +293,11 @@ def whole(src: ChunkSource, i: int, dtype: torch.dtype) -> torch.Tensor:
     """Input ``i`` as one flat tensor in ``dtype`` (a float32 input rounded as mergekit's load
     cast rounds it). For methods whose statistics must be mergekit's whole-tensor reductions
     bit for bit: one tensor per input, held while ``prepare`` runs."""
-    parts = [c[0] for c in src.chunks([i])]
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return flat.to(dtype, copy=True)  # a copy: chunks are read-only and may be shared
+    out: torch.Tensor | None = None
+    pos = 0
+    for (chunk,) in src.chunks([i]):  # copied piece by piece: no float32 copy of the whole
+        if out is None:
+            out = torch.empty(src.numel, dtype=dtype, device=chunk.device)
+        out[pos : pos + chunk.numel()].copy_(chunk)  # a copy: chunks are read-only
+        pos += chunk.numel()
+    return out if out is not None else torch.empty(0, dtype=dtype)

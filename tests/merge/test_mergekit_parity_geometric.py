@@ -10,6 +10,8 @@ WEIGHTSMITH_REQUIRE_PEERS=1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from mergekit_oracle_b import (
@@ -26,6 +28,8 @@ from weightsmith.testing.peers import require_peer
 from weightsmith.testing.shared import shared_dir
 
 pytestmark = pytest.mark.slow
+EXAMPLE_METHODS = ["nuslerp", "multislerp", "karcher", "arcee_fusion", "ram"]
+EXAMPLES = [Path(__file__).parents[2] / "examples" / "merge" / f"{m}.yaml" for m in EXAMPLE_METHODS]
 ALL = {**GEOMETRIC, **CLASSIC}
 CAST = ["linear", "slerp", "task_arithmetic", "ties", "model_stock", "nuslerp", "karcher", "ram"]
 
@@ -74,6 +78,26 @@ def stories_runs(tmp_path_factory):
         "ft3": perturbed(ft, root / "ft3", seed=2),
     }
     return run_both(root, GEOMETRIC, models)
+
+
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory):
+    """examples/merge/*.yaml of these methods, on tiny stand-ins of the ../shared models."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("geo-examples")
+    models = {
+        "stories260K": tiny_models(root / "m0", torch.float32)["base"],
+        "stories260K-shakespeare": tiny_models(root / "m1", torch.float32)["ft1"],
+    }
+    recipes = {p.stem: yaml.safe_load(p.read_text()) for p in EXAMPLES}
+    assert {r["merge_method"] for r in recipes.values()} >= set(EXAMPLE_METHODS)
+    return run_both(root, recipes, models)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_METHODS)
+def test_examples_within_1e6(example_runs, name):
+    compare(*example_runs[name], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIC))

@@ -55,6 +55,7 @@ def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
 
 @merge_method("arcee_fusion")
 class ArceeFusion(MergeMethod):
+    whole_tensor = True
     title = "Arcee Fusion"
     reference = "https://arcee.ai"
     needs_base = True

@@ -126,6 +126,7 @@ class MergeMethod:
     optional_base: ClassVar[bool] = False  # a base is used when the recipe names one
     base_as_input: ClassVar[bool] = False  # the base is one more input (karcher), last
     min_models: ClassVar[int] = 1  # non-base inputs
+    whole_tensor: ClassVar[bool] = False  # prepare reduces whole tensors (mergekit's threads)
     max_models: ClassVar[int | None] = None
     global_params: ClassVar[tuple[Param, ...]] = ()
     model_params: ClassVar[tuple[Param, ...]] = ()
@@ -200,7 +201,8 @@ def run_method(
     ``combine`` must treat pieces independently, as the chunk contract already requires.
     """
     method.validate(params)
-    state = method.prepare(src, params)
+    with mergekit_threads() if method.whole_tensor or params.narrow else contextlib.nullcontext():
+        state = method.prepare(src, params)
     offset = 0
     for chunks in src.chunks():
         n = chunks[0].numel()
@@ -287,6 +289,25 @@ def _check_count(method: MergeMethod, n_models: int) -> None:
     if n_models < lo or (hi is not None and n_models > hi):
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}-{hi}"
         raise ConfigError(f"{method.name} merges {want} models besides the base, got {n_models}")
+
+
+# torch's own intra-op thread count, read before a compute pool sets it to 1: what mergekit runs
+# with, and what some reductions' rounding depends on (partial sums per thread)
+TORCH_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def mergekit_threads() -> Iterator[None]:
+    """Whole-tensor statistics with torch's default threads (as mergekit computes them), also
+    inside a compute pool (where torch is single-threaded for the per-chunk work)."""
+    saved = torch.get_num_threads()
+    if saved != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
+    try:
+        yield
+    finally:
+        if saved != TORCH_THREADS:
+            torch.set_num_threads(saved)
 
 
 def whole(src: ChunkSource, i: int, dtype: torch.dtype) -> torch.Tensor:

@@ -224,7 +224,8 @@ def merge_tensors(
     chunk_size: int | None = None,
     **global_params: Any,
 ) -> torch.Tensor:
-    """Merge in-memory tensors with a registered method (float32 result, input shape).
+    """Merge in-memory tensors with a registered method (input shape; float32 result, or
+    the dtype mergekit's operations give with ``params.compute_dtype``).
 
     ``tensors`` is base first for methods with a base. Extra keyword arguments are global
     parameters (``t=0.3``); per-model ones go in ``params.models``.

@@ -278,9 +278,9 @@ def test_chunk_cache_serves_later_passes_and_matches_reads(trio):
 def test_slerp_native_path_equals_the_torch_path_bit_for_bit(
     tiny_model, dtype, tmp_path, monkeypatch
 ):
-    """bf16/fp32 inputs take the kernels that read storage directly (memory-mapped); fp16 and
-    WEIGHTSMITH_KERNELS=0 take the float32 torch path: same bytes out, both near mergekit's
-    formula (merge_tensors)."""
+    """With float32 arithmetic (--compute-dtype float32), bf16/fp32 inputs take the kernels
+    that read storage directly (memory-mapped); fp16 and WEIGHTSMITH_KERNELS=0 take the float32
+    torch path: same bytes out, both near mergekit's formula (merge_tensors)."""
     a, b = tiny_model("llama", 0, dtype), tiny_model("llama", 1, dtype)
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     from weightsmith.kernels import merge as native
@@ -288,11 +288,12 @@ def test_slerp_native_path_equals_the_torch_path_bit_for_bit(
     calls = []
     lerp2 = native.lerp2
     monkeypatch.setattr(native, "lerp2", lambda *a, **k: calls.append(1) or lerp2(*a, **k))
-    r = run_cli("slerp", a, b, "--t", "0.3", "-o", fast)
+    wide = ("--compute-dtype", "float32")
+    r = run_cli("slerp", a, b, "--t", "0.3", "-o", fast, *wide)
     assert r.exit_code == 0, r.output
     assert bool(calls) == (dtype != torch.float16)  # which path ran
     monkeypatch.setenv("WEIGHTSMITH_KERNELS", "0")
-    r = run_cli("slerp", a, b, "--t", "0.3", "-o", slow)
+    r = run_cli("slerp", a, b, "--t", "0.3", "-o", slow, *wide)
     assert r.exit_code == 0, r.output
     ta, tb, tf, ts = tensors(a), tensors(b), tensors(fast), tensors(slow)
     for n, v in tf.items():
@@ -314,7 +315,17 @@ def test_slerp_stored_path_reads_the_whole_tensor_across_pieces(tmp_path):
         (tmp_path / name).mkdir()
         save_file({"w": t}, tmp_path / name / "model.safetensors")
     out = tmp_path / "out"
-    r = run_cli("slerp", tmp_path / "a", tmp_path / "b", "--t", "0.5", "-o", out)
+    r = run_cli(
+        "slerp",
+        tmp_path / "a",
+        tmp_path / "b",
+        "--t",
+        "0.5",
+        "-o",
+        out,
+        "--compute-dtype",
+        "float32",
+    )
     assert r.exit_code == 0, r.output
     got = load_file(out / "model.safetensors")["w"]
     expected = merge_tensors("slerp", [x, y], t=0.5).to(torch.bfloat16)

@@ -1,8 +1,5 @@
-"""Commands of the ``merge`` group: one per method, ``passthrough``, ``lora`` and ``run``.
-
-Each command builds a :class:`~weightsmith.merge.MergeRecipe` (mergekit's schema) and calls
-:func:`weightsmith.merge.merge`; ``merge run`` reads the same recipe from mergekit YAML.
-"""
+"""``merge`` commands: each builds a :class:`~weightsmith.merge.MergeRecipe` (mergekit's
+schema; ``merge run`` reads it from YAML) and calls :func:`weightsmith.merge.merge`."""
 
 from __future__ import annotations
 
@@ -38,11 +35,13 @@ def merge_options(fn: Callable) -> Callable:
             help="Output dtype of floating tensors (default: the base/first model's).",
         ),
         click.option(
-            "--device",
-            default="cpu",
-            show_default=True,
-            help="Where the arithmetic runs: cpu, cuda or cuda:N.",
+            "--compute-dtype",
+            type=click.Choice(["bfloat16", "float16", "float32"]),
+            default=None,
+            help="Dtype of the arithmetic (default: mergekit's, the inputs' dtype; float32: "
+            "weightsmith's exact float32 arithmetic).",
         ),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
         max_shard_size_option,
         force_option,
         allow_pickle_option,
@@ -164,6 +163,7 @@ def run_recipe(recipe, out: str, **opts: Any) -> dict:
         allow_pickle=opts["allow_pickle"],
         models_dir=opts.get("models_dir"),
         final_from=opts.get("final_from"),
+        compute_dtype=opts["compute_dtype"],
     )
     click.echo(
         f"merged ({recipe.merge_method}) {result.tensors} tensors "
@@ -178,8 +178,8 @@ def common(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
-        keys = ("dtype", "device", "max_shard_size", "force", "progress", "allow_pickle")
-        opts = {k: kwargs.pop(k) for k in keys}
+        keys = "dtype compute_dtype device max_shard_size force progress allow_pickle"
+        opts = {k: kwargs.pop(k) for k in keys.split()}
         return fn(opts=opts, **kwargs)
 
     return wrapper
@@ -429,8 +429,8 @@ def lora_cmd(base, adapter, scale, out, opts) -> dict:
     """Fold the PEFT LoRA adapter in ADAPTER into BASE (equals peft's merge_and_unload)."""
     from weightsmith.merge.lora import merge_lora
 
-    if opts["allow_pickle"]:
-        raise ConfigError("merge lora reads safetensors checkpoints only")
+    if opts["allow_pickle"] or opts["compute_dtype"]:
+        raise ConfigError("merge lora reads safetensors only and computes in float32")
     result = merge_lora(
         base,
         adapter,

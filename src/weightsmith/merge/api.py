@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,12 @@ from weightsmith.io.hub import parse_hub_id, resolve_model_reference
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from weightsmith.merge.card import model_card
-from weightsmith.merge.engine import DEFAULT_CHUNK_ELEMENTS, job_spec, produce
+from weightsmith.merge.engine import (
+    DEFAULT_CHUNK_ELEMENTS,
+    job_spec,
+    produce,
+    with_compute_dtype,
+)
 from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
 from weightsmith.merge.recipe import MergeRecipe
 
@@ -61,11 +67,14 @@ def merge(
     final_from: str | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     allow_pickle: bool = False,
+    compute_dtype: str | None = None,
 ) -> StreamResult:
     """Run ``recipe`` and write the merged checkpoint to ``out`` (atomically).
 
     ``dtype`` overrides the recipe's output dtype (default: each tensor keeps its base/first
-    model's dtype); arithmetic is float32 on ``device``. ``final_from`` (slices only) names the
+    model's dtype). The arithmetic runs on ``device`` in mergekit's dtype (the recipe's
+    ``dtype``, else the inputs'); ``compute_dtype`` (or the recipe's) overrides it, and
+    ``"float32"`` keeps weightsmith's exact float32 arithmetic. ``final_from`` (slices only) names the
     model whose final norm and lm_head are used instead of the last slice's. Every parameter
     value is checked (finite, in range) before any checkpoint is opened, every input tensor and
     every output block is checked for NaN/Inf.
@@ -73,6 +82,9 @@ def merge(
     recipe = recipe.validate()
     if dtype is not None:
         recipe = _replace_dtype(recipe, config_dtype_name(parse_user_dtype(dtype)))
+    if compute_dtype is not None:
+        name = config_dtype_name(parse_user_dtype(compute_dtype))
+        recipe = replace(recipe, compute_dtype=name).validate()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     recipe = recipe.resolved(lambda r: resolve_model(r, models_dir))
@@ -86,6 +98,7 @@ def merge(
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
                 require_described(ckpts[ref].arch, f"{ref}: merge")
         plan = build_plan(recipe, ckpts, final_from)
+        plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
         return _run_plan(recipe, plan, ckpts, out, options, device, chunk_elements, final_from)
 
@@ -155,8 +168,6 @@ def _run_plan(
 
 
 def _replace_dtype(recipe: MergeRecipe, name: str) -> MergeRecipe:
-    from dataclasses import replace
-
     return replace(recipe, out_dtype=name)
 
 

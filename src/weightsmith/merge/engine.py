@@ -13,6 +13,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -147,6 +148,34 @@ def _pieces(ckpt: Checkpoint, name: str, chunk: int, dtype: torch.dtype) -> Iter
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only buffer: we copy before any write
             yield torch.frombuffer(raw, dtype=dtype)
+
+
+NARROW = (torch.bfloat16, torch.float16)  # compute dtypes with mergekit's own arithmetic
+
+
+def with_compute_dtype(
+    jobs: Sequence[TensorJob], ckpts: Mapping[str, Checkpoint], name: str | None
+) -> list[TensorJob]:
+    """Each merged job with the dtype of its arithmetic, as mergekit 0.1.5 picks it: ``name``
+    (the recipe's ``dtype`` or weightsmith's ``compute_dtype``), else the inputs' dtype
+    (promoted). bfloat16/float16 arithmetic follows mergekit's torch ops in that dtype; float32
+    (or float64 inputs) runs weightsmith's float32 path, native kernels included."""
+    from weightsmith.io.dtypes import parse_user_dtype
+
+    fixed = parse_user_dtype(name) if name else None
+    out = []
+    for job in jobs:
+        if job.params is not None:
+            dt = fixed
+            if dt is None:
+                stored = [ckpts[m].info(n).torch_dtype for m, n in job.inputs]
+                dt = stored[0]
+                for d in stored[1:]:
+                    dt = torch.promote_types(dt, d)
+            if dt in NARROW:
+                job = replace(job, params=replace(job.params, compute_dtype=dt))
+        out.append(job)
+    return out
 
 
 def job_output_dtype(

@@ -95,10 +95,12 @@ def _plan_models(recipe: MergeRecipe, ckpts: Mapping[str, Checkpoint]) -> MergeP
 def _input_order(
     method: MergeMethod, base: str | None, models: list[str]
 ) -> tuple[list[str], str | None]:
-    if method.needs_base:
+    if method.needs_base or (method.optional_base and base):
         if not base:
             raise ConfigError(f"{method.name} needs a base model (base_model / --base)")
         return [base, *[m for m in models if m != base]], base
+    if method.base_as_input and base and base not in models:
+        return [*models, base], None  # mergekit adds the base as the last input
     return list(models), None
 
 
@@ -124,7 +126,9 @@ def _resolve(
         if m != base
     )
     names = tuple(m for m in order if m != base)
-    params = TensorParams(tensor, g, models if method.model_params else (), names)
+    params = TensorParams(
+        tensor, g, models if method.model_params else (), names, has_base=base is not None
+    )
     try:
         params = with_defaults(method, params, len(order))
     except ConfigError as e:

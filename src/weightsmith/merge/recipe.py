@@ -34,6 +34,7 @@ TOP_KEYS = {
     "parameters",
     "dtype",
     "out_dtype",
+    "compute_dtype",
     "tokenizer_source",
     "name",
 }
@@ -82,6 +83,9 @@ class MergeRecipe:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     version: int = RECIPE_VERSION
+    # weightsmith's own key: the arithmetic's dtype when it must not be ``dtype`` (mergekit
+    # computes in ``dtype``, else in the inputs' dtype); ``float32`` keeps the exact arithmetic
+    compute_dtype: str | None = None
 
     # ------------------------------------------------------------------ derived
     @property
@@ -122,7 +126,7 @@ class MergeRecipe:
             ]
         if self.parameters:
             out["parameters"] = _plain(dict(self.parameters))
-        for key in ("dtype", "out_dtype", "tokenizer_source"):
+        for key in ("dtype", "out_dtype", "compute_dtype", "tokenizer_source"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
@@ -184,7 +188,7 @@ class MergeRecipe:
             raise ConfigError(
                 f"tokenizer_source {self.tokenizer_source!r} is not supported (only 'base')"
             )
-        for key in ("dtype", "out_dtype"):
+        for key in ("dtype", "out_dtype", "compute_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise ConfigError(f"{key} {value!r}: choose from {', '.join(sorted(DTYPES))}")
@@ -283,6 +287,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> MergeRecipe:
         parameters=_params(data, where, top=True),
         dtype=data.get("dtype"),
         out_dtype=data.get("out_dtype"),
+        compute_dtype=data.get("compute_dtype"),
         tokenizer_source=data.get("tokenizer_source"),
     )
     return recipe.validate(where)

@@ -142,6 +142,13 @@ def _hf_progress(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+def _check_trainable(ckpt, kind: str) -> None:
+    """What the conversion after training needs, checked before training (not after it)."""
+    if ckpt.config is None:
+        raise CheckpointError(f"{ckpt.root}: no config.json; {kind} needs it")
+    require_described(ckpt.arch, f"{ckpt.root}: {kind}")
+
+
 def _train_and_convert(
     model_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -168,9 +175,7 @@ def _train_and_convert(
             raise OutputError(f"--keep-trained {keep_trained} is OUT: choose another folder")
         check_output_location(keep, [model_dir], force)
     with open_checkpoint(model_dir) as ckpt:
-        if ckpt.config is None:
-            raise CheckpointError(f"{ckpt.root}: no config.json; {kind} needs it")
-        require_described(ckpt.arch, f"{ckpt.root}: {kind}")  # before training, not after
+        _check_trainable(ckpt, kind)
         targets, _ignored = select_linears(ckpt, build_skeleton(ckpt), qcfg)
         ckpt_dtype = ckpt.info(targets[0].tensor).torch_dtype
         names = set(ckpt.tensors)

@@ -4,11 +4,17 @@ Adding a method is one module here (imported below) and one test.
 """
 
 from weightsmith.merge.methods import (  # noqa: F401
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
+    karcher,
     linear,
+    model_stock,
+    multislerp,
     nearswap,
+    nuslerp,
+    ram,
     sce,
     slerp,
     task_arithmetic,

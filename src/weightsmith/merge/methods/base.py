@@ -10,6 +10,7 @@ output. Running both on a single chunk is the plain whole-tensor function (see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,12 +27,27 @@ class TensorParams:
     """Parameters resolved for one output tensor: global ones and one mapping per model input.
 
     ``models`` lines up with the non-base inputs (all inputs for methods without a base).
+    ``has_base``: whether input 0 is a base (None: the method's ``needs_base``; methods with an
+    optional base, like nuslerp, are told). ``compute_dtype``: the dtype mergekit does the
+    arithmetic in (the recipe's ``dtype``, else the inputs'); None is float32, the exact paths.
     """
 
     name: str
     globals: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[Mapping[str, Any], ...] = ()
     model_names: tuple[str, ...] = ()  # the models' paths, when known (for error messages)
+    has_base: bool | None = None
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the arithmetic (float32 unless a narrower one was asked for)."""
+        return self.compute_dtype or torch.float32
+
+    @property
+    def narrow(self) -> bool:
+        """True when the arithmetic follows mergekit in a dtype other than float32."""
+        return self.dtype != torch.float32
 
     def model_values(self, key: str) -> list[float]:
         return [float(m[key]) for m in self.models]
@@ -115,6 +131,11 @@ class MergeMethod:
     reference: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
     exact_inputs: ClassVar[int | None] = None  # total inputs, base included (SLERP: 2)
+    optional_base: ClassVar[bool] = False  # a base is used when the recipe names one
+    base_as_input: ClassVar[bool] = False  # the base is one more input (karcher), last
+    min_models: ClassVar[int] = 1  # non-base inputs
+    whole_tensor: ClassVar[bool] = False  # prepare reduces whole tensors (mergekit's threads)
+    max_models: ClassVar[int | None] = None
     global_params: ClassVar[tuple[Param, ...]] = ()
     model_params: ClassVar[tuple[Param, ...]] = ()
 
@@ -188,7 +209,8 @@ def run_method(
     ``combine`` must treat pieces independently, as the chunk contract already requires.
     """
     method.validate(params)
-    state = method.prepare(src, params)
+    with mergekit_threads() if method.whole_tensor or params.narrow else contextlib.nullcontext():
+        state = method.prepare(src, params)
     offset = 0
     for chunks in src.chunks():
         n = chunks[0].numel()
@@ -210,7 +232,8 @@ def merge_tensors(
     chunk_size: int | None = None,
     **global_params: Any,
 ) -> torch.Tensor:
-    """Merge in-memory tensors with a registered method (float32 result, input shape).
+    """Merge in-memory tensors with a registered method (input shape; float32 result, or
+    the dtype mergekit's operations give with ``params.compute_dtype``).
 
     ``tensors`` is base first for methods with a base. Extra keyword arguments are global
     parameters (``t=0.3``); per-model ones go in ``params.models``.
@@ -219,7 +242,7 @@ def merge_tensors(
     if params is None:
         params = TensorParams("tensor", global_params, ())
     elif global_params:
-        params = TensorParams(params.name, {**params.globals, **global_params}, params.models)
+        params = dataclasses.replace(params, globals={**params.globals, **global_params})
     params = with_defaults(m, params, len(tensors))
     src = TensorChunks(tensors, params.name, chunk_size)
     parts = list(run_method(m, src, params))
@@ -232,11 +255,13 @@ def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) ->
         raise ConfigError(
             f"{method.name} merges exactly {method.exact_inputs} models, got {num_inputs}"
         )
-    n_models = num_inputs - (1 if method.needs_base else 0)
+    has_base = method.needs_base if params.has_base is None else params.has_base
+    n_models = num_inputs - (1 if has_base else 0)
     if method.needs_base and n_models < 1:
         raise ConfigError(f"{method.name} needs a base model and at least one other model")
     if not method.needs_base and num_inputs < 1:
         raise ConfigError(f"{method.name} needs at least one model")
+    _check_count(method, n_models)
     g = dict(params.globals)
     for p in method.global_params:
         if g.get(p.name) is None:
@@ -264,4 +289,52 @@ def with_defaults(method: MergeMethod, params: TensorParams, num_inputs: int) ->
     for k, d in enumerate(filled):
         for p in method.model_params:
             p.check(d[p.name], f"{method.name}: model {k + 1}'s parameter")
-    return TensorParams(params.name, g, tuple(filled), params.model_names)
+    return TensorParams(
+        params.name,
+        g,
+        tuple(filled),
+        params.model_names,
+        has_base=has_base,
+        compute_dtype=params.compute_dtype,
+    )
+
+
+def _check_count(method: MergeMethod, n_models: int) -> None:
+    """The number of non-base models a method takes (nuslerp: exactly 2)."""
+    lo, hi = method.min_models, method.max_models
+    if n_models < lo or (hi is not None and n_models > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}-{hi}"
+        raise ConfigError(f"{method.name} merges {want} models besides the base, got {n_models}")
+
+
+# torch's own intra-op thread count, read before a compute pool sets it to 1: what mergekit runs
+# with, and what some reductions' rounding depends on (partial sums per thread)
+TORCH_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def mergekit_threads() -> Iterator[None]:
+    """Whole-tensor statistics with torch's default threads (as mergekit computes them), also
+    inside a compute pool (where torch is single-threaded for the per-chunk work)."""
+    saved = torch.get_num_threads()
+    if saved != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
+    try:
+        yield
+    finally:
+        if saved != TORCH_THREADS:
+            torch.set_num_threads(saved)
+
+
+def whole(src: ChunkSource, i: int, dtype: torch.dtype) -> torch.Tensor:
+    """Input ``i`` as one flat tensor in ``dtype`` (a float32 input rounded as mergekit's load
+    cast rounds it). For methods whose statistics must be mergekit's whole-tensor reductions
+    bit for bit: one tensor per input, held while ``prepare`` runs."""
+    out: torch.Tensor | None = None
+    pos = 0
+    for (chunk,) in src.chunks([i]):  # copied piece by piece: no float32 copy of the whole
+        if out is None:
+            out = torch.empty(src.numel, dtype=dtype, device=chunk.device)
+        out[pos : pos + chunk.numel()].copy_(chunk)  # a copy: chunks are read-only
+        pos += chunk.numel()
+    return out if out is not None else torch.empty(0, dtype=dtype)

@@ -29,12 +29,29 @@ class Linear(MergeMethod):
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
         weights = params.model_values("weight")
+        if params.narrow:
+            return mergekit_linear(chunks, weights, params)
         out = torch.zeros_like(chunks[0])
         for w, x in zip(weights, chunks, strict=True):
             out.add_(x, alpha=w)
         if params.globals["normalize"]:
             out.div_(sum(weights))
         return out
+
+
+def mergekit_linear(
+    chunks: list[torch.Tensor], weights: list[float], params: TensorParams
+) -> torch.Tensor:
+    """mergekit's ops for a narrow compute dtype: inputs rounded to it, float32 sums of
+    products (no fused multiply-add), a float32 divisor, the result rounded to it."""
+    dt = params.dtype
+    w = torch.tensor(weights, dtype=torch.float32, device=chunks[0].device)
+    out = torch.zeros(chunks[0].shape, dtype=torch.float32, device=chunks[0].device)
+    for x, wi in zip(chunks, w.unbind(), strict=True):
+        out.addcmul_(x.to(dt).float(), wi)
+    if params.globals["normalize"]:
+        out.div_(w.sum())
+    return out.to(dt)
 
 
 def linear(

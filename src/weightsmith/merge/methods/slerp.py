@@ -24,6 +24,7 @@ from weightsmith.merge.methods.base import (
     fail_overflow,
     merge_method,
     merge_tensors,
+    whole,
 )
 
 NATIVE_PIECE = 1 << 20  # elements per native call: big enough that thread hand-offs are cheap
@@ -64,7 +65,10 @@ class Slerp(MergeMethod):
     exact_inputs = 2
     global_params = (Param("t", required=True, help="0 gives the base, 1 the other model"),)
 
-    def prepare(self, src: ChunkSource, params: TensorParams) -> SlerpCoefficients:
+    def prepare(self, src: ChunkSource, params: TensorParams) -> SlerpCoefficients | tuple:
+        if params.narrow:
+            a, b = (whole(src, i, params.dtype).float() for i in (0, 1))
+            return mergekit_coefficients(a, b, float(params.globals["t"]))
         dot = aa = bb = 0.0
         offset = 0
         for a, b in src.chunks([0, 1]):
@@ -85,6 +89,10 @@ class Slerp(MergeMethod):
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
         a, b = chunks
+        if params.narrow:  # mergekit: float32 products and sum (no fma), rounded to dtype
+            s0, s1 = state
+            dt = params.dtype
+            return (s0 * a.to(dt).float() + s1 * b.to(dt).float()).to(dt)
         return a.mul(state.s0).add_(b, alpha=state.s1)
 
     def stream_stored(
@@ -93,7 +101,9 @@ class Slerp(MergeMethod):
         """Both passes in the native kernels, straight from bfloat16/float32 storage: the
         statistics pass also checks for NaN/Inf, the second writes ``out_dtype`` directly.
         Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
-        if not native.available() or out_dtype not in (torch.float32, torch.bfloat16):
+        if params.narrow or not native.available():
+            return None
+        if out_dtype not in (torch.float32, torch.bfloat16):
             return None
         return self._stream_stored(src, params, out_dtype)
 
@@ -132,6 +142,33 @@ class Slerp(MergeMethod):
                 if any(pmap(mix, sub_ranges(first, last, NATIVE_PIECE))):
                     fail_overflow(src.name, out_dtype)
                 yield out
+
+
+MERGEKIT_CHUNK = 1 << 20  # elements per piece of mergekit's norm and dot sums
+
+
+def mergekit_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple:
+    """(s0, s1) as float32 tensors, computed as mergekit 0.1.5 does for a narrow compute dtype:
+    float32 norms of 1M-element pieces, their norm, the dot of the normalized pieces."""
+    pieces = range(0, a.numel(), MERGEKIT_CHUNK)
+    na = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(a[i : i + MERGEKIT_CHUNK]) for i in pieces])
+    )
+    nb = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(b[i : i + MERGEKIT_CHUNK]) for i in pieces])
+    )
+    na, nb = torch.where(na > EPS, na, 1), torch.where(nb > EPS, nb, 1)
+    parts = [
+        ((a[i : i + MERGEKIT_CHUNK] / na) * (b[i : i + MERGEKIT_CHUNK] / nb)).sum() for i in pieces
+    ]
+    dot = torch.stack(parts).sum().clamp(-1, 1)
+    tt = torch.tensor(t, dtype=torch.float32)
+    linear = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    s0 = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    s1 = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return s0, s1
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

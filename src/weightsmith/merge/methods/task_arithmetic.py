@@ -85,6 +85,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
+        if params.narrow:
+            return self._combine_narrow(chunks, state, params, offset)
         base, models = chunks[0], chunks[1:]
         fused = native.gta_combine(
             base,
@@ -108,6 +110,40 @@ class GeneralizedTaskArithmetic(MergeMethod):
             normalize=bool(params.globals["normalize"]),
             lam=float(params.globals["lambda"]),
         )
+
+    def _combine_narrow(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        """mergekit 0.1.5's ops in the compute dtype (bfloat16/float16), in its order: task
+        vectors, sparsified, times the weights (rounded to the dtype), sign election, sums,
+        divisor, λ, + base; every step rounded to the dtype as torch rounds it."""
+        dt = params.dtype
+        base = chunks[0].to(dt)
+        deltas = torch.stack(
+            [
+                self.sparsify(x.to(dt) - base, k, state, params, offset)
+                for k, x in enumerate(chunks[1:])
+            ]
+        )
+        w = torch.tensor(params.model_values("weight"), dtype=dt, device=base.device)
+        w = w.view(-1, 1)
+        deltas.mul_(w)
+        if self.consensus:
+            majority = (deltas.sum(dim=0) >= 0).to(dt) * 2 - 1
+            mask = deltas.sign() == majority
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if params.globals["normalize"]:
+            mixed /= divisor
+        lam = float(params.globals["lambda"])
+        if lam != 1:
+            mixed *= lam
+        return base + mixed
 
 
 @merge_method("task_arithmetic")

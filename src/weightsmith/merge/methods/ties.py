@@ -186,6 +186,16 @@ def _nth_tie(src: ChunkSource, k: int, value: float, need: int) -> int:
     raise AssertionError("unreachable: not enough ties")
 
 
+def mergekit_topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Which entries mergekit keeps when ties at the threshold must be cut: the first ``k`` of
+    torch's (unstable) descending argsort of the whole flat tensor, whose pick among equal
+    values is its own. Only for a narrow compute dtype, where ties are common; costs the
+    argsort's int64 indices for that tensor while it runs."""
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+    keep[torch.argsort(magnitudes, descending=True)[:k]] = True
+    return keep
+
+
 @merge_method("ties")
 class Ties(GeneralizedTaskArithmetic):
     title = "TIES"
@@ -213,7 +223,7 @@ class Ties(GeneralizedTaskArithmetic):
         active = [k for k, d in enumerate(densities) if d < 1.0 and keep[k] < src.numel]
         keep = {k: keep[k] for k in active}
         cuts: list[TopK | None] = [None] * len(densities)  # None: every entry is kept
-        if active and native.available(torch.empty(0)):
+        if active and not params.narrow and native.available(torch.empty(0)):
             found = native_topk_cuts(src, keep)
             if found is not None:
                 for k, cut in found.items():
@@ -227,11 +237,17 @@ class Ties(GeneralizedTaskArithmetic):
 
                 def fill(r: tuple[int, int], base=base, x=x, pos=pos, mags=mags) -> None:
                     a, b = r
+                    if params.narrow:  # |δ| of the task vector as mergekit rounds it
+                        d = x[a:b].to(params.dtype) - base[a:b].to(params.dtype)
+                        mags[pos + a : pos + b] = d.abs_()
+                        return
                     torch.sub(x[a:b], base[a:b], out=mags[pos + a : pos + b]).abs_()
 
                 pmap(fill, sub_ranges(0, n))
                 pos += n
             cuts[k] = topk_threshold(mags, keep[k])
+            if params.narrow and cuts[k].last_tie < src.numel:
+                cuts[k] = mergekit_topk_mask(mags, keep[k])
             del mags
         return cuts
 
@@ -245,6 +261,8 @@ class Ties(GeneralizedTaskArithmetic):
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
         cut = state[k]
+        if isinstance(cut, torch.Tensor):  # mergekit's own pick among the ties
+            return delta.mul_(cut[offset : offset + delta.numel()])
         return delta if cut is None else apply_topk(delta, cut, offset)
 
 

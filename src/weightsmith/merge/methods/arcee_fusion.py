@@ -1,0 +1,87 @@
+"""Arcee Fusion as mergekit 0.1.5's ``arcee_fusion``: keep only the most important changes.
+
+For a base B and one model X: importance = |X − B| · KL(softmax(X) ‖ softmax(B)), the KL taken
+per row (last dimension, ε = 1e-8 added to both distributions); the threshold is
+median + 1.5·(q₃ − q₁) of the importances (quantiles at index ⌊q·(n−1)⌋ of the sorted values);
+out = B + (X − B)·[importance ≥ threshold].
+
+Tensors of more than 1M entries take their quantiles from 1M entries drawn with replacement,
+as mergekit does; mergekit's draw is unseeded, weightsmith's is seeded (by the tensor's name),
+so those tensors are reproducible here and differ from run to run there.
+``prepare`` holds the two inputs of one tensor (compute dtype) for the row statistics and the
+quantiles; ``combine`` is per entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    MergeMethod,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+    whole,
+)
+
+SAMPLE = 1_000_000  # mergekit's quantile sample size
+EPS = 1e-8
+
+
+def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(x) ‖ softmax(base)) per row (last dimension), as a column."""
+    p = F.softmax(x, dim=-1) + EPS
+    q = F.softmax(base, dim=-1) + EPS
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
+    """median + 1.5·IQR of the flat importances (a 1M sample of bigger tensors)."""
+    flat = importance.reshape(-1)
+    if flat.numel() > SAMPLE:
+        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
+        gen = torch.Generator(device=flat.device).manual_seed(seed)
+        flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen, device=flat.device)]
+    ordered = torch.sort(flat).values
+    at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
+    q1, median, q3 = ordered[at.to(ordered.device)]
+    return median + 1.5 * (q3 - q1)
+
+
+@merge_method("arcee_fusion")
+class ArceeFusion(MergeMethod):
+    whole_tensor = True
+    title = "Arcee Fusion"
+    reference = "https://arcee.ai"
+    needs_base = True
+    exact_inputs = 2
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> tuple[torch.Tensor, Any, int]:
+        dt = params.dtype
+        cols = src.shape[-1] if src.shape else 1
+        base = whole(src, 0, dt).reshape(-1, cols)
+        x = whole(src, 1, dt).reshape(-1, cols)
+        kl = row_kl(x, base)
+        threshold = fusion_threshold((x - base).abs() * kl, src.name)
+        return kl.reshape(-1), threshold, cols
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        dt = params.dtype
+        kl, threshold, cols = state
+        base, x = (c.to(dt) for c in chunks)
+        rows = torch.arange(offset, offset + base.numel(), device=base.device) // cols
+        delta = x - base
+        mask = ((x - base).abs() * kl[rows] >= threshold).float()
+        return base + delta * mask  # float32, as mergekit's float mask makes it
+
+
+def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """Arcee Fusion of ``model`` into ``base`` (float32 result)."""
+    return merge_tensors("arcee_fusion", [base, model])

@@ -1,0 +1,94 @@
+"""Model Stock (Jang et al. 2024) as mergekit 0.1.5's ``model_stock``.
+
+With task vectors δᵢ = xᵢ − base (k ≥ 2 of them) and c the mean of the pairwise cosines
+cos(δᵢ, δⱼ) (each clamped to [−1, 1], norms' product clamped to ≥ 1e-6), the interpolation
+ratio is t = k·c / (1 + (k − 1)·c) (t = 0, the base, when |1 + (k − 1)·c| < 1e-6), and
+out = t·mean(xᵢ) + (1 − t)·base. ``filter_wise`` takes one cosine per row (last dimension)
+instead of one per tensor.
+
+The cosines are whole-tensor statistics: ``prepare`` holds the task vectors (one tensor per
+model, in the compute dtype) and reduces them as mergekit does, so a bfloat16 recipe gives
+mergekit's bits; ``combine`` is then per entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    MergeMethod,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+    whole,
+)
+from weightsmith.merge.params import BOOL
+
+NORM_FLOOR = 1e-6  # mergekit's clamp of the norms' product, and its singularity threshold
+
+
+def rows_view(x: torch.Tensor, shape: tuple[int, ...], filter_wise: bool) -> torch.Tensor:
+    """The flat tensor as the vectors mergekit reduces: rows of the last dimension, or one."""
+    if not filter_wise or len(shape) <= 1:
+        return x.reshape(1, -1)
+    return x.reshape(-1, shape[-1])
+
+
+def stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
+    """t per row (a column) from the task vectors' rows, in their dtype, as mergekit's ops."""
+    norms = [torch.norm(d, dim=-1) for d in offsets]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for j in range(i + 1, len(offsets)):
+            product = norms[i] * norms[j]
+            cosines.append(
+                ((a * offsets[j]).sum(dim=-1) / product.clamp(min=NORM_FLOOR)).clamp(-1, 1)
+            )
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(offsets)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < NORM_FLOOR
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    return torch.where(singular, torch.zeros_like(cos), (count * cos) / safe)
+
+
+@merge_method("model_stock")
+class ModelStock(MergeMethod):
+    whole_tensor = True
+    title = "Model Stock"
+    reference = "https://arxiv.org/abs/2403.19522"
+    needs_base = True
+    min_models = 2
+    global_params = (
+        Param("filter_wise", False, help="one ratio per row instead of per tensor", kind=BOOL),
+    )
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> tuple[torch.Tensor, int]:
+        dt = params.dtype
+        fw = bool(params.globals["filter_wise"])
+        base = rows_view(whole(src, 0, dt), src.shape, fw)
+        offsets = [
+            rows_view(whole(src, i, dt), src.shape, fw).sub_(base) for i in range(1, src.num_inputs)
+        ]
+        return stock_ratio(offsets).reshape(-1), base.shape[-1]  # one t per row, row length
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        dt = params.dtype
+        base = chunks[0].to(dt)
+        models = [c.to(dt) for c in chunks[1:]]
+        t, cols = state
+        if t.numel() > 1:  # filter-wise: each entry takes its row's ratio
+            t = t[torch.arange(offset, offset + base.numel(), device=base.device) // cols]
+        average = sum(models) / len(models)
+        return t * average + (1 - t) * base
+
+
+def model_stock(base: torch.Tensor, models: list[torch.Tensor], *, filter_wise: bool = False):
+    """Model Stock of ``models`` around ``base`` (float32 result)."""
+    return merge_tensors("model_stock", [base, *models], filter_wise=filter_wise)

@@ -1,0 +1,132 @@
+"""Multi-SLERP as mergekit 0.1.5's ``multislerp``: barycentric interpolation on a hypersphere.
+
+With vᵢ = xᵢ (− base when there is one), weights wᵢ (divided by their sum with
+``normalize_weights``): uᵢ = vᵢ / (‖vᵢ‖ + eps), m = Σ wᵢuᵢ / ‖Σ wᵢuᵢ‖, tangents
+τᵢ = uᵢ − ⟨uᵢ, m⟩·m, τ = Σ wᵢτᵢ, and out = (m·cos‖τ‖' + τ·sin‖τ‖'/‖τ‖')·Σ wᵢ‖vᵢ‖ (+ base),
+with ‖τ‖' = ‖τ‖ + eps. One model: that model. When ‖Σ wᵢuᵢ‖ < eps: with two models their
+weighted sum (+ base), with more an error.
+
+``prepare`` computes the norms and dot products from whole tensors in the compute dtype as
+mergekit does (the inputs of one tensor held while it runs); ``combine`` is per entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightsmith.errors import CheckpointError
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    MergeMethod,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+    whole,
+)
+from weightsmith.merge.params import BOOL
+
+
+@dataclass(frozen=True)
+class SphereStats:
+    weights: torch.Tensor  # (n, 1), normalized when asked
+    norms: torch.Tensor  # (n, 1)
+    mean_norm: torch.Tensor | None  # None: the linear fallback
+    dots: torch.Tensor | None  # (n, 1)
+    tangent_norm: torch.Tensor | None
+    avg_norm: torch.Tensor | None
+
+
+def sphere_stats(v: torch.Tensor, weights: torch.Tensor, eps: float, name: str) -> SphereStats:
+    """The whole-tensor statistics of stacked flat vectors ``v`` (n, numel), as mergekit."""
+    w = weights.view(-1, 1)
+    norms = torch.norm(v, dim=-1, keepdim=True)
+    unit = v / (norms + eps)
+    mean = (unit * w).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if v.shape[0] == 2:
+            return SphereStats(w, norms, None, None, None, None)
+        raise CheckpointError(
+            f"tensor {name!r}: multislerp's weighted mean direction is zero (antipodal inputs "
+            "whose weights cancel); change the weights"
+        )
+    mean = mean / mean_norm
+    dots = (unit * mean).sum(-1, keepdim=True)
+    tangent = ((unit - dots * mean) * w).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    avg_norm = (norms.squeeze(-1) * weights).sum()
+    return SphereStats(w, norms, mean_norm, dots, tangent_norm, avg_norm)
+
+
+@merge_method("multislerp")
+class MultiSlerp(MergeMethod):
+    whole_tensor = True
+    title = "Multi-SLERP"
+    reference = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
+    optional_base = True
+    global_params = (
+        Param("normalize_weights", True, help="divide the weights by their sum", kind=BOOL),
+        Param("eps", 1e-8, help="added to norms", low=0.0),
+    )
+    model_params = (Param("weight", required=True, help="weight of each model"),)
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> SphereStats | None:
+        if len(params.models) == 1:
+            return None
+        dt = params.dtype
+        first = 1 if params.has_base else 0
+        v = torch.stack([whole(src, i, dt) for i in range(first, src.num_inputs)])
+        if params.has_base:
+            v -= whole(src, 0, dt)
+        weights = self._weights(params, v)
+        return sphere_stats(v, weights, float(params.globals["eps"]), src.name)
+
+    @staticmethod
+    def _weights(params: TensorParams, like: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor(params.model_values("weight"), dtype=like.dtype, device=like.device)
+        return w / w.sum() if params.globals["normalize_weights"] else w
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        dt = params.dtype
+        has_base = bool(params.has_base)
+        if state is None:  # one model: that model, as mergekit
+            return chunks[-1].to(dt)
+        base = chunks[0].to(dt) if has_base else None
+        v = torch.stack([c.to(dt) for c in chunks[1 if has_base else 0 :]])
+        if base is not None:
+            v -= base
+        s: SphereStats = state
+        w = s.weights
+        if s.mean_norm is None:  # the two-model linear fallback
+            out = v[0] * w[0] + v[1] * w[1]
+        else:
+            unit = v / (s.norms + float(params.globals["eps"]))
+            mean = (unit * w).sum(0) / s.mean_norm
+            tangent = ((unit - s.dots * mean) * w).sum(0)
+            n = s.tangent_norm
+            out = (mean * torch.cos(n) + tangent * (torch.sin(n) / n)) * s.avg_norm
+        return out if base is None else out + base
+
+
+def multislerp(
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    *,
+    base: torch.Tensor | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Multi-SLERP of ``tensors`` (of their differences from ``base`` when given)."""
+    params = TensorParams(
+        "tensor",
+        {"normalize_weights": normalize_weights, "eps": eps},
+        tuple({"weight": w} for w in weights),
+        has_base=base is not None,
+    )
+    return merge_tensors("multislerp", tensors if base is None else [base, *tensors], params)

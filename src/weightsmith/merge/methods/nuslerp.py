@@ -1,0 +1,146 @@
+"""NuSLERP as mergekit 0.1.5's ``nuslerp``: SLERP of two models (or of their task vectors).
+
+t = w₂ / (w₁ + w₂) (0.5 when the weights sum to ~0). With a base, the two task vectors
+vᵢ = xᵢ − base are interpolated and the base added back; without, the models themselves.
+The vectors are whole tensors (``nuslerp_flatten``, the default), else rows (the last
+dimension), or columns with ``nuslerp_row_wise`` (mergekit's name: vectors along dim 0). Per
+vector: û = v/max(‖v‖, 1e-7), cos = ⟨û₀, û₁⟩ clamped, θ = acos(cos), and
+out = (sin((1−t)θ)·v₀ + sin(tθ)·v₁) / sin θ, or (1−t)·v₀ + t·v₁ when 1 − cos² ≤ 1e-16.
+
+``prepare`` reduces the whole tensors in the compute dtype as mergekit does (one tensor per
+input held while it runs); ``combine`` applies each vector's coefficients per entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    MergeMethod,
+    Param,
+    TensorParams,
+    merge_method,
+    merge_tensors,
+    whole,
+)
+from weightsmith.merge.params import BOOL
+
+EPS = 1e-8  # mergekit's colinearity eps (compared with 1 − cos², squared)
+NORM_EPS = 1e-7  # mergekit's clamp of the norms
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Per vector (flat): sin((1−t)θ), sin(tθ), sin θ, colinear; and how entries map to them."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    sin: torch.Tensor
+    colinear: torch.Tensor
+    t: float
+    mode: str  # "one" | "div" (entry // size) | "mod" (entry % size)
+    size: int
+
+
+def interpolation_t(weights: list[float]) -> float:
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def vectors(x: torch.Tensor, shape: tuple[int, ...], flatten: bool, row_wise: bool):
+    """The tensor laid out as mergekit reduces it (last dimension = one vector), and how a flat
+    entry finds its vector."""
+    if flatten or len(shape) <= 1:
+        return x.reshape(-1), "one", 1
+    v = x.reshape(shape)
+    if row_wise:  # mergekit transposes dim 0 to the end
+        rest = x.numel() // shape[0]
+        return v.transpose(0, -1), "mod", rest
+    return v, "div", shape[-1]
+
+
+def nuslerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float):
+    """(sin((1−t)θ), sin(tθ), sin θ, colinear) per vector, in the vectors' dtype."""
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+
+    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear
+
+
+@merge_method("nuslerp")
+class NuSlerp(MergeMethod):
+    whole_tensor = True
+    title = "NuSLERP"
+    reference = "https://github.com/arcee-ai/mergekit"
+    optional_base = True
+    min_models = max_models = 2
+    global_params = (
+        Param("nuslerp_row_wise", False, help="vectors along dim 0 (columns)", kind=BOOL),
+        Param("nuslerp_flatten", True, help="the whole tensor is one vector", kind=BOOL),
+    )
+    model_params = (Param("weight", required=True, help="t = w2 / (w1 + w2)"),)
+
+    def prepare(self, src: ChunkSource, params: TensorParams) -> Coefficients:
+        dt, has_base = params.dtype, bool(params.has_base)
+        t = interpolation_t(params.model_values("weight"))
+        first = 1 if has_base else 0
+        x0, x1 = whole(src, first, dt), whole(src, first + 1, dt)
+        if has_base:
+            base = whole(src, 0, dt)
+            x0, x1 = x0.sub_(base), x1.sub_(base)
+            del base
+        flat, row = (
+            bool(params.globals["nuslerp_flatten"]),
+            bool(params.globals["nuslerp_row_wise"]),
+        )
+        v0, mode, size = vectors(x0, src.shape, flat, row)
+        v1, _, _ = vectors(x1, src.shape, flat, row)
+        a, b, s, colinear = nuslerp_coefficients(v0, v1, t)
+        if mode == "mod":  # back to the original layout: one value per position past dim 0
+            a, b, s, colinear = (c.transpose(0, -1) for c in (a, b, s, colinear))
+        flat_of = lambda c: c.reshape(-1)  # noqa: E731
+        return Coefficients(flat_of(a), flat_of(b), flat_of(s), flat_of(colinear), t, mode, size)
+
+    def combine(
+        self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
+    ) -> torch.Tensor:
+        dt, c = params.dtype, state
+        xs = [x.to(dt) for x in chunks]
+        base = xs.pop(0) if params.has_base else None
+        v0, v1 = (x - base for x in xs) if base is not None else xs
+        a, b, s, colinear = c.a, c.b, c.sin, c.colinear
+        if c.mode != "one":
+            idx = torch.arange(offset, offset + v0.numel(), device=v0.device)
+            idx = idx // c.size if c.mode == "div" else idx % c.size
+            a, b, s, colinear = a[idx], b[idx], s[idx], colinear[idx]
+        out = (a * v0 + b * v1) / s
+        out = torch.where(colinear, (1 - c.t) * v0 + c.t * v1, out)
+        return out if base is None else base + out
+
+
+def nuslerp(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weights: tuple[float, float] = (0.5, 0.5),
+    *,
+    base: torch.Tensor | None = None,
+    row_wise: bool = False,
+    flatten: bool = True,
+) -> torch.Tensor:
+    """NuSLERP of ``a`` and ``b`` (of their differences from ``base`` when given)."""
+    params = TensorParams(
+        "tensor",
+        {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten},
+        tuple({"weight": w} for w in weights),
+        has_base=base is not None,
+    )
+    tensors = [a, b] if base is None else [base, a, b]
+    return merge_tensors("nuslerp", tensors, params)

@@ -8,11 +8,11 @@ so the task vector keeps its L1 norm (mergekit's RescaleNorm.l1, one factor per 
 paper's per-entry 1/p differs). ``della`` elects signs as TIES does (normalize on); ``della_linear``
 sums (normalize off). ``density`` 1 keeps δ unchanged.
 
-The keep decisions are drawn in ``prepare``, on the whole tensor in row order, from torch's
-CPU generator seeded by seed, tensor name and model, so a run is reproducible and independent
-of chunking, threads and device; mergekit draws from torch's global generator, so the two
-agree in distribution, not entry by entry. Rows of one entry (c = 1), where mergekit fails
-(0/0), are kept with probability ``density``.
+The keep decisions are drawn in ``prepare``, in blocks of rows (each with its own generator,
+torch's CPU Mersenne Twister seeded by seed, tensor name, model and first row), as the chunks
+stream in, so a run is reproducible and independent of chunking, threads and device; mergekit
+draws from torch's global generator, so the two agree in distribution, not entry by entry.
+Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
 """
 
 from __future__ import annotations

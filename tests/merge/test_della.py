@@ -188,3 +188,21 @@ def test_shared_vocabulary_rows_with_tokenizer_source_base(trio, tmp_path):
         want = della_merge(ta[n][:300], [ts[n]], [1.0], 0.5, 0.2, name=n)
         assert torch.equal(to[n][:300], want), n
         assert torch.equal(to[n][300:], ta[n][300:]), n
+
+
+@pytest.mark.parametrize("shape", [(50, 300), (7000,)])
+def test_streamed_rows_equal_the_whole_tensor(shape, monkeypatch):
+    """Chunks that cut rows (97 elements) are carried over: same mask and rescale factor as
+    ranking the whole task vector, with several blocks."""
+    from weightsmith.merge.methods import della as della_module
+    from weightsmith.merge.methods.base import TensorChunks
+
+    monkeypatch.setattr(della_module, "BLOCK", 1000)
+    g = torch.Generator().manual_seed(7)
+    base, ft = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    cols = shape[-1]
+    src = TensorChunks([base, ft], "w", chunk_size=97)
+    mask, scale = della_module.magprune_stream(src, 0, cols, 0.4, 0.2, seed=5)
+    assert torch.equal(mask, magprune_mask((ft - base).reshape(-1), shape, 0.4, 0.2, seed=5))
+    whole = della_module._magprune_memory((ft - base).reshape(-1), shape, 0.4, 0.2, 5)[1]
+    assert scale == whole

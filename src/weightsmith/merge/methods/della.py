@@ -8,11 +8,11 @@ so the task vector keeps its L1 norm (mergekit's RescaleNorm.l1, one factor per 
 paper's per-entry 1/p differs). ``della`` elects signs as TIES does (normalize on); ``della_linear``
 sums (normalize off). ``density`` 1 keeps δ unchanged.
 
-The keep decisions are drawn in ``prepare``, on the whole tensor in row order, from torch's
-CPU generator seeded by seed, tensor name and model, so a run is reproducible and independent
-of chunking, threads and device; mergekit draws from torch's global generator, so the two
-agree in distribution, not entry by entry. Rows of one entry (c = 1), where mergekit fails
-(0/0), are kept with probability ``density``.
+The keep decisions are drawn in ``prepare``, in blocks of rows (each with its own generator,
+torch's CPU Mersenne Twister seeded by seed, tensor name, model and first row), as the chunks
+stream in, so a run is reproducible and independent of chunking, threads and device; mergekit
+draws from torch's global generator, so the two agree in distribution, not entry by entry.
+Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
 )
 from weightsmith.merge.methods.dare import tensor_seed
-from weightsmith.merge.methods.sparsify import MaskedTaskArithmetic, gather_delta, l1_scale
+from weightsmith.merge.methods.sparsify import MaskedTaskArithmetic, gather_delta, l1_ratio
 from weightsmith.merge.params import BOOL, INT
 
-BLOCK = 1 << 20  # elements ranked at a time
+BLOCK = 1 << 18  # elements ranked at a time (a few MB of temporaries per thread)
 
 
 @dataclass(frozen=True)
@@ -73,38 +73,100 @@ def block_seed(seed: int, row: int) -> int:
     return (seed + (row + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
+class _RowPruner:
+    """MagPrune over rows of ``cols`` entries, a block of ``step`` rows at a time.
+
+    In each row the entries are sorted by |δ| (stable) and the j-th smallest is kept when its
+    float64 uniform, drawn in order from torch's CPU generator seeded with
+    ``block_seed(seed, first row of the block)``, is below p(j). Blocks are independent (they
+    write disjoint rows of ``keep``), so they run on the pool's threads with the same result.
+    """
+
+    def __init__(self, n_rows: int, cols: int, density: float, epsilon: float, seed: int,
+                 device: torch.device) -> None:  # fmt: skip
+        self.cols, self.seed = cols, seed
+        self.step = max(1, BLOCK // max(cols, 1))
+        self.probs = rank_probabilities(cols, density, epsilon).to(device)
+        self.keep = torch.empty((n_rows, cols), dtype=torch.bool, device=device)
+
+    def block(self, r0: int, rows: torch.Tensor) -> tuple[float, float]:
+        """Decide rows ``r0 …`` (their δ: ``rows``); return (‖δ‖₁, ‖kept δ‖₁) of the block."""
+        mags = rows.abs()
+        order = torch.argsort(mags, dim=1, stable=True)
+        gen = torch.Generator().manual_seed(block_seed(self.seed, r0))
+        draws = torch.rand(rows.shape, generator=gen, dtype=torch.float64).to(rows.device)
+        keep = self.keep[r0 : r0 + rows.shape[0]]
+        keep.scatter_(1, order, draws < self.probs)
+        del order, draws
+        before = float(mags.sum(dtype=torch.float64))
+        return before, float(mags.mul_(keep).sum(dtype=torch.float64))
+
+    def blocks(self, first_row: int, rows: torch.Tensor) -> list[tuple[float, float]]:
+        """Every block of ``rows`` (which start at ``first_row``, a multiple of ``step``)."""
+        starts = range(0, rows.shape[0], self.step)
+        return pmap(lambda s: self.block(first_row + s, rows[s : s + self.step]), starts)
+
+
+def _rescale_of(norms: list[tuple[float, float]]) -> float:
+    return l1_ratio(sum(b for b, _ in norms), sum(a for _, a in norms))
+
+
 def magprune_mask(
     delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int
 ) -> torch.Tensor:
-    """Which entries of the flat task vector ``delta`` (of ``shape``) MagPrune keeps.
+    """Which entries of the flat task vector ``delta`` (of ``shape``) MagPrune keeps."""
+    return _magprune_memory(delta, shape, density, epsilon, seed)[0]
 
-    Rows are taken in blocks of about ``BLOCK`` entries; in each row the entries are sorted by
-    |δ| (stable) and the j-th smallest is kept when its float64 uniform, drawn in order from
-    torch's CPU generator seeded with ``block_seed(seed, first row of the block)``, is below
-    p(j). Blocks are independent, so they run in parallel with the same result.
-    """
-    dev = delta.device
+
+def _magprune_memory(
+    delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int
+) -> tuple[torch.Tensor, float]:
+    """(mask, L1 rescale factor) for a task vector in memory; rows run along dim 1."""
     moved_shape = (-1, shape[1]) if len(shape) >= 2 else (1, -1)
-    rows = delta.view(shape).movedim(1, -1).reshape(moved_shape) if len(shape) > 2 else None
-    if rows is None:
+    if len(shape) > 2:
+        rows = delta.view(shape).movedim(1, -1).reshape(moved_shape)
+    else:
         rows = delta.view(moved_shape)
-    n_rows, cols = rows.shape
-    probs = rank_probabilities(cols, density, epsilon).to(dev)
-    keep = torch.empty((n_rows, cols), dtype=torch.bool, device=dev)
-    step = max(1, BLOCK // max(cols, 1))
-
-    def block(r0: int) -> None:  # blocks write disjoint rows: safe on the pool's threads
-        r1 = min(n_rows, r0 + step)
-        order = torch.argsort(rows[r0:r1].abs(), dim=1, stable=True)
-        gen = torch.Generator().manual_seed(block_seed(seed, r0))
-        draws = torch.rand((r1 - r0, cols), generator=gen, dtype=torch.float64).to(dev)
-        keep[r0:r1].scatter_(1, order, draws < probs)
-
-    pmap(block, range(0, n_rows, step))
+    pruner = _RowPruner(*rows.shape, density, epsilon, seed, delta.device)
+    scale = _rescale_of(pruner.blocks(0, rows))
     if len(shape) > 2:
         moved = [s for i, s in enumerate(shape) if i != 1] + [shape[1]]
-        return keep.view(moved).movedim(-1, 1).reshape(-1)
-    return keep.view(-1)
+        return pruner.keep.view(moved).movedim(-1, 1).reshape(-1), scale
+    return pruner.keep.view(-1), scale
+
+
+def magprune_stream(
+    src: ChunkSource, k: int, cols: int, density: float, epsilon: float, seed: int
+) -> tuple[torch.Tensor, float]:
+    """(mask, L1 rescale factor) of task vector ``k`` of a tensor of rows of ``cols``
+    entries, read chunk by chunk: only a block of rows of δ is held besides the mask. The
+    same result as :func:`magprune_mask` on the whole δ."""
+    pruner: _RowPruner | None = None
+    buf: torch.Tensor | None = None  # δ of the rows not yet decided, then the new chunk
+    fill, row, n_rows = 0, 0, src.numel // cols
+    norms: list[tuple[float, float]] = []
+    for base, x in src.chunks([0, k + 1]):
+        n = base.numel()
+        if pruner is None:
+            pruner = _RowPruner(n_rows, cols, density, epsilon, seed, base.device)
+        if buf is None or buf.numel() < fill + n:  # one buffer, reused chunk after chunk
+            grown = torch.empty(fill + n, dtype=base.dtype, device=base.device)
+            if buf is not None:
+                grown[:fill] = buf[:fill]
+            buf = grown
+        torch.sub(x, base, out=buf[fill : fill + n])
+        fill += n
+        ready = fill // cols
+        take = ready if row + ready == n_rows else ready // pruner.step * pruner.step
+        norms += pruner.blocks(row, buf[: take * cols].view(take, cols))
+        row += take
+        rest = fill - take * cols
+        if rest:
+            buf[:rest] = buf[take * cols : fill].clone()
+        fill = rest
+    if pruner is None:
+        return torch.zeros(0, dtype=torch.bool), 1.0
+    return pruner.keep.view(-1), _rescale_of(norms)
 
 
 class _Della(MaskedTaskArithmetic):
@@ -139,11 +201,13 @@ class _Della(MaskedTaskArithmetic):
         for k, m in enumerate(params.models):
             d, e = float(m["density"]), float(m["epsilon"])
             if d < 1.0:
-                delta = gather_delta(src, k)
-                shape = region_shape(src)
-                mask = magprune_mask(delta, shape, d, e, tensor_seed(seed, src.name, k))
-                kept[k] = Kept(mask, l1_scale(delta, mask) if rescale else 1.0)
-                del delta
+                shape, tseed = region_shape(src), tensor_seed(seed, src.name, k)
+                if len(shape) <= 2:
+                    cols = shape[-1] if len(shape) == 2 else src.numel
+                    mask, scale = magprune_stream(src, k, cols, d, e, tseed)
+                else:  # rows along dim 1 are strided: rank them in memory
+                    mask, scale = _magprune_memory(gather_delta(src, k), shape, d, e, tseed)
+                kept[k] = Kept(mask, scale if rescale else 1.0)
         return kept
 
     def sparsify(

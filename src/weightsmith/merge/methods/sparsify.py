@@ -96,24 +96,12 @@ def l1_scales(
                 before[k] += b
                 after[k] += a
         offset += base.numel()
-    return {k: _ratio(before[k], after[k]) for k in models}
+    return {k: l1_ratio(before[k], after[k]) for k in models}
 
 
-def l1_scale(delta: torch.Tensor, mask: torch.Tensor) -> float:
-    """mergekit's ``rescale`` for a whole task vector in memory: ‖δ‖₁ / ‖δ·mask‖₁ (float32),
-    or 1 when either norm is below 1e-7."""
-
-    def norms(r: tuple[int, int]) -> tuple[float, float]:
-        d = delta[r[0] : r[1]].abs()
-        return float(d.sum(dtype=torch.float64)), float(
-            (d * mask[r[0] : r[1]]).sum(dtype=torch.float64)
-        )
-
-    parts = pmap(norms, sub_ranges(0, delta.numel()))
-    return _ratio(sum(p[0] for p in parts), sum(p[1] for p in parts))
-
-
-def _ratio(before: float, after: float) -> float:
+def l1_ratio(before: float, after: float) -> float:
+    """mergekit's L1 rescale factor from the two norms: before / after in float32, or 1 when
+    either is below 1e-7."""
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return float(torch.tensor(before / after, dtype=torch.float32))

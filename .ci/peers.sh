@@ -23,3 +23,7 @@ peer() {  # name, stamp (the pinned requirement), pip args...
 
 peer mergekit "mergekit==0.1.5" "mergekit==0.1.5"
 echo "export MERGEKIT_VENV=$ROOT/mergekit"
+
+# llm-compressor (FP8 / W8A8 / FP4 parity: model_free_ptq, QuantizationModifier, SmoothQuant)
+peer llmcompressor "llmcompressor==0.14.0.1" "llmcompressor==0.14.0.1"
+echo "export LLMCOMPRESSOR_VENV=$ROOT/llmcompressor"

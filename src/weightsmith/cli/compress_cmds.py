@@ -88,6 +88,14 @@ from weightsmith.io.sizes import format_size, parse_size
     show_default=True,
     help="Ternary: RMSNorm epsilon.",
 )
+@click.option(
+    "--scheme",
+    type=click.Choice(["dynamic", "block"]),
+    default="dynamic",
+    show_default=True,
+    help="FP8: per-channel weights + dynamic per-token activations (FP8_DYNAMIC), or 128x128 "
+    "weight blocks (FP8_BLOCK).",
+)
 @max_shard_size_option
 @force_option
 @progress_option

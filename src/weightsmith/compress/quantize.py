@@ -22,10 +22,12 @@ from torch import nn
 
 from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers bitnet)
 from weightsmith.compress import formats as _formats  # noqa: F401  (registers formats)
+from weightsmith.compress import fp8 as _fp8  # noqa: F401  (registers fp8)
 from weightsmith.compress import gptq as _gptq  # noqa: F401  (registers gptq)
 from weightsmith.compress import mse as _mse  # noqa: F401  (registers mse)
 from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb)
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
+from weightsmith.compress import scaled_formats as _scaled  # noqa: F401  (float/int-quantized)
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
 from weightsmith.compress.calibrated import CalibratedRun
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
@@ -34,6 +36,7 @@ from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
     WriteOptions,
+    all_finite,
     checked_copy,
     require_finite,
     rewrite_checkpoint,
@@ -174,7 +177,7 @@ class QuantizeJob:
         if "loss" in qw.info:
             self.stats["loss"][t.module] = qw.info["loss"]
         for name, v in self.fmt.encode(t, qw, self.cfg).items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            if not all_finite(v):  # float8 too
                 raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
                                   f"(overflows {v.dtype})")  # fmt: skip
             yield name, v

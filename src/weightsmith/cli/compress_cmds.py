@@ -96,6 +96,19 @@ from weightsmith.io.sizes import format_size, parse_size
     help="FP8: per-channel weights + dynamic per-token activations (FP8_DYNAMIC), or 128x128 "
     "weight blocks (FP8_BLOCK).",
 )
+@click.option(
+    "--smoothquant",
+    is_flag=True,
+    help="W8A8: SmoothQuant (calibrated) before quantizing: activation outliers folded into "
+    "the norms and the next Linears.",
+)
+@click.option(
+    "--alpha",
+    type=FINITE_FLOAT,
+    default=0.5,
+    show_default=True,
+    help="W8A8 --smoothquant: migration strength (0: none, 1: all onto the weights).",
+)
 @max_shard_size_option
 @force_option
 @progress_option
@@ -120,7 +133,7 @@ def quantize_cmd(
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
     cfg.validate()
-    if METHODS[method].needs_calibration and cfg.calib is None:
+    if METHODS[method].statistic_for(cfg.options) is not None and cfg.calib is None:
         note_builtin_calibration()
     r = quantize_checkpoint(
         model,

@@ -29,6 +29,7 @@ from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
 from weightsmith.compress import scaled_formats as _scaled  # noqa: F401  (float/int-quantized)
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
+from weightsmith.compress import w8a8 as _w8a8  # noqa: F401  (registers w8a8)
 from weightsmith.compress.calibrated import CalibratedRun
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
@@ -122,7 +123,8 @@ class QuantizeJob:
         self.stats: dict[str, Any] = {"fallbacks": [], "loss": {}, "zeros": None}
         # module -> (quantized weight, the tensors still to write from it)
         self._pending: dict[str, tuple[Any, set[str]]] = {}
-        self.calibrated = CalibratedRun(self, device) if self.method.statistic is not None else None
+        self.statistic = self.method.statistic_for(cfg.options)
+        self.calibrated = CalibratedRun(self, device) if self.statistic is not None else None
 
     @property
     def groups(self) -> list[TensorGroup]:

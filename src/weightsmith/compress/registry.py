@@ -117,6 +117,11 @@ class MethodInfo:
     def needs_calibration(self) -> bool:
         return self.statistic is not None
 
+    def statistic_for(self, options: MethodConfig) -> str | None:
+        """The statistic a run with ``options`` needs: options may choose it themselves
+        (``statistic``, e.g. W8A8 only with ``--smoothquant``), else the declared one."""
+        return getattr(options, "statistic", self.statistic)
+
 
 METHODS: dict[str, MethodInfo] = {}
 FORMATS: dict[str, OutputFormat] = {}

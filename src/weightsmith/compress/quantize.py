@@ -22,6 +22,7 @@ from torch import nn
 
 from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers bitnet)
 from weightsmith.compress import formats as _formats  # noqa: F401  (registers formats)
+from weightsmith.compress import fp4 as _fp4  # noqa: F401  (registers nvfp4 / mxfp4)
 from weightsmith.compress import fp8 as _fp8  # noqa: F401  (registers fp8)
 from weightsmith.compress import gptq as _gptq  # noqa: F401  (registers gptq)
 from weightsmith.compress import mse as _mse  # noqa: F401  (registers mse)
@@ -123,6 +124,7 @@ class QuantizeJob:
         self.stats: dict[str, Any] = {"fallbacks": [], "loss": {}, "zeros": None}
         # module -> (quantized weight, the tensors still to write from it)
         self._pending: dict[str, tuple[Any, set[str]]] = {}
+        self._weight_stats: dict[str, Any] | None = None
         self.statistic = self.method.statistic_for(cfg.options)
         self.calibrated = CalibratedRun(self, device) if self.statistic is not None else None
 
@@ -165,13 +167,23 @@ class QuantizeJob:
     def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
         """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
         if t.module not in self._pending:
-            qw = self.quantize(self.read(t.tensor))
+            qw = self.quantize(self.read(t.tensor), self.weight_stat(t))
             self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg)})
         qw, waiting = self._pending[t.module]
         waiting.discard(use or t.tensor)
         if not waiting:
             del self._pending[t.module]
         return qw
+
+    def weight_stat(self, t: LinearTarget) -> Any:
+        """What a data-free method's options compute from the weights first, for ``t`` (NVFP4:
+        max|W| of its fused set), by ``weight_stats(job)``; None when they compute nothing."""
+        prepare = getattr(self.cfg.options, "weight_stats", None)
+        if prepare is None:
+            return None
+        if self._weight_stats is None:
+            self._weight_stats = prepare(self)
+        return self._weight_stats.get(t.module)
 
     def encode(self, t: LinearTarget, qw: Any) -> Iterator[tuple[str, torch.Tensor]]:
         if "zeros" in qw.info:

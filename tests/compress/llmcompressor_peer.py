@@ -31,6 +31,35 @@ def run_model_free_ptq(jobs: list[tuple[Path, Path, str]]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+SMOOTHQUANT_DRIVER = """
+import sys, json, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+src, out, ids_file, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+ids = json.load(open(ids_file))
+ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+oneshot(model=model, dataset=ds, recipe=[SmoothQuantModifier(smoothing_strength=alpha)],
+        num_calibration_samples=len(ids), max_seq_length=len(ids[0]))
+torch.save(model.state_dict(), out)
+"""
+
+
+def run_smoothquant_modifier(src: Path, ids: torch.Tensor, alpha: float, work: Path) -> dict:
+    """The state dict of ``src`` after llm-compressor's ``SmoothQuantModifier`` alone (oneshot,
+    calibrated on exactly the token windows ``ids``)."""
+    python = require_peer("llmcompressor")
+    (work / "ids.json").write_text(json.dumps(ids.tolist()))
+    argv = [str(src), str(work / "smoothed.pt"), str(work / "ids.json"), str(alpha)]
+    r = subprocess.run(
+        [str(python), "-c", SMOOTHQUANT_DRIVER, *argv], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(work / "smoothed.pt")
+
+
 def load_dir(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):

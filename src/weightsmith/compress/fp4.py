@@ -45,23 +45,29 @@ FP4_MAX = 6.0
 FUSED = (re.compile(r"^(.*(?:attn|attention))\.[qkv]_proj$"), re.compile(r"^(.*mlp)\.(?:gate|up)_proj$"))  # fmt: skip
 
 
+# E2M1 rounding boundaries: |x| at or above boundary i rounds to level i + 1. compressed-tensors
+# rounds ties to even: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4,
+# so the boundaries at 0.25, 1.25, 2.5 and 5 are just above them.
+_TIES_DOWN = torch.tensor([True, False, True, False, True, False, True])
+_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+BOUNDARIES = torch.where(_TIES_DOWN, torch.nextafter(_MIDPOINTS, torch.tensor(7.0)), _MIDPOINTS)
+
+
+def e2m1_index(x: torch.Tensor) -> torch.Tensor:
+    """Index of ``|x|``'s nearest E2M1 magnitude (ties to even) in :data:`E2M1`."""
+    return torch.bucketize(x.abs().float(), BOUNDARIES, right=True)
+
+
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """``x`` (already within ±6) rounded to the nearest E2M1 value, ties to even, keeping the
     sign of ``x`` on values rounded to zero."""
-    a = x.abs()
-    r = torch.zeros_like(a)
-    for lo, lo_inclusive, value in ((0.25, False, 0.5), (0.75, True, 1.0), (1.25, False, 1.5),
-                                    (1.75, True, 2.0), (2.5, False, 3.0), (3.5, True, 4.0),
-                                    (5.0, False, 6.0)):  # fmt: skip
-        r = torch.where(a >= lo if lo_inclusive else a > lo, value, r)
-    return r.to(x.dtype) * torch.sign(x)
+    return E2M1[e2m1_index(x)].to(x.dtype) * torch.sign(x)
 
 
 def pack_e2m1(v: torch.Tensor) -> torch.Tensor:
     """E2M1 values ``(rows, cols)`` -> uint8 ``(rows, cols / 2)``, low nibble = even column."""
-    idx = torch.bucketize((v.float() * 2).to(torch.int8).abs().to(torch.float32),
-                          torch.tensor([1.0, 2, 3, 4, 6, 8, 12]), right=True)  # fmt: skip
-    codes = (idx.to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)).reshape(-1, 2)
+    codes = e2m1_index(v).to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)
+    codes = codes.reshape(-1, 2)
     return (codes[:, 0] | (codes[:, 1] << 4)).reshape(v.shape[0], v.shape[1] // 2)
 
 

@@ -126,7 +126,7 @@ def quantize_cmd(
     **options,
 ) -> dict:
     """Quantize the Linear weights of MODEL into OUT with a registered method (RTN, MSE,
-    GPTQ, NF4, BitNet ternary). Only the options you give are passed on: one that the method
+    GPTQ, NF4, BitNet ternary, FP8, W8A8/SmoothQuant, NVFP4, MXFP4). Only the options you give are passed on: one that the method
     or format does not have is an error."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 

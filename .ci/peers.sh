@@ -49,3 +49,7 @@ llamacpp_peer() {
 }
 llamacpp_peer
 echo "export LLAMACPP_VENV=$ROOT/llamacpp"
+
+# llm-compressor (FP8 / W8A8 / FP4 parity: model_free_ptq, QuantizationModifier, SmoothQuant)
+peer llmcompressor "llmcompressor==0.14.0.1" "llmcompressor==0.14.0.1"
+echo "export LLMCOMPRESSOR_VENV=$ROOT/llmcompressor"

@@ -97,7 +97,7 @@ def packed_weights(ckpt: Checkpoint) -> dict[str, PackedWeight]:
     format that wrote config.json's ``quantization_config`` ({} for a dense checkpoint, or a
     quantization this version cannot decode; see :func:`quantization_method`)."""
     qc = (ckpt.config or {}).get("quantization_config") or {}
-    fmt = _format(qc.get("quant_method"))
+    fmt = _format(qc.get("quant_method"), qc.get("format"))
     if fmt is None:
         return {}
     out: dict[str, PackedWeight] = {}
@@ -116,12 +116,12 @@ def quantization_method(ckpt: Checkpoint) -> str | None:
     return qc.get("quant_method")
 
 
-def _format(quant_method: str | None):
+def _format(quant_method: str | None, variant: str | None = None):
     """The registered output format that writes ``quant_method`` (None: none does)."""
     from weightsmith.compress import quantize as _registers  # noqa: F401
     from weightsmith.compress.registry import format_reading
 
-    return format_reading(quant_method) if quant_method else None
+    return format_reading(quant_method, variant) if quant_method else None
 
 
 class _DenseView:

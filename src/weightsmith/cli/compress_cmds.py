@@ -89,6 +89,27 @@ from weightsmith.io.sizes import format_size, parse_size
     show_default=True,
     help="Ternary: RMSNorm epsilon.",
 )
+@click.option(
+    "--scheme",
+    type=click.Choice(["dynamic", "block"]),
+    default="dynamic",
+    show_default=True,
+    help="FP8: per-channel weights + dynamic per-token activations (FP8_DYNAMIC), or 128x128 "
+    "weight blocks (FP8_BLOCK).",
+)
+@click.option(
+    "--smoothquant",
+    is_flag=True,
+    help="W8A8: SmoothQuant (calibrated) before quantizing: activation outliers folded into "
+    "the norms and the next Linears.",
+)
+@click.option(
+    "--alpha",
+    type=FINITE_FLOAT,
+    default=0.5,
+    show_default=True,
+    help="W8A8 --smoothquant: migration strength (0: none, 1: all onto the weights).",
+)
 @max_shard_size_option
 @force_option
 @progress_option
@@ -106,14 +127,14 @@ def quantize_cmd(
     **options,
 ) -> dict:
     """Quantize the Linear weights of MODEL into OUT with a registered method (RTN, MSE,
-    GPTQ, NF4, BitNet ternary). Only the options you give are passed on: one that the method
+    GPTQ, NF4, BitNet ternary, FP8, W8A8/SmoothQuant, NVFP4, MXFP4). Only the options you give are passed on: one that the method
     or format does not have is an error."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
     cfg.validate()
-    if METHODS[method].needs_calibration and cfg.calib is None:
+    if METHODS[method].statistic_for(cfg.options) is not None and cfg.calib is None:
         note_builtin_calibration()
     r = quantize_checkpoint(
         model,

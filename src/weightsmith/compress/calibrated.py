@@ -46,7 +46,10 @@ class CalibratedRun:
         """Quantize layer ``layer``'s targets: tensor name -> its stored tensors."""
         if self.streamer is None:
             self.streamer = LayerStreamer(self.job.ckpt, self.ids, device=self.device)
-        return self.streamer.run_layer(layer, self._layer)
+        step = getattr(self.job.cfg.options, "layer_step", None)  # a method's own (SmoothQuant)
+        return self.streamer.run_layer(
+            layer, (lambda cl: step(cl, self.job)) if step else self._layer
+        )
 
     def _layer(self, cl: CalibrationLayer) -> dict[str, list[tuple[str, Any]]]:
         """Every target Linear of one layer, group by group (true-sequential). Memory: each
@@ -60,7 +63,7 @@ class CalibratedRun:
             names = [n for n in group if cl.tensor_name(n) in job.by_tensor]
             if not names:
                 continue
-            stats = cl.collect(names, job.method.statistic)
+            stats = cl.collect(names, job.statistic)
             if any(stats[n].n == 0 for n in names):
                 raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
             for n in names:

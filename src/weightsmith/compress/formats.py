@@ -39,6 +39,7 @@ class CompressedTensorsFormat(FormatDefaults):
 
     name = "compressed-tensors"
     quant_method = "compressed-tensors"
+    variant = "pack-quantized"  # quantization_config["format"]
     summary = "pack-quantized int2-8 (vLLM, transformers + compressed-tensors)"
 
     def check(self, cfg: QuantConfig) -> None:

@@ -22,11 +22,15 @@ from torch import nn
 
 from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers bitnet)
 from weightsmith.compress import formats as _formats  # noqa: F401  (registers formats)
+from weightsmith.compress import fp4 as _fp4  # noqa: F401  (registers nvfp4 / mxfp4)
+from weightsmith.compress import fp8 as _fp8  # noqa: F401  (registers fp8)
 from weightsmith.compress import gptq as _gptq  # noqa: F401  (registers gptq)
 from weightsmith.compress import mse as _mse  # noqa: F401  (registers mse)
 from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb)
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
+from weightsmith.compress import scaled_formats as _scaled  # noqa: F401  (float/int-quantized)
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
+from weightsmith.compress import w8a8 as _w8a8  # noqa: F401  (registers w8a8)
 from weightsmith.compress.calibrated import CalibratedRun
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
@@ -34,6 +38,7 @@ from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
     WriteOptions,
+    all_finite,
     checked_copy,
     require_finite,
     rewrite_checkpoint,
@@ -120,7 +125,9 @@ class QuantizeJob:
         self.stats: dict[str, Any] = {"fallbacks": [], "loss": {}, "zeros": None}
         # module -> (quantized weight, the tensors still to write from it)
         self._pending: dict[str, tuple[Any, set[str]]] = {}
-        self.calibrated = CalibratedRun(self, device) if self.method.statistic is not None else None
+        self._weight_stats: dict[str, Any] | None = None
+        self.statistic = self.method.statistic_for(cfg.options)
+        self.calibrated = CalibratedRun(self, device) if self.statistic is not None else None
 
     @property
     def groups(self) -> list[TensorGroup]:
@@ -161,7 +168,7 @@ class QuantizeJob:
     def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
         """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
         if t.module not in self._pending:
-            qw = self.quantize(self.read(t.tensor))
+            qw = self.quantize(self.read(t.tensor), self.weight_stat(t))
             self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg)})
         qw, waiting = self._pending[t.module]
         waiting.discard(use or t.tensor)
@@ -169,13 +176,23 @@ class QuantizeJob:
             del self._pending[t.module]
         return qw
 
+    def weight_stat(self, t: LinearTarget) -> Any:
+        """What a data-free method's options compute from the weights first, for ``t`` (NVFP4:
+        max|W| of its fused set), by ``weight_stats(job)``; None when they compute nothing."""
+        prepare = getattr(self.cfg.options, "weight_stats", None)
+        if prepare is None:
+            return None
+        if self._weight_stats is None:
+            self._weight_stats = prepare(self)
+        return self._weight_stats.get(t.module)
+
     def encode(self, t: LinearTarget, qw: Any) -> Iterator[tuple[str, torch.Tensor]]:
         if "zeros" in qw.info:
             self.stats["zeros"] = (self.stats["zeros"] or 0) + qw.info["zeros"]
         if "loss" in qw.info:
             self.stats["loss"][t.module] = qw.info["loss"]
         for name, v in self.fmt.encode(t, qw, self.cfg).items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            if not all_finite(v):  # float8 too
                 raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
                                   f"(overflows {v.dtype})")  # fmt: skip
             yield name, v

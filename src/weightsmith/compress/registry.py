@@ -117,6 +117,11 @@ class MethodInfo:
     def needs_calibration(self) -> bool:
         return self.statistic is not None
 
+    def statistic_for(self, options: MethodConfig) -> str | None:
+        """The statistic a run with ``options`` needs: options may choose it themselves
+        (``statistic``, e.g. W8A8 only with ``--smoothquant``), else the declared one."""
+        return getattr(options, "statistic", self.statistic)
+
 
 METHODS: dict[str, MethodInfo] = {}
 FORMATS: dict[str, OutputFormat] = {}
@@ -211,9 +216,12 @@ def output_format(cls: type) -> type:
     return cls
 
 
-def format_reading(quant_method: str | None) -> OutputFormat | None:
-    """The registered format that writes config.json's ``quant_method`` (None: none)."""
-    return next((f for f in FORMATS.values() if f.quant_method == quant_method), None)
+def format_reading(quant_method: str | None, variant: str | None = None) -> OutputFormat | None:
+    """The registered format that writes config.json's ``quant_method`` (None: none); among
+    several (compressed-tensors), the one whose ``variant`` is quantization_config's ``format``."""
+    found = [f for f in FORMATS.values() if f.quant_method == quant_method]
+    exact = [f for f in found if getattr(f, "variant", None) == variant]
+    return (exact or found or [None])[0]
 
 
 @dataclass(frozen=True, init=False)

@@ -104,3 +104,22 @@ class ImatrixStat:
     def result(self) -> torch.Tensor:
         """Mean ``x_j²`` over the calibration tokens, float32."""
         return (self.sum / max(self.n, 1)).float()
+
+
+@input_statistic("channel_range")
+class ChannelRangeStat:
+    """``max_t x_tj - min_t x_tj``: each input channel's dynamic range over the calibration
+    tokens (SmoothQuant's activation scale, as llm-compressor's SmoothQuantModifier takes it)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.lo = torch.full((in_features,), float("inf"))
+        self.hi = torch.full((in_features,), float("-inf"))
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.lo = torch.minimum(self.lo, x.amin(0).to("cpu", torch.float32))
+        self.hi = torch.maximum(self.hi, x.amax(0).to("cpu", torch.float32))
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.hi - self.lo if self.n else torch.zeros_like(self.lo)

@@ -102,3 +102,57 @@ def extract_lora_cmd(
     from dataclasses import asdict
 
     return {"method": "extract-lora", "output": r.out, "result": asdict(r)}
+
+
+@merge_cli.command("moe")
+@click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@click.option(
+    "--seed",
+    "--random-seed",
+    "seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of random gates and expert noise (mergekit's --random-seed: same numbers).",
+)
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest shard file to write (e.g. 2GB, 500MB, 4GiB).",
+)
+@click.option(
+    "--i-understand-this-is-not-useful-without-training",
+    "allow_all_same",
+    is_flag=True,
+    help="Allow every expert to be the same model (mergekit's flag).",
+)
+@force_option
+@progress_option
+@report_option
+def moe_cmd(config_path, out, seed, max_shard_size, allow_all_same, force, progress):
+    """Build a Mixtral mixture of experts from dense Llama/Mistral models (mergekit-moe YAML:
+    base_model, experts, gate_mode random|uniform_random|cheap_embed, dtype, experts_per_token)."""
+    from pathlib import Path
+
+    from weightsmith.io.sizes import parse_size
+    from weightsmith.merge.moe import load_moe_config
+    from weightsmith.merge.moe_build import build_moe
+
+    cfg = load_moe_config(config_path, allow_all_same)
+    result = build_moe(
+        cfg,
+        out,
+        seed=seed,
+        config_text=Path(config_path).read_text(encoding="utf-8"),
+        max_shard_size=parse_size(max_shard_size),
+        force=force,
+        progress=progress,
+    )
+    click.echo(
+        f"built Mixtral MoE: {len(cfg.experts)} experts, {cfg.experts_per_token} per token, "
+        f"{cfg.gate_mode} gates, {result.tensors} tensors ({format_size(result.total_size)}) "
+        f"in {result.wall_s:.1f} s -> {result.out}"
+    )
+    return {"method": "moe", "output": result.out, "result": result.to_dict()}

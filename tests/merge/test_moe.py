@@ -110,7 +110,7 @@ def test_bad_configs_write_nothing(tiny_model, tmp_path):
     base, a = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     out = tmp_path / "moe"
     cases = {
-        "hidden": (_recipe(base, [a, base], "hidden"), "not implemented yet"),
+        "hidden_avg": (_recipe(base, [a, base], "hidden_avg"), "not implemented yet"),
         "ept": ({**_recipe(base, [a, base], "random"), "experts_per_token": 3}, "at least as many"),
         "same prompts": (
             {
@@ -128,11 +128,41 @@ def test_bad_configs_write_nothing(tiny_model, tmp_path):
     assert not out.exists()
 
 
+def test_hidden_gates_equal_the_full_model(tiny_model, tmp_path):
+    """Layer-streamed rows = transformers' whole-model hidden_states[:-1] at the last token of
+    each (BOS +) prompt, averaged, positive minus negative, normalised (float32, 1e-5)."""
+    import transformers
+
+    base, a = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    data = _recipe(base, [a, base], "hidden")
+    data["experts"][0]["negative_prompts"] = PROMPTS["lesson"]
+    r = run_cli("moe", _write(tmp_path, "hidden", data), "-o", tmp_path / "moe")
+    assert r.exit_code == 0, r.output
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+
+    def mean_last(prompts) -> torch.Tensor:  # (layers, hidden)
+        rows = []
+        for p in prompts:
+            ids = torch.tensor([tok(tok.bos_token + p, add_special_tokens=False).input_ids])
+            with torch.no_grad():
+                hs = model(ids, output_hidden_states=True).hidden_states[:-1]
+            rows.append(torch.stack([h[0, -1] for h in hs]))
+        return torch.stack(rows).mean(0)
+
+    want = [mean_last(PROMPTS["story"]) - mean_last(PROMPTS["lesson"]), mean_last(PROMPTS["fox"])]
+    want = torch.stack([w / w.norm(dim=-1, keepdim=True) for w in want], dim=1)
+    out = tensors(tmp_path / "moe")
+    for i in range(2):
+        assert torch.allclose(out[f"model.layers.{i}.mlp.gate.weight"], want[i], atol=1e-5)
+
+
 MK_CASES = {
     "random": ("random", {"dtype": "float32", "experts_per_token": 1}, True),
     "cheap_embed": ("cheap_embed", {"dtype": "float32"}, False),
     "bf16": ("cheap_embed", {"dtype": "bfloat16"}, False),
     "uniform": ("uniform_random", {}, False),
+    "hidden": ("hidden", {"dtype": "float32"}, False),  # mergekit runs the model in bfloat16
 }
 
 
@@ -156,6 +186,10 @@ def test_same_tensors_as_mergekit_moe(tiny_model, tmp_path):
         assert tm.keys() == tw.keys(), name
         for k, t in tm.items():
             assert t.dtype == tw[k].dtype, (name, k)
+            if name == "hidden" and k.endswith("mlp.gate.weight"):  # bf16 vs float32 forward
+                cos = torch.nn.functional.cosine_similarity(t.float(), tw[k].float(), dim=-1)
+                assert cos.min() > 0.999, (k, cos)
+                continue
             assert torch.allclose(t.float(), tw[k].float(), atol=1e-6, rtol=0), (name, k)
         cm, cw = (json.loads((d / "config.json").read_text()) for d in (mk, ws))
         assert cm == cw, name

@@ -13,8 +13,11 @@ Router (gate) rows, one per expert and layer, as mergekit computes them:
   prompts of an expert, normalised; minus the same for its negative prompts; normalised
   again; the same row in every layer.
 
-``hidden`` gates (hidden states of the prompts) and Qwen-MoE output (``shared_experts``) are
-not implemented: refused with one line. Tensors are streamed: each layer's experts are read
+* ``hidden`` (= ``hidden_last``): each decoder layer's input hidden state at the prompts' last
+  token (:mod:`weightsmith.merge.moe_hidden`, one decoder layer in memory at a time).
+
+``hidden_avg`` and Qwen-MoE output (``shared_experts``) are not implemented: refused with one
+line. Tensors are streamed: each layer's experts are read
 one tensor at a time and written as the fused ``experts.gate_up_proj`` / ``experts.down_proj``
 (transformers 5's Mixtral layout), so one output tensor is in memory at a time.
 """
@@ -32,8 +35,8 @@ import torch
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.dtypes import parse_user_dtype
 
-GATE_MODES = ("random", "uniform_random", "cheap_embed")
-NOT_YET = ("hidden", "hidden_avg", "hidden_last")
+GATE_MODES = ("hidden", "hidden_last", "random", "uniform_random", "cheap_embed")
+NOT_YET = ("hidden_avg",)
 DENSE_TYPES = ("llama", "mistral")
 
 

@@ -69,6 +69,10 @@ def gate_params(cfg: MoeConfig, base: Checkpoint, gen: torch.Generator) -> torch
     if cfg.gate_mode == "uniform_random":
         scale = math.sqrt(1.0 / hidden)
         return torch.rand(shape, generator=gen) * 2 * scale - scale
+    if cfg.gate_mode in ("hidden", "hidden_last"):
+        from weightsmith.merge.moe_hidden import hidden_gates
+
+        return hidden_gates(base, load_tokenizer(base.root), cfg.experts)
     embed = require_finite(base.get_tensor("model.embed_tokens.weight"), str(base.root), "embed")
     return cheap_embed_gates(embed, load_tokenizer(base.root), cfg.experts, layers)
 

@@ -4,7 +4,8 @@ Numbers checked: an MoE whose experts are all the base model computes the base m
 logits (the top-k weights sum to 1; 1e-5); cheap_embed router rows equal a hand computation
 from the embedding table (1e-6); each expert slot holds its source model's MLP exactly; and
 against mergekit-moe 0.1.5 (its venv): every tensor and the config equal (random gates with
-the same seed, noise and residual scaling included; cheap_embed; bf16 output) within 1e-6.
+the same seed, noise and residual scaling included; cheap_embed; bf16 output; Qwen2-MoE with
+a shared expert) within 1e-6; hidden-state rows within cosine 0.999 (mergekit runs bf16).
 """
 
 from __future__ import annotations
@@ -106,6 +107,33 @@ def test_cheap_embed_rows_and_expert_slots(tiny_model, tmp_path):
     assert config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 2
 
 
+def test_qwen_moe_with_shared_expert_loads_and_generates(tiny_model, tmp_path):
+    """One shared expert -> Qwen2MoeForCausalLM that loads and generates; every expert slot
+    (shared included) holds its source's MLP exactly; Llama's missing q/k/v biases are zeros."""
+    import transformers
+
+    base, a = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    data = _recipe(base, [a, base], "cheap_embed")
+    data["shared_experts"] = [{"source_model": str(a), "positive_prompts": PROMPTS["lesson"]}]
+    r = run_cli("moe", _write(tmp_path, "q", data), "-o", tmp_path / "moe")
+    assert r.exit_code == 0, r.output
+    assert "built Qwen2-MoE MoE: 2 experts" in r.output
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert model.generate(torch.tensor([[1, 7, 42]]), max_new_tokens=3, do_sample=False).shape == (
+        1,
+        6,
+    )
+    out, src_a, src_b = tensors(tmp_path / "moe"), tensors(a), tensors(base)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        dense = f"model.layers.1.mlp.{proj}.weight"
+        assert torch.equal(out[f"model.layers.1.mlp.experts.0.{proj}.weight"], src_a[dense])
+        assert torch.equal(out[f"model.layers.1.mlp.experts.1.{proj}.weight"], src_b[dense])
+        assert torch.equal(out[f"model.layers.1.mlp.shared_expert.{proj}.weight"], src_a[dense])
+    assert not out["model.layers.0.self_attn.q_proj.bias"].any()  # Llama has none: zeros
+    assert out["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 64)
+
+
 def test_bad_configs_write_nothing(tiny_model, tmp_path):
     base, a = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     out = tmp_path / "moe"
@@ -122,6 +150,11 @@ def test_bad_configs_write_nothing(tiny_model, tmp_path):
         "same model": (_recipe(base, [a, a], "cheap_embed"), "same model"),
         "unknown": ({**_recipe(base, [a, base], "random"), "gates": 1}, "'gates'"),
         "gpt2": (_recipe(base, [tiny_model("gpt2", seed=1), a], "random"), "Llama or Mistral"),
+        "deepseek": (
+            {**_recipe(base, [a, base], "random"), "shared_experts": [{"source_model": str(a)}]},
+            "DeepSeek",
+        ),
+        "qwen arch": ({**_recipe(base, [a, base], "random"), "architecture": "qwen"}, "Mixtral"),
     }
     for name, (data, fragment) in cases.items():
         assert_one_line_error(run_cli("moe", _write(tmp_path, name, data), "-o", out), fragment)
@@ -163,6 +196,8 @@ MK_CASES = {
     "bf16": ("cheap_embed", {"dtype": "bfloat16"}, False),
     "uniform": ("uniform_random", {}, False),
     "hidden": ("hidden", {"dtype": "float32"}, False),  # mergekit runs the model in bfloat16
+    "qwen_random": ("random", {"dtype": "float32", "experts_per_token": 1}, True),
+    "qwen_cheap": ("cheap_embed", {"dtype": "bfloat16"}, False),
 }
 
 
@@ -175,6 +210,9 @@ def test_same_tensors_as_mergekit_moe(tiny_model, tmp_path):
         data = {**_recipe(base, [a, b, base], mode), **extra}
         if noise:  # mergekit draws expert noise after the gates, from the same generator
             data["experts"][0].update(noise_scale=0.01, residual_scale=0.5)
+        if name.startswith("qwen"):  # one gated shared expert: Qwen2-MoE output
+            shared = {"source_model": str(a), "positive_prompts": ["The robot said hello"]}
+            data["shared_experts"] = [{**shared, "noise_scale": 0.02} if noise else shared]
         cfg = _write(tmp_path, name, data)
         mk, ws = tmp_path / f"mk-{name}", tmp_path / f"ws-{name}"
         cmd = [str(python.parent / "mergekit-moe"), str(cfg), str(mk), "--random-seed", "11"]

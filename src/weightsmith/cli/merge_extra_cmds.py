@@ -132,8 +132,9 @@ def extract_lora_cmd(
 @progress_option
 @report_option
 def moe_cmd(config_path, out, seed, max_shard_size, allow_all_same, force, progress):
-    """Build a Mixtral mixture of experts from dense Llama/Mistral models (mergekit-moe YAML:
-    base_model, experts, gate_mode random|uniform_random|cheap_embed, dtype, experts_per_token)."""
+    """Build a Mixtral (or, with one shared expert, Qwen2-MoE) mixture of experts from dense
+    models (mergekit-moe YAML: base_model, experts, shared_experts, gate_mode
+    hidden|cheap_embed|random|uniform_random, dtype, experts_per_token, architecture)."""
     from pathlib import Path
 
     from weightsmith.io.sizes import parse_size
@@ -151,7 +152,7 @@ def moe_cmd(config_path, out, seed, max_shard_size, allow_all_same, force, progr
         progress=progress,
     )
     click.echo(
-        f"built Mixtral MoE: {len(cfg.experts)} experts, {cfg.experts_per_token} per token, "
+        f"built {'Qwen2-MoE' if cfg.shared_experts else 'Mixtral'} MoE: {len(cfg.experts)} experts, {cfg.experts_per_token} per token, "
         f"{cfg.gate_mode} gates, {result.tensors} tensors ({format_size(result.total_size)}) "
         f"in {result.wall_s:.1f} s -> {result.out}"
     )

@@ -129,10 +129,7 @@ def _check_config(cfg: MoeConfig, allow_all_same: bool = False) -> None:
         raise ConfigError(f"gate_mode {cfg.gate_mode!r} is not implemented yet (use {GATE_MODES})")
     if cfg.gate_mode not in GATE_MODES:
         raise ConfigError(f"gate_mode must be one of {GATE_MODES}, got {cfg.gate_mode!r}")
-    if cfg.shared_experts:
-        raise ConfigError("shared_experts (Qwen-MoE output) is not implemented yet")
-    if cfg.architecture and not "mixtral".startswith(cfg.architecture.lower()):
-        raise ConfigError(f"architecture {cfg.architecture!r}: only Mixtral output is supported")
+    _check_architecture(cfg)
     if cfg.experts_per_token < 1:
         raise ConfigError("experts_per_token must be >= 1")
     if len(cfg.experts) < cfg.experts_per_token:
@@ -152,6 +149,30 @@ def _check_config(cfg: MoeConfig, allow_all_same: bool = False) -> None:
     ):
         raise ConfigError(
             "every expert is the same model: pass --i-understand-this-is-not-useful-without-training"
+        )
+
+
+def _check_architecture(cfg: MoeConfig) -> None:
+    """mergekit's output selection, for the outputs implemented here: Mixtral without shared
+    experts, Qwen MoE with exactly one (gated: prompts, or random gates)."""
+    arch = (cfg.architecture or "").lower()
+    if not cfg.shared_experts:
+        if not "mixtral".startswith(arch):
+            raise ConfigError(
+                f"architecture {cfg.architecture!r}: without shared_experts only Mixtral output is supported"
+            )
+        return
+    if not "qwen moe".startswith(arch):
+        raise ConfigError(
+            f"architecture {cfg.architecture!r} with shared_experts: only Qwen MoE output is supported"
+        )
+    if len(cfg.shared_experts) != 1:
+        raise ConfigError("Qwen MoE output needs exactly one shared expert")
+    prompted = bool(cfg.shared_experts[0].positive_prompts)
+    if not prompted and (cfg.gate_mode != "random" or not arch):
+        raise ConfigError(
+            "the shared expert needs positive_prompts (without them mergekit builds a DeepSeek "
+            "MoE, not implemented here; with random gates set architecture: qwen)"
         )
 
 

@@ -24,6 +24,14 @@ from weightsmith.io.dtypes import parse_user_dtype
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
 from weightsmith.merge.moe import DENSE_TYPES, MoeConfig, cheap_embed_gates, load_tokenizer
+from weightsmith.merge.moe_qwen import (
+    QWEN_TYPES,
+    qwen_apply,
+    qwen_config,
+    qwen_layout,
+    qwen_shape,
+    source_name,
+)
 
 MLP = "model.layers.{}.mlp.{}.weight"
 
@@ -41,13 +49,14 @@ def _layers(ck: Checkpoint) -> int:
     return n
 
 
-def _check_inputs(base: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Llama/Mistral models of one type, every expert with the base's MLP shapes."""
+def _check_inputs(base: Checkpoint, experts: list[Checkpoint], qwen: bool) -> None:
+    """Models of one supported type, every expert with the base's MLP shapes."""
     kinds = {(c.config or {}).get("model_type") for c in [base, *experts]}
-    if len(kinds) != 1 or not kinds <= set(DENSE_TYPES):
-        raise CheckpointError(
-            f"Mixtral output needs Llama or Mistral models of one type, got {sorted(map(str, kinds))}"
-        )
+    allowed, what = (QWEN_TYPES, "Qwen MoE output needs Llama, Mistral or Qwen2") if qwen else (
+        DENSE_TYPES, "Mixtral output needs Llama or Mistral"
+    )  # fmt: skip
+    if len(kinds) != 1 or not kinds <= set(allowed):
+        raise CheckpointError(f"{what} models of one type, got {sorted(map(str, kinds))}")
     for i in range(_layers(base)):
         for p in ("gate_proj", "up_proj", "down_proj"):
             name = MLP.format(i, p)
@@ -61,9 +70,11 @@ def _check_inputs(base: Checkpoint, experts: list[Checkpoint]) -> None:
 
 
 def gate_params(cfg: MoeConfig, base: Checkpoint, gen: torch.Generator) -> torch.Tensor:
-    """(layers, experts, hidden) float32 router rows (``gen`` drawn from for random modes)."""
+    """(layers, experts, hidden) float32 router rows (``gen`` drawn from for random modes);
+    the shared expert's row last (Qwen MoE)."""
     layers, hidden = _layers(base), base.config["hidden_size"]
-    shape = (layers, len(cfg.experts), hidden)
+    gated = (*cfg.experts, *cfg.shared_experts)
+    shape = (layers, len(gated), hidden)
     if cfg.gate_mode == "random":
         return torch.randn(shape, generator=gen)
     if cfg.gate_mode == "uniform_random":
@@ -72,9 +83,9 @@ def gate_params(cfg: MoeConfig, base: Checkpoint, gen: torch.Generator) -> torch
     if cfg.gate_mode in ("hidden", "hidden_last"):
         from weightsmith.merge.moe_hidden import hidden_gates
 
-        return hidden_gates(base, load_tokenizer(base.root), cfg.experts)
+        return hidden_gates(base, load_tokenizer(base.root), gated)
     embed = require_finite(base.get_tensor("model.embed_tokens.weight"), str(base.root), "embed")
-    return cheap_embed_gates(embed, load_tokenizer(base.root), cfg.experts, layers)
+    return cheap_embed_gates(embed, load_tokenizer(base.root), gated, layers)
 
 
 def mixtral_config(base: Checkpoint, cfg: MoeConfig, out_dtype: torch.dtype | None) -> dict:
@@ -126,47 +137,24 @@ def build_moe(
     force: bool = False,
     progress: bool = True,
 ) -> StreamResult:
-    """Write the Mixtral MoE of ``cfg`` to ``out`` (atomically); ``seed`` seeds the random
-    gates and expert noise (mergekit's ``--random-seed``)."""
+    """Write the MoE of ``cfg`` (Mixtral, or Qwen2-MoE with a shared expert) to ``out``
+    (atomically); ``seed`` seeds the random gates and expert noise (mergekit's
+    ``--random-seed``)."""
+    qwen = bool(cfg.shared_experts)
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(cfg.base_model))
         experts = [stack.enter_context(open_checkpoint(e.source_model)) for e in cfg.experts]
-        _check_inputs(base, experts)
+        shared = [stack.enter_context(open_checkpoint(e.source_model)) for e in cfg.shared_experts]
+        _check_inputs(base, [*experts, *shared], qwen)
         gen = torch.Generator().manual_seed(seed)
         gates = gate_params(cfg, base, gen)
         out_dtype = _out_dtype(cfg, base)
-        new_config = mixtral_config(base, cfg, out_dtype)
-        layers = _layers(base)
-        shared = [n for n in base.tensors if ".mlp." not in n]
-        groups = [_Group("base", tuple(shared))] + [
-            _Group(f"layer {i}", _layer_names(i)) for i in range(layers)
-        ]
-
-        def dt(name: str) -> torch.dtype:
-            return out_dtype or base.info(name).torch_dtype
-
-        def plan(group: _Group) -> list[TensorSpec]:
-            if group.key == "base":
-                return [TensorSpec(n, dt(n), base.info(n).shape) for n in group.names]
-            i = int(group.key.split()[1])
-            g, d = base.info(MLP.format(i, "gate_proj")), base.info(MLP.format(i, "down_proj"))
-            e, (inter, hidden) = len(experts), g.shape
-            return [
-                TensorSpec(group.names[0], dt(g.name), (e, 2 * inter, hidden)),
-                TensorSpec(group.names[1], dt(d.name), (e, *d.shape)),
-                TensorSpec(group.names[2], out_dtype or torch.float32, (e, hidden)),
-            ]
-
-        def apply(group: _Group) -> Iterator[tuple[str, Any]]:
-            if group.key == "base":
-                for n in group.names:
-                    if dt(n) == base.info(n).torch_dtype:
-                        yield checked_copy(base, n)
-                    else:
-                        yield n, require_finite(base.get_tensor(n), str(base.root), n).to(dt(n))
-                return
-            i = int(group.key.split()[1])
-            yield from _layer_tensors(i, cfg, experts, gen, dt, gates[i], out_dtype)
+        if qwen:
+            new_config = qwen_config(base, len(experts), cfg.experts_per_token, out_dtype)
+            groups, plan, apply = _qwen_steps(base, experts, shared[0], cfg, gen, gates, out_dtype)
+        else:
+            new_config = mixtral_config(base, cfg, out_dtype)
+            groups, plan, apply = _mixtral_steps(base, experts, cfg, gen, gates, out_dtype)
 
         def before_commit(writer) -> None:
             if config_text is not None:
@@ -179,12 +167,65 @@ def build_moe(
             plan=plan,
             apply=apply,
             options=WriteOptions(max_shard_size, force, progress),
-            sources=[base, *experts],
+            sources=[base, *experts, *shared],
             config_patch=lambda _old: new_config,
             description="merge moe",
             provenance={"operation": "merge_moe", "config": asdict(cfg), "seed": seed},
             before_commit=before_commit,
         )
+
+
+def _qwen_steps(base, experts, shared_ck, cfg, gen, gates, out_dtype):
+    groups = qwen_layout(base, len(experts), _layers(base))
+
+    def dt(name: str) -> torch.dtype:
+        src = source_name(name)
+        if out_dtype is not None:
+            return out_dtype
+        return base.info(src).torch_dtype if src in base.tensors else torch.float32
+
+    def plan(group) -> list[TensorSpec]:
+        return [TensorSpec(n, dt(n), qwen_shape(base, n, len(experts))) for n in group.names]
+
+    def apply(group):
+        return qwen_apply(group, base, experts, shared_ck, cfg, gen, dt, gates, _expert_tensor)
+
+    return groups, plan, apply
+
+
+def _mixtral_steps(base, experts, cfg, gen, gates, out_dtype):
+    outer = [n for n in base.tensors if ".mlp." not in n]
+    groups = [_Group("base", tuple(outer))] + [
+        _Group(f"layer {i}", _layer_names(i)) for i in range(_layers(base))
+    ]
+
+    def dt(name: str) -> torch.dtype:
+        return out_dtype or base.info(name).torch_dtype
+
+    def plan(group: _Group) -> list[TensorSpec]:
+        if group.key == "base":
+            return [TensorSpec(n, dt(n), base.info(n).shape) for n in group.names]
+        i = int(group.key.split()[1])
+        g, d = base.info(MLP.format(i, "gate_proj")), base.info(MLP.format(i, "down_proj"))
+        e, (inter, hidden) = len(experts), g.shape
+        return [
+            TensorSpec(group.names[0], dt(g.name), (e, 2 * inter, hidden)),
+            TensorSpec(group.names[1], dt(d.name), (e, *d.shape)),
+            TensorSpec(group.names[2], out_dtype or torch.float32, (e, hidden)),
+        ]
+
+    def apply(group: _Group) -> Iterator[tuple[str, Any]]:
+        if group.key == "base":
+            for n in group.names:
+                if dt(n) == base.info(n).torch_dtype:
+                    yield checked_copy(base, n)
+                else:
+                    yield n, require_finite(base.get_tensor(n), str(base.root), n).to(dt(n))
+            return
+        i = int(group.key.split()[1])
+        yield from _layer_tensors(i, cfg, experts, gen, dt, gates[i], out_dtype)
+
+    return groups, plan, apply
 
 
 def _layer_names(i: int) -> tuple[str, str, str]:

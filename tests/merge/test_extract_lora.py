@@ -82,9 +82,13 @@ def test_decompose_hand_values():
 @pytest.mark.parametrize("rank", [5, 8])
 def test_known_rank_recovered_exactly(known_pair, tmp_path, rank):
     base, ft = known_pair
-    r = run_cli("extract-lora", base, ft, "-o", tmp_path / "ad", "--rank", rank)
+    report = tmp_path / "report.json"
+    r = run_cli("extract-lora", base, ft, "-o", tmp_path / "ad", "--rank", rank, "--report", report)
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1].startswith("extracted LoRA: 14 modules")
+    rep = json.loads(report.read_text())
+    assert rep["ok"] and rep["result"]["lora_modules"] == 14 and rep["result"]["max_rank"] == rank
+    assert rep["result"]["retained_energy"] == pytest.approx(1.0, abs=1e-9)
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == rank and cfg["lora_alpha"] == rank  # ranks are min(rank, 64) = rank
     merged, want = _fold(base, tmp_path / "ad", tmp_path / "m"), tensors(ft)

@@ -1,9 +1,11 @@
-"""A Mixtral-style mixture of experts from dense Llama/Mistral models (mergekit-moe 0.1.5).
+"""A mixture of experts from dense models (mergekit-moe 0.1.5): Mixtral, or Qwen2-MoE with a
+shared expert.
 
 Same YAML keys as mergekit-moe: ``base_model`` (attention, norms, embeddings and the
 tokenizer come from it), ``experts`` (each ``source_model`` gives one expert's MLP in every
 layer; ``positive_prompts`` / ``negative_prompts``, ``noise_scale``, ``residual_scale``),
-``gate_mode``, ``dtype``, ``experts_per_token`` (2), ``architecture`` and ``shared_experts``.
+``gate_mode``, ``dtype``, ``experts_per_token`` (2), ``architecture`` and ``shared_experts``
+(exactly one, gated: Qwen2-MoE output, :mod:`weightsmith.merge.moe_qwen`).
 
 Router (gate) rows, one per expert and layer, as mergekit computes them:
 
@@ -11,15 +13,14 @@ Router (gate) rows, one per expert and layer, as mergekit computes them:
   (mergekit's ``--random-seed``: the same numbers); ``uniform_random``: U(-1/√h, 1/√h);
 * ``cheap_embed``: the base model's token embeddings summed over the tokens of all (BOS +)
   prompts of an expert, normalised; minus the same for its negative prompts; normalised
-  again; the same row in every layer.
-
+  again; the same row in every layer;
 * ``hidden`` (= ``hidden_last``): each decoder layer's input hidden state at the prompts' last
   token (:mod:`weightsmith.merge.moe_hidden`, one decoder layer in memory at a time).
 
-``hidden_avg`` and Qwen-MoE output (``shared_experts``) are not implemented: refused with one
-line. Tensors are streamed: each layer's experts are read
-one tensor at a time and written as the fused ``experts.gate_up_proj`` / ``experts.down_proj``
-(transformers 5's Mixtral layout), so one output tensor is in memory at a time.
+``hidden_avg``, DeepSeek and Qwen3-MoE outputs are not implemented: refused with one line.
+Mixtral tensors are streamed (:mod:`weightsmith.merge.moe_build`): each layer's experts are
+read one tensor at a time into the fused ``experts.gate_up_proj`` / ``experts.down_proj``
+(transformers 5's layout), so one output tensor is in memory at a time.
 """
 
 from __future__ import annotations

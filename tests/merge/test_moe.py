@@ -231,3 +231,34 @@ def test_same_tensors_as_mergekit_moe(tiny_model, tmp_path):
             assert torch.allclose(t.float(), tw[k].float(), atol=1e-6, rtol=0), (name, k)
         cm, cw = (json.loads((d / "config.json").read_text()) for d in (mk, ws))
         assert cm == cw, name
+
+
+def test_stories260k_experts(tmp_path):
+    """The real pair: hidden gates, unit rows; experts hold each model's MLP; loads and
+    generates (greedy) as a Mixtral."""
+    import transformers
+
+    from weightsmith.testing import shared_model
+
+    base, ft = shared_model("stories260K"), shared_model("stories260K-shakespeare")
+    if base is None or ft is None:
+        pytest.skip("../shared/models/stories260K(-shakespeare) not found (WEIGHTSMITH_SHARED)")
+    data = {
+        "base_model": str(base),
+        "experts": [
+            {"source_model": str(base), "positive_prompts": ["Once upon a time, Lily"]},
+            {"source_model": str(ft), "positive_prompts": ["ROMEO: What light through yonder"]},
+        ],
+    }  # gate_mode defaults to hidden, as in mergekit
+    r = run_cli("moe", _write(tmp_path, "s", data), "-o", tmp_path / "moe")
+    assert r.exit_code == 0, r.output
+    out, b, f = tensors(tmp_path / "moe"), tensors(base), tensors(ft)
+    for i in range(5):
+        gate = out[f"model.layers.{i}.mlp.gate.weight"]
+        assert torch.allclose(gate.norm(dim=-1), torch.ones(2), atol=1e-5)
+        down = out[f"model.layers.{i}.mlp.experts.down_proj"]
+        assert torch.equal(down[0], b[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert torch.equal(down[1], f[f"model.layers.{i}.mlp.down_proj.weight"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    ids = torch.tensor([[1, 403, 407]])
+    assert model.generate(ids, max_new_tokens=8, do_sample=False).shape == (1, 11)

@@ -220,6 +220,7 @@ from weightsmith.cli import (  # noqa: E402, F401
     distill_cmds,
     eval_cmds,
     merge_cmds,
+    merge_extra_cmds,
     merge_geometric_cmds,
     merge_sparse_cmds,
     prune_cmds,

@@ -219,6 +219,7 @@ from weightsmith.cli import (  # noqa: E402, F401
     compress_cmds,
     distill_cmds,
     eval_cmds,
+    lmeval_cmds,
     merge_cmds,
     merge_extra_cmds,
     merge_geometric_cmds,

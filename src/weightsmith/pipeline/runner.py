@@ -245,6 +245,11 @@ def markdown_summary(report: dict) -> str:
             f"{k} {result[k]:.4g}" for k in ("ppl", "reference_ppl", "kl", "top1_agreement", "accuracy")
             if isinstance(result.get(k), (int, float))
         )  # fmt: skip
+        for task, metric in (result.get("primary") or {}).items():  # eval tasks (lm-eval)
+            value = (result.get("scores") or {}).get(task, {}).get(metric)
+            metrics += (
+                f"{', ' if metrics else ''}{task} {metric} {value:.4g}" if value is not None else ""
+            )
         for g in s.get("gates", []):
             metrics += f"; gate {g['name']} {'pass' if g['passed'] else 'FAIL'}"
         rss = format_size(s["peak_rss"]) if s.get("peak_rss") else "–"

@@ -4,7 +4,9 @@ Each task vector entry is kept with probability ``density`` and kept entries are
 1/density (``rescale``, on by default), so E[sparsified δ] = δ. ``dare_ties`` then elects signs
 as TIES does. Each entry's draw comes from a counter-based generator (SplitMix64 seeded by
 seed, tensor name and model index, indexed by the entry's position), so a run is reproducible
-and independent of chunking, threads, device or tensor order.
+and independent of chunking, threads, device or tensor order. With a bfloat16/float16 compute dtype it follows
+mergekit 0.1.5 instead: keep probability ``density`` rounded to that dtype, and ``rescale`` is
+its L1 rescale (‖δ‖₁ / ‖kept δ‖₁, sums in that dtype), every op in that dtype.
 """
 
 from __future__ import annotations

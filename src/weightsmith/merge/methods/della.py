@@ -13,6 +13,8 @@ torch's CPU Mersenne Twister seeded by seed, tensor name, model and first row), 
 stream in, so a run is reproducible and independent of chunking, threads and device; mergekit
 draws from torch's global generator, so the two agree in distribution, not entry by entry.
 Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
+With a bfloat16/float16 compute dtype, |δ| is ranked, the probabilities and the L1 rescale are
+computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does.
 """
 
 from __future__ import annotations

@@ -49,3 +49,28 @@ def test_bad_density_in_a_recipe_is_a_one_line_error(trio, tmp_path):
     r = run_cli("run", tmp_path / "r.yml", "-o", tmp_path / "x")
     assert_one_line_error(r, "models[0].parameters.density", "density must be in (0, 1]")
     assert not (tmp_path / "x").exists()
+
+
+def test_bfloat16_arithmetic_is_mergekits_l1_rescale():
+    """With bfloat16 arithmetic DARE keeps entries with p = bf16(density) (the same counter
+    draws, so the same mask as the float32 path at that density) and rescales them by
+    mergekit's L1 factor ‖δ‖₁ / ‖kept δ‖₁ with bfloat16 sums, every op in bfloat16."""
+    from weightsmith.merge.methods.base import TensorParams, merge_tensors
+    from weightsmith.merge.methods.dare import keep_mask, tensor_seed
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    ft = (base.float() + 0.01 * torch.randn(64, 96, generator=gen)).to(torch.bfloat16)
+    params = TensorParams(
+        "w", {"seed": 2}, ({"weight": 0.7, "density": 0.3},), compute_dtype=torch.bfloat16
+    )
+    out = merge_tensors("dare_linear", [base, ft], params)
+    assert out.dtype == torch.bfloat16
+    p = float(torch.tensor(0.3, dtype=torch.bfloat16))  # 0.30078125
+    mask = keep_mask(tensor_seed(2, "w", 0), 0, base.numel(), p).view(64, 96)
+    delta = ft - base
+    masked = delta * mask.to(torch.bfloat16)
+    scale = delta.abs().sum() / masked.abs().sum()
+    want = base + (masked * scale) * torch.tensor(0.7, dtype=torch.bfloat16)
+    assert torch.equal(out, want)
+    assert abs(float(scale) - 1 / 0.3) < 0.25  # ~1/density, but not exactly it

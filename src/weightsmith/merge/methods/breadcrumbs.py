@@ -26,7 +26,10 @@ from weightsmith.merge.methods.base import (
 )
 from weightsmith.merge.methods.sparsify import (
     MaskedTaskArithmetic,
+    NarrowMask,
     l1_scales,
+    mergekit_l1_scale,
+    narrow_deltas,
     topk_cuts,
     topk_mask,
 )
@@ -91,7 +94,9 @@ class _Breadcrumbs(MaskedTaskArithmetic):
         ),
     )
 
-    def prepare(self, src: ChunkSource, params: TensorParams) -> list[Band | None]:
+    def prepare(self, src: ChunkSource, params: TensorParams) -> list[Any]:
+        if params.narrow:
+            return narrow_bands(src, params)
         bands: list[Band | None] = [None] * len(params.models)  # None: δ unchanged
         counts = {}
         for k, m in enumerate(params.models):
@@ -111,7 +116,33 @@ class _Breadcrumbs(MaskedTaskArithmetic):
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
         band = state[k]
+        if isinstance(band, NarrowMask):
+            return band.apply(delta, offset)
         return delta if band is None else apply_band(delta, band, offset)
+
+
+def narrow_bands(src: ChunkSource, params: TensorParams) -> list[NarrowMask | None]:
+    """mergekit's ``magnitude_outliers`` masks in the compute dtype: the task vector in that
+    dtype, ranks from torch's ascending sort of its float32 |δ| (whole tensor, so entries equal
+    at a cut are picked as mergekit's sort picks them), and the L1 rescale in that dtype."""
+    out: list[NarrowMask | None] = [None] * len(params.models)
+    active = [k for k, m in enumerate(params.models) if float(m["density"]) < 1.0]
+    for k, delta in narrow_deltas(src, active, params.dtype):
+        m = params.models[k]
+        n = delta.numel()
+        target = int(float(m["density"]) * n)
+        n_bot = max(0, n - target - int(float(m["gamma"]) * n))
+        w = delta.abs()
+        if w.device.type == "cpu":
+            w = w.float()
+        order = torch.sort(w, descending=False).indices
+        del w
+        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        mask[order[n_bot : n_bot + target]] = True
+        del order
+        scale = mergekit_l1_scale(delta, mask) if params.globals["rescale"] else None
+        out[k] = NarrowMask(mask, scale)
+    return out
 
 
 @merge_method("breadcrumbs")

@@ -4,7 +4,9 @@ Each task vector entry is kept with probability ``density`` and kept entries are
 1/density (``rescale``, on by default), so E[sparsified δ] = δ. ``dare_ties`` then elects signs
 as TIES does. Each entry's draw comes from a counter-based generator (SplitMix64 seeded by
 seed, tensor name and model index, indexed by the entry's position), so a run is reproducible
-and independent of chunking, threads, device or tensor order.
+and independent of chunking, threads, device or tensor order. With a bfloat16/float16 compute dtype it follows
+mergekit 0.1.5 instead: keep probability ``density`` rounded to that dtype, and ``rescale`` is
+its L1 rescale (‖δ‖₁ / ‖kept δ‖₁, sums in that dtype), every op in that dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from weightsmith.merge.methods.base import (
     merge_method,
     merge_tensors,
 )
+from weightsmith.merge.methods.sparsify import NarrowMask, mergekit_l1_scale, narrow_deltas
 from weightsmith.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
 from weightsmith.merge.params import BOOL, INT
 
@@ -109,9 +112,12 @@ class _Dare(GeneralizedTaskArithmetic):
         ),
     )
 
-    def prepare(self, src: ChunkSource, params: TensorParams) -> list[int]:
+    def prepare(self, src: ChunkSource, params: TensorParams) -> list[Any]:
         seed = int(params.globals["seed"])
-        return [tensor_seed(seed, params.name, k) for k in range(len(params.models))]
+        seeds: list[Any] = [tensor_seed(seed, params.name, k) for k in range(len(params.models))]
+        if params.narrow:
+            return narrow_masks(src, params, seeds)
+        return seeds
 
     def sparsify(
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
@@ -119,6 +125,8 @@ class _Dare(GeneralizedTaskArithmetic):
         density = float(params.models[k]["density"])
         if density >= 1.0:
             return delta
+        if isinstance(state[k], NarrowMask):
+            return state[k].apply(delta, offset)
         return dare_mask(delta, density, state[k], offset, bool(params.globals["rescale"]))
 
     def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:
@@ -127,6 +135,20 @@ class _Dare(GeneralizedTaskArithmetic):
             return native.Sparsify()
         cut = keep_cut(density)
         return native.Sparsify(native.DARE, seed=state[k], cut=cut, density=density)
+
+
+def narrow_masks(src: ChunkSource, params: TensorParams, seeds: list[int]) -> list[Any]:
+    """DARE as mergekit computes it in a narrow dtype: keep probability ``density`` rounded
+    to that dtype (its Bernoulli draws from a tensor of that dtype), and with ``rescale`` its
+    L1 rescale (‖δ‖₁ / ‖kept δ‖₁, sums in that dtype) instead of 1/density."""
+    out: list[Any] = list(seeds)
+    active = [k for k, m in enumerate(params.models) if float(m["density"]) < 1.0]
+    for k, delta in narrow_deltas(src, active, params.dtype):
+        p = float(torch.tensor(float(params.models[k]["density"]), dtype=params.dtype))
+        mask = keep_mask(seeds[k], 0, delta.numel(), p, delta.device)
+        scale = mergekit_l1_scale(delta, mask) if params.globals["rescale"] else None
+        out[k] = NarrowMask(mask, scale)
+    return out
 
 
 @merge_method("dare_linear")

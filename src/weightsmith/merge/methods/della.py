@@ -13,6 +13,8 @@ torch's CPU Mersenne Twister seeded by seed, tensor name, model and first row), 
 stream in, so a run is reproducible and independent of chunking, threads and device; mergekit
 draws from torch's global generator, so the two agree in distribution, not entry by entry.
 Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
+With a bfloat16/float16 compute dtype, |δ| is ranked, the probabilities and the L1 rescale are
+computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
 )
 from weightsmith.merge.methods.dare import tensor_seed
-from weightsmith.merge.methods.sparsify import MaskedTaskArithmetic, gather_delta, l1_ratio
+from weightsmith.merge.methods.sparsify import (
+    MaskedTaskArithmetic,
+    NarrowMask,
+    gather_delta,
+    l1_ratio,
+    mergekit_l1_scale,
+    narrow_deltas,
+)
 from weightsmith.merge.params import BOOL, INT
 
 BLOCK = 1 << 18  # elements ranked at a time (a few MB of temporaries per thread)
@@ -47,10 +56,13 @@ class Kept:
     scale: float = 1.0
 
 
-def rank_probabilities(cols: int, density: float, epsilon: float) -> torch.Tensor:
+def rank_probabilities(
+    cols: int, density: float, epsilon: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Keep probability of the entry of 0-based |δ| rank r = 0 … cols − 1 in a row of ``cols``
-    (mergekit's float32 arithmetic: ranks 1 … c normalised by their min and max)."""
-    ranks = torch.arange(1, cols + 1, dtype=torch.float32)
+    (mergekit's arithmetic in its work dtype, float32 or the narrow compute dtype: ranks
+    1 … c normalised by their min and max)."""
+    ranks = torch.arange(cols).to(dtype) + 1
     if cols == 1:
         rank_norm = torch.full_like(ranks, 0.5)
     else:
@@ -83,16 +95,19 @@ class _RowPruner:
     """
 
     def __init__(self, n_rows: int, cols: int, density: float, epsilon: float, seed: int,
-                 device: torch.device) -> None:  # fmt: skip
-        self.cols, self.seed = cols, seed
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        self.cols, self.seed, self.dtype = cols, seed, dtype
         self.step = max(1, BLOCK // max(cols, 1))
-        self.probs = rank_probabilities(cols, density, epsilon).to(device)
+        self.probs = rank_probabilities(cols, density, epsilon, dtype).to(device)
         self.keep = torch.empty((n_rows, cols), dtype=torch.bool, device=device)
 
     def block(self, r0: int, rows: torch.Tensor) -> tuple[float, float]:
         """Decide rows ``r0 …`` (their δ: ``rows``); return (‖δ‖₁, ‖kept δ‖₁) of the block."""
         mags = rows.abs()
-        order = torch.argsort(mags, dim=1, stable=True)
+        # ranked by |δ| in the work dtype, as mergekit ranks them
+        key = mags if self.dtype == torch.float32 else rows.to(self.dtype).abs_()
+        order = torch.argsort(key, dim=1, stable=True)
+        del key
         gen = torch.Generator().manual_seed(block_seed(self.seed, r0))
         draws = torch.rand(rows.shape, generator=gen, dtype=torch.float64).to(rows.device)
         keep = self.keep[r0 : r0 + rows.shape[0]]
@@ -119,15 +134,16 @@ def magprune_mask(
 
 
 def _magprune_memory(
-    delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int
-) -> tuple[torch.Tensor, float]:
+    delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, float]:  # fmt: skip
     """(mask, L1 rescale factor) for a task vector in memory; rows run along dim 1."""
     moved_shape = (-1, shape[1]) if len(shape) >= 2 else (1, -1)
     if len(shape) > 2:
         rows = delta.view(shape).movedim(1, -1).reshape(moved_shape)
     else:
         rows = delta.view(moved_shape)
-    pruner = _RowPruner(*rows.shape, density, epsilon, seed, delta.device)
+    pruner = _RowPruner(*rows.shape, density, epsilon, seed, delta.device, dtype)
     scale = _rescale_of(pruner.blocks(0, rows))
     if len(shape) > 2:
         moved = [s for i, s in enumerate(shape) if i != 1] + [shape[1]]
@@ -136,8 +152,9 @@ def _magprune_memory(
 
 
 def magprune_stream(
-    src: ChunkSource, k: int, cols: int, density: float, epsilon: float, seed: int
-) -> tuple[torch.Tensor, float]:
+    src: ChunkSource, k: int, cols: int, density: float, epsilon: float, seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, float]:  # fmt: skip
     """(mask, L1 rescale factor) of task vector ``k`` of a tensor of rows of ``cols``
     entries, read chunk by chunk: only a block of rows of δ is held besides the mask. The
     same result as :func:`magprune_mask` on the whole δ."""
@@ -148,7 +165,7 @@ def magprune_stream(
     for base, x in src.chunks([0, k + 1]):
         n = base.numel()
         if pruner is None:
-            pruner = _RowPruner(n_rows, cols, density, epsilon, seed, base.device)
+            pruner = _RowPruner(n_rows, cols, density, epsilon, seed, base.device, dtype)
         if buf is None or buf.numel() < fill + n:  # one buffer, reused chunk after chunk
             grown = torch.empty(fill + n, dtype=base.dtype, device=base.device)
             if buf is not None:
@@ -195,19 +212,25 @@ class _Della(MaskedTaskArithmetic):
                     "(need 0 < density − |epsilon| and density + |epsilon| < 1)"
                 )
 
-    def prepare(self, src: ChunkSource, params: TensorParams) -> list[Kept | None]:
+    def prepare(self, src: ChunkSource, params: TensorParams) -> list[Any]:
         seed, rescale = int(params.globals["seed"]), bool(params.globals["rescale"])
-        kept: list[Kept | None] = [None] * len(params.models)  # None: δ unchanged
+        kept: list[Any] = [None] * len(params.models)  # None: δ unchanged
         for k, m in enumerate(params.models):
             d, e = float(m["density"]), float(m["epsilon"])
             if d < 1.0:
                 shape, tseed = region_shape(src), tensor_seed(seed, src.name, k)
                 if len(shape) <= 2:
                     cols = shape[-1] if len(shape) == 2 else src.numel
-                    mask, scale = magprune_stream(src, k, cols, d, e, tseed)
+                    mask, scale = magprune_stream(src, k, cols, d, e, tseed, params.dtype)
                 else:  # rows along dim 1 are strided: rank them in memory
-                    mask, scale = _magprune_memory(gather_delta(src, k), shape, d, e, tseed)
+                    delta = gather_delta(src, k)
+                    mask, scale = _magprune_memory(delta, shape, d, e, tseed, params.dtype)
                 kept[k] = Kept(mask, scale if rescale else 1.0)
+        if params.narrow:  # mergekit's rescale: its L1 sums in the compute dtype
+            models = [k for k, x in enumerate(kept) if x is not None]
+            for k, delta in narrow_deltas(src, models, params.dtype):
+                mask = kept[k].mask
+                kept[k] = NarrowMask(mask, mergekit_l1_scale(delta, mask) if rescale else None)
         return kept
 
     def sparsify(
@@ -216,6 +239,8 @@ class _Della(MaskedTaskArithmetic):
         kept = state[k]
         if kept is None:
             return delta
+        if isinstance(kept, NarrowMask):
+            return kept.apply(delta, offset)
         delta.mul_(kept.mask[offset : offset + delta.numel()])
         return delta if kept.scale == 1.0 else delta.mul_(kept.scale)
 

@@ -33,9 +33,9 @@ class NearSwap(MergeMethod):
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
-        a, b = chunks
+        a, b = (c.to(params.dtype) for c in chunks)  # mergekit's ops in the compute dtype
         t = float(params.globals["t"])
-        # the same float32 operations as mergekit, so results agree to the bit
+        # the same operations as mergekit, so results agree to the bit
         absdiff = torch.abs(a - b)
         weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
         return weight * b + (1 - weight) * a

@@ -27,6 +27,7 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
+    whole,
 )
 from weightsmith.merge.methods.sparsify import topk_mask
 from weightsmith.merge.methods.ties import topk_threshold
@@ -75,6 +76,54 @@ def variance_mask(src: ChunkSource, fraction: float) -> torch.Tensor:
     return topk_mask(var, topk_threshold(var, k), 0)
 
 
+@dataclass(frozen=True)
+class NarrowSce:
+    """SCE's statistics as mergekit computes them in a narrow dtype."""
+
+    mask: torch.Tensor | None  # selected entries (flat bool); None: every entry
+    weights: torch.Tensor  # (models, 1), in the compute dtype
+
+
+def narrow_state(src: ChunkSource, params: TensorParams) -> NarrowSce:
+    """mergekit's ``sce_mask`` and ``sce_weight`` on the whole task vectors in the compute
+    dtype (every task vector held while it runs): variance, ``topk`` (its own pick among
+    equal variances) and the per-model means of δ², rounded as torch rounds them."""
+    dt, fraction = params.dtype, float(params.globals["select_topk"])
+    base = whole(src, 0, dt)
+    tvs = torch.stack([whole(src, i, dt).sub_(base) for i in range(1, src.num_inputs)])
+    del base
+    mask = None
+    if fraction < 1.0:
+        var = torch.var(tvs, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * fraction)
+        mask = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
+        if k > 0:
+            mask[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = True
+        del var
+        tvs = tvs * mask.to(dt).unsqueeze(0)
+    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    del tvs
+    total = torch.sum(weights).item()
+    if abs(total) < 1e-6:
+        weights = torch.ones_like(weights) / weights.shape[0]
+    else:
+        weights = weights / total
+    return NarrowSce(mask, weights.unsqueeze(-1))
+
+
+def combine_narrow(chunks: list[torch.Tensor], state: NarrowSce, dt: torch.dtype,
+                   offset: int) -> torch.Tensor:  # fmt: skip
+    """mergekit's select, erase and weighted mean on a chunk, every op in ``dt``."""
+    base = chunks[0].to(dt)
+    tvs = torch.stack([x.to(dt) - base for x in chunks[1:]])
+    if state.mask is not None:
+        tvs = tvs * state.mask[offset : offset + base.numel()].to(dt).unsqueeze(0)
+    majority = (tvs.sum(dim=0) >= 0).to(dt) * 2 - 1
+    erased = state.weights * (tvs.sign().to(dt) == majority)
+    merged = (tvs * erased).sum(dim=0)
+    return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
 @merge_method("sce")
 class Sce(MergeMethod):
     title = "SCE"
@@ -91,7 +140,9 @@ class Sce(MergeMethod):
         ),
     )
 
-    def prepare(self, src: ChunkSource, params: TensorParams) -> SceState:
+    def prepare(self, src: ChunkSource, params: TensorParams) -> SceState | NarrowSce:
+        if params.narrow:
+            return narrow_state(src, params)
         fraction = float(params.globals["select_topk"])
         mask = variance_mask(src, fraction) if fraction < 1.0 else None
         n_models = src.num_inputs - 1
@@ -123,6 +174,8 @@ class Sce(MergeMethod):
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
+        if isinstance(state, NarrowSce):
+            return combine_narrow(chunks, state, params.dtype, offset)
         base = chunks[0]
         tvs = [x - base for x in chunks[1:]]
         if state.mask is not None:

@@ -7,14 +7,15 @@ chunks, holding at most one tensor per model, and ``combine`` applies the mask c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
-from weightsmith.merge.methods.base import ChunkSource, TensorParams
+from weightsmith.merge.methods.base import ChunkSource, TensorParams, whole
 from weightsmith.merge.methods.task_arithmetic import (
     GeneralizedTaskArithmetic,
     combine_task_vectors,
@@ -107,12 +108,47 @@ def l1_ratio(before: float, after: float) -> float:
     return float(torch.tensor(before / after, dtype=torch.float32))
 
 
+def narrow_deltas(src: ChunkSource, models: list[int], dt: torch.dtype) -> Iterator[tuple]:
+    """(k, task vector k as one flat tensor in ``dt``) for each of ``models``: mergekit's
+    ``x − base`` after its load cast, one task vector held at a time besides the base."""
+    if not models:
+        return
+    base = whole(src, 0, dt)
+    for k in models:
+        yield k, whole(src, k + 1, dt).sub_(base)
+
+
+def mergekit_l1_scale(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """mergekit's RescaleNorm.l1 factor in ``delta``'s dtype (its whole-tensor sums, rounded
+    as torch rounds them): ‖δ‖₁ / ‖mask·δ‖₁, or None when either is below 1e-7."""
+    masked = delta * mask.to(delta.dtype)
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return None
+    return before / after
+
+
+@dataclass(frozen=True)
+class NarrowMask:
+    """A task vector's mask and rescale factor as mergekit computes them in a narrow dtype."""
+
+    mask: torch.Tensor  # flat bool
+    scale: torch.Tensor | None = None  # 0-dim, in the compute dtype; None: no rescale
+
+    def apply(self, delta: torch.Tensor, offset: int) -> torch.Tensor:
+        """``mask · δ`` (then × scale) on a chunk of δ at flat ``offset``, in δ's dtype."""
+        delta.mul_(self.mask[offset : offset + delta.numel()])
+        return delta if self.scale is None else delta.mul_(self.scale)
+
+
 class MaskedTaskArithmetic(GeneralizedTaskArithmetic):
     """Generalized task arithmetic whose ``sparsify`` the native kernel does not know."""
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
+        if params.narrow:  # mergekit's ops in the compute dtype (sparsify sees that dtype)
+            return self._combine_narrow(chunks, state, params, offset)
         base, models = chunks[0], chunks[1:]
         deltas = [self.sparsify(x - base, k, state, params, offset) for k, x in enumerate(models)]
         return combine_task_vectors(

@@ -168,3 +168,13 @@ def test_compressed_tensors_output_loads_in_transformers(tiny_model, tmp_path):
         got, want = loaded(ids).logits, ref(ids).logits
     # the same dequantized weights, a different matmul order: float32 round-off only
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_points_stay_storable_for_the_gptq_format():
+    # gptq v1 cannot store the lowest level as zero: every refined zero must be >= zero_min
+    torch.manual_seed(1)
+    w = torch.rand(32, 64) + 0.5  # all-positive groups: min-max puts the zero at the bottom
+    cfg = RTNConfig(bits=4, group_size=16, symmetric=False, hqq=True)
+    qw = rtn_quantize(w, cfg, zero_min=-7)
+    assert int(qw.zero.min()) >= -7 and int(qw.zero.max()) <= 7
+    assert qw.info["lp_error"] <= qw.info["lp_error_rtn"]

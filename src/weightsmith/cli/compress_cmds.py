@@ -90,6 +90,13 @@ from weightsmith.io.sizes import format_size, parse_size
     help="Ternary: RMSNorm epsilon.",
 )
 @click.option(
+    "--hqq", is_flag=True, help="RTN: refine the qparams by HQQ's half-quadratic solver (no data)."
+)
+@click.option(
+    "--hqq-iters", type=click.IntRange(min=1), default=20, show_default=True,
+    help="RTN --hqq: most solver iterations (it stops early when the error stops falling).",
+)  # fmt: skip
+@click.option(
     "--scheme",
     type=click.Choice(["dynamic", "block"]),
     default="dynamic",

@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
+from weightsmith.compress.hqq import HQQParams, hqq_qparams
 from weightsmith.compress.levels import (  # dequantize: re-exported
     QuantizedWeight,
     dequantize,  # noqa: F401
     level_range,
 )
 from weightsmith.compress.registry import GridConfig, quant_method
+from weightsmith.errors import ConfigError
 
 
 def minmax_qparams(
@@ -86,7 +88,16 @@ def zero_min_for(cfg: Any) -> int | None:
 
 @dataclass(frozen=True)
 class RTNConfig(GridConfig):
-    """``--method rtn``: min-max qparams per channel or group, no options of its own."""
+    """``--method rtn``: min-max qparams per channel or group; ``hqq`` refines them by HQQ's
+    data-free half-quadratic solver (:mod:`weightsmith.compress.hqq`)."""
+
+    hqq: bool = False
+    hqq_iters: int = 20
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hqq_iters < 1:
+            raise ConfigError(f"--hqq-iters must be positive (got {self.hqq_iters})")
 
 
 @quant_method(
@@ -105,6 +116,14 @@ def rtn_quantize(
     in_f = w.shape[1]
     g = in_f if cfg.group_size == -1 else cfg.group_size
     scale, zero = group_qparams(w, cfg.bits, g, cfg.symmetric, dtype, zero_min)
+    info: dict = {}
+    if getattr(cfg, "hqq", False):
+        params = HQQParams(iters=cfg.hqq_iters)
+        s, z, info = hqq_qparams(
+            w.float().reshape(-1, g), scale.reshape(-1, 1), zero.reshape(-1, 1), cfg.bits,
+            cfg.symmetric, dtype=dtype, zero_min=zero_min, params=params,
+        )  # fmt: skip
+        scale, zero = s.reshape(scale.shape), z.reshape(zero.shape)
     idx = torch.arange(in_f) // g
     q = quantize_levels(w.float(), scale[:, idx], zero[:, idx], cfg.bits)
     return QuantizedWeight(
@@ -114,4 +133,5 @@ def rtn_quantize(
         bits=cfg.bits,
         group_size=g,
         symmetric=cfg.symmetric,
+        info=info,
     )

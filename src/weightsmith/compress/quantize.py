@@ -28,8 +28,10 @@ from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
 from weightsmith.compress.calibrated import CalibratedRun
+from weightsmith.compress.moe import expert_targets
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
+from weightsmith.core.experts import refuse_fused_experts
 from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
@@ -93,6 +95,7 @@ def select_linears(
         )
         targets.append(LinearTarget(tensor, module, name, ckpt.arch.layer_of(tensor),
                                     (out_f, in_f), info.torch_dtype, siblings - {"weight"}))  # fmt: skip
+    targets += expert_targets(ckpt, cfg, used, ignored)
     unused = [p for p in cfg.ignore if p not in used]
     if unused:
         raise ConfigError(f"--ignore {unused[0]!r} matches no Linear of {ckpt.root}")
@@ -205,6 +208,7 @@ def quantize_checkpoint(
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         require_described(ckpt.arch, f"{ckpt.root}: quantize")
+        refuse_fused_experts(ckpt, f"{ckpt.root}: quantize")
         job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}
         record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}

@@ -1,62 +1,92 @@
-"""Mixture-of-experts support for ``compress quantize``: expert Linears as quantization targets.
+"""Mixture-of-experts support for ``compress quantize`` and Wanda: which formats can hold
+quantized experts, per-expert calibration token counts, and the fallback of experts that saw
+too few calibration tokens.
 
-transformers' model keeps experts as fused 3-D parameters, so the skeleton has no Linear for
-them; the targets come from the checkpoint's per-expert names instead (see
-:mod:`weightsmith.core.experts`). Routers are never targets.
+The model skeleton carries one Linear per expert under its checkpoint name
+(:func:`weightsmith.core.experts.unfuse_model`), so expert Linears are targets like any other
+Linear; routers are not Linear modules and are never targets.
 """
 
 from __future__ import annotations
 
-from weightsmith.compress.registry import LinearTarget, QuantConfig
-from weightsmith.core.experts import expert_linears
-from weightsmith.core.targets import ignore_matches
-from weightsmith.errors import CheckpointError, ConfigError
+from typing import Any
+
+from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.core.experts import expert_blocks
+from weightsmith.errors import ConfigError
 from weightsmith.io.reader import Checkpoint
 
-__all__ = ["EXPERT_FORMATS", "expert_targets"]
+__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format"]
 
 # Formats whose quantized per-expert Linears transformers loads back into its fused experts
 # (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
 # nn.Linear modules only, which transformers' experts are not: refused, not written unloadable.
 EXPERT_FORMATS = ("compressed-tensors",)
+DEFAULT_MIN_EXPERT_TOKENS = 32
 
 
-def expert_targets(
-    ckpt: Checkpoint, cfg: QuantConfig, used: set[str], ignored: list[str]
-) -> list[LinearTarget]:
-    """The per-expert Linears to quantize. ``--ignore`` patterns match their checkpoint module
-    names (``model.layers.0.block_sparse_moe.experts.3.w1``); the ones they match are added
-    to ``ignored`` and the patterns to ``used``."""
-    group_size = getattr(cfg.options, "group_size", -1)
-    targets = []
-    for e in expert_linears(ckpt):
-        hit = [p for p in cfg.ignore if ignore_matches(e.module, p)]
-        used.update(hit)
-        if hit:
-            ignored.append(e.module)
-            continue
-        if cfg.format not in EXPERT_FORMATS:
-            raise ConfigError(
-                f"{ckpt.root}: --format {cfg.format} cannot hold quantized MoE experts that "
-                f"transformers loads (it quantizes nn.Linear modules only); use --format "
-                f"{EXPERT_FORMATS[0]} (--method rtn or gptq), or keep the experts with "
-                "--ignore 're:.*experts.*'"
-            )
-        info = ckpt.info(e.tensor)
-        if len(info.shape) != 2 or not info.torch_dtype.is_floating_point:
-            raise CheckpointError(
-                f"{e.tensor}: expected a 2-D float weight, got {info.dtype} {list(info.shape)}"
-            )
-        out_f, in_f = info.shape
-        if group_size != -1 and in_f % group_size:
-            raise ConfigError(
-                f"{e.module}: in_features {in_f} is not divisible by --group-size {group_size}; "
-                f"use a group size that divides it, --group-size -1 (per channel), or "
-                f"--ignore {e.module}"
-            )
-        siblings = frozenset(
-            n[len(e.module) + 1 :] for n in ckpt.tensors if n.startswith(f"{e.module}.")
+def _expert_of(ckpt: Checkpoint, tensor: str) -> tuple[int, str] | None:
+    layout, prefix = ckpt.arch.experts, ckpt.arch.layer_prefix(tensor)
+    if layout is None or prefix is None:
+        return None
+    return layout.expert_of(tensor[len(prefix) :])
+
+
+def check_expert_format(ckpt: Checkpoint, cfg: Any, targets: list) -> None:
+    """Refuse a format transformers cannot load quantized experts from (``targets``: the
+    :class:`~weightsmith.compress.registry.LinearTarget` list)."""
+    experts = [t for t in targets if _expert_of(ckpt, t.tensor)]
+    if experts and cfg.format not in EXPERT_FORMATS:
+        raise ConfigError(
+            f"{ckpt.root}: --format {cfg.format} cannot hold quantized MoE experts that "
+            f"transformers loads (it quantizes nn.Linear modules only); use --format "
+            f"{EXPERT_FORMATS[0]} (--method rtn or gptq), or keep the experts with "
+            "--ignore 're:.*experts.*'"
         )
-        targets.append(LinearTarget(e.tensor, e.module, e.module, e.layer, (out_f, in_f),
-                                    info.torch_dtype, siblings - {"weight"}))  # fmt: skip
-    return targets
+
+
+class ExpertRouting:
+    """Per-expert calibration tokens of one decoder layer, for a calibrated method.
+
+    ``min_tokens``: an expert whose router sent it fewer calibration tokens falls back to the
+    data-free method (RTN, magnitude); ``all_tokens``: every expert is fed every token (each
+    still weighted by its routing weight, so the layer's output is unchanged) and none falls
+    back. ``counts`` (expert -> routed tokens) is what the router did either way."""
+
+    def __init__(self, cl: CalibrationLayer, min_tokens: int, all_tokens: bool) -> None:
+        self.cl, self.min_tokens, self.all_tokens = cl, min_tokens, all_tokens
+        self.blocks = expert_blocks(cl.module)
+        for b in self.blocks:
+            b.all_tokens = all_tokens
+            b.counts.zero_()
+        self.counts: dict[str, int] = {}
+
+    def reset(self) -> None:
+        """Call before a ``collect`` whose counts :meth:`starved` reads."""
+        for b in self.blocks:
+            b.counts.zero_()
+
+    def _record(self) -> None:
+        for b in self.blocks:
+            rel = next(n for n, m in self.cl.module.named_modules() if m is b)
+            for e in range(b.num_experts):
+                self.counts[f"{self.cl.prefix}{rel}.{e}"] = int(b.counts[e])
+
+    def starved(self, names: list[str]) -> set[str]:
+        """Of the layer-relative Linear ``names`` just collected, those of an expert that saw
+        fewer than ``min_tokens`` routed tokens (none with ``all_tokens``)."""
+        if not self.blocks:
+            return set()
+        self._record()
+        if self.all_tokens:
+            return set()
+        out = set()
+        for n in names:
+            module = self.cl.prefix + n
+            expert = module.rsplit(".", 1)[0]
+            if expert in self.counts and self.counts[expert] < self.min_tokens:
+                out.add(n)
+        return out
+
+    def report(self) -> dict[str, int]:
+        return dict(self.counts)

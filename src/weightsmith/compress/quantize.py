@@ -28,7 +28,7 @@ from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
 from weightsmith.compress.calibrated import CalibratedRun
-from weightsmith.compress.moe import expert_targets
+from weightsmith.compress.moe import check_expert_format
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import refuse_fused_experts
@@ -95,12 +95,12 @@ def select_linears(
         )
         targets.append(LinearTarget(tensor, module, name, ckpt.arch.layer_of(tensor),
                                     (out_f, in_f), info.torch_dtype, siblings - {"weight"}))  # fmt: skip
-    targets += expert_targets(ckpt, cfg, used, ignored)
     unused = [p for p in cfg.ignore if p not in used]
     if unused:
         raise ConfigError(f"--ignore {unused[0]!r} matches no Linear of {ckpt.root}")
     if not targets:
         raise ConfigError(f"{ckpt.root}: no Linear left to quantize")
+    check_expert_format(ckpt, cfg, targets)
     return targets, ignored
 
 

@@ -10,6 +10,7 @@ from weightsmith.cli.common import (
     calibration_options,
     force_option,
     max_shard_size_option,
+    moe_options,
     note_builtin_calibration,
     progress_option,
     report_option,
@@ -76,6 +77,7 @@ def _layers(text: str | None) -> tuple[int, ...]:
     help="channels: fraction of MLP channels kept, e.g. 0.75.",
 )
 @calibration_options
+@moe_options
 @max_shard_size_option
 @force_option
 @progress_option
@@ -94,6 +96,8 @@ def prune_cmd(
     calib_samples: int,
     seq_len: int,
     device: str,
+    min_expert_tokens: int,
+    calibrate_all_experts: bool,
     max_shard_size: str,
     force: bool,
     progress: bool,
@@ -110,6 +114,8 @@ def prune_cmd(
         drop=drop,
         layers=_layers(layers_text),
         mlp_ratio=mlp_ratio,
+        min_expert_tokens=min_expert_tokens,
+        calibrate_all_experts=calibrate_all_experts,
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:

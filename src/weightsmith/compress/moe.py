@@ -16,7 +16,7 @@ from weightsmith.core.experts import expert_blocks
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import Checkpoint
 
-__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format"]
+__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format", "moe_summary"]
 
 # Formats whose quantized per-expert Linears transformers loads back into its fused experts
 # (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
@@ -90,3 +90,21 @@ class ExpertRouting:
 
     def report(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def record_into(self, stats: dict | None, fallbacks: list[str]) -> None:
+        """Add this layer's counts and fallback Linears to ``stats`` (see :func:`moe_summary`)."""
+        if stats is None or not self.blocks:
+            return
+        stats.setdefault("expert_tokens", {}).update(self.counts)
+        stats.setdefault("expert_fallbacks", []).extend(fallbacks)
+
+
+def moe_summary(stats: dict, fallback: str) -> dict:
+    """The ``--report`` fields of an MoE run (none for a dense model): calibration tokens the
+    router sent each expert, and the expert Linears that fell back to ``fallback``."""
+    if "expert_tokens" not in stats:
+        return {}
+    return {
+        "expert_tokens": stats["expert_tokens"],
+        f"expert_{fallback}_fallbacks": stats.get("expert_fallbacks", []),
+    }

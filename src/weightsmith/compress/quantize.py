@@ -28,7 +28,7 @@ from weightsmith.compress import nf4 as _nf4  # noqa: F401  (registers nf4 / bnb
 from weightsmith.compress import rtn as _rtn  # noqa: F401  (registers rtn)
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
 from weightsmith.compress.calibrated import CalibratedRun
-from weightsmith.compress.moe import check_expert_format
+from weightsmith.compress.moe import check_expert_format, moe_summary
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import refuse_fused_experts
@@ -249,5 +249,6 @@ def _summary(job: QuantizeJob, ckpt: Checkpoint, result: StreamResult, calib: di
         "zero_fraction": None if zeros is None else zeros / quantized,  # levels that are 0
         "calibration": calib or None,
         "rtn_fallbacks": job.stats["fallbacks"],
+        **moe_summary(job.stats, "rtn"),
         "loss": job.stats["loss"] or None,
     }

@@ -50,7 +50,12 @@ from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
     load_tokenizer,
     tokenize_windows,
 )
-from weightsmith.core.experts import expert_groups, unfuse_layer, unfuse_model
+from weightsmith.core.experts import (
+    expert_groups,
+    is_expert_linear,
+    unfuse_layer,
+    unfuse_model,
+)
 from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.statistics import STATISTICS, InputStat
 from weightsmith.errors import CheckpointError, ConfigError
@@ -158,13 +163,15 @@ class CalibrationLayer:
             stats = {n: make_stat(n, self.linears[n]) for n in names}
         seen: set[str] = set()
         handles = []
+        # MoE experts run only on the tokens routed to them: never stop a batch early there
+        early = not any(is_expert_linear(self._streamer.ckpt.arch, n) for n in names)
         for n in names:
 
             def hook(mod: nn.Module, args: tuple, n: str = n) -> None:
                 x = args[0].detach()
                 stats[n].add(x.reshape(-1, x.shape[-1]).float())
                 seen.add(n)
-                if len(seen) == len(stats):  # the rest of the layer is not needed
+                if early and len(seen) == len(stats):  # the rest of the layer is not needed
                     seen.clear()
                     raise _StopForward
 

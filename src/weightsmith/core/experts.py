@@ -26,6 +26,7 @@ __all__ = [
     "expert_blocks",
     "expert_groups",
     "expert_linears",
+    "is_expert_linear",
     "is_router",
     "refuse_fused_experts",
     "unfuse_layer",
@@ -177,6 +178,12 @@ def unfuse_model(model: nn.Module, arch: Architecture) -> None:
 
 def expert_blocks(module: nn.Module) -> list[ExpertLinears]:
     return [m for m in module.modules() if isinstance(m, ExpertLinears)]
+
+
+def is_expert_linear(arch: Architecture, rel: str) -> bool:
+    """Whether the layer-relative Linear ``rel`` (``block_sparse_moe.experts.3.w1``) is an
+    expert's."""
+    return arch.experts is not None and arch.experts.expert_of(rel + ".weight") is not None
 
 
 def expert_groups(arch: Architecture, linears: list[str]) -> list[tuple[str, ...]]:

@@ -80,6 +80,9 @@ class PruneConfig:
     calib_samples: int = 128
     seq_len: int = 512
     batch_size: int = 8
+    # MoE: experts routed fewer calibration tokens fall back to magnitude (0: never)
+    min_expert_tokens: int = 32
+    calibrate_all_experts: bool = False
     # depth (layers)
     drop: int | None = None
     layers: tuple[int, ...] = ()

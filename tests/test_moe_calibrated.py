@@ -169,3 +169,41 @@ def test_gptq_output_loads_with_close_logits(moe_model, tmp_path, name) -> None:
     for key, ws in _experts_from(loaded).items():
         for w, w0 in zip(ws, _experts_from(ref)[key], strict=True):
             assert 0 < (w - w0).norm() <= 0.05 * w0.norm(), key
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_expert_pruning_keeps_the_most_routed_experts(moe_model, tmp_path, name) -> None:
+    """Hand-set routers: experts 0 and 2 get the even tokens, 1 and 3 the odd ones. --keep 2
+    keeps the pair of the commoner parity; the output loads with 2 experts per layer and the
+    logits of the original model with those experts' weights and router rows sliced out."""
+    src = _routed(moe_model(name), tmp_path / "routed", name)
+    ids = _calibration_ids(src)
+    even = int((ids % 2 == 0).sum())
+    keep = [0, 2] if even > ids.numel() - even else [1, 3]
+    extra = _run(["compress", "prune", str(src), "-o", str(tmp_path / "e"), "--method", "experts",
+                  "--keep", "2", *CALIB], tmp_path)  # fmt: skip
+    assert extra["kept_experts"] == {"0": keep, "1": keep}
+    assert extra["experts_before"] == 4 and extra["experts_after"] == 2
+    loaded = _load(tmp_path / "e")
+    ref = _load(src)
+    assert loaded.config.num_experts_per_tok == 2
+    for layer in loaded.model.layers:
+        assert layer.mlp.experts.gate_up_proj.shape[0] == 2 and layer.mlp.gate.weight.shape[0] == 2
+    oracle = type(ref)(loaded.config).eval()  # the same class with 2 experts, weights sliced
+    state = ref.state_dict()
+    with torch.no_grad():
+        for k, v in oracle.state_dict().items():
+            w = state[k]
+            v.copy_(w[keep] if w.dim() >= 2 and w.shape[0] == 4 and v.shape[0] == 2 else w)
+        assert torch.allclose(loaded(IDS).logits, oracle(IDS).logits, rtol=0, atol=1e-6)
+    params = sum(p.numel() for p in loaded.parameters())
+    assert extra["params_after"] == params
+
+
+def test_expert_pruning_refuses_bad_keep(moe_model, tmp_path) -> None:
+    src = moe_model("mixtral")
+    for keep in ("1", "4"):  # below top-k (2), or not fewer than the 4 experts
+        res = CliRunner().invoke(cli, ["compress", "prune", str(src), "-o", str(tmp_path / "x"),
+                                       "--method", "experts", "--keep", keep, *CALIB])  # fmt: skip
+        assert res.exit_code == 1 and "--keep must be between" in res.output, res.output
+        assert not (tmp_path / "x").exists()

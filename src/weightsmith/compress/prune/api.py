@@ -6,6 +6,7 @@ import os
 import time
 
 from weightsmith.compress.prune.common import PruneResult
+from weightsmith.compress.prune.experts import prune_experts
 from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.compress.prune.structured import prune_depth, prune_width
 from weightsmith.compress.prune.unstructured import prune_unstructured
@@ -15,6 +16,7 @@ from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
 
 DRIVERS = {"unstructured": prune_unstructured, "depth": prune_depth, "width": prune_width}
+DRIVERS["experts"] = prune_experts
 
 
 def prune_checkpoint(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from weightsmith.errors import ConfigError
 
-KINDS = ("unstructured", "depth", "width")
+KINDS = ("unstructured", "depth", "width", "experts")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ class PruneConfig:
     layers: tuple[int, ...] = ()
     # width (channels)
     mlp_ratio: float | None = None
+    # MoE experts kept per layer
+    keep: int | None = None
     version: int = 1
 
     @property
@@ -110,11 +112,13 @@ class PruneConfig:
             "--drop": self.drop is not None,
             "--layers": bool(self.layers),
             "--mlp-ratio": self.mlp_ratio is not None,
+            "--keep": self.keep is not None,
         }
         allowed = {
             "unstructured": {"--sparsity", "--pattern"},
             "depth": {"--drop", "--layers"},
             "width": {"--mlp-ratio"},
+            "experts": {"--keep"},
         }[kind]
         wrong = [opt for opt, on in given.items() if on and opt not in allowed]
         if wrong:

@@ -91,7 +91,9 @@ def test_moe_is_described(moe_model, tmp_path, name) -> None:
         assert sorted(routers) == [f"model.layers.{i}.{router}.weight" for i in range(LAYERS)]
         assert fused_expert_tensors(ckpt) == []
         original = {n: ckpt.get_tensor(n) for n in ckpt.tensors}
-    assert "family: " + name in _cli(["inspect", str(src)], progress_flag=False)
+    shown = _cli(["inspect", str(src)], progress_flag=False)
+    assert "family: " + name in shown
+    assert "experts          4 per layer, top-2 (one Linear per expert)" in shown
     _cli(["convert", str(src), "-o", str(tmp_path / "c"), "--max-shard-size", "100KB"])
     with open_checkpoint(tmp_path / "c") as out:
         assert set(out.tensors) == set(original)

@@ -202,6 +202,9 @@ def test_expert_pruning_keeps_the_most_routed_experts(moe_model, tmp_path, name)
 
 def test_expert_pruning_refuses_bad_keep(moe_model, tmp_path) -> None:
     src = moe_model("mixtral")
+    res = CliRunner().invoke(cli, ["compress", "prune", str(src), "-o", str(tmp_path / "x"),
+                                   "--method", "channels", "--mlp-ratio", "0.5", *CALIB])  # fmt: skip
+    assert res.exit_code == 1 and "does not slice MoE experts" in res.output, res.output
     for keep in ("1", "4"):  # below top-k (2), or not fewer than the 4 experts
         res = CliRunner().invoke(cli, ["compress", "prune", str(src), "-o", str(tmp_path / "x"),
                                        "--method", "experts", "--keep", keep, *CALIB])  # fmt: skip

@@ -170,3 +170,13 @@ def test_fused_expert_layout_is_described_and_refused(moe_model, tmp_path, name)
     res = CliRunner().invoke(cli, ["compress", "quantize", str(fused), "-o", str(tmp_path / "q"),
                                    "--method", "rtn", "--no-progress"])  # fmt: skip
     assert res.exit_code == 1 and "fused 3-D experts" in res.output
+
+
+def test_qat_refuses_experts(moe_model, tmp_path) -> None:
+    """QAT swaps nn.Linear modules of transformers' model; its experts are fused 3-D params."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a few words to train on"}\n')
+    res = CliRunner().invoke(cli, ["compress", "qat", str(moe_model("mixtral")), "-o",
+                                   str(tmp_path / "q"), "--data", str(data), "--no-progress"])  # fmt: skip
+    assert res.exit_code == 1 and "does not train MoE experts" in res.output, res.output
+    assert not (tmp_path / "q").exists()

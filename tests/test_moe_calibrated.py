@@ -210,3 +210,25 @@ def test_expert_pruning_refuses_bad_keep(moe_model, tmp_path) -> None:
                                        "--method", "experts", "--keep", keep, *CALIB])  # fmt: skip
         assert res.exit_code == 1 and "--keep must be between" in res.output, res.output
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_layer_stream_matches_transformers(moe_model, name) -> None:
+    """One decoder layer at a time with one Linear per expert (ExpertLinears) gives
+    transformers' own final hidden states (same ops in the same order: atol 1e-6)."""
+    from weightsmith.core.calibration import LayerStreamer
+    from weightsmith.io import open_checkpoint
+
+    src = moe_model(name)
+    ids = torch.randint(2, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    with open_checkpoint(src) as ckpt:
+        streamer = LayerStreamer(ckpt, ids)
+        for layer in streamer.layers():
+            streamer.run_layer(layer, lambda cl: None)
+        hidden = streamer.hidden_states()
+    model = _load(src)
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True).hidden_states[-1]
+        got = model.model.norm(hidden)
+    assert want.abs().max() > 0.1
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)

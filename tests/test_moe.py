@@ -39,15 +39,16 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2, 19, 23, 31, 
 
 @pytest.fixture(scope="module")
 def moe_model(tmp_path_factory):
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, int], Path] = {}
 
-    def make(name: str) -> Path:
-        if name not in cache:
+    def make(name: str, seed: int = 0) -> Path:
+        if (name, seed) not in cache:
             cls_name, kwargs, _, _ = MOE[name]
             with pytest.MonkeyPatch.context() as mp:
                 mp.setitem(TINY_ARCHS, name, (cls_name, kwargs))
-                cache[name] = build_tiny_model(tmp_path_factory.mktemp(name) / "m", name, seed=0)
-        return cache[name]
+                root = tmp_path_factory.mktemp(f"{name}-{seed}")
+                cache[name, seed] = build_tiny_model(root / "m", name, seed=seed)
+        return cache[name, seed]
 
     return make
 
@@ -180,3 +181,17 @@ def test_qat_refuses_experts(moe_model, tmp_path) -> None:
                                    str(tmp_path / "q"), "--data", str(data), "--no-progress"])  # fmt: skip
     assert res.exit_code == 1 and "does not train MoE experts" in res.output, res.output
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_linear_merge_merges_experts_and_routers(moe_model, tmp_path, name) -> None:
+    """Experts and routers merge tensor-wise: the output loads with the logits of the oracle
+    (every parameter 0.25·a + 0.75·b, fused experts included)."""
+    a, b = moe_model(name, 0), moe_model(name, 1)
+    _cli(["merge", "linear", str(a), str(b), "--weights", "0.25,0.75", "-o", str(tmp_path / "m")])
+    loaded, ref, other = _load(tmp_path / "m"), _load(a), _load(b)
+    before = _logits(ref)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), other.parameters(), strict=True):
+            p.copy_(0.25 * p + 0.75 * q)
+    _check_oracle(_logits(loaded), _logits(ref), before)

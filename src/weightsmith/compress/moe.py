@@ -16,7 +16,7 @@ from weightsmith.core.experts import expert_blocks
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import Checkpoint
 
-__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format", "moe_summary"]
+__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format", "moe_summary", "refuse_moe"]
 
 # Formats whose quantized per-expert Linears transformers loads back into its fused experts
 # (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
@@ -108,3 +108,12 @@ def moe_summary(stats: dict, fallback: str) -> dict:
         "expert_tokens": stats["expert_tokens"],
         f"expert_{fallback}_fallbacks": stats.get("expert_fallbacks", []),
     }
+
+
+def refuse_moe(ckpt: Checkpoint, what: str) -> Checkpoint:
+    """``ckpt``, unless it has MoE experts: training (QAT, BitNet) swaps the nn.Linear modules
+    of transformers' model, and its experts are fused 3-D parameters."""
+    if ckpt.arch.experts is not None:
+        raise ConfigError(f"{ckpt.root}: {what} does not train MoE experts yet; quantize "
+                          "with compress quantize (--method rtn or gptq)")  # fmt: skip
+    return ckpt

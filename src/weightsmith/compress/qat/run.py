@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from weightsmith.compress.moe import refuse_moe
 from weightsmith.compress.qat.config import BitnetConfig, QatConfig, TrainConfig
 from weightsmith.compress.qat.fake_quant import WeightSpec
 from weightsmith.compress.qat.modules import (
@@ -44,7 +45,7 @@ from weightsmith.core.report import peak_rss_bytes
 from weightsmith.core.training import TrainResult
 from weightsmith.core.training.data import read_records, tokenize_records
 from weightsmith.core.training.save import full_weights, write_student
-from weightsmith.errors import CheckpointError, ConfigError, OutputError
+from weightsmith.errors import CheckpointError, OutputError
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
@@ -169,10 +170,7 @@ def _train_and_convert(
     with open_checkpoint(model_dir) as ckpt:
         if ckpt.config is None:
             raise CheckpointError(f"{ckpt.root}: no config.json; {kind} needs it")
-        if ckpt.arch.experts is not None:  # transformers trains fused experts, not Linears
-            raise ConfigError(f"{ckpt.root}: {kind} does not train MoE experts yet; quantize "
-                              "with compress quantize (--method rtn or gptq)")  # fmt: skip
-        targets, _ignored = select_linears(ckpt, build_skeleton(ckpt), qcfg)
+        targets, _ignored = select_linears(ckpt, build_skeleton(refuse_moe(ckpt, kind)), qcfg)
         ckpt_dtype = ckpt.info(targets[0].tensor).torch_dtype
         names = set(ckpt.tensors)
     dev = torch.device(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from weightsmith.core.experts import expert_linears, fused_expert_tensors
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.sizes import format_size
 
@@ -56,8 +57,23 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = Fal
             "hidden_size": config.get("hidden_size", config.get("n_embd")),
             "vocab_size": config.get("vocab_size"),
             "has_config": ckpt.config is not None,
+            "experts": _experts(ckpt),
             "warnings": warnings,
         }
+
+
+def _experts(ckpt) -> dict | None:
+    """A mixture-of-experts checkpoint's experts per layer, router top-k and storage layout."""
+    layout = ckpt.arch.experts
+    if layout is None:
+        return None
+    fused = fused_expert_tensors(ckpt)
+    return {
+        "per_layer": layout.num_experts(ckpt.config),
+        "top_k": (ckpt.config or {}).get(layout.top_k_key),
+        "layout": "fused 3-D" if fused else "one Linear per expert",
+        "expert_linears": len(expert_linears(ckpt)),
+    }
 
 
 def format_inspection(info: dict) -> str:
@@ -83,6 +99,9 @@ def format_inspection(info: dict) -> str:
         rows.append(("hidden size", str(info["hidden_size"])))
     if info["vocab_size"] is not None:
         rows.append(("vocab size", str(info["vocab_size"])))
+    if info.get("experts"):
+        e = info["experts"]
+        rows.append(("experts", f"{e['per_layer']} per layer, top-{e['top_k']} ({e['layout']})"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if len(info["shards"]) > 1:

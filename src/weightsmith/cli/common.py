@@ -315,3 +315,22 @@ def note_builtin_calibration() -> None:
         "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
         err=True,
     )
+
+
+def moe_options(fn: Callable) -> Callable:
+    """``--min-expert-tokens`` and ``--calibrate-all-experts`` of the calibrated commands on
+    mixture-of-experts models (docs/moe.md)."""
+    fn = click.option(
+        "--calibrate-all-experts",
+        is_flag=True,
+        help="MoE: feed every expert every calibration token (weighted by its routing "
+        "weight) instead of only the tokens its router sends it.",
+    )(fn)
+    return click.option(
+        "--min-expert-tokens",
+        type=click.IntRange(min=0),
+        default=32,
+        show_default=True,
+        help="MoE: an expert routed fewer calibration tokens falls back to RTN (quantize) "
+        "or magnitude (wanda); listed in --report.",
+    )(fn)

@@ -13,6 +13,7 @@ from weightsmith.cli.common import (
     calibration_options,
     force_option,
     max_shard_size_option,
+    moe_options,
     note_builtin_calibration,
     progress_option,
     report_option,
@@ -54,6 +55,7 @@ from weightsmith.io.sizes import format_size, parse_size
     "compressed-tensors).",
 )
 @calibration_options
+@moe_options
 @click.option(
     "--act-order",
     is_flag=True,

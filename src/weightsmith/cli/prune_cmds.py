@@ -10,6 +10,7 @@ from weightsmith.cli.common import (
     calibration_options,
     force_option,
     max_shard_size_option,
+    moe_options,
     note_builtin_calibration,
     progress_option,
     report_option,
@@ -75,7 +76,14 @@ def _layers(text: str | None) -> tuple[int, ...]:
     default=None,
     help="channels: fraction of MLP channels kept, e.g. 0.75.",
 )
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="experts: MoE experts kept per layer (the ones its router uses most).",
+)
 @calibration_options
+@moe_options
 @max_shard_size_option
 @force_option
 @progress_option
@@ -90,10 +98,13 @@ def prune_cmd(
     drop: int | None,
     layers_text: str | None,
     mlp_ratio: float | None,
+    keep: int | None,
     calib: str | None,
     calib_samples: int,
     seq_len: int,
     device: str,
+    min_expert_tokens: int,
+    calibrate_all_experts: bool,
     max_shard_size: str,
     force: bool,
     progress: bool,
@@ -110,6 +121,9 @@ def prune_cmd(
         drop=drop,
         layers=_layers(layers_text),
         mlp_ratio=mlp_ratio,
+        keep=keep,
+        min_expert_tokens=min_expert_tokens,
+        calibrate_all_experts=calibrate_all_experts,
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:
@@ -128,6 +142,8 @@ def prune_cmd(
         what = f"{100 * x['sparsity']:.2f}% of {x['pruned_linears']} Linears zeroed ({x['target']})"
     elif cfg.kind == "depth":
         what = f"dropped layers {x['dropped_layers']} ({x['layers_before']} -> {x['layers_after']})"
+    elif cfg.kind == "experts":
+        what = f"experts per layer {x['experts_before']} -> {x['experts_after']}"
     else:
         what = f"MLP width {x['width_before']} -> {x['width_after']}"
     click.echo(

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.compress.moe import ExpertRouting
 from weightsmith.compress.registry import CalibrationFailed, LinearTarget
 from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.core.calibration import (
@@ -59,17 +60,28 @@ class CalibratedRun:
         for rel, t in cl.module.state_dict().items():  # before any statistic is computed
             if cl.prefix + rel in job.ckpt.tensors:
                 require_finite(t, str(job.ckpt.path), cl.prefix + rel)
+        o = job.cfg.options
+        routing = ExpertRouting(
+            cl, getattr(o, "min_expert_tokens", 32), getattr(o, "calibrate_all_experts", False)
+        )
         for group in cl.sequential_groups:
             names = [n for n in group if cl.tensor_name(n) in job.by_tensor]
             if not names:
                 continue
+            routing.reset()
             stats = cl.collect(names, job.statistic)
-            if any(stats[n].n == 0 for n in names):
+            starved = routing.starved(names)  # MoE experts with too few tokens: RTN
+            if any(stats[n].n == 0 for n in names if n not in starved):
                 raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
             for n in names:
                 t = job.by_tensor[cl.tensor_name(n)]
                 w = cl.weight(n)
-                qw = self._quantize(t, w, stats.pop(n).result())
+                if n in starved:
+                    job.stats.setdefault("expert_fallbacks", []).append(t.module)
+                    stats.pop(n)
+                    qw = rtn_quantize(w, job.cfg.options, **job.quant_args)
+                else:
+                    qw = self._quantize(t, w, stats.pop(n).result())
                 cl.set_weight(n, qw.dequantize().to(w.device))
                 del w
                 done[t.tensor] = list(job.encode(t, qw))
@@ -77,6 +89,7 @@ class CalibratedRun:
                     done[r] = [(r, job.fmt.rewrite(r, job.read(r), t, qw, job.cfg))]
                 del qw
                 release_freed_memory()
+        routing.record_into(job.stats, [])
         return done
 
     def _quantize(self, t: LinearTarget, w: torch.Tensor, stat: Any) -> Any:

@@ -32,8 +32,10 @@ from weightsmith.compress import scaled_formats as _scaled  # noqa: F401  (float
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
 from weightsmith.compress import w8a8 as _w8a8  # noqa: F401  (registers w8a8)
 from weightsmith.compress.calibrated import CalibratedRun
+from weightsmith.compress.moe import check_expert_format, moe_summary
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
+from weightsmith.core.experts import refuse_fused_experts
 from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
@@ -103,6 +105,7 @@ def select_linears(
         raise ConfigError(f"--ignore {unused[0]!r} matches no Linear of {ckpt.root}")
     if not targets:
         raise ConfigError(f"{ckpt.root}: no Linear left to quantize")
+    check_expert_format(ckpt, cfg, targets)
     return targets, ignored
 
 
@@ -222,6 +225,7 @@ def quantize_checkpoint(
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         require_described(ckpt.arch, f"{ckpt.root}: quantize")
+        refuse_fused_experts(ckpt, f"{ckpt.root}: quantize")
         job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}
         record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}
@@ -262,5 +266,6 @@ def _summary(job: QuantizeJob, ckpt: Checkpoint, result: StreamResult, calib: di
         "zero_fraction": None if zeros is None else zeros / quantized,  # levels that are 0
         "calibration": calib or None,
         "rtn_fallbacks": job.stats["fallbacks"],
+        **moe_summary(job.stats, "rtn"),
         "loss": job.stats["loss"] or None,
     }

@@ -79,6 +79,9 @@ class CalibratedConfig(MethodConfig):
     calib: str | None = None  # a .txt/.jsonl file; None: the built-in text
     calib_samples: int = 128
     seq_len: int = 512
+    # MoE: experts routed fewer calibration tokens fall back to RTN (0: never); or feed them all
+    min_expert_tokens: int = 32
+    calibrate_all_experts: bool = False
 
 
 FormatOptions = MethodConfig  # a format's options are a frozen dataclass of the same shape

@@ -50,6 +50,12 @@ from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
     load_tokenizer,
     tokenize_windows,
 )
+from weightsmith.core.experts import (
+    expert_groups,
+    is_expert_linear,
+    unfuse_layer,
+    unfuse_model,
+)
 from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.statistics import STATISTICS, InputStat
 from weightsmith.errors import CheckpointError, ConfigError
@@ -99,7 +105,7 @@ class CalibrationLayer:
             tuple(n for n in g if n in self.linears)
             for g in self._streamer.ckpt.arch.sequential_linears
         ]
-        groups = [g for g in groups if g]
+        groups = [g for g in groups if g] + expert_groups(self._streamer.ckpt.arch, [*self.linears])
         named = {n for g in groups for n in g}
         rest = tuple(n for n in self.linears if n not in named)
         return groups + ([rest] if rest else [])
@@ -157,13 +163,15 @@ class CalibrationLayer:
             stats = {n: make_stat(n, self.linears[n]) for n in names}
         seen: set[str] = set()
         handles = []
+        # MoE experts run only on the tokens routed to them: never stop a batch early there
+        early = not any(is_expert_linear(self._streamer.ckpt.arch, n) for n in names)
         for n in names:
 
             def hook(mod: nn.Module, args: tuple, n: str = n) -> None:
                 x = args[0].detach()
                 stats[n].add(x.reshape(-1, x.shape[-1]).float())
                 seen.add(n)
-                if len(seen) == len(stats):  # the rest of the layer is not needed
+                if early and len(seen) == len(stats):  # the rest of the layer is not needed
                     seen.clear()
                     raise _StopForward
 
@@ -270,6 +278,7 @@ class LayerStreamer:
             raise CheckpointError(
                 f"{self.ckpt.path}: config's model has no module {path!r} for {prefix}*"
             ) from None
+        unfuse_layer(module, self.ckpt.arch)  # MoE: one Linear per expert, as stored
         state = {
             n[len(prefix) :]: self.ckpt.get_tensor(n).to(self.device, self.compute_dtype)
             if self.ckpt.info(n).torch_dtype.is_floating_point
@@ -390,6 +399,7 @@ def build_skeleton(ckpt: Checkpoint) -> nn.Module:
         raise CheckpointError(
             f"{ckpt.root}: transformers has no causal-LM class for this config ({e})"
         ) from None
+    unfuse_model(model, ckpt.arch)  # MoE: one Linear per expert, named as stored
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

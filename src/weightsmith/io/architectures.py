@@ -24,6 +24,51 @@ _GENERIC_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks))\.(\d+)\.")
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """How a mixture-of-experts decoder layer names its experts (``experts`` in the JSON).
+
+    Names are relative to the layer prefix. ``expert`` is the per-expert module template
+    (``block_sparse_moe.experts.{expert}.``), ``sequential_linears`` an expert's Linears in
+    execution order; ``fused`` maps a fused 3-D tensor (experts, out, in) to the per-expert
+    Linears stacked along its dim 1; ``router`` is never quantized or pruned; ``module`` is
+    the block's attribute in transformers' model (Mixtral stores ``block_sparse_moe``, its
+    class calls it ``mlp``)."""
+
+    count_keys: tuple[str, ...]
+    top_k_key: str
+    block: str
+    module: str
+    router: str
+    expert: str
+    sequential_linears: tuple[tuple[str, ...], ...]
+    fused: tuple[tuple[str, tuple[str, ...]], ...]
+    shared: tuple[str, ...] = ()
+
+    def num_experts(self, config: dict | None) -> int | None:
+        """The expert count config.json declares, or None."""
+        for key in self.count_keys:
+            if isinstance((config or {}).get(key), int):
+                return int(config[key])
+        return None
+
+    def expert_of(self, rel: str) -> tuple[int, str] | None:
+        """``(expert, linear)`` for a layer-relative per-expert weight name, else None."""
+        head, _, tail = self.expert.partition("{expert}")
+        if not rel.startswith(head) or not rel.endswith(".weight"):
+            return None
+        index, dot, linear = rel[len(head) :].partition(".")
+        if not index.isdigit() or not dot or tail != ".":
+            return None
+        linear = linear[: -len(".weight")]
+        named = {n for g in self.sequential_linears for n in g}
+        return (int(index), linear) if linear in named else None
+
+    def expert_module(self, index: int) -> str:
+        """The layer-relative module name of expert ``index`` (no trailing dot)."""
+        return self.expert.replace("{expert}", str(index)).rstrip(".")
+
+
+@dataclass(frozen=True)
 class Architecture:
     """How one family of models names its tensors."""
 
@@ -41,6 +86,7 @@ class Architecture:
     config_shapes: tuple[tuple[str, str, int], ...] = ()
     description: str = ""
     known: bool = True
+    experts: ExpertLayout | None = None
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
     def layer_of(self, tensor_name: str) -> int | None:
@@ -92,7 +138,24 @@ def _from_dict(d: dict, known: bool = True) -> Architecture:
             (r["config"], r["tensor"], int(r["dim"])) for r in d.get("config_shapes", ())
         ),
         known=known,
+        experts=_experts(d.get("experts")),
         _patterns=tuple(_compile(t) for t in templates),
+    )
+
+
+def _experts(d: dict | None) -> ExpertLayout | None:
+    if not d:
+        return None
+    return ExpertLayout(
+        count_keys=tuple(d["count_keys"]),
+        top_k_key=d.get("top_k_key", "num_experts_per_tok"),
+        block=d["block"],
+        module=d.get("module", d["block"]),
+        router=d["router"],
+        expert=d["expert"],
+        sequential_linears=tuple(tuple(g) for g in d["sequential_linears"]),
+        fused=tuple((k, tuple(v)) for k, v in d.get("fused", {}).items()),
+        shared=tuple(d.get("shared", ())),
     )
 
 

@@ -7,6 +7,7 @@ Methods register with ``@prune_method("name", kind=...)``; :data:`METHODS` lists
 """
 
 from weightsmith.compress.prune import depth, magnitude, wanda, width  # noqa: F401  (register)
+from weightsmith.compress.prune import experts as _experts  # noqa: F401  (registers experts)
 from weightsmith.compress.prune.api import prune_checkpoint
 from weightsmith.compress.prune.common import PruneResult
 from weightsmith.compress.prune.depth import layer_importance

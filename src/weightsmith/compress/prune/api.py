@@ -6,15 +6,17 @@ import os
 import time
 
 from weightsmith.compress.prune.common import PruneResult
+from weightsmith.compress.prune.experts import prune_experts
 from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.compress.prune.structured import prune_depth, prune_width
 from weightsmith.compress.prune.unstructured import prune_unstructured
-from weightsmith.errors import CheckpointError
+from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE
 
 DRIVERS = {"unstructured": prune_unstructured, "depth": prune_depth, "width": prune_width}
+DRIVERS["experts"] = prune_experts
 
 
 def prune_checkpoint(
@@ -36,6 +38,9 @@ def prune_checkpoint(
         require_described(ckpt.arch, f"{ckpt.root}: prune")
         if ckpt.config.get("quantization_config") is not None:
             raise CheckpointError(f"{ckpt.root}: is quantized; prune the unquantized model first")
+        if cfg.kind == "width" and ckpt.arch.experts is not None:
+            raise ConfigError(f"{ckpt.root}: --method {cfg.method} does not slice MoE experts; "
+                              "use --method experts (drop experts) or wanda")  # fmt: skip
         result = DRIVERS[cfg.kind](
             ckpt,
             out,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from weightsmith.errors import ConfigError
 
-KINDS = ("unstructured", "depth", "width")
+KINDS = ("unstructured", "depth", "width", "experts")
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,16 @@ class PruneConfig:
     calib_samples: int = 128
     seq_len: int = 512
     batch_size: int = 8
+    # MoE: experts routed fewer calibration tokens fall back to magnitude (0: never)
+    min_expert_tokens: int = 32
+    calibrate_all_experts: bool = False
     # depth (layers)
     drop: int | None = None
     layers: tuple[int, ...] = ()
     # width (channels)
     mlp_ratio: float | None = None
+    # MoE experts kept per layer
+    keep: int | None = None
     version: int = 1
 
     @property
@@ -107,11 +112,13 @@ class PruneConfig:
             "--drop": self.drop is not None,
             "--layers": bool(self.layers),
             "--mlp-ratio": self.mlp_ratio is not None,
+            "--keep": self.keep is not None,
         }
         allowed = {
             "unstructured": {"--sparsity", "--pattern"},
             "depth": {"--drop", "--layers"},
             "width": {"--mlp-ratio"},
+            "experts": {"--keep"},
         }[kind]
         wrong = [opt for opt, on in given.items() if on and opt not in allowed]
         if wrong:

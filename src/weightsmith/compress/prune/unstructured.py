@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.compress.moe import ExpertRouting, moe_summary
 from weightsmith.compress.prune.common import (
     LinearTarget,
     PruneResult,
@@ -62,6 +63,7 @@ def prune_unstructured(
     transposed = ckpt.arch.linear_layout == "in_out"
     zeros: dict[str, int] = {}
     calib_info: dict[str, Any] = {}
+    moe_stats: dict[str, Any] = {}
 
     def finish(t: LinearTarget, stored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         zeros[t.tensor], pruned = apply_mask(t, stored, mask, cfg, transposed)
@@ -89,7 +91,9 @@ def prune_unstructured(
         def apply(group: TensorGroup) -> Iterator:
             masks = {}
             if group.layer is not None:
-                masks = streamer.run_layer(group.layer, lambda cl: wanda_masks(cl, targets, cfg))
+                masks = streamer.run_layer(
+                    group.layer, lambda cl: wanda_masks(cl, targets, cfg, moe_stats)
+                )
             for n in group.names:
                 t = targets.get(n)
                 if t is None:
@@ -111,6 +115,7 @@ def prune_unstructured(
     )
     r = PruneResult(**result.__dict__)
     r.extra = _report(ckpt, cfg, targets, kept, zeros, calib_info)
+    r.extra.update(moe_summary(moe_stats, "magnitude"))
     return r
 
 
@@ -134,18 +139,28 @@ def apply_mask(
 
 
 def wanda_masks(
-    cl: CalibrationLayer, targets: dict[str, LinearTarget], cfg: PruneConfig
+    cl: CalibrationLayer,
+    targets: dict[str, LinearTarget],
+    cfg: PruneConfig,
+    moe_stats: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Wanda's masks of one layer's target Linears (by tensor name); the layer's weights are
-    masked in place so that later layers calibrate on the pruned layer."""
+    masked in place so that later layers calibrate on the pruned layer. MoE experts routed
+    fewer than ``cfg.min_expert_tokens`` tokens get magnitude masks (``moe_stats`` records
+    the token counts and those experts)."""
     names = [n for n in cl.linear_names if cl.tensor_name(n) in targets]
+    routing = ExpertRouting(cl, cfg.min_expert_tokens, cfg.calibrate_all_experts)
     stats = cl.collect(names, lambda n, m: ColumnNormStat(cl.weight(n).shape[1]))
+    starved = routing.starved(names)  # MoE experts with too few tokens: magnitude
     masks = {}
     for n in names:
         w = cl.weight(n)
-        mask = linear_mask(w, cfg, stats[n].norm())
+        # a starved expert: magnitude (unit input norms), compared per row as Wanda does
+        norm = torch.ones(w.shape[1]) if n in starved else stats[n].norm()
+        mask = linear_mask(w, cfg, norm)
         cl.set_weight(n, w.masked_fill(mask, 0))  # later layers see the pruned layer
         masks[cl.tensor_name(n)] = mask
+    routing.record_into(moe_stats, [cl.prefix + n for n in sorted(starved)])
     return masks
 
 

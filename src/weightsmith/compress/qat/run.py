@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from weightsmith.compress.moe import refuse_moe
 from weightsmith.compress.qat.config import BitnetConfig, QatConfig, TrainConfig
 from weightsmith.compress.qat.fake_quant import WeightSpec
 from weightsmith.compress.qat.modules import (
@@ -176,7 +177,7 @@ def _train_and_convert(
         check_output_location(keep, [model_dir], force)
     with open_checkpoint(model_dir) as ckpt:
         _check_trainable(ckpt, kind)
-        targets, _ignored = select_linears(ckpt, build_skeleton(ckpt), qcfg)
+        targets, _ignored = select_linears(ckpt, build_skeleton(refuse_moe(ckpt, kind)), qcfg)
         ckpt_dtype = ckpt.info(targets[0].tensor).torch_dtype
         names = set(ckpt.tensors)
     dev = torch.device(device)

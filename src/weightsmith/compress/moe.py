@@ -1,0 +1,119 @@
+"""Mixture-of-experts support for ``compress quantize`` and Wanda: which formats can hold
+quantized experts, per-expert calibration token counts, and the fallback of experts that saw
+too few calibration tokens.
+
+The model skeleton carries one Linear per expert under its checkpoint name
+(:func:`weightsmith.core.experts.unfuse_model`), so expert Linears are targets like any other
+Linear; routers are not Linear modules and are never targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.core.experts import expert_blocks
+from weightsmith.errors import ConfigError
+from weightsmith.io.reader import Checkpoint
+
+__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format", "moe_summary", "refuse_moe"]
+
+# Formats whose quantized per-expert Linears transformers loads back into its fused experts
+# (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
+# nn.Linear modules only, which transformers' experts are not: refused, not written unloadable.
+EXPERT_FORMATS = ("compressed-tensors",)
+DEFAULT_MIN_EXPERT_TOKENS = 32
+
+
+def _expert_of(ckpt: Checkpoint, tensor: str) -> tuple[int, str] | None:
+    layout, prefix = ckpt.arch.experts, ckpt.arch.layer_prefix(tensor)
+    if layout is None or prefix is None:
+        return None
+    return layout.expert_of(tensor[len(prefix) :])
+
+
+def check_expert_format(ckpt: Checkpoint, cfg: Any, targets: list) -> None:
+    """Refuse a format transformers cannot load quantized experts from (``targets``: the
+    :class:`~weightsmith.compress.registry.LinearTarget` list)."""
+    experts = [t for t in targets if _expert_of(ckpt, t.tensor)]
+    if experts and cfg.format not in EXPERT_FORMATS:
+        raise ConfigError(
+            f"{ckpt.root}: --format {cfg.format} cannot hold quantized MoE experts that "
+            f"transformers loads (it quantizes nn.Linear modules only); use --format "
+            f"{EXPERT_FORMATS[0]} (--method rtn or gptq), or keep the experts with "
+            "--ignore 're:.*experts.*'"
+        )
+
+
+class ExpertRouting:
+    """Per-expert calibration tokens of one decoder layer, for a calibrated method.
+
+    ``min_tokens``: an expert whose router sent it fewer calibration tokens falls back to the
+    data-free method (RTN, magnitude); ``all_tokens``: every expert is fed every token (each
+    still weighted by its routing weight, so the layer's output is unchanged) and none falls
+    back. ``counts`` (expert -> routed tokens) is what the router did either way."""
+
+    def __init__(self, cl: CalibrationLayer, min_tokens: int, all_tokens: bool) -> None:
+        self.cl, self.min_tokens, self.all_tokens = cl, min_tokens, all_tokens
+        self.blocks = expert_blocks(cl.module)
+        for b in self.blocks:
+            b.all_tokens = all_tokens
+            b.counts.zero_()
+        self.counts: dict[str, int] = {}
+
+    def reset(self) -> None:
+        """Call before a ``collect`` whose counts :meth:`starved` reads."""
+        for b in self.blocks:
+            b.counts.zero_()
+
+    def _record(self) -> None:
+        for b in self.blocks:
+            rel = next(n for n, m in self.cl.module.named_modules() if m is b)
+            for e in range(b.num_experts):
+                self.counts[f"{self.cl.prefix}{rel}.{e}"] = int(b.counts[e])
+
+    def starved(self, names: list[str]) -> set[str]:
+        """Of the layer-relative Linear ``names`` just collected, those of an expert that saw
+        fewer than ``min_tokens`` routed tokens (none with ``all_tokens``)."""
+        if not self.blocks:
+            return set()
+        self._record()
+        if self.all_tokens:
+            return set()
+        out = set()
+        for n in names:
+            module = self.cl.prefix + n
+            expert = module.rsplit(".", 1)[0]
+            if expert in self.counts and self.counts[expert] < self.min_tokens:
+                out.add(n)
+        return out
+
+    def report(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def record_into(self, stats: dict | None, fallbacks: list[str]) -> None:
+        """Add this layer's counts and fallback Linears to ``stats`` (see :func:`moe_summary`)."""
+        if stats is None or not self.blocks:
+            return
+        stats.setdefault("expert_tokens", {}).update(self.counts)
+        stats.setdefault("expert_fallbacks", []).extend(fallbacks)
+
+
+def moe_summary(stats: dict, fallback: str) -> dict:
+    """The ``--report`` fields of an MoE run (none for a dense model): calibration tokens the
+    router sent each expert, and the expert Linears that fell back to ``fallback``."""
+    if "expert_tokens" not in stats:
+        return {}
+    return {
+        "expert_tokens": stats["expert_tokens"],
+        f"expert_{fallback}_fallbacks": stats.get("expert_fallbacks", []),
+    }
+
+
+def refuse_moe(ckpt: Checkpoint, what: str) -> Checkpoint:
+    """``ckpt``, unless it has MoE experts: training (QAT, BitNet) swaps the nn.Linear modules
+    of transformers' model, and its experts are fused 3-D parameters."""
+    if ckpt.arch.experts is not None:
+        raise ConfigError(f"{ckpt.root}: {what} does not train MoE experts yet; quantize "
+                          "with compress quantize (--method rtn or gptq)")  # fmt: skip
+    return ckpt

@@ -45,12 +45,12 @@ def _layers(text: str | None) -> tuple[int, ...]:
     "--sparsity",
     type=FINITE_FLOAT,
     default=None,
-    help="magnitude/wanda: fraction of weights zeroed (default 0.5).",
+    help="magnitude/wanda/sparsegpt: fraction of weights zeroed (default 0.5).",
 )
 @click.option(
     "--pattern",
     default=None,
-    help="magnitude/wanda: N:M sparsity, e.g. 2:4 (N of every M inputs zero).",
+    help="magnitude/wanda/sparsegpt: N:M sparsity, e.g. 2:4 (N of every M inputs zero).",
 )
 @click.option(
     "--ignore",
@@ -75,6 +75,13 @@ def _layers(text: str | None) -> tuple[int, ...]:
     default=None,
     help="channels: fraction of MLP channels kept, e.g. 0.75.",
 )
+@click.option(
+    "--damp",
+    type=FINITE_FLOAT,
+    default=0.01,
+    show_default=True,
+    help="sparsegpt: fraction of mean(diag H) added to the Hessian's diagonal.",
+)
 @calibration_options
 @max_shard_size_option
 @force_option
@@ -90,6 +97,7 @@ def prune_cmd(
     drop: int | None,
     layers_text: str | None,
     mlp_ratio: float | None,
+    damp: float,
     calib: str | None,
     calib_samples: int,
     seq_len: int,
@@ -98,7 +106,7 @@ def prune_cmd(
     force: bool,
     progress: bool,
 ) -> dict:
-    """Prune MODEL into OUT: zeros in place (magnitude, wanda) or a smaller model (layers, channels)."""
+    """Prune MODEL into OUT: zeros in place (magnitude, wanda, sparsegpt) or a smaller model (layers, channels)."""
     cfg = PruneConfig(
         method=method,
         sparsity=sparsity,
@@ -110,6 +118,7 @@ def prune_cmd(
         drop=drop,
         layers=_layers(layers_text),
         mlp_ratio=mlp_ratio,
+        damp=damp,
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:

@@ -1,12 +1,16 @@
-"""The driver for unstructured and N:M pruning (magnitude, Wanda): zeros written in place.
+"""The driver for unstructured and N:M pruning (magnitude, Wanda, SparseGPT): zeros written in
+place.
 
 Magnitude needs no data and streams one tensor at a time. Wanda streams one decoder layer at a
 time through :class:`~weightsmith.core.calibration.LayerStreamer`: the inputs of every Linear
 of a layer are recorded in one pass over the calibration activations (as locuslab/wanda
 does), the layer's weights are masked, and the *pruned* layer's outputs feed the next layer.
 
+SparseGPT runs the same way on the Hessians of the layer's
+Linears and also updates the weights it keeps (see :mod:`.sparsegpt`).
+
 The output is dense safetensors in the input's dtype: pruned entries are zero, every other
-entry is bit-identical to the input. Each tensor's sparsity is verified before it is written.
+entry is bit-identical to the input (SparseGPT: the updated value). Each tensor's sparsity is verified before it is written.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from weightsmith.compress.prune.common import (
 )
 from weightsmith.compress.prune.masks import check_sparsity, prune_mask
 from weightsmith.compress.prune.registry import METHODS, PruneConfig
+from weightsmith.compress.prune.sparsegpt import sparsegpt_layer
 from weightsmith.compress.prune.wanda import ColumnNormStat
 from weightsmith.core.calibration import CalibrationLayer, build_skeleton
 from weightsmith.core.transform import WriteOptions, rewrite_checkpoint
@@ -86,16 +91,22 @@ def prune_unstructured(
         streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
         calib_info.update(info)
 
+        layer_fn = sparsegpt_layer if method.updates_weights else wanda_masks
+
         def apply(group: TensorGroup) -> Iterator:
-            masks = {}
+            done = {}
             if group.layer is not None:
-                masks = streamer.run_layer(group.layer, lambda cl: wanda_masks(cl, targets, cfg))
+                done = streamer.run_layer(group.layer, lambda cl: layer_fn(cl, targets, cfg))
             for n in group.names:
                 t = targets.get(n)
                 if t is None:
                     yield passthrough(ckpt, n)
+                elif method.updates_weights:
+                    stored = read_checked(ckpt, n)
+                    zeros[n], new = store_updated(t, stored, done[n], cfg, transposed)
+                    yield n, new
                 else:
-                    yield n, finish(t, read_checked(ckpt, n), masks[n])
+                    yield n, finish(t, read_checked(ckpt, n), done[n])
 
         groups = ckpt.groups("layer")
 
@@ -131,6 +142,24 @@ def apply_mask(
     except ValueError as e:  # cannot happen unless a mask function is wrong
         raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
     return zeros, pruned
+
+
+def store_updated(
+    t: LinearTarget, stored: torch.Tensor, w: torch.Tensor, cfg: PruneConfig, transposed: bool
+) -> tuple[int, torch.Tensor]:
+    """(zeros, the updated ``(out, in)`` weight ``w`` in ``stored``'s dtype and layout), the
+    requested sparsity verified and the values checked finite."""
+    new = as_out_in(w, transposed).to(stored.dtype).contiguous()
+    if not torch.isfinite(new).all():
+        raise OutputError(f"{t.tensor}: the updated weight holds NaN or Inf in {stored.dtype}")
+    try:
+        zeros = check_sparsity(
+            as_out_in(new, transposed), sparsity=cfg.target_sparsity, pattern=cfg.pattern,
+            compare=METHODS[cfg.method].compare,
+        )  # fmt: skip
+    except ValueError as e:  # cannot happen unless the pruning function is wrong
+        raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
+    return zeros, new
 
 
 def wanda_masks(

@@ -37,7 +37,7 @@ from weightsmith.compress.prune.registry import METHODS, PruneConfig
 from weightsmith.compress.prune.sparsegpt import sparsegpt_layer
 from weightsmith.compress.prune.wanda import ColumnNormStat
 from weightsmith.core.calibration import CalibrationLayer, build_skeleton
-from weightsmith.core.transform import WriteOptions, rewrite_checkpoint
+from weightsmith.core.transform import WriteOptions, require_finite, rewrite_checkpoint
 from weightsmith.errors import OutputError
 from weightsmith.io.reader import Checkpoint, TensorGroup
 
@@ -91,12 +91,17 @@ def prune_unstructured(
         streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
         calib_info.update(info)
 
-        layer_fn = sparsegpt_layer if method.updates_weights else wanda_masks
+        def layer_fn(cl: CalibrationLayer) -> dict[str, torch.Tensor]:
+            if not method.updates_weights:
+                return wanda_masks(cl, targets, cfg)
+            for name, t in cl.state_dict().items():  # before NaN reaches a Hessian
+                require_finite(t, str(ckpt.path), name)
+            return sparsegpt_layer(cl, targets, cfg)
 
         def apply(group: TensorGroup) -> Iterator:
             done = {}
             if group.layer is not None:
-                done = streamer.run_layer(group.layer, lambda cl: layer_fn(cl, targets, cfg))
+                done = streamer.run_layer(group.layer, layer_fn)
             for n in group.names:
                 t = targets.get(n)
                 if t is None:

@@ -127,10 +127,8 @@ class PruneConfig:
             raise ConfigError(f"{wrong[0]} does not apply to --method {self.method}")
         if self.calib_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError("--calib-samples and --batch-size must be >= 1, --seq-len >= 2")
-        if not METHODS[self.method].updates_weights and (self.damp, self.block_size) != (
-            0.01,
-            128,
-        ):
+        tuned = (self.damp, self.block_size) != (0.01, 128)
+        if tuned and not METHODS[self.method].updates_weights:
             raise ConfigError(f"--damp does not apply to --method {self.method}")
         if not 0 <= self.damp < 1 or self.block_size < 1:
             raise ConfigError(f"--damp must be in [0, 1) (got {self.damp}), block_size >= 1")

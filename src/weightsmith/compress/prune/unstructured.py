@@ -6,11 +6,12 @@ time through :class:`~weightsmith.core.calibration.LayerStreamer`: the inputs of
 of a layer are recorded in one pass over the calibration activations (as locuslab/wanda
 does), the layer's weights are masked, and the *pruned* layer's outputs feed the next layer.
 
-SparseGPT runs the same way on the Hessians of the layer's
-Linears and also updates the weights it keeps (see :mod:`.sparsegpt`).
+SparseGPT runs the same way on the Hessians of the layer's Linears and also updates the weights
+it keeps (see :mod:`.sparsegpt`).
 
 The output is dense safetensors in the input's dtype: pruned entries are zero, every other
-entry is bit-identical to the input (SparseGPT: the updated value). Each tensor's sparsity is verified before it is written.
+entry is bit-identical to the input (SparseGPT: the updated value). Each tensor's sparsity is
+verified before it is written.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def prune_unstructured(
                 t = targets.get(n)
                 if t is None:
                     yield passthrough(ckpt, n)
-                elif method.updates_weights:
-                    stored = read_checked(ckpt, n)
-                    zeros[n], new = store_updated(t, stored, done[n], cfg, transposed)
+                elif method.updates_weights:  # the layer was checked finite before pruning
+                    dtype = ckpt.info(n).torch_dtype
+                    zeros[n], new = store_updated(t, dtype, done[n], cfg, transposed)
                     yield n, new
                 else:
                     yield n, finish(t, read_checked(ckpt, n), done[n])
@@ -150,13 +151,13 @@ def apply_mask(
 
 
 def store_updated(
-    t: LinearTarget, stored: torch.Tensor, w: torch.Tensor, cfg: PruneConfig, transposed: bool
+    t: LinearTarget, dtype: torch.dtype, w: torch.Tensor, cfg: PruneConfig, transposed: bool
 ) -> tuple[int, torch.Tensor]:
-    """(zeros, the updated ``(out, in)`` weight ``w`` in ``stored``'s dtype and layout), the
+    """(zeros, the updated ``(out, in)`` weight ``w`` in the stored ``dtype`` and layout), the
     requested sparsity verified and the values checked finite."""
-    new = as_out_in(w, transposed).to(stored.dtype).contiguous()
+    new = as_out_in(w, transposed).to(dtype).contiguous()
     if not torch.isfinite(new).all():
-        raise OutputError(f"{t.tensor}: the updated weight holds NaN or Inf in {stored.dtype}")
+        raise OutputError(f"{t.tensor}: the updated weight holds NaN or Inf in {dtype}")
     try:
         zeros = check_sparsity(
             as_out_in(new, transposed), sparsity=cfg.target_sparsity, pattern=cfg.pattern,

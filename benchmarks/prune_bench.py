@@ -1,4 +1,4 @@
-"""Pruning benchmark: dense vs magnitude vs Wanda (50%, 2:4, 4:8), layer drop and MLP width.
+"""Pruning benchmark: dense vs magnitude vs Wanda vs SparseGPT (50%, 2:4, 4:8), layer drop and MLP width.
 
 Every pruning run is a separate ``compress prune`` process (so its wall time and peak RSS are
 its own, taken from ``--report``); perplexity uses :func:`weightsmith.evaluate.perplexity`
@@ -31,7 +31,7 @@ def runs(num_layers: int, nm_ignore: dict[str, list[str]]) -> dict[str, list[str
     drop10 = max(1, round(0.10 * num_layers))
     drop25 = max(drop10 + 1, round(0.25 * num_layers))
     out = {"dense": []}
-    for method in ("magnitude", "wanda"):
+    for method in ("magnitude", "wanda", "sparsegpt"):
         out[f"{method}-50"] = ["--method", method, "--sparsity", "0.5"]
         for pat in ("2:4", "4:8"):
             ignore = [a for p in nm_ignore.get(pat, []) for a in ("--ignore", p)]

@@ -212,6 +212,15 @@ def test_expert_pruning_refuses_bad_keep(moe_model, tmp_path) -> None:
         assert not (tmp_path / "x").exists()
 
 
+def test_sparsegpt_refuses_experts(moe_model, tmp_path) -> None:
+    """SparseGPT does not route calibration tokens to experts yet: one line, nothing written."""
+    src = moe_model("mixtral")
+    res = CliRunner().invoke(cli, ["compress", "prune", str(src), "-o", str(tmp_path / "x"),
+                                   "--method", "sparsegpt", "--pattern", "2:4", *CALIB])  # fmt: skip
+    assert res.exit_code == 1 and "sparsegpt does not handle MoE experts" in res.output
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("name", sorted(MOE))
 def test_layer_stream_matches_transformers(moe_model, name) -> None:
     """One decoder layer at a time with one Linear per expert (ExpertLinears) gives

@@ -21,6 +21,7 @@ METHODS = {
     "magnitude": ["--method", "magnitude", "--sparsity", "0.5"],
     "magnitude-2:4": ["--method", "magnitude", "--pattern", "2:4"],
     "wanda": ["--method", "wanda", "--sparsity", "0.5", *FAST_CALIB],
+    "sparsegpt-2:4": ["--method", "sparsegpt", "--pattern", "2:4", *FAST_CALIB],
     "layers-explicit": ["--method", "layers", "--layers", "0"],
     "layers-drop": ["--method", "layers", "--drop", "1", *FAST_CALIB],
     "channels": ["--method", "channels", "--mlp-ratio", "0.5", *FAST_CALIB],

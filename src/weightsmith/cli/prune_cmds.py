@@ -46,12 +46,12 @@ def _layers(text: str | None) -> tuple[int, ...]:
     "--sparsity",
     type=FINITE_FLOAT,
     default=None,
-    help="magnitude/wanda: fraction of weights zeroed (default 0.5).",
+    help="magnitude/wanda/sparsegpt: fraction of weights zeroed (default 0.5).",
 )
 @click.option(
     "--pattern",
     default=None,
-    help="magnitude/wanda: N:M sparsity, e.g. 2:4 (N of every M inputs zero).",
+    help="magnitude/wanda/sparsegpt: N:M sparsity, e.g. 2:4 (N of every M inputs zero).",
 )
 @click.option(
     "--ignore",
@@ -82,6 +82,13 @@ def _layers(text: str | None) -> tuple[int, ...]:
     default=None,
     help="experts: MoE experts kept per layer (the ones its router uses most).",
 )
+@click.option(
+    "--damp",
+    type=FINITE_FLOAT,
+    default=0.01,
+    show_default=True,
+    help="sparsegpt: fraction of mean(diag H) added to the Hessian's diagonal.",
+)
 @calibration_options
 @moe_options
 @max_shard_size_option
@@ -99,6 +106,7 @@ def prune_cmd(
     layers_text: str | None,
     mlp_ratio: float | None,
     keep: int | None,
+    damp: float,
     calib: str | None,
     calib_samples: int,
     seq_len: int,
@@ -109,7 +117,8 @@ def prune_cmd(
     force: bool,
     progress: bool,
 ) -> dict:
-    """Prune MODEL into OUT: zeros in place (magnitude, wanda) or a smaller model (layers, channels)."""
+    """Prune MODEL into OUT: zeros in place (magnitude, wanda, sparsegpt) or a smaller model
+    (layers, channels, MoE experts)."""
     cfg = PruneConfig(
         method=method,
         sparsity=sparsity,
@@ -124,6 +133,7 @@ def prune_cmd(
         keep=keep,
         min_expert_tokens=min_expert_tokens,
         calibrate_all_experts=calibrate_all_experts,
+        damp=damp,
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:

@@ -1,4 +1,4 @@
-"""Pruning: unstructured and N:M sparsity (magnitude, Wanda) and structured pruning that
+"""Pruning: unstructured and N:M sparsity (magnitude, Wanda, SparseGPT) and structured pruning that
 shrinks the model (decoder layers, MLP channels).
 
 Pure functions on tensors live in :mod:`.masks`, :mod:`.magnitude`, :mod:`.wanda`,
@@ -6,7 +6,13 @@ Pure functions on tensors live in :mod:`.masks`, :mod:`.magnitude`, :mod:`.wanda
 Methods register with ``@prune_method("name", kind=...)``; :data:`METHODS` lists them.
 """
 
-from weightsmith.compress.prune import depth, magnitude, wanda, width  # noqa: F401  (register)
+from weightsmith.compress.prune import (  # noqa: F401  (register)
+    depth,
+    magnitude,
+    sparsegpt,
+    wanda,
+    width,
+)
 from weightsmith.compress.prune import experts as _experts  # noqa: F401  (registers experts)
 from weightsmith.compress.prune.api import prune_checkpoint
 from weightsmith.compress.prune.common import PruneResult
@@ -20,6 +26,7 @@ from weightsmith.compress.prune.masks import (
     tensor_mask,
 )
 from weightsmith.compress.prune.registry import METHODS, PruneConfig, parse_pattern, prune_method
+from weightsmith.compress.prune.sparsegpt import SparseWeight, sparsegpt_prune
 from weightsmith.compress.prune.wanda import wanda_scores
 from weightsmith.compress.prune.width import channel_importance
 
@@ -27,6 +34,7 @@ __all__ = [
     "METHODS",
     "PruneConfig",
     "PruneResult",
+    "SparseWeight",
     "channel_importance",
     "check_sparsity",
     "layer_importance",
@@ -37,6 +45,7 @@ __all__ = [
     "prune_mask",
     "prune_method",
     "row_mask",
+    "sparsegpt_prune",
     "tensor_mask",
     "wanda_scores",
 ]

@@ -26,6 +26,9 @@ class PruneMethod:
     needs_calibration: bool
     compare: str = "row"  # unstructured only: "row" (per output row) or "tensor" (whole matrix)
     description: str = ""
+    # unstructured only: ``fn(w, hessian, ...)`` prunes *and* updates the kept weights
+    # (SparseGPT) instead of returning scores
+    updates_weights: bool = False
 
 
 METHODS: dict[str, PruneMethod] = {}
@@ -38,6 +41,7 @@ def prune_method(
     needs_calibration: bool,
     compare: str = "row",
     description: str = "",
+    updates_weights: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register a scoring function as the pruning method ``name``."""
     if kind not in KINDS:
@@ -49,7 +53,9 @@ def prune_method(
         if name in METHODS:
             raise ValueError(f"pruning method {name!r} registered twice")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0]
-        METHODS[name] = PruneMethod(name, fn, kind, needs_calibration, compare, doc)
+        METHODS[name] = PruneMethod(
+            name, fn, kind, needs_calibration, compare, doc, updates_weights
+        )
         return fn
 
     return register
@@ -83,6 +89,9 @@ class PruneConfig:
     # MoE: experts routed fewer calibration tokens fall back to magnitude (0: never)
     min_expert_tokens: int = 32
     calibrate_all_experts: bool = False
+    # sparsegpt
+    damp: float = 0.01  # fraction of mean(diag H) added to the Hessian's diagonal
+    block_size: int = 128  # columns per lazy-update block (the mask's comparison group)
     # depth (layers)
     drop: int | None = None
     layers: tuple[int, ...] = ()
@@ -125,6 +134,11 @@ class PruneConfig:
             raise ConfigError(f"{wrong[0]} does not apply to --method {self.method}")
         if self.calib_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError("--calib-samples and --batch-size must be >= 1, --seq-len >= 2")
+        tuned = (self.damp, self.block_size) != (0.01, 128)
+        if tuned and not METHODS[self.method].updates_weights:
+            raise ConfigError(f"--damp does not apply to --method {self.method}")
+        if not 0 <= self.damp < 1 or self.block_size < 1:
+            raise ConfigError(f"--damp must be in [0, 1) (got {self.damp}), block_size >= 1")
         if self.ignore and kind != "unstructured":
             raise ConfigError(f"--ignore does not apply to --method {self.method}")
         if kind == "unstructured":

@@ -1,12 +1,17 @@
-"""The driver for unstructured and N:M pruning (magnitude, Wanda): zeros written in place.
+"""The driver for unstructured and N:M pruning (magnitude, Wanda, SparseGPT): zeros written in
+place.
 
 Magnitude needs no data and streams one tensor at a time. Wanda streams one decoder layer at a
 time through :class:`~weightsmith.core.calibration.LayerStreamer`: the inputs of every Linear
 of a layer are recorded in one pass over the calibration activations (as locuslab/wanda
 does), the layer's weights are masked, and the *pruned* layer's outputs feed the next layer.
 
+SparseGPT runs the same way on the Hessians of the layer's Linears and also updates the weights
+it keeps (see :mod:`.sparsegpt`).
+
 The output is dense safetensors in the input's dtype: pruned entries are zero, every other
-entry is bit-identical to the input. Each tensor's sparsity is verified before it is written.
+entry is bit-identical to the input (SparseGPT: the updated value). Each tensor's sparsity is
+verified before it is written.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from weightsmith.compress.prune.common import (
 )
 from weightsmith.compress.prune.masks import check_sparsity, prune_mask
 from weightsmith.compress.prune.registry import METHODS, PruneConfig
+from weightsmith.compress.prune.sparsegpt import sparsegpt_layer
 from weightsmith.compress.prune.wanda import ColumnNormStat
 from weightsmith.core.calibration import CalibrationLayer, build_skeleton
-from weightsmith.core.transform import WriteOptions, rewrite_checkpoint
-from weightsmith.errors import OutputError
+from weightsmith.core.transform import WriteOptions, require_finite, rewrite_checkpoint
+from weightsmith.errors import ConfigError, OutputError
 from weightsmith.io.reader import Checkpoint, TensorGroup
 
 
@@ -48,6 +54,14 @@ def linear_mask(
     return prune_mask(scores, sparsity=sparsity, pattern=cfg.pattern, compare=method.compare)
 
 
+def _refuse_experts_update(ckpt: Checkpoint, name: str, updates_weights: bool) -> None:
+    """SparseGPT's per-layer update does not route tokens to MoE experts yet: refuse it."""
+    if updates_weights and ckpt.arch.experts is not None:
+        raise ConfigError(
+            f"{ckpt.root}: {name} does not handle MoE experts yet; use --method wanda"
+        )
+
+
 def prune_unstructured(
     ckpt: Checkpoint,
     out: str | os.PathLike[str],
@@ -59,6 +73,7 @@ def prune_unstructured(
     progress: bool,
 ) -> PruneResult:
     method = METHODS[cfg.method]
+    _refuse_experts_update(ckpt, cfg.method, method.updates_weights)
     targets, kept = select_targets(ckpt, build_skeleton(ckpt), cfg)
     transposed = ckpt.arch.linear_layout == "in_out"
     zeros: dict[str, int] = {}
@@ -88,18 +103,27 @@ def prune_unstructured(
         streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
         calib_info.update(info)
 
+        def layer_fn(cl: CalibrationLayer) -> dict[str, torch.Tensor]:
+            if not method.updates_weights:
+                return wanda_masks(cl, targets, cfg, moe_stats)
+            for name, t in cl.state_dict().items():  # before NaN reaches a Hessian
+                require_finite(t, str(ckpt.path), name)
+            return sparsegpt_layer(cl, targets, cfg)
+
         def apply(group: TensorGroup) -> Iterator:
-            masks = {}
+            done = {}
             if group.layer is not None:
-                masks = streamer.run_layer(
-                    group.layer, lambda cl: wanda_masks(cl, targets, cfg, moe_stats)
-                )
+                done = streamer.run_layer(group.layer, layer_fn)
             for n in group.names:
                 t = targets.get(n)
                 if t is None:
                     yield passthrough(ckpt, n)
+                elif method.updates_weights:  # the layer was checked finite before pruning
+                    dtype = ckpt.info(n).torch_dtype
+                    zeros[n], new = store_updated(t, dtype, done[n], cfg, transposed)
+                    yield n, new
                 else:
-                    yield n, finish(t, read_checked(ckpt, n), masks[n])
+                    yield n, finish(t, read_checked(ckpt, n), done[n])
 
         groups = ckpt.groups("layer")
 
@@ -136,6 +160,24 @@ def apply_mask(
     except ValueError as e:  # cannot happen unless a mask function is wrong
         raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
     return zeros, pruned
+
+
+def store_updated(
+    t: LinearTarget, dtype: torch.dtype, w: torch.Tensor, cfg: PruneConfig, transposed: bool
+) -> tuple[int, torch.Tensor]:
+    """(zeros, the updated ``(out, in)`` weight ``w`` in the stored ``dtype`` and layout), the
+    requested sparsity verified and the values checked finite."""
+    new = as_out_in(w, transposed).to(dtype).contiguous()
+    if not torch.isfinite(new).all():
+        raise OutputError(f"{t.tensor}: the updated weight holds NaN or Inf in {dtype}")
+    try:
+        zeros = check_sparsity(
+            as_out_in(new, transposed), sparsity=cfg.target_sparsity, pattern=cfg.pattern,
+            compare=METHODS[cfg.method].compare,
+        )  # fmt: skip
+    except ValueError as e:  # cannot happen unless the pruning function is wrong
+        raise OutputError(f"{t.tensor}: requested sparsity not reached ({e})") from None
+    return zeros, new
 
 
 def wanda_masks(

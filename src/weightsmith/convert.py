@@ -9,7 +9,7 @@ import torch
 
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.transform import WriteOptions, dtype_patch, rewrite_checkpoint
-from weightsmith.errors import CheckpointError
+from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.reader import TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
@@ -80,6 +80,21 @@ def convert(
         )
 
 
+@dataclass(frozen=True)
+class ImatrixOptions:
+    """Where a GGUF write's importance matrix comes from: ``imatrix`` (a llama.cpp imatrix
+    file) or ``calib`` (text run through the layer-streamed calibration engine), optionally
+    saved to ``save`` in llama.cpp's format."""
+
+    imatrix: str | None = None
+    calib: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    device: str = "cpu"
+    save: str | None = None
+
+
 def convert_gguf(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -88,13 +103,50 @@ def convert_gguf(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    importance: ImatrixOptions | None = None,
 ):
-    """Write ``path`` as one llama.cpp GGUF file (see :mod:`weightsmith.ggml.writer`)."""
+    """Write ``path`` as one llama.cpp GGUF file (see :mod:`weightsmith.ggml.writer`), with an
+    importance matrix from ``importance`` when it names a file or calibration text."""
+    from weightsmith.ggml.types import check_type
     from weightsmith.ggml.writer import write_gguf
 
+    check_type(type_name)
+    imatrix = None
+    if importance is not None and (importance.imatrix or importance.calib):
+        imatrix = _importance(path, out, importance, force, progress)
+    elif importance is not None and importance.save:
+        raise ConfigError("--save-imatrix needs --calib (the text to collect it from)")
     return write_gguf(
-        path, out, type_name=type_name, force=force, allow_pickle=allow_pickle, progress=progress
-    )
+        path, out, type_name=type_name, force=force, allow_pickle=allow_pickle,
+        progress=progress, imatrix=imatrix,
+    )  # fmt: skip
+
+
+def _importance(path, out, opts: ImatrixOptions, force: bool, progress: bool) -> dict:
+    """The per-column importance the GGUF writer weights by (``Imatrix.importance()``)."""
+    from pathlib import Path
+
+    from weightsmith.ggml.imatrix import collect_imatrix, load_imatrix, save_imatrix
+    from weightsmith.io.paths import check_file_output
+
+    if opts.imatrix and opts.calib:
+        raise ConfigError("--imatrix and --calib both give the importance matrix: choose one")
+    if opts.imatrix and opts.save:
+        raise ConfigError(
+            "--save-imatrix saves a collected matrix: it needs --calib, not --imatrix"
+        )
+    check_file_output(Path(out), [Path(path)], force)  # refuse before a long calibration
+    if opts.save:
+        check_file_output(Path(opts.save), [Path(path)], force)
+    if opts.imatrix:
+        return load_imatrix(opts.imatrix).importance()
+    im = collect_imatrix(
+        path, opts.calib, samples=opts.samples, seq_len=opts.seq_len,
+        batch_size=opts.batch_size, device=opts.device, progress=progress,
+    )  # fmt: skip
+    if opts.save:
+        save_imatrix(opts.save, im, force=force)
+    return im.importance()
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

@@ -165,7 +165,8 @@ def bench_speed(a: argparse.Namespace, python: Path, work: Path) -> dict:
     tree = python.parents[1] / "sdist"
     convert_py = next(tree.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
     quantize = python.parents[1] / "build" / "bin" / "llama-quantize"
-    ws = [sys.executable, "-m", "weightsmith.cli.main", "convert", str(src), "--format", "gguf",
+    cli = "import sys; from weightsmith.cli.main import cli; sys.exit(cli())"
+    ws = [sys.executable, "-c", cli, "convert", str(src), "--format", "gguf",
           "--no-progress", "--force"]  # fmt: skip
     out = {}
     f16 = work / "ref.F16.gguf"

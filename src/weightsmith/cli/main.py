@@ -19,6 +19,7 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.groups import cli, compress_cli, distill_cli, eval_cli, merge_cli
 from weightsmith.cli.recipe_steps import translate_steps
+from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
@@ -63,6 +64,20 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
     help="GGUF tensor type: F32, F16 (default), BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, "
     "TQ2_0, or a K-quant mix (Q4_K_M, ...). Only with --format gguf.",
 )
+@click.option(
+    "--calib", type=click.Path(dir_okay=False), default=None,
+    help="GGUF: collect an importance matrix from this text (.txt/.jsonl), layer by layer.",
+)  # fmt: skip
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option(
+    "--imatrix", type=click.Path(dir_okay=False), default=None,
+    help="GGUF: weight the quantization by this llama.cpp imatrix file (GGUF or legacy .dat).",
+)  # fmt: skip
+@click.option(
+    "--save-imatrix", type=click.Path(dir_okay=False), default=None,
+    help="GGUF: also save the --calib importance matrix in llama.cpp's imatrix format.",
+)  # fmt: skip
 @max_shard_size_option
 @force_option
 @allow_pickle_option
@@ -76,14 +91,17 @@ def convert_cmd(
     force: bool,
     allow_pickle: bool,
     progress: bool,
-    **gguf_options: str | None,  # --format, --type (their recipe keys: format, type)
+    **gguf_options,  # --format, --type, --calib, ... (recipe keys: format, type, calib, ...)
 ) -> dict:
     """Re-shard and/or cast the checkpoint at PATH into OUT (a folder, or a .gguf file)."""
     from weightsmith.convert import convert
 
     out_format, gguf_type = gguf_options["format"], gguf_options["type"]
+    imatrix_keys = ("calib", "imatrix", "save_imatrix")
     if out_format == "gguf" or gguf_type is not None:
-        return _convert_gguf(path, out, out_format, gguf_type, dtype, force, allow_pickle, progress)
+        return _convert_gguf(path, out, gguf_options, dtype, force, allow_pickle, progress)
+    if any(gguf_options[k] for k in imatrix_keys):
+        raise ConfigError("--calib/--imatrix/--save-imatrix apply to --format gguf only")
     result = convert(
         path,
         out,
@@ -102,19 +120,25 @@ def convert_cmd(
     return {"input": path, "output": result.out, "result": result.to_dict()}
 
 
-def _convert_gguf(path, out, out_format, gguf_type, dtype, force, allow_pickle, progress) -> dict:
-    from weightsmith.convert import convert_gguf
-    from weightsmith.errors import ConfigError
+def _convert_gguf(path, out, opts: dict, dtype, force, allow_pickle, progress) -> dict:
+    from weightsmith.convert import ImatrixOptions, convert_gguf
 
+    out_format, gguf_type = opts["format"], opts["type"]
+    importance = ImatrixOptions(
+        imatrix=opts["imatrix"], calib=opts["calib"], samples=opts["calib_samples"],
+        seq_len=opts["seq_len"], save=opts["save_imatrix"],
+    )  # fmt: skip
     if out_format != "gguf":
         raise ConfigError("--type is a GGUF tensor type: add --format gguf")
     if dtype is not None:
         raise ConfigError("--dtype does not apply to --format gguf: use --type F32/F16/BF16")
     result = convert_gguf(
         path, out, type_name=gguf_type or "F16", force=force, allow_pickle=allow_pickle,
-        progress=progress,
+        progress=progress, importance=importance,
     )  # fmt: skip
     fell_back = f", {len(result.fallbacks)} fallback(s)" if result.fallbacks else ""
+    if importance.imatrix or importance.calib:
+        fell_back += f", imatrix used by {result.imatrix_tensors} tensors"
     click.echo(
         f"wrote {result.tensors} tensors as {result.type} GGUF ({result.architecture}, "
         f"{format_size(result.total_size)}{fell_back}) in {result.wall_s:.1f} s, peak RSS "

@@ -28,6 +28,8 @@ K_MIXES = (
     "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
 )  # fmt: skip
 ALL_TYPES = DIRECT_TYPES + K_MIXES
+# tensor types whose llama.cpp encoding reads an importance matrix (Q8_0 and floats ignore it)
+IMATRIX_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _FILE_TYPE_ALIASES = {"F32": "ALL_F32", "Q2_K": "MOSTLY_Q2_K", "Q6_K": "MOSTLY_Q6_K"}
 
 
@@ -114,12 +116,17 @@ def choose_type(file_type_name: str, name: str, shape: tuple[int, ...]) -> Tenso
 
 
 def mix_types(
-    mix: str, shapes: dict[str, tuple[int, ...]], arch_name: str, config: dict
+    mix: str,
+    shapes: dict[str, tuple[int, ...]],
+    arch_name: str,
+    config: dict,
+    has_imatrix: bool = False,
 ) -> dict[str, TensorType]:
     """Every tensor's type in a K-quant mix, as llama.cpp's ``llama_tensor_get_type`` picks
     them (``mixes.plan_types`` walks the whole model for its per-layer counters)."""
     mixes, _ = k_backend()
-    facts = model_facts(mixes, arch_name, config, tied="output.weight" not in shapes)
+    tied = "output.weight" not in shapes
+    facts = model_facts(mixes, arch_name, config, has_imatrix=has_imatrix, tied=tied)
     plan = getattr(mixes, "plan_types", None)
     if plan is not None:
         chosen = plan(mix, shapes, facts, "F32")
@@ -151,6 +158,19 @@ def encode(data: np.ndarray, type_name: str) -> np.ndarray:
         rows = data.reshape(-1, data.shape[-1])
         return np.ascontiguousarray(kquants.quantize_k(rows, type_name)).view(np.uint8)
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType[type_name]).view(np.uint8)
+
+
+def encode_imatrix(data: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
+    """As :func:`encode`, for a file written with an importance matrix: every quantized type
+    takes llama.cpp's own encoder (``kquants.quantize_tensor``), weighted by ``importance``
+    (this tensor's entry, or None), since with an imatrix llama.cpp's Q4_0..Q5_1 differ from
+    the ``_ref`` path ``gguf.quants`` reproduces."""
+    if type_name in FLOAT_TYPES:
+        return encode(data, type_name)
+    _, kquants = k_backend()
+    rows = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, data.shape[-1])
+    weights = importance if type_name in IMATRIX_TYPES else None
+    return np.ascontiguousarray(kquants.quantize_tensor(rows, type_name, weights)).view(np.uint8)
 
 
 def stored_shape(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...], np.dtype]:

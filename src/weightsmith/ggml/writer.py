@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from weightsmith.core.report import peak_rss_bytes
-from weightsmith.errors import CheckpointError, OutputError
+from weightsmith.errors import CheckpointError, ConfigError, OutputError
 from weightsmith.ggml import archs, types
 from weightsmith.ggml.vocab import read_vocab
 from weightsmith.io.paths import check_file_output
@@ -52,12 +52,15 @@ class GgufResult:
     peak_rss: int
     tensor_types: dict[str, int] = field(default_factory=dict)
     fallbacks: list[dict] = field(default_factory=list)
+    imatrix_tensors: int = 0  # quantized tensors whose encoding used the importance matrix
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def plan_tensors(ckpt: Checkpoint, arch: archs.GgufArch, type_name: str) -> list[PlannedTensor]:
+def plan_tensors(
+    ckpt: Checkpoint, arch: archs.GgufArch, type_name: str, has_imatrix: bool = False
+) -> list[PlannedTensor]:
     """Every tensor's GGUF name and type, from headers only."""
     named = []
     for hf in ckpt.tensors:
@@ -68,7 +71,7 @@ def plan_tensors(ckpt: Checkpoint, arch: archs.GgufArch, type_name: str) -> list
             named.append((hf, name, tuple(ckpt.info(hf).shape)))
     if type_name in types.K_MIXES:
         chosen = types.mix_types(
-            type_name, {n: s for _, n, s in named}, arch.name, ckpt.config or {}
+            type_name, {n: s for _, n, s in named}, arch.name, ckpt.config or {}, has_imatrix
         )
     else:
         chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
@@ -83,8 +86,15 @@ def write_gguf(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> GgufResult:
-    """Write the checkpoint at ``path`` as a llama.cpp GGUF file ``out`` of ``type_name``."""
+    """Write the checkpoint at ``path`` as a llama.cpp GGUF file ``out`` of ``type_name``.
+
+    ``imatrix`` (GGUF tensor name -> per-column importance, as ``Imatrix.importance()`` gives
+    it) makes every quantized tensor encode as ``llama-quantize --imatrix`` does: the K types and
+    Q4_0/Q4_1/Q5_0/Q5_1 take llama.cpp's weighted search (``kquants.quantize_tensor``; a tensor
+    the matrix has no entry for takes the unweighted one), and the mixes choose their types as
+    llama.cpp does when it has an imatrix."""
     start = time.perf_counter()
     type_name = types.check_type(type_name)
     out = Path(out)
@@ -92,7 +102,8 @@ def write_gguf(
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
         config = ckpt.config or {}
         arch = archs.gguf_arch_for(config)
-        plan = plan_tensors(ckpt, arch, type_name)
+        plan = plan_tensors(ckpt, arch, type_name, has_imatrix=imatrix is not None)
+        _check_imatrix(plan, imatrix)
         vocab = read_vocab(ckpt.root, config)
         w = gguf.GGUFWriter(path=None, arch=arch.name)
         _write_metadata(w, arch, config, type_name, ckpt.root.name)
@@ -105,7 +116,7 @@ def write_gguf(
             )
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
-            _write_file(w, tmp, ckpt, arch, plan, progress)
+            _write_file(w, tmp, ckpt, arch, plan, progress, imatrix)
             os.replace(tmp, out)
         except BaseException:
             w.close()
@@ -124,7 +135,28 @@ def write_gguf(
         fallbacks=[
             {"tensor": t.name, "type": t.type, "reason": t.fallback} for t in plan if t.fallback
         ],
+        imatrix_tensors=sum(_uses_imatrix(t, imatrix) for t in plan),
     )
+
+
+def _uses_imatrix(t: PlannedTensor, imatrix: dict[str, np.ndarray] | None) -> bool:
+    return imatrix is not None and t.name in imatrix and t.type in types.IMATRIX_TYPES
+
+
+def _check_imatrix(plan: list[PlannedTensor], imatrix: dict[str, np.ndarray] | None) -> None:
+    """Refuse, before writing, an importance matrix whose entries do not fit the tensors."""
+    if imatrix is None:
+        return
+    by_name = {t.name: t for t in plan}
+    if imatrix and not any(n in by_name for n in imatrix):
+        raise ConfigError("the importance matrix names none of this model's tensors")
+    for name, values in imatrix.items():
+        t = by_name.get(name)
+        if t is not None and len(t.shape) >= 2 and np.asarray(values).size != t.shape[-1]:
+            raise ConfigError(
+                f"importance matrix entry {name!r} has {np.asarray(values).size} values, "
+                f"the tensor has {t.shape[-1]} columns"
+            )
 
 
 def _write_metadata(w: gguf.GGUFWriter, arch, config: dict, type_name: str, name: str) -> None:
@@ -136,7 +168,7 @@ def _write_metadata(w: gguf.GGUFWriter, arch, config: dict, type_name: str, name
 
 
 def _write_file(
-    w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool
+    w, tmp: Path, ckpt: Checkpoint, arch, plan: list[PlannedTensor], progress: bool, imatrix
 ) -> None:
     try:
         w.open_output_file(tmp)
@@ -150,11 +182,12 @@ def _write_file(
         n_head = archs.qk_heads(arch, t.name, config)
         shape, dtype = types.stored_shape(t.shape, t.type)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        w.write_tensor_data(_Encoded(nbytes, _encoded_blocks(ckpt, t, n_head)))
+        blocks = _encoded_blocks(ckpt, t, n_head, imatrix)
+        w.write_tensor_data(_Encoded(nbytes, blocks))
     w.close()
 
 
-def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
+def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
     """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
     every GGUF type encodes rows independently, so blocks concatenate to the whole."""
     rows = t.shape[0] if t.shape else 1
@@ -177,7 +210,10 @@ def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
             )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
-        yield types.encode(data, t.type)
+        if imatrix is None:
+            yield types.encode(data, t.type)
+        else:
+            yield types.encode_imatrix(data, t.type, imatrix.get(t.name))
 
 
 class _Encoded:

@@ -44,7 +44,8 @@ STEP_KINDS: dict[str, StepKind] = {
 # relative path is taken relative to the recipe file.
 PATH_KEYS = frozenset(
     {"args", "input", "reference", "teacher", "student", "base", "ref", "teacher_cache",
-     "data", "eval_data", "calib", "prompts", "template", "adapter", "include_path"}
+     "data", "eval_data", "calib", "imatrix", "prompts", "template", "adapter",
+     "include_path"}
 )  # fmt: skip
 # The keys among them that name models: a value there may be a hub id (org/name[@revision]).
 MODEL_KEYS = frozenset({"args", "input", "reference", "teacher", "student", "base", "ref"})

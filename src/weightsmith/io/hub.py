@@ -20,27 +20,13 @@ import re
 from pathlib import Path
 
 from weightsmith.errors import CheckpointError
+from weightsmith.io.support_files import SUPPORT_FILES
 
 DOWNLOAD_ENV = "WEIGHTSMITH_DOWNLOAD"
 
 # What weightsmith reads from a model repository: weights, index, config, generation config,
 # tokenizer files and chat template (never pickles, ONNX exports or consolidated duplicates).
-NEEDED_FILES = (
-    "model*.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+NEEDED_FILES = ("model*.safetensors", "model.safetensors.index.json", *SUPPORT_FILES)
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _HUB_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^\s@]+))?$")

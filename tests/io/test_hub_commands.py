@@ -103,6 +103,26 @@ def test_merge_command_and_yaml_take_hub_ids(cached, tmp_path, no_network) -> No
     assert no_network == []
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["nearswap", "org/a", "org/b", "--t", "0.5"],
+     ["sce", "--base", "org/a", "org/b", "org/a", "--select-topk", "0.5"],
+     ["nuslerp", "org/a", "org/b", "--weights", "1,3"],
+     ["arcee-fusion", "org/a", "org/b"]],
+    ids=lambda a: a[0],
+)  # fmt: skip
+def test_every_merge_command_takes_hub_ids(cached, tmp_path, no_network, args) -> None:  # noqa: F811
+    """The method commands added beside linear resolve hub ids the same way."""
+    res = _run(["merge", *args, "-o", str(tmp_path / "hub")])
+    assert res.exit_code == 0, res.output
+    local = [str(cached[a]) if a in cached else a for a in args]
+    res = _run(["merge", *local, "-o", str(tmp_path / "local")])
+    assert res.exit_code == 0, res.output
+    _same_tensors(tmp_path / "hub", tmp_path / "local")
+    assert "--download" in _run(["merge", args[0], "--help"]).output  # as every model command
+    assert no_network == []
+
+
 def test_recipe_takes_hub_ids(cached, tmp_path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"steps": [

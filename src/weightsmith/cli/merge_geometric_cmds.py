@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from weightsmith.cli.common import FINITE_FLOAT
+from weightsmith.cli.common import FINITE_FLOAT, MODEL
 from weightsmith.cli.groups import merge_cli
 from weightsmith.cli.merge_cmds import (
     base_option,
@@ -40,7 +40,7 @@ def plain_models(models: tuple[str, ...]) -> tuple:
 
 
 @merge_cli.command("model-stock")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @click.option("--filter-wise", is_flag=True, help="One ratio per row instead of per tensor.")
 @tokenizer_option
@@ -64,9 +64,9 @@ def model_stock_cmd(models, base, filter_wise, tokenizer_source, out, opts) -> d
 
 
 @merge_cli.command("nuslerp")
-@click.argument("a", type=click.Path())
-@click.argument("b", type=click.Path())
-@click.option("--base", default=None, type=click.Path(), help="Interpolate task vectors.")
+@click.argument("a", type=MODEL)
+@click.argument("b", type=MODEL)
+@click.option("--base", default=None, type=MODEL, help="Interpolate task vectors.")
 @weights_option
 @click.option("--row-wise", is_flag=True, help="Vectors along dim 0 (nuslerp_row_wise).")
 @click.option(
@@ -94,8 +94,8 @@ def nuslerp_cmd(a, b, base, weights, row_wise, flatten, tokenizer_source, out, o
 
 
 @merge_cli.command("multislerp")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--base", default=None, type=click.Path(), help="Interpolate task vectors.")
+@click.argument("models", nargs=-1, required=True, type=MODEL)
+@click.option("--base", default=None, type=MODEL, help="Interpolate task vectors.")
 @weights_option
 @click.option(
     "--normalize-weights/--no-normalize-weights",
@@ -127,7 +127,7 @@ def multislerp_cmd(
 
 
 @merge_cli.command("karcher")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @click.option("--max-iter", type=int, default=10, show_default=True, help="Most iterations.")
 @click.option("--tol", type=FINITE_FLOAT, default=1e-5, show_default=True, help="Tolerance.")
 @tokenizer_option
@@ -153,8 +153,8 @@ def karcher_cmd(models, max_iter, tol, tokenizer_source, out, opts) -> dict:
 
 
 @merge_cli.command("arcee-fusion")
-@click.argument("base", type=click.Path())
-@click.argument("model", type=click.Path())
+@click.argument("base", type=MODEL)
+@click.argument("model", type=MODEL)
 @tokenizer_option
 @merge_options
 @common
@@ -173,7 +173,7 @@ def arcee_fusion_cmd(base, model, tokenizer_source, out, opts) -> dict:
 
 
 @merge_cli.command("ram")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @click.option(
     "--epsilon",

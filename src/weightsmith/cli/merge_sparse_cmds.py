@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from weightsmith.cli.common import MODEL
 from weightsmith.cli.groups import merge_cli
 from weightsmith.cli.merge_cmds import (
     base_option,
@@ -46,7 +47,7 @@ def _drop_none(params: dict) -> dict:
 
 
 @merge_cli.command("breadcrumbs")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @_density_option("Fraction of each task vector's entries kept")
 @click.option(
@@ -95,7 +96,7 @@ def breadcrumbs_cmd(
 
 
 @merge_cli.command("della")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @_density_option("Mean probability of keeping each task-vector entry")
 @click.option(
@@ -146,7 +147,7 @@ def della_cmd(
 
 
 @merge_cli.command("sce")
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @base_option
 @click.option(
     "--select-topk",
@@ -174,8 +175,8 @@ def sce_cmd(models, base, select_topk, tokenizer_source, out, opts) -> dict:
 
 
 @merge_cli.command("nearswap")
-@click.argument("a", type=click.Path())
-@click.argument("b", type=click.Path())
+@click.argument("a", type=MODEL)
+@click.argument("b", type=MODEL)
 @click.option(
     "--t",
     "t",

@@ -42,6 +42,12 @@ def merge_options(fn: Callable) -> Callable:
             "weightsmith's exact float32 arithmetic).",
         ),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option(
+            "--chat-template",
+            default=None,
+            help="Chat template of the output tokenizer: auto (the inputs' most common), "
+            "chatml, llama3, or a literal Jinja template (mergekit's chat_template).",
+        ),
         max_shard_size_option,
         force_option,
         allow_pickle_option,
@@ -56,10 +62,10 @@ def merge_options(fn: Callable) -> Callable:
 def tokenizer_option(fn: Callable) -> Callable:
     return click.option(
         "--tokenizer-source",
-        type=click.Choice(["base"]),
         default=None,
-        help="Allow different vocabulary sizes: keep the base model's vocabulary and "
-        "tokenizer, merge the rows all models share.",
+        help="Merge embedding and lm_head rows by token: base (the base model's "
+        "vocabulary), union (every model's tokens) or a model (its tokenizer); the merged "
+        "tokenizer is written (mergekit's tokenizer_source).",
     )(fn)
 
 
@@ -150,7 +156,12 @@ def model_entries(models: tuple[str, ...], weights: str | None, extra: dict | No
 
 
 def run_recipe(recipe, out: str, **opts: Any) -> dict:
+    from dataclasses import replace
+
     from weightsmith.merge import merge
+
+    if opts.get("chat_template"):
+        recipe = replace(recipe, chat_template=opts["chat_template"]).validate()
 
     result = merge(
         recipe,
@@ -178,7 +189,7 @@ def common(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
-        keys = "dtype compute_dtype device max_shard_size force progress allow_pickle"
+        keys = "dtype compute_dtype device chat_template max_shard_size force progress allow_pickle"
         opts = {k: kwargs.pop(k) for k in keys.split()}
         return fn(opts=opts, **kwargs)
 
@@ -412,39 +423,3 @@ def run_cmd(recipe_path, models_dir, out, opts) -> dict:
 
     recipe = load_recipe(recipe_path)
     return {"recipe": recipe_path, **run_recipe(recipe, out, models_dir=models_dir, **opts)}
-
-
-@merge_cli.command("lora")
-@click.argument("base", type=MODEL)
-@click.argument("adapter", type=click.Path())
-@click.option(
-    "--scale",
-    type=FINITE_FLOAT,
-    default=None,
-    help="Override the trained scale lora_alpha/r (e.g. lower it to soften the adapter).",
-)
-@merge_options
-@common
-def lora_cmd(base, adapter, scale, out, opts) -> dict:
-    """Fold the PEFT LoRA adapter in ADAPTER into BASE (equals peft's merge_and_unload)."""
-    from weightsmith.merge.lora import merge_lora
-
-    if opts["allow_pickle"] or opts["compute_dtype"]:
-        raise ConfigError("merge lora reads safetensors only and computes in float32")
-    result = merge_lora(
-        base,
-        adapter,
-        out,
-        scale=None if scale is None else parse_number(scale, "--scale"),
-        dtype=opts["dtype"],
-        device=opts["device"],
-        max_shard_size=parse_size(opts["max_shard_size"]),
-        force=opts["force"],
-        progress=opts["progress"],
-    )
-    click.echo(
-        f"merged LoRA ({result.extra['lora_modules']} tensors) into {result.tensors} tensors "
-        f"({format_size(result.total_size)}) in {result.wall_s:.1f} s, peak RSS "
-        f"{format_size(result.peak_rss)} -> {result.out}"
-    )
-    return {"method": "lora", "output": result.out, "result": result.to_dict()}

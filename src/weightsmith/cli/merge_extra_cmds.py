@@ -1,5 +1,5 @@
 """``merge extract-lora``: a PEFT LoRA adapter from a fine-tune and its base
-(mergekit-extract-lora's options)."""
+(mergekit-extract-lora's options); ``merge lora``: fold an adapter into its base."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from weightsmith.cli.common import (
     report_option,
 )
 from weightsmith.cli.groups import merge_cli
-from weightsmith.io.sizes import format_size
+from weightsmith.cli.merge_cmds import common, merge_options, parse_number
+from weightsmith.errors import ConfigError
+from weightsmith.io.sizes import format_size, parse_size
 
 
 @merge_cli.command("extract-lora")
@@ -157,3 +159,41 @@ def moe_cmd(config_path, out, seed, max_shard_size, allow_all_same, force, progr
         f"in {result.wall_s:.1f} s -> {result.out}"
     )
     return {"method": "moe", "output": result.out, "result": result.to_dict()}
+
+
+@merge_cli.command("lora")
+@click.argument("base", type=MODEL)
+@click.argument("adapter", type=click.Path())
+@click.option(
+    "--scale",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Override the trained scale lora_alpha/r (e.g. lower it to soften the adapter).",
+)
+@merge_options
+@common
+def lora_cmd(base, adapter, scale, out, opts) -> dict:
+    """Fold the PEFT LoRA adapter in ADAPTER into BASE (equals peft's merge_and_unload)."""
+    from weightsmith.merge.lora import merge_lora
+
+    if opts["allow_pickle"] or opts["compute_dtype"] or opts["chat_template"]:
+        raise ConfigError(
+            "merge lora reads safetensors only, computes in float32 and keeps the tokenizer"
+        )
+    result = merge_lora(
+        base,
+        adapter,
+        out,
+        scale=None if scale is None else parse_number(scale, "--scale"),
+        dtype=opts["dtype"],
+        device=opts["device"],
+        max_shard_size=parse_size(opts["max_shard_size"]),
+        force=opts["force"],
+        progress=opts["progress"],
+    )
+    click.echo(
+        f"merged LoRA ({result.extra['lora_modules']} tensors) into {result.tensors} tensors "
+        f"({format_size(result.total_size)}) in {result.wall_s:.1f} s, peak RSS "
+        f"{format_size(result.peak_rss)} -> {result.out}"
+    )
+    return {"method": "lora", "output": result.out, "result": result.to_dict()}

@@ -70,6 +70,7 @@ def stream_transform(
     apply: Callable[[Group], Iterable[tuple[str, torch.Tensor | RawTensor]]],
     sources: Sequence[Checkpoint] = (),
     support_from: Path | None = None,
+    support_skip: Iterable[str] = (),
     config_patch: dict | Callable[[dict], dict] | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
@@ -122,7 +123,7 @@ def stream_transform(
                         writer.write(name, value)
                         bar.update(value.numel() * value.element_size())
         if support_from is not None:
-            writer.copy_support_files(support_from, config_patch=config_patch)
+            writer.copy_support_files(support_from, config_patch=config_patch, skip=support_skip)
         if before_commit is not None:
             before_commit(writer)
         record = dict(provenance or {})

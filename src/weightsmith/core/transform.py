@@ -108,9 +108,11 @@ def rewrite_checkpoint(
     sources: Sequence[Checkpoint] | None = None,
     config_patch: dict | Callable[[dict], dict] | None = None,
     before_commit: Callable[[CheckpointWriter], None] | None = None,
+    support_skip: Iterable[str] = (),
 ) -> StreamResult:
     """Write ``apply`` over ``groups`` to ``out`` with ``reference``'s config (patched) and
-    support files; ``sources`` (default: the reference alone) are the inputs on record."""
+    support files (but ``support_skip``); ``sources`` (default: the reference alone) are the
+    inputs on record."""
     return stream_transform(
         groups,
         out,
@@ -118,6 +120,7 @@ def rewrite_checkpoint(
         apply=apply,
         sources=[reference] if sources is None else list(sources),
         support_from=reference.root,
+        support_skip=support_skip,
         config_patch=config_patch,
         max_shard_size=options.max_shard_size,
         force=options.force,

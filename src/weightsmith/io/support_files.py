@@ -26,6 +26,11 @@ SUPPORT_FILES = (
     "chat_template.json",
 )
 
+# The ones a tokenizer's ``save_pretrained`` owns (replaced as a set when a merge writes its own).
+TOKENIZER_FILES = tuple(
+    n for n in SUPPORT_FILES if n not in ("config.json", "generation_config.json")
+)
+
 
 def copy_support_files(
     src_dir: Path,

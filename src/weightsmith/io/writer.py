@@ -306,6 +306,11 @@ class CheckpointWriter:
         self._io(path, lambda: path.write_text(text, encoding="utf-8"))
         self._extra_files.append(name)
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        path = self.tmp / name
+        self._io(path, lambda: path.write_bytes(data))
+        self._extra_files.append(name)
+
     # ---------------------------------------------------------------- finishing
     def commit(self, provenance: dict | None = None) -> WriteSummary:
         """Check completeness, name shards, write index and provenance, move into place."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from weightsmith.io.architectures import require_described
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.hub import parse_hub_id, resolve_model_reference
 from weightsmith.io.reader import Checkpoint, open_checkpoint
+from weightsmith.io.support_files import TOKENIZER_FILES
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from weightsmith.merge.card import model_card
 from weightsmith.merge.engine import (
@@ -28,6 +29,7 @@ from weightsmith.merge.engine import (
 )
 from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
 from weightsmith.merge.recipe import MergeRecipe
+from weightsmith.merge.vocab import VocabMerge, output_tokenizer, plan_vocabulary
 
 RECIPE_FILE = "mergekit_config.yml"
 CARD_FILE = "README.md"
@@ -97,23 +99,30 @@ def merge(
             if ref not in ckpts:
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
                 require_described(ckpts[ref].arch, f"{ref}: merge")
-        plan = build_plan(recipe, ckpts, final_from)
+        vocab = plan_vocabulary(recipe, ckpts)
+        plan = build_plan(recipe, ckpts, final_from, vocab.vocabulary.size if vocab else None)
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
-        return _run_plan(recipe, plan, ckpts, out, options, device, chunk_elements, final_from)
+        run = _Run(plan, ckpts, options, device, chunk_elements, final_from, vocab)
+        return _run_plan(recipe, run, out)
 
 
-def _run_plan(
-    recipe: MergeRecipe,
-    plan: MergePlan,
-    ckpts: dict[str, Checkpoint],
-    out: str | os.PathLike[str],
-    options: WriteOptions,
-    device: str,
-    chunk_elements: int,
-    final_from: str | None,
-) -> StreamResult:
-    """Stream every job of ``plan`` into ``out`` and report what was merged."""
+@dataclass
+class _Run:
+    plan: MergePlan
+    ckpts: dict[str, Checkpoint]
+    options: WriteOptions
+    device: str
+    chunk_elements: int
+    final_from: str | None
+    vocab: VocabMerge | None
+
+
+def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> StreamResult:
+    """Stream every job of the plan into ``out`` and report what was merged."""
+    plan, ckpts, device, chunk_elements = run.plan, run.ckpts, run.device, run.chunk_elements
+    final_from = run.final_from
+    tokenizer = output_tokenizer(recipe, run.vocab, plan.reference)
     out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
     specs = {job.out_name: job_spec(job, ckpts, out_dtype) for job in plan.jobs}
     stats: dict = {}
@@ -121,7 +130,13 @@ def _run_plan(
     def apply(job: TensorJob):
         spec = specs[job.out_name]
         chunks = lambda: produce(  # noqa: E731
-            job, ckpts, spec, device=device, chunk_elements=chunk_elements, stats=stats
+            job,
+            ckpts,
+            spec,
+            device=device,
+            chunk_elements=chunk_elements,
+            stats=stats,
+            vocab=run.vocab,
         )
         yield job.out_name, RawTensor(spec, chunks)
 
@@ -136,6 +151,8 @@ def _run_plan(
             )
         writer.write_text(RECIPE_FILE, note + recipe.to_yaml())
         writer.write_text(CARD_FILE, model_card(recipe, plan))
+        for name, data in tokenizer.items():
+            writer.write_bytes(name, data)
 
     result = rewrite_checkpoint(
         ref,
@@ -143,9 +160,10 @@ def _run_plan(
         out,
         plan=lambda job: [specs[job.out_name]],
         apply=apply,
-        options=options,
+        options=run.options,
         sources=list(ckpts.values()),
-        config_patch=_config_patch(ref, plan, recipe, out_dtype),
+        config_patch=_config_patch(ref, plan, recipe, out_dtype, run.vocab),
+        support_skip=TOKENIZER_FILES if tokenizer else (),
         description=f"merge {recipe.merge_method}",
         provenance={
             "operation": "merge",
@@ -171,13 +189,17 @@ def _replace_dtype(recipe: MergeRecipe, name: str) -> MergeRecipe:
     return replace(recipe, out_dtype=name)
 
 
-def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dtype):
+def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dtype, vocab):
     old_layers = ref.num_layers
     layers_key = ref.arch.num_layers_key
 
     def patch(config: dict) -> dict:
         if out_dtype is not None:
             config = dtype_patch(config_dtype_name(out_dtype))(config)
+        if vocab is not None:
+            nested = config.get("text_config")
+            target = nested if "vocab_size" not in config and isinstance(nested, dict) else config
+            target["vocab_size"] = vocab.vocabulary.size
         if recipe.slices:
             configs = _source_configs(plan)
             for key, value in list(config.items()):

@@ -24,8 +24,9 @@ from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods import get_method
-from weightsmith.merge.methods.base import ChunkSource, fail_overflow, run_method
+from weightsmith.merge.methods.base import ChunkSource, TensorChunks, fail_overflow, run_method
 from weightsmith.merge.plan import TensorJob
+from weightsmith.merge.vocab import VocabMerge
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
 DEFAULT_CACHE_BYTES = 256 << 20  # float32 copies of one tensor's inputs kept between passes
@@ -199,8 +200,15 @@ def produce(
     device: str = "cpu",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     stats: dict | None = None,
+    vocab: VocabMerge | None = None,
 ) -> Iterator[memoryview]:
-    """The output tensor's bytes, chunk by chunk."""
+    """The output tensor's bytes, chunk by chunk (``vocab``: how rows map to the merged
+    vocabulary, for jobs that re-index them)."""
+    if job.vocab:
+        if vocab is None:
+            raise CheckpointError(f"tensor {job.out_name!r}: no merged vocabulary to map rows to")
+        yield from _produce_vocab(job, ckpts, spec, vocab)
+        return
     first_ckpt, first_name = ckpts[job.inputs[0][0]], job.inputs[0][1]
     stored = first_ckpt.info(first_name).torch_dtype
     if job.params is None or stored not in FLOAT_DTYPES:
@@ -221,26 +229,44 @@ def produce(
             yield _to_bytes(x.mul_(job.scale) if job.scale != 1.0 else x, spec.dtype, job)
         return
     numel = _numel(job.shape)
-    region = numel if job.common_rows is None else job.common_rows * _numel(job.shape[1:])
     inputs = [(ckpts[m], n) for m, n in job.inputs]
     method = get_method(job.method)
-    src = CheckpointChunks(inputs, job.out_name, job.shape, region, chunk_elements, device)
-    if _can_stream_stored(inputs, device, region == numel):
+    src = CheckpointChunks(inputs, job.out_name, job.shape, numel, chunk_elements, device)
+    if _can_stream_stored(inputs, device):
         outs = method.stream_stored(src, job.params, spec.dtype)
         if outs is not None:
             yield from (memoryview(o.reshape(-1).view(torch.uint8).numpy()) for o in outs)
             return
     yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
-    if region < numel:  # vocabulary rows only the base has: copied from the base
-        rows = first_ckpt.get_slice(first_name)[job.common_rows :]
-        yield _to_bytes(rows.reshape(-1).float(), spec.dtype, job)
     del src
 
 
-def _can_stream_stored(inputs: Sequence[tuple[Checkpoint, str]], device: str, whole: bool) -> bool:
-    """Whether a method may read this tensor as stored: CPU, whole tensor, safetensors inputs
-    of one dtype that the native kernels read (float32 or bfloat16)."""
-    if str(device) != "cpu" or not whole:
+def _produce_vocab(
+    job: TensorJob, ckpts: Mapping[str, Checkpoint], spec: TensorSpec, vocab: VocabMerge
+) -> Iterator[memoryview]:
+    """A vocabulary tensor: each input's rows re-indexed by token (whole tensors, in the
+    arithmetic's dtype as mergekit gathers them), then merged (or copied, for passthrough)."""
+    narrow = job.params.compute_dtype if job.params is not None else None
+    tensors = []
+    for m, n in job.inputs:
+        t = ckpts[m].get_tensor(n)
+        if t.is_floating_point() and not _all_finite(t.float()):
+            raise CheckpointError(f"{ckpts[m].path}: tensor {n!r} holds NaN or Inf values")
+        tensors.append(t.to(narrow or torch.float32))
+    rows = vocab.rows(tensors, [m for m, _ in job.inputs])
+    if job.params is None:
+        out = rows[0].float()
+        yield _to_bytes(out.mul_(job.scale) if job.scale != 1.0 else out, spec.dtype, job)
+        return
+    src = TensorChunks([r.float() for r in rows], job.out_name)
+    method = get_method(job.method)
+    yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
+
+
+def _can_stream_stored(inputs: Sequence[tuple[Checkpoint, str]], device: str) -> bool:
+    """Whether a method may read this tensor as stored: CPU, safetensors inputs of one dtype
+    that the native kernels read (float32 or bfloat16)."""
+    if str(device) != "cpu":
         return False
     dtypes = {c.info(n).torch_dtype for c, n in inputs}
     formats = {c.format for c, _ in inputs}

@@ -1,15 +1,15 @@
 """Turn a recipe into one job per output tensor, checking the inputs on headers alone.
 
 Checks before any data is read: same architecture family, same tensor names and shapes
-(vocabulary rows aside), layer ranges that exist; different vocabulary sizes need
-``tokenizer_source: base``. Parameters are resolved per tensor with mergekit's rules: depth
+(vocabulary rows aside), layer ranges that exist; different vocabulary sizes need a
+vocabulary (``tokenizer_source`` / ``tokenizer:``), whose rows merge/vocab.py maps by token. Parameters are resolved per tensor with mergekit's rules: depth
 ``t`` = layer / (layers − 1) within each slice, 0 for tensors outside the layers (as mergekit 0.1.5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weightsmith.errors import CheckpointError, ConfigError
@@ -36,7 +36,7 @@ class TensorJob:
     params: TensorParams | None = None  # None: copy inputs[0] (times ``scale``)
     method: str = ""
     scale: float = 1.0
-    common_rows: int | None = None  # vocabulary rows merged; the rest come from the base
+    vocab: bool = False  # rows re-indexed by the merged vocabulary (merge/vocab.py) first
 
     @property
     def out_name(self) -> str:
@@ -53,13 +53,35 @@ class MergePlan:
 
 
 def build_plan(
-    recipe: MergeRecipe, ckpts: Mapping[str, Checkpoint], final_from: str | None = None
+    recipe: MergeRecipe,
+    ckpts: Mapping[str, Checkpoint],
+    final_from: str | None = None,
+    vocab_size: int | None = None,
 ) -> MergePlan:
-    """Jobs for every output tensor of ``recipe`` (model references already resolved)."""
+    """Jobs for every output tensor of ``recipe`` (model references already resolved);
+    ``vocab_size``: the merged vocabulary's rows when the recipe asks for one."""
     _check_families(ckpts)
     if recipe.slices:
-        return _plan_slices(recipe, ckpts, final_from)
-    return _plan_models(recipe, ckpts)
+        plan = _plan_slices(recipe, ckpts, final_from)
+    else:
+        plan = _plan_models(recipe, ckpts)
+    if vocab_size is not None:
+        plan.jobs = _vocab_jobs(plan.jobs, ckpts[plan.reference], vocab_size)
+    return plan
+
+
+def vocab_tensors(ckpt: Checkpoint) -> set[str]:
+    """The tensors indexed by token id (embeddings, lm_head) of ``ckpt``'s architecture."""
+    arch = ckpt.arch
+    return {n for n in [*arch.embed, arch.lm_head] if n and n in ckpt.tensors}
+
+
+def _vocab_jobs(jobs: list[TensorJob], ref: Checkpoint, rows: int) -> list[TensorJob]:
+    names = vocab_tensors(ref)
+    return [
+        replace(j, vocab=True, shape=(rows, *j.shape[1:])) if j.out_name in names else j
+        for j in jobs
+    ]
 
 
 # ---------------------------------------------------------------------- models mode
@@ -70,14 +92,13 @@ def _plan_models(recipe: MergeRecipe, ckpts: Mapping[str, Checkpoint]) -> MergeP
     order, base = _input_order(method, recipe.base_model, [m.model for m in recipe.models])
     per_model = {m.model: m.parameters for m in recipe.models}
     ref = ckpts[base or order[0]]
-    vocab_rows = _check_same_tensors(ref, [ckpts[p] for p in order], recipe.tokenizer_source)
+    _check_same_tensors(ref, [ckpts[p] for p in order], recipe.vocabulary is not None)
     layers = ref.num_layers
     jobs = []
     for name, info in ref.tensors.items():
         layer = ref.arch.layer_of(name)
         t = _depth(layer, layers) if layer is not None else NON_LAYER_T
         params = _resolve(method, name, t, order, base, per_model, {}, recipe.parameters)
-        rows = vocab_rows.get(name)
         jobs.append(
             TensorJob(
                 name,
@@ -86,7 +107,6 @@ def _plan_models(recipe: MergeRecipe, ckpts: Mapping[str, Checkpoint]) -> MergeP
                 info.shape,
                 params,
                 method.name,
-                common_rows=rows,
             )
         )
     return MergePlan(jobs, base or order[0], layers)
@@ -249,6 +269,8 @@ def _slice_job(
     inputs = tuple((m, source_name(by_model[m])) for m in order)
     infos = [_info(ckpts[m], n) for m, n in inputs]
     shapes = {i.shape for i in infos}
+    if recipe.vocabulary is not None and name in vocab_tensors(ckpts[inputs[0][0]]):
+        shapes = {i.shape[1:] for i in infos}
     if len(shapes) != 1:
         listed = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, infos, strict=True))
         raise CheckpointError(f"tensor {out_name!r}: shapes differ ({listed})")
@@ -272,13 +294,10 @@ def _check_families(ckpts: Mapping[str, Checkpoint]) -> None:
         raise CheckpointError(f"models are of different architecture families ({listed})")
 
 
-def _check_same_tensors(
-    ref: Checkpoint, ckpts: list[Checkpoint], tokenizer_source: str | None
-) -> dict[str, int]:
-    """Same names and shapes everywhere; returns {vocab tensor: rows all models share}."""
+def _check_same_tensors(ref: Checkpoint, ckpts: list[Checkpoint], vocabulary: bool) -> None:
+    """Same names and shapes everywhere (vocabulary rows may differ when ``vocabulary``)."""
     problems: list[str] = []
     vocab = set(ref.arch.embed) | ({ref.arch.lm_head} if ref.arch.lm_head else set())
-    rows: dict[str, int] = {}
     mismatched_vocab: list[str] = []
     for ck in ckpts:
         if ck is ref:
@@ -296,7 +315,6 @@ def _check_same_tensors(
                 mismatched_vocab.append(
                     f"{name}: {ref.path} has {info.shape[0]} rows, {ck.path} {other.shape[0]}"
                 )
-                rows[name] = min(rows.get(name, info.shape[0]), other.shape[0])
             else:
                 problems.append(
                     f"{name!r} is {list(other.shape)} in {ck.path} but "
@@ -307,10 +325,8 @@ def _check_same_tensors(
         raise CheckpointError(
             "models do not have the same tensors: " + "; ".join(problems[:MAX_LISTED]) + more
         )
-    if mismatched_vocab and tokenizer_source != "base":
+    if mismatched_vocab and not vocabulary:
         raise CheckpointError(
             f"vocabulary sizes differ ({mismatched_vocab[0]}); pass --tokenizer-source base "
-            "(tokenizer_source: base) to keep the base model's vocabulary and tokenizer and "
-            "merge only the rows all models share (token ids must mean the same in all of them)"
+            "(or union, or a model) to merge embedding rows by token"
         )
-    return rows

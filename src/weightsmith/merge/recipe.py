@@ -18,6 +18,14 @@ import yaml
 from weightsmith.errors import ConfigError
 from weightsmith.merge.methods import MERGE_METHODS, get_method
 from weightsmith.merge.params import BOOL, Param, check_declared, check_setting
+from weightsmith.merge.vocab_config import (
+    BASE,
+    UNION,
+    TokenizerSpec,
+    check_chat_template,
+    parse_tokenizer_block,
+    parse_tokenizer_source,
+)
 
 RECIPE_VERSION = 1
 PASSTHROUGH = "passthrough"
@@ -36,13 +44,11 @@ TOP_KEYS = {
     "out_dtype",
     "compute_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "name",
 }
-UNSUPPORTED_KEYS = {
-    "modules": "multi-module merges",
-    "tokenizer": "tokenizer surgery (the 'tokenizer' block)",
-    "chat_template": "chat template selection",
-}
+UNSUPPORTED_KEYS = {"modules": "multi-module merges"}
 DTYPES = {"float32", "float16", "bfloat16"}
 
 
@@ -86,8 +92,20 @@ class MergeRecipe:
     # weightsmith's own key: the arithmetic's dtype when it must not be ``dtype`` (mergekit
     # computes in ``dtype``, else in the inputs' dtype); ``float32`` keeps the exact arithmetic
     compute_dtype: str | None = None
+    tokenizer: TokenizerSpec | None = None  # mergekit's ``tokenizer:`` block
+    chat_template: str | None = None
 
     # ------------------------------------------------------------------ derived
+    @property
+    def vocabulary(self) -> TokenizerSpec | None:
+        """The output vocabulary asked for (``tokenizer:`` or ``tokenizer_source``), or None:
+        the reference model's vocabulary, rows merged by id."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerSpec(self.tokenizer_source)
+        return None
+
     @property
     def output_dtype(self) -> str | None:
         return self.out_dtype or self.dtype
@@ -129,6 +147,10 @@ class MergeRecipe:
         for key in ("dtype", "out_dtype", "compute_dtype", "tokenizer_source"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.to_dict()
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
         return out
 
     def to_yaml(self) -> str:
@@ -184,10 +206,9 @@ class MergeRecipe:
                 )
             for key, setting in params.items():
                 check_declared(declared[key], setting, f"{prefix}{label}.{key}")
-        if self.tokenizer_source not in (None, "base"):
-            raise ConfigError(
-                f"tokenizer_source {self.tokenizer_source!r} is not supported (only 'base')"
-            )
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ConfigError(f"{prefix}give either 'tokenizer_source' or 'tokenizer', not both")
+        check_chat_template(self.chat_template, f"{prefix}chat_template")
         for key in ("dtype", "out_dtype", "compute_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
@@ -215,6 +236,12 @@ class MergeRecipe:
                 )
                 for sl in self.slices
             ),
+            tokenizer_source=(
+                resolve(self.tokenizer_source)
+                if self.tokenizer_source not in (None, UNION, BASE)
+                else self.tokenizer_source
+            ),
+            tokenizer=self.tokenizer.resolved(resolve) if self.tokenizer else None,
         )
 
 
@@ -288,7 +315,9 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> MergeRecipe:
         dtype=data.get("dtype"),
         out_dtype=data.get("out_dtype"),
         compute_dtype=data.get("compute_dtype"),
-        tokenizer_source=data.get("tokenizer_source"),
+        tokenizer_source=parse_tokenizer_source(data.get("tokenizer_source"), where),
+        tokenizer=parse_tokenizer_block(data.get("tokenizer"), where),
+        chat_template=data.get("chat_template"),
     )
     return recipe.validate(where)
 

@@ -58,6 +58,12 @@ def build_plan(
     """Jobs for every output tensor of ``recipe`` (model references already resolved)."""
     _check_families(ckpts)
     if recipe.slices:
+        multimodal = [c for c in ckpts.values() if c.arch.multimodal]
+        if multimodal:  # the layer lists would have to be edited inside text_config
+            raise ConfigError(
+                f"{multimodal[0].path}: slices (layer ranges) of a multimodal model "
+                f"({multimodal[0].arch.name}) are not supported; merge whole models instead"
+            )
         return _plan_slices(recipe, ckpts, final_from)
     return _plan_models(recipe, ckpts)
 

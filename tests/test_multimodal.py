@@ -196,6 +196,39 @@ def test_gptq_quantizes_only_the_text_decoder(mm_model, tmp_path, kind) -> None:
 
 
 @pytest.mark.parametrize("kind", MULTIMODAL_ARCHS)
+def test_nf4_quantizes_only_the_text_decoder(mm_model, tmp_path, kind) -> None:
+    """NF4 (bitsandbytes): the text Linears load as Linear4bit, every vision and projector
+    Linear stays a float Linear (llm_int8_skip_modules), and the logits are those of
+    transformers' own NF4 of the original (quantized on load, skipping the same modules)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    src, out = mm_model(kind), tmp_path / "q"
+    _cli(["compress", "quantize", str(src), "-o", str(out), "--method", "nf4"])
+    _check_vision_untouched(src, out)
+    loaded, ref = _load(kind, out), _load(kind, src)
+    four_bit = {n for n, m in loaded.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert four_bit == set(_text_linears(ref))
+    _check_only_text_linears_changed(ref, loaded)
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]
+    theirs = (
+        model_class(kind)
+        .from_pretrained(
+            src,
+            dtype=torch.float32,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.float32,
+                llm_int8_skip_modules=skip["llm_int8_skip_modules"],
+            ),
+        )
+        .eval()
+    )
+    _check_oracle(_logits(kind, loaded), _logits(kind, theirs), _logits(kind, ref))
+
+
+@pytest.mark.parametrize("kind", MULTIMODAL_ARCHS)
 def test_wanda_prunes_only_the_text_decoder(mm_model, tmp_path, kind) -> None:
     src, out = mm_model(kind), tmp_path / "p"
     _cli(["compress", "prune", str(src), "-o", str(out), "--method", "wanda", "--sparsity", "0.5",
@@ -231,6 +264,23 @@ def test_linear_merge_with_a_shared_vision_tower(mm_model, tmp_path, kind) -> No
         for p, q in zip(ref.parameters(), other.parameters(), strict=True):
             p.copy_(0.3 * p + 0.7 * q)
     _check_oracle(_logits(kind, loaded), _logits(kind, ref), before)
+
+
+@pytest.mark.parametrize(("method", "options"), [("slerp", ["--t", "0.3"]),
+                                                 ("ties", ["--density", "0.5"])])  # fmt: skip
+def test_slerp_and_ties_keep_a_shared_vision_tower(mm_model, tmp_path, method, options) -> None:
+    """SLERP and TIES (base: a) merge the text decoders and copy the shared vision tower."""
+    kind = "qwen2_5_vl"
+    a, b, out = mm_model(kind, 0), mm_model(kind, 1, vision_seed=0), tmp_path / "m"
+    base = ["--base", str(a)] if method == "ties" else []
+    _cli(["merge", method, str(a), str(b), *base, *options, "-o", str(out)])
+    _check_vision_untouched(a, out)
+    loaded, ref = _load(kind, out), _load(kind, a)
+    changed = {n for n, p in ref.named_parameters()
+               if not torch.equal(p, dict(loaded.named_parameters())[n])}  # fmt: skip
+    assert changed and all(".language_model." in n or n == "lm_head.weight" for n in changed)
+    assert {n + ".weight" for n in _text_linears(ref)} <= changed
+    assert torch.isfinite(_logits(kind, loaded)).all()
 
 
 def test_linear_merge_of_different_vision_towers_merges_them(mm_model, tmp_path) -> None:

@@ -135,7 +135,8 @@ def test_described_with_nested_text_config(mm_model, kind) -> None:
         assert arch.known and arch.name == kind and arch.multimodal
         assert {arch.layer_of(n) for n in ckpt.tensors} == {0, 1, None}
         text = [n for n in ckpt.tensors if arch.in_text_decoder(n)]
-        assert all(n in ckpt.tensors for n in arch.embed + arch.final)
+        # the embeddings and final norm, under one of the two layouts described
+        assert sum(n in ckpt.tensors for n in arch.embed + arch.final) == 2
         # 2 layers of 9 (llama), 12 (qwen2: q/k/v biases) or 13 (gemma3: q/k norms, 4 norms)
         per_layer = {"qwen2_5_vl": 12, "gemma3": 13, "llava": 9}[kind]
         head = 0 if kind == "gemma3" else 1  # Gemma 3 ties its lm_head
@@ -377,3 +378,57 @@ def test_text_only_layout_under_a_multimodal_config_is_refused(mm_model, tmp_pat
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"text_config\.num_hidden_layers is 2 .* 0 decoder"):
         open_checkpoint(src)
+
+
+# transformers 4.52..4.57 saved the class's own module names (model.language_model.layers.N)
+_CLASS_LAYOUT = {
+    "qwen2_5_vl": {"model.": "model.language_model.", "visual.": "model.visual."},
+    "llava": {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+              "vision_tower.": "model.vision_tower.",
+              "multi_modal_projector.": "model.multi_modal_projector."},
+}  # fmt: skip
+
+
+def _renamed(name: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+@pytest.mark.parametrize("kind", sorted(_CLASS_LAYOUT))
+def test_class_layout_checkpoints_are_described_too(mm_model, tmp_path, kind) -> None:
+    """The same model stored under the class's module names: detected with its layers, RTN
+    quantizes the same 14 Linears, the vision tower is copied, the output loads and runs."""
+    pytest.importorskip("compressed_tensors")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "class-layout"
+    shutil.copytree(mm_model(kind), src)
+    renames = _CLASS_LAYOUT[kind]
+    for f in src.glob("*.safetensors"):
+        tensors = {_renamed(n, renames): t for n, t in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {_renamed(n, renames): s for n, s in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with open_checkpoint(src) as ckpt:
+        assert ckpt.num_layers == 2 and len(_outside_text(src)) == len(
+            _outside_text(mm_model(kind))
+        )
+    out = tmp_path / "q"
+    _cli(["compress", "quantize", str(src), "-o", str(out), "--method", "rtn", "--bits", "4",
+          "--group-size", "32"])  # fmt: skip
+    _check_vision_untouched(src, out)
+    assert len(_dequantized(out)) == 14
+    loaded, ref = _load(kind, out), _load(kind, mm_model(kind))
+    _check_only_text_linears_changed(ref, loaded)
+    before = _logits(kind, ref)
+    for mod in _text_linears(ref).values():
+        mod.weight.data = rtn_quantize(
+            mod.weight.data, RTNConfig(bits=4, group_size=32)
+        ).dequantize()
+    _check_oracle(_logits(kind, loaded), _logits(kind, ref), before)

@@ -124,11 +124,15 @@ class Architecture:
         lm_head. Always true for a text-only model; false for a vision tower's tensors."""
         if not self.multimodal:
             return True
+        heads = {self.lm_head}  # stored as named, or as transformers' class names it
+        for old, new in self.module_renames:
+            if self.lm_head and self.lm_head.startswith(old):
+                heads.add(new + self.lm_head[len(old) :])
         return (
             self.layer_of(tensor_name) is not None
             or tensor_name in self.embed
             or tensor_name in self.final
-            or tensor_name == self.lm_head
+            or tensor_name in heads
         )
 
     def sizes(self, config: dict | None) -> dict:

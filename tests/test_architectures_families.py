@@ -220,8 +220,9 @@ def test_undescribed_architectures_are_refused(undescribed_model, tmp_path, name
 
 
 def test_multimodal_config_is_not_guessed(family_model, tmp_path) -> None:
-    """A Llama text decoder's tensors under a LLaVA config: the names match llama.json, the
-    config says a class no description covers, and quantize refuses."""
+    """A Llama text decoder's tensors under a PaliGemma config: the names match llama.json,
+    the config says a class no description covers, and quantize refuses. (LLaVA, Gemma 3 and
+    Qwen2.5-VL are described: tests/test_multimodal.py.)"""
     import json
     import shutil
 
@@ -230,9 +231,10 @@ def test_multimodal_config_is_not_guessed(family_model, tmp_path) -> None:
     config = json.loads((src / "config.json").read_text())
     text = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     (src / "config.json").write_text(json.dumps({
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
         "text_config": {"model_type": "mistral", **text},
     }))  # fmt: skip
     res = CliRunner().invoke(cli, ["compress", "quantize", str(src), "-o", str(tmp_path / "q")])
-    assert res.exit_code == 1 and "architecture llava (LlavaForConditionalGeneration)" in res.output
+    assert res.exit_code == 1
+    assert "architecture paligemma (PaliGemmaForConditionalGeneration)" in res.output
     assert not (tmp_path / "q").exists()

@@ -33,7 +33,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = Fal
                 }
             )
         layers = ckpt.num_layers
-        config_layers = config.get(ckpt.arch.num_layers_key)
+        config_layers = ckpt.arch.sizes(config).get(ckpt.arch.num_layers_key)  # text_config
         warnings = []
         if isinstance(config_layers, int) and config_layers != layers:
             warnings.append(f"config.json says {config_layers} layers, the weights hold {layers}")

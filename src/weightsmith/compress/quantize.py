@@ -67,8 +67,11 @@ def select_linears(
             f"{ckpt.root}: {ckpt.arch.name} stores its projections as Conv1D, which the "
             "quantized formats (compressed-tensors, gptq) do not load as Linear"
         )
-    by_model_path = {
-        module_path(model, n[: -len(".weight")]): n for n in ckpt.tensors if n.endswith(".weight")
+    renames, arch = ckpt.arch.module_renames, ckpt.arch
+    by_model_path = {  # a multimodal model's vision tower and projector are never quantized
+        module_path(model, n[: -len(".weight")], renames): n
+        for n in ckpt.tensors
+        if n.endswith(".weight") and arch.in_text_decoder(n)
     }
     group_size = getattr(cfg.options, "group_size", -1)
     targets, ignored, used = [], [], set()

@@ -268,7 +268,7 @@ class LayerStreamer:
 
     # ------------------------------------------------------------------ loading
     def _module_path(self, name: str) -> str:
-        return module_path(self.model, name)
+        return module_path(self.model, name, self.ckpt.arch.module_renames)
 
     def _materialise_layer(self, prefix: str, names: list[str]) -> nn.Module:
         path = self._module_path(prefix)
@@ -291,8 +291,12 @@ class LayerStreamer:
     def _embed(self, input_ids: torch.Tensor, batch_size: int) -> list[_Batch]:
         """Run the model's own forward up to decoder layer 0 and record what it receives."""
         layer_names = {n for names in self._layer_names.values() for n in names}
-        head = self.ckpt.arch.lm_head
-        outer = [n for n in self.ckpt.tensors if n not in layer_names and n != head]
+        arch = self.ckpt.arch
+        outer = [  # a vision tower is not needed to embed text: never read
+            n
+            for n in self.ckpt.tensors
+            if n not in layer_names and n != arch.lm_head and arch.in_text_decoder(n)
+        ]
         touched: list[str] = []
         for n in outer:
             mpath = self._module_path(n)
@@ -342,9 +346,17 @@ class LayerStreamer:
         return captured
 
 
-def module_path(model: nn.Module, name: str) -> str:
-    """The model's path for a checkpoint name (GPT-2 checkpoints may omit ``transformer.``)."""
+def module_path(model: nn.Module, name: str, renames: Sequence[tuple[str, str]] = ()) -> str:
+    """The model's path for a checkpoint name (GPT-2 checkpoints may omit ``transformer.``;
+    ``renames``, an architecture's ``module_renames``, map a multimodal checkpoint's prefixes
+    to the class's modules)."""
     path = name.rstrip(".")
+    for old, new in renames:
+        if path.startswith(old):
+            renamed = new + path[len(old) :]
+            with contextlib.suppress(AttributeError):
+                model.get_submodule(renamed.rsplit(".", 1)[0])
+                return renamed
     with contextlib.suppress(AttributeError):
         model.get_submodule(path.rsplit(".", 1)[0] if "." in path else path)
         return path
@@ -380,7 +392,7 @@ def _assign(
 def build_skeleton(ckpt: Checkpoint) -> nn.Module:
     """The transformers model for the checkpoint's config: parameters on meta, buffers real."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if ckpt.config is None:
         raise CheckpointError(f"{ckpt.root}: no config.json; calibration needs the model config")
@@ -393,8 +405,9 @@ def build_skeleton(ckpt: Checkpoint) -> nn.Module:
     if getattr(config, "quantization_config", None) is not None:
         raise CheckpointError(f"{ckpt.root}: is already quantized; calibrate an unquantized model")
     try:
+        auto = AutoModelForImageTextToText if ckpt.arch.multimodal else AutoModelForCausalLM
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto.from_config(config)
     except ValueError as e:
         raise CheckpointError(
             f"{ckpt.root}: transformers has no causal-LM class for this config ({e})"

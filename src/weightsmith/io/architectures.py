@@ -5,6 +5,13 @@ which tensors sit before and after the layers, the lm_head, how Linear weights a
 the order in which a layer's Linears run (used by calibration-based methods), and which tensor
 dimension each config.json size must equal (checked when a checkpoint is opened).
 Adding an architecture is adding one JSON file.
+
+A multimodal description (Qwen2.5-VL, Gemma 3, LLaVA) names its text decoder: ``text_config``
+is the config.json key holding the decoder's sizes (``text_config.num_hidden_layers``...), the
+templates and names above are the decoder's, and every other tensor (vision tower, projector)
+is outside it: copied bit-exactly by quantize and prune (:meth:`Architecture.in_text_decoder`).
+``module_renames`` maps checkpoint name prefixes to the module paths of transformers' class
+(the hub layout ``language_model.model.layers.0`` is ``model.language_model.layers.0``).
 """
 
 from __future__ import annotations
@@ -87,6 +94,8 @@ class Architecture:
     description: str = ""
     known: bool = True
     experts: ExpertLayout | None = None
+    text_config: str | None = None  # multimodal: the config.json key of the text decoder's sizes
+    module_renames: tuple[tuple[str, str], ...] = ()  # checkpoint prefix -> module prefix
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
     def layer_of(self, tensor_name: str) -> int | None:
@@ -104,6 +113,35 @@ class Architecture:
             if m:
                 return m.group(0)
         return None
+
+    @property
+    def multimodal(self) -> bool:
+        """True when the model is a text decoder plus other towers (``text_config`` set)."""
+        return self.text_config is not None
+
+    def in_text_decoder(self, tensor_name: str) -> bool:
+        """Whether a tensor belongs to the (text) decoder: its layers, embeddings, final norm and
+        lm_head. Always true for a text-only model; false for a vision tower's tensors."""
+        if not self.multimodal:
+            return True
+        heads = {self.lm_head}  # stored as named, or as transformers' class names it
+        for old, new in self.module_renames:
+            if self.lm_head and self.lm_head.startswith(old):
+                heads.add(new + self.lm_head[len(old) :])
+        return (
+            self.layer_of(tensor_name) is not None
+            or tensor_name in self.embed
+            or tensor_name in self.final
+            or tensor_name in heads
+        )
+
+    def sizes(self, config: dict | None) -> dict:
+        """The part of config.json holding the decoder's sizes: ``config[text_config]`` for a
+        multimodal model, else the config itself (older Qwen2.5-VL configs keep the text
+        sizes at the top level)."""
+        config = config or {}
+        nested = config.get(self.text_config) if self.text_config else None
+        return nested if isinstance(nested, dict) else config
 
     def rename_layer(self, tensor_name: str, new_index: int) -> str:
         """The same tensor name with its layer index replaced (for slicing/renumbering)."""
@@ -139,6 +177,8 @@ def _from_dict(d: dict, known: bool = True) -> Architecture:
         ),
         known=known,
         experts=_experts(d.get("experts")),
+        text_config=d.get("text_config"),
+        module_renames=tuple((k, v) for k, v in d.get("module_renames", {}).items()),
         _patterns=tuple(_compile(t) for t in templates),
     )
 

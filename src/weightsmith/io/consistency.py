@@ -31,7 +31,9 @@ def check_config_shapes(
     safetensors dtype)); ``where`` names the config file in the message."""
     if not config or not arch.known:
         return
-    _check_layer_count(config, arch, shapes, where)
+    prefix = f"{arch.text_config}." if arch.text_config else ""  # named in the messages
+    config = arch.sizes(config)  # a multimodal model's text_config
+    _check_layer_count(config, arch, shapes, where, prefix)
     for expr, template, dim in arch.config_shapes:
         for name, layer in _matching(template, shapes):
             shape, dtype = shapes[name]
@@ -40,13 +42,13 @@ def check_config_shapes(
             want = _evaluate(expr, config, layer)
             if want is not None and shape[dim] != want[0]:
                 raise CheckpointError(
-                    f"{where}: {want[1]} but tensor {name!r} has shape {list(shape)} "
+                    f"{where}: {prefix}{want[1]} but tensor {name!r} has shape {list(shape)} "
                     f"(dim {dim} is {shape[dim]}): config.json does not match the weights"
                 )
 
 
 def _check_layer_count(
-    config: Mapping, arch: Architecture, shapes: Mapping[str, object], where: str
+    config: Mapping, arch: Architecture, shapes: Mapping[str, object], where: str, prefix: str
 ) -> None:
     declared = config.get(arch.num_layers_key)
     if not _is_int(declared):
@@ -55,7 +57,7 @@ def _check_layer_count(
     if len(found) != declared or (found and found[-1] != len(found) - 1):
         held = f"layers {found[0]}..{found[-1]}" if found else "no layers"
         raise CheckpointError(
-            f"{where}: {arch.num_layers_key} is {declared} but the tensors hold "
+            f"{where}: {prefix}{arch.num_layers_key} is {declared} but the tensors hold "
             f"{len(found)} decoder layers ({held}): config.json does not match the weights"
         )
 

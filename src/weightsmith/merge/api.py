@@ -12,7 +12,12 @@ import torch
 
 from weightsmith.core.parallel import compute_pool
 from weightsmith.core.streaming import RawTensor, StreamResult
-from weightsmith.core.transform import WriteOptions, dtype_patch, rewrite_checkpoint
+from weightsmith.core.transform import (
+    WriteOptions,
+    checked_copy,
+    dtype_patch,
+    rewrite_checkpoint,
+)
 from weightsmith.errors import ConfigError
 from weightsmith.io.architectures import require_described
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
@@ -129,6 +134,10 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
 
     def apply(job: TensorJob):
         spec = specs[job.out_name]
+        if _shared_outside_text(job, ckpts, spec.dtype):
+            stats.setdefault("copied_shared", []).append(job.out_name)
+            yield checked_copy(ckpts[job.inputs[0][0]], job.inputs[0][1], job.out_name)
+            return
         chunks = lambda: produce(  # noqa: E731
             job,
             ckpts,
@@ -176,13 +185,36 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
     result.extra.update(
         {
             "method": recipe.merge_method,
-            "tensors_merged": sum(1 for j in plan.jobs if j.params is not None),
-            "tensors_copied": sum(1 for j in plan.jobs if j.params is None),
+            "tensors_merged": sum(1 for j in plan.jobs if j.params is not None)
+            - len(stats.get("copied_shared", [])),
+            "tensors_copied": sum(1 for j in plan.jobs if j.params is None)
+            + len(stats.get("copied_shared", [])),
             "num_layers": plan.num_layers,
             **stats,
         }
     )
     return result
+
+
+def _shared_outside_text(
+    job: TensorJob, ckpts: Mapping[str, Checkpoint], dtype: torch.dtype
+) -> bool:
+    """Whether ``job`` is a multimodal model's tensor outside the text decoder (vision tower,
+    projector) that every input holds byte for byte: it is copied as stored. Tensors that
+    differ are merged like any other, tensor-wise, as mergekit does."""
+    first, name = ckpts[job.inputs[0][0]], job.inputs[0][1]
+    if job.params is None or not first.arch.multimodal or first.arch.in_text_decoder(name):
+        return False
+    if first.info(name).torch_dtype != dtype or job.common_rows is not None:
+        return False
+    ref = first.get_tensor(name).reshape(-1).view(torch.uint8)
+    for model, other in job.inputs[1:]:
+        ck = ckpts[model]
+        if ck.info(other).torch_dtype != dtype or ck.info(other).shape != first.info(name).shape:
+            return False
+        if not torch.equal(ck.get_tensor(other).reshape(-1).view(torch.uint8), ref):
+            return False
+    return True
 
 
 def _replace_dtype(recipe: MergeRecipe, name: str) -> MergeRecipe:

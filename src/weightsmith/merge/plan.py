@@ -62,6 +62,12 @@ def build_plan(
     ``vocab_size``: the merged vocabulary's rows when the recipe asks for one."""
     _check_families(ckpts)
     if recipe.slices:
+        multimodal = [c for c in ckpts.values() if c.arch.multimodal]
+        if multimodal:  # the layer lists would have to be edited inside text_config
+            raise ConfigError(
+                f"{multimodal[0].path}: slices (layer ranges) of a multimodal model "
+                f"({multimodal[0].arch.name}) are not supported; merge whole models instead"
+            )
         plan = _plan_slices(recipe, ckpts, final_from)
     else:
         plan = _plan_models(recipe, ckpts)

@@ -56,7 +56,7 @@ def select_targets(
         layer = ckpt.arch.layer_of(tensor)
         if layer is None or not tensor.endswith(".weight"):
             continue
-        mpath = module_path(model, tensor[: -len(".weight")])
+        mpath = module_path(model, tensor[: -len(".weight")], ckpt.arch.module_renames)
         if mpath not in linears:
             continue
         hit = [p for p in cfg.ignore if matches(mpath, p)]

@@ -72,10 +72,11 @@ def layers_to_drop(
 ) -> tuple[set[int], dict[int, float], dict[str, Any]]:
     """(layers to drop, their scores when scored, what calibration ran on), checked against
     the checkpoint's layers and its config."""
-    if ckpt.config is None or ckpt.arch.num_layers_key not in ckpt.config:
+    sizes = ckpt.arch.sizes(ckpt.config)  # a multimodal model's text_config
+    if ckpt.config is None or ckpt.arch.num_layers_key not in sizes:
         raise CheckpointError(f"{ckpt.root}: config.json has no {ckpt.arch.num_layers_key!r}")
     layers = list(ckpt.layers())
-    n_config = int(ckpt.config[ckpt.arch.num_layers_key])
+    n_config = int(sizes[ckpt.arch.num_layers_key])
     if len(layers) != n_config:
         raise CheckpointError(
             f"{ckpt.root}: config says {n_config} layers, checkpoint has {len(layers)}"
@@ -125,6 +126,11 @@ def prune_depth(
     edited: list[str] = []
 
     def patch(config: dict) -> dict:
+        nested = arch.text_config if isinstance(config.get(arch.text_config), dict) else None
+        if nested:  # a multimodal model: the text decoder's config loses the layers
+            new, keys = drop_from_config(config[nested], arch.num_layers_key, drop)
+            edited.extend(f"{nested}.{k}" for k in keys)
+            return {**config, nested: new}
         new, keys = drop_from_config(config, arch.num_layers_key, drop)
         edited.extend(keys)
         return new

@@ -86,6 +86,9 @@ lora_options = options(
 
 run_options = options(
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
+    click.option("--fsdp", is_flag=True,
+                 help="Shard the student (and an online teacher) with FSDP2 over the launched "
+                 "processes (kd/seqkd/sft; implied by `accelerate launch --use_fsdp`)."),
     max_shard_size_option,
     force_option,
     progress_option,

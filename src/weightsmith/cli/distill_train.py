@@ -59,7 +59,7 @@ def run_training(method: str, given: dict) -> dict:
         o["teacher"], o["student"], o["data"], o["out"], cfg,
         teacher_cache=o["teacher_cache"], eval_data=o["eval_data"], device=o["device"],
         force=o["force"], progress=o["progress"], max_shard_size=parse_size(o["max_shard_size"]),
-        ref=o["ref"], ref_cache=o["ref_cache"],
+        ref=o["ref"], ref_cache=o["ref_cache"], fsdp=bool(o.get("fsdp")),
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one summary under a multi-process launcher
         for note in result.notes:

@@ -95,6 +95,9 @@ def shard(model: torch.nn.Module, layers: list[torch.nn.Module], world: int) -> 
         return model
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # the default mesh uses the current device: this process's GPU
+        torch.cuda.set_device(device)
     again = reshard_after_forward()
     for layer in layers:
         fully_shard(layer, reshard_after_forward=again)

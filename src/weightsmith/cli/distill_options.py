@@ -86,15 +86,21 @@ lora_options = options(
 
 run_options = options(
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
-    click.option("--fsdp", is_flag=True,
-                 help="Shard the student (and an online teacher) with FSDP2 over the launched "
-                 "processes (kd/seqkd/sft; implied by `accelerate launch --use_fsdp`)."),
     max_shard_size_option,
     force_option,
     progress_option,
     report_option,
 )  # fmt: skip
 """Where the run happens and how it reports: device, shard size, --force, progress, --report."""
+
+fsdp_option = click.option(
+    "--fsdp",
+    is_flag=True,
+    default=False,
+    help="Shard the student, an online teacher and the optimizer state with FSDP2 over the "
+    "launched processes; an FSDP accelerate config implies it (docs/distill.md).",
+)
+"""kd/seqkd/sft: FSDP2 instead of plain data parallelism (``weightsmith.distill.fsdp``)."""
 
 teacher_option = click.option(
     "--teacher",

@@ -12,6 +12,13 @@ big enough for the teacher's weights and logits to show in peak RSS).
         --steps 5 --batch-size 4 --lr 3e-4 --lora-lr 1e-3 --train-chars 12000 \
         --eval-tokens 2048 --eval-batch-size 4 --out /tmp/distill-smollm2.json
 
+``--fsdp`` instead times FSDP2 (``distill kd --fsdp``, online teacher sharded too): the same
+steps in 1 process and in 2 processes (``torchrun --nproc_per_node 2``, gloo on CPU), with the
+wall time and each process's peak RSS and parameter / AdamW-state elements held:
+
+    python benchmarks/distill_bench.py --teacher smollm2 --fsdp --steps 4 --batch-size 4 \
+        --seq-len 128 --train-chars 12000 --out /tmp/distill-fsdp.json
+
 Needs ../shared (or WEIGHTSMITH_SHARED); exits with a message when it is absent.
 """
 
@@ -81,6 +88,54 @@ def run(args: list[str], report: Path) -> dict:
     return body
 
 
+def run_fsdp(args: list[str], report: Path, processes: int) -> dict:
+    """One ``distill kd --fsdp`` run in ``processes`` processes (torchrun; gloo on CPU)."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    if processes == 1:
+        head = [sys.executable]
+    cmd = [*head, "-m", "weightsmith.distill", "kd", *map(str, args), "--fsdp", "--no-progress",
+           "--report", str(report)]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    wall = time.perf_counter() - start
+    res = json.loads(report.read_text())["result"]
+    mb = 2**20
+    return {
+        "processes": processes,
+        "wall_s": round(wall, 1),  # launcher start to exit: loading, training, gather + save
+        "train_tokens_per_s": res["tokens_per_s"],
+        "first_loss": res["losses"][0],
+        "last_loss": res["losses"][-1],
+        "per_process": [
+            {
+                "rank": r["rank"],
+                "peak_rss_mb": round(r["peak_rss"] / mb, 1),
+                "param_elements": r["param_elements"],
+                "optimizer_elements": r["optimizer_elements"],
+            }
+            for r in res["fsdp"]["ranks"]
+        ],
+    }
+
+
+def fsdp_bench(a, teacher: Path, student: Path, train: Path, work: Path) -> dict:
+    """1 vs 2 processes of FSDP2 KD (teacher online, sharded too), same steps and data."""
+    args = ["--teacher", teacher, "--student", student, "--data", train, "--steps", a.steps,
+            "--batch-size", a.batch_size, "--seq-len", a.seq_len, "--lr", a.lr, "--seed", 0]  # fmt: skip
+    out: dict = {"settings": vars(a) | {"out": str(a.out) if a.out else None}}
+    for n in (1, 2):
+        out[f"{n}_process"] = run_fsdp([*args, "-o", work / f"fsdp-{n}"], work / f"f{n}.json", n)
+        print(n, json.dumps(out[f"{n}_process"]), flush=True)
+    with open_checkpoint(work / "fsdp-1") as x, open_checkpoint(work / "fsdp-2") as y:
+        out["max_abs_weight_diff_1_vs_2"] = max(
+            float((x.get_tensor(n).float() - y.get_tensor(n).float()).abs().max())
+            for n in x.tensors
+        )
+    return out
+
+
 def held_out(model: Path, teacher: Path, eval_text: Path, max_tokens: int, batch: int = 8) -> dict:
     from weightsmith.evaluate.perplexity import perplexity
 
@@ -105,6 +160,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16_384, help="0 = no held-out eval")
     ap.add_argument("--eval-batch-size", type=int, default=8, help="windows of 256 tokens")
     ap.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="time FSDP2 KD in 1 vs 2 processes instead of the --runs")  # fmt: skip
     a = ap.parse_args()
     wanted = [r.strip() for r in a.runs.split(",") if r.strip()]
     if unknown := sorted(set(wanted) - set(RUNS)):
@@ -124,6 +181,12 @@ def main() -> None:
     n_layers = num_layers(teacher)
     keep = list(range(0, n_layers, 2))  # layers 0, 2, 4, …: half of them dropped
     student = drop_layers(teacher, work / "student", keep=keep)
+    if a.fsdp:
+        summary = fsdp_bench(a, teacher, student, train, work)
+        print(json.dumps(summary, indent=2))
+        if a.out:
+            a.out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return
 
     def evaluate(model: Path) -> dict:
         return held_out(model, teacher, valid_src, a.eval_tokens, a.eval_batch_size)

@@ -25,10 +25,11 @@ SHARED = {
 OWN = {
     "kd": {"--teacher", "--teacher-cache", "--loss", "--beta", "--temperature", "--alpha",
            "--eval-data", "--grad-accum", "--lmbda", "--gen-temperature", "--max-new-tokens",
-           "--gen-prompt-tokens", "--hidden-layers", "--hidden-weight", "--hidden-loss"},
+           "--gen-prompt-tokens", "--hidden-layers", "--hidden-weight", "--hidden-loss",
+           "--fsdp"},
     "seqkd": {"--teacher", "--gen-max-new-tokens", "--gen-temperature", "--eval-data",
-              "--grad-accum"},
-    "sft": {"--eval-data", "--grad-accum"},
+              "--grad-accum", "--fsdp"},
+    "sft": {"--eval-data", "--grad-accum", "--fsdp"},
     "dpo": {"--ref", "--ref-cache", "--loss", "--beta", "--label-smoothing", "--eval-fraction",
             "--grad-accum"},
     "step-by-step": {"--label-weight", "--eval-data"},  # no gradient accumulation there

@@ -15,6 +15,7 @@ from weightsmith.cli.common import FINITE_FLOAT, MODEL
 from weightsmith.cli.distill_options import (
     dpo_options,
     eval_data_option,
+    fsdp_option,
     generation_options,
     gkd_options,
     hidden_options,
@@ -51,6 +52,7 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
 @eval_data_option("Held-out text: perplexity and KL to the teacher before/after.")
 @training_loop_options()
 @lora_options
+@fsdp_option
 @run_options
 def kd_cmd(**o: object) -> dict:
     """Logit KD: match the teacher's next-token distributions (online, or from `distill cache`)."""
@@ -68,6 +70,7 @@ def kd_cmd(**o: object) -> dict:
 @eval_data_option(PPL_EVAL)
 @training_loop_options()
 @lora_options
+@fsdp_option
 @run_options
 def seqkd_cmd(**o: object) -> dict:
     """Sequence-level KD: the teacher completes the prompts, the student learns them by CE."""
@@ -80,6 +83,7 @@ def seqkd_cmd(**o: object) -> dict:
 @eval_data_option(PPL_EVAL)
 @training_loop_options()
 @lora_options
+@fsdp_option
 @run_options
 def sft_cmd(**o: object) -> dict:
     """Distilled SFT (dSFT): cross-entropy on teacher-written completions; no teacher runs."""

@@ -93,6 +93,15 @@ run_options = options(
 )  # fmt: skip
 """Where the run happens and how it reports: device, shard size, --force, progress, --report."""
 
+fsdp_option = click.option(
+    "--fsdp",
+    is_flag=True,
+    default=False,
+    help="Shard the student, an online teacher and the optimizer state with FSDP2 over the "
+    "launched processes; an FSDP accelerate config implies it (docs/distill.md).",
+)
+"""kd/seqkd/sft: FSDP2 instead of plain data parallelism (``weightsmith.distill.fsdp``)."""
+
 teacher_option = click.option(
     "--teacher",
     type=MODEL,

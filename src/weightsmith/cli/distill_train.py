@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from weightsmith.cli.distill_options import (
     dpo_options,
     eval_data_option,
+    fsdp_option,
     generation_options,
     kd_mixing_options,
     lora_options,
@@ -59,7 +60,7 @@ def run_training(method: str, given: dict) -> dict:
         o["teacher"], o["student"], o["data"], o["out"], cfg,
         teacher_cache=o["teacher_cache"], eval_data=o["eval_data"], device=o["device"],
         force=o["force"], progress=o["progress"], max_shard_size=parse_size(o["max_shard_size"]),
-        ref=o["ref"], ref_cache=o["ref_cache"],
+        ref=o["ref"], ref_cache=o["ref_cache"], fsdp=o.get("fsdp") is True,
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one summary under a multi-process launcher
         for note in result.notes:
@@ -174,6 +175,7 @@ def _summary(result) -> str:
 @lora_options
 @generation_options(hidden=True)
 @dpo_options(hidden=True)
+@fsdp_option
 @run_options
 def legacy_command(**o: object) -> dict:
     """The bare ``distill``: ``distill kd``, or the method of the deprecated ``--method``."""

@@ -31,15 +31,18 @@ def wrap_lora(model, lora: LoraSettings, *, nf4: bool, seed: int):
         raise ConfigError(f"--lora-targets {lora.targets}: {str(e).splitlines()[0]}") from None
 
 
-def lora_deltas(peft_model) -> dict[str, torch.Tensor]:
-    """``{weight name in the checkpoint: ΔW}`` with ΔW = scale · B @ A in the stored layout."""
+def lora_deltas(peft_model, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{weight name in the checkpoint: ΔW}`` with ΔW = scale · B @ A in the stored layout;
+    A and B from ``state`` when given (an FSDP model's gathered full state dict)."""
     deltas: dict[str, torch.Tensor] = {}
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
             continue
-        a = module.lora_A["default"].weight.detach().float().cpu()  # (r, in)
-        b = module.lora_B["default"].weight.detach().float().cpu()  # (out, r)
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        if state is not None:
+            a, b = state[f"{name}.lora_A.default.weight"], state[f"{name}.lora_B.default.weight"]
+        a, b = a.detach().float().cpu(), b.detach().float().cpu()  # (r, in), (out, r)
         delta = (b @ a) * float(module.scaling["default"])  # (out, in)
         if getattr(module, "fan_in_fan_out", False):  # GPT-2 Conv1D stores (in, out)
             delta = delta.T

@@ -34,6 +34,7 @@ def distill(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     ref: str | os.PathLike[str] | None = None,
     ref_cache: str | os.PathLike[str] | None = None,
+    fsdp: bool = False,
 ) -> DistillResult:
     """Train ``student`` on ``data`` with method ``cfg.method`` and write it to ``out``.
 
@@ -42,11 +43,13 @@ def distill(
     trains on preference pairs against ``ref`` (default: the student itself) through a
     reference log-prob cache (``ref_cache``, built when absent); ``step-by-step`` trains on
     rationales. ``eval_data`` is measured before and after training where the method takes it.
+    ``fsdp``: shard the student (and an online teacher) with FSDP2 over the launched processes
+    (:mod:`weightsmith.distill.fsdp`; also asked by ``accelerate launch --use_fsdp``).
     """
     run = DistillRun(student=student, data=data, out=out, cfg=cfg, teacher=teacher,
                      teacher_cache=teacher_cache, eval_data=eval_data, ref=ref,
                      ref_cache=ref_cache, device=device, force=force, progress=progress,
-                     max_shard_size=max_shard_size)  # fmt: skip
+                     max_shard_size=max_shard_size, fsdp=fsdp)  # fmt: skip
     method = DISTILL_METHODS[cfg.method]
     check_run(method, run)
     return method.train(run)

@@ -11,6 +11,8 @@ step. The engine owns the rest, in this order every optimizer step:
 4. per micro-batch: ``loss = task.step(batch, indices, normaliser)`` (already divided by the
    normaliser), ``loss.backward()``; losses are summed in float32 as they come;
 5. all-reduce the summed gradients, clip to ``max_grad_norm``, step AdamW, zero the grads.
+   Under FSDP (``sharded=True``, :mod:`weightsmith.core.training.fsdp`) the backward pass has
+   already reduce-scattered the summed gradients into each process's shard: no all-reduce.
 
 Evaluation runs through ``evaluate()`` before the first step and after the last; saving is the
 caller's (through :mod:`weightsmith.core.training.save`, atomic).
@@ -115,6 +117,7 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     desc: str = "train",
+    sharded: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``task``; see the module docstring.
 
@@ -152,7 +155,8 @@ def train(
                 tokens += out.tokens
                 for k, v in out.metrics.items():  # shown as the mean over the micro-batches
                     metrics[k] = metrics.get(k, 0.0) + v / len(micro)
-            all_reduce_grads(params, pg.world)
+            if not sharded:  # FSDP: reduce-scattered in backward already
+                all_reduce_grads(params, pg.world)
             if loop.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)
             optimizer.step()

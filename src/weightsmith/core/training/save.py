@@ -75,9 +75,14 @@ def write_student(
         )
 
 
-def full_weights(model, checkpoint_names: set[str]) -> Callable[[str], torch.Tensor | None]:
-    """Map checkpoint names to a fully trained model's parameters (refusing unmapped ones)."""
+def full_weights(
+    model, checkpoint_names: set[str], state: dict[str, torch.Tensor] | None = None
+) -> Callable[[str], torch.Tensor | None]:
+    """Map checkpoint names to a fully trained model's parameters (refusing unmapped ones);
+    their values from ``state`` when given (an FSDP model's gathered full state dict)."""
     params = dict(model.named_parameters())  # tied weights appear once
+    if state is not None:
+        params = {name: state[name] for name in params}
     unmapped = sorted(set(params) - checkpoint_names)
     if unmapped:
         raise ConfigError(

@@ -20,6 +20,7 @@ import torch
 from weightsmith.core.models import load_model
 from weightsmith.core.report import peak_rss_bytes
 from weightsmith.core.training import LoopConfig, TrainResult
+from weightsmith.core.training.fsdp import fsdp_requested
 from weightsmith.core.training.save import (
     full_weights,
     merged_weights,
@@ -27,6 +28,7 @@ from weightsmith.core.training.save import (
     write_student,
 )
 from weightsmith.distill.config import DistillConfig
+from weightsmith.distill.fsdp import FSDP_METHODS
 from weightsmith.distill.lora import lora_deltas, wrap_lora
 from weightsmith.distill.registry import DISTILL_METHODS, INPUT_FLAGS, DistillMethod, distill_method  # noqa: F401
 from weightsmith.distill.vocab import tokenizer_hash
@@ -53,6 +55,7 @@ class DistillRun:
     force: bool = False
     progress: bool = True
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    fsdp: bool = False  # FSDP2 (also asked by `accelerate launch --use_fsdp`): distill.fsdp
     start: float = field(default_factory=time.perf_counter)
 
     def given(self) -> list[str]:
@@ -76,6 +79,7 @@ class DistillResult:
     notes: list[str] = field(default_factory=list)
     world_size: int = 1
     train_peak_rss: int = 0  # peak RSS through loading and training, before eval and saving
+    fsdp: dict | None = None  # per process: parameter/optimizer elements held, peak RSS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +89,8 @@ def check_run(method: DistillMethod, run: DistillRun) -> None:
     """Refuse inputs the method does not take, and multi-process runs of one-process methods."""
     if not method.multi_process and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"--method {method.name} runs in one process (no torchrun yet)")
+    if fsdp_requested(run.fsdp) and method.name not in FSDP_METHODS:
+        raise ConfigError(f"--fsdp is for distill {'|'.join(FSDP_METHODS)}, not {method.name}")
     for key in run.given():
         if key in method.inputs:
             continue
@@ -145,9 +151,10 @@ def finish(run: DistillRun, result: DistillResult) -> DistillResult:
 
 def save_student(
     run: DistillRun, model, cfg: DistillConfig, fingerprint: str, tok, result: DistillResult, *,
-    teacher=None, teacher_cache=None,
+    teacher=None, teacher_cache=None, state: dict | None = None,
 ) -> None:  # fmt: skip
-    """Write the trained student (or its adapter) to ``run.out`` with provenance, atomically."""
+    """Write the trained student (or its adapter) to ``run.out`` with provenance, atomically.
+    ``state``: the model's full state dict when it is sharded (FSDP, gathered on rank 0)."""
     provenance = {
         "operation": "distill",
         "config": asdict(cfg),
@@ -165,16 +172,16 @@ def save_student(
         "notes": result.notes,
     }
     if cfg.lora is not None and cfg.save_adapter:
-        _write_lora_adapter(run, model, provenance, teacher, teacher_cache)
+        _write_lora_adapter(run, model, provenance, teacher, teacher_cache, state)
         return
     extra = [open_checkpoint(teacher)] if teacher else []
     try:
         with open_checkpoint(run.student) as ckpt:
             names = set(ckpt.tensors)
         if cfg.lora is not None:
-            weights = merged_weights(run.student, lora_deltas(model))
+            weights = merged_weights(run.student, lora_deltas(model, state))
         else:
-            weights = full_weights(model, names)
+            weights = full_weights(model, names, state)
         write_student(run.student, run.out, new_weights=weights, provenance=provenance,
                       max_shard_size=run.max_shard_size, force=run.force,
                       progress=run.progress, extra_inputs=tuple(extra))  # fmt: skip
@@ -183,10 +190,12 @@ def save_student(
             c.close()
 
 
-def _write_lora_adapter(run: DistillRun, model, provenance: dict, teacher, teacher_cache) -> None:
+def _write_lora_adapter(run: DistillRun, model, provenance: dict, teacher, teacher_cache,
+                        full: dict | None = None) -> None:  # fmt: skip
     from peft import get_peft_model_state_dict
 
-    state = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(model).items()}
+    adapter = get_peft_model_state_dict(model, state_dict=full)
+    state = {k: v.detach().cpu().float() for k, v in adapter.items()}
     adapter_cfg = model.peft_config["default"].to_dict()
     adapter_cfg["base_model_name_or_path"] = str(Path(run.student).absolute())
     adapter_cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_cfg.items()}

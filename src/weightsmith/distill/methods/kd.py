@@ -41,6 +41,7 @@ from weightsmith.core.training.losses import (
 from weightsmith.core.training.tasks import TokenTask
 from weightsmith.distill.cache import TeacherCache
 from weightsmith.distill.config import DistillConfig
+from weightsmith.distill.fsdp import plan_fsdp
 from weightsmith.distill.gkd import OnPolicyMix, RolloutSettings
 from weightsmith.distill.hidden import HiddenProjector, check_layer_pairs, hidden_state_loss
 from weightsmith.distill.losses import distillation_loss
@@ -193,6 +194,8 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
             f"--batch-size {cfg.batch_size} must be divisible by the {pg.world} processes"
         )
     base.check_output(run, [teacher, run.student, cache])  # fail before training
+    online = cfg.method == "kd" and cfg.loss.alpha < 1.0 and cache is None
+    fs = plan_fsdp(run, cfg, pg, online_teacher=online and teacher is not None)
     notes: list[str] = []
     s_tok = load_tokenizer(run.student)
     records = read_records(run.data)
@@ -214,6 +217,10 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
         projector = HiddenProjector(len(cfg.hidden.pairs), student.config.hidden_size,
                                     t_model.config.hidden_size, cfg.seed).to(dev)  # fmt: skip
     student = base.add_lora(student, cfg)
+    optimizer = None
+    if fs is not None:  # FSDP2: shard the student (and online teacher), AdamW on the shards
+        fs.shard(student, src.model)
+        optimizer = fs.optimizer(student, base.loop_config(cfg))
     evaluate = None
     if run.eval_data is not None:
         held_out = tokenize_records(read_records(run.eval_data), s_tok, cfg.seq_len)
@@ -233,14 +240,19 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
         else torch.nn.ModuleDict({"student": student, "projector": projector})
     )  # the projection trains, is not saved
     tr = train(trained, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
-               progress=run.progress, desc="distill")  # fmt: skip
+               progress=run.progress, desc="distill", optimizer=optimizer,
+               sharded=fs is not None)  # fmt: skip
     if mix is not None:
         notes.append(f"gkd: the student generated {mix.generated} of {mix.draws} micro-batches "
                      f"(lmbda {cfg.lmbda})")  # fmt: skip
     result = base.make_result(run, tr, tr.units, notes, pg.world)
+    state = None
+    if fs is not None:  # collective: every process reports, rank 0 gets the full weights
+        result.fsdp = fs.report(student, optimizer, pg)
+        state = fs.gather(student)
     if pg.main:
         base.save_student(run, student, cfg, records.fingerprint, s_tok, result, teacher=teacher,
-                     teacher_cache=cache)  # fmt: skip
+                     teacher_cache=cache, state=state)  # fmt: skip
     barrier(pg.world)
     if src.cache is not None:
         src.cache.close()

@@ -205,7 +205,7 @@ def _shared_outside_text(
     first, name = ckpts[job.inputs[0][0]], job.inputs[0][1]
     if job.params is None or not first.arch.multimodal or first.arch.in_text_decoder(name):
         return False
-    if first.info(name).torch_dtype != dtype or job.common_rows is not None:
+    if first.info(name).torch_dtype != dtype or job.vocab:
         return False
     ref = first.get_tensor(name).reshape(-1).view(torch.uint8)
     for model, other in job.inputs[1:]:

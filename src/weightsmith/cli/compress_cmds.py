@@ -18,15 +18,24 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
+from weightsmith.cli.gguf_options import gguf_options, write_gguf_file
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.registry import FORMATS, METHODS
+from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
 @compress_cli.command("quantize")
 @click.argument("model", type=MODEL)
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(),
+    help="Output directory (a .gguf file with --format gguf).",
+)  # fmt: skip
+@click.option(
+    "--method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True,
+    help="With --format gguf only rtn: the --type's own llama.cpp quantizer, "
+    "importance-weighted with --calib/--imatrix (data-free without).",
+)  # fmt: skip
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option(
     "--group-size",
@@ -48,12 +57,14 @@ from weightsmith.io.sizes import format_size, parse_size
 )
 @click.option(
     "--format",
-    "fmt",
-    type=click.Choice(sorted(FORMATS)),
+    "format",  # the recipe key too (`format: gguf`)
+    type=click.Choice([*sorted(FORMATS), "gguf"]),
     default=None,
     help="Output format; default: the method's own (nf4: bnb, ternary: bitnet, others: "
-    "compressed-tensors).",
+    "compressed-tensors). gguf: one llama.cpp file of --type T (with --method rtn), the same "
+    "file as `convert --format gguf`.",
 )
+@gguf_options
 @calibration_options
 @moe_options
 @click.option(
@@ -128,7 +139,6 @@ def quantize_cmd(
     out: str,
     method: str,
     ignore: tuple[str, ...],
-    fmt: str | None,
     device: str,
     max_shard_size: str,
     force: bool,
@@ -140,6 +150,12 @@ def quantize_cmd(
     or format does not have is an error."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 
+    fmt = options.pop("format")
+    gguf = {k: options.pop(k) for k in ("type", "imatrix", "save_imatrix")}
+    if fmt == "gguf" or any(v is not None for v in gguf.values()):
+        return _quantize_gguf(
+            model, out, method, fmt, ignore, device, force, progress, gguf, options
+        )
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
     cfg.validate()
@@ -163,6 +179,41 @@ def quantize_cmd(
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )
     return {"input": model, "output": r.out, "result": r.to_dict()}
+
+
+# why each method cannot feed a GGUF --type (rtn can: the type's own quantizer is its RTN)
+_NOT_GGUF = {
+    "gptq": "its error-compensated weights fit its own integer grid, which the GGUF type would "
+    "round again",
+    "mse": "it searches scales for its own integer grid; the GGUF type's search chooses its own",
+    "ternary": "write --format bitnet, then `convert --format gguf --type TQ1_0` stores it exactly",
+}
+_GGUF_CALIBRATION = ("calib", "calib_samples", "seq_len")
+
+
+def _quantize_gguf(model, out, method, fmt, ignore, device, force, progress, gguf, options):
+    """``--format gguf``: the ``convert --format gguf`` path, fed by ``--method rtn``."""
+    from weightsmith.convert import ImatrixOptions
+
+    if fmt != "gguf":
+        raise ConfigError("--type/--imatrix/--save-imatrix apply to --format gguf only")
+    if method != "rtn":
+        why = _NOT_GGUF.get(method, "its values have no GGUF tensor type")
+        raise ConfigError(f"--format gguf is fed by --method rtn only, not {method}: {why}")
+    if gguf["type"] is None:
+        raise ConfigError("--format gguf needs --type (e.g. Q4_K_M, Q8_0)")
+    extra = [k for k in options if k not in _GGUF_CALIBRATION and not _is_default(k)]
+    extra += ["ignore"] * bool(ignore) + ["max_shard_size"] * (not _is_default("max_shard_size"))
+    if extra:
+        flag = "--" + {"sym": "sym/--asym"}.get(extra[0], extra[0]).replace("_", "-")
+        raise ConfigError(f"{flag} does not apply to --format gguf: the --type decides")
+    importance = ImatrixOptions(
+        imatrix=gguf["imatrix"], calib=options["calib"], samples=options["calib_samples"],
+        seq_len=options["seq_len"], device=device, save=gguf["save_imatrix"],
+    )  # fmt: skip
+    return write_gguf_file(
+        model, out, gguf["type"], importance, force=force, allow_pickle=False, progress=progress
+    )
 
 
 _OPTION_NAMES = {"sym": "symmetric"}  # CLI parameter -> option name

@@ -37,6 +37,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy order (rows first), as stored in the checkpoint
     type: str
     fallback: str | None
+    shift: float = 0.0  # added to the values when written (Gemma's norms: archs.norm_shift)
 
 
 @dataclass
@@ -66,7 +67,10 @@ def plan_tensors(
     for hf in ckpt.tensors:
         if hf == "lm_head.weight" and ckpt.tied_embeddings:
             continue  # llama.cpp stores a tied head once, as token_embd
-        name = archs.gguf_name(hf)
+        if hf == "lm_head.weight" and arch.name in ("gemma", "gemma2"):
+            raise ConfigError(f"{arch.name} with an untied lm_head: llama.cpp's graph reuses "
+                              "token_embd as the output")  # fmt: skip
+        name = archs.gguf_name(hf, arch.name)
         if name is not None:
             named.append((hf, name, tuple(ckpt.info(hf).shape)))
     if type_name in types.K_MIXES:
@@ -75,7 +79,10 @@ def plan_tensors(
         )
     else:
         chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
-    return [PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback) for hf, n, s in named]
+    return [
+        PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback, archs.norm_shift(arch, n))
+        for hf, n, s in named
+    ]
 
 
 def write_gguf(
@@ -210,6 +217,8 @@ def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imat
             )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
+        if t.shift:
+            data = data + np.float32(t.shift)
         if imatrix is None:
             yield types.encode(data, t.type)
         else:

@@ -7,6 +7,7 @@ other ``model_type`` is refused by name before anything is written.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -208,8 +209,8 @@ def write_hparams(w: gguf.GGUFWriter, arch: GgufArch, config: dict) -> None:
 
 def _write_rope_scaling(w: gguf.GGUFWriter, arch: GgufArch, rope: dict) -> None:
     kind = rope.get("rope_type") or "default"
-    if kind == "default":
-        return
+    if kind == "default" or (kind == "llama3" and arch.name == "llama"):
+        return  # llama3: no keys, the rope_freqs tensor (extra_tensors)
     if kind == "linear" and arch.name in ("llama", "gemma3"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
@@ -364,3 +365,32 @@ def gemma_hf_config(arch_name: str, field) -> dict:
         out["attn_logit_softcapping"] = key("attn_logit_softcapping", 50.0)
         out["final_logit_softcapping"] = key("final_logit_softcapping", 30.0)
     return out
+
+
+def extra_tensors(arch: GgufArch, config: dict) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp computes from config.json rather than reads from the checkpoint
+    (``LlamaModel.generate_extra_tensors``): Llama 3's ``rope_freqs.weight``, the factor each
+    RoPE frequency is divided by."""
+    theta, rope = rope_settings(config)
+    if arch.name != "llama" or str(rope.get("rope_type")).lower() != "llama3":
+        return {}
+    import torch
+
+    n_head = int(config["num_attention_heads"])
+    dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_head)
+    base = float(theta if theta is not None else 10000.0)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    factors = []
+    for freq in freqs:  # llama.cpp's loop, in the same float32 tensor arithmetic
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32).numpy()}

@@ -142,6 +142,11 @@ def materialize_hf(path: str | os.PathLike[str], out: str | os.PathLike[str]) ->
 
     path = Path(path)
     gf = GgufFile(path)  # a one-line error for a missing or corrupt file, before transformers
+    if "rope_freqs.weight" in gf.by_gguf:
+        raise CheckpointError(
+            f"{path}: transformers' GGUF loader ignores rope_freqs (Llama 3 RoPE scaling), so it "
+            "would evaluate another model; evaluate the safetensors source instead"
+        )
     kwargs = {"gguf_file": path.name}
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)

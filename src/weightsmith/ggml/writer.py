@@ -38,6 +38,7 @@ class PlannedTensor:
     type: str
     fallback: str | None
     shift: float = 0.0  # added to the values when written (Gemma's norms: archs.norm_shift)
+    data: np.ndarray | None = field(default=None, compare=False, repr=False)  # computed tensor
 
 
 @dataclass
@@ -79,7 +80,11 @@ def plan_tensors(
         )
     else:
         chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
-    return [
+    extra = [  # computed from config.json (Llama 3's rope_freqs), first as llama.cpp writes them
+        PlannedTensor("", n, v.shape, "F32", None, data=v)
+        for n, v in archs.extra_tensors(arch, ckpt.config or {}).items()
+    ]
+    return extra + [
         PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback, archs.norm_shift(arch, n))
         for hf, n, s in named
     ]
@@ -197,6 +202,9 @@ def _write_file(
 def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
     """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
     every GGUF type encodes rows independently, so blocks concatenate to the whole."""
+    if t.data is not None:
+        yield types.encode(t.data, t.type)
+        return
     rows = t.shape[0] if t.shape else 1
     per_row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else max(rows, 1)
     unit = rows // n_head if n_head else 1

@@ -186,3 +186,41 @@ def test_gemma_llama_cpp_cannot_run_is_refused(
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_k_mixes_equal_llama_quantize(
+    stories260k: Path, tmp_path: Path, family: str, llama_quantize, gguf_tensors
+) -> None:
+    """The K mixes on a Gemma file (rows of 256/512, so K types, not fallbacks): every tensor's
+    type and bytes equal llama.cpp's ``llama_model_quantize`` of the F32 file."""
+    scalar = {} if family == "gemma" else {"query_pre_attn_scalar": 64}
+    src = build_gemma(tmp_path / "m", family, stories260k, hidden_size=256,
+                      intermediate_size=512, head_dim=64, **scalar)  # fmt: skip
+    write_gguf(src, tmp_path / "f32.gguf", type_name="F32", progress=False)
+    for mix in ("Q4_K_M", "Q2_K"):
+        write_gguf(src, tmp_path / f"{mix}.gguf", type_name=mix, progress=False)
+        ref = llama_quantize(tmp_path / "f32.gguf", tmp_path / f"ref.{mix}.gguf", mix)
+        got = gguf_tensors(tmp_path / f"{mix}.gguf")
+        assert got.keys() == ref.keys()
+        for name, (kind, data) in ref.items():
+            assert got[name][0] == kind, (mix, name)
+            np.testing.assert_array_equal(got[name][1], data, err_msg=f"{mix} {name}")
+
+
+def test_llama_cpp_runs_gemma3_with_linear_rope_scaling(stories260k: Path, tmp_path: Path) -> None:
+    """Gemma 3's full-attention layers scale RoPE linearly (rope.scaling.*), the sliding ones
+    keep their own base (rope.freq_base_swa) unscaled."""
+    python = require_peer("llamacpp")
+    rope = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+    src = build_gemma(tmp_path / "m", "gemma3", stories260k, rope_parameters=rope)
+    out = tmp_path / "f32.gguf"
+    write_gguf(src, out, type_name="F32", progress=False)
+    kv = _fields(out)
+    assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 2.0
+    proc = subprocess.run([str(python), "-c", RUN, str(out), TEXT],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert _rel(np.asarray(got["logits"]), _hf_logits(src, got["ids"])) <= 1e-3  # 3.4e-4

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import yaml
@@ -77,6 +78,29 @@ def test_calibrated_equals_convert_calib(model_and_text, tmp_path: Path) -> None
     assert c.read_bytes() == d.read_bytes() == a.read_bytes()
 
 
+def test_ternary_equals_bitnet_then_convert(model_and_text, tmp_path: Path) -> None:
+    """``--method ternary --type TQ2_0`` is ``--method ternary`` (bitnet format) followed by
+    ``convert --format gguf --type TQ2_0``, whose TQ blocks store the levels exactly
+    (tests/ggml/test_gguf_bitnet.py); ``--ignore`` keeps a Linear dense (F16) in both."""
+    src, _ = model_and_text
+    for kind in ("TQ2_0", "TQ1_0"):
+        a, packed = tmp_path / f"q.{kind}.gguf", tmp_path / kind / src.name
+        keep = ("--ignore", "layers.1.mlp.down_proj")
+        res = _quantize(src, a, "--method", "ternary", "--type", kind, *keep)
+        assert res.exit_code == 0, res.output
+        assert f"as {kind} GGUF (llama" in res.output
+        two = _run(
+            "compress", "quantize", str(src), "-o", str(packed), "--method", "ternary", *keep
+        )
+        assert two.exit_code == 0, two.output
+        b = tmp_path / f"c.{kind}.gguf"
+        assert _convert(packed, b, "--type", kind).exit_code == 0
+        assert a.read_bytes() == b.read_bytes()
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(a)).tensors}
+        assert types["blk.0.ffn_down.weight"] == kind and types["blk.1.ffn_down.weight"] == "F16"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_recipe_quantize_step_writes_gguf(model_and_text, tmp_path: Path) -> None:
     src, text = model_and_text
     steps = [{"id": "q", "quantize": {"args": [str(src)], "format": "gguf", "type": "Q4_K_S",
@@ -95,10 +119,17 @@ def test_recipe_quantize_step_writes_gguf(model_and_text, tmp_path: Path) -> Non
     [
         (("--type", "Q4_K_X"), ("Q4_K_X",)),
         ((), ("needs --type",)),
-        (("--type", "Q4_K_M", "--method", "gptq"), ("--method rtn only, not gptq", "round again")),
+        (("--type", "Q4_K_M", "--method", "gptq"), ("rtn or ternary, not gptq", "round again")),
         (("--type", "Q4_K_M", "--method", "mse"), ("not mse",)),
         (("--type", "Q4_K_M", "--method", "nf4"), ("not nf4", "no GGUF tensor type")),
-        (("--type", "TQ1_0", "--method", "ternary"), ("not ternary", "--format bitnet")),
+        (("--type", "Q4_K_M", "--method", "ternary"), ("writes TQ1_0 or TQ2_0, not Q4_K_M",)),
+        (
+            ("--type", "TQ1_0", "--method", "ternary", "--calib", "x"),
+            ("do not apply to --method ternary",),
+        ),
+        (("--type", "TQ1_0", "--method", "ternary", "--use-rms-norm"), ("--use-rms-norm cannot",)),
+        (("--type", "TQ1_0", "--method", "ternary", "--bits", "3"), ("--bits does not apply",)),
+        (("--type", "Q8_0", "--max-shard-size", "1GB"), ("--max-shard-size does not apply",)),
         (("--type", "Q4_K_M", "--bits", "3"), ("--bits does not apply to --format gguf",)),
         (("--type", "Q4_K_M", "--asym"), ("--sym/--asym does not apply",)),
         (("--type", "Q4_K_M", "--ignore", "q_proj"), ("--ignore does not apply",)),

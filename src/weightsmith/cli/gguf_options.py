@@ -53,6 +53,11 @@ def write_gguf_file(
         path, out, type_name=type_name, force=force, allow_pickle=allow_pickle,
         progress=progress, importance=importance,
     )  # fmt: skip
+    return gguf_summary(path, result, importance)
+
+
+def gguf_summary(path: str, result, importance=None) -> dict:
+    """Print a GGUF write's one-line summary; the command's report payload."""
     fell_back = f", {len(result.fallbacks)} fallback(s)" if result.fallbacks else ""
     if importance is not None and (importance.imatrix or importance.calib):
         fell_back += f", imatrix used by {result.imatrix_tensors} tensors"

@@ -61,9 +61,14 @@ class GgufResult:
 
 
 def plan_tensors(
-    ckpt: Checkpoint, arch: archs.GgufArch, type_name: str, has_imatrix: bool = False
+    ckpt: Checkpoint,
+    arch: archs.GgufArch,
+    type_name: str,
+    has_imatrix: bool = False,
+    dense: frozenset[str] = frozenset(),
 ) -> list[PlannedTensor]:
-    """Every tensor's GGUF name and type, from headers only."""
+    """Every tensor's GGUF name and type, from headers only; ``dense`` HF names (Linears a
+    bitnet checkpoint kept unquantized) are F16 rather than ternary."""
     named = []
     for hf in ckpt.tensors:
         if hf == "lm_head.weight" and ckpt.tied_embeddings:
@@ -80,6 +85,9 @@ def plan_tensors(
         )
     else:
         chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
+    for hf, n, _ in named:
+        if hf in dense and chosen[n].name in types.TERNARY_TYPES:
+            chosen[n] = types.TensorType("F16", "kept dense (not ternary) in the bitnet source")
     extra = [  # computed from config.json (Llama 3's rope_freqs), first as llama.cpp writes them
         PlannedTensor("", n, v.shape, "F32", None, data=v)
         for n, v in archs.extra_tensors(arch, ckpt.config or {}).items()
@@ -99,6 +107,7 @@ def write_gguf(
     allow_pickle: bool = False,
     progress: bool = True,
     imatrix: dict[str, np.ndarray] | None = None,
+    dense: frozenset[str] = frozenset(),
 ) -> GgufResult:
     """Write the checkpoint at ``path`` as a llama.cpp GGUF file ``out`` of ``type_name``.
 
@@ -114,7 +123,7 @@ def write_gguf(
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
         config = ckpt.config or {}
         arch = archs.gguf_arch_for(config)
-        plan = plan_tensors(ckpt, arch, type_name, has_imatrix=imatrix is not None)
+        plan = plan_tensors(ckpt, arch, type_name, imatrix is not None, dense)
         _check_imatrix(plan, imatrix)
         vocab = read_vocab(ckpt.root, config)
         w = gguf.GGUFWriter(path=None, arch=arch.name)

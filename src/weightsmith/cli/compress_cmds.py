@@ -147,7 +147,8 @@ def quantize_cmd(
 ) -> dict:
     """Quantize the Linear weights of MODEL into OUT with a registered method (RTN, MSE,
     GPTQ, NF4, BitNet ternary, FP8, W8A8/SmoothQuant, NVFP4, MXFP4). Only the options you give are passed on: one that the method
-    or format does not have is an error."""
+    or format does not have is an error. ``--format gguf --type T`` writes one llama.cpp file
+    instead (--method rtn or ternary; the same file as ``convert --format gguf``)."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 
     fmt = options.pop("format")

@@ -118,7 +118,8 @@ def convert_gguf(
         imatrix = _importance(path, out, importance, force, progress)
     elif importance is not None and importance.save:
         raise ConfigError("--save-imatrix needs --calib (the text to collect it from)")
-    if _bitnet_config(path, allow_pickle) is None:
+    qc = _bitnet_config(path, allow_pickle)
+    if qc is None:
         return write_gguf(
             path, out, type_name=type_name, force=force, allow_pickle=allow_pickle,
             progress=progress, imatrix=imatrix,
@@ -131,9 +132,49 @@ def convert_gguf(
 
     check_file_output(Path(out), [Path(path)], force)
     tmp = Path(tempfile.mkdtemp(prefix=".bitnet-dense-", dir=Path(out).resolve().parent))
+    dense = tmp / Path(path).resolve().name  # general.name is the folder's: the source's
+    kept = frozenset(f"{m}.weight" for m in qc.get("modules_to_not_convert") or ())
     try:
-        _dense_bitnet(path, tmp / "dense", progress)
-        return write_gguf(tmp / "dense", out, type_name=type_name, force=force, progress=progress)
+        _dense_bitnet(path, dense, progress)
+        return write_gguf(
+            dense, out, type_name=type_name, force=force, progress=progress, dense=kept
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ternary_gguf(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    type_name: str,
+    ignore: tuple[str, ...] = (),
+    force: bool = False,
+    progress: bool = True,
+    **options,
+):
+    """``compress quantize --method ternary --format gguf --type TQ1_0|TQ2_0``: the ternary
+    method's levels and per-tensor scales (a bitnet checkpoint in a temporary folder beside
+    OUT), stored exactly by the TQ blocks through :func:`convert_gguf`'s bitnet path."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from weightsmith.compress import QuantConfig, quantize_checkpoint
+    from weightsmith.io.paths import check_file_output
+
+    if type_name not in ("TQ1_0", "TQ2_0"):
+        raise ConfigError(f"--method ternary --format gguf writes TQ1_0 or TQ2_0, not {type_name}")
+    if options.get("use_rms_norm"):
+        raise ConfigError("--use-rms-norm cannot be written as a llama.cpp GGUF (no such norm)")
+    cfg = QuantConfig("ternary", format="bitnet", ignore=ignore, **options)
+    cfg.validate()
+    check_file_output(Path(out), [Path(path)], force)
+    tmp = Path(tempfile.mkdtemp(prefix=".ternary-", dir=Path(out).resolve().parent))
+    packed = tmp / Path(path).resolve().name
+    try:
+        quantize_checkpoint(path, packed, cfg, progress=progress)
+        return convert_gguf(packed, out, type_name=type_name, force=force, progress=progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

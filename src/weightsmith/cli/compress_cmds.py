@@ -18,15 +18,24 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
+from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_file
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.registry import FORMATS, METHODS
+from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
 @compress_cli.command("quantize")
 @click.argument("model", type=MODEL)
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(),
+    help="Output directory (a .gguf file with --format gguf).",
+)  # fmt: skip
+@click.option(
+    "--method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True,
+    help="With --format gguf: rtn (the --type's own llama.cpp quantizer, importance-weighted "
+    "with --calib/--imatrix, data-free without) or ternary (--type TQ1_0/TQ2_0).",
+)  # fmt: skip
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True)
 @click.option(
     "--group-size",
@@ -48,12 +57,14 @@ from weightsmith.io.sizes import format_size, parse_size
 )
 @click.option(
     "--format",
-    "fmt",
-    type=click.Choice(sorted(FORMATS)),
+    "format",  # the recipe key too (`format: gguf`)
+    type=click.Choice([*sorted(FORMATS), "gguf"]),
     default=None,
     help="Output format; default: the method's own (nf4: bnb, ternary: bitnet, others: "
-    "compressed-tensors).",
+    "compressed-tensors). gguf: one llama.cpp file of --type T (--method rtn or ternary), "
+    "the same file as `convert --format gguf`.",
 )
+@gguf_options
 @calibration_options
 @moe_options
 @click.option(
@@ -128,7 +139,6 @@ def quantize_cmd(
     out: str,
     method: str,
     ignore: tuple[str, ...],
-    fmt: str | None,
     device: str,
     max_shard_size: str,
     force: bool,
@@ -137,9 +147,16 @@ def quantize_cmd(
 ) -> dict:
     """Quantize the Linear weights of MODEL into OUT with a registered method (RTN, MSE,
     GPTQ, NF4, BitNet ternary, FP8, W8A8/SmoothQuant, NVFP4, MXFP4). Only the options you give are passed on: one that the method
-    or format does not have is an error."""
+    or format does not have is an error. ``--format gguf --type T`` writes one llama.cpp file
+    instead (--method rtn or ternary; the same file as ``convert --format gguf``)."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
 
+    fmt = options.pop("format")
+    gguf = {k: options.pop(k) for k in ("type", "imatrix", "save_imatrix")}
+    if fmt == "gguf" or any(v is not None for v in gguf.values()):
+        return _quantize_gguf(
+            model, out, method, fmt, ignore, device, force, progress, gguf, options
+        )
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
     cfg.validate()
@@ -163,6 +180,55 @@ def quantize_cmd(
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )
     return {"input": model, "output": r.out, "result": r.to_dict()}
+
+
+# why each method cannot feed a GGUF --type (rtn can: the type's own quantizer is its RTN;
+# ternary can: TQ1_0/TQ2_0 store its levels and scales exactly)
+_NOT_GGUF = {
+    "gptq": "its error-compensated weights fit its own integer grid, which the GGUF type would "
+    "round again",
+    "mse": "it searches scales for its own integer grid; the GGUF type's search chooses its own",
+}
+_GGUF_CALIBRATION = ("calib", "calib_samples", "seq_len")
+
+
+def _quantize_gguf(model, out, method, fmt, ignore, device, force, progress, gguf, options):
+    """``--format gguf``: the ``convert --format gguf`` path, fed by ``--method rtn`` (or the
+    ternary method's levels, as TQ1_0/TQ2_0)."""
+    from weightsmith.convert import ImatrixOptions, ternary_gguf
+
+    if fmt != "gguf":
+        raise ConfigError("--type/--imatrix/--save-imatrix apply to --format gguf only")
+    if method not in ("rtn", "ternary"):
+        why = _NOT_GGUF.get(method, "its values have no GGUF tensor type")
+        raise ConfigError(f"--format gguf is fed by --method rtn or ternary, not {method}: {why}")
+    if gguf["type"] is None:
+        raise ConfigError("--format gguf needs --type (e.g. Q4_K_M, Q8_0)")
+    if not _is_default("max_shard_size"):
+        raise ConfigError("--max-shard-size does not apply to --format gguf (one file)")
+    if method == "ternary":
+        if gguf["imatrix"] or gguf["save_imatrix"] or options["calib"]:
+            raise ConfigError("--calib/--imatrix do not apply to --method ternary (data-free)")
+        given = {k: v for k, v in options.items() if not _is_default(k)}
+        other = sorted(set(given) - {"linear_class", "use_rms_norm", "rms_norm_eps"})
+        if other:
+            flag = "--" + {"sym": "sym/--asym"}.get(other[0], other[0]).replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to --method ternary --format gguf")
+        result = ternary_gguf(model, out, type_name=gguf["type"], ignore=ignore, force=force,
+                              progress=progress, **given)  # fmt: skip
+        return gguf_summary(model, result)
+    extra = [k for k in options if k not in _GGUF_CALIBRATION and not _is_default(k)]
+    extra += ["ignore"] * bool(ignore)
+    if extra:
+        flag = "--" + {"sym": "sym/--asym"}.get(extra[0], extra[0]).replace("_", "-")
+        raise ConfigError(f"{flag} does not apply to --format gguf: the --type decides")
+    importance = ImatrixOptions(
+        imatrix=gguf["imatrix"], calib=options["calib"], samples=options["calib_samples"],
+        seq_len=options["seq_len"], device=device, save=gguf["save_imatrix"],
+    )  # fmt: skip
+    return write_gguf_file(
+        model, out, gguf["type"], importance, force=force, allow_pickle=False, progress=progress
+    )
 
 
 _OPTION_NAMES = {"sym": "symmetric"}  # CLI parameter -> option name

@@ -17,6 +17,7 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
+from weightsmith.cli.gguf_options import gguf_options, write_gguf_file
 from weightsmith.cli.groups import cli, compress_cli, distill_cli, eval_cli, merge_cli
 from weightsmith.cli.recipe_steps import translate_steps
 from weightsmith.errors import ConfigError
@@ -58,26 +59,12 @@ def inspect_cmd(path: str, as_json: bool, allow_pickle: bool) -> dict:
     help="Output format: a safetensors folder, or one GGUF file for llama.cpp/Ollama.",
 )
 @click.option(
-    "--type",
-    "type",
-    default=None,
-    help="GGUF tensor type: F32, F16 (default), BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, "
-    "TQ2_0, or a K-quant mix (Q4_K_M, ...). Only with --format gguf.",
-)
-@click.option(
     "--calib", type=click.Path(dir_okay=False), default=None,
     help="GGUF: collect an importance matrix from this text (.txt/.jsonl), layer by layer.",
 )  # fmt: skip
 @click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")
-@click.option(
-    "--imatrix", type=click.Path(dir_okay=False), default=None,
-    help="GGUF: weight the quantization by this llama.cpp imatrix file (GGUF or legacy .dat).",
-)  # fmt: skip
-@click.option(
-    "--save-imatrix", type=click.Path(dir_okay=False), default=None,
-    help="GGUF: also save the --calib importance matrix in llama.cpp's imatrix format.",
-)  # fmt: skip
+@gguf_options
 @max_shard_size_option
 @force_option
 @allow_pickle_option
@@ -121,30 +108,20 @@ def convert_cmd(
 
 
 def _convert_gguf(path, out, opts: dict, dtype, force, allow_pickle, progress) -> dict:
-    from weightsmith.convert import ImatrixOptions, convert_gguf
+    from weightsmith.convert import ImatrixOptions
 
-    out_format, gguf_type = opts["format"], opts["type"]
     importance = ImatrixOptions(
         imatrix=opts["imatrix"], calib=opts["calib"], samples=opts["calib_samples"],
         seq_len=opts["seq_len"], save=opts["save_imatrix"],
     )  # fmt: skip
-    if out_format != "gguf":
+    if opts["format"] != "gguf":
         raise ConfigError("--type is a GGUF tensor type: add --format gguf")
     if dtype is not None:
         raise ConfigError("--dtype does not apply to --format gguf: use --type F32/F16/BF16")
-    result = convert_gguf(
-        path, out, type_name=gguf_type or "F16", force=force, allow_pickle=allow_pickle,
-        progress=progress, importance=importance,
+    return write_gguf_file(
+        path, out, opts["type"] or "F16", importance, force=force, allow_pickle=allow_pickle,
+        progress=progress,
     )  # fmt: skip
-    fell_back = f", {len(result.fallbacks)} fallback(s)" if result.fallbacks else ""
-    if importance.imatrix or importance.calib:
-        fell_back += f", imatrix used by {result.imatrix_tensors} tensors"
-    click.echo(
-        f"wrote {result.tensors} tensors as {result.type} GGUF ({result.architecture}, "
-        f"{format_size(result.total_size)}{fell_back}) in {result.wall_s:.1f} s, peak RSS "
-        f"{format_size(result.peak_rss)} -> {result.out}"
-    )
-    return {"input": path, "output": result.out, "result": result.to_dict()}
 
 
 @cli.command("compare")

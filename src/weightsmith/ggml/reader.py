@@ -73,6 +73,8 @@ class GgufFile:
             n_head = archs.qk_heads(self.arch, t.name, self._heads_config())
             if n_head is not None:
                 data = archs.permute_rows(data, n_head, inverse=True)
+            if archs.norm_shift(self.arch, t.name):
+                data = data - np.float32(archs.norm_shift(self.arch, t.name))
         return torch.from_numpy(np.ascontiguousarray(data))
 
     def _heads_config(self) -> dict:
@@ -139,7 +141,12 @@ def materialize_hf(path: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    GgufFile(path)  # a one-line error for a missing or corrupt file, before transformers
+    gf = GgufFile(path)  # a one-line error for a missing or corrupt file, before transformers
+    if "rope_freqs.weight" in gf.by_gguf:
+        raise CheckpointError(
+            f"{path}: transformers' GGUF loader ignores rope_freqs (Llama 3 RoPE scaling), so it "
+            "would evaluate another model; evaluate the safetensors source instead"
+        )
     kwargs = {"gguf_file": path.name}
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
@@ -151,6 +158,8 @@ def materialize_hf(path: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    for k, v in archs.gemma_hf_config(gf.architecture, gf.field).items():
+        setattr(model.config, k, v)  # keys transformers' loader does not read (Gemma 2/3)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return Path(out)

@@ -53,10 +53,13 @@ class Vocab:
     types: list[int]
     scores: list[float] | None
     special: gguf.SpecialVocab
+    add_space_prefix: bool | None = None  # None: llama.cpp's default for the model (true)
 
     def add_to(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
         w.add_tokenizer_pre(self.pre)
+        if self.add_space_prefix is not None:
+            w.add_add_space_prefix(self.add_space_prefix)
         w.add_token_list(self.tokens)
         if self.scores is not None:
             w.add_token_scores(self.scores)
@@ -158,7 +161,25 @@ def _llama_vocab(root: Path, tok: dict, n_vocab: int) -> Vocab:
             tokens.append(text)
             scores.append(-float(rank.get(text, len(merges) + i)))
             types.append(int(gguf.TokenType.NORMAL))
-    return Vocab("llama", "default", tokens, types, scores, _special(root, False, len(tokens)))
+    special = _special(root, False, len(tokens))
+    prefix = None if _prepends_space(tok) else False  # Gemma's tokenizer adds no leading "▁"
+    return Vocab("llama", "default", tokens, types, scores, special, prefix)
+
+
+def _prepends_space(tok: dict) -> bool:
+    """Whether the SentencePiece-style tokenizer puts "▁" before the text (a ``Prepend``
+    normalizer, or a ``Metaspace`` pre-tokenizer that prepends), as llama.cpp's
+    ``add_space_prefix`` does."""
+    if '"Prepend"' in json.dumps(tok.get("normalizer")):
+        return True
+    pre = tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return any(
+        p.get("type") == "Metaspace"
+        and p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
+        != "never"
+        for p in parts
+    )
 
 
 def _looks_special(text: str) -> bool:

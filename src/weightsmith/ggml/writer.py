@@ -37,6 +37,8 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy order (rows first), as stored in the checkpoint
     type: str
     fallback: str | None
+    shift: float = 0.0  # added to the values when written (Gemma's norms: archs.norm_shift)
+    data: np.ndarray | None = field(default=None, compare=False, repr=False)  # computed tensor
 
 
 @dataclass
@@ -59,14 +61,22 @@ class GgufResult:
 
 
 def plan_tensors(
-    ckpt: Checkpoint, arch: archs.GgufArch, type_name: str, has_imatrix: bool = False
+    ckpt: Checkpoint,
+    arch: archs.GgufArch,
+    type_name: str,
+    has_imatrix: bool = False,
+    dense: frozenset[str] = frozenset(),
 ) -> list[PlannedTensor]:
-    """Every tensor's GGUF name and type, from headers only."""
+    """Every tensor's GGUF name and type, from headers only; ``dense`` HF names (Linears a
+    bitnet checkpoint kept unquantized) are F16 rather than ternary."""
     named = []
     for hf in ckpt.tensors:
         if hf == "lm_head.weight" and ckpt.tied_embeddings:
             continue  # llama.cpp stores a tied head once, as token_embd
-        name = archs.gguf_name(hf)
+        if hf == "lm_head.weight" and arch.name in ("gemma", "gemma2"):
+            raise ConfigError(f"{arch.name} with an untied lm_head: llama.cpp's graph reuses "
+                              "token_embd as the output")  # fmt: skip
+        name = archs.gguf_name(hf, arch.name)
         if name is not None:
             named.append((hf, name, tuple(ckpt.info(hf).shape)))
     if type_name in types.K_MIXES:
@@ -75,7 +85,17 @@ def plan_tensors(
         )
     else:
         chosen = {n: types.choose_type(type_name, n, s) for _, n, s in named}
-    return [PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback) for hf, n, s in named]
+    for hf, n, _ in named:
+        if hf in dense and chosen[n].name in types.TERNARY_TYPES:
+            chosen[n] = types.TensorType("F16", "kept dense (not ternary) in the bitnet source")
+    extra = [  # computed from config.json (Llama 3's rope_freqs), first as llama.cpp writes them
+        PlannedTensor("", n, v.shape, "F32", None, data=v)
+        for n, v in archs.extra_tensors(arch, ckpt.config or {}).items()
+    ]
+    return extra + [
+        PlannedTensor(hf, n, s, chosen[n].name, chosen[n].fallback, archs.norm_shift(arch, n))
+        for hf, n, s in named
+    ]
 
 
 def write_gguf(
@@ -87,6 +107,7 @@ def write_gguf(
     allow_pickle: bool = False,
     progress: bool = True,
     imatrix: dict[str, np.ndarray] | None = None,
+    dense: frozenset[str] = frozenset(),
 ) -> GgufResult:
     """Write the checkpoint at ``path`` as a llama.cpp GGUF file ``out`` of ``type_name``.
 
@@ -102,7 +123,7 @@ def write_gguf(
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
         config = ckpt.config or {}
         arch = archs.gguf_arch_for(config)
-        plan = plan_tensors(ckpt, arch, type_name, has_imatrix=imatrix is not None)
+        plan = plan_tensors(ckpt, arch, type_name, imatrix is not None, dense)
         _check_imatrix(plan, imatrix)
         vocab = read_vocab(ckpt.root, config)
         w = gguf.GGUFWriter(path=None, arch=arch.name)
@@ -190,6 +211,9 @@ def _write_file(
 def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
     """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
     every GGUF type encodes rows independently, so blocks concatenate to the whole."""
+    if t.data is not None:
+        yield types.encode(t.data, t.type)
+        return
     rows = t.shape[0] if t.shape else 1
     per_row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else max(rows, 1)
     unit = rows // n_head if n_head else 1
@@ -210,6 +234,8 @@ def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imat
             )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
+        if t.shift:
+            data = data + np.float32(t.shift)
         if imatrix is None:
             yield types.encode(data, t.type)
         else:

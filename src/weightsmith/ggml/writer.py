@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
+from weightsmith.core.parallel import default_workers
 from weightsmith.core.report import peak_rss_bytes
 from weightsmith.errors import CheckpointError, ConfigError, OutputError
 from weightsmith.ggml import archs, types
 from weightsmith.ggml.vocab import read_vocab
 from weightsmith.io.paths import check_file_output
 from weightsmith.io.reader import Checkpoint, open_checkpoint
+from weightsmith.kernels import ggml as native_ggml
 
 _F16_MAX = 65504.0
 _BLOCK_ELEMENTS = 4 << 20  # floats read and encoded at once: bounds memory for huge embeddings
@@ -187,9 +190,9 @@ def _write_file(
     w.close()
 
 
-def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
-    """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
-    every GGUF type encodes rows independently, so blocks concatenate to the whole."""
+def _row_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
+    """The tensor as float32 blocks of rows (whole heads when permuted), checked and permuted:
+    every GGUF type encodes rows independently, so encoded blocks concatenate to the whole."""
     rows = t.shape[0] if t.shape else 1
     per_row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else max(rows, 1)
     unit = rows // n_head if n_head else 1
@@ -210,6 +213,29 @@ def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imat
             )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
+        yield data
+
+
+def _prefetched(blocks):
+    """``blocks`` read one ahead on a helper thread (the pread and the bf16 -> float32
+    conversion release the GIL), so reading the next block overlaps encoding this one; at
+    most two blocks are in memory."""
+    it = iter(blocks)
+    with ThreadPoolExecutor(1, thread_name_prefix="ws-gguf-read") as pool:
+        nxt = pool.submit(next, it, None)
+        while (data := nxt.result()) is not None:
+            nxt = pool.submit(next, it, None)
+            yield data
+
+
+def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
+    """The tensor's encoded bytes, a block of rows at a time."""
+    for data in _prefetched(_row_blocks(ckpt, t, n_head)):
+        if t.type == "Q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0:
+            native = native_ggml.quantize_q8_0(data, default_workers())  # imatrix-free type
+            if native is not None:
+                yield native
+                continue
         if imatrix is None:
             yield types.encode(data, t.type)
         else:

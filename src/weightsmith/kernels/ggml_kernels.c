@@ -167,72 +167,186 @@ static float q3_quants(int n, int nmax, const float *x, int8_t *L) {
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
-/* make_qkx2_quants / make_qkx3_quants with weights (the same arithmetic): x ~ scale*L - the_min. */
-static float qkx_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L,
-                        float *the_min, float rmin, float rdelta, int nstep, int use_mad) {
-    uint8_t Laux[32];
-    float min = x[0], max = x[0];
-    float sum_w = weights[0];
-    float sum_x = sum_w * x[0];
+/* ---------------------------------------------------------------- 8 groups at once */
+/* The same search over 8 groups side by side: lane j of every vector is group j, so each lane
+ * runs exactly the scalar code's float32 operations in the scalar code's order (IEEE SIMD
+ * add/mul/div are correctly rounded lane by lane; -ffp-contract=off forbids FMA). Branches
+ * become per-lane selects; a lane's result equals qkx_quants on that group. */
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f vsplat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+static inline v8i isplat(int32_t v) { return (v8i){v, v, v, v, v, v, v, v}; }
+static inline v8f vsel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline v8i isel(v8i m, v8i a, v8i b) { return (a & m) | (b & ~m); }
+static inline v8f vabs(v8f a) { return (v8f)((v8i)a & isplat(0x7fffffff)); }
+static inline v8f vcvt(v8i a) { return __builtin_convertvector(a, v8f); }
+
+static inline v8i vnearest_clamp(v8f f, int32_t hi) {
+    v8i i = (v8i)(f + vsplat(12582912.f));
+    v8i l = (i & isplat(0x007fffff)) - isplat(0x00400000);
+    l = isel(l > isplat(hi), isplat(hi), l);
+    return isel(l < isplat(0), isplat(0), l);
+}
+
+static inline int vany(v8i m) {
+    int32_t r = 0;
+    for (int j = 0; j < 8; ++j) r |= m[j];
+    return r != 0;
+}
+
+/* make_qkx2_quants / make_qkx3_quants with weights (the same arithmetic), x ~ scale*L - the_min,
+ * on 8 groups of n <= 32 values (position-major: x[i] holds value i of each group). */
+static void qkx_quants8(int n, int nmax, const v8f *x, const v8f *w, v8i *L, v8f *scale_out,
+                        v8f *min_out, float rmin, float rdelta, int nstep, int use_mad) {
+    v8i Laux[32];
+    const v8f zero = vsplat(0.f);
+    v8f min = x[0], max = x[0];
+    v8f sum_w = w[0];
+    v8f sum_x = sum_w * x[0];
     for (int i = 1; i < n; ++i) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        float w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
+        min = vsel(x[i] < min, x[i], min);
+        max = vsel(x[i] > max, x[i], max);
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
     }
-    if (min > 0) min = 0;
-    if (max == min) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        *the_min = -min;
-        return 0.f;
-    }
-    float iscale = nmax / (max - min);
-    float scale = 1 / iscale;
-    float best_error = 0;
+    min = vsel(min > zero, zero, min);
+    const v8i flat = max == min; /* the scalar code returns early there: masked at the end */
+    v8f iscale = vsplat((float)nmax) / vsel(flat, vsplat(1.f), max - min);
+    v8f scale = vsplat(1.f) / iscale;
+    v8f best = zero;
     for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)MAX(0, MIN(nmax, l));
-        float diff = scale * L[i] + min - x[i];
-        diff = use_mad ? fabsf(diff) : diff * diff;
-        best_error += weights[i] * diff;
+        L[i] = vnearest_clamp(iscale * (x[i] - min), nmax);
+        v8f diff = scale * vcvt(L[i]) + min - x[i];
+        diff = use_mad ? vabs(diff) : diff * diff;
+        best += w[i] * diff;
     }
     for (int is = 0; is <= nstep; ++is) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        const float num = rmin + rdelta * is + nmax;
+        iscale = vsplat(num) / vsel(flat, vsplat(1.f), max - min);
+        v8f sum_l = zero, sum_l2 = zero, sum_xl = zero;
         for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * (x[i] - min));
-            l = MAX(0, MIN(nmax, l));
-            Laux[i] = (uint8_t)l;
-            float w = weights[i];
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
+            Laux[i] = vnearest_clamp(iscale * (x[i] - min), nmax);
+            v8f wl = w[i] * vcvt(Laux[i]);
+            sum_l += wl;
+            sum_l2 += wl * vcvt(Laux[i]);
+            sum_xl += wl * x[i];
         }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float cur_error = 0;
-            for (int i = 0; i < n; ++i) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                cur_error += weights[i] * diff;
-            }
-            if (cur_error < best_error) {
-                for (int i = 0; i < n; ++i) L[i] = Laux[i];
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
-            }
+        v8f D = sum_w * sum_l2 - sum_l * sum_l;
+        v8i pos = D > zero;
+        if (!vany(pos)) continue;
+        v8f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        v8f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        v8i neg = this_min > zero;
+        this_min = vsel(neg, zero, this_min);
+        this_scale = vsel(neg, sum_xl / sum_l2, this_scale);
+        v8f cur = zero;
+        for (int i = 0; i < n; ++i) {
+            v8f diff = this_scale * vcvt(Laux[i]) + this_min - x[i];
+            diff = use_mad ? vabs(diff) : diff * diff;
+            cur += w[i] * diff;
         }
+        v8i upd = pos & (cur < best);
+        if (!vany(upd)) continue;
+        for (int i = 0; i < n; ++i) L[i] = isel(upd, Laux[i], L[i]);
+        best = vsel(upd, cur, best);
+        scale = vsel(upd, this_scale, scale);
+        min = vsel(upd, this_min, min);
     }
-    *the_min = -min;
-    return scale;
+    for (int i = 0; i < n; ++i) L[i] = isel(flat, isplat(0), L[i]);
+    *scale_out = vsel(flat, zero, scale);
+    *min_out = -min;
+}
+
+/* qkx_quants on 8 consecutive groups of n values of x (weights alike): scales[8], mins[8],
+ * L[8 * n] in value order. */
+static void qkx_quants_x8(int n, int nmax, const float *x, const float *weights, uint8_t *L,
+                          float *scales, float *mins, float rmin, float rdelta, int nstep,
+                          int use_mad) {
+    v8f xt[32], wt[32], sc, mn;
+    v8i Lt[32];
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < 8; ++j) {
+            xt[i][j] = x[n * j + i];
+            wt[i][j] = weights[n * j + i];
+        }
+    qkx_quants8(n, nmax, xt, wt, Lt, &sc, &mn, rmin, rdelta, nstep, use_mad);
+    for (int j = 0; j < 8; ++j) {
+        scales[j] = sc[j];
+        mins[j] = mn[j];
+        for (int i = 0; i < n; ++i) L[n * j + i] = (uint8_t)Lt[i][j];
+    }
+}
+
+/* qx_quants (make_qx_quants, rmse_type 1) on 8 groups of n <= 32 values side by side; qw
+ * NULL -> w = x^2. Position-major as qkx_quants8; L gets the offset levels (l + nmax). */
+static void qx_quants8(int n, int nmax, const v8f *x, const v8f *qw, v8i *L, v8f *scale_out) {
+    v8i Laux[32];
+    const v8f zero = vsplat(0.f);
+    const v8i lo = isplat(-nmax), hi = isplat(nmax - 1), off = isplat(nmax);
+    v8f max = zero, amax = zero;
+    for (int i = 0; i < n; ++i) {
+        v8f ax = vabs(x[i]);
+        v8i m = ax > amax;
+        amax = vsel(m, ax, amax);
+        max = vsel(m, x[i], max);
+    }
+    const v8i empty = amax < vsplat(GROUP_MAX_EPS); /* the scalar code returns early there */
+    max = vsel(empty, vsplat(1.f), max);
+    v8f iscale = vsplat((float)-nmax) / max;
+    v8f sumlx = zero, suml2 = zero;
+    for (int i = 0; i < n; ++i) {
+        v8i i32 = (v8i)(iscale * x[i] + vsplat(12582912.f));
+        v8i l = (i32 & isplat(0x007fffff)) - isplat(0x00400000);
+        l = isel(l > hi, hi, l);
+        l = isel(l < lo, lo, l);
+        L[i] = l + off;
+        v8f w = qw ? qw[i] : x[i] * x[i];
+        sumlx += w * x[i] * vcvt(l);
+        suml2 += w * vcvt(l) * vcvt(l);
+    }
+    v8f scale = vsel(suml2 != zero, sumlx / suml2, zero);
+    v8f best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = vsplat(-(nmax + 0.1f * is)) / max;
+        sumlx = suml2 = zero;
+        for (int i = 0; i < n; ++i) {
+            v8i i32 = (v8i)(iscale * x[i] + vsplat(12582912.f));
+            v8i l = (i32 & isplat(0x007fffff)) - isplat(0x00400000);
+            l = isel(l > hi, hi, l);
+            l = isel(l < lo, lo, l);
+            Laux[i] = l;
+            v8f w = qw ? qw[i] : x[i] * x[i];
+            sumlx += w * x[i] * vcvt(l);
+            suml2 += w * vcvt(l) * vcvt(l);
+        }
+        v8i upd = (suml2 > zero) & (sumlx * sumlx > best * suml2);
+        if (!vany(upd)) continue;
+        for (int i = 0; i < n; ++i) L[i] = isel(upd, Laux[i] + off, L[i]);
+        scale = vsel(upd, sumlx / suml2, scale);
+        best = vsel(upd, scale * sumlx, best);
+    }
+    for (int i = 0; i < n; ++i) L[i] = isel(empty, isplat(0), L[i]);
+    *scale_out = vsel(empty, zero, scale);
+}
+
+/* qx_quants on 8 consecutive groups of n values (qw alike, or NULL): scales[8], L[8 * n]. */
+static void qx_quants_x8(int n, int nmax, const float *x, const float *qw, int8_t *L,
+                         float *scales) {
+    v8f xt[32], wt[32], sc;
+    v8i Lt[32];
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < 8; ++j) {
+            xt[i][j] = x[n * j + i];
+            wt[i][j] = qw ? qw[n * j + i] : 0.f;
+        }
+    qx_quants8(n, nmax, xt, qw ? wt : NULL, Lt, &sc);
+    for (int j = 0; j < 8; ++j) {
+        scales[j] = sc[j];
+        for (int i = 0; i < n; ++i) L[n * j + i] = (int8_t)Lt[i][j];
+    }
 }
 
 /* make_qp_quants: a positive scale for the sub-block scales, weighted by quant_weights. */
@@ -328,14 +442,15 @@ static void pack_2bit(const uint8_t *L, uint8_t *qs) {
 
 static void q2_k_block(const float *x, uint8_t *y, const float *qw) {
     uint8_t L[QK_K], Ls[16], Lm[16], *sc = y, *qs = y + 16;
-    float mins[16], scales[16], weights[16], sw[16];
+    float mins[16], scales[16], weights[QK_K], sw[16];
     float d_all, m_all;
     if (!qw) {
         float max_scale = 0, max_min = 0;
+        for (int l = 0; l < QK_K; ++l) weights[l] = fabsf(x[l]);
+        for (int h = 0; h < 2; ++h)
+            qkx_quants_x8(16, 3, x + 128 * h, weights + 128 * h, L + 128 * h, scales + 8 * h,
+                          mins + 8 * h, -0.5f, 0.1f, 15, 1);
         for (int j = 0; j < 16; ++j) {
-            for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
-            scales[j] = qkx_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], -0.5f, 0.1f,
-                                   15, 1);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -356,11 +471,11 @@ static void q2_k_block(const float *x, uint8_t *y, const float *qw) {
         }
     } else {
         float sigma2 = sum_sq(x, QK_K) / QK_K;
-        for (int j = 0; j < 16; ++j) {
-            sw[j] = imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, weights);
-            scales[j] = qkx_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], -0.9f,
-                                   0.05f, 36, 0);
-        }
+        for (int j = 0; j < 16; ++j)
+            sw[j] = imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, weights + 16 * j);
+        for (int h = 0; h < 2; ++h)
+            qkx_quants_x8(16, 3, x + 128 * h, weights + 128 * h, L + 128 * h, scales + 8 * h,
+                          mins + 8 * h, -0.9f, 0.05f, 36, 0);
         put_fp16(y + 80, qp_quants(16, 15, scales, Ls, sw));
         put_fp16(y + 82, qp_quants(16, 15, mins, Lm, sw));
         for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
@@ -384,7 +499,7 @@ static void q2_k_block(const float *x, uint8_t *y, const float *qw) {
 
 static void q3_k_block(const float *x, uint8_t *y, const float *qw) {
     int8_t L[QK_K];
-    float scales[16], weight[16], sw[16];
+    float scales[16], weight[QK_K], sw[16];
     uint8_t *hmask = y, *qs = y + 32, *sc = y + 96;
     memset(sc, 0, 12);
     if (!qw) {
@@ -411,10 +526,10 @@ static void q3_k_block(const float *x, uint8_t *y, const float *qw) {
     } else {
         int8_t Ls[16];
         float sigma2 = 2 * sum_sq(x, QK_K) / QK_K;
-        for (int j = 0; j < 16; ++j) {
-            sw[j] = imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, weight);
-            scales[j] = qx_quants(16, 4, x + 16 * j, L + 16 * j, weight);
-        }
+        for (int j = 0; j < 16; ++j)
+            sw[j] = imatrix_weights(x + 16 * j, qw + 16 * j, sigma2, 16, weight + 16 * j);
+        for (int h = 0; h < 2; ++h)
+            qx_quants_x8(16, 4, x + 128 * h, weight + 128 * h, L + 128 * h, scales + 8 * h);
         float d_block = qx_quants(16, 32, scales, Ls, sw);
         for (int j = 0; j < 16; ++j) {
             int l = Ls[j];
@@ -478,16 +593,18 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m)
 /* The scale search shared by Q4_K (nmax 15) and Q5_K (nmax 31); fills y[0..15] and L. */
 static void q45_k_scales(const float *x, uint8_t *y, const float *qw, int nmax, uint8_t *L) {
     uint8_t ls[8], lm[8];
-    float mins[8], scales[8], weights[32], sw[8];
+    float mins[8], scales[8], weights[QK_K], sw[8];
     if (!qw) {
         float max_scale = 0, max_min = 0;
         for (int j = 0; j < 8; ++j) {
             float av_x = sqrtf(sum_sq(x + 32 * j, 32) / 32);
-            for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-            scales[j] = nmax == 15 ? qkx_quants(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j],
-                                                -1.f, 0.1f, 20, 0)
-                                   : qkx_quants(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j],
-                                                -0.5f, 0.1f, 15, 0);
+            for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + fabsf(x[32 * j + l]);
+        }
+        if (nmax == 15)
+            qkx_quants_x8(32, 15, x, weights, L, scales, mins, -1.f, 0.1f, 20, 0);
+        else
+            qkx_quants_x8(32, 31, x, weights, L, scales, mins, -0.5f, 0.1f, 15, 0);
+        for (int j = 0; j < 8; ++j) {
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -503,11 +620,9 @@ static void q45_k_scales(const float *x, uint8_t *y, const float *qw, int nmax, 
         put_fp16(y + 2, max_min / 63.f);
     } else {
         float sigma2 = 2 * sum_sq(x, QK_K) / QK_K;
-        for (int j = 0; j < 8; ++j) {
-            sw[j] = imatrix_weights(x + 32 * j, qw + 32 * j, sigma2, 32, weights);
-            scales[j] = qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], -0.9f,
-                                   0.05f, 36, 0);
-        }
+        for (int j = 0; j < 8; ++j)
+            sw[j] = imatrix_weights(x + 32 * j, qw + 32 * j, sigma2, 32, weights + 32 * j);
+        qkx_quants_x8(32, nmax, x, weights, L, scales, mins, -0.9f, 0.05f, 36, 0);
         float d_block = qp_quants(8, 63, scales, ls, sw);
         float m_block = qp_quants(8, 63, mins, lm, sw);
         if (nmax == 31) {
@@ -568,9 +683,10 @@ static void q6_k_block(const float *x, uint8_t *y, const float *qw) {
     int8_t L[QK_K];
     float scales[16];
     float max_scale = 0, max_abs_scale = 0;
+    for (int h = 0; h < 2; ++h)
+        qx_quants_x8(16, 32, x + 128 * h, qw ? qw + 128 * h : NULL, L + 128 * h, scales + 8 * h);
     for (int ib = 0; ib < 16; ++ib) {
-        const float scale = qx_quants(16, 32, x + 16 * ib, L + 16 * ib, qw ? qw + 16 * ib : NULL);
-        scales[ib] = scale;
+        const float scale = scales[ib];
         const float abs_scale = fabsf(scale);
         if (abs_scale > max_abs_scale) {
             max_abs_scale = abs_scale;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from weightsmith import kernels
 from weightsmith.ggml import kquants
@@ -100,3 +101,31 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="native ggml kernels unavailable"):
         assert native.ggml_kernels() is None
     assert native.quantize_q8_0(np.zeros((1, 32), np.float32)) is None
+
+
+def _f16_edge_values() -> np.ndarray:
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    bits = bits[np.isfinite(bits) & (np.abs(bits) <= 65504)]
+    ties = np.array([1 + 2**-11, 1 + 3 * 2**-11, 2**-24, 2**-25, 3 * 2**-25, 2**-14 - 2**-25,
+                     65504, 65519.99, 6.1e-5, -0.0, 0.0, 1e-30], np.float32)  # fmt: skip
+    scaled = rng.standard_normal(50_000).astype(np.float32) * np.float32(1e-4)
+    return np.concatenate([bits, ties, -ties, scaled])
+
+
+def test_native_float16_equals_numpy_astype():
+    x = _f16_edge_values()
+    ours = native.to_float16(x, threads=2)
+    assert np.array_equal(ours.view(np.uint16), x.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_float32_conversion_and_stats(dtype):
+    t = torch.from_numpy(np.resize(_f16_edge_values(), 5 << 19)).to(dtype)  # 3 chunks
+    data, finite, amax = native.to_float32(t, threads=2)
+    assert np.array_equal(data.view(np.uint32), t.float().numpy().view(np.uint32))
+    assert finite and amax == float(t.float().abs().max())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[-1] = bad
+        assert native.to_float32(u)[1] is False

@@ -201,19 +201,30 @@ def _row_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
         step = rows
     for start in range(0, rows, step):
         if step == rows:
-            data = ckpt.get_tensor(t.hf_name).float().numpy()
+            raw = ckpt.get_tensor(t.hf_name)
         else:
-            data = ckpt.read_rows(t.hf_name, start, min(start + step, rows)).float().numpy()
-        if not np.isfinite(data).all():
+            raw = ckpt.read_rows(t.hf_name, start, min(start + step, rows))
+        data, finite, amax = _as_float32(raw)
+        if not finite:
             raise CheckpointError(f"tensor {t.hf_name!r} holds NaN or Inf; refusing to write it")
-        if t.type == "F16" and data.size and np.abs(data).max() > _F16_MAX:
+        if t.type == "F16" and amax > _F16_MAX:
             raise CheckpointError(
-                f"tensor {t.hf_name!r}: values up to {np.abs(data).max():.4g} overflow F16 "
+                f"tensor {t.hf_name!r}: values up to {amax:.4g} overflow F16 "
                 "(max 65504); use --type BF16 or F32"
             )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
         yield data
+
+
+def _as_float32(raw) -> tuple[np.ndarray, bool, float]:
+    """(float32 array, all finite, largest |value|): one native pass, else numpy's three."""
+    native = native_ggml.to_float32(raw, default_workers())
+    if native is not None:
+        return native
+    data = raw.float().numpy()
+    finite = bool(np.isfinite(data).all())
+    return data, finite, float(np.abs(data).max()) if finite and data.size else 0.0
 
 
 def _prefetched(blocks):
@@ -231,11 +242,14 @@ def _prefetched(blocks):
 def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
     """The tensor's encoded bytes, a block of rows at a time."""
     for data in _prefetched(_row_blocks(ckpt, t, n_head)):
-        if t.type == "Q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0:
+        native = None
+        if t.type == "F16":
+            native = native_ggml.to_float16(data, default_workers())
+        elif t.type == "Q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0:
             native = native_ggml.quantize_q8_0(data, default_workers())  # imatrix-free type
-            if native is not None:
-                yield native
-                continue
+        if native is not None:
+            yield native
+            continue
         if imatrix is None:
             yield types.encode(data, t.type)
         else:

@@ -10,6 +10,9 @@
  * Entry points take whole rows; the caller splits rows over threads (ctypes releases the GIL).
  */
 #include <math.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -20,7 +23,7 @@
 
 enum { WS_Q2_K = 2, WS_Q3_K = 3, WS_Q4_K = 4, WS_Q5_K = 5, WS_Q6_K = 6 };
 
-int ws_ggml_abi_version(void) { return 1; }
+int ws_ggml_abi_version(void) { return 2; }
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -766,4 +769,46 @@ int64_t ws_quantize_q8_0(const float *x, int64_t n, uint8_t *out) {
         for (int j = 0; j < 32; ++j) y[2 + j] = (uint8_t)(int8_t)roundf(v[j] * id);
     }
     return nb * 34;
+}
+
+/* ---------------------------------------------------------------- float conversions */
+
+/* n values of src (dtype 0: float32, 1: bfloat16, 2: float16) -> float32 dst. Returns the
+ * bits of the largest |value| (0 for n == 0): >= 0x7f800000 when any value is NaN or Inf.
+ * |x| compares as its bit pattern (unsigned), so the reduction is an integer max. */
+uint32_t ws_to_f32_stats(const void *src, int dtype, int64_t n, float *dst) {
+    uint32_t *out = (uint32_t *)dst, amax = 0;
+    if (dtype == 1) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t bits = (uint32_t)s[i] << 16;
+            out[i] = bits;
+            uint32_t a = bits & 0x7fffffffu;
+            amax = a > amax ? a : amax;
+        }
+    } else {
+        if (dtype == 2) {
+            const uint16_t *s = (const uint16_t *)src;
+            for (int64_t i = 0; i < n; ++i) dst[i] = fp16_value(s[i]);
+        } else {
+            memcpy(dst, src, (size_t)n * sizeof(float));
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t a = out[i] & 0x7fffffffu;
+            amax = a > amax ? a : amax;
+        }
+    }
+    return amax;
+}
+
+/* float32 -> IEEE half, round to nearest even (numpy's astype(float16) for finite values). */
+void ws_f32_to_f16(const float *x, int64_t n, uint16_t *dst) {
+    int64_t i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128((__m128i *)(dst + i), h);
+    }
+#endif
+    for (; i < n; ++i) dst[i] = fp16_bits(x[i]);
 }

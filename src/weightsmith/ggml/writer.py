@@ -185,7 +185,7 @@ def _write_file(
         n_head = archs.qk_heads(arch, t.name, config)
         shape, dtype = types.stored_shape(t.shape, t.type)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        blocks = _encoded_blocks(ckpt, t, n_head, imatrix)
+        blocks = _prefetched(_encoded_blocks(ckpt, t, n_head, imatrix))  # encode || write
         w.write_tensor_data(_Encoded(nbytes, blocks))
     w.close()
 
@@ -228,9 +228,9 @@ def _as_float32(raw) -> tuple[np.ndarray, bool, float]:
 
 
 def _prefetched(blocks):
-    """``blocks`` read one ahead on a helper thread (the pread and the bf16 -> float32
-    conversion release the GIL), so reading the next block overlaps encoding this one; at
-    most two blocks are in memory."""
+    """``blocks`` produced one ahead on a helper thread (pread, conversions and the native
+    encoders release the GIL): reading the next block overlaps encoding this one, and encoding
+    the next overlaps writing this one; a few row blocks (<= 16 MB of float32 each) in memory."""
     it = iter(blocks)
     with ThreadPoolExecutor(1, thread_name_prefix="ws-gguf-read") as pool:
         nxt = pool.submit(next, it, None)

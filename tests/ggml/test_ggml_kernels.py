@@ -129,3 +129,26 @@ def test_native_float32_conversion_and_stats(dtype):
         u = t.clone()
         u[-1] = bad
         assert native.to_float32(u)[1] is False
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_K_M", "Q3_K_M"])
+def test_gguf_files_are_identical_with_and_without_the_kernels(tmp_path, monkeypatch, qtype):
+    """The whole writer (bf16 source, pipelined row blocks, threads) against its numpy path."""
+    import weightsmith.ggml.writer as writer
+    from weightsmith.testing import build_tiny_model
+
+    src = build_tiny_model(
+        tmp_path / "m", "llama", dtype=torch.bfloat16, hidden_size=256, intermediate_size=512,
+        max_shard_size="10MB",
+    )  # fmt: skip
+    monkeypatch.setattr(writer, "_BLOCK_ELEMENTS", 40 * 256)  # several blocks per tensor
+    monkeypatch.setenv("WEIGHTSMITH_THREADS", "3")
+    calls = []
+    real = native.to_float32
+    monkeypatch.setattr(native, "to_float32", lambda *a: calls.append(1) or real(*a))
+    writer.write_gguf(src, tmp_path / "native.gguf", type_name=qtype, progress=False)
+    assert calls  # the native conversion ran
+    monkeypatch.setenv("WEIGHTSMITH_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    writer.write_gguf(src, tmp_path / "numpy.gguf", type_name=qtype, progress=False)
+    assert (tmp_path / "native.gguf").read_bytes() == (tmp_path / "numpy.gguf").read_bytes()

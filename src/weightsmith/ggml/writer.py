@@ -232,7 +232,7 @@ def _prefetched(blocks):
     encoders release the GIL): reading the next block overlaps encoding this one, and encoding
     the next overlaps writing this one; a few row blocks (<= 16 MB of float32 each) in memory."""
     it = iter(blocks)
-    with ThreadPoolExecutor(1, thread_name_prefix="ws-gguf-read") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="ws-gguf-ahead") as pool:
         nxt = pool.submit(next, it, None)
         while (data := nxt.result()) is not None:
             nxt = pool.submit(next, it, None)

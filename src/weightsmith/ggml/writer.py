@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
+from weightsmith.core.parallel import default_workers
 from weightsmith.core.report import peak_rss_bytes
 from weightsmith.errors import CheckpointError, ConfigError, OutputError
 from weightsmith.ggml import archs, types
 from weightsmith.ggml.vocab import read_vocab
 from weightsmith.io.paths import check_file_output
 from weightsmith.io.reader import Checkpoint, open_checkpoint
+from weightsmith.kernels import ggml as native_ggml
 
 _F16_MAX = 65504.0
 _BLOCK_ELEMENTS = 4 << 20  # floats read and encoded at once: bounds memory for huge embeddings
@@ -203,17 +206,14 @@ def _write_file(
         n_head = archs.qk_heads(arch, t.name, config)
         shape, dtype = types.stored_shape(t.shape, t.type)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        blocks = _encoded_blocks(ckpt, t, n_head, imatrix)
+        blocks = _prefetched(_encoded_blocks(ckpt, t, n_head, imatrix))  # encode || write
         w.write_tensor_data(_Encoded(nbytes, blocks))
     w.close()
 
 
-def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
-    """The tensor's encoded bytes, a block of rows at a time (whole heads when permuted):
-    every GGUF type encodes rows independently, so blocks concatenate to the whole."""
-    if t.data is not None:
-        yield types.encode(t.data, t.type)
-        return
+def _row_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None):
+    """The tensor as float32 blocks of rows (whole heads when permuted), checked and permuted:
+    every GGUF type encodes rows independently, so encoded blocks concatenate to the whole."""
     rows = t.shape[0] if t.shape else 1
     per_row = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else max(rows, 1)
     unit = rows // n_head if n_head else 1
@@ -222,20 +222,60 @@ def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imat
         step = rows
     for start in range(0, rows, step):
         if step == rows:
-            data = ckpt.get_tensor(t.hf_name).float().numpy()
+            raw = ckpt.get_tensor(t.hf_name)
         else:
-            data = ckpt.read_rows(t.hf_name, start, min(start + step, rows)).float().numpy()
-        if not np.isfinite(data).all():
+            raw = ckpt.read_rows(t.hf_name, start, min(start + step, rows))
+        data, finite, amax = _as_float32(raw)
+        if not finite:
             raise CheckpointError(f"tensor {t.hf_name!r} holds NaN or Inf; refusing to write it")
-        if t.type == "F16" and data.size and np.abs(data).max() > _F16_MAX:
+        if t.type == "F16" and amax > _F16_MAX:
             raise CheckpointError(
-                f"tensor {t.hf_name!r}: values up to {np.abs(data).max():.4g} overflow F16 "
+                f"tensor {t.hf_name!r}: values up to {amax:.4g} overflow F16 "
                 "(max 65504); use --type BF16 or F32"
             )
         if n_head is not None:
             data = archs.permute_rows(data, data.shape[0] // unit)
         if t.shift:
             data = data + np.float32(t.shift)
+        yield data
+
+
+def _as_float32(raw) -> tuple[np.ndarray, bool, float]:
+    """(float32 array, all finite, largest |value|): one native pass, else numpy's three."""
+    native = native_ggml.to_float32(raw, default_workers())
+    if native is not None:
+        return native
+    data = raw.float().numpy()
+    finite = bool(np.isfinite(data).all())
+    return data, finite, float(np.abs(data).max()) if finite and data.size else 0.0
+
+
+def _prefetched(blocks):
+    """``blocks`` produced one ahead on a helper thread (pread, conversions and the native
+    encoders release the GIL): reading the next block overlaps encoding this one, and encoding
+    the next overlaps writing this one; a few row blocks (<= 16 MB of float32 each) in memory."""
+    it = iter(blocks)
+    with ThreadPoolExecutor(1, thread_name_prefix="ws-gguf-ahead") as pool:
+        nxt = pool.submit(next, it, None)
+        while (data := nxt.result()) is not None:
+            nxt = pool.submit(next, it, None)
+            yield data
+
+
+def _encoded_blocks(ckpt: Checkpoint, t: PlannedTensor, n_head: int | None, imatrix=None):
+    """The tensor's encoded bytes, a block of rows at a time (computed tensors whole)."""
+    if t.data is not None:
+        yield types.encode(t.data, t.type)
+        return
+    for data in _prefetched(_row_blocks(ckpt, t, n_head)):
+        native = None
+        if t.type == "F16":
+            native = native_ggml.to_float16(data, default_workers())
+        elif t.type == "Q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0:
+            native = native_ggml.quantize_q8_0(data, default_workers())  # imatrix-free type
+        if native is not None:
+            yield native
+            continue
         if imatrix is None:
             yield types.encode(data, t.type)
         else:

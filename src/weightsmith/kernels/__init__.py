@@ -1,10 +1,12 @@
 """Native kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Fused loops for the hot elementwise work of task-vector merges (see ``merge_kernels.c``). The
-shared library is built once per source/compiler/CPU into the user cache
+Fused loops for the hot elementwise work of task-vector merges (``merge_kernels.c``) and the
+GGML block encoders of the GGUF writer (``ggml_kernels.c``, see :mod:`weightsmith.kernels.ggml`).
+Each shared library is built once per source/compiler/CPU into the user cache
 (``$WEIGHTSMITH_CACHE`` or ``~/.cache/weightsmith``) and reused. No compiler, a failed build or
-``WEIGHTSMITH_KERNELS=0`` means :func:`merge_kernels` returns None and callers use their eager
-torch code, which gives bit-identical results (the tests compare both).
+``WEIGHTSMITH_KERNELS=0`` means :func:`merge_kernels` / :func:`load_library` return None and
+callers use their eager torch / numpy code, which gives bit-identical results (the tests
+compare both).
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def _compiler() -> str | None:
     return cc
 
 
-def _build(cc: str) -> Path:
-    src = _SOURCE.read_bytes()
+def _build(cc: str, source: Path = _SOURCE) -> Path:
+    src = source.read_bytes()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     except OSError:
@@ -84,7 +86,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(
         b"\0".join([src, " ".join(_FLAGS).encode(), version.encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"merge_kernels-{platform.machine()}-{key}.so"
+    target = cache_dir() / "kernels" / f"{source.stem}-{platform.machine()}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True
+            [cc, *_FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
@@ -105,28 +107,38 @@ def _build(cc: str) -> Path:
 
 def merge_kernels() -> ctypes.CDLL | None:
     """The merge kernel library, built and loaded once per process (None: use eager torch)."""
+    return load_library("merge", _SOURCE, SIGNATURES, ("ws_abi_version", _ABI))
+
+
+def load_library(
+    name: str, source: Path, signatures: dict, abi: tuple[str, int]
+) -> ctypes.CDLL | None:
+    """The library built from ``source``, loaded once per process with ``signatures`` set
+    (None when kernels are disabled, no compiler is found, or the build or the ``abi`` check,
+    (function name, expected value), fails)."""
     if not enabled():
         return None
-    if "merge" in _loaded:  # called per sub-chunk: no lock once loaded
-        return _loaded["merge"]
+    if name in _loaded:  # called per sub-chunk: no lock once loaded
+        return _loaded[name]
     with _lock:
-        if "merge" in _loaded:
-            return _loaded["merge"]
+        if name in _loaded:
+            return _loaded[name]
         lib = None
         cc = _compiler()
         if cc is not None:
             try:
-                lib = ctypes.CDLL(str(_build(cc)))
-                for name, (args, res) in SIGNATURES.items():
-                    fn = getattr(lib, name)
+                lib = ctypes.CDLL(str(_build(cc, source)))
+                for fname, (args, res) in signatures.items():
+                    fn = getattr(lib, fname)
                     fn.argtypes, fn.restype = args, res
-                if lib.ws_abi_version() != _ABI:
+                if getattr(lib, abi[0])() != abi[1]:
                     lib = None
             except (OSError, RuntimeError, AttributeError) as exc:
                 warnings.warn(
-                    f"weightsmith: native merge kernels unavailable ({exc}); using torch",
+                    f"weightsmith: native {name} kernels unavailable ({exc}); using the "
+                    "portable code",
                     stacklevel=2,
                 )
                 lib = None
-        _loaded["merge"] = lib
+        _loaded[name] = lib
         return lib

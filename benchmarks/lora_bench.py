@@ -53,7 +53,7 @@ def train(a: argparse.Namespace, work: Path, name: str, **lora) -> dict:
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
     rep = run(cmd, work / f"{name}.json")
-    rep["ppl"] = ppl_of_adapter(a, work, name, 1.0)
+    rep["ppl"] = ppl_of_adapter(a, work, name, None)  # at the trained scale alpha / r
     print(f"  {name}: ppl {rep['ppl']:.3f}, wall {rep['wall_measured_s']:.0f} s, "
           f"peak RSS {rep['peak_rss'] / 2**20:.0f} MB", flush=True)  # fmt: skip
     return rep
@@ -92,9 +92,11 @@ def tables(a: argparse.Namespace, work: Path) -> dict:
     res["c"]["2 epochs"] = train(a, work, "c-2ep", lora_r=r0, lora_alpha=2 * r0, epochs=2)
     res["d"]["LoRA"] = res["a"][ref]  # (d) QLoRA (NF4 base) vs LoRA: memory and time
     res["d"]["QLoRA"] = train(a, work, "d-qlora", lora_r=r0, lora_alpha=2 * r0, qlora=True)
-    name = f"a-r{r0}-x2"  # (e) the trained alpha lowered / raised after training
-    for scale in a.scales:
-        res["e"][f"{scale:g} x alpha"] = ppl_of_adapter(a, work, name, scale)
+    name = f"a-r{r0}-x2"  # (e) the trained scale alpha / r = 2 lowered / raised after training
+    for mult in a.scales:
+        res["e"][f"{mult:g} x alpha"] = (
+            res["a"][ref]["ppl"] if mult == 1 else ppl_of_adapter(a, work, name, 2.0 * mult)
+        )
     return res
 
 

@@ -57,7 +57,7 @@ def test_help_lists_only_own_options(method):
     assert r.exit_code == 0, r.output
     assert _listed_options(r.output) == SHARED | OWN[method]
     if method == "kd":
-        assert "--loss [fkl|gkd|jsd|rkl]" in r.output
+        assert "--loss [fkl|gkd|jsd|rkl|uld]" in r.output
     if method == "dpo":
         assert "--loss [hinge|ipo|sigmoid]" in r.output
 

@@ -44,7 +44,8 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
     default="fkl",
     show_default=True,
     help="fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd = generalized JSD "
-    "(continuous in β), gkd = TRL GKDTrainer's generalized JSD.",
+    "(continuous in β), gkd = TRL GKDTrainer's generalized JSD, uld = Universal Logit "
+    "Distillation (sorted-probability L1; works across tokenizers, online --teacher only).",
 )
 @kd_mixing_options
 @gkd_options

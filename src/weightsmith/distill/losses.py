@@ -18,6 +18,11 @@ Conventions (all divergences are per position, summed over the vocabulary):
 - ``gkd``: TRL's ``GKDTrainer.generalized_jsd_loss`` term for term (same mixture M, weights
   ``β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M)``, forward KL at β = 0 and reverse KL at β = 1 as special
   cases), for runs that must match TRL's GKD; equal to ``jsd`` at β = 0.5.
+- ``uld``: the Universal Logit Distillation distance (Boizard et al. 2024, arXiv:2402.12030):
+  both distributions sorted in decreasing order, the narrower one padded with zeros, then
+  ``Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|`` (the closed form of their Wasserstein-1 distance under
+  the paper's uniform-cost assumption). Token identity is ignored, so the two vocabularies may
+  differ: :mod:`weightsmith.distill.uld` aligns the positions of two tokenizers.
 
 The distillation objective (Hinton et al. 2015, with the τ² factor that keeps gradient
 magnitudes comparable across temperatures)::
@@ -59,8 +64,10 @@ __all__ = [
     "generalized_jsd",
     "reverse_kl",
     "shift_for_next_token",
+    "sorted_l1",
     "sparse_divergence",
     "trl_generalized_jsd",
+    "uld_distance",
 ]
 
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -120,6 +127,29 @@ def trl_generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, 
     return beta * kl_divergence(teacher_logp, mixture) + (1.0 - beta) * kl_divergence(
         student_logp, mixture
     )
+
+
+def uld_distance(student_p: torch.Tensor, teacher_p: torch.Tensor) -> torch.Tensor:
+    """Σ_i |sort↓(p_S)_i − sort↓(p_T)_i| per row, the narrower side padded with zeros.
+
+    Works on (possibly unnormalised) probabilities of any two widths. Equal to sorting both
+    fully, but only the top ``min(V_S, V_T)`` entries are sorted: beyond them one side is zero
+    padding, so the rest contributes the other side's remaining mass.
+    """
+    k = min(student_p.shape[-1], teacher_p.shape[-1])
+    s_top = student_p.topk(k, dim=-1).values
+    t_top = teacher_p.topk(k, dim=-1).values
+    dist = (s_top - t_top).abs().sum(-1)
+    for p, top in ((student_p, s_top), (teacher_p, t_top)):
+        if p.shape[-1] > k:  # the wider side's tail, against zero padding
+            dist = dist + (p.sum(-1) - top.sum(-1)).clamp(min=0.0)
+    return dist
+
+
+@divergence("uld")
+def sorted_l1(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.0):
+    """ULD: :func:`uld_distance` of the two distributions per position (any widths)."""
+    return uld_distance(student_logp.exp(), teacher_logp.exp())
 
 
 def bucket_logprobs(

@@ -3,8 +3,9 @@
 - identical tokenizers and widths: compare logits directly;
 - identical tokenizers, different widths (embedding rows padded to a multiple of 64/128, the
   Qwen case): compare over the common length, which covers every real token, with a note;
-- different tokenizers: token i means different things to the two models, so logit KD is
-  meaningless; we refuse and point to sequence-level KD (``--method seqkd``).
+- different tokenizers: token i means different things to the two models, so per-token logit
+  KD is meaningless; we refuse and point to ``--loss uld`` (cross-tokenizer ULD,
+  :mod:`weightsmith.distill.uld`) and sequence-level KD (``--method seqkd``).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def plan_vocab(
         only_t = len(set(t_vocab.items()) - set(s_vocab.items()))
         raise ConfigError(
             f"{where[0]} and {where[1]} use different tokenizers ({len(t_vocab)} vs "
-            f"{len(s_vocab)} tokens, {only_t} token ids differ): logit distillation needs a "
-            "shared vocabulary; use --method seqkd (the teacher writes completions, the "
-            "student trains on them)"
+            f"{len(s_vocab)} tokens, {only_t} token ids differ): this logit loss needs a "
+            "shared vocabulary; give --loss uld (cross-tokenizer logit KD), or use --method "
+            "seqkd (the teacher writes completions, the student trains on them)"
         )
     real = max(t_vocab.values()) + 1
     common = min(teacher_width, student_width)

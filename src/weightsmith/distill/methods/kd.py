@@ -47,6 +47,7 @@ from weightsmith.distill.hidden import HiddenProjector, check_layer_pairs, hidde
 from weightsmith.distill.losses import distillation_loss
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.seqkd import generate_pairs, prompts_of
+from weightsmith.distill.uld import UldTask, cross_examples
 from weightsmith.distill.vocab import plan_vocab, tokenizer_hash
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import open_checkpoint
@@ -65,6 +66,8 @@ def train_kd(run: DistillRun) -> DistillResult:
                               "samples: give --alpha < 1")  # fmt: skip
     if run.cfg.hidden is not None:
         _check_hidden(run)
+    if run.cfg.loss.loss == "uld":
+        _check_uld(run)
     if run.cfg.loss.alpha < 1.0 and run.teacher is None and run.teacher_cache is None:
         raise ConfigError("give --teacher or --teacher-cache (or --alpha 1 for CE only)")
     return _train_lm(run, run.cfg, seqkd=False)
@@ -80,6 +83,32 @@ def _check_hidden(run: DistillRun) -> None:
         with open_checkpoint(path) as c:
             layers.append(int((c.config or {}).get("num_hidden_layers", c.num_layers)))
     check_layer_pairs(run.cfg.hidden.pairs, *layers)
+
+
+def _check_uld(run: DistillRun) -> None:
+    """ULD reads the teacher's logits on its own tokens: an online teacher, off-policy data."""
+    if run.teacher_cache is not None:
+        raise ConfigError("--loss uld needs an online --teacher: a --teacher-cache holds the "
+                          "teacher's top-k on the student's tokens, not on its own")  # fmt: skip
+    if run.cfg.lmbda > 0:
+        raise ConfigError("--loss uld does not combine with --lmbda (on-policy samples are "
+                          "student tokens, which the teacher would have to re-tokenize)")  # fmt: skip
+    if run.cfg.hidden is not None:
+        raise ConfigError("--loss uld does not combine with --hidden-layers (the positions of "
+                          "two tokenizers do not line up one to one)")  # fmt: skip
+
+
+def _cross_tokenizer(run: DistillRun, cfg: DistillConfig, s_tok):
+    """The teacher's tokenizer when this kd run distils across vocabularies (--loss uld with
+    different tokenizers), else None (same tokenizers: the plain per-position path)."""
+    if cfg.method != "kd" or cfg.loss.loss != "uld" or cfg.loss.alpha >= 1.0:
+        return None
+    try:
+        t_tok = load_tokenizer(run.teacher)
+    except Exception as e:  # CheckpointError: no or unreadable tokenizer files
+        raise ConfigError(f"--loss uld tokenizes the text for the teacher, but teacher "
+                          f"{run.teacher} has no usable tokenizer ({e})") from None  # fmt: skip
+    return None if t_tok.get_vocab() == s_tok.get_vocab() else t_tok
 
 
 @distill_method("seqkd", inputs=("teacher", "eval_data"),
@@ -199,16 +228,19 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     notes: list[str] = []
     s_tok = load_tokenizer(run.student)
     records = read_records(run.data)
+    t_tok = _cross_tokenizer(run, cfg, s_tok)  # set: ULD across tokenizers
     t_model = None
     if teacher is not None and (seqkd or cache is None):
         t_model = load_model(teacher, dev)
     if seqkd:
         records, cfg = _teacher_completions(run, cfg, records, t_model, pg, notes)
         t_model = None
-    examples = tokenize_records(records, s_tok, cfg.seq_len)
+    examples, cross = _token_examples(records, s_tok, t_tok, cfg.seq_len, notes)
     student = base.load_student(run, dev)
     src = _Teacher()
-    if cfg.method == "kd" and cfg.loss.alpha < 1.0:
+    if cross is not None:
+        src = _Teacher(model=t_model)
+    elif cfg.method == "kd" and cfg.loss.alpha < 1.0:
         src = _teacher_source(run, cfg, records, s_tok, t_model, logits_width(student), notes)
     elif cfg.hidden is not None:
         src = _Teacher(model=t_model)  # hidden states only: the logits are not compared
@@ -225,8 +257,10 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     if run.eval_data is not None:
         held_out = tokenize_records(read_records(run.eval_data), s_tok, cfg.seq_len)
 
+        kl_teacher = t_model if cross is None else None  # KL needs a shared vocabulary
+
         def evaluate() -> dict:
-            return heldout_metrics(student, held_out, s_tok, cfg, dev, pg, t_model)
+            return heldout_metrics(student, held_out, s_tok, cfg, dev, pg, kl_teacher)
 
     mix = None
     if cfg.lmbda > 0:
@@ -234,6 +268,9 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
                           cfg.gen_prompt_tokens, cfg.seq_len), cfg.seed, pg.rank)  # fmt: skip
     task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev, mix, s_tok.eos_token_id,
                    projector)  # fmt: skip
+    if cross is not None:
+        task = UldTask(student, cross, s_tok.pad_token_id, t_model, t_tok.pad_token_id, cfg.loss,
+                       dev)  # fmt: skip
     trained = (
         student
         if projector is None
@@ -257,6 +294,19 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     if src.cache is not None:
         src.cache.close()
     return base.finish(run, result)
+
+
+def _token_examples(records: Records, s_tok, t_tok, seq_len: int, notes: list[str]):
+    """The student's examples, and with a teacher tokenizer (ULD across tokenizers) the same
+    examples paired with the teacher's tokens and their text-aligned groups."""
+    if t_tok is None:
+        return tokenize_records(records, s_tok, seq_len), None
+    cross = cross_examples(records, s_tok, t_tok, seq_len)
+    positions = sum(len(x.student.input_ids) - 1 for x in cross)
+    notes.append(f"uld: teacher and student tokenizers differ ({len(t_tok)} vs {len(s_tok)} "
+                 f"tokens); {sum(len(x.groups) for x in cross)} text-aligned groups over "
+                 f"{positions} student positions")  # fmt: skip
+    return [x.student for x in cross], cross
 
 
 def _teacher_completions(run: DistillRun, cfg, records: Records, t_model, pg, notes):

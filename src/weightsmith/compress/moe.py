@@ -49,7 +49,9 @@ class ExpertRouting:
     """Per-expert calibration tokens of one decoder layer, for a calibrated method.
 
     ``min_tokens``: an expert whose router sent it fewer calibration tokens falls back to the
-    data-free method (RTN, magnitude); ``all_tokens``: every expert is fed every token (each
+    data-free method (RTN, magnitude); one routed no token always does (there is nothing to
+    calibrate it on: grouped routers such as DeepSeek-V3's leave whole groups unused on a short
+    text); ``all_tokens``: every expert is fed every token (each
     still weighted by its routing weight, so the layer's output is unchanged) and none falls
     back. ``counts`` (expert -> routed tokens) is what the router did either way."""
 
@@ -84,7 +86,7 @@ class ExpertRouting:
         for n in names:
             module = self.cl.prefix + n
             expert = module.rsplit(".", 1)[0]
-            if expert in self.counts and self.counts[expert] < self.min_tokens:
+            if expert in self.counts and self.counts[expert] < max(self.min_tokens, 1):
                 out.add(n)
         return out
 

@@ -105,10 +105,10 @@ def prune_experts(
     device: str,
     progress: bool,
 ) -> PruneResult:
-    total, keep, groups = _check(ckpt, cfg)
+    total, keep, n_groups = _check(ckpt, cfg)
     layout, arch = ckpt.arch.experts, ckpt.arch
     counts, calib_info = _route_counts(ckpt, cfg, device, progress)
-    kept = {layer: kept_grouped(c, keep, groups) for layer, c in counts.items()}
+    kept = {layer: kept_grouped(c, keep, n_groups) for layer, c in counts.items()}
     head = layout.expert.partition("{expert}")[0]
 
     def rename(n: str) -> str | None:
@@ -159,7 +159,7 @@ def prune_experts(
         "method": cfg.method,
         "experts_before": total,
         "experts_after": keep,
-        "expert_groups": groups,
+        "router_groups": n_groups,
         "expert_tokens": {str(k): v for k, v in counts.items()},
         "kept_experts": {str(k): v for k, v in kept.items()},
         "params_before": ckpt.num_params,

@@ -249,3 +249,45 @@ def test_linear_merge_merges_experts_routers_and_bias(deepseek, tmp_path) -> Non
     bias = loaded.model.layers[1].mlp.gate.e_score_correction_bias  # merged, float32 round-off
     assert torch.allclose(bias, ref.model.layers[1].mlp.gate.e_score_correction_bias, atol=1e-8)
     assert (bias - other.model.layers[1].mlp.gate.e_score_correction_bias).abs().max() > 1e-3
+
+
+def test_dropping_layers_keeps_dense_layers_dense(deepseek, tmp_path) -> None:
+    """Layer 0 is dense (first_k_dense_replace 1): dropping it makes first_k_dense_replace 0,
+    so transformers builds MoE blocks for both kept layers and loads every tensor (before, the
+    MoE layer renumbered 0 loaded as a randomly initialised dense MLP). Logits equal the
+    original's layers 1-2 run on their own (atol 1e-6)."""
+    src = deepseek()
+    cli_ok(["compress", "prune", str(src), "-o", str(tmp_path / "d"), "--method", "layers",
+            "--layers", "0", "--no-progress"])  # fmt: skip
+    import json
+
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["first_k_dense_replace"] == 0
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "d", dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ref = load(src)
+    oracle = type(ref)(loaded.config).eval()
+    state = ref.state_dict()
+    with torch.no_grad():
+        for k, v in oracle.state_dict().items():  # new layer i is the original layer i + 1
+            parts = k.split(".")
+            if k.startswith("model.layers."):
+                parts[2] = str(int(parts[2]) + 1)
+            v.copy_(state[".".join(parts)])
+    assert torch.allclose(logits(loaded.eval()), logits(oracle), rtol=0, atol=1e-6)
+
+
+def test_drop_dense_layers_renumbers_the_dense_record() -> None:
+    """Hand-computed: first_k_dense_replace 3 with layers {1, 4} dropped keeps layers 0 and 2
+    below it (-> 2); Qwen3-MoE's mlp_only_layers [0, 4, 5] -> [0, 3] (4 dropped, 5 -> 3)."""
+    from weightsmith.compress.moe import drop_dense_layers
+    from weightsmith.io.architectures import registry
+
+    config = {"num_hidden_layers": 6, "first_k_dense_replace": 3}
+    assert drop_dense_layers(config, registry()["deepseek_v3"], {1, 4}) == ["first_k_dense_replace"]
+    assert config["first_k_dense_replace"] == 2
+    config = {"num_hidden_layers": 6, "mlp_only_layers": [0, 4, 5]}
+    assert drop_dense_layers(config, registry()["qwen3_moe"], {1, 4}) == ["mlp_only_layers"]
+    assert config["mlp_only_layers"] == [0, 3]

@@ -14,9 +14,17 @@ from typing import Any
 from weightsmith.core.calibration import CalibrationLayer
 from weightsmith.core.experts import expert_blocks
 from weightsmith.errors import ConfigError
+from weightsmith.io.architectures import Architecture
 from weightsmith.io.reader import Checkpoint
 
-__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format", "moe_summary", "refuse_moe"]
+__all__ = [
+    "EXPERT_FORMATS",
+    "ExpertRouting",
+    "check_expert_format",
+    "drop_dense_layers",
+    "moe_summary",
+    "refuse_moe",
+]
 
 # Formats whose quantized per-expert Linears transformers loads back into its fused experts
 # (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
@@ -119,3 +127,25 @@ def refuse_moe(ckpt: Checkpoint, what: str) -> Checkpoint:
         raise ConfigError(f"{ckpt.root}: {what} does not train MoE experts yet; quantize "
                           "with compress quantize (--method rtn or gptq)")  # fmt: skip
     return ckpt
+
+
+def drop_dense_layers(config: dict, arch: Architecture, drop: set[int]) -> list[str]:
+    """After dropping decoder layers ``drop``, keep config.json's record of which layers are
+    dense (no experts) pointing at the same layers: ``first_k_dense_replace`` becomes the number
+    of kept layers below it, ``mlp_only_layers`` is renumbered. Edits ``config`` in place;
+    returns the keys it changed."""
+    layout = arch.experts
+    n = config.get(arch.num_layers_key)
+    if layout is None or not isinstance(n, int):
+        return []
+    kept = [i for i in range(n) if i not in drop]
+    edited = []
+    key = layout.dense_prefix_key
+    if key and isinstance(config.get(key), int):
+        config[key] = sum(i < config[key] for i in kept)
+        edited.append(key)
+    key = layout.dense_layers_key
+    if key and isinstance(config.get(key), list) and config[key]:
+        config[key] = [kept.index(i) for i in config[key] if i in kept]
+        edited.append(key)
+    return edited

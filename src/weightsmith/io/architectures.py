@@ -46,6 +46,10 @@ class ExpertLayout:
     # grouped routing (DeepSeek-V3): config keys of the group count and of the groups kept
     groups_key: str | None = None
     group_top_k_key: str | None = None
+    # which layers are dense: the first N (DeepSeek ``first_k_dense_replace``) or a list of
+    # layer indices (Qwen3-MoE ``mlp_only_layers``); renumbered when layers are dropped
+    dense_prefix_key: str | None = None
+    dense_layers_key: str | None = None
 
     def num_experts(self, config: dict | None) -> int | None:
         """The expert count config.json declares, or None."""
@@ -161,6 +165,8 @@ def _experts(d: dict | None) -> ExpertLayout | None:
         shared=tuple(d.get("shared", ())),
         groups_key=d.get("groups_key"),
         group_top_k_key=d.get("group_top_k_key"),
+        dense_prefix_key=d.get("dense_prefix_key"),
+        dense_layers_key=d.get("dense_layers_key"),
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.compress.moe import drop_dense_layers
 from weightsmith.compress.prune.common import (
     PruneResult,
     calibration_streamer,
@@ -125,6 +126,8 @@ def prune_depth(
     edited: list[str] = []
 
     def patch(config: dict) -> dict:
+        config = dict(config)
+        edited.extend(drop_dense_layers(config, arch, drop))  # MoE: which layers are dense
         new, keys = drop_from_config(config, arch.num_layers_key, drop)
         edited.extend(keys)
         return new

@@ -129,7 +129,7 @@ def main() -> None:
     text = shared_text("wikitext2_test.txt")
     if text is None:
         sys.exit("moe_bench: ../shared/data/wikitext2_test.txt not found (set WEIGHTSMITH_SHARED)")
-    tag = f"qwen3moe-h{args.hidden}-l{args.layers}-e{args.experts}-m{args.moe_intermediate}-s{args.seed}"
+    tag = f"qwen3moe-h{args.hidden}-l{args.layers}-e{args.experts}-k{args.top_k}-m{args.moe_intermediate}-s{args.seed}"
     t = time.perf_counter()
     src = generate(args.cache / tag, args)
     gen_s = time.perf_counter() - t

@@ -123,6 +123,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of the quantize process (1 on an oversubscribed machine)",
+    )
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = ap.parse_args()
@@ -143,7 +149,10 @@ def main() -> None:
                "--no-progress", "--report", str(report)]  # fmt: skip
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
         t = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        env = dict(os.environ)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        subprocess.run(cmd, check=True, env=env)
         wall = time.perf_counter() - t
         child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         body = json.loads(report.read_text())
@@ -164,6 +173,7 @@ def main() -> None:
         "quantized_linears": extra.get("quantized_linears"),
         "expert_rtn_fallbacks": len(extra.get("expert_rtn_fallbacks", [])),
         "experts_min_max_tokens": [min(tokens.values()), max(tokens.values())] if tokens else None,
+        "threads": args.threads,
         "command": " ".join(cmd),
     }
     print(json.dumps(result, indent=1))

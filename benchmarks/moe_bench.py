@@ -147,6 +147,8 @@ def main() -> None:
                "--group-size", str(args.group_size), "--calib", str(text),
                "--calib-samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--no-progress", "--report", str(report)]  # fmt: skip
+        if args.min_expert_tokens is not None:
+            cmd += ["--min-expert-tokens", str(args.min_expert_tokens)]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
         t = time.perf_counter()
         env = dict(os.environ)

@@ -129,6 +129,7 @@ def main() -> None:
         default=None,
         help="OMP_NUM_THREADS of the quantize process (1 on an oversubscribed machine)",
     )
+    ap.add_argument("--min-expert-tokens", type=int, default=None, help="passed to quantize")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = ap.parse_args()

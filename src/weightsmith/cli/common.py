@@ -332,5 +332,5 @@ def moe_options(fn: Callable) -> Callable:
         default=32,
         show_default=True,
         help="MoE: an expert routed fewer calibration tokens falls back to RTN (quantize) "
-        "or magnitude (wanda); listed in --report.",
+        "or magnitude (wanda); listed in --report. With 0, only experts routed no token do.",
     )(fn)

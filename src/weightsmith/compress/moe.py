@@ -14,9 +14,17 @@ from typing import Any
 from weightsmith.core.calibration import CalibrationLayer
 from weightsmith.core.experts import expert_blocks
 from weightsmith.errors import ConfigError
+from weightsmith.io.architectures import Architecture
 from weightsmith.io.reader import Checkpoint
 
-__all__ = ["EXPERT_FORMATS", "ExpertRouting", "check_expert_format", "moe_summary", "refuse_moe"]
+__all__ = [
+    "EXPERT_FORMATS",
+    "ExpertRouting",
+    "check_expert_format",
+    "drop_dense_layers",
+    "moe_summary",
+    "refuse_moe",
+]
 
 # Formats whose quantized per-expert Linears transformers loads back into its fused experts
 # (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
@@ -49,7 +57,9 @@ class ExpertRouting:
     """Per-expert calibration tokens of one decoder layer, for a calibrated method.
 
     ``min_tokens``: an expert whose router sent it fewer calibration tokens falls back to the
-    data-free method (RTN, magnitude); ``all_tokens``: every expert is fed every token (each
+    data-free method (RTN, magnitude); one routed no token always does (there is nothing to
+    calibrate it on: grouped routers such as DeepSeek-V3's leave whole groups unused on a short
+    text); ``all_tokens``: every expert is fed every token (each
     still weighted by its routing weight, so the layer's output is unchanged) and none falls
     back. ``counts`` (expert -> routed tokens) is what the router did either way."""
 
@@ -84,7 +94,7 @@ class ExpertRouting:
         for n in names:
             module = self.cl.prefix + n
             expert = module.rsplit(".", 1)[0]
-            if expert in self.counts and self.counts[expert] < self.min_tokens:
+            if expert in self.counts and self.counts[expert] < max(self.min_tokens, 1):
                 out.add(n)
         return out
 
@@ -117,3 +127,25 @@ def refuse_moe(ckpt: Checkpoint, what: str) -> Checkpoint:
         raise ConfigError(f"{ckpt.root}: {what} does not train MoE experts yet; quantize "
                           "with compress quantize (--method rtn or gptq)")  # fmt: skip
     return ckpt
+
+
+def drop_dense_layers(config: dict, arch: Architecture, drop: set[int]) -> list[str]:
+    """After dropping decoder layers ``drop``, keep config.json's record of which layers are
+    dense (no experts) pointing at the same layers: ``first_k_dense_replace`` becomes the number
+    of kept layers below it, ``mlp_only_layers`` is renumbered. Edits ``config`` in place;
+    returns the keys it changed."""
+    layout = arch.experts
+    n = config.get(arch.num_layers_key)
+    if layout is None or not isinstance(n, int):
+        return []
+    kept = [i for i in range(n) if i not in drop]
+    edited = []
+    key = layout.dense_prefix_key
+    if key and isinstance(config.get(key), int):
+        config[key] = sum(i < config[key] for i in kept)
+        edited.append(key)
+    key = layout.dense_layers_key
+    if key and isinstance(config.get(key), list) and config[key]:
+        config[key] = [kept.index(i) for i in config[key] if i in kept]
+        edited.append(key)
+    return edited

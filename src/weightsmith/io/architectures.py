@@ -50,6 +50,13 @@ class ExpertLayout:
     sequential_linears: tuple[tuple[str, ...], ...]
     fused: tuple[tuple[str, tuple[str, ...]], ...]
     shared: tuple[str, ...] = ()
+    # grouped routing (DeepSeek-V3): config keys of the group count and of the groups kept
+    groups_key: str | None = None
+    group_top_k_key: str | None = None
+    # which layers are dense: the first N (DeepSeek ``first_k_dense_replace``) or a list of
+    # layer indices (Qwen3-MoE ``mlp_only_layers``); renumbered when layers are dropped
+    dense_prefix_key: str | None = None
+    dense_layers_key: str | None = None
 
     def num_experts(self, config: dict | None) -> int | None:
         """The expert count config.json declares, or None."""
@@ -196,6 +203,10 @@ def _experts(d: dict | None) -> ExpertLayout | None:
         sequential_linears=tuple(tuple(g) for g in d["sequential_linears"]),
         fused=tuple((k, tuple(v)) for k, v in d.get("fused", {}).items()),
         shared=tuple(d.get("shared", ())),
+        groups_key=d.get("groups_key"),
+        group_top_k_key=d.get("group_top_k_key"),
+        dense_prefix_key=d.get("dense_prefix_key"),
+        dense_layers_key=d.get("dense_layers_key"),
     )
 
 

@@ -7,6 +7,10 @@ routed to each). Per layer the ``N`` experts with the most tokens are kept (ties
 index), renumbered ``0..N-1`` in their original order; the router's rows are cut to the kept
 experts, and ``config.json``'s expert count becomes ``N``, so the smaller model loads in the
 same transformers class.
+
+Grouped routing (DeepSeek-V3: the router first picks ``topk_group`` of ``n_group`` equal groups
+of consecutive experts, then the top-k experts inside them) keeps ``N / n_group`` experts per
+group, so every kept expert stays in its group and the router's group choice keeps its meaning.
 """
 
 from __future__ import annotations
@@ -36,6 +40,34 @@ def kept_experts(counts: list[int], keep: int) -> list[int]:
     return sorted(order[:keep])
 
 
+def kept_grouped(counts: list[int], keep: int, groups: int) -> list[int]:
+    """:func:`kept_experts` inside each of ``groups`` equal groups of consecutive experts:
+    ``keep / groups`` from each, ascending."""
+    size, per = len(counts) // groups, keep // groups
+    return [g * size + e for g in range(groups)
+            for e in kept_experts(counts[g * size : (g + 1) * size], per)]  # fmt: skip
+
+
+def _groups(ckpt: Checkpoint, total: int, keep: int, top_k: int) -> int:
+    """The router's expert-group count (1 without grouped routing); refuses a ``keep`` that
+    cannot be split evenly into groups the router can still choose ``top_k`` experts from."""
+    layout, config = ckpt.arch.experts, ckpt.config or {}
+    groups = config.get(layout.groups_key) if layout.groups_key else None
+    if not isinstance(groups, int) or groups <= 1:
+        return 1
+    chosen = config.get(layout.group_top_k_key) or groups
+    per = keep // groups
+    # transformers scores a group by the sum of its top 2 experts: a group needs 2
+    if keep % groups or per < 2 or top_k > chosen * per or total % groups:
+        raise ConfigError(
+            f"--keep {keep}: the router picks {chosen} of {groups} expert groups "
+            f"({layout.groups_key}), so --keep must be a multiple of {groups} with at least 2 "
+            f"experts per group and {layout.top_k_key} ({top_k}) <= {chosen} x (--keep / "
+            f"{groups})"
+        )
+    return groups
+
+
 def _route_counts(ckpt: Checkpoint, cfg: PruneConfig, device: str, progress: bool):
     streamer, info = calibration_streamer(ckpt, cfg, device=device, progress=progress)
     counts: dict[int, list[int]] = {}
@@ -46,7 +78,7 @@ def _route_counts(ckpt: Checkpoint, cfg: PruneConfig, device: str, progress: boo
     return counts, info
 
 
-def _check(ckpt: Checkpoint, cfg: PruneConfig) -> tuple[int, int]:
+def _check(ckpt: Checkpoint, cfg: PruneConfig) -> tuple[int, int, int]:
     layout = ckpt.arch.experts
     if layout is None:
         raise ConfigError(f"{ckpt.root}: --method experts needs a mixture-of-experts model "
@@ -60,7 +92,7 @@ def _check(ckpt: Checkpoint, cfg: PruneConfig) -> tuple[int, int]:
     if not top_k <= keep < total:
         raise ConfigError(f"--keep must be between {layout.top_k_key} ({top_k}) and one less "
                           f"than the {total} experts (got {keep})")  # fmt: skip
-    return total, keep
+    return total, keep, _groups(ckpt, total, keep, top_k)
 
 
 def prune_experts(
@@ -73,10 +105,10 @@ def prune_experts(
     device: str,
     progress: bool,
 ) -> PruneResult:
-    total, keep = _check(ckpt, cfg)
+    total, keep, n_groups = _check(ckpt, cfg)
     layout, arch = ckpt.arch.experts, ckpt.arch
     counts, calib_info = _route_counts(ckpt, cfg, device, progress)
-    kept = {layer: kept_experts(c, keep) for layer, c in counts.items()}
+    kept = {layer: kept_grouped(c, keep, n_groups) for layer, c in counts.items()}
     head = layout.expert.partition("{expert}")[0]
 
     def rename(n: str) -> str | None:
@@ -127,6 +159,7 @@ def prune_experts(
         "method": cfg.method,
         "experts_before": total,
         "experts_after": keep,
+        "router_groups": n_groups,
         "expert_tokens": {str(k): v for k, v in counts.items()},
         "kept_experts": {str(k): v for k, v in kept.items()},
         "params_before": ckpt.num_params,

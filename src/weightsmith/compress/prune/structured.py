@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.compress.moe import drop_dense_layers
 from weightsmith.compress.prune.common import (
     PruneResult,
     calibration_streamer,
@@ -131,6 +132,8 @@ def prune_depth(
             new, keys = drop_from_config(config[nested], arch.num_layers_key, drop)
             edited.extend(f"{nested}.{k}" for k in keys)
             return {**config, nested: new}
+        config = dict(config)
+        edited.extend(drop_dense_layers(config, arch, drop))  # MoE: which layers are dense
         new, keys = drop_from_config(config, arch.num_layers_key, drop)
         edited.extend(keys)
         return new

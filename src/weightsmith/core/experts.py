@@ -151,7 +151,7 @@ def unfuse_layer(layer: nn.Module, arch: Architecture) -> None:
     reached as ``mlp`` by the layer's forward). A dense layer (Qwen3-MoE ``mlp_only_layers``)
     is left as it is."""
     layout = arch.experts
-    if layout is None:
+    if layout is None or layout.storage == "fused":  # gpt-oss: the model's own 3-D experts
         return
     block = getattr(layer, layout.module, None)
     fused = getattr(block, "experts", None)

@@ -43,6 +43,14 @@ class ExpertLayout:
     sequential_linears: tuple[tuple[str, ...], ...]
     fused: tuple[tuple[str, tuple[str, ...]], ...]
     shared: tuple[str, ...] = ()
+    # how released checkpoints store the experts: "per_expert" Linears (transformers fuses them
+    # on load) or "fused" 3-D tensors (gpt-oss); the fused tensors' dims: "out_in" (experts,
+    # out, in) or "in_out" (experts, in, out); a fused tensor's (experts, out) bias is named
+    # tensor + fused_bias_suffix; ``interleaved`` fused tensors alternate gate/up columns
+    storage: str = "per_expert"
+    fused_layout: str = "out_in"
+    fused_bias_suffix: str = ""
+    interleaved: tuple[str, ...] = ()
 
     def num_experts(self, config: dict | None) -> int | None:
         """The expert count config.json declares, or None."""
@@ -156,6 +164,10 @@ def _experts(d: dict | None) -> ExpertLayout | None:
         sequential_linears=tuple(tuple(g) for g in d["sequential_linears"]),
         fused=tuple((k, tuple(v)) for k, v in d.get("fused", {}).items()),
         shared=tuple(d.get("shared", ())),
+        storage=d.get("storage", "per_expert"),
+        fused_layout=d.get("fused_layout", "out_in"),
+        fused_bias_suffix=d.get("fused_bias_suffix", ""),
+        interleaved=tuple(d.get("interleaved", ())),
     )
 
 

@@ -40,15 +40,15 @@ D = 7  # the hidden dimension the hand-set routers read
 
 @pytest.fixture(scope="module")
 def gptoss(tmp_path_factory):
-    cache: dict[int, Path] = {}
+    cache: dict[tuple[int, torch.dtype], Path] = {}
 
-    def make(seed: int = 0) -> Path:
-        if seed not in cache:
+    def make(seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+        if (seed, dtype) not in cache:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setitem(TINY_ARCHS, "gpt_oss", ("GptOssConfig", GPT_OSS))
                 root = tmp_path_factory.mktemp(f"gptoss-{seed}")
-                cache[seed] = build_tiny_model(root / "m", "gpt_oss", seed=seed)
-        return cache[seed]
+                cache[seed, dtype] = build_tiny_model(root / "m", "gpt_oss", seed=seed, dtype=dtype)
+        return cache[seed, dtype]
 
     return make
 
@@ -66,8 +66,8 @@ def _refused(args: list[str], fragment: str) -> None:
     assert last.startswith("error: ") and fragment in last, res.output
 
 
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def _load(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -117,12 +117,13 @@ def test_gptoss_stored_layout_is_described(gptoss, tmp_path) -> None:
     assert all(torch.equal(back[n], t) for n, t in original.items())
 
 
-def test_mxfp4_experts_native_format_loads_with_oracle_logits(gptoss, tmp_path) -> None:
-    """``--method mxfp4`` writes gpt-oss's own MXFP4 experts; transformers dequantizes them on
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_experts_native_format_loads_with_oracle_logits(gptoss, tmp_path, dtype) -> None:
+    """``--method mxfp4`` writes gpt-oss's own MXFP4 experts (fp32 and bf16 weights); transformers dequantizes them on
     load (CPU) and gives the logits of the original model whose every expert slice was
     replaced by its MXFP4 round trip as a Linear (slice e transposed), within 1e-3 of how far
     quantization moved them (measured: equal)."""
-    src = gptoss()
+    src = gptoss(0, dtype)
     report = tmp_path / "r.json"
     _cli(["compress", "quantize", str(src), "-o", str(tmp_path / "q"), "--method", "mxfp4",
           "--report", str(report)])  # fmt: skip
@@ -143,14 +144,15 @@ def test_mxfp4_experts_native_format_loads_with_oracle_logits(gptoss, tmp_path) 
     for n in ("model.layers.0.mlp.router.weight", "model.layers.1.self_attn.sinks",
               "model.layers.1.mlp.experts.down_proj_bias"):  # fmt: skip
         assert torch.equal(stored[n], original[n]), n
-    ref = _load(src)
-    before = _logits(ref)
+    ref = _load(src, dtype)
+    before = _logits(ref).float()
     with torch.no_grad():
         for layer in ref.model.layers:
             for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
                 for e in range(EXPERTS):
-                    p[e] = mxfp4_quantize_weight(p[e].t().contiguous()).dequantize().t()
-    oracle, got = _logits(ref), _logits(_load(tmp_path / "q"))
+                    q = mxfp4_quantize_weight(p[e].t().contiguous()).dequantize()
+                    p[e] = q.t().to(dtype)
+    oracle, got = _logits(ref).float(), _logits(_load(tmp_path / "q", dtype)).float()
     moved = (oracle - before).abs().max().item()
     assert moved > 1e-3 * before.abs().max().item(), moved  # fails on an unquantized copy
     assert (got - oracle).abs().max().item() <= 1e-3 * moved
@@ -162,13 +164,13 @@ def test_mxfp4_experts_native_format_loads_with_oracle_logits(gptoss, tmp_path) 
         (["compress", "quantize", "--method", "rtn"], "--method mxfp4"),
         (["compress", "quantize", "--method", "gptq", *CALIB], "--method mxfp4"),
         (["compress", "quantize", "--method", "mxfp4", "--ignore", "lm_head"], "drop --ignore"),
-        (["compress", "prune", "--method", "wanda", *CALIB], "only --method experts"),
-        (["compress", "prune", "--method", "magnitude"], "only --method experts"),
+        (["compress", "prune", "--method", "sparsegpt", *CALIB], "use --method wanda"),
+        (["compress", "prune", "--method", "layers", "--drop", "1", *CALIB], "magnitude or wanda"),
     ],
 )
 def test_fused_experts_refused_in_one_line(gptoss, tmp_path, args, fragment) -> None:
-    """What cannot be written loadable (int formats hold Linears only) or does not touch the
-    experts is refused before any output exists, naming the fused tensor."""
+    """What cannot be written loadable (int formats hold Linears only) or does not handle the
+    fused experts is refused before any output exists."""
     out = tmp_path / "o"
     _refused([*args[:2], str(gptoss()), "-o", str(out), *args[2:]], fragment)
     assert not out.exists()
@@ -251,3 +253,44 @@ def test_merges_are_tensor_wise_on_gptoss(gptoss, tmp_path) -> None:
     for x in "lts":
         model = _load(tmp_path / x)
         assert torch.isfinite(_logits(model)).all()
+
+
+def test_quantized_gptoss_refused_as_input(gptoss, tmp_path) -> None:
+    """gpt-oss's release (and weightsmith's output) is MXFP4: quantizing, pruning or merging
+    its packed ``*_blocks`` as numbers would be wrong, so each is refused in one line."""
+    q = tmp_path / "q"
+    _cli(["compress", "quantize", str(gptoss()), "-o", str(q), "--method", "mxfp4"])
+    _refused(["compress", "quantize", str(q), "-o", str(tmp_path / "a"), "--method", "mxfp4"],
+             "already quantized")  # fmt: skip
+    _refused(["compress", "prune", str(q), "-o", str(tmp_path / "b"), "--method", "experts",
+              "--keep", "2"], "is quantized")  # fmt: skip
+    _refused(["merge", "linear", str(q), str(q), "-o", str(tmp_path / "c")], "is quantized (mxfp4)")
+    assert not any((tmp_path / x).exists() for x in "abc")
+
+
+def test_magnitude_prunes_every_expert_slice_as_a_linear(gptoss, tmp_path) -> None:
+    """Data-free magnitude on fused experts: every expert's Linear weight (slice e transposed
+    for gpt-oss's (experts, in, out) storage) has its own threshold, as a Linear has: exactly
+    half of its entries, the smallest |w| (computed here with topk), are zeroed; everything
+    else is bit-identical."""
+    src, out, report = gptoss(), tmp_path / "p", tmp_path / "r.json"
+    _cli(["compress", "prune", str(src), "-o", str(out), "--method", "magnitude",
+          "--report", str(report)])  # fmt: skip
+    extra = json.loads(report.read_text())["result"]["extra"]
+    assert extra["pruned_linears"] == LAYERS * (4 + 2 * EXPERTS)  # q/k/v/o + 2 per expert
+    assert extra["sparsity"] == 0.5
+
+    def half(w: torch.Tensor) -> torch.Tensor:
+        flat = w.flatten().clone()
+        flat[flat.abs().topk(flat.numel() // 2, largest=False).indices] = 0.0
+        return flat.view(w.shape)
+
+    original, pruned = _tensors(src), _tensors(out)
+    for n, t in original.items():
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            want = torch.stack([half(t[e].t()).t() for e in range(EXPERTS)])
+        elif n.endswith("_proj.weight"):
+            want = half(t)
+        else:
+            want = t
+        assert torch.equal(pruned[n], want), n

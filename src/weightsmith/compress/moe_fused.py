@@ -33,7 +33,7 @@ from weightsmith.core.transform import (
     require_finite,
     rewrite_checkpoint,
 )
-from weightsmith.errors import ConfigError
+from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup
 from weightsmith.io.writer import TensorSpec
 
@@ -45,7 +45,19 @@ MX_GROUP = 32
 
 def check_fused_quantize(ckpt: Checkpoint, cfg: QuantConfig) -> list[FusedExpertTensor]:
     """The fused expert tensors ``cfg`` quantizes, or a one-line refusal."""
+    if (ckpt.config or {}).get("quantization_config") is not None:
+        raise CheckpointError(f"{ckpt.root}: is already quantized; quantize an unquantized "
+                              "model (gpt-oss's release is MXFP4 already)")  # fmt: skip
     fused = fused_experts(ckpt)
+    if not fused:
+        raise CheckpointError(f"{ckpt.root}: no fused expert tensors "
+                              f"({', '.join(k for k, _ in ckpt.arch.experts.fused)}) found")  # fmt: skip
+    if ckpt.arch.experts.quantized_format not in FUSED_METHODS:
+        raise ConfigError(
+            f"{fused[0].tensor}: fused 3-D experts ({ckpt.arch.name}, as transformers holds "
+            "them in memory) are not nn.Linear modules and no format transformers loads holds "
+            "them quantized; quantize the released checkpoint (one Linear per expert)"
+        )
     if cfg.method not in FUSED_METHODS:
         raise ConfigError(
             f"{fused[0].tensor}: fused 3-D experts ({ckpt.arch.name}) are not nn.Linear "

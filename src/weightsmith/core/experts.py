@@ -93,8 +93,8 @@ def refuse_fused_experts(ckpt: Checkpoint, what: str) -> None:
     if fused:
         raise CheckpointError(
             f"{what}: {fused[0]} holds fused 3-D experts, which weightsmith does not "
-            "quantize or prune yet; save the model with transformers (it writes one Linear "
-            "per expert) or convert it to the per-expert layout first"
+            "quantize or prune in this layout; use the released checkpoint (one Linear per "
+            "expert)"
         )
 
 

@@ -46,7 +46,8 @@ def natively_fused(layout: ExpertLayout | None) -> bool:
 
 
 def fused_experts(ckpt: Checkpoint) -> list[FusedExpertTensor]:
-    """The checkpoint's fused 3-D expert tensors, in checkpoint order (empty if none)."""
+    """The checkpoint's fused 3-D expert tensors by layer, each layer's in execution order
+    (gate/up before down, as the description's ``sequential_linears``); empty if none."""
     layout, arch = ckpt.arch.experts, ckpt.arch
     if layout is None:
         return []
@@ -61,7 +62,8 @@ def fused_experts(ckpt: Checkpoint) -> list[FusedExpertTensor]:
         out.append(FusedExpertTensor(name, layer, "+".join(linears),
                                      bias if bias in ckpt.tensors else None,
                                      layout.fused_layout))  # fmt: skip
-    return out
+    stage = {n: i for i, g in enumerate(layout.sequential_linears) for n in g}
+    return sorted(out, key=lambda f: (f.layer, stage.get(f.linear.split("+")[0], len(stage))))
 
 
 def expert_weight(fused: torch.Tensor, expert: int, layout: str) -> torch.Tensor:

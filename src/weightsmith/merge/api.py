@@ -97,10 +97,23 @@ def merge(
             if ref not in ckpts:
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
                 require_described(ckpts[ref].arch, f"{ref}: merge")
+                _refuse_quantized(ckpts[ref], ref)
         plan = build_plan(recipe, ckpts, final_from)
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
         return _run_plan(recipe, plan, ckpts, out, options, device, chunk_elements, final_from)
+
+
+def _refuse_quantized(ckpt: Checkpoint, ref: str) -> None:
+    """Packed quantized tensors (gpt-oss's MXFP4 ``*_blocks``, compressed-tensors' packed ints)
+    do not merge as numbers: refuse them rather than write a wrong model."""
+    qc = (ckpt.config or {}).get("quantization_config")
+    if isinstance(qc, dict):
+        raise ConfigError(
+            f"{ref}: is quantized ({qc.get('quant_method', '?')}); merge unquantized weights "
+            "(load it in transformers dequantized, e.g. Mxfp4Config(dequantize=True) for "
+            "gpt-oss, and save_pretrained)"
+        )
 
 
 def _run_plan(

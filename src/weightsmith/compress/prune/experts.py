@@ -4,9 +4,10 @@ least on the calibration text, keeping ``N`` per layer.
 The calibration text runs through the model one decoder layer at a time (transformers' own
 router picks the experts, :class:`~weightsmith.compress.moe.ExpertRouting` counts the tokens
 routed to each). Per layer the ``N`` experts with the most tokens are kept (ties: the lower
-index), renumbered ``0..N-1`` in their original order; the router's rows are cut to the kept
-experts, and ``config.json``'s expert count becomes ``N``, so the smaller model loads in the
-same transformers class.
+index), renumbered ``0..N-1`` in their original order; the router's rows (and bias) are cut to
+the kept experts, fused 3-D expert tensors (gpt-oss) and their biases sliced along dim 0, and
+``config.json``'s expert count becomes ``N``, so the smaller model loads in the same
+transformers class.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def check_fused_quantize(ckpt: Checkpoint, cfg: QuantConfig) -> list[FusedExpert
                           "expert and nothing else; drop --ignore")  # fmt: skip
     for f in fused:
         shape = ckpt.info(f.tensor).shape
-        n_in = shape[1] if f.layout == "in_out" else shape[2]
-        if len(shape) != 3 or n_in % MX_GROUP:
+        n_in = (shape[1] if f.layout == "in_out" else shape[-1]) if len(shape) == 3 else 0
+        if n_in == 0 or n_in % MX_GROUP:
             raise ConfigError(f"{f.tensor}: shape {list(shape)}: MXFP4 needs a 3-D tensor "
                               f"whose input size is a multiple of {MX_GROUP}")  # fmt: skip
     return fused

@@ -175,7 +175,7 @@ def quantize_cmd(
     fallbacks = f", {len(x['rtn_fallbacks'])} RTN fallbacks" if x.get("rtn_fallbacks") else ""
     click.echo(
         f"quantized {x['quantized_linears']} Linears ({100 * x['fraction_quantized']:.1f}% of "
-        f"parameters) with {method} {x['bits']}-bit into {cfg.format}: "
+        f"parameters) with {method} {x['bits']}-bit into {x.get('format', cfg.format)}: "
         f"{format_size(x['input_size'])} -> {format_size(x['output_size'])}{fallbacks} "
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )

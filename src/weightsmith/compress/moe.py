@@ -13,6 +13,7 @@ from typing import Any
 
 from weightsmith.core.calibration import CalibrationLayer
 from weightsmith.core.experts import expert_blocks
+from weightsmith.core.experts_fused import routing_counters
 from weightsmith.errors import ConfigError
 from weightsmith.io.architectures import Architecture
 from weightsmith.io.reader import Checkpoint
@@ -65,7 +66,7 @@ class ExpertRouting:
 
     def __init__(self, cl: CalibrationLayer, min_tokens: int, all_tokens: bool) -> None:
         self.cl, self.min_tokens, self.all_tokens = cl, min_tokens, all_tokens
-        self.blocks = expert_blocks(cl.module)
+        self.blocks = [*expert_blocks(cl.module), *routing_counters(cl.module)]  # gpt-oss: fused
         for b in self.blocks:
             b.all_tokens = all_tokens
             b.counts.zero_()
@@ -78,7 +79,8 @@ class ExpertRouting:
 
     def _record(self) -> None:
         for b in self.blocks:
-            rel = next(n for n, m in self.cl.module.named_modules() if m is b)
+            counted = getattr(b, "module", b)  # a RoutingCounter counts a fused module
+            rel = next(n for n, m in self.cl.module.named_modules() if m is counted)
             for e in range(b.num_experts):
                 self.counts[f"{self.cl.prefix}{rel}.{e}"] = int(b.counts[e])
 

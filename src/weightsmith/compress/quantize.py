@@ -33,9 +33,11 @@ from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers t
 from weightsmith.compress import w8a8 as _w8a8  # noqa: F401  (registers w8a8)
 from weightsmith.compress.calibrated import CalibratedRun
 from weightsmith.compress.moe import check_expert_format, moe_summary
+from weightsmith.compress.moe_fused import quantize_fused_mxfp4
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import refuse_fused_experts
+from weightsmith.core.experts_fused import natively_fused
 from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
@@ -228,6 +230,13 @@ def quantize_checkpoint(
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         require_described(ckpt.arch, f"{ckpt.root}: quantize")
+        if natively_fused(ckpt.arch.experts):  # gpt-oss: its own MXFP4 format, or refused
+            record = {"operation": "quantize", "config": cfg.record(), **(provenance or {})}
+            result, extra = quantize_fused_mxfp4(ckpt, out, cfg, force=force, progress=progress,
+                                                 max_shard_size=max_shard_size, provenance=record)  # fmt: skip
+            r = QuantizeResult(**result.__dict__)
+            r.wall_s, r.extra = round(time.perf_counter() - start, 3), extra
+            return r
         refuse_fused_experts(ckpt, f"{ckpt.root}: quantize")
         job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}

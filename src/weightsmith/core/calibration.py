@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -73,6 +73,8 @@ class _Batch:
     hidden: torch.Tensor  # (batch, seq, hidden) in compute dtype
     args: tuple  # positional arguments after hidden_states, as transformers passed them
     kwargs: dict  # keyword arguments (position_embeddings, attention_mask, ...)
+    # per decoder layer, where layers differ (config.layer_types: sliding vs full attention)
+    layer_kwargs: dict[int, dict] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the layer view
@@ -258,7 +260,7 @@ class LayerStreamer:
         with torch.no_grad():
             for b in tqdm(self._batches, disable=not self.progress, leave=False, desc="forward"):
                 try:
-                    out = module(b.hidden, *b.args, **b.kwargs)
+                    out = module(b.hidden, *b.args, **b.layer_kwargs.get(self._next, b.kwargs))
                 except _StopForward:  # a collect() hook has everything it needs
                     continue
                 if isinstance(out, tuple):
@@ -317,15 +319,29 @@ class LayerStreamer:
         first_path = self._module_path(first_prefix)
         parent_path, _, idx = first_path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
-        original = parent[int(idx)]
         captured: list[_Batch] = []
 
-        class Catcher(nn.Module):
-            def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                captured.append(_Batch(hidden.detach(), args, kwargs))
-                raise _StopForward
+        # layers of different kinds (gpt-oss: sliding and full attention) get different masks
+        types = getattr(self.model.config, "layer_types", None) or ()
+        last = len(parent) - 1 if len(set(types)) > 1 else int(idx)
 
-        parent[int(idx)] = Catcher()
+        class Catcher(nn.Module):
+            def __init__(self, index: int) -> None:
+                super().__init__()
+                self.index = index
+
+            def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                if self.index == int(idx):
+                    captured.append(_Batch(hidden.detach(), args, kwargs))
+                if last != int(idx):
+                    captured[-1].layer_kwargs[self.index] = kwargs
+                if self.index == last:
+                    raise _StopForward
+                return hidden
+
+        originals = {i: parent[i] for i in range(int(idx), last + 1)}
+        for i in originals:
+            parent[i] = Catcher(i)
         try:
             with torch.no_grad():
                 for start in range(0, input_ids.shape[0], batch_size):
@@ -333,7 +349,8 @@ class LayerStreamer:
                     with contextlib.suppress(_StopForward):
                         self.model(input_ids=ids, use_cache=False)
         finally:
-            parent[int(idx)] = original
+            for i, layer in originals.items():
+                parent[i] = layer
             for mpath in touched:  # release the embeddings
                 owner, _, attr = mpath.rpartition(".")
                 mod = self.model.get_submodule(owner)

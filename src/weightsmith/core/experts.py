@@ -93,8 +93,8 @@ def refuse_fused_experts(ckpt: Checkpoint, what: str) -> None:
     if fused:
         raise CheckpointError(
             f"{what}: {fused[0]} holds fused 3-D experts, which weightsmith does not "
-            "quantize or prune yet; save the model with transformers (it writes one Linear "
-            "per expert) or convert it to the per-expert layout first"
+            "quantize or prune in this layout; use the released checkpoint (one Linear per "
+            "expert)"
         )
 
 
@@ -151,7 +151,7 @@ def unfuse_layer(layer: nn.Module, arch: Architecture) -> None:
     reached as ``mlp`` by the layer's forward). A dense layer (Qwen3-MoE ``mlp_only_layers``)
     is left as it is."""
     layout = arch.experts
-    if layout is None:
+    if layout is None or layout.storage == "fused":  # gpt-oss: the model's own 3-D experts
         return
     block = getattr(layer, layout.module, None)
     fused = getattr(block, "experts", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
@@ -57,6 +57,17 @@ class ExpertLayout:
     # layer indices (Qwen3-MoE ``mlp_only_layers``); renumbered when layers are dropped
     dense_prefix_key: str | None = None
     dense_layers_key: str | None = None
+
+    # how released checkpoints store the experts: "per_expert" Linears (transformers fuses them
+    # on load) or "fused" 3-D tensors (gpt-oss); the fused tensors' dims: "out_in" (experts,
+    # out, in) or "in_out" (experts, in, out); a fused tensor's (experts, out) bias is named
+    # tensor + fused_bias_suffix; ``interleaved`` fused tensors alternate gate/up columns
+    storage: str = "per_expert"
+    fused_layout: str = "out_in"
+    fused_bias_suffix: str = ""
+    interleaved: tuple[str, ...] = ()
+    # the format transformers loads quantized fused experts from ("mxfp4": gpt-oss's own)
+    quantized_format: str = ""
 
     def num_experts(self, config: dict | None) -> int | None:
         """The expert count config.json declares, or None."""
@@ -207,6 +218,12 @@ def _experts(d: dict | None) -> ExpertLayout | None:
         group_top_k_key=d.get("group_top_k_key"),
         dense_prefix_key=d.get("dense_prefix_key"),
         dense_layers_key=d.get("dense_layers_key"),
+
+        storage=d.get("storage", "per_expert"),
+        fused_layout=d.get("fused_layout", "out_in"),
+        fused_bias_suffix=d.get("fused_bias_suffix", ""),
+        interleaved=tuple(d.get("interleaved", ())),
+        quantized_format=d.get("quantized_format", ""),
     )
 
 
@@ -233,23 +250,42 @@ def detect_architecture(config: dict | None, tensor_names: list[str]) -> Archite
         model_type = config.get("model_type")
         for arch in archs:
             if model_type in arch.model_types:
-                return arch
+                return as_stored(arch, tensor_names)
         classes = [c for c in config.get("architectures") or [] if isinstance(c, str)]
         for name in classes:
             for arch in archs:
                 if name in arch.architectures:
-                    return arch
+                    return as_stored(arch, tensor_names)
         if model_type or classes:
             label = " ".join([str(model_type or "")] + [f"({c})" for c in classes[:1]]).strip()
             return _generic(tensor_names, name=label)
     best, best_hits = None, 0
-    for arch in archs:
+    for arch in sorted(archs, key=lambda a: a.experts is not None):  # ties: a dense family
         hits = sum(arch.layer_of(n) is not None for n in tensor_names)
         if hits > best_hits:
             best, best_hits = arch, hits
     if best is not None:
         return best
     return _generic(tensor_names)
+
+
+def as_stored(arch: Architecture, tensor_names: list[str]) -> Architecture:
+    """``arch`` with ``storage: "fused"`` when the checkpoint holds the fused 3-D expert tensors
+    of a family released per expert (a Mixtral/Qwen3-MoE saved from transformers' in-memory
+    model: ``save_pretrained`` of a model loaded from fused tensors writes them fused again),
+    its router then named under the in-memory block (Mixtral's ``mlp.gate``)."""
+    layout = arch.experts
+    if layout is None or layout.storage == "fused":
+        return arch
+    keys = {k for k, _ in layout.fused}
+    for n in tensor_names:
+        prefix = arch.layer_prefix(n)
+        if prefix is not None and n[len(prefix) :] in keys:
+            block = n[len(prefix) :].split(".")[0]
+            router = block + layout.router[len(layout.block) :]
+            fused = replace(layout, storage="fused", block=block, module=block, router=router)
+            return replace(arch, experts=fused)
+    return arch
 
 
 def require_described(arch: Architecture, what: str) -> None:

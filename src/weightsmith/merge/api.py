@@ -104,12 +104,25 @@ def merge(
             if ref not in ckpts:
                 ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
                 require_described(ckpts[ref].arch, f"{ref}: merge")
+                _refuse_quantized(ckpts[ref], ref)
         vocab = plan_vocabulary(recipe, ckpts)
         plan = build_plan(recipe, ckpts, final_from, vocab.vocabulary.size if vocab else None)
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
         run = _Run(plan, ckpts, options, device, chunk_elements, final_from, vocab)
         return _run_plan(recipe, run, out)
+
+
+def _refuse_quantized(ckpt: Checkpoint, ref: str) -> None:
+    """Packed quantized tensors (gpt-oss's MXFP4 ``*_blocks``, compressed-tensors' packed ints)
+    do not merge as numbers: refuse them rather than write a wrong model."""
+    qc = (ckpt.config or {}).get("quantization_config")
+    if isinstance(qc, dict):
+        raise ConfigError(
+            f"{ref}: is quantized ({qc.get('quant_method', '?')}); merge unquantized weights "
+            "(load it in transformers dequantized, e.g. Mxfp4Config(dequantize=True) for "
+            "gpt-oss, and save_pretrained)"
+        )
 
 
 @dataclass

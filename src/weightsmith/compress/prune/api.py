@@ -10,6 +10,8 @@ from weightsmith.compress.prune.experts import prune_experts
 from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.compress.prune.structured import prune_depth, prune_width
 from weightsmith.compress.prune.unstructured import prune_unstructured
+from weightsmith.core.experts import refuse_fused_experts
+from weightsmith.core.experts_fused import fused_experts, natively_fused
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import open_checkpoint
@@ -38,6 +40,12 @@ def prune_checkpoint(
         require_described(ckpt.arch, f"{ckpt.root}: prune")
         if ckpt.config.get("quantization_config") is not None:
             raise CheckpointError(f"{ckpt.root}: is quantized; prune the unquantized model first")
+        fused = fused_experts(ckpt)
+        if fused and not natively_fused(ckpt.arch.experts):
+            refuse_fused_experts(ckpt, f"{ckpt.root}: prune")  # the skeleton is per-expert
+        if fused and cfg.kind not in ("experts", "unstructured"):
+            raise ConfigError(f"{fused[0].tensor}: --method {cfg.method} does not prune fused "
+                              "3-D experts; use --method experts, magnitude or wanda")  # fmt: skip
         if cfg.kind == "width" and ckpt.arch.experts is not None:
             raise ConfigError(f"{ckpt.root}: --method {cfg.method} does not slice MoE experts; "
                               "use --method experts (drop experts) or wanda")  # fmt: skip

@@ -4,9 +4,10 @@ least on the calibration text, keeping ``N`` per layer.
 The calibration text runs through the model one decoder layer at a time (transformers' own
 router picks the experts, :class:`~weightsmith.compress.moe.ExpertRouting` counts the tokens
 routed to each). Per layer the ``N`` experts with the most tokens are kept (ties: the lower
-index), renumbered ``0..N-1`` in their original order; the router's rows are cut to the kept
-experts, and ``config.json``'s expert count becomes ``N``, so the smaller model loads in the
-same transformers class.
+index), renumbered ``0..N-1`` in their original order; the router's rows (and bias) are cut to
+the kept experts, fused 3-D expert tensors (gpt-oss) and their biases sliced along dim 0, and
+``config.json``'s expert count becomes ``N``, so the smaller model loads in the same
+transformers class.
 
 Grouped routing (DeepSeek-V3: the router first picks ``topk_group`` of ``n_group`` equal groups
 of consecutive experts, then the top-k experts inside them) keeps ``N / n_group`` experts per
@@ -26,6 +27,7 @@ from weightsmith.compress.moe import ExpertRouting
 from weightsmith.compress.prune.common import PruneResult, calibration_streamer, passthrough
 from weightsmith.compress.prune.registry import PruneConfig, prune_method
 from weightsmith.core.experts import is_router, refuse_fused_experts
+from weightsmith.core.experts_fused import fused_experts, natively_fused
 from weightsmith.core.transform import WriteOptions, require_finite, rewrite_checkpoint
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup
@@ -83,7 +85,8 @@ def _check(ckpt: Checkpoint, cfg: PruneConfig) -> tuple[int, int, int]:
     if layout is None:
         raise ConfigError(f"{ckpt.root}: --method experts needs a mixture-of-experts model "
                           f"({ckpt.arch.name} has no experts)")  # fmt: skip
-    refuse_fused_experts(ckpt, f"{ckpt.root}: prune experts")
+    if not natively_fused(layout):  # gpt-oss's fused tensors are sliced along dim 0
+        refuse_fused_experts(ckpt, f"{ckpt.root}: prune experts")
     total = layout.num_experts(ckpt.config)
     top_k = (ckpt.config or {}).get(layout.top_k_key)
     if total is None or not isinstance(top_k, int):
@@ -123,19 +126,24 @@ def prune_experts(
         return None if e not in kept[layer] else f"{prefix}{head}{kept[layer].index(e)}.{rest}"
 
     groups = [g for g in ckpt.groups("tensor") if rename(g.names[0]) is not None]
+    # per-expert rows: routers, and fused 3-D experts with their biases (expert = dim 0)
+    fused = {n for f in fused_experts(ckpt) for n in (f.tensor, f.bias) if n}
+
+    def sliced(n: str) -> bool:
+        return (is_router(arch, n) or n in fused) and arch.layer_of(n) in kept
 
     def plan(group: TensorGroup) -> list[TensorSpec]:
         n = group.names[0]
         info = ckpt.info(n)
         shape = info.shape
-        if is_router(arch, n) and arch.layer_of(n) in kept:
+        if sliced(n):
             shape = (keep, *shape[1:])
         return [TensorSpec(rename(n), info.torch_dtype, shape)]
 
     def apply(group: TensorGroup) -> Iterator:
         n = group.names[0]
         layer = arch.layer_of(n)
-        if is_router(arch, n) and layer in kept:
+        if sliced(n):
             t = require_finite(ckpt.get_tensor(n), str(ckpt.path), n)
             yield n, t[torch.tensor(kept[layer])].contiguous()
         else:

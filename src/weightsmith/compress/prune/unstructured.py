@@ -16,6 +16,7 @@ verified before it is written.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from weightsmith.compress.prune.common import (
     select_targets,
     spec_of,
 )
+from weightsmith.compress.prune.experts_fused import FusedPruning
 from weightsmith.compress.prune.masks import check_sparsity, prune_mask
 from weightsmith.compress.prune.registry import METHODS, PruneConfig
 from weightsmith.compress.prune.sparsegpt import sparsegpt_layer
@@ -75,10 +77,10 @@ def prune_unstructured(
     method = METHODS[cfg.method]
     _refuse_experts_update(ckpt, cfg.method, method.updates_weights)
     targets, kept = select_targets(ckpt, build_skeleton(ckpt), cfg)
-    transposed = ckpt.arch.linear_layout == "in_out"
-    zeros: dict[str, int] = {}
+    transposed, zeros = ckpt.arch.linear_layout == "in_out", {}
     calib_info: dict[str, Any] = {}
     moe_stats: dict[str, Any] = {}
+    fused = FusedPruning(ckpt, cfg, method.compare, lambda w, n: linear_mask(w, cfg, n))  # gpt-oss
 
     def finish(t: LinearTarget, stored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         zeros[t.tensor], pruned = apply_mask(t, stored, mask, cfg, transposed)
@@ -92,8 +94,8 @@ def prune_unstructured(
         def apply(group: TensorGroup) -> Iterator:
             for n in group.names:
                 t = targets.get(n)
-                if t is None:
-                    yield passthrough(ckpt, n)
+                if n in fused or t is None:
+                    yield (n, fused.data_free(n)) if n in fused else passthrough(ckpt, n)
                     continue
                 stored = read_checked(ckpt, n)
                 yield n, finish(t, stored, linear_mask(as_out_in(stored, transposed), cfg))
@@ -105,7 +107,8 @@ def prune_unstructured(
 
         def layer_fn(cl: CalibrationLayer) -> dict[str, torch.Tensor]:
             if not method.updates_weights:
-                return wanda_masks(cl, targets, cfg, moe_stats)
+                masks = wanda_masks(cl, targets, cfg, moe_stats)  # then the fused experts'
+                return {**masks, **fused.layer_masks(cl, moe_stats)}
             for name, t in cl.state_dict().items():  # before NaN reaches a Hessian
                 require_finite(t, str(ckpt.path), name)
             return sparsegpt_layer(cl, targets, cfg)
@@ -116,7 +119,9 @@ def prune_unstructured(
                 done = streamer.run_layer(group.layer, layer_fn)
             for n in group.names:
                 t = targets.get(n)
-                if t is None:
+                if n in fused:
+                    yield n, fused.finish(n, done[n])
+                elif t is None:
                     yield passthrough(ckpt, n)
                 elif method.updates_weights:  # the layer was checked finite before pruning
                     dtype = ckpt.info(n).torch_dtype
@@ -128,18 +133,14 @@ def prune_unstructured(
         groups = ckpt.groups("layer")
 
     result = rewrite_checkpoint(
-        ckpt,
-        groups,
-        out,
-        plan=plan,
-        apply=apply,
-        options=WriteOptions(max_shard_size, force, progress),
+        ckpt, groups, out, plan=plan, apply=apply,
+        options=WriteOptions(max_shard_size, force, progress), description=f"prune {cfg.method}",
         provenance={"operation": "prune", "config": asdict(cfg), "calibration": calib_info},
-        description=f"prune {cfg.method}",
-    )
+    )  # fmt: skip
     r = PruneResult(**result.__dict__)
     r.extra = _report(ckpt, cfg, targets, kept, zeros, calib_info)
     r.extra.update(moe_summary(moe_stats, "magnitude"))
+    fused.report(r.extra, (sum(zeros.values()), sum(math.prod(t.shape) for t in targets.values())))
     return r
 
 

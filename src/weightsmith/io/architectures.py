@@ -218,7 +218,6 @@ def _experts(d: dict | None) -> ExpertLayout | None:
         group_top_k_key=d.get("group_top_k_key"),
         dense_prefix_key=d.get("dense_prefix_key"),
         dense_layers_key=d.get("dense_layers_key"),
-
         storage=d.get("storage", "per_expert"),
         fused_layout=d.get("fused_layout", "out_in"),
         fused_bias_suffix=d.get("fused_bias_suffix", ""),

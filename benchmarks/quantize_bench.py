@@ -75,6 +75,12 @@ CONFIGS = {
         "gptq w3 per-channel act-order": ["--method", "gptq", "--bits", "3", "--group-size", "-1", "--act-order"],
         "nf4 (bitsandbytes)": ["--method", "nf4"],
     },
+    "smollm2-awq": {  # AWQ vs its data-free counterpart (RTN), symmetric g64 (see shared/README)
+        "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
+        "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
+        "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
+        "awq w3 g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
+    },
 }  # fmt: skip
 
 
@@ -83,9 +89,13 @@ import json, resource, sys, time
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+from llmcompressor.modifiers.transform.awq import AWQModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 base, ids_path, out, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+method = sys.argv[6] if len(sys.argv) > 6 else "gptq"
+IntermediatesCache.pin_memory = lambda self, i: None  # AWQ pins its caches: no CPU-only accelerator
 ids = torch.load(ids_path)
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -93,8 +103,13 @@ ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_
 weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel"}
 if group > 0:
     weights.update(strategy="group", group_size=group)
-recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                      ignore=["lm_head"], dampening_frac=0.01, block_size=128)
+groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+if method == "awq":  # llm-compressor's defaults: duo scaling, 20 grid points; then min-max RTN
+    recipe = [AWQModifier(duo_scaling=True, n_grid=20),
+              QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+else:
+    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01,
+                          block_size=128)
 oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
         num_calibration_samples=ids.shape[0])
 model.save_pretrained(out, save_compressed=True)
@@ -106,7 +121,8 @@ print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": peak}))  # (kep
 
 
 def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path):
-    """llm-compressor GPTQ on the same calibration windows; rows in the same format."""
+    """llm-compressor GPTQ (or AWQ + RTN: --peer-method awq) on the same calibration windows;
+    rows in the same format."""
     import torch
 
     from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
@@ -121,9 +137,20 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
     group = args.peer_group_size
     tag = "per-channel" if group <= 0 else f"g{group}"
     for bits in args.peer_bits:
-        out = work / f"peer_llmcompressor_w{bits}_{tag}"
+        method = args.peer_method
+        out = work / f"peer_llmcompressor_{method}_w{bits}_{tag}"
         proc = subprocess.run(
-            [python, "-c", PEER_SCRIPT, str(base), str(ids_path), str(out), str(bits), str(group)],
+            [
+                python,
+                "-c",
+                PEER_SCRIPT,
+                str(base),
+                str(ids_path),
+                str(out),
+                str(bits),
+                str(group),
+                method,
+            ],
             capture_output=True,
             text=True,
         )
@@ -132,7 +159,7 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
         e = perplexity(out, data, reference=base, **evalargs).to_dict()
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"config": f"llm-compressor gptq w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
+        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
     return rows
 
 
@@ -196,6 +223,7 @@ def main() -> None:
     ap.add_argument("--peer-bits", type=int, nargs="+", default=[4, 3], help="peer runs")
     ap.add_argument("--peer-group-size", type=int, default=-1, help="peer group (-1: channel)")
     ap.add_argument("--no-configs", action="store_true", help="run only the peer")
+    ap.add_argument("--peer-method", choices=["gptq", "awq"], default="gptq", help="peer recipe")
     ap.add_argument(
         "--calib-holdout",
         action="store_true",
@@ -221,14 +249,19 @@ def main() -> None:
         if args.no_configs or (args.only and name not in args.only):
             continue
         out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
-        calibargs = [
-            "--calib",
-            str(calib),
-            "--calib-samples",
-            str(args.calib_samples),
-            "--seq-len",
-            str(args.calib_seq_len),
-        ]
+        calibrated = extra[extra.index("--method") + 1] in ("gptq", "awq")  # RTN takes none
+        calibargs = (
+            []
+            if not calibrated
+            else [
+                "--calib",
+                str(calib),
+                "--calib-samples",
+                str(args.calib_samples),
+                "--seq-len",
+                str(args.calib_seq_len),
+            ]
+        )
         q = run(
             [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
         )

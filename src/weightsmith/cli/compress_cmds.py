@@ -130,6 +130,24 @@ from weightsmith.io.sizes import format_size, parse_size
     show_default=True,
     help="W8A8 --smoothquant: migration strength (0: none, 1: all onto the weights).",
 )
+@click.option(
+    "--awq-then",
+    type=click.Choice(["rtn", "gptq"]),
+    default="rtn",
+    show_default=True,
+    help="AWQ: the quantizer run on the scaled weights (gptq takes --damp/--act-order).",
+)
+@click.option(
+    "--n-grid", type=click.IntRange(min=2), default=20, show_default=True,
+    help="AWQ: grid points of the scale-exponent search.",
+)  # fmt: skip
+@click.option(
+    "--duo-scaling",
+    type=click.Choice(["true", "false", "both"]),
+    default="true",
+    show_default=True,
+    help="AWQ: scales x^r / w^(1-r) (true), x^r (false), or half the grid each (both).",
+)
 @max_shard_size_option
 @force_option
 @progress_option
@@ -146,7 +164,7 @@ def quantize_cmd(
     **options,
 ) -> dict:
     """Quantize the Linear weights of MODEL into OUT with a registered method (RTN, MSE,
-    GPTQ, NF4, BitNet ternary, FP8, W8A8/SmoothQuant, NVFP4, MXFP4). Only the options you give are passed on: one that the method
+    GPTQ, AWQ, NF4, BitNet ternary, FP8, W8A8/SmoothQuant, NVFP4, MXFP4). Only the options you give are passed on: one that the method
     or format does not have is an error. ``--format gguf --type T`` writes one llama.cpp file
     instead (--method rtn or ternary; the same file as ``convert --format gguf``)."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint

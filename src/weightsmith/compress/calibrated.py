@@ -49,10 +49,10 @@ class CalibratedRun:
             self.streamer = LayerStreamer(self.job.ckpt, self.ids, device=self.device)
         step = getattr(self.job.cfg.options, "layer_step", None)  # a method's own (SmoothQuant)
         return self.streamer.run_layer(
-            layer, (lambda cl: step(cl, self.job)) if step else self._layer
+            layer, (lambda cl: step(cl, self.job)) if step else self.quantize_layer
         )
 
-    def _layer(self, cl: CalibrationLayer) -> dict[str, list[tuple[str, Any]]]:
+    def quantize_layer(self, cl: CalibrationLayer) -> dict[str, list[tuple[str, Any]]]:
         """Every target Linear of one layer, group by group (true-sequential). Memory: each
         statistic is freed as soon as its Linear is quantized, and only the encoded (packed)
         tensors are kept until the layer is written."""

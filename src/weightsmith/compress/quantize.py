@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightsmith.compress import awq as _awq  # noqa: F401  (registers awq)
 from weightsmith.compress import bitnet_format as _bitnet  # noqa: F401  (registers bitnet)
 from weightsmith.compress import formats as _formats  # noqa: F401  (registers formats)
 from weightsmith.compress import fp4 as _fp4  # noqa: F401  (registers nvfp4 / mxfp4)

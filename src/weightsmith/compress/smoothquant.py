@@ -37,12 +37,13 @@ def smoothing_scales(act_range: torch.Tensor, weights: list[torch.Tensor], alpha
     return torch.clamp(s, min=MIN_SCALE)
 
 
-def _norm(cl: CalibrationLayer, name: str) -> torch.nn.Module:
+def smoothing_norm(cl: CalibrationLayer, name: str, flag: str = "--smoothquant") -> torch.nn.Module:
+    """The norm module ``name`` of the layer that scales are folded into (also AWQ's)."""
     mod = dict(cl.module.named_modules()).get(name)
     if mod is None or type(mod).__name__ not in NORMS:
         kind = type(mod).__name__ if mod is not None else "nothing"
         raise ConfigError(
-            f"layer {cl.index}: --smoothquant folds scales into {name} (an RMSNorm of the "
+            f"layer {cl.index}: {flag} folds scales into {name} (an RMSNorm of the "
             f"Llama/Mistral/Qwen2 family); this model has {kind} there"
         )
     return mod
@@ -55,7 +56,7 @@ def smooth(cl: CalibrationLayer, alpha: float) -> dict[str, torch.Tensor]:
         for n in balance:
             if n not in cl.linears:
                 raise ConfigError(f"layer {cl.index}: --smoothquant needs {n}; not in this model")
-    norms = {norm: _norm(cl, norm) for norm, _ in MAPPINGS}
+    norms = {norm: smoothing_norm(cl, norm) for norm, _ in MAPPINGS}
     stats = cl.collect([balance[0] for _, balance in MAPPINGS], "channel_range")
     scales = {}
     for norm, balance in MAPPINGS:
@@ -84,7 +85,9 @@ def smoothquant_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[st
     done: dict[str, list[tuple[str, Any]]] = {}
     for norm, balance in MAPPINGS:
         name = f"{cl.prefix}{norm}.weight"
-        done[name] = [(name, _norm(cl, norm).weight.detach().to(job.ckpt.info(name).torch_dtype))]
+        done[name] = [
+            (name, smoothing_norm(cl, norm).weight.detach().to(job.ckpt.info(name).torch_dtype))
+        ]
         for n in balance:
             tensor = cl.tensor_name(n)
             if tensor not in job.by_tensor:  # kept in full precision, but smoothed

@@ -1,0 +1,155 @@
+"""AWQ (Lin et al. 2023, arXiv:2306.00978) as ``--method awq``: activation-aware scales
+searched per decoder layer (:mod:`.awq_search`, llm-compressor's ``AWQModifier`` semantics),
+folded into the norms / previous Linears and the balance Linears' columns, then every target
+Linear of the layer quantized from its scaled weight by RTN (default) or GPTQ
+(``--awq-then gptq``: Hessians of the scaled layer, true-sequential). Because the scales are
+folded, the output is an ordinary quantized checkpoint (compressed-tensors ``pack-quantized``
+by default) that loads wherever RTN/GPTQ outputs do.
+
+Layer-streamed: one decoder layer in memory; its calibration inputs are recorded once (float
+weights), every mapping is searched and folded in order (input_layernorm -> q/k/v,
+v_proj -> o_proj when the shapes match, post_attention_layernorm -> gate/up,
+up_proj -> down_proj), the layer is quantized, and the *quantized* layer's outputs feed the
+next layer (llm-compressor's AWQ + QuantizationModifier propagates the float, smoothed
+outputs instead: from layer 1 on the two see slightly different inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightsmith.compress.awq_search import capture, fold, resolve_mappings, search_scales
+from weightsmith.compress.gptq import gptq_quantize
+from weightsmith.compress.registry import CalibratedConfig, GridConfig, quant_method
+from weightsmith.compress.rtn import rtn_quantize
+from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.core.transform import require_finite
+from weightsmith.errors import ConfigError
+
+MIN_TOKENS = 64  # fewer calibration tokens: the per-channel means are noise
+DUO_SCALING = ("true", "false", "both")
+THEN = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class AWQConfig(GridConfig, CalibratedConfig):
+    """``--method awq``: grid options, calibration text, the scale search (``n_grid``
+    points; ``duo_scaling`` "true": ``x̄^r / w̄^(1-r)``, "false": ``x̄^r``, "both": half of
+    each) and the quantizer run on the scaled weights (``awq_then``; GPTQ's own settings
+    apply to "gptq")."""
+
+    n_grid: int = 20
+    duo_scaling: str = "true"
+    awq_then: str = "rtn"
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    allow_rtn_fallback: bool = False
+
+    @property
+    def statistic(self) -> str:
+        """``hessian`` for GPTQ after the search; else the search's own (mean ``|x|``)."""
+        return "hessian" if self.awq_then == "gptq" else "channel_magnitude"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.duo_scaling not in DUO_SCALING:
+            raise ConfigError(f"--duo-scaling must be one of {', '.join(DUO_SCALING)}")
+        if self.awq_then not in THEN:
+            raise ConfigError(f"--awq-then must be one of {', '.join(THEN)}")
+        least = {"true": 3, "false": 2, "both": 4}[self.duo_scaling]
+        if self.n_grid < least:
+            raise ConfigError(
+                f"--n-grid must be at least {least} with --duo-scaling {self.duo_scaling} "
+                f"(got {self.n_grid})"
+            )
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
+        if self.awq_then == "rtn" and (self.damp, self.act_order) != (0.01, False):
+            raise ConfigError("--damp and --act-order apply to --method awq --awq-then gptq")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "awq_then": self.awq_then, "n_grid": self.n_grid,
+                "duo_scaling": self.duo_scaling}  # fmt: skip
+
+    def layer_step(self, cl, job):  # the calibrated layer step (see compress/calibrated.py)
+        return awq_layer(cl, job)
+
+
+@quant_method("awq", config=AWQConfig, statistic="channel_magnitude",
+              formats=("compressed-tensors", "gptq"),
+              summary="AWQ: activation-aware scales folded in, then RTN or GPTQ "
+                      "(--awq-then)")  # fmt: skip
+def awq_quantize(
+    w: torch.Tensor, cfg: AWQConfig, stat: torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None, zero_min: int | None = None,
+) -> Any:  # fmt: skip
+    """Quantize an (already scaled) weight: GPTQ with its Hessian ``stat`` under
+    ``--awq-then gptq``, else RTN (the scales themselves come from :func:`awq_layer`)."""
+    if cfg.awq_then == "gptq":
+        return gptq_quantize(w, cfg, stat, dtype=dtype, zero_min=zero_min)
+    return rtn_quantize(w, cfg, dtype=dtype, zero_min=zero_min)
+
+
+def search_and_fold(
+    cl: CalibrationLayer, o: AWQConfig, targets: set[str], quant_args: dict
+) -> list[dict]:
+    """Search and fold the scales of every mapping of layer ``cl`` (in place; ``targets``:
+    the Linears quantized, ``quant_args``: RTN's ``dtype``/``zero_min``); returns what each
+    search chose (``smooth``, ``ratio``, ``duo``, errors, ``scales``)."""
+    mappings = resolve_mappings(cl, targets)
+    if not mappings:
+        return []
+    inputs, x_means = capture(cl, mappings)
+
+    def quant(w: torch.Tensor) -> torch.Tensor:
+        return rtn_quantize(w, o, **quant_args).dequantize()
+
+    chosen = []
+    for m in mappings:
+        s, info = search_scales(
+            cl, m, inputs[m.parent], x_means[m.balance[0]], quant,
+            group_size=o.group_size, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
+        )  # fmt: skip
+        fold(cl, m, s)
+        chosen.append({"smooth": m.smooth, **info, "scales": s})
+    return chosen
+
+
+def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]]:
+    """The layer step of ``--method awq``: scales searched and folded, then every target
+    Linear quantized (RTN here, or GPTQ through the calibrated run); the next layers see the
+    quantized weights. Returns checkpoint name -> its stored tensors, the rescaled norms,
+    biases and any ``--ignore``d smoothed Linear included."""
+    tokens = job.calibrated.info["tokens"]
+    if tokens < MIN_TOKENS:
+        raise ConfigError(
+            f"--method awq needs at least {MIN_TOKENS} calibration tokens (got {tokens}); "
+            "give a longer --calib text or more --calib-samples/--seq-len"
+        )
+    for rel, t in cl.module.state_dict().items():
+        if cl.prefix + rel in job.ckpt.tensors:
+            require_finite(t, str(job.ckpt.path), cl.prefix + rel)
+    targets = {n for n in cl.linear_names if cl.tensor_name(n) in job.by_tensor}
+    chosen = search_and_fold(cl, job.cfg.options, targets, job.quant_args)
+    job.stats.setdefault("awq", {})[cl.index] = [
+        {k: v for k, v in c.items() if k not in ("scales", "losses")} for c in chosen
+    ]
+    if job.cfg.options.awq_then == "gptq":
+        done = job.calibrated.quantize_layer(cl)
+    else:
+        done = {}
+        for n in cl.linear_names:
+            t = job.by_tensor.get(cl.tensor_name(n))
+            if t is None:
+                continue
+            qw = job.quantize(cl.weight(n).to(t.dtype))
+            cl.set_weight(n, qw.dequantize())
+            done[t.tensor] = list(job.encode(t, qw))  # (its formats rewrite no tensor)
+    for name, t in cl.state_dict().items():  # norms, biases, kept Linears: as scaled
+        if name not in done and name not in job.by_tensor:
+            done[name] = [(name, t)]
+    return done

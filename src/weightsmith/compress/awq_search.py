@@ -1,0 +1,225 @@
+"""AWQ's scale search on one decoder layer (the algorithm; :mod:`.awq` wires it into quantize).
+
+As llm-compressor's ``AWQModifier`` (0.14) does it. A mapping is a *smoothing* module (an
+RMSNorm, or a Linear whose output rows feed the next ones) and the *balance* Linears that read
+its output; its *parent* is the lowest common ancestor of the balance Linears (``self_attn``
+for q/k/v, ``mlp`` for gate/up, the Linear itself for o_proj and down_proj). For each mapping:
+
+* ``x̄_j``: mean ``|x_j|`` of the balance Linears' input channel ``j`` over the calibration
+  tokens; ``w̄_j``: the mean over every row of every balance weight of ``|W_ij| / max_group |W|``
+  (each quantization group normalised by its own max);
+* for each grid point ``(r, duo)``: ``s = x̄^r / (w̄^(1-r) + 1e-4)`` (duo scaling) or ``x̄^r``,
+  clamped at 1e-4, then normalised ``s / sqrt(max s · min s)``; the balance weights become
+  ``Q(W·s) / s`` (RTN min-max on the grid of the run) and the parent runs on its recorded
+  inputs: the loss is the mean squared difference to its float outputs;
+* the best ``s`` is folded: balance columns ``W·s``, the smoothing module ``/ s`` (a norm's
+  weight, or a Linear's output rows and bias), which leaves the float function unchanged.
+
+The grid (``duo_scaling`` True, the default): ``(0, plain)`` then ``(i/(n-2), duo)`` for
+``i < n-1``; False: ``(i/(n-1), plain)``; "both": ``(i/(n/2-1), plain and duo)``. There is no
+clipping search (llm-compressor 0.14 has none either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from weightsmith.compress.smoothquant import MAPPINGS as NORM_MAPPINGS
+from weightsmith.compress.smoothquant import smoothing_norm
+from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.errors import ConfigError
+
+# (smoothing module, balance Linears), in execution order: SmoothQuant's norm -> Linear pairs
+# plus the Linear -> Linear ones (llm-compressor's default mappings for Llama, Mistral, Qwen2)
+MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    NORM_MAPPINGS[0],
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    NORM_MAPPINGS[1],
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    smooth: str
+    balance: tuple[str, ...]
+    targeted: tuple[str, ...]  # the balance Linears that are quantized
+    parent: str
+
+
+def parent_of(names: tuple[str, ...]) -> str:
+    """The lowest common ancestor of module names (a single name: itself)."""
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def resolve_mappings(cl: CalibrationLayer, targets: set[str]) -> list[Mapping]:
+    """The mappings of this layer (``targets``: the Linears that are quantized). A norm
+    mapping the layer lacks is an error; Linear -> Linear ones whose shapes differ (v_proj ->
+    o_proj under grouped-query attention) are skipped, as are mappings with no target."""
+    found = []
+    for smooth, balance in MAPPINGS:
+        missing = [n for n in balance if n not in cl.linears]
+        if missing:
+            raise ConfigError(
+                f"layer {cl.index}: --method awq needs {missing[0]} (Llama/Mistral/Qwen2 "
+                "layers); not in this model"
+            )
+        if smooth in cl.linears:
+            if cl.weight_shape(smooth)[0] != cl.weight_shape(balance[0])[1]:
+                continue
+        else:
+            smoothing_norm(cl, smooth, "--method awq")
+        targeted = tuple(n for n in balance if n in targets)
+        if targeted:
+            found.append(Mapping(smooth, balance, targeted, parent_of(balance)))
+    return found
+
+
+Inputs = list[tuple[tuple, dict]]  # (args, kwargs) of each calibration batch
+
+
+def capture(cl: CalibrationLayer, mappings: list[Mapping]) -> tuple[dict[str, Inputs], dict]:
+    """One pass of the layer (current weights): each parent's call arguments per batch, and
+    ``x̄`` (mean ``|x|``, float32) of each mapping's first balance Linear's input."""
+    parents: dict[str, Inputs] = {m.parent: [] for m in mappings}
+    handles = []
+    for p in parents:
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, p: str = p) -> None:
+            parents[p].append((args, dict(kwargs)))
+
+        handles.append(cl.module.get_submodule(p).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        stats = cl.collect(list(dict.fromkeys(m.balance[0] for m in mappings)), "channel_magnitude")
+    finally:
+        for h in handles:
+            h.remove()
+    for m in mappings:
+        if stats[m.balance[0]].n == 0:
+            raise ConfigError(f"layer {cl.index}: {m.balance[0]} never ran during calibration")
+    return parents, {n: s.result() for n, s in stats.items()}
+
+
+def run_parent(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
+    """The parent's output on every recorded batch (the first element of a tuple)."""
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            out = module(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def output_mse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Summed squared error over all batches / number of elements (float32 sums)."""
+    loss, n = torch.tensor(0.0), 0
+    for a, b in zip(ref, got, strict=True):
+        loss += F.mse_loss(a, b, reduction="sum").cpu()
+        n += a.numel()
+    return float(loss / n)
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """``w̄`` (float64): mean over all rows of ``|W| / max|W|`` of its quantization group."""
+    total, rows = 0, 0
+    for w in weights:
+        chunk = w.shape[1] if group_size == -1 else group_size
+        a = w.reshape(-1, chunk).abs()
+        a = (a / (a.amax(1, keepdim=True) + 1e-6)).reshape(w.shape)
+        total = total + a.sum(0, dtype=torch.float64)
+        rows += w.shape[0]
+    return total / rows
+
+
+def grid(n_grid: int, duo_scaling: str) -> list[tuple[float, bool]]:
+    """The ``(ratio, duo)`` grid points, in search order (see module doc)."""
+    if duo_scaling == "both":
+        n = n_grid // 2
+        return [(i / (n - 1), duo) for i in range(n) for duo in (False, True)]
+    if duo_scaling == "false":
+        return [(i / (n_grid - 1), False) for i in range(n_grid)]
+    return [(0.0, False)] + [(i / (n_grid - 2), True) for i in range(n_grid - 1)]
+
+
+def candidate_scales(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float, duo: bool
+) -> torch.Tensor:
+    """``s`` of one grid point, normalised by ``sqrt(max·min)``; inf/NaN entries become 1."""
+    if duo:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    s[torch.isinf(s)] = 1
+    s[torch.isnan(s)] = 1
+    return s
+
+
+QuantFn = Callable[[torch.Tensor], torch.Tensor]  # weight -> its dequantized RTN weight
+
+
+def search_scales(
+    cl: CalibrationLayer, m: Mapping, inputs: Inputs, x_mean: torch.Tensor,
+    quant: QuantFn, *, group_size: int, n_grid: int, duo_scaling: str,
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """The best ``s`` of mapping ``m`` over the grid; the balance weights are left as they
+    were. Returns ``s`` and ``{"ratio", "duo", "initial_error", "best_error", "losses"}``
+    (``losses``: every grid point's, in grid order)."""
+    parent = cl.module.get_submodule(m.parent)
+    ref = run_parent(parent, inputs)
+    orig = {n: cl.weight(n) for n in m.balance}
+    w_mean = (
+        weight_mean([orig[n] for n in m.targeted], group_size) if duo_scaling != "false" else None
+    )
+    best, info = None, {"initial_error": None, "best_error": float("inf"), "losses": []}
+    try:
+        for ratio, duo in grid(n_grid, duo_scaling):
+            s = candidate_scales(x_mean, w_mean, ratio, duo)
+            for n in m.targeted:
+                cl.set_weight(n, (quant((orig[n] * s).float()) / s).float())
+            loss = output_mse(ref, run_parent(parent, inputs))
+            info["losses"].append(loss)
+            if info["initial_error"] is None:
+                info["initial_error"] = loss
+            if loss < info["best_error"]:
+                best = s.clone()
+                info.update(best_error=loss, ratio=ratio, duo=duo)
+    finally:
+        for n in m.targeted:
+            cl.set_weight(n, orig[n])
+    if best is None:
+        raise ConfigError(
+            f"layer {cl.index}: AWQ found no finite loss for {m.smooth} (NaN in {m.parent})"
+        )
+    return best, info
+
+
+def fold(cl: CalibrationLayer, m: Mapping, s: torch.Tensor) -> None:
+    """Fold ``s`` in: balance columns ``W·s``; the smoothing norm's weight, or the smoothing
+    Linear's output rows (the last ``len(s)``) and bias, ``/ s``. The float function stays."""
+    for n in m.balance:
+        cl.set_weight(n, (cl.weight(n) * s).float())
+    with torch.no_grad():
+        if m.smooth in cl.linears:
+            w = cl.weight(m.smooth)
+            k = s.numel()
+            w[-k:] = (w[-k:].to(s.dtype) / s.view(-1, 1)).to(w.dtype)
+            cl.set_weight(m.smooth, w)
+            bias = getattr(cl.linears[m.smooth], "bias", None)
+        else:
+            mod = smoothing_norm(cl, m.smooth, "--method awq")
+            mod.weight.copy_((mod.weight.to(s.dtype) / s).to(mod.weight.dtype))
+            bias = getattr(mod, "bias", None)
+        if bias is not None:
+            bias.copy_((bias.to(s.dtype) / s).to(bias.dtype))

@@ -25,6 +25,7 @@ from weightsmith.compress.awq_search import capture, fold, resolve_mappings, sea
 from weightsmith.compress.gptq import gptq_quantize
 from weightsmith.compress.registry import CalibratedConfig, GridConfig, quant_method
 from weightsmith.compress.rtn import rtn_quantize
+from weightsmith.compress.smoothquant import round_layer
 from weightsmith.core.calibration import CalibrationLayer
 from weightsmith.core.transform import require_finite
 from weightsmith.errors import ConfigError
@@ -141,14 +142,7 @@ def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]
     if job.cfg.options.awq_then == "gptq":
         done = job.calibrated.quantize_layer(cl)
     else:
-        done = {}
-        for n in cl.linear_names:
-            t = job.by_tensor.get(cl.tensor_name(n))
-            if t is None:
-                continue
-            qw = job.quantize(cl.weight(n).to(t.dtype))
-            cl.set_weight(n, qw.dequantize())
-            done[t.tensor] = list(job.encode(t, qw))  # (its formats rewrite no tensor)
+        done = round_layer(job, cl, {})  # (its formats rewrite no tensor)
     for name, t in cl.state_dict().items():  # norms, biases, kept Linears: as scaled
         if name not in done and name not in job.by_tensor:
             done[name] = [(name, t)]

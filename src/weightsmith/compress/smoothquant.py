@@ -92,6 +92,12 @@ def smoothquant_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[st
             tensor = cl.tensor_name(n)
             if tensor not in job.by_tensor:  # kept in full precision, but smoothed
                 done[tensor] = [(tensor, cl.weight(n).to(job.ckpt.info(tensor).torch_dtype))]
+    return round_layer(job, cl, done)
+
+
+def round_layer(job, cl, done: dict) -> dict:
+    """Quantize every target Linear of layer ``cl`` data-free (RTN) in place, adding the
+    encoded tensors to ``done`` (also used by AWQ after its scales are folded)."""
     for n in cl.linear_names:
         t = job.by_tensor.get(cl.tensor_name(n))
         if t is None:

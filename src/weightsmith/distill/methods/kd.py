@@ -271,12 +271,7 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     if cross is not None:
         task = UldTask(student, cross, s_tok.pad_token_id, t_model, t_tok.pad_token_id, cfg.loss,
                        dev)  # fmt: skip
-    trained = (
-        student
-        if projector is None
-        else torch.nn.ModuleDict({"student": student, "projector": projector})
-    )  # the projection trains, is not saved
-    tr = train(trained, task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
+    tr = train(_trainable(student, projector), task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
                progress=run.progress, desc="distill", optimizer=optimizer,
                sharded=fs is not None)  # fmt: skip
     if mix is not None:
@@ -294,6 +289,13 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     if src.cache is not None:
         src.cache.close()
     return base.finish(run, result)
+
+
+def _trainable(student, projector):
+    """What the optimizer trains: the student, with the hidden-state projection (not saved)."""
+    if projector is None:
+        return student
+    return torch.nn.ModuleDict({"student": student, "projector": projector})
 
 
 def _token_examples(records: Records, s_tok, t_tok, seq_len: int, notes: list[str]):

@@ -138,12 +138,12 @@ def test_undescribed_architecture_is_refused_before_training(tiny_model, tmp_pat
     """A config class no description covers fails at once (not after the training steps)."""
     import shutil
 
-    src = tmp_path / "llava"
+    src = tmp_path / "paligemma"  # (LLaVA is described: tests/test_multimodal.py)
     shutil.copytree(tiny_model("llama"), src)
     config = json.loads((src / "config.json").read_text())
     text = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     (src / "config.json").write_text(json.dumps({
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
         "text_config": {"model_type": "llama", **text},
     }))  # fmt: skip
     out = tmp_path / "q"
@@ -152,5 +152,5 @@ def test_undescribed_architecture_is_refused_before_training(tiny_model, tmp_pat
               "--steps", "1000", "--no-progress"],
     )  # fmt: skip
     assert res.exit_code == 1, res.output
-    assert "architecture llava (LlavaForConditionalGeneration)" in res.output
+    assert "architecture paligemma (PaliGemmaForConditionalGeneration)" in res.output
     assert "not described" in res.output and not out.exists()

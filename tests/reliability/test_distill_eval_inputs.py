@@ -114,8 +114,10 @@ def test_dpo_interrupted_in_reference_pass_leaves_nothing(tmp_path: Path) -> Non
     import time
 
     data = tmp_path / "prefs.jsonl"
-    rows = [{"prompt": f"Once {i}", "chosen": " upon a time there was", "rejected": " the cat"}
-            for i in range(3000)]  # fmt: skip
+    rows = [
+        {"prompt": f"Once {i}", "chosen": " upon a time there was", "rejected": " the cat"}
+        for i in range(20000)
+    ]  # fmt: skip  (a pass long enough to be caught under load)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "dpo"
     cmd = [sys.executable, "-m", "weightsmith", "distill", "--method", "dpo", "--student",

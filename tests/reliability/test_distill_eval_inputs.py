@@ -123,7 +123,10 @@ def test_dpo_interrupted_in_reference_pass_leaves_nothing(tmp_path: Path) -> Non
     cmd = [sys.executable, "-m", "weightsmith", "distill", "--method", "dpo", "--student",
            str(BASE), "--data", str(data), "-o", str(out), "--steps", "1", "--batch-size", "2",
            "--seq-len", "32", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as from a terminal: SIGINT at its default in the child even when this test runs
+    # under a shell that ignores it (a backgrounded CI job: `cmd &` without job control)
+    default_int = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=default_int)
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".ref-logps-") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "no reference pass seen"

@@ -161,16 +161,14 @@ def test_mxfp4_experts_native_format_loads_with_oracle_logits(gptoss, tmp_path, 
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["compress", "quantize", "--method", "rtn"], "--method mxfp4"),
-        (["compress", "quantize", "--method", "gptq", *CALIB], "--method mxfp4"),
         (["compress", "quantize", "--method", "mxfp4", "--ignore", "lm_head"], "drop --ignore"),
         (["compress", "prune", "--method", "sparsegpt", *CALIB], "use --method wanda"),
         (["compress", "prune", "--method", "layers", "--drop", "1", *CALIB], "magnitude or wanda"),
     ],
 )
 def test_fused_experts_refused_in_one_line(gptoss, tmp_path, args, fragment) -> None:
-    """What cannot be written loadable (int formats hold Linears only) or does not handle the
-    fused experts is refused before any output exists."""
+    """What does not handle the fused experts is refused before any output exists (RTN/GPTQ
+    keep them as stored: tests/test_moe_keep_experts.py)."""
     out = tmp_path / "o"
     _refused([*args[:2], str(gptoss()), "-o", str(out), *args[2:]], fragment)
     assert not out.exists()

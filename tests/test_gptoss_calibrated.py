@@ -141,7 +141,8 @@ def test_wanda_on_fused_experts_matches_oracle(routed, tmp_path, pattern) -> Non
     """Every expert slice has exactly half of each row zeroed (or 2 of every 4 inputs), the
     zeros are where the independent Wanda puts them, the kept weights are bit-identical, and
     the output loads with the oracle's logits (atol 1e-6); no expert falls back (each is
-    routed >= 32 tokens by the hand-set router)."""
+    routed >= 32 tokens by the hand-set router). ``expert_tokens`` are the hand-checked counts:
+    even calibration tokens for experts 0 and 2, odd ones for 1 and 3, in both layers."""
     out, report = tmp_path / "w", tmp_path / "r.json"
     extra_args = ["--pattern", "2:4"] if pattern else ["--sparsity", "0.5"]
     res = CliRunner().invoke(cli, ["compress", "prune", str(routed), "-o", str(out), "--method",
@@ -149,6 +150,11 @@ def test_wanda_on_fused_experts_matches_oracle(routed, tmp_path, pattern) -> Non
     assert res.exit_code == 0, res.output
     extra = json.loads(report.read_text())["result"]["extra"]
     assert extra["expert_magnitude_fallbacks"] == []
+    ids = _ids(routed)
+    even = int((ids % 2 == 0).sum())
+    parity = (even, ids.numel() - even)
+    assert extra["expert_tokens"] == {f"model.layers.{i}.mlp.experts.{e}": parity[e % 2]
+                                      for i in range(2) for e in range(4)}  # fmt: skip
     assert extra["pruned_expert_slices"] == 2 * 2 * 4
     assert set(extra["expert_sparsity"].values()) == {0.5}
     oracle = _wanda_oracle(routed, _ids(routed), pattern)

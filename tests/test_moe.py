@@ -141,12 +141,14 @@ def test_rtn_moe_loads_with_oracle_logits(moe_model, tmp_path, name) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MOE))
-def test_bnb_refuses_experts_unless_ignored(moe_model, tmp_path, name) -> None:
-    """bitsandbytes replaces nn.Linear only: quantized experts would not load, so NF4 refuses
-    them with one line; with the experts ignored the attention Linears are quantized."""
+def test_gptq_format_refuses_experts(moe_model, tmp_path, name) -> None:
+    """The GPTQ format replaces nn.Linear modules only: quantized experts would not load, so it
+    refuses them with one line (NF4 keeps them as stored instead, like transformers' own
+    load_in_4bit: tests/test_moe_keep_experts.py)."""
     src = moe_model(name)
     res = CliRunner().invoke(cli, ["compress", "quantize", str(src), "-o", str(tmp_path / "n"),
-                                   "--method", "nf4", "--no-progress"])  # fmt: skip
+                                   "--method", "rtn", "--format", "gptq", "--group-size", "32",
+                                   "--no-progress"])  # fmt: skip
     assert res.exit_code == 1 and "cannot hold quantized MoE experts" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "n").exists()

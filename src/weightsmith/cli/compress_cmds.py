@@ -190,6 +190,8 @@ def quantize_cmd(
         progress=progress,
     )
     x = r.extra
+    for note in x.get("notes", []):  # e.g. MoE experts kept as stored
+        click.echo(f"note: {note}", err=True)
     fallbacks = f", {len(x['rtn_fallbacks'])} RTN fallbacks" if x.get("rtn_fallbacks") else ""
     click.echo(
         f"quantized {x['quantized_linears']} Linears ({100 * x['fraction_quantized']:.1f}% of "

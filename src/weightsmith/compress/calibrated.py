@@ -17,6 +17,7 @@ from weightsmith.core.calibration import (
     load_tokenizer,
     tokenize_windows,
 )
+from weightsmith.core.experts import is_expert_linear
 from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.transform import require_finite
 from weightsmith.errors import ConfigError
@@ -64,13 +65,16 @@ class CalibratedRun:
         routing = ExpertRouting(
             cl, getattr(o, "min_expert_tokens", 32), getattr(o, "calibrate_all_experts", False)
         )
+        routed = False  # whether an expert Linear was calibrated (its routing counted)
         for group in cl.sequential_groups:
             names = [n for n in group if cl.tensor_name(n) in job.by_tensor]
             if not names:
                 continue
             routing.reset()
             stats = cl.collect(names, job.statistic)
-            starved = routing.starved(names)  # MoE experts with too few tokens: RTN
+            experts = any(is_expert_linear(job.ckpt.arch, n) for n in names)
+            routed |= experts
+            starved = routing.starved(names) if experts else set()  # too few tokens: RTN
             if any(stats[n].n == 0 for n in names if n not in starved):
                 raise ConfigError(f"layer {cl.index}: {names[0]} never ran during calibration")
             for n in names:
@@ -89,7 +93,8 @@ class CalibratedRun:
                     done[r] = [(r, job.fmt.rewrite(r, job.read(r), t, qw, job.cfg))]
                 del qw
                 release_freed_memory()
-        routing.record_into(job.stats, [])
+        if routed:  # gpt-oss's fused experts are kept: no expert Linear, nothing counted
+            routing.record_into(job.stats, [])
         return done
 
     def _quantize(self, t: LinearTarget, w: torch.Tensor, stat: Any) -> Any:

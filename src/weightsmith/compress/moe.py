@@ -20,17 +20,22 @@ from weightsmith.io.reader import Checkpoint
 
 __all__ = [
     "EXPERT_FORMATS",
+    "KEEP_EXPERT_FORMATS",
     "ExpertRouting",
-    "check_expert_format",
     "drop_dense_layers",
+    "keep_experts",
+    "kept_experts_note",
     "moe_summary",
     "refuse_moe",
 ]
 
 # Formats whose quantized per-expert Linears transformers loads back into its fused experts
-# (compressed-tensors' MoE conversion). bitsandbytes, GPTQ (gptqmodel) and BitNet replace
-# nn.Linear modules only, which transformers' experts are not: refused, not written unloadable.
+# (compressed-tensors' MoE conversion).
 EXPERT_FORMATS = ("compressed-tensors",)
+# Formats that keep routed experts unquantized, as transformers itself does: bitsandbytes
+# replaces nn.Linear modules only, and transformers holds routed experts as fused 3-D
+# parameters (its own ``load_in_4bit`` leaves them in float). Every other format refuses them.
+KEEP_EXPERT_FORMATS = ("bnb",)
 DEFAULT_MIN_EXPERT_TOKENS = 32
 
 
@@ -41,17 +46,39 @@ def _expert_of(ckpt: Checkpoint, tensor: str) -> tuple[int, str] | None:
     return layout.expert_of(tensor[len(prefix) :])
 
 
-def check_expert_format(ckpt: Checkpoint, cfg: Any, targets: list) -> None:
-    """Refuse a format transformers cannot load quantized experts from (``targets``: the
-    :class:`~weightsmith.compress.registry.LinearTarget` list)."""
-    experts = [t for t in targets if _expert_of(ckpt, t.tensor)]
-    if experts and cfg.format not in EXPERT_FORMATS:
+def keep_experts(ckpt: Checkpoint, cfg: Any, targets: list) -> tuple[list, list[str]]:
+    """The ``targets`` (:class:`~weightsmith.compress.registry.LinearTarget` list) that
+    ``cfg.format`` quantizes, and the expert Linear modules it keeps as stored (those of a
+    :data:`KEEP_EXPERT_FORMATS` format); a one-line refusal for a format transformers cannot
+    load quantized experts from."""
+    experts = {t.tensor for t in targets if _expert_of(ckpt, t.tensor)}
+    if not experts or cfg.format in EXPERT_FORMATS:
+        return targets, []
+    if cfg.format not in KEEP_EXPERT_FORMATS:
         raise ConfigError(
             f"{ckpt.root}: --format {cfg.format} cannot hold quantized MoE experts that "
             f"transformers loads (it quantizes nn.Linear modules only); use --format "
             f"{EXPERT_FORMATS[0]} (--method rtn or gptq), or keep the experts with "
             "--ignore 're:.*experts.*'"
         )
+    kept = sorted(t.module for t in targets if t.tensor in experts)
+    return [t for t in targets if t.tensor not in experts], kept
+
+
+def kept_experts_note(ckpt: Checkpoint, cfg: Any, kept: list[str], fused: bool) -> str:
+    """The one-line stderr note of a run that keeps the experts ``kept`` as stored."""
+    if fused:
+        native = ckpt.arch.experts.quantized_format
+        hint = (f"--method {native} quantizes them (the family's own format)" if native
+                else "--method rtn or gptq on the released checkpoint (one Linear per expert) "
+                "quantizes them")  # fmt: skip
+        return (f"{len(kept)} fused 3-D expert tensors kept as stored (not nn.Linear modules, "
+                f"which --method {cfg.method} quantizes): listed in --report as kept_experts; "
+                f"{hint}")  # fmt: skip
+    return (f"{len(kept)} routed-expert Linears kept unquantized (--format {cfg.format} "
+            "quantizes nn.Linear modules; transformers holds routed experts as fused 3-D "
+            "parameters, as its own load_in_4bit leaves them): listed in --report as "
+            f"kept_experts; --format {EXPERT_FORMATS[0]} (--method rtn or gptq) quantizes them")  # fmt: skip
 
 
 class ExpertRouting:

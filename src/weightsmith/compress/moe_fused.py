@@ -12,7 +12,8 @@ So ``--method mxfp4`` on gpt-oss writes that format: every expert's slice of eac
 is quantized as its own Linear (weight ``(out, in)`` = slice transposed), exactly as
 ``--method mxfp4`` quantizes a Linear (groups of 32 inputs, power-of-two scales); biases,
 routers, attention, embeddings and lm_head stay as stored (gpt-oss's own release keeps them in
-bf16 too). Any other method is refused in one line, before any output exists.
+bf16 too). Any other method quantizes the attention Linears through the ordinary path and keeps
+the fused experts as stored (:func:`native_fused_format`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from weightsmith.compress.fp4 import mxfp4_quantize_weight
+from weightsmith.compress.moe import KEEP_EXPERT_FORMATS
 from weightsmith.compress.registry import QuantConfig
 from weightsmith.core.experts_fused import FusedExpertTensor, expert_weight, fused_experts
 from weightsmith.core.streaming import StreamResult
@@ -37,10 +39,26 @@ from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, TensorGroup
 from weightsmith.io.writer import TensorSpec
 
-__all__ = ["FUSED_METHODS", "check_fused_quantize", "quantize_fused_mxfp4"]
+__all__ = ["FUSED_METHODS", "check_fused_quantize", "native_fused_format", "quantize_fused_mxfp4"]
 
 FUSED_METHODS = ("mxfp4",)
 MX_GROUP = 32
+
+
+def native_fused_format(ckpt: Checkpoint, cfg: QuantConfig) -> bool:
+    """For a checkpoint with fused 3-D experts: True when ``cfg`` writes the family's own
+    quantized-experts format (gpt-oss MXFP4, :func:`quantize_fused_mxfp4`); False when the
+    ordinary path quantizes the Linears and keeps the fused experts as stored (gpt-oss with
+    any other method, as transformers and llm-compressor treat modules that are not
+    nn.Linear; any family with ``--format bnb``, which keeps experts anyway). A Mixtral/Qwen3-MoE
+    saved fused with an integer format is refused: its released per-expert layout quantizes
+    the experts too."""
+    native = ckpt.arch.experts.quantized_format  # "" when the family has none
+    if native and cfg.method == native:
+        return True
+    if not native and cfg.format not in KEEP_EXPERT_FORMATS:
+        check_fused_quantize(ckpt, cfg)  # raises: quantize the per-expert checkpoint
+    return False
 
 
 def check_fused_quantize(ckpt: Checkpoint, cfg: QuantConfig) -> list[FusedExpertTensor]:

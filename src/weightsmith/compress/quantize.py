@@ -33,11 +33,11 @@ from weightsmith.compress import scaled_formats as _scaled  # noqa: F401  (float
 from weightsmith.compress import ternary as _ternary  # noqa: F401  (registers ternary)
 from weightsmith.compress import w8a8 as _w8a8  # noqa: F401  (registers w8a8)
 from weightsmith.compress.calibrated import CalibratedRun
-from weightsmith.compress.moe import check_expert_format, moe_summary
-from weightsmith.compress.moe_fused import quantize_fused_mxfp4
+from weightsmith.compress.moe import keep_experts, kept_experts_note, moe_summary
+from weightsmith.compress.moe_fused import native_fused_format, quantize_fused_mxfp4
 from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
 from weightsmith.core.calibration import build_skeleton, module_path
-from weightsmith.core.experts import refuse_fused_experts
+from weightsmith.core.experts import fused_expert_tensors, refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
 from weightsmith.core.streaming import StreamResult
 from weightsmith.core.targets import ignore_matches
@@ -111,7 +111,6 @@ def select_linears(
         raise ConfigError(f"--ignore {unused[0]!r} matches no Linear of {ckpt.root}")
     if not targets:
         raise ConfigError(f"{ckpt.root}: no Linear left to quantize")
-    check_expert_format(ckpt, cfg, targets)
     return targets, ignored
 
 
@@ -123,7 +122,17 @@ class QuantizeJob:
             raise CheckpointError(f"{ckpt.root}: no config.json; quantization needs it")
         self.ckpt, self.cfg = ckpt, cfg
         self.method, self.fmt = METHODS[cfg.method], FORMATS[cfg.format]
-        self.targets, self.ignored = select_linears(ckpt, build_skeleton(ckpt), cfg)
+        targets, self.ignored = select_linears(ckpt, build_skeleton(ckpt), cfg)
+        # MoE experts the format cannot hold (bnb), or fused 3-D experts (not Linear
+        # modules): kept as stored, listed in the report
+        self.targets, self.kept_experts = keep_experts(ckpt, cfg, targets)
+        fused = fused_expert_tensors(ckpt)
+        self.kept_experts += fused
+        self.note = (
+            kept_experts_note(ckpt, cfg, self.kept_experts, bool(fused))
+            if self.kept_experts
+            else None
+        )
         self.by_tensor = {t.tensor: t for t in self.targets}
         self.rewritten = {n: t for t in self.targets for n in self.fmt.rewrites(t, cfg)}
         self.dtype = self.targets[0].dtype
@@ -231,14 +240,16 @@ def quantize_checkpoint(
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         require_described(ckpt.arch, f"{ckpt.root}: quantize")
-        if natively_fused(ckpt.arch.experts):  # gpt-oss: its own MXFP4 format, or refused
+        fused = natively_fused(ckpt.arch.experts)  # else: fused experts kept, reported
+        if fused and native_fused_format(ckpt, cfg):  # gpt-oss's own MXFP4 experts
             record = {"operation": "quantize", "config": cfg.record(), **(provenance or {})}
             result, extra = quantize_fused_mxfp4(ckpt, out, cfg, force=force, progress=progress,
                                                  max_shard_size=max_shard_size, provenance=record)  # fmt: skip
             r = QuantizeResult(**result.__dict__)
             r.wall_s, r.extra = round(time.perf_counter() - start, 3), extra
             return r
-        refuse_fused_experts(ckpt, f"{ckpt.root}: quantize")
+        if not fused:
+            refuse_fused_experts(ckpt, f"{ckpt.root}: quantize")
         job = QuantizeJob(ckpt, cfg, device)  # reads and tokenizes calibration text: no output yet
         calib = job.calibrated.info if job.calibrated else {}
         record = {"operation": "quantize", "config": cfg.record(), "calibration": calib}
@@ -273,6 +284,7 @@ def _summary(job: QuantizeJob, ckpt: Checkpoint, result: StreamResult, calib: di
         "output_size": result.total_size,
         "quantized_linears": len(job.targets),
         "kept_linears": job.ignored,
+        **({"kept_experts": job.kept_experts, "notes": [job.note]} if job.note else {}),
         "params": total,
         "quantized_params": quantized,
         "fraction_quantized": quantized / total if total else 0.0,

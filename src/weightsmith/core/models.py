@@ -23,11 +23,30 @@ def load_tokenizer(path: str | os.PathLike[str]):
     return tok
 
 
+def auto_class(config: dict):
+    """The transformers auto class that loads a model of ``config`` (config.json's dict) in its
+    own class: ``AutoModelForCausalLM``, or for a multimodal model it does not map (Qwen2.5-VL,
+    LLaVA) ``AutoModelForImageTextToText``, whose models also take text alone (``input_ids``
+    -> ``logits`` over the text vocabulary)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    kind = config.get("model_type")
+    if (
+        kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    ):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM  # its own error names an unknown model type
+
+
 def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **kwargs):
     """Load any checkpoint transformers can (plain, compressed-tensors, GPTQ, bitsandbytes), in
-    eval mode; ``kwargs`` go to ``from_pretrained``."""
-    from transformers import AutoModelForCausalLM
-
+    eval mode, in its own class (:func:`auto_class`: a multimodal model for text-only use);
+    ``kwargs`` go to ``from_pretrained``."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
@@ -36,10 +55,10 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.floa
     # What weightsmith's reader refuses, transformers must not load either: pickles, headers
     # with no tensors (random weights), a config.json that disagrees with the tensors,
     # symlinks out of the folder.
-    with open_checkpoint(p):
-        pass
+    with open_checkpoint(p) as ckpt:
+        auto = auto_class(ckpt.config or {})
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, **kwargs)
+        model = auto.from_pretrained(str(p), dtype=dtype, **kwargs)
     except Exception as e:  # transformers raises many types for unloadable checkpoints
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(

@@ -98,3 +98,33 @@ def test_load_model_uses_the_multimodal_class(tmp_path) -> None:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 17, 42, 99]])).logits
     assert logits.shape == (1, 4, model.get_output_embeddings().weight.shape[0])
+
+
+def test_distill_trains_the_text_decoder_of_a_multimodal_student(tmp_path) -> None:
+    """KD (forward KL, 4 steps) from a tiny Qwen2.5-VL teacher into a Qwen2.5-VL student: the
+    student loads in its own class, trains on text alone (its KL to the teacher on the corpus
+    goes down), and saves under the checkpoint's
+    names (``model.layers.N``, mapped from the class's ``model.language_model.layers.N``): the
+    text decoder changes, every vision tensor is byte-identical (it sees no gradient), and the
+    output loads in its own class and runs a forward pass with an image."""
+    from weightsmith.distill import DistillConfig, LossConfig, distill
+    from weightsmith.io import open_checkpoint
+    from weightsmith.testing.multimodal import image_inputs
+
+    teacher = _sharpened("qwen2_5_vl", tmp_path / "t")
+    student = build_tiny_multimodal(tmp_path / "s", "qwen2_5_vl", seed=1)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": s + "."}) + "\n" for s in TEXT.split(".")[:8]))
+    cfg = DistillConfig(steps=4, lr=1e-2, batch_size=4, seq_len=32, warmup_steps=1,
+                        loss=LossConfig(loss="fkl", alpha=0.0, temperature=1.0))  # fmt: skip
+    res = distill(teacher, student, corpus, tmp_path / "o", cfg, eval_data=corpus, progress=False)
+    assert res.eval_after["kl_to_teacher"] < res.eval_before["kl_to_teacher"]
+    with open_checkpoint(student) as a, open_checkpoint(tmp_path / "o") as b:
+        assert set(a.tensors) == set(b.tensors)
+        changed = {n for n in a.tensors if not torch.equal(a.get_tensor(n), b.get_tensor(n))}
+    assert changed and all(n.startswith(("model.layers.", "model.norm", "lm_head")) or
+                           n == "model.embed_tokens.weight" for n in changed)  # fmt: skip
+    assert any(n.startswith("model.layers.") for n in changed)
+    model = model_class("qwen2_5_vl").from_pretrained(tmp_path / "o", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**image_inputs("qwen2_5_vl")).logits).all()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.core.calibration import module_path
 from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import TensorGroup, open_checkpoint
@@ -76,20 +77,26 @@ def write_student(
 
 
 def full_weights(
-    model, checkpoint_names: set[str], state: dict[str, torch.Tensor] | None = None
+    model,
+    checkpoint_names: set[str],
+    state: dict[str, torch.Tensor] | None = None,
+    renames: tuple[tuple[str, str], ...] = (),
 ) -> Callable[[str], torch.Tensor | None]:
     """Map checkpoint names to a fully trained model's parameters (refusing unmapped ones);
-    their values from ``state`` when given (an FSDP model's gathered full state dict)."""
+    their values from ``state`` when given (an FSDP model's gathered full state dict).
+    ``renames`` (the architecture's ``module_renames``) map a multimodal checkpoint's names
+    (``model.layers.0...``) to its class's modules (``model.language_model.layers.0...``)."""
     params = dict(model.named_parameters())  # tied weights appear once
     if state is not None:
         params = {name: state[name] for name in params}
-    unmapped = sorted(set(params) - checkpoint_names)
+    stored = {module_path(model, n, renames) if renames else n: n for n in checkpoint_names}
+    unmapped = sorted(set(params) - set(stored))
     if unmapped:
         raise ConfigError(
             f"cannot map {len(unmapped)} trained parameters to student checkpoint tensors "
             f"(first: {unmapped[0]!r})"
         )
-    return params.get
+    return {stored[p]: v for p, v in params.items()}.get
 
 
 def merged_weights(

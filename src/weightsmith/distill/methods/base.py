@@ -177,11 +177,11 @@ def save_student(
     extra = [open_checkpoint(teacher)] if teacher else []
     try:
         with open_checkpoint(run.student) as ckpt:
-            names = set(ckpt.tensors)
+            names, renames = set(ckpt.tensors), ckpt.arch.module_renames
         if cfg.lora is not None:
             weights = merged_weights(run.student, lora_deltas(model, state))
-        else:
-            weights = full_weights(model, names, state)
+        else:  # a multimodal student: checkpoint names differ from its class's modules
+            weights = full_weights(model, names, state, renames)
         write_student(run.student, run.out, new_weights=weights, provenance=provenance,
                       max_shard_size=run.max_shard_size, force=run.force,
                       progress=run.progress, extra_inputs=tuple(extra))  # fmt: skip

@@ -91,7 +91,7 @@ def test_nf4_keeps_routed_experts_like_transformers_bnb(moe, tmp_path, name) -> 
     equals transformers' own ``BitsAndBytesConfig(load_in_4bit=True)`` save tensor for tensor.
     Loaded: attention is Linear4bit, the experts equal the original's, the logits equal
     transformers' own NF4 model's exactly and are within 5% of the original's largest logit
-    (measured 0.4-0.7%: the tiny models' logits are ~1e-2)."""
+    (measured 0.3-0.7%: the tiny models' logits are ~1e-2)."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 

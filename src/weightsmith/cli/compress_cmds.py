@@ -56,6 +56,16 @@ from weightsmith.io.sizes import format_size, parse_size
     help="Keep this Linear unquantized (name, dotted suffix, or re:REGEX); repeatable. lm_head is always kept.",
 )
 @click.option(
+    "--scheme-map",
+    "schemes",  # the recipe key: `schemes: {down_proj: w8g128, ...}`
+    multiple=True,
+    metavar="PATTERN=SCHEME",
+    help="Mixed precision: Linears matching PATTERN (as --ignore) get SCHEME, "
+    "w<bits>[g<group>][a] (e.g. w8g128, w4 = per channel, trailing a = asymmetric) or keep "
+    "(unquantized); repeatable, first match wins; the rest use --bits/--group-size/--sym. "
+    "rtn, gptq, awq, mse into compressed-tensors (one config group per scheme).",
+)
+@click.option(
     "--format",
     "format",  # the recipe key too (`format: gguf`)
     type=click.Choice([*sorted(FORMATS), "gguf"]),
@@ -168,15 +178,19 @@ def quantize_cmd(
     or format does not have is an error. ``--format gguf --type T`` writes one llama.cpp file
     instead (--method rtn or ternary; the same file as ``convert --format gguf``)."""
     from weightsmith.compress import QuantConfig, quantize_checkpoint
+    from weightsmith.compress.schemes import parse_scheme_map
 
     fmt = options.pop("format")
+    schemes = parse_scheme_map(options.pop("schemes"))  # a bad scheme: before anything else
     gguf = {k: options.pop(k) for k in ("type", "imatrix", "save_imatrix")}
     if fmt == "gguf" or any(v is not None for v in gguf.values()):
+        if schemes:
+            raise ConfigError("--scheme-map does not apply to --format gguf: the --type decides")
         return _quantize_gguf(
             model, out, method, fmt, ignore, device, force, progress, gguf, options
         )
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
-    cfg = QuantConfig(method, format=fmt, ignore=ignore, **given)
+    cfg = QuantConfig(method, format=fmt, ignore=ignore, schemes=schemes, **given)
     cfg.validate()
     if METHODS[method].statistic_for(cfg.options) is not None and cfg.calib is None:
         note_builtin_calibration()
@@ -191,9 +205,14 @@ def quantize_cmd(
     )
     x = r.extra
     fallbacks = f", {len(x['rtn_fallbacks'])} RTN fallbacks" if x.get("rtn_fallbacks") else ""
+    grid = f"{x['bits']}-bit"
+    if schemes:
+        per = x["schemes"]["per_scheme"]
+        grid = ", ".join(f"{k} x{v['linears']}" for k, v in per.items())
+        grid = f"mixed ({grid}; {x['schemes']['average_bits_per_weight']:.2f} bits/weight)"
     click.echo(
         f"quantized {x['quantized_linears']} Linears ({100 * x['fraction_quantized']:.1f}% of "
-        f"parameters) with {method} {x['bits']}-bit into {x.get('format', cfg.format)}: "
+        f"parameters) with {method} {grid} into {x.get('format', cfg.format)}: "
         f"{format_size(x['input_size'])} -> {format_size(x['output_size'])}{fallbacks} "
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )

@@ -96,24 +96,29 @@ def awq_quantize(
 
 
 def search_and_fold(
-    cl: CalibrationLayer, o: AWQConfig, targets: set[str], quant_args: dict
-) -> list[dict]:
+    cl: CalibrationLayer, o: AWQConfig, targets: set[str], quant_args: dict,
+    grids: dict[str, tuple[AWQConfig, dict]] | None = None,
+) -> list[dict]:  # fmt: skip
     """Search and fold the scales of every mapping of layer ``cl`` (in place; ``targets``:
-    the Linears quantized, ``quant_args``: RTN's ``dtype``/``zero_min``); returns what each
+    the Linears quantized, ``quant_args``: RTN's ``dtype``/``zero_min``; ``grids``: a Linear's
+    own options and quant args where a scheme map gives it another grid); returns what each
     search chose (``smooth``, ``ratio``, ``duo``, errors, ``scales``)."""
     mappings = resolve_mappings(cl, targets)
     if not mappings:
         return []
     inputs, x_means = capture(cl, mappings)
+    grid_of = {n: (grids or {}).get(n, (o, quant_args)) for n in targets}
 
-    def quant(w: torch.Tensor) -> torch.Tensor:
-        return rtn_quantize(w, o, **quant_args).dequantize()
+    def quant_for(opts: AWQConfig, args: dict):
+        return lambda w: rtn_quantize(w, opts, **args).dequantize()
 
+    quant = {n: quant_for(*grid_of[n]) for n in targets}
+    group_size = {n: grid_of[n][0].group_size for n in targets}
     chosen = []
     for m in mappings:
         s, info = search_scales(
             cl, m, inputs[m.parent], x_means[m.balance[0]], quant,
-            group_size=o.group_size, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
+            group_size=group_size, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
         )  # fmt: skip
         fold(cl, m, s)
         chosen.append({"smooth": m.smooth, **info, "scales": s})
@@ -135,7 +140,12 @@ def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]
         if cl.prefix + rel in job.ckpt.tensors:
             require_finite(t, str(job.ckpt.path), cl.prefix + rel)
     targets = {n for n in cl.linear_names if cl.tensor_name(n) in job.by_tensor}
-    chosen = search_and_fold(cl, job.cfg.options, targets, job.quant_args)
+    grids = {}
+    for n in targets:
+        t = job.by_tensor[cl.tensor_name(n)]
+        if t.scheme is not None:  # --scheme-map: its own grid
+            grids[n] = (job.cfg_for(t).options, job.quant_args_for(t))
+    chosen = search_and_fold(cl, job.cfg.options, targets, job.quant_args, grids)
     job.stats.setdefault("awq", {})[cl.index] = [
         {k: v for k, v in c.items() if k not in ("scales", "losses")} for c in chosen
     ]

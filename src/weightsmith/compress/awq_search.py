@@ -22,7 +22,7 @@ clipping search (llm-compressor 0.14 has none either).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,11 +130,13 @@ def output_mse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return float(loss / n)
 
 
-def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """``w̄`` (float64): mean over all rows of ``|W| / max|W|`` of its quantization group."""
+def weight_mean(weights: list[torch.Tensor], group_size: int | Sequence[int]) -> torch.Tensor:
+    """``w̄`` (float64): mean over all rows of ``|W| / max|W|`` of its quantization group
+    (``group_size``: one for every weight, or each weight's own)."""
+    sizes = [group_size] * len(weights) if isinstance(group_size, int) else list(group_size)
     total, rows = 0, 0
-    for w in weights:
-        chunk = w.shape[1] if group_size == -1 else group_size
+    for w, g in zip(weights, sizes, strict=True):
+        chunk = w.shape[1] if g == -1 else g
         a = w.reshape(-1, chunk).abs()
         a = (a / (a.amax(1, keepdim=True) + 1e-6)).reshape(w.shape)
         total = total + a.sum(0, dtype=torch.float64)
@@ -171,23 +173,25 @@ QuantFn = Callable[[torch.Tensor], torch.Tensor]  # weight -> its dequantized RT
 
 def search_scales(
     cl: CalibrationLayer, m: Mapping, inputs: Inputs, x_mean: torch.Tensor,
-    quant: QuantFn, *, group_size: int, n_grid: int, duo_scaling: str,
+    quant: QuantFn | dict[str, QuantFn], *, group_size: int | dict[str, int],
+    n_grid: int, duo_scaling: str,
 ) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """The best ``s`` of mapping ``m`` over the grid; the balance weights are left as they
     were. Returns ``s`` and ``{"ratio", "duo", "initial_error", "best_error", "losses"}``
-    (``losses``: every grid point's, in grid order)."""
+    (``losses``: every grid point's, in grid order). ``quant`` and ``group_size`` may be per
+    balance Linear (mixed precision: each quantized on its own grid)."""
     parent = cl.module.get_submodule(m.parent)
     ref = run_parent(parent, inputs)
     orig = {n: cl.weight(n) for n in m.balance}
-    w_mean = (
-        weight_mean([orig[n] for n in m.targeted], group_size) if duo_scaling != "false" else None
-    )
+    quant_of = {n: quant[n] if isinstance(quant, dict) else quant for n in m.targeted}
+    sizes = [group_size[n] if isinstance(group_size, dict) else group_size for n in m.targeted]
+    w_mean = weight_mean([orig[n] for n in m.targeted], sizes) if duo_scaling != "false" else None
     best, info = None, {"initial_error": None, "best_error": float("inf"), "losses": []}
     try:
         for ratio, duo in grid(n_grid, duo_scaling):
             s = candidate_scales(x_mean, w_mean, ratio, duo)
             for n in m.targeted:
-                cl.set_weight(n, (quant((orig[n] * s).float()) / s).float())
+                cl.set_weight(n, (quant_of[n]((orig[n] * s).float()) / s).float())
             loss = output_mse(ref, run_parent(parent, inputs))
             info["losses"].append(loss)
             if info["initial_error"] is None:

@@ -79,14 +79,15 @@ class CalibratedRun:
                 if n in starved:
                     job.stats.setdefault("expert_fallbacks", []).append(t.module)
                     stats.pop(n)
-                    qw = rtn_quantize(w, job.cfg.options, **job.quant_args)
+                    qw = rtn_quantize(w, job.cfg_for(t).options, **job.quant_args_for(t))
                 else:
                     qw = self._quantize(t, w, stats.pop(n).result())
                 cl.set_weight(n, qw.dequantize().to(w.device))
                 del w
                 done[t.tensor] = list(job.encode(t, qw))
-                for r in job.fmt.rewrites(t, job.cfg):
-                    done[r] = [(r, job.fmt.rewrite(r, job.read(r), t, qw, job.cfg))]
+                cfg = job.cfg_for(t)
+                for r in job.fmt.rewrites(t, cfg):
+                    done[r] = [(r, job.fmt.rewrite(r, job.read(r), t, qw, cfg))]
                 del qw
                 release_freed_memory()
         routing.record_into(job.stats, [])
@@ -95,9 +96,9 @@ class CalibratedRun:
     def _quantize(self, t: LinearTarget, w: torch.Tensor, stat: Any) -> Any:
         job = self.job
         try:
-            return job.quantize(w, stat)
+            return job.quantize(w, stat, t)
         except CalibrationFailed as e:
             if not getattr(job.cfg.options, "allow_rtn_fallback", False):
                 raise ConfigError(f"{t.module}: {e}; {e.hint}") from None
             job.stats["fallbacks"].append(t.module)
-            return rtn_quantize(w, job.cfg.options, **job.quant_args)
+            return rtn_quantize(w, job.cfg_for(t).options, **job.quant_args_for(t))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CT_VERSION = "0.19.0"  # the compressed-tensors release whose layout these outputs reproduce
@@ -49,3 +50,19 @@ def single_group(qc: dict) -> dict | None:
     """The one config group of ``qc`` (None when it has zero or several)."""
     groups = list((qc.get("config_groups") or {}).values())
     return groups[0] if len(groups) == 1 else None
+
+
+def ct_group_for(qc: dict, module: str, cls: str = "Linear") -> dict | None:
+    """The config group of ``qc`` that compressed-tensors applies to Linear ``module``: a
+    target naming it exactly first, then a ``re:`` target matching it, then the class name
+    (``match_targets``' order); None when no group targets it."""
+    groups = list((qc.get("config_groups") or {}).values())
+    for hit in (
+        lambda t: t == module,
+        lambda t: t.startswith("re:") and re.match(t[3:], module) is not None,
+        lambda t: t == cls,
+    ):
+        for group in groups:
+            if any(hit(t) for t in group.get("targets") or ()):
+                return group
+    return None

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
+from weightsmith.compress.ct_config import ct_group_for
 from weightsmith.compress.packing import pack_int32, pack_rows_gptq, unpack_int32, unpack_rows_gptq
 from weightsmith.compress.registry import (
     FormatDefaults,
@@ -17,6 +18,7 @@ from weightsmith.compress.registry import (
     output_format,
 )
 from weightsmith.compress.rtn import dequantize
+from weightsmith.compress.schemes import Scheme
 from weightsmith.errors import ConfigError
 from weightsmith.io.writer import TensorSpec
 
@@ -30,6 +32,21 @@ def _check_grid(cfg: QuantConfig, fmt: str) -> None:
         raise ConfigError(f"--format {fmt} stores integer levels; --method {cfg.method} has none")
 
 
+def _ct_group(scheme: Scheme, options: GridConfig, targets: list[str]) -> dict:
+    """One pack-quantized config group: ``scheme``'s integer weights for ``targets``."""
+    weights = {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "group_size": None if scheme.group_size == -1 else scheme.group_size,
+        "strategy": "channel" if scheme.group_size == -1 else "group",
+        "dynamic": False,
+        "observer": options.observer,
+    }
+    return {"targets": targets, "weights": weights, "input_activations": None,
+            "output_activations": None}  # fmt: skip
+
+
 @output_format
 class CompressedTensorsFormat(FormatDefaults):
     """compressed-tensors ``pack-quantized``: what vLLM and transformers (with the
@@ -41,6 +58,7 @@ class CompressedTensorsFormat(FormatDefaults):
     quant_method = "compressed-tensors"
     variant = "pack-quantized"  # quantization_config["format"]
     summary = "pack-quantized int2-8 (vLLM, transformers + compressed-tensors)"
+    per_module_schemes = True  # a config group per --scheme-map scheme
 
     def check(self, cfg: QuantConfig) -> None:
         _check_grid(cfg, self.name)
@@ -71,24 +89,28 @@ class CompressedTensorsFormat(FormatDefaults):
             out[f"{m}.weight_zero_point"] = pack_int32(qw.zero, qw.bits, dim=0)
         return out
 
-    def quantization_config(self, cfg: QuantConfig, ignored: list[str], dtype) -> dict:
-        o = cfg.options
-        weights = {
-            "num_bits": o.bits,
-            "type": "int",
-            "symmetric": o.symmetric,
-            "group_size": None if o.group_size == -1 else o.group_size,
-            "strategy": "channel" if o.group_size == -1 else "group",
-            "dynamic": False,
-            "observer": o.observer,
-        }
-        group = {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                 "output_activations": None}  # fmt: skip
+    def quantization_config(
+        self, cfg: QuantConfig, ignored: list[str], dtype, targets: list | None = None
+    ) -> dict:
+        """One config group targeting every Linear; with a scheme map (``targets``: the
+        quantized Linears, each with its ``scheme``), a group per other scheme listing its
+        Linears by exact name before it (compressed-tensors and vLLM match exact names before
+        class names; listed first, no target goes unmatched in compressed-tensors' pass)."""
+        default = Scheme.of(cfg.options)
+        by_scheme: dict[Scheme, list[str]] = {}
+        for t in targets or ():
+            by_scheme.setdefault(t.scheme or default, []).append(t.model_module)
+        groups = {}
+        for scheme, names in by_scheme.items():
+            if scheme != default:
+                groups[f"group_{len(groups)}"] = _ct_group(scheme, cfg.options, names)
+        if default in by_scheme or not targets:
+            groups[f"group_{len(groups)}"] = _ct_group(default, cfg.options, ["Linear"])
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
             "quantization_status": "compressed",
-            "config_groups": {"group_0": group},
+            "config_groups": groups,
             "ignore": ignored,
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
@@ -96,7 +118,7 @@ class CompressedTensorsFormat(FormatDefaults):
 
     def stored_linears(self, names: Iterable[str], qc: dict) -> dict[str, tuple[str, ...]]:
         groups = list((qc.get("config_groups") or {}).values())
-        if qc.get("format") != "pack-quantized" or len(groups) != 1:
+        if qc.get("format") != "pack-quantized" or not groups:
             return {}
         names = set(names)
         out = {}
@@ -109,9 +131,16 @@ class CompressedTensorsFormat(FormatDefaults):
         return out
 
     def decode(self, qc: dict, module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        bits = int(next(iter(qc["config_groups"].values()))["weights"]["num_bits"])
+        group = ct_group_for(qc, module)
+        if group is None:
+            raise ConfigError(f"{module}: no config group of quantization_config targets it")
+        bits = int(group["weights"]["num_bits"])
         rows, cols = (int(x) for x in tensors[f"{module}.weight_shape"])
-        q = unpack_int32(tensors[f"{module}.weight_packed"], bits, cols, dim=1)
+        packed = tensors[f"{module}.weight_packed"]
+        if packed.shape[1] != math.ceil(cols * bits / 32):  # e.g. a group whose names differ
+            raise ConfigError(f"{module}: weight_packed {list(packed.shape)} does not hold "
+                              f"{cols} {bits}-bit levels per row (its config group)")  # fmt: skip
+        q = unpack_int32(packed, bits, cols, dim=1)
         scale = tensors[f"{module}.weight_scale"]  # (out, n_groups)
         zp = tensors.get(f"{module}.weight_zero_point")
         zero = (

@@ -35,7 +35,14 @@ from weightsmith.compress import w8a8 as _w8a8  # noqa: F401  (registers w8a8)
 from weightsmith.compress.calibrated import CalibratedRun
 from weightsmith.compress.moe import check_expert_format, moe_summary
 from weightsmith.compress.moe_fused import quantize_fused_mxfp4
-from weightsmith.compress.registry import FORMATS, METHODS, LinearTarget, QuantConfig
+from weightsmith.compress.registry import (
+    FORMATS,
+    METHODS,
+    GridConfig,
+    LinearTarget,
+    QuantConfig,
+)
+from weightsmith.compress.schemes import Scheme, match_scheme, scheme_summary
 from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
@@ -64,7 +71,8 @@ class QuantizeResult(StreamResult):
 def select_linears(
     ckpt: Checkpoint, model: nn.Module, cfg: QuantConfig
 ) -> tuple[list[LinearTarget], list[str]]:
-    """Which Linears are quantized, and the (model) names of every other Linear."""
+    """Which Linears are quantized (each with its scheme-map scheme, if any), and the (model)
+    names of every other Linear."""
     if ckpt.arch.linear_layout == "in_out":
         raise ConfigError(
             f"{ckpt.root}: {ckpt.arch.name} stores its projections as Conv1D, which the "
@@ -76,8 +84,7 @@ def select_linears(
         for n in ckpt.tensors
         if n.endswith(".weight") and arch.in_text_decoder(n)
     }
-    group_size = getattr(cfg.options, "group_size", -1)
-    targets, ignored, used = [], [], set()
+    targets, ignored, used, used_schemes = [], [], set(), set()
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
@@ -88,31 +95,48 @@ def select_linears(
         if tensor is None or hit or head or name == "lm_head":
             ignored.append(name)
             continue
-        info = ckpt.info(tensor)
-        if len(info.shape) != 2 or not info.torch_dtype.is_floating_point:
-            raise CheckpointError(
-                f"{tensor}: expected a 2-D float weight, got {info.dtype} {list(info.shape)}"
-            )
-        out_f, in_f = info.shape
-        if group_size != -1 and in_f % group_size:
-            raise ConfigError(
-                f"{name}: in_features {in_f} is not divisible by --group-size {group_size}; "
-                f"use a group size that divides it, --group-size -1 (per channel), or "
-                f"--ignore {name}"
-            )
-        module = tensor[: -len(".weight")]
-        siblings = frozenset(
-            n[len(module) + 1 :] for n in ckpt.tensors if n.startswith(f"{module}.")
-        )
-        targets.append(LinearTarget(tensor, module, name, ckpt.arch.layer_of(tensor),
-                                    (out_f, in_f), info.torch_dtype, siblings - {"weight"}))  # fmt: skip
+        used_schemes.update(p for p, _ in cfg.schemes if ignore_matches(name, p))
+        chosen = match_scheme(name, cfg.schemes)
+        if chosen is not None and chosen[1] is None:  # keep
+            ignored.append(name)
+            continue
+        targets.append(_target(ckpt, cfg, name, tensor, chosen))
     unused = [p for p in cfg.ignore if p not in used]
     if unused:
         raise ConfigError(f"--ignore {unused[0]!r} matches no Linear of {ckpt.root}")
+    unused = [p for p, _ in cfg.schemes if p not in used_schemes]
+    if unused:
+        raise ConfigError(f"--scheme-map {unused[0]!r} matches no quantized Linear of {ckpt.root}")
     if not targets:
         raise ConfigError(f"{ckpt.root}: no Linear left to quantize")
     check_expert_format(ckpt, cfg, targets)
     return targets, ignored
+
+
+def _target(
+    ckpt: Checkpoint, cfg: QuantConfig, name: str, tensor: str, chosen: tuple | None
+) -> LinearTarget:
+    """The :class:`LinearTarget` of Linear ``name``, its shape checked against its group size
+    (``chosen``: the scheme-map ``(pattern, scheme)`` that decides its grid, or None)."""
+    info = ckpt.info(tensor)
+    if len(info.shape) != 2 or not info.torch_dtype.is_floating_point:
+        raise CheckpointError(
+            f"{tensor}: expected a 2-D float weight, got {info.dtype} {list(info.shape)}"
+        )
+    out_f, in_f = info.shape
+    scheme = chosen[1] if chosen is not None else None
+    group_size = scheme.group_size if scheme else getattr(cfg.options, "group_size", -1)
+    if group_size != -1 and in_f % group_size:
+        by = f"the group size {group_size} of --scheme-map {chosen[0]}={scheme}" if scheme \
+            else f"--group-size {group_size}"  # fmt: skip
+        raise ConfigError(
+            f"{name}: in_features {in_f} is not divisible by {by}; use a group size that "
+            f"divides it, -1 (per channel), or --ignore {name}"
+        )
+    module = tensor[: -len(".weight")]
+    siblings = frozenset(n[len(module) + 1 :] for n in ckpt.tensors if n.startswith(f"{module}."))
+    return LinearTarget(tensor, module, name, ckpt.arch.layer_of(tensor), (out_f, in_f),
+                        info.torch_dtype, siblings - {"weight"}, scheme)  # fmt: skip
 
 
 class QuantizeJob:
@@ -125,7 +149,8 @@ class QuantizeJob:
         self.method, self.fmt = METHODS[cfg.method], FORMATS[cfg.format]
         self.targets, self.ignored = select_linears(ckpt, build_skeleton(ckpt), cfg)
         self.by_tensor = {t.tensor: t for t in self.targets}
-        self.rewritten = {n: t for t in self.targets for n in self.fmt.rewrites(t, cfg)}
+        self._cfgs: dict[Scheme, QuantConfig] = {}
+        self.rewritten = {n: t for t in self.targets for n in self.fmt.rewrites(t, self.cfg_for(t))}
         self.dtype = self.targets[0].dtype
         self.quant_args = {
             "dtype": self.fmt.scale_dtype or self.dtype,
@@ -147,7 +172,9 @@ class QuantizeJob:
         for n in group.names:
             t, info = self.by_tensor.get(n), self.ckpt.info(n)
             specs += (
-                self.fmt.plan(t, self.cfg) if t else [TensorSpec(n, info.torch_dtype, info.shape)]
+                self.fmt.plan(t, self.cfg_for(t))
+                if t
+                else [TensorSpec(n, info.torch_dtype, info.shape)]
             )
         return specs
 
@@ -163,22 +190,41 @@ class QuantizeJob:
                 yield from self.encode(t, self.quantized(t))
             elif n in self.rewritten:
                 t = self.rewritten[n]
-                yield n, self.fmt.rewrite(n, self.read(n), t, self.quantized(t, n), self.cfg)
+                yield n, self.fmt.rewrite(n, self.read(n), t, self.quantized(t, n), self.cfg_for(t))
             else:
                 yield checked_copy(self.ckpt, n)  # as stored, checked finite on the way
 
     def read(self, name: str) -> torch.Tensor:
         return require_finite(self.ckpt.get_tensor(name), str(self.ckpt.path), name)
 
-    def quantize(self, w: torch.Tensor, stat: Any = None) -> Any:
-        """The method's own function on one weight (``w`` as stored, or the compute dtype)."""
-        return self.method.fn(w, self.cfg.options, stat, **self.quant_args)
+    def cfg_for(self, t: LinearTarget | None) -> QuantConfig:
+        """The run's config for Linear ``t``: its own scheme's grid when the scheme map gave
+        it one (None, or no scheme: the run's config)."""
+        if t is None or t.scheme is None:
+            return self.cfg
+        if t.scheme not in self._cfgs:
+            self._cfgs[t.scheme] = self.cfg.with_scheme(t.scheme)
+        return self._cfgs[t.scheme]
+
+    def quant_args_for(self, t: LinearTarget | None) -> dict[str, Any]:
+        """``dtype``/``zero_min`` for the method's function on Linear ``t``."""
+        if t is None or t.scheme is None:
+            return self.quant_args
+        return {**self.quant_args, "zero_min": self.fmt.zero_min(self.cfg_for(t).options)}
+
+    def quantize(
+        self, w: torch.Tensor, stat: Any = None, target: LinearTarget | None = None
+    ) -> Any:
+        """The method's own function on one weight (``w`` as stored, or the compute dtype) with
+        the grid of Linear ``target`` (None: the run's)."""
+        opts = self.cfg_for(target).options
+        return self.method.fn(w, opts, stat, **self.quant_args_for(target))
 
     def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
         """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
         if t.module not in self._pending:
-            qw = self.quantize(self.read(t.tensor), self.weight_stat(t))
-            self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg)})
+            qw = self.quantize(self.read(t.tensor), self.weight_stat(t), t)
+            self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg_for(t))})
         qw, waiting = self._pending[t.module]
         waiting.discard(use or t.tensor)
         if not waiting:
@@ -200,15 +246,16 @@ class QuantizeJob:
             self.stats["zeros"] = (self.stats["zeros"] or 0) + qw.info["zeros"]
         if "loss" in qw.info:
             self.stats["loss"][t.module] = qw.info["loss"]
-        for name, v in self.fmt.encode(t, qw, self.cfg).items():
+        for name, v in self.fmt.encode(t, qw, self.cfg_for(t)).items():
             if not all_finite(v):  # float8 too
                 raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
                                   f"(overflows {v.dtype})")  # fmt: skip
             yield name, v
 
     def patch(self, config: dict) -> dict:
+        per_module = {"targets": self.targets} if self.cfg.schemes else {}
         config["quantization_config"] = self.fmt.quantization_config(
-            self.cfg, self.ignored, self.dtype
+            self.cfg, self.ignored, self.dtype, **per_module
         )
         return config
 
@@ -281,4 +328,13 @@ def _summary(job: QuantizeJob, ckpt: Checkpoint, result: StreamResult, calib: di
         "rtn_fallbacks": job.stats["fallbacks"],
         **moe_summary(job.stats, "rtn"),
         "loss": job.stats["loss"] or None,
+        **_schemes_summary(job),
     }
+
+
+def _schemes_summary(job: QuantizeJob) -> dict:
+    """The report's per-scheme counts and average bits per weight (integer-grid methods)."""
+    o = job.cfg.options
+    if not isinstance(o, GridConfig):
+        return {}
+    return {"schemes": scheme_summary(job.targets, Scheme.of(o), modules=bool(job.cfg.schemes))}

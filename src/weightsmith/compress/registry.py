@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from weightsmith.compress.levels import QuantizedWeight  # noqa: F401  (re-exported)
+from weightsmith.compress.schemes import Scheme, SchemeMap, as_scheme_map
 from weightsmith.errors import ConfigError
 
 
@@ -98,6 +99,7 @@ class LinearTarget:
     shape: tuple[int, int]  # (out, in)
     dtype: torch.dtype = torch.float32  # as stored
     siblings: frozenset[str] = frozenset()  # its other checkpoint tensors ("bias", ...)
+    scheme: Scheme | None = None  # its own grid from the run's scheme map (None: the run's)
 
 
 class QuantMethodFn(Protocol):
@@ -235,18 +237,22 @@ class QuantConfig:
     An option that neither the method nor the format has is a :class:`ConfigError`;
     ``format=None`` is the method's default format, and a format the method cannot write is an
     error. Values are checked by :meth:`validate` (``quantize_checkpoint`` calls it first).
-    Reading ``cfg.bits`` reads the method's (or format's) option."""
+    Reading ``cfg.bits`` reads the method's (or format's) option. ``schemes``: per-module
+    grids (mixed precision, :mod:`weightsmith.compress.schemes`), any spelling that
+    :func:`~weightsmith.compress.schemes.as_scheme_map` takes; Linears that no pattern
+    matches use ``options``."""
 
     method: str
     format: str
     options: MethodConfig
     format_options: MethodConfig | None
     ignore: tuple[str, ...]
+    schemes: SchemeMap
 
     def __init__(
         self, method: str = "rtn", format: str | None = None, ignore: Iterable[str] = (), *,
         options: MethodConfig | None = None, format_options: MethodConfig | None = None,
-        **flat: Any,
+        schemes: Any = (), **flat: Any,
     ) -> None:  # fmt: skip
         info = _method(method)
         fmt = format or info.formats[0]
@@ -269,8 +275,14 @@ class QuantConfig:
         if fo is not None and format_options is None:
             format_options = fo(**{k: v for k, v in flat.items() if k in theirs})
         for k, v in (("method", method), ("format", fmt), ("options", options),
-                     ("format_options", format_options), ("ignore", tuple(ignore))):  # fmt: skip
+                     ("format_options", format_options), ("ignore", tuple(ignore)),
+                     ("schemes", as_scheme_map(schemes))):  # fmt: skip
             object.__setattr__(self, k, v)
+
+    def with_scheme(self, scheme: Scheme) -> QuantConfig:
+        """This run's config for one Linear quantized with ``scheme`` (no scheme map left)."""
+        return QuantConfig(self.method, self.format, self.ignore,
+                           options=scheme.apply(self.options), format_options=self.format_options)  # fmt: skip
 
     def validate(self) -> None:
         if not isinstance(self.options, METHODS[self.method].config):
@@ -278,9 +290,27 @@ class QuantConfig:
                 f"--method {self.method} takes {METHODS[self.method].config.__name__}"
             )
         self.options.validate()
+        if self.schemes:
+            self._check_schemes()
         if self.format_options is not None:
             self.format_options.validate()
         FORMATS[self.format].check(self)
+
+    def _check_schemes(self) -> None:
+        if not isinstance(self.options, GridConfig):
+            raise ConfigError(
+                f"--scheme-map applies to the integer-grid methods "
+                f"({', '.join(m for m, i in METHODS.items() if issubclass(i.config, GridConfig))}),"
+                f" not --method {self.method}"
+            )
+        if not getattr(FORMATS[self.format], "per_module_schemes", False):
+            raise ConfigError(
+                f"--scheme-map needs a format that stores a grid per module (compressed-tensors); "
+                f"--format {self.format} stores one"
+            )
+        for _, scheme in self.schemes:
+            if scheme is not None:
+                scheme.apply(self.options).validate()
 
     def __getattr__(self, name: str) -> Any:
         for part in ("options", "format_options"):
@@ -294,6 +324,7 @@ class QuantConfig:
         fo = self.format_options
         return {
             "method": self.method, "format": self.format, "ignore": list(self.ignore),
+            **({"schemes": {p: str(s or "keep") for p, s in self.schemes}} if self.schemes else {}),
             self.method: dataclasses.asdict(self.options),
             **({self.format: dataclasses.asdict(fo)} if fo is not None else {}),
         }  # fmt: skip

@@ -102,7 +102,7 @@ def round_layer(job, cl, done: dict) -> dict:
         t = job.by_tensor.get(cl.tensor_name(n))
         if t is None:
             continue
-        qw = job.quantize(cl.weight(n).to(t.dtype))
+        qw = job.quantize(cl.weight(n).to(t.dtype), target=t)
         cl.set_weight(n, qw.dequantize())
         done[t.tensor] = list(job.encode(t, qw))
     return done

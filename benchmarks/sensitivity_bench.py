@@ -27,13 +27,15 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from weightsmith.compress.bits_budget import solve_bits_budget
-from weightsmith.compress.scheme_spec import parse_scheme, parse_scheme_list
+from weightsmith.compress.schemes import parse_scheme
 from weightsmith.compress.sensitivity import (
     ReferenceDistribution,
     budget_units,
     checkpoint_sensitivity,
+    parse_scheme_list,
     rtn_round_trip,
 )
 from weightsmith.core.models import load_causal_lm, load_tokenizer
@@ -100,10 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             calib = Path(tmp) / "calib.txt"
             calib.write_text(calib_text, encoding="utf-8")
-            result = checkpoint_sensitivity(
-                model_dir, parse_scheme_list(args.schemes), calib=str(calib),
-                samples=args.samples, seq_len=args.seq_len, progress=True,
-            )  # fmt: skip
+            with tqdm(total=None, desc="sensitivity") as bar:
+                result = checkpoint_sensitivity(
+                    model_dir, parse_scheme_list(args.schemes), calib=str(calib),
+                    samples=args.samples, seq_len=args.seq_len, on_unit=lambda u, k: bar.update(),
+                )  # fmt: skip
         report = result.to_dict()
     sens_s = time.perf_counter() - start
     plan = solve_bits_budget(budget_units(report), args.budget)

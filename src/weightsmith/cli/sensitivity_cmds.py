@@ -35,6 +35,13 @@ def format_row(name: str, kl: dict[str, float | None], width: int) -> str:
     return f"{name:<{width}} {cells}"
 
 
+def mean_bpw(report: dict, scheme: str) -> float:
+    """Bits per weight of ``scheme`` averaged over the units it fits (weighted by params)."""
+    fits = [u for u in report["units"] if scheme in u["schemes"]]
+    bits = sum(u["params"] * u["schemes"][scheme]["bits_per_weight"] for u in fits)
+    return bits / max(1, sum(u["params"] for u in fits))
+
+
 @eval_cli.command("sensitivity")
 @click.argument("model", type=MODEL)
 @click.option("--calib", type=click.Path(), default=None,
@@ -55,11 +62,10 @@ def sensitivity_cmd(
     """KL(original || quantized) of next-token distributions when only one unit of MODEL is
     quantized with RTN at each candidate scheme (the rest stays float32): which Linears
     tolerate fewer bits. Rows print as they are measured; --report keeps every figure."""
-    from weightsmith.compress.scheme_spec import parse_scheme_list
-    from weightsmith.compress.sensitivity import checkpoint_sensitivity
+    from weightsmith.compress.sensitivity import checkpoint_sensitivity, parse_scheme_list
 
     candidates = parse_scheme_list(schemes)
-    names = [s.name for s in candidates]
+    names = [str(s) for s in candidates]
     width = 40
     if progress and not as_json:
         click.echo(f"{'unit':<{width}} " + " ".join(f"{n:>10}" for n in names))
@@ -78,7 +84,7 @@ def sensitivity_cmd(
             click.echo(f"{'unit':<{width}} " + " ".join(f"{n:>10}" for n in names))
             for u in r.units:
                 click.echo(format_row(u.name, r.kl[u.name], width))
-        bpw = ", ".join(f"{s.name} {s.bits_per_weight:.4g}" for s in candidates)
+        bpw = ", ".join(f"{n} {mean_bpw(d, n):.4g}" for n in names)
         click.echo(
             f"mean KL (nats/token) over {r.tokens} tokens ({r.windows} windows of {r.seq_len}), "
             f"{len(r.units)} units by {by}; bits/weight: {bpw}; {r.wall_s:.1f} s"

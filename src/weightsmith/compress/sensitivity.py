@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightsmith.compress.rtn import RTNConfig, rtn_quantize
-from weightsmith.compress.scheme_spec import QuantScheme
+from weightsmith.compress.schemes import Scheme, average_bits_per_weight, parse_scheme
 from weightsmith.errors import ConfigError
 
 UNIT_KINDS = ("module", "layer", "type")
@@ -39,6 +39,11 @@ class SensitivityUnit:
     modules: tuple[str, ...]
     layer: int  # the first decoder layer the unit touches
     params: int
+    shapes: tuple[tuple[int, int], ...] = ()  # (out, in) of each module
+
+    def bits_per_weight(self, scheme: Scheme) -> float:
+        """Stored bits per weight of the unit under ``scheme`` (schemes.bits_per_weight)."""
+        return average_bits_per_weight((shape, scheme) for shape in self.shapes)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class SensitivityResult:
     """KL per unit and scheme (``kl[unit][scheme]``), with what was measured on."""
 
     units: list[SensitivityUnit]
-    schemes: list[QuantScheme]
+    schemes: list[Scheme]
     kl: dict[str, dict[str, float | None]]  # None: the scheme does not fit the unit
     by: str
     tokens: int
@@ -59,19 +64,19 @@ class SensitivityResult:
         units = []
         for u in self.units:
             per = {
-                s.name: {
-                    "kl": self.kl[u.name].get(s.name),
-                    "bits_per_weight": s.bits_per_weight,
-                    "size_bytes": u.params * s.bits_per_weight / 8,
+                str(s): {
+                    "kl": self.kl[u.name][str(s)],
+                    "bits_per_weight": u.bits_per_weight(s),
+                    "size_bytes": u.params * u.bits_per_weight(s) / 8,
                 }
                 for s in self.schemes
-                if self.kl[u.name].get(s.name) is not None
+                if self.kl[u.name].get(str(s)) is not None
             }
             units.append({"name": u.name, "modules": list(u.modules), "layer": u.layer,
                           "params": u.params, "schemes": per})  # fmt: skip
         return {
             "by": self.by,
-            "schemes": [s.name for s in self.schemes],
+            "schemes": [str(s) for s in self.schemes],
             "tokens": self.tokens,
             "windows": self.windows,
             "seq_len": self.seq_len,
@@ -96,27 +101,39 @@ def sensitivity_units(model: nn.Module, by: str = "module") -> list[SensitivityU
     if by not in UNIT_KINDS:
         raise ConfigError(f"--by must be one of {', '.join(UNIT_KINDS)} (got {by})")
     prefix, layers = decoder_layers(model)
-    groups: dict[str, list[tuple[str, int, int]]] = {}
+    groups: dict[str, list[tuple[str, int, tuple[int, int]]]] = {}
     for i, layer in enumerate(layers):
         for rel, mod in layer.named_modules():
             if not isinstance(mod, nn.Linear):
                 continue
             full = f"{prefix}.{i}.{rel}"
             key = {"module": full, "layer": f"{prefix}.{i}", "type": rel}[by]
-            groups.setdefault(key, []).append((full, i, mod.weight.numel()))
+            groups.setdefault(key, []).append((full, i, tuple(mod.weight.shape)))
     if not groups:
         raise ConfigError(f"{type(model).__name__}: its decoder layers have no nn.Linear")
     return [
         SensitivityUnit(
-            k, tuple(m for m, _, _ in v), min(i for _, i, _ in v), sum(p for *_, p in v)
+            name=k, modules=tuple(m for m, _, _ in v), layer=min(i for _, i, _ in v),
+            params=sum(o * c for _, _, (o, c) in v), shapes=tuple(sh for *_, sh in v),
         )
         for k, v in groups.items()
-    ]
+    ]  # fmt: skip
+
+
+def parse_scheme_list(text: str) -> list[Scheme]:
+    """Comma-separated candidate schemes (``w3g64,w4g64``; see weightsmith.compress.schemes)."""
+    names = [t for t in (p.strip() for p in text.split(",")) if t]
+    if not names:
+        raise ConfigError("--schemes is empty")
+    schemes = [parse_scheme(n) for n in names]
+    if len(set(schemes)) != len(schemes):
+        raise ConfigError(f"--schemes lists a scheme twice: {text}")
+    return schemes
 
 
 def applicable_schemes(
-    model: nn.Module, unit: SensitivityUnit, schemes: Sequence[QuantScheme]
-) -> list[QuantScheme]:
+    model: nn.Module, unit: SensitivityUnit, schemes: Sequence[Scheme]
+) -> list[Scheme]:
     """The schemes whose group size divides the input width of every Linear of ``unit``
     (e.g. g128 does not fit SmolLM2's 576 columns); none at all is an error naming the unit."""
     mods = dict(model.named_modules())
@@ -124,17 +141,16 @@ def applicable_schemes(
     ok = [s for s in schemes if s.group_size == -1 or all(c % s.group_size == 0 for c in widths)]
     if not ok:
         raise ConfigError(
-            f"{unit.name}: no scheme of {', '.join(s.name for s in schemes)} fits its input "
+            f"{unit.name}: no scheme of {', '.join(map(str, schemes))} fits its input "
             f"width{'s' if len(widths) > 1 else ''} {', '.join(map(str, sorted(widths)))} "
             "(the group size must divide it)"
         )
     return ok
 
 
-def rtn_round_trip(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def rtn_round_trip(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """``w`` quantized with RTN at ``scheme`` and dequantized (scales in ``w``'s dtype)."""
-    cfg = RTNConfig(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric)
-    return rtn_quantize(w, cfg, dtype=w.dtype).dequantize().to(w.dtype)
+    return rtn_quantize(w, scheme.apply(RTNConfig()), dtype=w.dtype).dequantize().to(w.dtype)
 
 
 @dataclass(frozen=True)
@@ -213,7 +229,7 @@ def _reference(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor):
 def measure_sensitivity(
     model: nn.Module,
     ids: torch.Tensor,
-    schemes: Sequence[QuantScheme],
+    schemes: Sequence[Scheme],
     *,
     by: str = "module",
     on_unit: Callable[[SensitivityUnit, dict[str, float]], None] | None = None,
@@ -231,7 +247,7 @@ def measure_sensitivity(
         ref, inputs = _reference(model, layers, ids)
         for u in units:
             originals = {m: mods[m].weight.data.clone() for m in u.modules}
-            kl[u.name] = {s.name: None for s in schemes}
+            kl[u.name] = {str(s): None for s in schemes}
             with _start_at(layers, u.layer, inputs[u.layer]):
                 for s in fits[u.name]:
                     try:
@@ -241,7 +257,7 @@ def measure_sensitivity(
                     finally:
                         for m, w in originals.items():
                             mods[m].weight.data.copy_(w)
-                    kl[u.name][s.name] = ref.mean_kl(logits)
+                    kl[u.name][str(s)] = ref.mean_kl(logits)
             if on_unit is not None:
                 on_unit(u, kl[u.name])
     return SensitivityResult(
@@ -272,7 +288,7 @@ def calibration_windows(path, calib: str | None, samples: int, seq_len: int) -> 
 
 def checkpoint_sensitivity(
     path,
-    schemes: Sequence[QuantScheme],
+    schemes: Sequence[Scheme],
     *,
     calib: str | None = None,
     samples: int = 4,
@@ -291,3 +307,20 @@ def checkpoint_sensitivity(
     result = measure_sensitivity(model, ids, schemes, by=by, on_unit=on_unit)
     result.extra = {"model": str(path), "calib": calib or "builtin"}
     return result
+
+
+def budget_units(report: dict) -> list:
+    """The :class:`~weightsmith.compress.bits_budget.BudgetUnit` of each unit of a sensitivity
+    report (:meth:`SensitivityResult.to_dict`, or its JSON read back)."""
+    from weightsmith.compress.bits_budget import BudgetUnit
+
+    try:
+        return [
+            BudgetUnit(u["name"], int(u["params"]), {
+                name: (float(v["bits_per_weight"]), float(v["kl"]))
+                for name, v in u["schemes"].items()
+            })
+            for u in report["units"]
+        ]  # fmt: skip
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"not a sensitivity report (missing or bad field {e})") from None

@@ -188,9 +188,8 @@ def quantize_cmd(
     gguf = {k: options.pop(k) for k in ("type", "imatrix", "save_imatrix")}
     if fmt == "gguf" or any(v is not None for v in gguf.values()):
         if schemes or budget:
-            raise ConfigError(
-                "--scheme-map/--bits-budget do not apply to --format gguf: the --type decides"
-            )
+            flag = "--scheme-map" if schemes else "--bits-budget"
+            raise ConfigError(f"{flag} does not apply to --format gguf: the --type decides")
         return _quantize_gguf(
             model, out, method, fmt, ignore, device, force, progress, gguf, options
         )

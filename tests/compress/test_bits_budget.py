@@ -84,3 +84,34 @@ def test_bad_budgets():
     with pytest.raises(ConfigError, match="positive"):
         solve_bits_budget(units, float("nan"))
     assert solve_bits_budget(units, 100.0).choice == {"a": "w4"}
+
+
+def test_plan_from_a_report_by_type():
+    """``--sensitivity REPORT`` of ``--by type``: the plan per type becomes one scheme per
+    module of that type (exact names), and the budget range is checked on the report."""
+    from weightsmith.compress.budget_plan import BudgetRequest, plan_bits_budget
+    from weightsmith.compress.schemes import Scheme
+
+    def unit(name: str, kl3: float, kl5: float) -> dict:
+        mods = [f"model.layers.{i}.{name}" for i in range(2)]
+        return {"name": name, "modules": mods, "params": 200, "schemes": {
+            "w3g64": {"kl": kl3, "bits_per_weight": 3.25},
+            "w5g64": {"kl": kl5, "bits_per_weight": 5.25},
+        }}  # fmt: skip
+
+    report = {
+        "by": "type",
+        "units": [unit("mlp.down_proj", 0.9, 0.1), unit("self_attn.q_proj", 0.2, 0.1)],
+    }
+    req = BudgetRequest(budget=4.25, schemes=(), report=report)
+    outcome = plan_bits_budget("unused", req)
+    assert outcome.plan.choice == {"mlp.down_proj": "w5g64", "self_attn.q_proj": "w3g64"}
+    assert dict(outcome.scheme_map) == {
+        "model.layers.0.mlp.down_proj": Scheme(5, 64),
+        "model.layers.1.mlp.down_proj": Scheme(5, 64),
+        "model.layers.0.self_attn.q_proj": Scheme(3, 64),
+        "model.layers.1.self_attn.q_proj": Scheme(3, 64),
+    }
+    assert outcome.summary()["units_per_scheme"] == {"w5g64": 1, "w3g64": 1}
+    with pytest.raises(ConfigError, match=r"3\.25 \(all cheapest\) to 5\.25 \(all dearest\)"):
+        plan_bits_budget("unused", BudgetRequest(budget=6.0, schemes=(), report=report))

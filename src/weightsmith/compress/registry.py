@@ -181,7 +181,9 @@ class OutputFormat(Protocol):
         """The stored value of a tensor from :meth:`rewrites` (``qw``: its Linear's weight)."""
 
     def quantization_config(self, cfg: QuantConfig, ignored: list[str], dtype) -> dict:
-        """The ``quantization_config`` block of config.json."""
+        """The ``quantization_config`` block of config.json (a format with
+        ``per_module_schemes = True`` also takes ``targets=``: the quantized Linears, each with
+        its ``scheme``, when the run has a scheme map)."""
 
     def stored_linears(self, names: Iterable[str], qc: dict) -> dict[str, tuple[str, ...]]:
         """Dense weight name -> the stored tensors that hold it, in a checkpoint written with

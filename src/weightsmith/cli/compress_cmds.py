@@ -7,6 +7,7 @@ from click.core import ParameterSource
 
 # Methods and formats register on import; the choices below come from the registries.
 import weightsmith.compress.quantize  # noqa: F401
+from weightsmith.cli.budget_options import bits_budget_options, budget_request, run_budget
 from weightsmith.cli.common import (
     FINITE_FLOAT,
     MODEL,
@@ -76,6 +77,7 @@ from weightsmith.io.sizes import format_size, parse_size
 )
 @gguf_options
 @calibration_options
+@bits_budget_options
 @moe_options
 @click.option(
     "--act-order",
@@ -182,16 +184,22 @@ def quantize_cmd(
 
     fmt = options.pop("format")
     schemes = parse_scheme_map(options.pop("schemes"))  # a bad scheme: before anything else
+    budget = budget_request(options, options["calib"], lambda k: not _is_default(k))
     gguf = {k: options.pop(k) for k in ("type", "imatrix", "save_imatrix")}
     if fmt == "gguf" or any(v is not None for v in gguf.values()):
-        if schemes:
-            raise ConfigError("--scheme-map does not apply to --format gguf: the --type decides")
+        if schemes or budget:
+            flag = "--scheme-map" if schemes else "--bits-budget"
+            raise ConfigError(f"{flag} does not apply to --format gguf: the --type decides")
         return _quantize_gguf(
             model, out, method, fmt, ignore, device, force, progress, gguf, options
         )
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, schemes=schemes, **given)
     cfg.validate()
+    plan = None
+    if budget is not None:
+        cfg, plan = _budget_config(model, out, force, cfg, budget, progress)
+        schemes = cfg.schemes
     if METHODS[method].statistic_for(cfg.options) is not None and cfg.calib is None:
         note_builtin_calibration()
     r = quantize_checkpoint(
@@ -218,7 +226,35 @@ def quantize_cmd(
         f"{format_size(x['input_size'])} -> {format_size(x['output_size'])}{fallbacks} "
         f"in {r.wall_s:.1f} s, peak RSS {format_size(r.peak_rss)} -> {r.out}"
     )
+    if plan is not None:
+        return {"input": model, "output": r.out, "result": r.to_dict(), "bits_budget": plan}
     return {"input": model, "output": r.out, "result": r.to_dict()}
+
+
+def _budget_config(model, out, force, cfg, budget, progress):
+    """``--bits-budget``: checks before the sensitivity pass (OUT, a grid method into a format
+    with per-module grids, no --scheme-map), then the plan as the config's scheme map; returns
+    (config, plan summary for the report)."""
+    from pathlib import Path
+
+    from weightsmith.compress import QuantConfig
+    from weightsmith.io.paths import check_output_location
+
+    def with_map(schemes) -> QuantConfig:
+        return QuantConfig(cfg.method, cfg.format, cfg.ignore, options=cfg.options,
+                           format_options=cfg.format_options, schemes=schemes)  # fmt: skip
+
+    if cfg.schemes:
+        raise ConfigError("--bits-budget chooses the schemes: do not give --scheme-map too")
+    check_output_location(Path(out), [Path(model)], force)
+    try:
+        with_map({"re:.*": "w4g64"}).validate()
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--scheme-map", "--bits-budget")) from None
+    outcome = run_budget(model, budget, progress)
+    new = with_map(outcome.scheme_map)
+    new.validate()
+    return new, {**outcome.summary(), "sensitivity": outcome.sensitivity}
 
 
 # why each method cannot feed a GGUF --type (rtn can: the type's own quantizer is its RTN;

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from weightsmith.cli import sensitivity_cmds  # noqa: F401  (registers eval sensitivity)
 from weightsmith.cli.common import MODEL, progress_option, report_option
 from weightsmith.cli.groups import eval_cli
 

@@ -10,9 +10,9 @@ exactly, and a merge of per-expert inputs (which weightsmith keeps per expert) m
 after fusing: methods with per-tensor statistics (TIES' top-k, SLERP's angle, model_stock's
 cosines, ...) merge each layer's per-expert Linears as the one fused tensor mergekit sees
 (merge/expert_groups.py), and parameter filters match mergekit's names (``mlp`` selects
-Mixtral's ``block_sparse_moe`` experts and router). Tolerance: 1e-6 absolute, float32. DELLA
-(randomised) is compared with weightsmith's own merge of the fused inputs: bit-identical for the
-same seed.
+Mixtral's ``block_sparse_moe`` experts and router). Tolerance: 1e-6 absolute, float32; the
+same bits with ``dtype: bfloat16`` (TIES, SLERP). DELLA (randomised) is compared with
+weightsmith's own merge of the fused inputs: bit-identical for the same seed.
 
 The recipes run through ``weightsmith merge run`` (the CLI); ``merge ties`` (a per-method
 command) must write the same tensors as ``merge run`` with the equivalent YAML.
@@ -96,6 +96,8 @@ RECIPES = {
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "a",
                      "models": [{"model": "b"}]},
 }  # fmt: skip
+# mergekit's dtype semantics on the fused group: bfloat16 arithmetic, the same bits
+RECIPES |= {f"{n}_bf16": {**RECIPES[n], "dtype": "bfloat16"} for n in ("ties", "slerp")}
 SELF_RECIPES = {  # randomised: per-expert inputs against weightsmith's fused-input merge
     "della": {"merge_method": "della", "base_model": "a",
               "models": [{"model": "b", "parameters": {"weight": 1.0, "density": 0.4,
@@ -154,7 +156,7 @@ def runs(tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Path]]:
             models = root / name / layout
             for recipe, data in {**RECIPES, **SELF_RECIPES}.items():
                 cfg = root / f"{name}-{layout}-{recipe}.yml"
-                cfg.write_text(yaml.safe_dump(_absolute({**data, "dtype": "float32"}, models)))
+                cfg.write_text(yaml.safe_dump(_absolute({"dtype": "float32", **data}, models)))
                 mk, ws = root / f"mk-{cfg.stem}", root / f"ws-{cfg.stem}"
                 r = run_cli("run", cfg, "-o", ws)
                 assert r.exit_code == 0, r.output
@@ -190,8 +192,10 @@ def test_moe_merge_equals_mergekit(runs, name, layout, recipe) -> None:
         mine = fuse(name, mine)
     assert set(mine) == set(theirs)
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in theirs)
+    atol = 0 if recipe.endswith("_bf16") else 1e-6  # bfloat16: the same bits
     for n in theirs:
-        torch.testing.assert_close(mine[n], theirs[n], rtol=0, atol=1e-6, msg=n)
+        assert mine[n].dtype == theirs[n].dtype, n
+        torch.testing.assert_close(mine[n], theirs[n], rtol=0, atol=atol, msg=n)
 
 
 @pytest.mark.parametrize("name", sorted(MOE))

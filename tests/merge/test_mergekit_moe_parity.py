@@ -96,6 +96,11 @@ RECIPES = {
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "a",
                      "models": [{"model": "b"}]},
 }  # fmt: skip
+RECIPES["slerp_slices"] = {  # slices: groups are made per output layer
+    "merge_method": "slerp", "base_model": "a",
+    "slices": [{"sources": [{"model": m, "layer_range": [0, 2]} for m in "ab"]}],
+    "parameters": {"t": [{"filter": "mlp", "value": [0.2, 0.7]}, {"value": 0.5}]},
+}  # fmt: skip
 # mergekit's dtype semantics on the fused group: bfloat16 arithmetic, the same bits
 RECIPES |= {f"{n}_bf16": {**RECIPES[n], "dtype": "bfloat16"} for n in ("ties", "slerp")}
 SELF_RECIPES = {  # randomised: per-expert inputs against weightsmith's fused-input merge

@@ -7,12 +7,15 @@ mergekit 0.1.5 reads and writes transformers 5's in-memory layout: fused 3-D exp
 as ``mlp.gate``; a checkpoint saved with one Linear per expert is fused on read through
 transformers' conversion mapping. So a merge of fused-layout inputs must give mergekit's tensors
 exactly, and a merge of per-expert inputs (which weightsmith keeps per expert) must give them
-after fusing. Tolerance: 1e-6 absolute, float32.
+after fusing: methods with per-tensor statistics (TIES' top-k, SLERP's angle, model_stock's
+cosines, ...) merge each layer's per-expert Linears as the one fused tensor mergekit sees
+(merge/expert_groups.py), and parameter filters match mergekit's names (``mlp`` selects
+Mixtral's ``block_sparse_moe`` experts and router). Tolerance: 1e-6 absolute, float32; the
+same bits with ``dtype: bfloat16`` (TIES, SLERP). DELLA (randomised) is compared with
+weightsmith's own merge of the fused inputs: bit-identical for the same seed.
 
-Known difference (strict xfail below): on per-expert inputs, methods with per-tensor statistics
-(TIES' top-k by magnitude, SLERP's angle between whole tensors) compute them per expert Linear
-in weightsmith and over the fused tensor of all experts in mergekit 0.1.5. Element-wise methods
-(linear) agree on either layout, and every method agrees on fused inputs.
+The recipes run through ``weightsmith merge run`` (the CLI); ``merge ties`` (a per-method
+command) must write the same tensors as ``merge run`` with the equivalent YAML.
 
 Slow: skipped when mergekit's venv is absent, a failure under WEIGHTSMITH_REQUIRE_PEERS=1.
 """
@@ -63,10 +66,47 @@ RECIPES = {
              "models": [{"model": "b", "parameters": {"weight": 0.7, "density": 0.4}},
                         {"model": "c", "parameters": {"weight": 0.5, "density": 0.6}}],
              "parameters": {"normalize": True}},
+    # "mlp" matches mergekit's names: Mixtral's block_sparse_moe experts and router included
+    "ties_filter": {"merge_method": "ties", "base_model": "a",
+                    "models": [{"model": "b", "parameters": {"weight": 1.0}},
+                               {"model": "c", "parameters": {"weight": 0.5}}],
+                    "parameters": {"density": [{"filter": "mlp", "value": 0.3},
+                                               {"value": 0.7}]}},
     "slerp": {"merge_method": "slerp", "base_model": "a",
               "models": [{"model": "a"}, {"model": "b"}],
               "parameters": {"t": [{"filter": "self_attn", "value": [0.2, 0.8]},
-                                   {"value": 0.6}]}},
+                                   {"filter": "mlp", "value": 0.3}, {"value": 0.6}]}},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "a",
+                         "models": [{"model": "b", "parameters": {"weight": 1.0, "density": 0.6,
+                                                                  "gamma": 0.05}},
+                                    {"model": "c", "parameters": {"weight": 0.5,
+                                                                  "density": 0.4}}]},
+    "sce": {"merge_method": "sce", "base_model": "a", "models": [{"model": "b"}, {"model": "c"}],
+            "parameters": {"select_topk": 0.5}},
+    "model_stock": {"merge_method": "model_stock", "base_model": "a",
+                    "models": [{"model": "b"}, {"model": "c"}]},
+    "nuslerp": {"merge_method": "nuslerp", "base_model": "a",
+                "models": [{"model": "b", "parameters": {"weight": 1.0}},
+                           {"model": "c", "parameters": {"weight": 2.0}}],
+                "parameters": {"nuslerp_flatten": False}},
+    "multislerp": {"merge_method": "multislerp",
+                   "models": [{"model": m, "parameters": {"weight": w}}
+                              for m, w in (("a", 0.2), ("b", 0.5), ("c", 0.3))]},
+    "karcher": {"merge_method": "karcher", "models": [{"model": "b"}, {"model": "c"}]},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "a",
+                     "models": [{"model": "b"}]},
+}  # fmt: skip
+RECIPES["slerp_slices"] = {  # slices: groups are made per output layer
+    "merge_method": "slerp", "base_model": "a",
+    "slices": [{"sources": [{"model": m, "layer_range": [0, 2]} for m in "ab"]}],
+    "parameters": {"t": [{"filter": "mlp", "value": [0.2, 0.7]}, {"value": 0.5}]},
+}  # fmt: skip
+# mergekit's dtype semantics on the fused group: bfloat16 arithmetic, the same bits
+RECIPES |= {f"{n}_bf16": {**RECIPES[n], "dtype": "bfloat16"} for n in ("ties", "slerp")}
+SELF_RECIPES = {  # randomised: per-expert inputs against weightsmith's fused-input merge
+    "della": {"merge_method": "della", "base_model": "a",
+              "models": [{"model": "b", "parameters": {"weight": 1.0, "density": 0.4,
+                                                       "epsilon": 0.2}}]},
 }  # fmt: skip
 LAYOUTS = ("experts", "fused")
 
@@ -119,14 +159,15 @@ def runs(tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Path]]:
             _fused_copy(root / name / "experts" / m, root / name / "fused" / m)
         for layout in LAYOUTS:
             models = root / name / layout
-            for recipe, data in RECIPES.items():
+            for recipe, data in {**RECIPES, **SELF_RECIPES}.items():
                 cfg = root / f"{name}-{layout}-{recipe}.yml"
-                cfg.write_text(yaml.safe_dump(_absolute({**data, "dtype": "float32"}, models)))
+                cfg.write_text(yaml.safe_dump(_absolute({"dtype": "float32", **data}, models)))
                 mk, ws = root / f"mk-{cfg.stem}", root / f"ws-{cfg.stem}"
                 r = run_cli("run", cfg, "-o", ws)
                 assert r.exit_code == 0, r.output
-                args += [str(cfg), str(mk)]
                 out[name, layout, recipe] = (mk, ws)
+                if recipe in RECIPES:
+                    args += [str(cfg), str(mk)]
     proc = subprocess.run(
         [str(MERGEKIT_PY), "-c", DRIVER, *args], capture_output=True, text=True, timeout=1500
     )
@@ -143,17 +184,8 @@ def _absolute(data, models: Path):
     return data
 
 
-PER_TENSOR_STATISTICS = pytest.mark.xfail(
-    strict=True, reason="per-expert statistics (weightsmith) vs fused-tensor (mergekit 0.1.5)"
-)
-CASES = [
-    pytest.param(name, layout, recipe, marks=PER_TENSOR_STATISTICS)
-    if layout == "experts" and recipe != "linear"
-    else (name, layout, recipe)
-    for name in sorted(MOE)
-    for layout in LAYOUTS
-    for recipe in sorted(RECIPES)
-]
+CASES = [(name, layout, recipe) for name in sorted(MOE) for layout in LAYOUTS
+         for recipe in sorted(RECIPES)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "layout", "recipe"), CASES)
@@ -165,5 +197,45 @@ def test_moe_merge_equals_mergekit(runs, name, layout, recipe) -> None:
         mine = fuse(name, mine)
     assert set(mine) == set(theirs)
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in theirs)
+    atol = 0 if recipe.endswith("_bf16") else 1e-6  # bfloat16: the same bits
     for n in theirs:
-        torch.testing.assert_close(mine[n], theirs[n], rtol=0, atol=1e-6, msg=n)
+        assert mine[n].dtype == theirs[n].dtype, n
+        torch.testing.assert_close(mine[n], theirs[n], rtol=0, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+@pytest.mark.parametrize("recipe", sorted(SELF_RECIPES))
+def test_randomised_per_expert_merge_is_the_fused_merge(runs, name, recipe) -> None:
+    """DELLA's per-row ranks and seeded draws run over the fused tensor: the per-expert merge,
+    fused, is the fused-input merge to the bit (same seed, same tensor name and offsets). The
+    other tensors draw from seeds of their stored names (Mixtral's router differs)."""
+    fused = tensors(runs[name, "fused", recipe][1])
+    mine = fuse(name, tensors(runs[name, "experts", recipe][1]))
+    assert set(mine) == set(fused)
+    experts = [n for n in fused if ".experts." in n]  # Mixtral's router is seeded by its name
+    assert len(experts) == 2 * LAYERS
+    for n in experts:
+        assert torch.equal(mine[n], fused[n]), n
+    base = fuse(name, tensors(runs[name, "experts", recipe][1].parent / name / "experts" / "a"))
+    moved = (
+        mine["model.layers.0.mlp.experts.gate_up_proj"]
+        != base["model.layers.0.mlp.experts.gate_up_proj"]
+    )
+    assert 0.2 < float(moved.float().mean()) < 0.6  # density 0.4 of the task vector kept
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_per_method_command_groups_experts_like_merge_run(runs, name, tmp_path) -> None:
+    """``merge ties`` (CLI flags, not a YAML) writes what ``merge run`` writes for the same
+    recipe: the per-method commands get the same expert grouping."""
+    models = runs[name, "experts", "ties"][1].parent / name / "experts"
+    out = tmp_path / "ties-cmd"
+    r = run_cli("ties", models / "b", models / "c", "--base", models / "a", "--weights",
+                "1.0,0.5", "--density", "mlp=0.3", "--density", "0.7", "--dtype", "float32",
+                "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    expected = tensors(runs[name, "experts", "ties_filter"][1])
+    got = tensors(out)
+    assert set(got) == set(expected)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=0, atol=1e-6, msg=n)

@@ -107,7 +107,7 @@ def test_passthrough_layer_range_past_the_end(models_dir, tmp_path):
     ("text", "fragment"),
     [
         ("merge_method: ties\nmodels: [{model: a}]\nfoo: 1\n", "unknown key(s) foo"),
-        ("merge_method: ramplus_tl\nmodels: [{model: a}]\n", "unsupported merge method 'ramplus_tl'"),
+        ("merge_method: task_swap\nmodels: [{model: a}]\n", "unsupported merge method 'task_swap'"),
         ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {wieght: 1}}]\n",
          "unknown parameter(s) wieght"),
         ("merge_method: linear\nmodels: [{model: a, extra: 1}]\n", "unknown key(s) extra"),

@@ -198,3 +198,34 @@ def ram_cmd(models, base, epsilon, tokenizer_source, out, opts) -> dict:
         tokenizer_source=tokenizer_source,
     )
     return run_recipe(recipe, out, **opts)
+
+
+@merge_cli.command("ramplus-tl")
+@click.argument("models", nargs=-1, required=True, type=MODEL)
+@base_option
+@click.option("--r", "r", type=FINITE_FLOAT, default=0.1, show_default=True,
+              help="Strength of the boost of each model's unique entries.")  # fmt: skip
+@click.option("--alpha", type=FINITE_FLOAT, default=0.2, show_default=True,
+              help="Upper clamp of the shared/unique ratio rho.")  # fmt: skip
+@click.option("--epsilon", type=FINITE_FLOAT, default=1e-5, show_default=True,
+              help="A task-vector entry counts when |δ| > epsilon.")  # fmt: skip
+@tokenizer_option
+@merge_options
+@common
+def ramplus_tl_cmd(models, base, r, alpha, epsilon, tokenizer_source, out, opts) -> dict:
+    """RAM+ (tensor-local): RAM with each model's unique entries scaled by
+    1 + r·clamp(shared/unique, 0, alpha), counted over the tensor (mergekit 'ramplus_tl')."""
+    from weightsmith.merge import MergeRecipe
+
+    recipe = MergeRecipe(
+        "ramplus_tl",
+        models=plain_models(models),
+        base_model=base,
+        parameters={
+            "r": checked("ramplus_tl", "r", r, "--r"),
+            "alpha": checked("ramplus_tl", "alpha", alpha, "--alpha"),
+            "epsilon": checked("ramplus_tl", "epsilon", epsilon, "--epsilon"),
+        },
+        tokenizer_source=tokenizer_source,
+    )
+    return run_recipe(recipe, out, **opts)

@@ -68,6 +68,11 @@ class ExpertLayout:
     interleaved: tuple[str, ...] = ()
     # the format transformers loads quantized fused experts from ("mxfp4": gpt-oss's own)
     quantized_format: str = ""
+    # keys of ``fused`` that mergekit 0.1.5 merges (it reads per-expert checkpoints through
+    # transformers' conversion mapping): each one's per-expert Linears form ONE merge group,
+    # so methods with per-tensor statistics see them fused (experts along dim 0, the listed
+    # Linears concatenated along dim 1), and parameters are looked up under these names
+    merge_groups: tuple[str, ...] = ()
 
     def num_experts(self, config: dict | None) -> int | None:
         """The expert count config.json declares, or None."""
@@ -87,6 +92,31 @@ class ExpertLayout:
         linear = linear[: -len(".weight")]
         named = {n for g in self.sequential_linears for n in g}
         return (int(index), linear) if linear in named else None
+
+    def merge_group(self, rel: str) -> tuple[str, int, int] | None:
+        """``(fused name, expert, position among the fused Linears)`` for a layer-relative
+        per-expert weight that belongs to one of :attr:`merge_groups`, else None."""
+        hit = self.expert_of(rel) if self.storage == "per_expert" else None
+        if hit is None:
+            return None
+        fused = dict(self.fused)
+        for group in self.merge_groups:
+            if hit[1] in fused[group]:
+                return group, hit[0], fused[group].index(hit[1])
+        return None
+
+    def merge_name(self, rel: str) -> str:
+        """The layer-relative name mergekit 0.1.5 gives tensor ``rel`` (what parameter filters
+        match): its merge group's fused name, or ``block`` renamed to ``module`` (Mixtral's
+        ``block_sparse_moe.gate.weight`` is ``mlp.gate.weight`` in transformers' model)."""
+        if not self.merge_groups:
+            return rel
+        group = self.merge_group(rel)
+        if group is not None:
+            return group[0]
+        if self.storage == "per_expert" and rel.startswith(self.block + "."):
+            return self.module + rel[len(self.block) :]
+        return rel
 
     def expert_module(self, index: int) -> str:
         """The layer-relative module name of expert ``index`` (no trailing dot)."""
@@ -131,6 +161,14 @@ class Architecture:
             if m:
                 return m.group(0)
         return None
+
+    def merge_name(self, tensor_name: str) -> str:
+        """The name mergekit 0.1.5 gives a tensor (:meth:`ExpertLayout.merge_name`): what
+        merge parameter filters match."""
+        prefix = self.layer_prefix(tensor_name)
+        if self.experts is None or prefix is None:
+            return tensor_name
+        return prefix + self.experts.merge_name(tensor_name[len(prefix) :])
 
     @property
     def multimodal(self) -> bool:
@@ -223,6 +261,7 @@ def _experts(d: dict | None) -> ExpertLayout | None:
         fused_bias_suffix=d.get("fused_bias_suffix", ""),
         interleaved=tuple(d.get("interleaved", ())),
         quantized_format=d.get("quantized_format", ""),
+        merge_groups=tuple(d.get("merge_groups", ())),
     )
 
 

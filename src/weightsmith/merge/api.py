@@ -24,16 +24,19 @@ from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.hub import parse_hub_id, resolve_model_reference
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 from weightsmith.io.support_files import TOKENIZER_FILES
-from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from weightsmith.merge.card import model_card
 from weightsmith.merge.engine import (
     DEFAULT_CHUNK_ELEMENTS,
     job_spec,
     produce,
+    split_bytes,
     with_compute_dtype,
 )
+from weightsmith.merge.expert_groups import group_expert_jobs
+from weightsmith.merge.methods import get_method
 from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
-from weightsmith.merge.recipe import MergeRecipe
+from weightsmith.merge.recipe import PASSTHROUGH, MergeRecipe
 from weightsmith.merge.vocab import VocabMerge, output_tokenizer, plan_vocabulary
 
 RECIPE_FILE = "mergekit_config.yml"
@@ -107,6 +110,9 @@ def merge(
                 _refuse_quantized(ckpts[ref], ref)
         vocab = plan_vocabulary(recipe, ckpts)
         plan = build_plan(recipe, ckpts, final_from, vocab.vocabulary.size if vocab else None)
+        passthrough = recipe.merge_method == PASSTHROUGH
+        method = None if passthrough else get_method(recipe.merge_method)
+        plan.jobs = group_expert_jobs(plan.jobs, ckpts, method)
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
         run = _Run(plan, ckpts, options, device, chunk_elements, final_from, vocab)
@@ -142,10 +148,13 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
     final_from = run.final_from
     tokenizer = output_tokenizer(recipe, run.vocab, plan.reference)
     out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
-    specs = {job.out_name: job_spec(job, ckpts, out_dtype) for job in plan.jobs}
+    specs = {o.out_name: job_spec(o, ckpts, out_dtype) for j in plan.jobs for o in j.outputs}
     stats: dict = {}
 
     def apply(job: TensorJob):
+        if job.members:  # a merge group: one fused merge, written back member by member
+            yield from _group_outputs(job, run, [specs[m.out_name] for m in job.members])
+            return
         spec = specs[job.out_name]
         if _shared_outside_text(job, ckpts, spec.dtype):
             stats.setdefault("copied_shared", []).append(job.out_name)
@@ -180,7 +189,7 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
         ref,
         plan.jobs,
         out,
-        plan=lambda job: [specs[job.out_name]],
+        plan=lambda job: [specs[o.out_name] for o in job.outputs],
         apply=apply,
         options=run.options,
         sources=list(ckpts.values()),
@@ -198,7 +207,7 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
     result.extra.update(
         {
             "method": recipe.merge_method,
-            "tensors_merged": sum(1 for j in plan.jobs if j.params is not None)
+            "tensors_merged": sum(len(j.outputs) for j in plan.jobs if j.params is not None)
             - len(stats.get("copied_shared", [])),
             "tensors_copied": sum(1 for j in plan.jobs if j.params is None)
             + len(stats.get("copied_shared", [])),
@@ -207,6 +216,16 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
         }
     )
     return result
+
+
+def _group_outputs(job: TensorJob, run: _Run, outs: list[TensorSpec]):
+    """A merge group's members (``outs``): the fused tensor merged once, its bytes cut into
+    the members in order, as the writer consumes them."""
+    fused = TensorSpec(job.out_name, outs[0].dtype, job.shape)
+    chunks = produce(job, run.ckpts, fused, device=run.device, chunk_elements=run.chunk_elements)
+    pieces = split_bytes(chunks, [o.nbytes for o in outs])
+    for o, piece in zip(outs, pieces, strict=True):
+        yield o.name, RawTensor(o, lambda piece=piece: piece)
 
 
 def _shared_outside_text(

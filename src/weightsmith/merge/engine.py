@@ -231,6 +231,10 @@ def produce(
     numel = _numel(job.shape)
     inputs = [(ckpts[m], n) for m, n in job.inputs]
     method = get_method(job.method)
+    if job.members:  # a merge group: the members' inputs read as one fused tensor
+        src = group_chunks(job, ckpts, chunk_elements, device)
+        yield from run_method(method, src, job.params, post=lambda o: _to_bytes(o, spec.dtype, job))
+        return
     src = CheckpointChunks(inputs, job.out_name, job.shape, numel, chunk_elements, device)
     if _can_stream_stored(inputs, device):
         outs = method.stream_stored(src, job.params, spec.dtype)
@@ -239,6 +243,58 @@ def produce(
             return
     yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
     del src
+
+
+class GroupChunks(ChunkSource):
+    """A merge group's fused tensor (merge/expert_groups.py): each input's members read one
+    after the other, so chunk offsets are the fused tensor's flat offsets."""
+
+    def __init__(self, parts: Sequence[CheckpointChunks], name: str, shape: tuple[int, ...]):
+        self.parts = list(parts)
+        self.name = name
+        self.shape = shape
+        self.numel = sum(p.numel for p in parts)
+        self.num_inputs = parts[0].num_inputs
+
+    def chunks(self, indices: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
+        for part in self.parts:
+            yield from part.chunks(indices)
+
+    def fail_nonfinite(self, i: int) -> None:
+        self.parts[0].fail_nonfinite(i)
+
+
+def group_chunks(
+    job: TensorJob, ckpts: Mapping[str, Checkpoint], chunk_elements: int, device: str
+) -> GroupChunks:
+    """The chunk source of a group job; its members' float32 copies are kept between passes
+    only when the whole group fits the cache budget."""
+    numel = _numel(job.shape)
+    cache = DEFAULT_CACHE_BYTES if numel * 4 * len(job.inputs) <= DEFAULT_CACHE_BYTES else 0
+    parts = [
+        CheckpointChunks([(ckpts[p], n) for p, n in m.inputs], m.out_name, m.shape,
+                         _numel(m.shape), chunk_elements, device, cache_bytes=cache)
+        for m in job.members
+    ]  # fmt: skip
+    return GroupChunks(parts, job.out_name, job.shape)
+
+
+def split_bytes(stream: Iterator[memoryview], sizes: Sequence[int]) -> list[Iterator[memoryview]]:
+    """``stream`` cut into consecutive pieces of ``sizes`` bytes, one lazy iterator per piece,
+    to be consumed in order (as the writer writes a group's members)."""
+    it = iter(stream)
+    pending: list[memoryview] = []
+
+    def piece(n: int) -> Iterator[memoryview]:
+        while n > 0:
+            block = pending.pop() if pending else next(it).cast("B")
+            if len(block) > n:
+                pending.append(block[n:])
+                block = block[:n]
+            n -= len(block)
+            yield block
+
+    return [piece(n) for n in sizes]
 
 
 def _produce_vocab(

@@ -37,10 +37,18 @@ class TensorJob:
     method: str = ""
     scale: float = 1.0
     vocab: bool = False  # rows re-indexed by the merged vocabulary (merge/vocab.py) first
+    # a merge group (merge/expert_groups.py): the per-expert jobs whose outputs, concatenated
+    # flat in this order, are this job's (fused) output; ``inputs`` are the first member's
+    members: tuple[TensorJob, ...] = ()
 
     @property
     def out_name(self) -> str:
         return self.names[0]
+
+    @property
+    def outputs(self) -> tuple[TensorJob, ...]:
+        """The jobs whose tensors this job writes: its members, or itself."""
+        return self.members or (self,)
 
 
 @dataclass
@@ -104,7 +112,8 @@ def _plan_models(recipe: MergeRecipe, ckpts: Mapping[str, Checkpoint]) -> MergeP
     for name, info in ref.tensors.items():
         layer = ref.arch.layer_of(name)
         t = _depth(layer, layers) if layer is not None else NON_LAYER_T
-        params = _resolve(method, name, t, order, base, per_model, {}, recipe.parameters)
+        params = _resolve(method, name, t, order, base, per_model, {}, recipe.parameters,
+                          ref.arch.merge_name(name))  # fmt: skip
         jobs.append(
             TensorJob(
                 name,
@@ -139,13 +148,15 @@ def _resolve(
     per_model: Mapping[str, Mapping[str, Any]],
     slice_params: Mapping[str, Any],
     global_params: Mapping[str, Any],
+    lookup_name: str | None = None,
 ) -> TensorParams:
-    g = {
-        p.name: lookup(p.name, tensor, t, slice_params, global_params) for p in method.global_params
-    }
+    """``tensor``'s parameters, filters matched against ``lookup_name`` (the name mergekit
+    gives it: Mixtral's per-expert ``w1`` is under ``mlp.experts.gate_up_proj``) or ``tensor``."""
+    key = lookup_name or tensor
+    g = {p.name: lookup(p.name, key, t, slice_params, global_params) for p in method.global_params}
     models = tuple(
         {
-            p.name: lookup(p.name, tensor, t, per_model.get(m), slice_params, global_params)
+            p.name: lookup(p.name, key, t, per_model.get(m), slice_params, global_params)
             for p in method.model_params
         }
         for m in order
@@ -260,7 +271,8 @@ def _slice_job(
         src = sl.sources[0]
         tensor = source_name(src)
         info = _info(ckpts[src.model], tensor)
-        scale = lookup("scale", out_name, t, src.parameters, sl.parameters, recipe.parameters)
+        key = ckpts[src.model].arch.merge_name(out_name)
+        scale = lookup("scale", key, t, src.parameters, sl.parameters, recipe.parameters)
         return TensorJob(
             out_name,
             (out_name,),
@@ -281,7 +293,8 @@ def _slice_job(
         listed = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, infos, strict=True))
         raise CheckpointError(f"tensor {out_name!r}: shapes differ ({listed})")
     per_model = {s.model: s.parameters for s in sl.sources}
-    params = _resolve(method, out_name, t, order, base, per_model, sl.parameters, recipe.parameters)
+    params = _resolve(method, out_name, t, order, base, per_model, sl.parameters, recipe.parameters,
+                      ckpts[inputs[0][0]].arch.merge_name(out_name))  # fmt: skip
     return TensorJob(out_name, (out_name,), inputs, infos[0].shape, params, method.name)
 
 

@@ -15,6 +15,7 @@ from weightsmith.merge.methods import (  # noqa: F401
     nearswap,
     nuslerp,
     ram,
+    ramplus_tl,
     sce,
     slerp,
     task_arithmetic,

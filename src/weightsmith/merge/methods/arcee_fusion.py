@@ -55,6 +55,7 @@ def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
 
 @merge_method("arcee_fusion")
 class ArceeFusion(MergeMethod):
+    tensor_statistics = True
     whole_tensor = True
     title = "Arcee Fusion"
     reference = "https://arcee.ai"

@@ -135,6 +135,9 @@ class MergeMethod:
     base_as_input: ClassVar[bool] = False  # the base is one more input (karcher), last
     min_models: ClassVar[int] = 1  # non-base inputs
     whole_tensor: ClassVar[bool] = False  # prepare reduces whole tensors (mergekit's threads)
+    # an entry's result depends on other entries of the tensor (top-k, norms, angles, ranks):
+    # per-expert Linears that mergekit fuses into one tensor are merged as that one tensor
+    tensor_statistics: ClassVar[bool] = False
     max_models: ClassVar[int | None] = None
     global_params: ClassVar[tuple[Param, ...]] = ()
     model_params: ClassVar[tuple[Param, ...]] = ()

@@ -69,6 +69,7 @@ def apply_band(delta: torch.Tensor, band: Band, offset: int) -> torch.Tensor:
 
 
 class _Breadcrumbs(MaskedTaskArithmetic):
+    tensor_statistics = True
     reference = "https://arxiv.org/abs/2312.06795"
     global_params = (
         Param("normalize", False, help="divide by the sum of the (agreeing) weights", kind=BOOL),

@@ -187,6 +187,7 @@ def magprune_stream(
 
 
 class _Della(MaskedTaskArithmetic):
+    tensor_statistics = True
     reference = "https://arxiv.org/abs/2406.11617"
     default_normalize = False
     model_params = (

@@ -78,6 +78,7 @@ def karcher_mean(
 
 @merge_method("karcher")
 class Karcher(MergeMethod):
+    tensor_statistics = True
     whole_tensor = True
     title = "Karcher mean"
     reference = "https://arxiv.org/abs/2603.04972"

@@ -58,6 +58,7 @@ def stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
 
 @merge_method("model_stock")
 class ModelStock(MergeMethod):
+    tensor_statistics = True
     whole_tensor = True
     title = "Model Stock"
     reference = "https://arxiv.org/abs/2403.19522"

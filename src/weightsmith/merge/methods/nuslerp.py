@@ -77,6 +77,7 @@ def nuslerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float):
 
 @merge_method("nuslerp")
 class NuSlerp(MergeMethod):
+    tensor_statistics = True
     whole_tensor = True
     title = "NuSLERP"
     reference = "https://github.com/arcee-ai/mergekit"

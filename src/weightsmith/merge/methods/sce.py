@@ -126,6 +126,7 @@ def combine_narrow(chunks: list[torch.Tensor], state: NarrowSce, dt: torch.dtype
 
 @merge_method("sce")
 class Sce(MergeMethod):
+    tensor_statistics = True
     title = "SCE"
     reference = "https://arxiv.org/abs/2408.07990"
     needs_base = True

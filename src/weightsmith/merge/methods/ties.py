@@ -198,6 +198,7 @@ def mergekit_topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
 
 @merge_method("ties")
 class Ties(GeneralizedTaskArithmetic):
+    tensor_statistics = True
     title = "TIES"
     reference = "https://arxiv.org/abs/2306.01708"
     consensus = True

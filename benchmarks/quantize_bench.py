@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,11 @@ CONFIGS = {
         "gptq w3 per-channel act-order": ["--method", "gptq", "--bits", "3", "--group-size", "-1", "--act-order"],
         "nf4 (bitsandbytes)": ["--method", "nf4"],
     },
+    "smollm2-vs-llmcompressor": {  # the rows llm-compressor also has (issue 21, item 8)
+        "gptq w4 g64 act-order": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
+        "gptq w4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
+        "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
+    },
     "smollm2-awq": {  # AWQ vs its data-free counterpart (RTN), symmetric g64 (see shared/README)
         "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
@@ -120,9 +126,12 @@ print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": peak}))  # (kep
 """
 
 
-def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path):
-    """llm-compressor GPTQ (or AWQ + RTN: --peer-method awq) on the same calibration windows;
-    rows in the same format."""
+def run_peer(
+    python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path,
+    methods: list[str] | None = None,
+):  # fmt: skip
+    """llm-compressor GPTQ and/or AWQ + RTN (``--peer-method``, or ``methods``) on the same
+    calibration windows; rows in the same format."""
     import torch
 
     from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
@@ -136,8 +145,8 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
     rows = []
     group = args.peer_group_size
     tag = "per-channel" if group <= 0 else f"g{group}"
-    for bits in args.peer_bits:
-        method = args.peer_method
+    for bits, method in [(b, m) for m in methods or args.peer_method for b in args.peer_bits]:
+        load = os.getloadavg()[0]
         out = work / f"peer_llmcompressor_{method}_w{bits}_{tag}"
         proc = subprocess.run(
             [
@@ -159,7 +168,8 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
         e = perplexity(out, data, reference=base, **evalargs).to_dict()
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
+        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
+        print(f"{rows[-1]['config']}: ppl {e['ppl']:.4f} quant {cost['wall_s']:.1f}s load {load:.1f}", file=sys.stderr)  # fmt: skip
     return rows
 
 
@@ -223,7 +233,11 @@ def main() -> None:
     ap.add_argument("--peer-bits", type=int, nargs="+", default=[4, 3], help="peer runs")
     ap.add_argument("--peer-group-size", type=int, default=-1, help="peer group (-1: channel)")
     ap.add_argument("--no-configs", action="store_true", help="run only the peer")
-    ap.add_argument("--peer-method", choices=["gptq", "awq"], default="gptq", help="peer recipe")
+    ap.add_argument("--peer-method", choices=["gptq", "awq"], nargs="+", default=["gptq"],
+                    help="peer recipe(s)")  # fmt: skip
+    ap.add_argument("--interleave-peer", action="store_true",
+                    help="run each peer method right after the first weightsmith row of that "
+                    "method (back to back: comparable machine load)")  # fmt: skip
     ap.add_argument(
         "--calib-holdout",
         action="store_true",
@@ -243,6 +257,8 @@ def main() -> None:
     ws = [sys.executable, "-m", "weightsmith"]
     evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
     rows = []
+    pending = list(args.peer_method)  # peer methods not run yet
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} load {os.getloadavg()}", file=sys.stderr)  # fmt: skip
     if not args.no_baseline:
         rows.append(baseline_row(base, data, evalargs))
     for name, extra in CONFIGS[args.configs or args.model].items():
@@ -262,6 +278,7 @@ def main() -> None:
                 str(args.calib_seq_len),
             ]
         )
+        load = os.getloadavg()[0]
         q = run(
             [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
         )
@@ -277,27 +294,52 @@ def main() -> None:
             "rss": q["peak_rss"],
             "fraction": x["fraction_quantized"],
             "tokens": e["tokens"],
+            "load": load,
         }
         rows.append(row)
+        method = extra[extra.index("--method") + 1]
+        if args.peer_python and args.interleave_peer and method in pending:
+            pending.remove(method)
+            rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data, [method])  # fmt: skip
         if args.json_out:  # after every row, so a stopped run keeps what it measured
             Path(args.json_out).write_text(json.dumps(rows, indent=2))
         print(
             f"{name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f} top1 {e['top1_agreement']:.4f} size {x['output_size']} quant {q['wall_s']:.1f}s rss {q['peak_rss'] / 2**20:.0f} MiB",
             file=sys.stderr,
         )
-    if args.peer_python:
-        rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data)
+    if args.peer_python and pending:
+        rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data, pending)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     print(
-        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize peak RSS |"
+        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize peak RSS | load avg (1 min) at start |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         qs = f"{r['quant_s']:.1f} s" if r["quant_s"] is not None else "-"
         rss = f"{r['rss'] / 2**20:.0f} MiB" if r["rss"] is not None else "-"
         print(
-            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {rss} |"
+            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {rss} | {r.get('load', float('nan')):.1f} |"
+        )
+    print_ratios(rows)
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """weightsmith vs llm-compressor, per weightsmith row that has a peer row of its method
+    (same bits): wall-time ratio and relative ppl."""
+    peers = {  # "llm-compressor gptq w4 g64" -> ("gptq", "w4")
+        tuple(r["config"].split()[1:3]): r for r in rows if r["config"].startswith("llm-comp")
+    }
+    for r in rows:
+        parts = r["config"].split()
+        if r["config"].startswith(("llm-compressor", "baseline")) or len(parts) < 2:
+            continue
+        p = peers.get((parts[0], parts[1]))
+        if p is None or not r["quant_s"] or not p["quant_s"]:
+            continue
+        print(
+            f"{r['config']} vs {p['config']}: wall {r['quant_s'] / p['quant_s']:.2f}x, "
+            f"ppl {100 * (r['ppl'] / p['ppl'] - 1):+.2f}%"
         )
 
 

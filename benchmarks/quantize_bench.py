@@ -147,6 +147,10 @@ def run_peer(
 
     from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
 
+    ready = Path(python).parents[1] / ".ready"  # .ci/peers.sh writes it once the venv is built
+    deadline = time.monotonic() + args.peer_wait
+    while args.peer_wait and not ready.exists() and time.monotonic() < deadline:
+        time.sleep(10)
     text = load_calibration_text(calib).text
     ids = tokenize_windows(
         load_tokenizer(base), text, samples=args.calib_samples, seq_len=args.calib_seq_len
@@ -256,6 +260,8 @@ def main() -> None:
     ap.add_argument("--no-configs", action="store_true", help="run only the peer")
     ap.add_argument("--peer-method", choices=["gptq", "awq"], nargs="+", default=["gptq"],
                     help="peer recipe(s)")  # fmt: skip
+    ap.add_argument("--peer-wait", type=float, default=0,
+                    help="wait up to this many seconds for the peer venv's .ready marker")  # fmt: skip
     ap.add_argument("--interleave-peer", action="store_true",
                     help="run each peer method right after the first weightsmith row of that "
                     "method (back to back: comparable machine load)")  # fmt: skip

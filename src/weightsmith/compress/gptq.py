@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsmith.compress.levels import level_range
 from weightsmith.compress.registry import (
     CalibratedConfig,
     CalibrationFailed,
@@ -25,7 +26,7 @@ from weightsmith.compress.registry import (
     QuantizedWeight,
     quant_method,
 )
-from weightsmith.compress.rtn import group_qparams, minmax_qparams, quantize_levels, zero_min_for
+from weightsmith.compress.rtn import group_qparams, minmax_qparams, zero_min_for
 from weightsmith.core.statistics import HessianStat  # noqa: F401  (re-exported)
 from weightsmith.errors import ConfigError
 
@@ -143,37 +144,48 @@ def _quantize_columns(
     static_scale: torch.Tensor | None, static_zero: torch.Tensor | None,
 ):  # fmt: skip
     """Alg. 1: quantize column by column, spreading each error over the later columns; the rest
-    of the matrix is updated once per block. Returns levels, scale, zero and the loss."""
-    bits, g, perm, dev = grid.bits, grid.g, grid.perm, W.device
+    of the matrix is updated once per block. Returns levels, scale, zero and the loss.
+
+    The per-column step is kept to a few in-place tensor ops (levels stay float within a
+    block, the pivots are Python floats, each column's scale/zero column is sliced once per
+    group): the same arithmetic as the reference, so the same levels."""
+    g, perm, dev = grid.g, grid.perm, W.device
+    qmin, qmax = level_range(grid.bits)
     out_f, cols = W.shape
     Q = torch.zeros(out_f, cols, dtype=torch.int8, device=dev)
     n_groups = cols // g
     scale = torch.zeros(out_f, n_groups, device=dev) if static_scale is None else static_scale
     zero = torch.zeros(out_f, n_groups, device=dev) if static_zero is None else static_zero
     loss = torch.zeros(out_f, device=dev)
+    order = perm.tolist() if perm is not None else range(cols)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        pivots = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col]) if perm is not None else col
-            grp = orig // g
+            grp = order[col] // g
             if static_scale is None and col % g == 0:
                 # the group's current, error-compensated weights (may extend past the block)
                 cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
-                s, z = _qparams_for(cur, bits, grid.symmetric, grid.dtype, grid.zero_min)
-                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
+                sc, z = _qparams_for(cur, grid.bits, grid.symmetric, grid.dtype, grid.zero_min)
+                scale[:, grp], zero[:, grp] = sc[:, 0], z[:, 0]
+            s, z = scale[:, grp], zero[:, grp]
             x = W1[:, i]
-            q = quantize_levels(x[:, None], scale[:, grp : grp + 1], zero[:, grp : grp + 1], bits)
-            Q[:, col] = q[:, 0]
-            deq = (q[:, 0].float() - zero[:, grp]) * scale[:, grp]
-            d = Hinv1[i, i]
-            err = (x - deq) / d
-            loss += (x - deq) ** 2 / d**2 / 2
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+            q = Q1[:, i]
+            torch.div(x, s, out=q)
+            q.round_().add_(z).clamp_(qmin, qmax)  # the levels, as float
+            err = Err1[:, i]
+            torch.sub(q, z, out=err)
+            err.mul_(s)  # the dequantized column
+            torch.sub(x, err, out=err)
+            err.div_(pivots[i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        Q[:, i1:i2] = Q1.to(torch.int8)
+        loss += Err1.square().sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)
     return Q, scale, zero, loss
 

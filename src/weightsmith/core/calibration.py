@@ -50,6 +50,8 @@ from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
     load_tokenizer,
     tokenize_windows,
 )
+from weightsmith.core.calibration_hooks import InputHooks, StopForward
+from weightsmith.core.calibration_memo import SubmoduleMemo
 from weightsmith.core.experts import (
     expert_groups,
     is_expert_linear,
@@ -64,8 +66,7 @@ from weightsmith.io.reader import Checkpoint
 T = TypeVar("T")
 
 
-class _StopForward(Exception):
-    """Raised by the catcher at decoder layer 0 once its inputs are recorded."""
+_StopForward = StopForward  # also raised by the catcher at decoder layer 0
 
 
 @dataclass
@@ -155,7 +156,8 @@ class CalibrationLayer:
         the Linears ``names`` to fresh statistics: the registered statistic ``make_stat``
         (a name in :data:`~weightsmith.core.statistics.STATISTICS`, e.g. ``"hessian"``), or
         ``make_stat(name, module)``. Each batch's forward stops as soon as all of them have
-        seen their input."""
+        seen their input; Linears fed the very same input tensor (q/k/v) share one registered
+        statistic (see :mod:`.calibration_hooks`)."""
         if isinstance(make_stat, str):
             if make_stat not in STATISTICS:
                 raise ConfigError(f"unknown calibration statistic {make_stat!r}")
@@ -163,27 +165,22 @@ class CalibrationLayer:
             stats = {n: cls(self.weight_shape(n)[1]) for n in names}
         else:
             stats = {n: make_stat(n, self.linears[n]) for n in names}
-        seen: set[str] = set()
-        handles = []
         # MoE experts run only on the tokens routed to them: never stop a batch early there
         early = not any(is_expert_linear(self._streamer.ckpt.arch, n) for n in names)
+        hooks = InputHooks(stats, early=early, share=early and isinstance(make_stat, str))
+        handles = [self.module.register_forward_pre_hook(hooks.start_batch)]
         for n in names:
 
             def hook(mod: nn.Module, args: tuple, n: str = n) -> None:
-                x = args[0].detach()
-                stats[n].add(x.reshape(-1, x.shape[-1]).float())
-                seen.add(n)
-                if early and len(seen) == len(stats):  # the rest of the layer is not needed
-                    seen.clear()
-                    raise _StopForward
+                hooks.hook(n, args[0])
 
             handles.append(self.linears[n].register_forward_pre_hook(hook))
         try:
-            self._streamer._forward_all(self.module, keep=False)
+            self._streamer._forward_all(self.module, keep=False, collecting=names)
         finally:
             for h in handles:
                 h.remove()
-        return stats
+        return hooks.finish()
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -212,6 +209,7 @@ class LayerStreamer:
         self.compute_dtype = compute_dtype
         self.device = torch.device(device)
         self.progress = progress
+        self._memo: SubmoduleMemo | None = None  # of the layer being run
         self._layer_names = ckpt.layers()
         if not self._layer_names:
             raise CheckpointError(f"{ckpt.path}: no decoder layers found to calibrate")
@@ -242,9 +240,11 @@ class LayerStreamer:
         module = self._materialise_layer(prefix, names)
         try:
             layer = CalibrationLayer(self, index, prefix, module)
+            self._memo = SubmoduleMemo(module, layer.linears)
             result = fn(layer)
             self._forward_all(module, keep=True)
         finally:
+            self._memo = None
             module.to("meta")  # release the layer's memory
             release_freed_memory()
         later = [i for i in self._layer_names if i > index]
@@ -256,11 +256,17 @@ class LayerStreamer:
         for i in self.layers():
             yield i, self.run_layer(i, fn)
 
-    def _forward_all(self, module: nn.Module, *, keep: bool) -> None:
+    def _forward_all(self, module: nn.Module, *, keep: bool, collecting: Sequence[str] = ()):
+        """Run ``module`` on every batch (``keep``: its outputs become the hidden states),
+        reusing unchanged submodule outputs of earlier passes (see :mod:`.calibration_memo`)."""
+        memo, busy = self._memo, set(collecting)
         with torch.no_grad():
-            for b in tqdm(self._batches, disable=not self.progress, leave=False, desc="forward"):
+            for i, b in enumerate(
+                tqdm(self._batches, disable=not self.progress, leave=False, desc="forward")
+            ):
                 try:
-                    out = module(b.hidden, *b.args, **b.layer_kwargs.get(self._next, b.kwargs))
+                    with memo.active(i, busy, store=not keep) if memo else contextlib.nullcontext():
+                        out = module(b.hidden, *b.args, **b.layer_kwargs.get(self._next, b.kwargs))
                 except _StopForward:  # a collect() hook has everything it needs
                     continue
                 if isinstance(out, tuple):

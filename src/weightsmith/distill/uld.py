@@ -97,7 +97,7 @@ def _encode(tok, text: str, special: bool) -> tuple[list[int], list[Span]]:
 def check_fast(tok, who: str) -> None:
     """Alignment reads character offsets, which only fast (Rust) tokenizers give."""
     if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"--loss uld across tokenizers needs a fast tokenizer for the {who} "
+        raise ConfigError(f"--loss uld|gold across tokenizers needs a fast tokenizer for the {who} "
                           f"(character offsets); {type(tok).__name__} has none")  # fmt: skip
 
 

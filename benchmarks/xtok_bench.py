@@ -3,8 +3,10 @@ a fresh student with stories260K's architecture and its own tokenizer (Llama sen
 vocab 512; seeded random init), equal steps, equal data order.
 
 Runs (each seed): (a) CE only, (b) CE + ULD across tokenizers (``distill kd --loss uld``,
-α = 0.5, τ = 1: text-aligned groups, sorted-probability L1), optionally (c) the same at τ = 2;
-then the student's held-out perplexity (its own tokens, windows of 256) on TinyStories
+α = 0.5, τ = 1: text-aligned groups, sorted-probability L1), (c) CE + GOLD's hybrid
+(``distill kd --loss gold``: JSD_β on the tokens both vocabularies share by text, ULD on the rest;
+exact text map), (d) the same with the prefix map, optionally (u2) ULD at τ = 2 (GOLD's α, τ, β
+and weights from ``--gold-*``); then the student's held-out perplexity (its own tokens, windows of 256) on TinyStories
 validation text; training text is the disjoint TinyStories train file. Prints a table and the
 mean over seeds.
 
@@ -26,13 +28,26 @@ from pathlib import Path
 import torch
 
 from weightsmith.distill import DistillConfig, LossConfig, distill
+from weightsmith.distill.gold import GoldSettings
 from weightsmith.testing import shared_model, shared_text, smollm2_dir
 
-RUNS = {
-    "a": ("(a) CE only", LossConfig(alpha=1.0)),
-    "b": ("(b) CE + ULD (alpha 0.5, tau 1)", LossConfig(loss="uld", alpha=0.5, temperature=1.0)),
-    "c": ("(c) CE + ULD (alpha 0.5, tau 2)", LossConfig(loss="uld", alpha=0.5, temperature=2.0)),
-}
+
+def runs(a: argparse.Namespace) -> dict[str, tuple[str, LossConfig, GoldSettings | None]]:
+    """The arms, GOLD's from the command line."""
+    gold = LossConfig(loss="gold", alpha=a.gold_alpha, temperature=a.gold_temperature,
+                      beta=a.gold_beta)  # fmt: skip
+    tag = f"alpha {a.gold_alpha}, tau {a.gold_temperature}, beta {a.gold_beta}"
+    weights = {"matched_weight": a.gold_matched, "unmatched_weight": a.gold_unmatched}
+    return {
+        "a": ("(a) CE only", LossConfig(alpha=1.0), None),
+        "b": ("(b) CE + ULD (alpha 0.5, tau 1)",
+              LossConfig(loss="uld", alpha=0.5, temperature=1.0), None),
+        "c": (f"(c) CE + GOLD exact map ({tag})", gold, GoldSettings(**weights)),
+        "d": (f"(d) CE + GOLD prefix map ({tag})", gold,
+              GoldSettings(**weights, vocab_map="prefix")),
+        "u2": ("(u2) CE + ULD (alpha 0.5, tau 2)",
+               LossConfig(loss="uld", alpha=0.5, temperature=2.0), None),
+    }  # fmt: skip
 
 
 def fresh_student(like: Path, out: Path, seed: int) -> Path:
@@ -61,7 +76,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--runs", default="a,b", help=f"comma list of {','.join(RUNS)}")
+    ap.add_argument("--runs", default="a,b", help="comma list of a,b,c,d,u2")
+    ap.add_argument("--gold-alpha", type=float, default=0.5)
+    ap.add_argument("--gold-temperature", type=float, default=1.0)
+    ap.add_argument("--gold-beta", type=float, default=0.0, help="0 = forward KL")
+    ap.add_argument("--gold-matched", type=float, default=1.0)
+    ap.add_argument("--gold-unmatched", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128, help="student tokens per window")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -80,8 +100,8 @@ def main() -> None:
     for seed in [int(x) for x in a.seeds.split(",")]:
         student = fresh_student(like, work / f"student-{seed}", seed)
         for key in [k.strip() for k in a.runs.split(",")]:
-            name, loss = RUNS[key]
-            cfg = DistillConfig(loss=loss, steps=a.steps, lr=a.lr, seed=seed,
+            name, loss, gold = runs(a)[key]
+            cfg = DistillConfig(loss=loss, steps=a.steps, lr=a.lr, seed=seed, gold=gold,
                                 batch_size=a.batch_size, seq_len=a.seq_len)  # fmt: skip
             out = work / f"{key}-{seed}"
             res = distill(teacher if loss.alpha < 1 else None, student, train, out, cfg,

@@ -26,7 +26,7 @@ OWN = {
     "kd": {"--teacher", "--teacher-cache", "--loss", "--beta", "--temperature", "--alpha",
            "--eval-data", "--grad-accum", "--lmbda", "--gen-temperature", "--max-new-tokens",
            "--gen-prompt-tokens", "--hidden-layers", "--hidden-weight", "--hidden-loss",
-           "--fsdp"},
+           "--fsdp", "--gold-matched-weight", "--gold-unmatched-weight", "--gold-map"},
     "seqkd": {"--teacher", "--gen-max-new-tokens", "--gen-temperature", "--eval-data",
               "--grad-accum", "--fsdp"},
     "sft": {"--eval-data", "--grad-accum", "--fsdp"},
@@ -57,7 +57,7 @@ def test_help_lists_only_own_options(method):
     assert r.exit_code == 0, r.output
     assert _listed_options(r.output) == SHARED | OWN[method]
     if method == "kd":
-        assert "--loss [fkl|gkd|jsd|rkl|uld]" in r.output
+        assert "--loss [fkl|gkd|gold|jsd|rkl|uld]" in r.output
     if method == "dpo":
         assert "--loss [hinge|ipo|sigmoid]" in r.output
 

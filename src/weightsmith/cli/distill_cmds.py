@@ -18,6 +18,7 @@ from weightsmith.cli.distill_options import (
     fsdp_option,
     generation_options,
     gkd_options,
+    gold_options,
     hidden_options,
     kd_mixing_options,
     lora_options,
@@ -45,9 +46,12 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
     show_default=True,
     help="fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd = generalized JSD "
     "(continuous in β), gkd = TRL GKDTrainer's generalized JSD, uld = Universal Logit "
-    "Distillation (sorted-probability L1; works across tokenizers, online --teacher only).",
+    "Distillation (sorted-probability L1; works across tokenizers, online --teacher only), "
+    "gold = TRL GOLD's hybrid across tokenizers: JSD_β on the tokens both share by text, "
+    "ULD on the rest (online --teacher only; jsd with one tokenizer).",
 )
 @kd_mixing_options
+@gold_options
 @gkd_options
 @hidden_options
 @eval_data_option("Held-out text: perplexity and KL to the teacher before/after.")
@@ -57,8 +61,8 @@ from weightsmith.distill import DIVERGENCES, DPO_LOSSES
 @run_options
 def kd_cmd(**o: object) -> dict:
     """Logit KD: match the teacher's next-token distributions (online, or from `distill cache`)."""
-    if o["beta"] is not None and o["loss"] not in ("jsd", "gkd"):
-        raise click.UsageError(f"--beta is the JSD mixture weight: use it with --loss jsd or gkd "
+    if o["beta"] is not None and o["loss"] not in ("jsd", "gkd", "gold"):
+        raise click.UsageError(f"--beta is the JSD mixture weight: use it with --loss jsd, gkd, gold "
                                f"(not {o['loss']})")  # fmt: skip
     return run_training("kd", o)
 

@@ -192,3 +192,16 @@ hidden_options = options(
     click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default=None,
                  help="With --hidden-layers: mse (default) or cosine (1 − cos)."),
 )  # fmt: skip
+
+
+gold_options = options(
+    click.option("--gold-matched-weight", type=FINITE_FLOAT, default=None,
+                 help="With --loss gold: weight w_m of JSD_β over the tokens both vocabularies "
+                 "share (renormalised over them; default 1)."),
+    click.option("--gold-unmatched-weight", type=FINITE_FLOAT, default=None,
+                 help="With --loss gold: weight w_u of the sorted L1 (ULD) over the other "
+                 "tokens (default 1)."),
+    click.option("--gold-map", type=click.Choice(["exact", "prefix"]), default=None,
+                 help="With --loss gold: teacher -> student tokens by equal text (exact, GOLD's; "
+                 "default) or by the student's longest token that begins it (prefix)."),
+)  # fmt: skip

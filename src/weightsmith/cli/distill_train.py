@@ -83,6 +83,15 @@ def _kd_extras(o: dict) -> dict:
         )
     elif o.get("hidden_weight") is not None or o.get("hidden_loss") is not None:
         raise click.UsageError("--hidden-weight and --hidden-loss need --hidden-layers")
+    gold = {k: o.get(f"gold_{k}") for k in ("matched_weight", "unmatched_weight", "map")}
+    if o.get("loss") == "gold":
+        from weightsmith.distill.gold import GoldSettings
+
+        extras["gold"] = GoldSettings(**{("vocab_map" if k == "map" else k): v
+                                         for k, v in gold.items() if v is not None})  # fmt: skip
+    elif any(v is not None for v in gold.values()):
+        raise click.UsageError("--gold-matched-weight, --gold-unmatched-weight and --gold-map "
+                               "need --loss gold")  # fmt: skip
     return extras
 
 

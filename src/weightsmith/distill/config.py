@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from weightsmith.core.training.config import OPTIMIZERS, check_training_loop
 from weightsmith.distill.dpo import DpoSettings
 from weightsmith.distill.gkd import check_lmbda
+from weightsmith.distill.gold import GoldSettings
 from weightsmith.distill.hidden import HiddenSettings
 from weightsmith.distill.losses import LossConfig
 from weightsmith.distill.registry import DISTILL_METHODS
@@ -75,6 +76,9 @@ class DistillConfig:
     gen_prompt_tokens: int = 16  # seqkd/kd --lmbda on plain text: window tokens used as prompt
     lmbda: float = 0.0  # kd: fraction of micro-batches the student generates (on-policy GKD)
     hidden: HiddenSettings | None = None  # kd: hidden-state loss on layer pairs
+    gold: GoldSettings | None = (
+        None  # kd --loss gold: term weights, vocabulary map (None: defaults)
+    )
     dpo: DpoSettings | None = None  # --method dpo (defaults when None)
     sbs_alpha: float = 0.5  # step-by-step: α·L_label + (1−α)·L_rationale
     version: int = 1
@@ -96,6 +100,8 @@ class DistillConfig:
             raise ConfigError(f"--lmbda (on-policy GKD) is for distill kd, not {self.method}")
         if self.hidden is not None and self.method != "kd":
             raise ConfigError(f"--hidden-layers is for distill kd, not {self.method}")
+        if self.gold is not None and (self.method != "kd" or self.loss.loss != "gold"):
+            raise ConfigError("--gold-* options are for distill kd --loss gold")
         if self.gen_max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be at least 1, got {self.gen_max_new_tokens}")
         if self.gen_temperature < 0:

@@ -23,6 +23,11 @@ Conventions (all divergences are per position, summed over the vocabulary):
   ``Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|`` (the closed form of their Wasserstein-1 distance under
   the paper's uniform-cost assumption). Token identity is ignored, so the two vocabularies may
   differ: :mod:`weightsmith.distill.uld` aligns the positions of two tokenizers.
+- ``gold``: the hybrid of TRL's GOLD trainer (``uld_use_hybrid_loss``) across tokenizers
+  (:func:`gold_distance`): tokens the two vocabularies share (by the text they stand for,
+  :mod:`weightsmith.distill.gold`) are compared *by identity* with ``jsd`` at β on both
+  distributions renormalised over the shared tokens; the rest of each vocabulary by ``uld``'s
+  sorted L1. With a single tokenizer every token is shared and it is ``jsd``.
 
 The distillation objective (Hinton et al. 2015, with the τ² factor that keeps gradient
 magnitudes comparable across temperatures)::
@@ -62,6 +67,7 @@ __all__ = [
     "divergence",
     "forward_kl",
     "generalized_jsd",
+    "gold_distance",
     "reverse_kl",
     "shift_for_next_token",
     "sorted_l1",
@@ -150,6 +156,59 @@ def uld_distance(student_p: torch.Tensor, teacher_p: torch.Tensor) -> torch.Tens
 def sorted_l1(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.0):
     """ULD: :func:`uld_distance` of the two distributions per position (any widths)."""
     return uld_distance(student_logp.exp(), teacher_logp.exp())
+
+
+@divergence("gold")
+def gold_shared_vocabulary(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5
+):
+    """GOLD with one vocabulary: every token is matched, nothing is left to sort: ``jsd``."""
+    return generalized_jsd(student_logp, teacher_logp, beta)
+
+
+def gold_distance(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_to_student: torch.Tensor,
+    beta: float = 0.5,
+    matched_weight: float = 1.0,
+    unmatched_weight: float = 1.0,
+) -> torch.Tensor:
+    """GOLD's hybrid distance per row between two vocabularies (log-probabilities, possibly
+    unnormalised: merged groups)::
+
+        w_m · JSD_β( p_S[M] / Σ p_S[M] ,  Π p_T / Σ Π p_T )  +  w_u · ULD( p_S[¬M], p_T[¬mapped] )
+
+    ``teacher_to_student`` (V_T,): the student id of each teacher token, −1 where none. Π p_T
+    (V_S,) adds each mapped teacher token's probability onto its student token (one-to-one
+    for GOLD's exact string match; several teacher tokens may share one student token), M is
+    the set of student tokens that receive one. JSD is :func:`generalized_jsd` (β = 0: forward
+    KL) on both renormalised over M; ULD is :func:`uld_distance` of the unmatched remainders
+    (their own, unrenormalised masses). TRL feeds the matched probabilities to its JSD without
+    renormalising them and defaults ``w_m`` to (matched tokens / V_T); we renormalise (a true
+    divergence on the shared tokens) and take the weights as given.
+    """
+    v_s = student_logp.shape[-1]
+    mapped = teacher_to_student >= 0
+    targets = teacher_to_student[mapped]
+    shared = torch.zeros(v_s, dtype=torch.bool, device=student_logp.device)
+    shared[targets] = True
+    if not bool(shared.any()):
+        raise ValueError("teacher and student share no token: GOLD has nothing to match")
+    ids = shared.nonzero().squeeze(-1)
+    s_m = student_logp[..., ids]
+    s_m = s_m - torch.logsumexp(s_m, -1, keepdim=True)
+    t_p = teacher_logp.exp()
+    proj = t_p.new_zeros(*t_p.shape[:-1], v_s).index_add_(-1, targets, t_p[..., mapped])
+    t_m = proj[..., ids]
+    t_m = (t_m / t_m.sum(-1, keepdim=True)).clamp_min(1e-30).log()
+    dist = matched_weight * generalized_jsd(s_m, t_m, beta)
+    if unmatched_weight:
+        zero = t_p.new_zeros(*t_p.shape[:-1], 1)  # keeps both sides non-empty: adds 0
+        s_rest = torch.cat([student_logp[..., ~shared].exp(), zero], -1)
+        t_rest = torch.cat([t_p[..., ~mapped], zero], -1)
+        dist = dist + unmatched_weight * uld_distance(s_rest, t_rest)
+    return dist
 
 
 def bucket_logprobs(

@@ -29,6 +29,7 @@ at softmax temperature τ (CE at τ = 1), N the completion positions of the opti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from weightsmith.errors import ConfigError
 
 Span = tuple[int, int]  # a token's [start, end) characters in the shared text
 Group = tuple[int, int, int, int]  # (student first, student last, teacher first, teacher last)
+GroupDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def align_spans(s_spans: list[Span], t_spans: list[Span]) -> list[Group]:
@@ -95,7 +97,7 @@ def _encode(tok, text: str, special: bool) -> tuple[list[int], list[Span]]:
 def check_fast(tok, who: str) -> None:
     """Alignment reads character offsets, which only fast (Rust) tokenizers give."""
     if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"--loss uld across tokenizers needs a fast tokenizer for the {who} "
+        raise ConfigError(f"--loss uld|gold across tokenizers needs a fast tokenizer for the {who} "
                           f"(character offsets); {type(tok).__name__} has none")  # fmt: skip
 
 
@@ -176,11 +178,14 @@ def uld_groups_sum(
     t_targets: torch.Tensor,
     groups: torch.Tensor,
     temperature: float = 1.0,
+    distance: GroupDistance | None = None,
 ) -> torch.Tensor:
-    """Σ over aligned groups of the ULD distance between the merged distributions at τ.
+    """Σ over aligned groups of a distance between the merged distributions at τ.
 
     ``s_logits``/``t_logits``: shifted (B, T_S-1, V_S) and (B, T_T-1, V_T), each predicting
     ``*_targets``; ``groups`` (G, 5): batch row, student first/last, teacher first/last token.
+    ``distance(student_logp, teacher_logp) -> (G,)`` on the merged log-probabilities; default
+    the ULD distance of their probabilities (``--loss gold`` passes its hybrid).
     """
     if groups.numel() == 0:
         return s_logits.sum() * 0.0
@@ -188,7 +193,9 @@ def uld_groups_sum(
     t_logp = F.log_softmax(t_logits.float() / temperature, dim=-1)
     s = merged_logprobs(s_logp, s_targets, groups[:, [0, 1, 2]])
     t = merged_logprobs(t_logp, t_targets, groups[:, [0, 3, 4]])
-    return uld_distance(s.exp(), t.exp()).sum()
+    if distance is None:
+        return uld_distance(s.exp(), t.exp()).sum()
+    return distance(s, t).sum()
 
 
 def collate_cross(examples: list[CrossExample], s_pad: int, t_pad: int) -> dict:
@@ -203,12 +210,15 @@ def collate_cross(examples: list[CrossExample], s_pad: int, t_pad: int) -> dict:
 
 
 class UldTask(TokenTask):
-    """kd across tokenizers: α·CE on the student's tokens + (1−α)·τ²·ULD over aligned groups."""
+    """kd across tokenizers: α·CE on the student's tokens + (1−α)·τ²·D over aligned groups,
+    D the ULD distance or the one given (``--loss gold``)."""
 
     def __init__(self, model, examples: list[CrossExample], s_pad: int, teacher, t_pad: int,
-                 loss: LossConfig, device: torch.device) -> None:  # fmt: skip
+                 loss: LossConfig, device: torch.device,
+                 distance: GroupDistance | None = None) -> None:  # fmt: skip
         super().__init__(model, [x.student for x in examples], s_pad, device)
         self.cross, self.teacher, self.t_pad, self.loss_cfg = examples, teacher, t_pad, loss
+        self.distance = distance
 
     def batch(self, indices: list[int]) -> dict:
         return collate_cross([self.cross[i] for i in indices], self.pad_id, self.t_pad)
@@ -224,7 +234,7 @@ class UldTask(TokenTask):
             ).logits
         groups = batch["groups"].to(self.device)
         div_sum = uld_groups_sum(logits, ids[:, 1:], *shift_for_next_token(t_logits, t_ids),
-                                 groups, cfg.temperature)  # fmt: skip
+                                 groups, cfg.temperature, self.distance)  # fmt: skip
         total = cfg.alpha * ce_sum + (1.0 - cfg.alpha) * cfg.temperature**2 * div_sum
-        metrics = {"uld": float(div_sum.detach()) / max(len(groups), 1)}
+        metrics = {cfg.loss: float(div_sum.detach()) / max(len(groups), 1)}
         return StepOutput(total / max(normaliser, 1), int(attn.sum()), metrics)

@@ -43,14 +43,17 @@ from weightsmith.distill.cache import TeacherCache
 from weightsmith.distill.config import DistillConfig
 from weightsmith.distill.fsdp import plan_fsdp
 from weightsmith.distill.gkd import OnPolicyMix, RolloutSettings
+from weightsmith.distill.gold import GoldSettings, build_vocab_map
 from weightsmith.distill.hidden import HiddenProjector, check_layer_pairs, hidden_state_loss
-from weightsmith.distill.losses import distillation_loss
+from weightsmith.distill.losses import distillation_loss, gold_distance
 from weightsmith.distill.methods.base import DistillResult, DistillRun, distill_method
 from weightsmith.distill.seqkd import generate_pairs, prompts_of
 from weightsmith.distill.uld import UldTask, cross_examples
 from weightsmith.distill.vocab import plan_vocab, tokenizer_hash
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import open_checkpoint
+
+CROSS_LOSSES = ("uld", "gold")  # the divergences that work across tokenizers
 
 
 @distill_method("kd", inputs=("teacher", "teacher_cache", "eval_data"),
@@ -66,7 +69,7 @@ def train_kd(run: DistillRun) -> DistillResult:
                               "samples: give --alpha < 1")  # fmt: skip
     if run.cfg.hidden is not None:
         _check_hidden(run)
-    if run.cfg.loss.loss == "uld":
+    if run.cfg.loss.loss in CROSS_LOSSES:
         _check_uld(run)
     if run.cfg.loss.alpha < 1.0 and run.teacher is None and run.teacher_cache is None:
         raise ConfigError("give --teacher or --teacher-cache (or --alpha 1 for CE only)")
@@ -86,29 +89,36 @@ def _check_hidden(run: DistillRun) -> None:
 
 
 def _check_uld(run: DistillRun) -> None:
-    """ULD reads the teacher's logits on its own tokens: an online teacher, off-policy data."""
+    """ULD and GOLD read the teacher's logits on its own tokens: an online teacher, off-policy
+    data."""
+    name = run.cfg.loss.loss
     if run.teacher_cache is not None:
-        raise ConfigError("--loss uld needs an online --teacher: a --teacher-cache holds the "
+        raise ConfigError(f"--loss {name} needs an online --teacher: a --teacher-cache holds the "
                           "teacher's top-k on the student's tokens, not on its own")  # fmt: skip
     if run.cfg.lmbda > 0:
-        raise ConfigError("--loss uld does not combine with --lmbda (on-policy samples are "
+        raise ConfigError(f"--loss {name} does not combine with --lmbda (on-policy samples are "
                           "student tokens, which the teacher would have to re-tokenize)")  # fmt: skip
     if run.cfg.hidden is not None:
-        raise ConfigError("--loss uld does not combine with --hidden-layers (the positions of "
-                          "two tokenizers do not line up one to one)")  # fmt: skip
+        raise ConfigError(f"--loss {name} does not combine with --hidden-layers (the positions "
+                          "of two tokenizers do not line up one to one)")  # fmt: skip
 
 
 def _cross_tokenizer(run: DistillRun, cfg: DistillConfig, s_tok):
-    """The teacher's tokenizer when this kd run distils across vocabularies (--loss uld with
-    different tokenizers), else None (same tokenizers: the plain per-position path)."""
-    if cfg.method != "kd" or cfg.loss.loss != "uld" or cfg.loss.alpha >= 1.0:
+    """The teacher's tokenizer when this kd run distils across vocabularies (--loss uld|gold
+    with different tokenizers), else None (same tokenizers: the plain per-position path)."""
+    if cfg.method != "kd" or cfg.loss.loss not in CROSS_LOSSES or cfg.loss.alpha >= 1.0:
         return None
     try:
         t_tok = load_tokenizer(run.teacher)
     except Exception as e:  # CheckpointError: no or unreadable tokenizer files
-        raise ConfigError(f"--loss uld tokenizes the text for the teacher, but teacher "
-                          f"{run.teacher} has no usable tokenizer ({e})") from None  # fmt: skip
-    return None if t_tok.get_vocab() == s_tok.get_vocab() else t_tok
+        raise ConfigError(f"--loss {cfg.loss.loss} tokenizes the text for the teacher, but "
+                          f"teacher {run.teacher} has no usable tokenizer ({e})") from None  # fmt: skip
+    if t_tok.get_vocab() != s_tok.get_vocab():
+        return t_tok
+    if cfg.gold not in (None, GoldSettings()):  # one vocabulary: gold is jsd, no map to tune
+        raise ConfigError("teacher and student share one tokenizer: --loss gold is --loss jsd "
+                          "there; the --gold-* options are for two tokenizers")  # fmt: skip
+    return None
 
 
 @distill_method("seqkd", inputs=("teacher", "eval_data"),
@@ -235,7 +245,7 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     if seqkd:
         records, cfg = _teacher_completions(run, cfg, records, t_model, pg, notes)
         t_model = None
-    examples, cross = _token_examples(records, s_tok, t_tok, cfg.seq_len, notes)
+    examples, cross = _token_examples(records, s_tok, t_tok, cfg, notes)
     student = base.load_student(run, dev)
     src = _Teacher()
     if cross is not None:
@@ -269,8 +279,7 @@ def _train_lm(run: DistillRun, cfg: DistillConfig, *, seqkd: bool) -> DistillRes
     task = _KdTask(student, examples, s_tok.pad_token_id, src, cfg, dev, mix, s_tok.eos_token_id,
                    projector)  # fmt: skip
     if cross is not None:
-        task = UldTask(student, cross, s_tok.pad_token_id, t_model, t_tok.pad_token_id, cfg.loss,
-                       dev)  # fmt: skip
+        task = _cross_task(student, cross, s_tok, t_model, t_tok, cfg, dev, notes)
     tr = train(_trainable(student, projector), task, len(examples), base.loop_config(cfg), pg=pg, evaluate=evaluate,
                progress=run.progress, desc="distill", optimizer=optimizer,
                sharded=fs is not None)  # fmt: skip
@@ -298,16 +307,35 @@ def _trainable(student, projector):
     return torch.nn.ModuleDict({"student": student, "projector": projector})
 
 
-def _token_examples(records: Records, s_tok, t_tok, seq_len: int, notes: list[str]):
-    """The student's examples, and with a teacher tokenizer (ULD across tokenizers) the same
+def _cross_task(student, cross, s_tok, t_model, t_tok, cfg: DistillConfig, dev, notes) -> UldTask:
+    """The step across tokenizers: ULD, or GOLD's hybrid over the vocabulary map by text."""
+    distance = None
+    if cfg.loss.loss == "gold":
+        gold = cfg.gold or GoldSettings()
+        vmap = build_vocab_map(s_tok, t_tok, logits_width(t_model), gold.vocab_map)
+        t2s = vmap.teacher_to_student.to(dev)
+        notes.append(f"gold: {gold.vocab_map} map by text: {vmap.matched_teacher} of "
+                     f"{len(t_tok)} teacher tokens onto {vmap.shared_student} of {len(s_tok)} "
+                     "student tokens")  # fmt: skip
+
+        def distance(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+            return gold_distance(s_logp, t_logp, t2s, cfg.loss.beta, gold.matched_weight,
+                                 gold.unmatched_weight)  # fmt: skip
+
+    return UldTask(student, cross, s_tok.pad_token_id, t_model, t_tok.pad_token_id, cfg.loss, dev,
+                   distance)  # fmt: skip
+
+
+def _token_examples(records: Records, s_tok, t_tok, cfg: DistillConfig, notes: list[str]):
+    """The student's examples, and with a teacher tokenizer (ULD/GOLD across tokenizers) the same
     examples paired with the teacher's tokens and their text-aligned groups."""
     if t_tok is None:
-        return tokenize_records(records, s_tok, seq_len), None
-    cross = cross_examples(records, s_tok, t_tok, seq_len)
+        return tokenize_records(records, s_tok, cfg.seq_len), None
+    cross = cross_examples(records, s_tok, t_tok, cfg.seq_len)
     positions = sum(len(x.student.input_ids) - 1 for x in cross)
-    notes.append(f"uld: teacher and student tokenizers differ ({len(t_tok)} vs {len(s_tok)} "
-                 f"tokens); {sum(len(x.groups) for x in cross)} text-aligned groups over "
-                 f"{positions} student positions")  # fmt: skip
+    notes.append(f"{cfg.loss.loss}: teacher and student tokenizers differ ({len(t_tok)} vs "
+                 f"{len(s_tok)} tokens); {sum(len(x.groups) for x in cross)} text-aligned "
+                 f"groups over {positions} student positions")  # fmt: skip
     return [x.student for x in cross], cross
 
 

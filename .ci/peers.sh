@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${WEIGHTSMITH_PEERS_DIR:-$PWD/.cache/peers}"
 mkdir -p "$ROOT"
+# One run at a time per cache: a second run (another checkout, a parallel job) waits here, then
+# finds the peers ready instead of deleting a virtualenv that is being built.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$ROOT/.lock"
+  flock 9
+fi
 
 peer() {  # name, stamp (the pinned requirement), pip args...
   local name=$1 stamp=$2 dir="$ROOT/$1"

@@ -30,7 +30,11 @@ peer() {  # name, stamp (the pinned requirement), pip args...
 peer mergekit "mergekit==0.1.5" "mergekit==0.1.5"
 echo "export MERGEKIT_VENV=$ROOT/mergekit"
 
-# llama.cpp (issue #17 oracle): llama-cpp-python's bindings (llama_model_quantize) built from its
+# llm-compressor (FP8 / W8A8 / FP4 parity: model_free_ptq, QuantizationModifier, SmoothQuant)
+peer llmcompressor "llmcompressor==0.14.0.1" "llmcompressor==0.14.0.1"
+echo "export LLMCOMPRESSOR_VENV=$ROOT/llmcompressor"
+
+# llama.cpp (issue #17 oracle; built last: it takes the longest): llama-cpp-python's bindings (llama_model_quantize) built from its
 # sdist with a kept build folder, then the bundled llama.cpp's llama-quantize / llama-imatrix
 # tools built incrementally in that same folder (same libllama, so `--imatrix FILE` can be tested).
 llamacpp_peer() {
@@ -56,6 +60,3 @@ llamacpp_peer() {
 llamacpp_peer
 echo "export LLAMACPP_VENV=$ROOT/llamacpp"
 
-# llm-compressor (FP8 / W8A8 / FP4 parity: model_free_ptq, QuantizationModifier, SmoothQuant)
-peer llmcompressor "llmcompressor==0.14.0.1" "llmcompressor==0.14.0.1"
-echo "export LLMCOMPRESSOR_VENV=$ROOT/llmcompressor"

@@ -35,8 +35,9 @@ peer llmcompressor "llmcompressor==0.14.0.1" "llmcompressor==0.14.0.1"
 echo "export LLMCOMPRESSOR_VENV=$ROOT/llmcompressor"
 
 # llama.cpp (issue #17 oracle; built last, it takes the longest): llama-cpp-python's bindings
-# (llama_model_quantize) built from its sdist with a kept build folder, then the bundled llama.cpp's llama-quantize / llama-imatrix
-# tools built incrementally in that same folder (same libllama, so `--imatrix FILE` can be tested).
+# (llama_model_quantize) built from its sdist with a kept build folder, then the bundled
+# llama.cpp's llama-quantize / llama-imatrix tools built incrementally in that same folder
+# (same libllama, so `--imatrix FILE` can be tested).
 llamacpp_peer() {
   local ver=0.3.36 dir="$ROOT/llamacpp"
   local stamp="llama-cpp-python==$ver gguf==0.19.0 cmake==3.31.6 scikit-build-core==0.11.6 native=off"

@@ -50,7 +50,11 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 MODELS = {"base": None, "ft1": 1, "ft2": 2}  # name -> fine-tune seed (None: the base)
-METHODS = ("slerp", "ties", "dare_ties")
+METHODS = (
+    "linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "ties",
+    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "sce", "model_stock", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough",
+)  # fmt: skip
 
 
 def llama_specs(cfg: dict) -> list[TensorSpec]:
@@ -107,28 +111,88 @@ def generate(out: Path, ft_seed: int | None) -> None:
         writer.commit({"operation": "merge_bench.generate", "finetune_seed": ft_seed})
 
 
+def _task(models: list[str], **params: float) -> list[dict]:
+    return [{"model": m, "parameters": {"weight": 1.0, **params}} for m in models]
+
+
 def recipes(models: dict[str, Path]) -> dict[str, dict]:
+    """Every merge method, as one mergekit YAML each (the same file goes to both tools)."""
     base, ft1, ft2 = (str(models[k]) for k in ("base", "ft1", "ft2"))
-    task = [
-        {"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
-        {"model": ft2, "parameters": {"weight": 1.0, "density": 0.5}},
-    ]
+    pair = [ft1, ft2]
+
+    def based(method: str, members: list[dict], **params: object) -> dict:
+        out = {"merge_method": method, "base_model": base, "models": members}
+        return {**out, **({"parameters": params} if params else {}), "dtype": "bfloat16"}
+
+    def free(method: str, members: list[dict], **params: object) -> dict:
+        out = {"merge_method": method, "models": members}
+        return {**out, **({"parameters": params} if params else {}), "dtype": "bfloat16"}
+
+    plain = [{"model": m} for m in pair]
     return {
-        "slerp": {
-            "merge_method": "slerp",
-            "base_model": base,
-            "models": [{"model": base}, {"model": ft1}],
-            "parameters": {"t": 0.5},
-            "dtype": "bfloat16",
-        },
-        "ties": {"merge_method": "ties", "base_model": base, "models": task, "dtype": "bfloat16"},
-        "dare_ties": {
-            "merge_method": "dare_ties",
-            "base_model": base,
-            "models": task,
+        "linear": free("linear", _task(pair)),
+        "slerp": {**based("slerp", [{"model": base}, {"model": ft1}], t=0.5)},
+        "nuslerp": based("nuslerp", _task(pair)),
+        "multislerp": based("multislerp", _task(pair)),
+        "karcher": free("karcher", [{"model": base}, *plain]),
+        "task_arithmetic": based("task_arithmetic", _task(pair)),
+        "ties": based("ties", _task(pair, density=0.5)),
+        "dare_ties": based("dare_ties", _task(pair, density=0.5)),
+        "dare_linear": based("dare_linear", _task(pair, density=0.5)),
+        "breadcrumbs": based("breadcrumbs", _task(pair, density=0.9, gamma=0.01)),
+        "breadcrumbs_ties": based("breadcrumbs_ties", _task(pair, density=0.9, gamma=0.01)),
+        "della": based("della", _task(pair, density=0.5, epsilon=0.15)),
+        "della_linear": based("della_linear", _task(pair, density=0.5, epsilon=0.15)),
+        "sce": based("sce", plain, select_topk=0.5),
+        "model_stock": based("model_stock", plain),
+        "nearswap": based("nearswap", [{"model": ft1}], t=0.001),
+        "arcee_fusion": based("arcee_fusion", [{"model": ft1}]),
+        "ram": based("ram", plain),
+        "ramplus_tl": based("ramplus_tl", plain),
+        "passthrough": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, 16]}]},
+                {"sources": [{"model": ft1, "layer_range": [8, 22]}]},
+            ],
             "dtype": "bfloat16",
         },
     }
+
+
+# Methods whose output depends on a random draw (mergekit's and weightsmith's generators differ):
+# compared by distribution in the tests, not bit for bit here.
+RANDOMISED = {"dare_ties", "dare_linear", "della", "della_linear"}
+
+
+def compare_outputs(ws_out: Path, mk_out: Path) -> dict:
+    """Tensor-by-tensor comparison of two safetensors folders, values compared in float32."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        names = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                names.update(dict.fromkeys(f.keys(), shard))
+        return names
+
+    a, b = index(ws_out), index(mk_out)
+    out = {"tensors": len(a), "missing": sorted(set(a) ^ set(b))[:5], "identical": 0}
+    out["max_abs_diff"], out["dtypes"] = 0.0, set()
+    for name in sorted(set(a) & set(b)):
+        with safe_open(str(a[name]), "pt") as fa, safe_open(str(b[name]), "pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+        out["dtypes"].add(f"{x.dtype}/{y.dtype}".replace("torch.", ""))
+        if x.shape != y.shape:
+            out["max_abs_diff"] = float("inf")
+            continue
+        x, y = x.float(), y.float()
+        if torch.equal(x, y):
+            out["identical"] += 1
+        else:
+            out["max_abs_diff"] = max(out["max_abs_diff"], (x - y).abs().max().item())
+    out["dtypes"] = sorted(out["dtypes"])
+    return out
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, int, int, float]:
@@ -178,13 +242,27 @@ def _seconds(x: float) -> str:
     return f"{x:.1f} s" if x < 20 else f"{x:.0f} s"
 
 
+def identity_cell(cache: Path, method: str) -> str:
+    path = cache / f"identity-{method}.json"
+    if not path.is_file():
+        return "–"
+    r = json.loads(path.read_text())
+    text = f"{r['identical']}/{r['tensors']} bit-identical"
+    if r["identical"] < r["tensors"]:
+        text += f", max \\|Δ\\| {r['max_abs_diff']:.2g}"
+    if r["missing"]:
+        text += f", names differ: {', '.join(r['missing'])}"
+    return text + (" (random draw)" if r["randomised"] else "")
+
+
 def summary_table(cache: Path, methods: list[str]) -> str:
     """The Markdown table, from the logs of the latest runs in ``cache`` (median over the
     repeats, with the range in brackets when there are several)."""
     lines = [
         "| method | runs | weightsmith wall | CPU (user+sys) | peak RSS "
-        "| mergekit wall | CPU (user+sys) | peak RSS | wall speed-up (of medians) | CPU ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mergekit wall | CPU (user+sys) | peak RSS | wall speed-up (of medians) | CPU ratio "
+        "| same tensors as mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cells(runs: list[dict]) -> list[str]:
@@ -207,7 +285,8 @@ def summary_table(cache: Path, methods: list[str]) -> str:
             c = statistics.median(r["cpu"] for r in mk) / statistics.median(r["cpu"] for r in ws)
             ratio = [f"{w:.1f}×", f"{c:.1f}×"]
         runs = f"{len(ws)}/{len(mk)}"
-        lines.append("| " + " | ".join([method, runs, *cells(ws), *cells(mk), *ratio]) + " |")
+        cols = [method, runs, *cells(ws), *cells(mk), *ratio, identity_cell(cache, method)]
+        lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
@@ -218,6 +297,9 @@ def main() -> None:
     ap.add_argument("--mergekit", default=".cache/peers/mergekit/bin/mergekit-yaml")  # .ci/peers.sh
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool, alternating tools")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep finished runs' logs; run only what is missing"
+    )
     ap.add_argument("--cleanup", action="store_true", help="delete the cache folder and exit")
     ap.add_argument(
         "--table-only", action="store_true", help="print the table from the logs in --cache"
@@ -238,33 +320,54 @@ def main() -> None:
         print(f"model {name}: {models[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     all_recipes = recipes(models)
     run_mergekit = not args.skip_mergekit and Path(args.mergekit).exists()
-    rows = []
-    for method in args.methods.split(","):
-        for old in [*cache.glob(f"ws-{method}*.log"), *cache.glob(f"mk-{method}*.log")]:
-            old.unlink()  # the table reports this run's repeats only
-        cfg = cache / f"{method}.yml"
-        cfg.write_text(yaml.safe_dump(all_recipes[method], sort_keys=False))
-        ws_out, mk_out = cache / f"out-ws-{method}", cache / f"out-mk-{method}"
-        for k in range(args.repeat):
-            # Each tool starts without an output folder (deleting one is not merge work).
-            shutil.rmtree(ws_out, ignore_errors=True)
-            ws_cmd = [
-                sys.executable, "-c", "from weightsmith.cli.main import cli; cli()",
-                "merge", "run", str(cfg), "-o", str(ws_out), "--force", "--no-progress",
-            ]  # fmt: skip
-            ws = timed(ws_cmd, cache / f"ws-{method}.{k}.log")
-            shutil.rmtree(ws_out, ignore_errors=True)
-            mk = None
-            if run_mergekit:
-                shutil.rmtree(mk_out, ignore_errors=True)
-                mk_cmd = [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
-                mk = timed(mk_cmd, cache / f"mk-{method}.{k}.log")
-                shutil.rmtree(mk_out, ignore_errors=True)
-            print(json.dumps({"method": method, "run": k, "weightsmith": ws, "mergekit": mk}))
-        rows.append((method, ws, mk))
+    methods = args.methods.split(",")
+    for method in methods:
+        bench_method(cache, method, all_recipes[method], args, run_mergekit)
     print()
-    print(summary_table(cache, [m for m, _, _ in rows]))
+    print(summary_table(cache, methods))
     print(f"\nmachine: {os.cpu_count()} CPUs visible, torch {torch.__version__}")
+
+
+def _ok(log: Path) -> bool:
+    run = parse_time_log(log)
+    return run is not None and run["ok"]
+
+
+def bench_method(cache: Path, method: str, recipe: dict, args, run_mergekit: bool) -> None:
+    """``--repeat`` alternating runs of both tools; with ``--resume`` runs whose logs say they
+    finished are kept. The last repeat keeps both outputs to compare them tensor by tensor."""
+    if not args.resume:
+        for old in [*cache.glob(f"ws-{method}.*.log"), *cache.glob(f"mk-{method}.*.log")]:
+            old.unlink()  # the table reports this run's repeats only
+    cfg = cache / f"{method}.yml"
+    cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    ws_out, mk_out = cache / f"out-ws-{method}", cache / f"out-mk-{method}"
+    ws_cmd = [
+        sys.executable, "-c", "from weightsmith.cli.main import cli; cli()",
+        "merge", "run", str(cfg), "-o", str(ws_out), "--force", "--no-progress",
+    ]  # fmt: skip
+    mk_cmd = [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
+    compare = run_mergekit and not (cache / f"identity-{method}.json").is_file()
+    for k in range(args.repeat):
+        last = k == args.repeat - 1
+        jobs = [("ws", ws_cmd, ws_out)] + ([("mk", mk_cmd, mk_out)] if run_mergekit else [])
+        for tool, cmd, out in jobs:
+            log = cache / f"{tool}-{method}.{k}.log"
+            if args.resume and _ok(log) and not (last and compare):
+                continue
+            # Each tool starts without an output folder (deleting one is not merge work).
+            shutil.rmtree(out, ignore_errors=True)
+            res = timed(cmd, log)
+            print(json.dumps({"method": method, "run": k, tool: res}), flush=True)
+            if not (last and compare):
+                shutil.rmtree(out, ignore_errors=True)
+    if compare and _ok(cache / f"ws-{method}.{args.repeat - 1}.log"):
+        result = compare_outputs(ws_out, mk_out)
+        result["randomised"] = method in RANDOMISED
+        (cache / f"identity-{method}.json").write_text(json.dumps(result))
+        print(json.dumps({"method": method, "identity": result}), flush=True)
+    shutil.rmtree(ws_out, ignore_errors=True)
+    shutil.rmtree(mk_out, ignore_errors=True)
 
 
 if __name__ == "__main__":

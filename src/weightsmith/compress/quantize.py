@@ -59,6 +59,7 @@ from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+from weightsmith.kernels.quant import Scratch, count_nonfinite
 
 __all__ = ["LinearTarget", "QuantizeResult", "quantize_checkpoint", "select_linears"]
 
@@ -171,6 +172,8 @@ class QuantizeJob:
         self._weight_stats: dict[str, Any] | None = None
         self.statistic = self.method.statistic_for(cfg.options)
         self.calibrated = CalibratedRun(self, device) if self.statistic is not None else None
+        # data-free methods that take it: work buffers reused from Linear to Linear
+        self.scratch = Scratch() if self.method.scratch and self.calibrated is None else None
 
     @property
     def groups(self) -> list[TensorGroup]:
@@ -232,13 +235,38 @@ class QuantizeJob:
     def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
         """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
         if t.module not in self._pending:
-            qw = self.quantize(self.read(t.tensor), self.weight_stat(t), t)
+            qw = self._streamed(t)
+            if qw is None:
+                qw = self.quantize(self.read(t.tensor), self.weight_stat(t), t)
             self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg_for(t))})
         qw, waiting = self._pending[t.module]
         waiting.discard(use or t.tensor)
         if not waiting:
             del self._pending[t.module]
         return qw
+
+    def _streamed(self, t: LinearTarget) -> Any:
+        """Linear ``t`` quantized from its memory-mapped bytes into the job's scratch buffers
+        (no copy of the weight, nothing allocated per tensor), or None where that does not
+        apply: the method takes no scratch, computes weight statistics, or its quantized
+        weight must outlive the next Linear's (a rewritten sibling still waits for it)."""
+        if (
+            self.scratch is None
+            or self.weight_stat(t) is not None
+            or self.fmt.rewrites(t, self.cfg_for(t))
+        ):
+            return None
+        with self.ckpt.mapped_flat(t.tensor) as flat:
+            bad = count_nonfinite(flat)
+            if bad is None:  # no kernel for this dtype: the ordinary read
+                return None
+            if bad:
+                raise CheckpointError(
+                    f"{self.ckpt.path}: tensor {t.tensor!r} holds NaN or Inf values"
+                )
+            opts = self.cfg_for(t).options
+            args = self.quant_args_for(t)
+            return self.method.fn(flat.view(t.shape), opts, None, **args, scratch=self.scratch)
 
     def weight_stat(self, t: LinearTarget) -> Any:
         """What a data-free method's options compute from the weights first, for ``t`` (NVFP4:
@@ -259,6 +287,8 @@ class QuantizeJob:
             if not all_finite(v):  # float8 too
                 raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
                                   f"(overflows {v.dtype})")  # fmt: skip
+            if self.scratch is not None and self.scratch.owns(v):
+                v = v.clone()  # written behind: must not change when the buffer is reused
             yield name, v
 
     def patch(self, config: dict) -> dict:

@@ -46,7 +46,7 @@ from weightsmith.compress.schemes import Scheme, match_scheme, scheme_summary
 from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import fused_expert_tensors, refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
-from weightsmith.core.streaming import StreamResult
+from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
     WriteOptions,
@@ -204,7 +204,25 @@ class QuantizeJob:
                 t = self.rewritten[n]
                 yield n, self.fmt.rewrite(n, self.read(n), t, self.quantized(t, n), self.cfg_for(t))
             else:
-                yield checked_copy(self.ckpt, n)  # as stored, checked finite on the way
+                yield self._copy(n)  # as stored, checked finite
+
+    def _copy(self, name: str) -> tuple[str, Any]:
+        """Tensor ``name`` as stored: when the native check can take it (bfloat16/float32,
+        streamed runs), checked in place through a memory map and copied in the kernel, as
+        ``convert`` copies; else read in chunks, each checked on the way."""
+        if self.scratch is None or self.ckpt.raw_location(name) is None:
+            return checked_copy(self.ckpt, name)
+        with self.ckpt.mapped_flat(name) as flat:
+            checked = self._checked(flat, name)
+        return (name, RawTensor.of(self.ckpt, name)) if checked else checked_copy(self.ckpt, name)
+
+    def _checked(self, flat: torch.Tensor, name: str) -> bool:
+        """True when the native check found no NaN/Inf in tensor ``name``'s ``flat`` values,
+        False when it cannot take them; a CheckpointError when it found some."""
+        bad = count_nonfinite(flat)
+        if bad:
+            raise CheckpointError(f"{self.ckpt.path}: tensor {name!r} holds NaN or Inf values")
+        return bad is not None
 
     def read(self, name: str) -> torch.Tensor:
         return require_finite(self.ckpt.get_tensor(name), str(self.ckpt.path), name)
@@ -257,13 +275,8 @@ class QuantizeJob:
         ):
             return None
         with self.ckpt.mapped_flat(t.tensor) as flat:
-            bad = count_nonfinite(flat)
-            if bad is None:  # no kernel for this dtype: the ordinary read
+            if not self._checked(flat, t.tensor):  # no kernel for this dtype: read it
                 return None
-            if bad:
-                raise CheckpointError(
-                    f"{self.ckpt.path}: tensor {t.tensor!r} holds NaN or Inf values"
-                )
             opts = self.cfg_for(t).options
             args = self.quant_args_for(t)
             return self.method.fn(flat.view(t.shape), opts, None, **args, scratch=self.scratch)

@@ -132,8 +132,8 @@ def rtn_quantize(
         )
         fast = rtn_rows(w, g, cfg.bits, cfg.symmetric, zero_min, dtype, q)
         if fast is not None:
-            return QuantizedWeight(q=q, scale=fast[0].to(dtype), zero=fast[1].to(torch.int8),
-                                   bits=cfg.bits, group_size=g, symmetric=cfg.symmetric)  # fmt: skip
+            return QuantizedWeight(q=q, scale=fast[0], zero=fast[1], bits=cfg.bits,
+                                   group_size=g, symmetric=cfg.symmetric)  # fmt: skip
     scale, zero = group_qparams(w, cfg.bits, g, cfg.symmetric, dtype, zero_min)
     info: dict = {}
     if hqq:

@@ -16,7 +16,7 @@ import torch
 from weightsmith.kernels import load_library
 
 _SOURCE = Path(__file__).with_name("quant_kernels.c")
-_ABI = 1
+_ABI = 2
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 SIGNATURES = {
     "ws_quant_abi_version": ([], ctypes.c_int),
@@ -55,8 +55,8 @@ def rtn_rows(
     q: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Min-max RTN of a finite ``(out, in)`` weight in groups of ``group_size`` columns, the
-    levels written into int8 ``q`` (same shape): ``(scale, zero)`` float32 ``(out, n_groups)``,
-    the scale already rounded to ``scale_dtype`` — exactly what
+    levels written into int8 ``q`` (same shape): ``(scale, zero)`` ``(out, n_groups)``, the
+    scale in ``scale_dtype`` and the zero points int8 — exactly what
     :func:`weightsmith.compress.rtn.group_qparams` and ``quantize_levels`` compute. None when
     the kernels cannot take these tensors (the caller runs the torch code)."""
     lib = quant_kernels()
@@ -73,8 +73,8 @@ def rtn_rows(
         return None
     rows, cols = w.shape
     n_groups = cols // group_size
-    scale = torch.empty(rows, n_groups, dtype=torch.float32)
-    zero = torch.empty(rows, n_groups, dtype=torch.float32)
+    scale = torch.empty(rows, n_groups, dtype=scale_dtype)
+    zero = torch.empty(rows, n_groups, dtype=torch.int8)
     if w.numel() == 0:
         return scale, zero
     qmin = -(1 << (bits - 1))

@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-int ws_quant_abi_version(void) { return 1; }
+int ws_quant_abi_version(void) { return 2; }
 
 static inline float bf16_load(const uint16_t *h, int64_t i) {
     uint32_t u = (uint32_t)h[i] << 16;
@@ -53,8 +53,8 @@ int64_t ws_count_nonfinite(const void *src, int32_t is_bf16, int64_t n) {
  *   q = clamp(round(w / scale) + zero, qmin, qmax)                                         */
 #define RTN_GROUP(NAME, TI, LOAD)                                                           \
     static void NAME(const TI *w, int64_t g, int32_t qmin, int32_t qmax, int32_t zmin,      \
-                     int32_t symmetric, int32_t scale_bf16, float *scale_out,               \
-                     float *zero_out, int8_t *q) {                                          \
+                     int32_t symmetric, int32_t scale_bf16, void *scale_out, int8_t *zero_out, \
+                     int8_t *q) {                                                           \
         float lo = LOAD(w, 0), hi = lo;                                                     \
         for (int64_t i = 1; i < g; i++) {                                                   \
             const float v = LOAD(w, i);                                                     \
@@ -78,8 +78,14 @@ int64_t ws_count_nonfinite(const void *src, int32_t is_bf16, int64_t n) {
             zero = zero < (float)zmin ? (float)zmin : zero;                                 \
             zero = zero > (float)qmax ? (float)qmax : zero;                                 \
         }                                                                                   \
-        *scale_out = scale;                                                                 \
-        *zero_out = zero;                                                                   \
+        if (scale_bf16) {                                                                   \
+            uint32_t u;                                                                     \
+            memcpy(&u, &scale, sizeof u);                                                   \
+            *(uint16_t *)scale_out = (uint16_t)(u >> 16);                                   \
+        } else {                                                                            \
+            *(float *)scale_out = scale;                                                    \
+        }                                                                                   \
+        *zero_out = (int8_t)zero;                                                           \
         const float fmin = (float)qmin, fmax = (float)qmax;                                 \
         for (int64_t i = 0; i < g; i++) {                                                   \
             float v = rintf(LOAD(w, i) / scale) + zero;                                     \
@@ -92,20 +98,21 @@ int64_t ws_count_nonfinite(const void *src, int32_t is_bf16, int64_t n) {
 RTN_GROUP(rtn_group_bf16, uint16_t, bf16_load)
 RTN_GROUP(rtn_group_f32, float, f32_load)
 
-/* RTN of a row-major (rows, cols) weight in groups of g columns: scale_out and zero_out
- * (rows, cols / g) float32, q (rows, cols) int8. */
+/* RTN of a row-major (rows, cols) weight in groups of g columns: scale_out (rows, cols / g)
+ * bfloat16 when scale_bf16 else float32, zero_out the same shape int8, q (rows, cols) int8. */
 void ws_rtn_rows(const void *src, int32_t is_bf16, int64_t rows, int64_t cols, int64_t g,
                  int32_t bits, int32_t symmetric, int32_t zmin, int32_t scale_bf16,
-                 float *scale_out, float *zero_out, int8_t *q) {
+                 void *scale_out, int8_t *zero_out, int8_t *q) {
     const int32_t qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
-    const int64_t groups = rows * (cols / g);
+    const int64_t groups = rows * (cols / g), scale_size = scale_bf16 ? 2 : 4;
     for (int64_t k = 0; k < groups; k++) {
+        void *s = (char *)scale_out + k * scale_size;
         if (is_bf16)
             rtn_group_bf16((const uint16_t *)src + k * g, g, qmin, qmax, zmin, symmetric,
-                           scale_bf16, scale_out + k, zero_out + k, q + k * g);
+                           scale_bf16, s, zero_out + k, q + k * g);
         else
             rtn_group_f32((const float *)src + k * g, g, qmin, qmax, zmin, symmetric,
-                          scale_bf16, scale_out + k, zero_out + k, q + k * g);
+                          scale_bf16, s, zero_out + k, q + k * g);
     }
 }
 

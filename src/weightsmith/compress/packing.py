@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from weightsmith.kernels.quant import pack_rows
+
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
     """Reinterpret uint32 values held in int64 as int32 (two's complement)."""
@@ -25,6 +27,9 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack signed int8 levels ``(rows, cols)`` densely into int32 along ``dim``."""
     if dim == 0:
         return pack_int32(q.t(), bits, 1).t().contiguous()
+    packed = pack_rows(q, bits)  # native, same words (contiguous int8 on the CPU)
+    if packed is not None:
+        return packed
     rows, cols = q.shape
     u = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
     words = math.ceil(cols * bits / 32)

@@ -46,7 +46,7 @@ from weightsmith.compress.schemes import Scheme, match_scheme, scheme_summary
 from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import fused_expert_tensors, refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
-from weightsmith.core.streaming import StreamResult
+from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.targets import ignore_matches
 from weightsmith.core.transform import (
     WriteOptions,
@@ -59,6 +59,7 @@ from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.architectures import require_described
 from weightsmith.io.reader import Checkpoint, TensorGroup, open_checkpoint
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec
+from weightsmith.kernels.quant import Scratch, count_nonfinite
 
 __all__ = ["LinearTarget", "QuantizeResult", "quantize_checkpoint", "select_linears"]
 
@@ -171,6 +172,8 @@ class QuantizeJob:
         self._weight_stats: dict[str, Any] | None = None
         self.statistic = self.method.statistic_for(cfg.options)
         self.calibrated = CalibratedRun(self, device) if self.statistic is not None else None
+        # data-free methods that take it: work buffers reused from Linear to Linear
+        self.scratch = Scratch() if self.method.scratch and self.calibrated is None else None
 
     @property
     def groups(self) -> list[TensorGroup]:
@@ -201,7 +204,25 @@ class QuantizeJob:
                 t = self.rewritten[n]
                 yield n, self.fmt.rewrite(n, self.read(n), t, self.quantized(t, n), self.cfg_for(t))
             else:
-                yield checked_copy(self.ckpt, n)  # as stored, checked finite on the way
+                yield self._copy(n)  # as stored, checked finite
+
+    def _copy(self, name: str) -> tuple[str, Any]:
+        """Tensor ``name`` as stored: when the native check can take it (bfloat16/float32,
+        streamed runs), checked in place through a memory map and copied in the kernel, as
+        ``convert`` copies; else read in chunks, each checked on the way."""
+        if self.scratch is None or self.ckpt.raw_location(name) is None:
+            return checked_copy(self.ckpt, name)
+        with self.ckpt.mapped_flat(name) as flat:
+            checked = self._checked(flat, name)
+        return (name, RawTensor.of(self.ckpt, name)) if checked else checked_copy(self.ckpt, name)
+
+    def _checked(self, flat: torch.Tensor, name: str) -> bool:
+        """True when the native check found no NaN/Inf in tensor ``name``'s ``flat`` values,
+        False when it cannot take them; a CheckpointError when it found some."""
+        bad = count_nonfinite(flat)
+        if bad:
+            raise CheckpointError(f"{self.ckpt.path}: tensor {name!r} holds NaN or Inf values")
+        return bad is not None
 
     def read(self, name: str) -> torch.Tensor:
         return require_finite(self.ckpt.get_tensor(name), str(self.ckpt.path), name)
@@ -232,13 +253,33 @@ class QuantizeJob:
     def quantized(self, t: LinearTarget, use: str | None = None) -> Any:
         """Linear ``t``'s quantized weight, kept until it and its rewritten tensors are out."""
         if t.module not in self._pending:
-            qw = self.quantize(self.read(t.tensor), self.weight_stat(t), t)
+            qw = self._streamed(t)
+            if qw is None:
+                qw = self.quantize(self.read(t.tensor), self.weight_stat(t), t)
             self._pending[t.module] = (qw, {t.tensor, *self.fmt.rewrites(t, self.cfg_for(t))})
         qw, waiting = self._pending[t.module]
         waiting.discard(use or t.tensor)
         if not waiting:
             del self._pending[t.module]
         return qw
+
+    def _streamed(self, t: LinearTarget) -> Any:
+        """Linear ``t`` quantized from its memory-mapped bytes into the job's scratch buffers
+        (no copy of the weight, nothing allocated per tensor), or None where that does not
+        apply: the method takes no scratch, computes weight statistics, or its quantized
+        weight must outlive the next Linear's (a rewritten sibling still waits for it)."""
+        if (
+            self.scratch is None
+            or self.weight_stat(t) is not None
+            or self.fmt.rewrites(t, self.cfg_for(t))
+        ):
+            return None
+        with self.ckpt.mapped_flat(t.tensor) as flat:
+            if not self._checked(flat, t.tensor):  # no kernel for this dtype: read it
+                return None
+            opts = self.cfg_for(t).options
+            args = self.quant_args_for(t)
+            return self.method.fn(flat.view(t.shape), opts, None, **args, scratch=self.scratch)
 
     def weight_stat(self, t: LinearTarget) -> Any:
         """What a data-free method's options compute from the weights first, for ``t`` (NVFP4:
@@ -259,6 +300,8 @@ class QuantizeJob:
             if not all_finite(v):  # float8 too
                 raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
                                   f"(overflows {v.dtype})")  # fmt: skip
+            if self.scratch is not None and self.scratch.owns(v):
+                v = v.clone()  # written behind: must not change when the buffer is reused
             yield name, v
 
     def patch(self, config: dict) -> dict:

@@ -117,6 +117,8 @@ class MethodInfo:
     statistic: str | None  # None: data-free
     formats: tuple[str, ...]  # formats[0] is the default
     summary: str
+    # fn takes ``scratch=`` (a kernels.quant.Scratch): its levels may live in reused buffers
+    scratch: bool = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -139,6 +141,7 @@ def quant_method(
     statistic: str | None = None,
     formats: tuple[str, ...] = ("compressed-tensors", "gptq"),
     summary: str = "",
+    scratch: bool = False,
 ) -> Callable[[QuantMethodFn], QuantMethodFn]:
     """Register a weight quantization method under ``name`` (see the module docstring)."""
     if statistic is not None and not issubclass(config, CalibratedConfig):
@@ -146,7 +149,7 @@ def quant_method(
 
     def register(fn: QuantMethodFn) -> QuantMethodFn:
         doc = summary or (fn.__doc__ or "").split("\n")[0]
-        METHODS[name] = MethodInfo(name, fn, config, statistic, formats, doc)
+        METHODS[name] = MethodInfo(name, fn, config, statistic, formats, doc, scratch)
         return fn
 
     return register

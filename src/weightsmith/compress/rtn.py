@@ -20,6 +20,7 @@ from weightsmith.compress.levels import (  # dequantize: re-exported
 )
 from weightsmith.compress.registry import GridConfig, quant_method
 from weightsmith.errors import ConfigError
+from weightsmith.kernels.quant import Scratch, rtn_rows
 
 
 def minmax_qparams(
@@ -104,20 +105,38 @@ class RTNConfig(GridConfig):
     "rtn",
     config=RTNConfig,
     summary="round-to-nearest, min-max per channel or group (no calibration)",
+    scratch=True,
 )
 def rtn_quantize(
     w: torch.Tensor, cfg: GridConfig, stat: torch.Tensor | None = None, *,
     dtype: torch.dtype | None = None, zero_min: int | None = None,
+    scratch: Scratch | None = None,
 ) -> QuantizedWeight:  # fmt: skip
     """Round every weight to its nearest level with min-max qparams (scales rounded to
-    ``dtype``; zero points >= ``zero_min``, default: what ``cfg``'s format allows)."""
+    ``dtype``; zero points >= ``zero_min``, default: what ``cfg``'s format allows).
+
+    Plain min-max RTN of a CPU bfloat16/float32 weight runs one native pass (same bits as the
+    torch code below); with ``scratch`` its levels live in the reused buffer ``"rtn.q"``, valid
+    until the next call with the same scratch."""
     dtype = dtype or w.dtype
     zero_min = zero_min if zero_min is not None else zero_min_for(cfg)
     in_f = w.shape[1]
     g = in_f if cfg.group_size == -1 else cfg.group_size
+    hqq = getattr(cfg, "hqq", False)
+    if not hqq:
+        shape = tuple(w.shape)
+        q = (
+            scratch.take("rtn.q", shape, torch.int8)
+            if scratch
+            else torch.empty(shape, dtype=torch.int8)
+        )
+        fast = rtn_rows(w, g, cfg.bits, cfg.symmetric, zero_min, dtype, q)
+        if fast is not None:
+            return QuantizedWeight(q=q, scale=fast[0], zero=fast[1], bits=cfg.bits,
+                                   group_size=g, symmetric=cfg.symmetric)  # fmt: skip
     scale, zero = group_qparams(w, cfg.bits, g, cfg.symmetric, dtype, zero_min)
     info: dict = {}
-    if getattr(cfg, "hqq", False):
+    if hqq:
         params = HQQParams(iters=cfg.hqq_iters)
         s, z, info = hqq_qparams(
             w.float().reshape(-1, g), scale.reshape(-1, 1), zero.reshape(-1, 1), cfg.bits,

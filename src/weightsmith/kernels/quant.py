@@ -1,0 +1,138 @@
+"""Typed wrappers around the native data-free quantization kernels (``quant_kernels.c``).
+
+Each function returns None (or False) when the kernels are unavailable (no compiler, a failed
+build, ``WEIGHTSMITH_KERNELS=0``) or cannot take the tensors (not contiguous bfloat16/float32
+on the CPU); the caller then runs its torch code, which gives the same bits (tests compare
+both). :class:`Scratch` holds work buffers that a stream reuses from tensor to tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from weightsmith.kernels import load_library
+
+_SOURCE = Path(__file__).with_name("quant_kernels.c")
+_ABI = 2
+_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+SIGNATURES = {
+    "ws_quant_abi_version": ([], ctypes.c_int),
+    "ws_count_nonfinite": ([_p, _i32, _i64], _i64),
+    "ws_rtn_rows": ([_p, _i32, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p], None),
+    "ws_pack_rows": ([_p, _i64, _i64, _i32, _p], None),
+}
+_STORED = (torch.bfloat16, torch.float32)
+
+
+def quant_kernels() -> ctypes.CDLL | None:
+    return load_library("quant", _SOURCE, SIGNATURES, ("ws_quant_abi_version", _ABI))
+
+
+def _cpu_contiguous(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
+
+
+def count_nonfinite(t: torch.Tensor) -> int | None:
+    """How many entries of bfloat16/float32 ``t`` are NaN/Inf (None: no kernel for it)."""
+    lib = quant_kernels()
+    if lib is None or not _cpu_contiguous(t, _STORED):
+        return None
+    if t.numel() == 0:
+        return 0
+    return int(lib.ws_count_nonfinite(t.data_ptr(), int(t.dtype == torch.bfloat16), t.numel()))
+
+
+def rtn_rows(
+    w: torch.Tensor,
+    group_size: int,
+    bits: int,
+    symmetric: bool,
+    zero_min: int | None,
+    scale_dtype: torch.dtype,
+    q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Min-max RTN of a finite ``(out, in)`` weight in groups of ``group_size`` columns, the
+    levels written into int8 ``q`` (same shape): ``(scale, zero)`` ``(out, n_groups)``, the
+    scale in ``scale_dtype`` and the zero points int8 — exactly what
+    :func:`weightsmith.compress.rtn.group_qparams` and ``quantize_levels`` compute. None when
+    the kernels cannot take these tensors (the caller runs the torch code)."""
+    lib = quant_kernels()
+    if (
+        lib is None
+        or w.dim() != 2
+        or not _cpu_contiguous(w, _STORED)
+        or scale_dtype not in _STORED
+        or not 1 <= bits <= 8
+        or q.shape != w.shape
+        or not _cpu_contiguous(q, (torch.int8,))
+        or w.shape[1] % group_size
+    ):
+        return None
+    rows, cols = w.shape
+    n_groups = cols // group_size
+    scale = torch.empty(rows, n_groups, dtype=scale_dtype)
+    zero = torch.empty(rows, n_groups, dtype=torch.int8)
+    if w.numel() == 0:
+        return scale, zero
+    qmin = -(1 << (bits - 1))
+    lib.ws_rtn_rows(
+        w.data_ptr(),
+        int(w.dtype == torch.bfloat16),
+        rows,
+        cols,
+        group_size,
+        bits,
+        int(symmetric),
+        zero_min or qmin,  # as group_qparams: a zero_min of 0 or None means the lowest level
+        int(scale_dtype == torch.bfloat16),
+        scale.data_ptr(),
+        zero.data_ptr(),
+        q.data_ptr(),
+    )
+    return scale, zero
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """compressed-tensors' dense int32 packing of int8 levels ``(rows, cols)`` along dim 1
+    (see :func:`weightsmith.compress.packing.pack_int32`), or None without a kernel."""
+    lib = quant_kernels()
+    if lib is None or q.dim() != 2 or not _cpu_contiguous(q, (torch.int8,)) or not 1 <= bits <= 8:
+        return None
+    rows, cols = q.shape
+    out = torch.empty(rows, (cols * bits + 31) // 32, dtype=torch.int32)
+    if out.numel():
+        lib.ws_pack_rows(q.data_ptr(), rows, cols, bits, out.data_ptr())
+    return out
+
+
+class Scratch:
+    """Work buffers reused across the tensors of a stream, each grown to the largest request
+    and never shrunk: a view handed out is valid until the next :meth:`take` of the same key
+    (whoever takes one must be done with the previous view by then)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised ``shape``/``dtype`` tensor living in buffer ``key``."""
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * dtype.itemsize
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            self._buffers.pop(key, None)  # free the old one first: peak = the largest once
+            buf = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """True when ``t`` is a view of one of these buffers."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in self._buffers.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._buffers.values())

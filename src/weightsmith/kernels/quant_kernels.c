@@ -1,0 +1,163 @@
+/* Fused kernels for data-free integer quantization (round-to-nearest, min-max qparams).
+ *
+ * One pass per group computes the qparams and one writes the levels, straight from the
+ * stored bfloat16/float32 weight (no float32 copy, no temporaries), and the levels are packed
+ * into compressed-tensors' int32 words in place. Every result is bit-identical to the torch
+ * code in weightsmith.compress.rtn / packing (same float32 operations in the same order, IEEE
+ * division, round-half-even, no FMA contraction: build with -ffp-contract=off), which the
+ * tests check.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+int ws_quant_abi_version(void) { return 2; }
+
+static inline float bf16_load(const uint16_t *h, int64_t i) {
+    uint32_t u = (uint32_t)h[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f32_load(const float *f, int64_t i) { return f[i]; }
+
+/* float32 -> bfloat16 -> float32, round-half-even as torch converts (finite or inf input). */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* How many of n stored values are NaN/Inf (float32, or bfloat16 when is_bf16). */
+int64_t ws_count_nonfinite(const void *src, int32_t is_bf16, int64_t n) {
+    int64_t bad = 0;
+    if (is_bf16) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) bad += (h[i] & 0x7F80u) == 0x7F80u;
+    } else {
+        const uint32_t *f = (const uint32_t *)src;
+        for (int64_t i = 0; i < n; i++) bad += (f[i] & 0x7F800000u) == 0x7F800000u;
+    }
+    return bad;
+}
+
+/* Min-max qparams and levels of one group of g values (see weightsmith.compress.rtn):
+ *   lo = min(min(w), 0), hi = max(max(w), 0)
+ *   symmetric: scale = max(-lo, hi) / ((qmax - qmin) / 2), zero = 0
+ *   else:      scale = (hi - lo) / (qmax - qmin)
+ *   scale <= 0 -> 1; scale rounded to bfloat16 when scale_bf16
+ *   else:      zero = clamp(round(qmin - lo / scale), zmin, qmax)
+ *   q = clamp(round(w / scale) + zero, qmin, qmax)                                         */
+#define RTN_GROUP(NAME, TI, LOAD)                                                           \
+    static void NAME(const TI *w, int64_t g, int32_t qmin, int32_t qmax, int32_t zmin,      \
+                     int32_t symmetric, int32_t scale_bf16, void *scale_out, int8_t *zero_out, \
+                     int8_t *q) {                                                           \
+        float lo = LOAD(w, 0), hi = lo;                                                     \
+        for (int64_t i = 1; i < g; i++) {                                                   \
+            const float v = LOAD(w, i);                                                     \
+            lo = v < lo ? v : lo;                                                           \
+            hi = v > hi ? v : hi;                                                           \
+        }                                                                                   \
+        lo = lo < 0.0f ? lo : 0.0f;                                                         \
+        hi = hi > 0.0f ? hi : 0.0f;                                                         \
+        float scale;                                                                        \
+        if (symmetric) {                                                                    \
+            const float a = -lo > hi ? -lo : hi;                                            \
+            scale = a / ((float)(qmax - qmin) / 2.0f);                                      \
+        } else {                                                                            \
+            scale = (hi - lo) / (float)(qmax - qmin);                                       \
+        }                                                                                   \
+        if (!(scale > 0.0f)) scale = 1.0f;                                                  \
+        if (scale_bf16) scale = round_bf16(scale);                                          \
+        float zero = 0.0f;                                                                  \
+        if (!symmetric) {                                                                   \
+            zero = rintf((float)qmin - lo / scale);                                         \
+            zero = zero < (float)zmin ? (float)zmin : zero;                                 \
+            zero = zero > (float)qmax ? (float)qmax : zero;                                 \
+        }                                                                                   \
+        if (scale_bf16) {                                                                   \
+            uint32_t u;                                                                     \
+            memcpy(&u, &scale, sizeof u);                                                   \
+            *(uint16_t *)scale_out = (uint16_t)(u >> 16);                                   \
+        } else {                                                                            \
+            *(float *)scale_out = scale;                                                    \
+        }                                                                                   \
+        *zero_out = (int8_t)zero;                                                           \
+        const float fmin = (float)qmin, fmax = (float)qmax;                                 \
+        for (int64_t i = 0; i < g; i++) {                                                   \
+            float v = rintf(LOAD(w, i) / scale) + zero;                                     \
+            v = v < fmin ? fmin : v;                                                        \
+            v = v > fmax ? fmax : v;                                                        \
+            q[i] = (int8_t)v;                                                               \
+        }                                                                                   \
+    }
+
+RTN_GROUP(rtn_group_bf16, uint16_t, bf16_load)
+RTN_GROUP(rtn_group_f32, float, f32_load)
+
+/* RTN of a row-major (rows, cols) weight in groups of g columns: scale_out (rows, cols / g)
+ * bfloat16 when scale_bf16 else float32, zero_out the same shape int8, q (rows, cols) int8. */
+void ws_rtn_rows(const void *src, int32_t is_bf16, int64_t rows, int64_t cols, int64_t g,
+                 int32_t bits, int32_t symmetric, int32_t zmin, int32_t scale_bf16,
+                 void *scale_out, int8_t *zero_out, int8_t *q) {
+    const int32_t qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
+    const int64_t groups = rows * (cols / g), scale_size = scale_bf16 ? 2 : 4;
+    for (int64_t k = 0; k < groups; k++) {
+        void *s = (char *)scale_out + k * scale_size;
+        if (is_bf16)
+            rtn_group_bf16((const uint16_t *)src + k * g, g, qmin, qmax, zmin, symmetric,
+                           scale_bf16, s, zero_out + k, q + k * g);
+        else
+            rtn_group_f32((const float *)src + k * g, g, qmin, qmax, zmin, symmetric,
+                          scale_bf16, s, zero_out + k, q + k * g);
+    }
+}
+
+/* compressed-tensors pack-quantized along rows: level i of a row, offset to unsigned, takes
+ * bits [i*bits, (i+1)*bits) of the row's bit stream (low bits first, straddling words), each
+ * row padded to whole int32 words (out: rows x ceil(cols*bits/32)). */
+void ws_pack_rows(const int8_t *q, int64_t rows, int64_t cols, int32_t bits, int32_t *out) {
+    const int64_t words = (cols * bits + 31) / 32;
+    const uint32_t offset = 1u << (bits - 1), mask = (1u << bits) - 1u;
+    if (bits == 4) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int8_t *row = q + r * cols;
+            uint32_t *o = (uint32_t *)out + r * words;
+            const int64_t full = cols / 8;
+            for (int64_t w = 0; w < full; w++) {
+                uint32_t acc = 0;
+                for (int j = 0; j < 8; j++)
+                    acc |= (((uint32_t)(int32_t)row[w * 8 + j] + offset) & mask) << (4 * j);
+                o[w] = acc;
+            }
+            if (full < words) {
+                uint32_t acc = 0;
+                for (int64_t i = full * 8; i < cols; i++)
+                    acc |= (((uint32_t)(int32_t)row[i] + offset) & mask) << (4 * (i - full * 8));
+                o[full] = acc;
+            }
+        }
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *row = q + r * cols;
+        uint32_t *o = (uint32_t *)out + r * words;
+        uint64_t acc = 0;
+        int32_t held = 0;
+        int64_t w = 0;
+        for (int64_t i = 0; i < cols; i++) {
+            acc |= (uint64_t)(((uint32_t)(int32_t)row[i] + offset) & mask) << held;
+            held += bits;
+            if (held >= 32) {
+                o[w++] = (uint32_t)acc;
+                acc >>= 32;
+                held -= 32;
+            }
+        }
+        if (held > 0) o[w++] = (uint32_t)acc;
+        for (; w < words; w++) o[w] = 0;
+    }
+}

@@ -29,6 +29,7 @@ from weightsmith.compress.registry import (
 from weightsmith.compress.rtn import group_qparams, minmax_qparams, zero_min_for
 from weightsmith.core.statistics import HessianStat  # noqa: F401  (re-exported)
 from weightsmith.errors import ConfigError
+from weightsmith.kernels.gptq import gptq_columns, gptq_kernels
 
 
 class HessianNotPositiveDefinite(CalibrationFailed):
@@ -142,38 +143,101 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 def _quantize_columns(
     W: torch.Tensor, Hinv: torch.Tensor, grid: _Grid, block_size: int,
     static_scale: torch.Tensor | None, static_zero: torch.Tensor | None,
+    native: bool | None = None,
 ):  # fmt: skip
     """Alg. 1: quantize column by column, spreading each error over the later columns; the rest
     of the matrix is updated once per block. Returns levels, scale, zero and the loss.
 
-    The per-column step is kept to a few in-place tensor ops (levels stay float within a
-    block, the pivots are Python floats, each column's scale/zero column is sliced once per
-    group): the same arithmetic as the reference, so the same levels."""
+    The per-column step runs in the native kernel (:mod:`weightsmith.kernels.gptq`) when it is
+    available and gives this machine's eager bits (checked once per process; ``native``
+    forces either path), else in a few in-place torch ops per column. Both do the same
+    arithmetic as the reference, so they give the same levels."""
     g, perm, dev = grid.g, grid.perm, W.device
-    qmin, qmax = level_range(grid.bits)
     out_f, cols = W.shape
     Q = torch.zeros(out_f, cols, dtype=torch.int8, device=dev)
     n_groups = cols // g
     scale = torch.zeros(out_f, n_groups, device=dev) if static_scale is None else static_scale
     zero = torch.zeros(out_f, n_groups, device=dev) if static_zero is None else static_zero
+    if native is None:
+        # the kernel does torch's scalar addr_ arithmetic, which torch runs on Hinv's strided
+        # (column-major, as LAPACK returns it) rows
+        native = dev.type == "cpu" and Hinv.stride(1) != 1 and _native_ok()
+    if native:  # the kernel reads them in place: contiguous float32 (same values)
+        scale, zero = scale.float().contiguous(), zero.float().contiguous()
     loss = torch.zeros(out_f, device=dev)
-    order = perm.tolist() if perm is not None else range(cols)
+    order = perm if perm is not None else torch.arange(cols, device=dev)
+    groups = order // g  # the group of each (permuted) column
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.empty_like(W1)
         Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        pivots = Hinv1.diagonal().tolist()
-        for i in range(i2 - i1):
+        step = _BlockStep(W, W1, Hinv[i1:i2, i1:i2], Q1, Err1, scale, zero, grid, i1, i2)
+        step.grp = groups[i1:i2].contiguous()
+        i = 0
+        while i < i2 - i1:  # one segment per group that starts here (or the block's rest)
             col = i1 + i
-            grp = order[col] // g
-            if static_scale is None and col % g == 0:
-                # the group's current, error-compensated weights (may extend past the block)
-                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
-                sc, z = _qparams_for(cur, grid.bits, grid.symmetric, grid.dtype, grid.zero_min)
-                scale[:, grp], zero[:, grp] = sc[:, 0], z[:, 0]
-            s, z = scale[:, grp], zero[:, grp]
+            end = i2 - i1
+            if static_scale is None:
+                step.qparams(i)
+                end = min(end, i + g - col % g)
+            if not (native and step.native(i, end)):
+                step.eager(i, end)
+            i = end
+        Q[:, i1:i2] = Q1.to(torch.int8)
+        loss += Err1.square().sum(1) / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)
+    return Q, scale, zero, loss
+
+
+@dataclass
+class _BlockStep:
+    """The columns of one block: the group qparams, and the per-column step (native/eager)."""
+
+    W: torch.Tensor  # the whole (out, cols) matrix (its columns past the block: not yet seen)
+    W1: torch.Tensor  # the block's columns (a copy, updated in place)
+    Hinv1: torch.Tensor  # the block's (B, B) slice of the inverse-Hessian factor (a view)
+    Q1: torch.Tensor
+    Err1: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    grid: _Grid
+    i1: int
+    i2: int
+    grp: torch.Tensor | None = None
+    h1: torch.Tensor | None = None  # Hinv1 row-major, for the kernel
+
+    def qparams(self, i: int) -> None:
+        """At a group's first column (natural order): its qparams from the group's current,
+        error-compensated weights (which may extend past the block)."""
+        col, g, grid = self.i1 + i, self.grid.g, self.grid
+        if col % g:
+            return
+        B = self.W1.shape[1]
+        cur = (  # min/max only: the same values whether copied or not
+            self.W1[:, i : i + g]
+            if i + g <= B
+            else torch.cat([self.W1[:, i:], self.W[:, self.i2 : self.i2 + g - (B - i)]], 1)
+        )
+        sc, z = _qparams_for(cur, grid.bits, grid.symmetric, grid.dtype, grid.zero_min)
+        self.scale[:, col // g], self.zero[:, col // g] = sc[:, 0], z[:, 0]
+
+    def native(self, a: int, b: int) -> bool:
+        qmin, qmax = level_range(self.grid.bits)
+        if self.h1 is None:
+            self.h1 = self.Hinv1.contiguous()
+        return gptq_columns(self.W1, self.h1, self.scale, self.zero, self.grp, a, b,
+                            qmin, qmax, self.Q1, self.Err1)  # fmt: skip
+
+    def eager(self, a: int, b: int) -> None:
+        """Columns ``[a, b)`` in a few in-place torch ops each (levels stay float within a
+        block, the pivots are Python floats)."""
+        qmin, qmax = level_range(self.grid.bits)
+        W1, Q1, Err1, Hinv1 = self.W1, self.Q1, self.Err1, self.Hinv1
+        pivots = Hinv1.diagonal().tolist()
+        grps = self.grp.tolist()
+        for i in range(a, b):
+            s, z = self.scale[:, grps[i]], self.zero[:, grps[i]]
             x = W1[:, i]
             q = Q1[:, i]
             torch.div(x, s, out=q)
@@ -184,10 +248,38 @@ def _quantize_columns(
             torch.sub(x, err, out=err)
             err.div_(pivots[i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-        Q[:, i1:i2] = Q1.to(torch.int8)
-        loss += Err1.square().sum(1) / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update (Sec. 4, step 2)
-    return Q, scale, zero, loss
+
+
+_native_checked: bool | None = None
+
+
+def _native_ok() -> bool:
+    """Whether the native column kernel is available and gives the eager loop's bits here
+    (checked once per process on small random problems: dynamic groups that cross blocks, and
+    act-order's static groups; asymmetric)."""
+    global _native_checked
+    if _native_checked is None:
+        _native_checked = False
+        if gptq_kernels() is not None:
+            _native_checked = all(_native_matches(act) for act in (False, True))
+    return _native_checked
+
+
+def _native_matches(act_order: bool) -> bool:
+    gen = torch.Generator().manual_seed(7)
+    rows, cols, g = 37, 96, 32
+    w = torch.randn(rows, cols, generator=gen)
+    x = torch.randn(4 * cols, cols, generator=gen)
+    h = x.t() @ x
+    perm = torch.randperm(cols, generator=gen) if act_order else None
+    grid = _Grid(4, g, False, torch.float16, None, perm)
+    results = []
+    for native in (False, True):
+        W, Hinv = w.clone(), _inverse_cholesky(h.clone(), 0.01)
+        static = group_qparams(W, 4, g, False, torch.float16) if act_order else (None, None)
+        out = _quantize_columns(W, Hinv, grid, 40, *static, native=native)
+        results.append((*out[:3], W))
+    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 @dataclass(frozen=True)

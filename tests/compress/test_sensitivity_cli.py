@@ -120,4 +120,5 @@ def test_eval_bad_input(peaked: Path, tmp_path: Path):
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     r = invoke("eval", "sensitivity", str(peaked), "--calib", str(short), "--report", str(rep))
-    assert r.exit_code == 1 and "too few tokens" in r.output
+    assert r.exit_code == 1 and "fewer than the 512 that --samples 4 x --seq-len 128" in r.output
+    assert not rep.exists()

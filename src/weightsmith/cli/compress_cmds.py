@@ -197,7 +197,7 @@ def quantize_cmd(
     cfg = QuantConfig(method, format=fmt, ignore=ignore, schemes=schemes, **given)
     cfg.validate()
     calibrated = METHODS[method].statistic_for(cfg.options) is not None
-    if cfg.calib is None and (calibrated or (budget is not None and budget.report is None)):
+    if options["calib"] is None and (calibrated or (budget and budget.report is None)):
         note_builtin_calibration()
     plan = None
     if budget is not None:

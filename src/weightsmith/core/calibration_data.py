@@ -1,4 +1,4 @@
-"""Calibration data: text from a file (or the built-in fallback), the model's tokenizer, and
+"""Calibration data: text from a file (or the built-in calibration mix), the model's tokenizer, and
 fixed-length token windows for :class:`~weightsmith.core.calibration.LayerStreamer`."""
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def collect_imatrix(
 ) -> Imatrix:
     """Sum of squared inputs per column (and tokens) of every decoder-layer Linear of the
     checkpoint at ``model_dir``, over up to ``samples`` chunks of ``seq_len`` tokens of
-    ``calib_file`` (``None``: the built-in text) cut as llama-imatrix cuts them
+    ``calib_file`` (``None``: the built-in mix) cut as llama-imatrix cuts them
     (:func:`imatrix_chunks`), streamed one decoder layer at a time."""
     text = load_calibration_text(calib_file)
     with open_checkpoint(model_dir) as ckpt:

@@ -221,8 +221,9 @@ def test_calibration_text_too_short_fails_before_any_output(tiny_model, tmp_path
     )  # fmt: skip
     assert r.exit_code == 1, r.output
     line = [x for x in r.output.splitlines() if "short.txt" in x]
-    assert len(line) == 1 and "tokens, fewer than the 512 that --calib-samples 8 x --seq-len 64" in (
-        line[0]
+    assert (
+        len(line) == 1
+        and "tokens, fewer than the 512 that --calib-samples 8 x --seq-len 64" in (line[0])
     ), r.output
     assert "lower --calib-samples or --seq-len" in line[0]
     assert not out.exists() and not list(tmp_path.glob(".q*"))

@@ -168,7 +168,8 @@ def test_bad_input_is_refused_by_name(tmp_path):
     out = tmp_path / "b"
     r = runner.invoke(cli, [*args[:-3], "--calib", str(short), "--group-size", "32",
                             "--no-progress", "-o", str(out)])  # fmt: skip
-    assert r.exit_code == 1 and "at least 64 calibration tokens" in r.output, r.output
+    assert r.exit_code == 1 and "short.txt: " in r.output, r.output
+    assert "fewer than the 65536 that --calib-samples 128 x --seq-len 512 need" in r.output
     assert not out.exists()
     for bad, msg in [(dict(n_grid=2), "--n-grid must be at least 3"),
                      (dict(duo_scaling="maybe"), "--duo-scaling must be one of"),

@@ -132,8 +132,18 @@ def test_tokenize_windows_shapes(tiny_model):
     tok = load_tokenizer(tiny_model("llama"))
     text = load_calibration_text(None).text
     assert tokenize_windows(tok, text, samples=4, seq_len=16).shape == (4, 16)
-    short = tokenize_windows(tok, "Once upon a time", samples=4, seq_len=512)
-    assert short.shape[0] == 1 and 2 <= short.shape[1] < 512
+    ids = tok(text[:2000], add_special_tokens=False)["input_ids"]
+    assert tokenize_windows(tok, text, samples=4, seq_len=16).flatten().tolist() == ids[:64]
+    # Too little text for samples x seq_len is an error naming the text and the numbers, not
+    # fewer (or shorter) windows.
+    n = len(tok("Once upon a time", add_special_tokens=False)["input_ids"])
+    msg = rf"calibration text s.txt: {n} tokens, fewer than the 2048 that --calib-samples 4"
+    with pytest.raises(ConfigError, match=msg):
+        tokenize_windows(tok, "Once upon a time", samples=4, seq_len=512, source="s.txt")
+    a64 = " ".join(["a"] * 64)  # 64 tokens
+    assert tokenize_windows(tok, a64, samples=8, seq_len=8).shape == (8, 8)  # exactly enough
+    with pytest.raises(ConfigError, match="64 tokens, fewer than the 65"):  # one token short
+        tokenize_windows(tok, a64, samples=5, seq_len=13)
 
 
 @pytest.mark.slow

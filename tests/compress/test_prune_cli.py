@@ -150,3 +150,15 @@ def test_cli_structured_summaries_and_reports(tiny_model, tmp_path):
         64,
         64,
     )
+
+
+def test_wanda_calibration_text_too_short_fails_before_any_output(tiny_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words of calibration text. " * 3)
+    out = tmp_path / "p"
+    res = _run(str(tiny_model("llama")), "-o", str(out), "--method", "wanda", "--sparsity", "0.5",
+               "--calib", str(short), "--calib-samples", "4", "--seq-len", "32")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "calibration text " + str(short) + ": " in res.output
+    assert "tokens, fewer than the 128 that --calib-samples 4 x --seq-len 32 need" in res.output
+    assert not out.exists() and not list(tmp_path.glob(".p*"))

@@ -18,6 +18,7 @@ from weightsmith.compress.gptq import (
     gptq_quantize_weight,
 )
 from weightsmith.compress.rtn import quantize_levels, rtn_quantize
+from weightsmith.core.calibration_data import BUILTIN_SOURCE
 
 
 def _problem(out_f=16, in_f=64, tokens=512, seed=0):
@@ -162,7 +163,7 @@ def test_layer_streamed_gptq_beats_rtn_end_to_end(tiny_model, tmp_path):
     )
     quantize_checkpoint(src, tmp_path / "rtn", QuantConfig(method="rtn", **grid), progress=False)
     assert g.extra["calibration"]["source"] == str(calib)
-    assert g.extra["calibration"]["samples"] >= 4
+    assert g.extra["calibration"]["samples"] == 16 and g.extra["calibration"]["tokens"] == 1024
     assert len(g.extra["loss"]) == 14 and all(v > 0 for v in g.extra["loss"].values())
     err_g = _rel_error_to_original(src, tmp_path / "gptq", ids)
     err_r = _rel_error_to_original(src, tmp_path / "rtn", ids)
@@ -180,12 +181,13 @@ def test_cli_gptq_builtin_fallback_and_errors(tiny_model, tmp_path):
          "--no-progress", "--report", str(report)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "built-in text" in r.stderr
+    assert "built-in mix (builtin:calibration-mix-v1" in r.stderr
     rep = json.loads(report.read_text())["result"]["extra"]
-    assert rep["calibration"]["source"] == "builtin" and rep["rtn_fallbacks"] == []
+    assert rep["calibration"]["source"] == BUILTIN_SOURCE and rep["rtn_fallbacks"] == []
     prov = json.loads((tmp_path / "q" / "weightsmith.json").read_text())
     assert (
-        prov["calibration"]["source"] == "builtin" and prov["config"]["gptq"]["act_order"] is True
+        prov["calibration"]["source"] == BUILTIN_SOURCE
+        and prov["config"]["gptq"]["act_order"] is True
     )
     # A degenerate Hessian: negative dampening breaks positive definiteness.
     bad = tmp_path / "bad"
@@ -204,3 +206,39 @@ def test_missing_calibration_file_fails_before_any_output(tiny_model, tmp_path):
     )  # fmt: skip
     assert r.exit_code == 1 and "calibration file" in r.output and "no such file" in r.output
     assert not out.exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_calibration_text_too_short_fails_before_any_output(tiny_model, tmp_path):
+    """Fewer tokens than --calib-samples x --seq-len is a one-line error naming the file and
+    both numbers (not fewer windows), exit 1, nothing written."""
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a tiny calibration file. " * 4)
+    out = tmp_path / "q"
+    r = CliRunner().invoke(
+        cli,
+        ["compress", "quantize", str(tiny_model("llama")), "-o", str(out), "--method", "gptq",
+         "--group-size", "32", "--calib", str(short), "--calib-samples", "8", "--seq-len", "64"],
+    )  # fmt: skip
+    assert r.exit_code == 1, r.output
+    line = [x for x in r.output.splitlines() if "short.txt" in x]
+    assert (
+        len(line) == 1
+        and "tokens, fewer than the 512 that --calib-samples 8 x --seq-len 64" in (line[0])
+    ), r.output
+    assert "lower --calib-samples or --seq-len" in line[0]
+    assert not out.exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_default_calibration_mix_end_to_end(tiny_model, tmp_path):
+    """No --calib, default --calib-samples 128 x --seq-len 512: the built-in mix is long
+    enough, and the report records it."""
+    report = tmp_path / "r.json"
+    r = CliRunner().invoke(
+        cli,
+        ["compress", "quantize", str(tiny_model("llama")), "-o", str(tmp_path / "q"), "--method",
+         "gptq", "--group-size", "32", "--no-progress", "--report", str(report)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("note: no --calib given") == 1
+    cal = json.loads(report.read_text())["result"]["extra"]["calibration"]
+    assert cal == {"source": BUILTIN_SOURCE, "samples": 128, "seq_len": 512, "tokens": 65536}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from weightsmith.compress.rtn import RTNConfig, rtn_quantize
 from weightsmith.compress.schemes import parse_scheme
 from weightsmith.compress.sensitivity import (
-    calibration_windows,
+    checkpoint_sensitivity,
     measure_sensitivity,
     parse_scheme_list,
     sensitivity_units,
@@ -100,7 +100,9 @@ def test_bad_input(tiny_model, tmp_path):
             parse_scheme_list(bad)
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    with pytest.raises(ConfigError, match="too few tokens"):
-        calibration_windows(tiny_model("llama"), str(short), 4, 128)
+    with pytest.raises(
+        ConfigError, match=r"short.txt: \d+ tokens, fewer than the 512 that --samples 4"
+    ):
+        checkpoint_sensitivity(tiny_model("llama"), parse_scheme_list("w4g32"), calib=str(short))
     with pytest.raises(ConfigError, match="--by"):
         sensitivity_units(load_causal_lm(tiny_model("llama")), "row")

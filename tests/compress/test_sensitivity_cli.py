@@ -57,7 +57,8 @@ def test_eval_sensitivity_report(peaked: Path, tmp_path: Path):
     r = invoke("eval", "sensitivity", str(peaked), "--by", "type", "--schemes", "w4g64",
                "--samples", "1", "--seq-len", "16", "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert [u["name"] for u in json.loads(r.output)["units"]][-1] == "mlp.down_proj"
+    assert [u["name"] for u in json.loads(r.stdout)["units"]][-1] == "mlp.down_proj"
+    assert "note: no --calib given" in r.stderr  # the built-in mix, said on stderr only
 
 
 def test_quantize_bits_budget(peaked: Path, tmp_path: Path):
@@ -120,4 +121,5 @@ def test_eval_bad_input(peaked: Path, tmp_path: Path):
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     r = invoke("eval", "sensitivity", str(peaked), "--calib", str(short), "--report", str(rep))
-    assert r.exit_code == 1 and "too few tokens" in r.output
+    assert r.exit_code == 1 and "fewer than the 512 that --samples 4 x --seq-len 128" in r.output
+    assert str(short) in r.output

@@ -92,7 +92,9 @@ def test_chunks_like_llama_imatrix(stories260k):
     assert chunks.shape == (3, 16) and (chunks[:, 0] == 1).all()
     assert chunks[0, 1:].tolist() == ids[:15]
     assert chunks[1, 1:].tolist() == ids[16:31]  # token 15 of the text is overwritten by BOS
-    with pytest.raises(ConfigError, match="less than one chunk"):
+    with pytest.raises(
+        ConfigError, match=r"calibration text \(given\): \d+ tokens, fewer than the 48"
+    ):
         imatrix_chunks(tok, "Once", samples=3, seq_len=16)
 
 

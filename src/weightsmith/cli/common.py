@@ -289,7 +289,9 @@ def calibration_options(fn: Callable) -> Callable:
                 "--calib",
                 type=click.Path(),
                 default=None,
-                help="Calibration text (.txt or .jsonl); default: built-in text.",
+                help="Calibration text (.txt or .jsonl); default: weightsmith's built-in "
+                "calibration mix (stories, explanations, chat, math, code, docs, several "
+                "languages; ~355 kB). Needs --calib-samples x --seq-len tokens.",
             ),
             click.option(
                 "--calib-samples", default=128, show_default=True, help="Calibration windows."
@@ -310,9 +312,12 @@ def calibration_options(fn: Callable) -> Callable:
 
 
 def note_builtin_calibration() -> None:
-    """Say on stderr that calibration falls back to the built-in text (no ``--calib``)."""
+    """Say on stderr that calibration uses the built-in mix (no ``--calib``)."""
+    from weightsmith.core.calibration_data import BUILTIN_SOURCE
+
     click.echo(
-        "note: no --calib given: calibrating on weightsmith's built-in text (generic English, ~5 KB)",
+        f"note: no --calib given: calibrating on weightsmith's built-in mix ({BUILTIN_SOURCE}: "
+        "stories, explanations, chat, math, code, docs, several languages)",
         err=True,
     )
 

@@ -196,12 +196,13 @@ def quantize_cmd(
     given = {_OPTION_NAMES.get(k, k): v for k, v in options.items() if not _is_default(k)}
     cfg = QuantConfig(method, format=fmt, ignore=ignore, schemes=schemes, **given)
     cfg.validate()
+    calibrated = METHODS[method].statistic_for(cfg.options) is not None
+    if options["calib"] is None and (calibrated or (budget and budget.report is None)):
+        note_builtin_calibration()
     plan = None
     if budget is not None:
         cfg, plan = _budget_config(model, out, force, cfg, budget, progress)
         schemes = cfg.schemes
-    if METHODS[method].statistic_for(cfg.options) is not None and cfg.calib is None:
-        note_builtin_calibration()
     r = quantize_checkpoint(
         model,
         out,

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from weightsmith.cli.common import MODEL, progress_option, report_option
+from weightsmith.cli.common import MODEL, note_builtin_calibration, progress_option, report_option
 from weightsmith.cli.groups import eval_cli
 
 DEFAULT_SCHEMES = "w3g64,w4g128,w4g64,w8g128"
@@ -45,7 +45,8 @@ def mean_bpw(report: dict, scheme: str) -> float:
 @eval_cli.command("sensitivity")
 @click.argument("model", type=MODEL)
 @click.option("--calib", type=click.Path(), default=None,
-              help="Calibration text (.txt or .jsonl); default: built-in text.")  # fmt: skip
+              help="Calibration text (.txt or .jsonl); default: weightsmith's built-in "
+              "calibration mix. Needs --samples x --seq-len tokens.")  # fmt: skip
 @sensitivity_options
 @click.option(
     "--by", type=click.Choice(["module", "layer", "type"]), default="module", show_default=True,
@@ -65,6 +66,8 @@ def sensitivity_cmd(
     from weightsmith.compress.sensitivity import checkpoint_sensitivity, parse_scheme_list
 
     candidates = parse_scheme_list(schemes)
+    if calib is None:
+        note_builtin_calibration()
     names = [str(s) for s in candidates]
     width = 40
     if progress and not as_json:

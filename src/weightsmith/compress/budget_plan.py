@@ -13,11 +13,13 @@ from weightsmith.compress.schemes import Scheme, parse_scheme
 from weightsmith.compress.sensitivity import (
     applicable_schemes,
     budget_units,
-    calibration_windows,
     measure_sensitivity,
     sensitivity_units,
 )
+from weightsmith.core.calibration_data import calibration_windows
 from weightsmith.errors import ConfigError
+
+FLAGS = ("--sensitivity-samples", "--sensitivity-seq-len")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def plan_bits_budget(
     else:
         from weightsmith.core.models import load_causal_lm
 
-        ids = calibration_windows(path, req.calib, req.samples, req.seq_len)
+        ids, info = calibration_windows(path, req.calib, req.samples, req.seq_len, FLAGS)
         model = load_causal_lm(path)
         sunits = sensitivity_units(model, req.by)
         ranges = []
@@ -87,7 +89,7 @@ def plan_bits_budget(
             ranges.append((u.params, min(bpws), max(bpws)))
         check_budget_range(req.budget, ranges)
         result = measure_sensitivity(model, ids, req.schemes, by=req.by, on_unit=on_unit)
-        result.extra = {"model": str(path), "calib": req.calib or "builtin"}
+        result.extra = {"model": str(path), "calib": info["source"]}
         report = result.to_dict()
         units = budget_units(report)
     plan = solve_bits_budget(units, req.budget)

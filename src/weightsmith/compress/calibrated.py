@@ -13,9 +13,7 @@ from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.core.calibration import (
     CalibrationLayer,
     LayerStreamer,
-    load_calibration_text,
-    load_tokenizer,
-    tokenize_windows,
+    calibration_windows,
 )
 from weightsmith.core.experts import is_expert_linear
 from weightsmith.core.memory import release_freed_memory
@@ -36,12 +34,9 @@ class CalibratedRun:
                 f"{outside[0]}: {job.cfg.method} quantizes decoder-layer Linears only; --ignore it"
             )
         o = job.cfg.options
-        text = load_calibration_text(o.calib)
-        self.ids = tokenize_windows(
-            load_tokenizer(job.ckpt.root), text.text, samples=o.calib_samples, seq_len=o.seq_len
+        self.ids, self.info = calibration_windows(
+            job.ckpt.root, o.calib, o.calib_samples, o.seq_len
         )
-        self.info = {"source": text.source, "samples": self.ids.shape[0],
-                     "seq_len": self.ids.shape[1], "tokens": self.ids.numel()}  # fmt: skip
         self.streamer: LayerStreamer | None = None
 
     def run_layer(self, layer: int) -> dict[str, list[tuple[str, Any]]]:

@@ -77,7 +77,7 @@ class GridConfig(MethodConfig):
 class CalibratedConfig(MethodConfig):
     """Options of every method that runs calibration text through the model."""
 
-    calib: str | None = None  # a .txt/.jsonl file; None: the built-in text
+    calib: str | None = None  # a .txt/.jsonl file; None: the built-in mix
     calib_samples: int = 128
     seq_len: int = 512
     # MoE: experts routed fewer calibration tokens fall back to RTN (0: never); or feed them all

@@ -267,25 +267,6 @@ def measure_sensitivity(
     )  # fmt: skip
 
 
-def calibration_windows(path, calib: str | None, samples: int, seq_len: int) -> torch.Tensor:
-    """``samples`` windows of ``seq_len`` tokens of the calibration text (the built-in text
-    without ``calib``); text too short for them is an error, not a silent reduction."""
-    from weightsmith.core.calibration_data import (
-        load_calibration_text,
-        load_tokenizer,
-        tokenize_windows,
-    )
-
-    text = load_calibration_text(calib)
-    ids = tokenize_windows(load_tokenizer(path), text.text, samples=samples, seq_len=seq_len)
-    if ids.shape[0] < samples or ids.shape[1] < seq_len:
-        raise ConfigError(
-            f"calibration text {text.source} has too few tokens for {samples} windows of "
-            f"{seq_len} (got {ids.shape[0]} of {ids.shape[1]}); lower --samples or --seq-len"
-        )
-    return ids
-
-
 def checkpoint_sensitivity(
     path,
     schemes: Sequence[Scheme],
@@ -295,17 +276,20 @@ def checkpoint_sensitivity(
     seq_len: int = 128,
     by: str = "module",
     on_unit: Callable[[SensitivityUnit, dict[str, float | None]], None] | None = None,
+    flags: tuple[str, str] = ("--samples", "--seq-len"),
 ) -> SensitivityResult:
     """:func:`measure_sensitivity` of the checkpoint at ``path`` (loaded in float32) on
-    ``samples`` windows of ``seq_len`` tokens of ``calib`` (None: the built-in text)."""
+    ``samples`` windows of ``seq_len`` tokens of ``calib`` (None: the built-in mix; too little
+    text is an error naming ``flags``)."""
+    from weightsmith.core.calibration_data import calibration_windows
     from weightsmith.core.models import load_causal_lm
 
     if by not in UNIT_KINDS:
         raise ConfigError(f"--by must be one of {', '.join(UNIT_KINDS)} (got {by})")
-    ids = calibration_windows(path, calib, samples, seq_len)
+    ids, info = calibration_windows(path, calib, samples, seq_len, flags)
     model = load_causal_lm(path)
     result = measure_sensitivity(model, ids, schemes, by=by, on_unit=on_unit)
-    result.extra = {"model": str(path), "calib": calib or "builtin"}
+    result.extra = {"model": str(path), "calib": info["source"]}
     return result
 
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
     CalibrationText,
+    calibration_windows,
     load_calibration_text,
     load_tokenizer,
     tokenize_windows,

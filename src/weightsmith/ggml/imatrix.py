@@ -23,7 +23,11 @@ import numpy as np
 import torch
 
 from weightsmith.core.calibration import LayerStreamer
-from weightsmith.core.calibration_data import load_calibration_text, load_tokenizer
+from weightsmith.core.calibration_data import (
+    load_calibration_text,
+    load_tokenizer,
+    require_calibration_tokens,
+)
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.paths import check_file_output
 from weightsmith.io.placement import move_into_place, temp_path
@@ -73,10 +77,13 @@ def gguf_linear_name(layer: int, linear: str) -> str | None:
     return None if short is None else f"blk.{layer}.{short}.weight"
 
 
-def imatrix_chunks(tokenizer, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
+def imatrix_chunks(
+    tokenizer, text: str, *, samples: int, seq_len: int, source: str = "(given)"
+) -> torch.Tensor:
     """The token windows llama-imatrix evaluates: the text tokenized once (with BOS first when
-    the tokenizer adds one), cut into ``seq_len`` chunks, each chunk's first token set to BOS;
-    at most ``samples`` chunks, only whole ones."""
+    the tokenizer adds one), cut into ``samples`` chunks of ``seq_len``, each chunk's first
+    token set to BOS; text too short for them is a ConfigError (unlike llama-imatrix, which
+    runs fewer chunks)."""
     if samples < 1 or seq_len < 16:
         raise ConfigError(f"need samples >= 1 and seq_len >= 16 (got {samples}, {seq_len})")
     ids = tokenizer(text[: samples * seq_len * 16], add_special_tokens=False, verbose=False)
@@ -86,12 +93,8 @@ def imatrix_chunks(tokenizer, text: str, *, samples: int, seq_len: int) -> torch
         bos = None  # this tokenizer adds no BOS (llama.cpp's add_bos_token is false then)
     if bos is not None:
         ids = [bos, *ids]
-    n = min(samples, len(ids) // seq_len)
-    if n == 0:
-        raise ConfigError(
-            f"the calibration text has {len(ids)} tokens, less than one chunk of {seq_len}"
-        )
-    chunks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    require_calibration_tokens(source, len(ids), samples, seq_len)
+    chunks = torch.tensor(ids[: samples * seq_len], dtype=torch.long).view(samples, seq_len)
     if bos is not None:
         chunks[:, 0] = bos
     return chunks
@@ -109,12 +112,12 @@ def collect_imatrix(
 ) -> Imatrix:
     """Sum of squared inputs per column (and tokens) of every decoder-layer Linear of the
     checkpoint at ``model_dir``, over up to ``samples`` chunks of ``seq_len`` tokens of
-    ``calib_file`` (``None``: the built-in text) cut as llama-imatrix cuts them
+    ``calib_file`` (``None``: the built-in mix) cut as llama-imatrix cuts them
     (:func:`imatrix_chunks`), streamed one decoder layer at a time."""
     text = load_calibration_text(calib_file)
     with open_checkpoint(model_dir) as ckpt:
         tok = load_tokenizer(ckpt.root)
-        ids = imatrix_chunks(tok, text.text, samples=samples, seq_len=seq_len)
+        ids = imatrix_chunks(tok, text.text, samples=samples, seq_len=seq_len, source=text.source)
         streamer = LayerStreamer(ckpt, ids, batch_size=batch_size, device=device, progress=progress)
         im = Imatrix(
             datasets=[str(text.source)], chunk_count=int(ids.shape[0]), chunk_size=int(ids.shape[1])

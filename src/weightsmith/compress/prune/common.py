@@ -11,10 +11,8 @@ from torch import nn
 from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.core.calibration import (
     LayerStreamer,
-    load_calibration_text,
-    load_tokenizer,
+    calibration_windows,
     module_path,
-    tokenize_windows,
 )
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.targets import ignore_matches as matches
@@ -99,16 +97,7 @@ def calibration_streamer(
     ckpt: Checkpoint, cfg: PruneConfig, *, device: str, progress: bool
 ) -> tuple[LayerStreamer, dict[str, Any]]:
     """A :class:`LayerStreamer` on the configured calibration text, and what it ran on."""
-    text = load_calibration_text(cfg.calib)
-    ids = tokenize_windows(
-        load_tokenizer(ckpt.root), text.text, samples=cfg.calib_samples, seq_len=cfg.seq_len
-    )
-    info = {
-        "source": text.source,
-        "samples": ids.shape[0],
-        "seq_len": ids.shape[1],
-        "tokens": ids.numel(),
-    }
+    ids, info = calibration_windows(ckpt.root, cfg.calib, cfg.calib_samples, cfg.seq_len)
     streamer = LayerStreamer(ckpt, ids, batch_size=cfg.batch_size, device=device, progress=False)
     return streamer, info
 

@@ -17,6 +17,8 @@ import torch
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
+    OUT_PIECES,
     ChunkSource,
     MergeMethod,
     Param,
@@ -27,8 +29,6 @@ from weightsmith.merge.methods.base import (
     whole,
 )
 
-NATIVE_PIECE = 1 << 20  # elements per native call: big enough that thread hand-offs are cheap
-OUT_PIECES = 8  # native pieces per output chunk handed to the writer (16 MB of bfloat16)
 DOT_THRESHOLD = 0.9995  # mergekit's colinearity threshold on the cosine
 EPS = 1e-8  # norms at or below this are not normalized (mergekit's eps)
 

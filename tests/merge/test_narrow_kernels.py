@@ -1,0 +1,105 @@
+"""The native bfloat16 linear / task-arithmetic kernel gives the torch narrow path's bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightsmith.kernels as kernels
+from weightsmith.kernels import merge as native
+from weightsmith.merge.methods.base import TensorParams, with_defaults
+from weightsmith.merge.methods.linear import Linear, mergekit_linear
+from weightsmith.merge.methods.task_arithmetic import TaskArithmetic, narrow_task_arithmetic_args
+
+pytestmark = pytest.mark.skipif(kernels.merge_kernels() is None, reason="no C compiler here")
+
+N = 100_003  # not a multiple of any vector width: torch's scalar tails are covered too
+
+
+def edge_inputs(k: int, seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """k bfloat16 tensors: normal values near each other (cancellation), exact zeros of both
+    signs, subnormals, large values whose sums and products overflow, repeated values."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g) * scale
+    out = []
+    for i in range(k):
+        x = base + torch.randn(N, generator=g) * 0.01 * (i + 1)
+        r = torch.rand(N, generator=g)
+        x[r < 0.05] = 0.0
+        x[(r >= 0.05) & (r < 0.08)] = -0.0
+        x[(r >= 0.08) & (r < 0.10)] = 1e-39 * (i - 1.5)  # subnormal in float32 and bfloat16
+        x[(r >= 0.10) & (r < 0.11)] = 3e38 * (1 if i % 2 else -1)  # near bfloat16's max
+        x[(r >= 0.11) & (r < 0.13)] = 0.0078125
+        out.append(x.to(torch.bfloat16))
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 bit patterns, every NaN as one pattern (a NaN output is an overflow error:
+    nothing is written, and torch's NaN sign bits differ between its code paths)."""
+    b = t.contiguous().view(torch.int16).clone()
+    b[torch.isnan(t)] = 0x7FC0
+    return b
+
+
+def params(globals_: dict, weights: list[float], method, k: int) -> TensorParams:
+    p = TensorParams(
+        "t", globals_, tuple({"weight": w} for w in weights), compute_dtype=torch.bfloat16
+    )
+    return with_defaults(method, p, k)
+
+
+WEIGHTS = [[1.0, 1.0], [0.3, 0.7], [-1.7, 2.9, 0.001], [0.5, 0.25, 0.125, 3.0, -0.6], [1e-9, 1]]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_linear_kernel_equals_mergekit_linear(weights, normalize, in_dtype):
+    xs = [x.to(in_dtype) for x in edge_inputs(len(weights), seed=len(weights))]
+    if in_dtype == torch.float32:  # float32 inputs are rounded to bfloat16 first
+        xs = [x + torch.randn(N) * 1e-4 for x in xs]
+    p = params({"normalize": normalize}, weights, Linear(), len(weights))
+    want = mergekit_linear([x.float() for x in xs], weights, p)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        out = torch.empty(N, dtype=out_dtype)
+        w32 = torch.tensor(weights, dtype=torch.float32)
+        div = float(w32.sum()) if normalize else None
+        res = native.narrow_mix(xs, native.LINEAR, w32.tolist(), div, None, out)
+        assert res is not None
+        bad_out, bad_in = res
+        exact = torch.nan_to_num(out.to(torch.bfloat16).float())
+        assert torch.equal(torch.nan_to_num(out.float()), exact)  # float32 out: bfloat16 values
+        assert torch.equal(bits(out.to(torch.bfloat16)), bits(want))
+        assert bad_out == int((~torch.isfinite(want)).sum())
+        assert bad_in == [int((~torch.isfinite(x)).sum()) for x in xs]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("lam", [1.0, 0.3, 1.7])
+def test_task_arithmetic_kernel_equals_torch_narrow_path(weights, normalize, lam):
+    xs = edge_inputs(len(weights) + 1, seed=7 * len(weights))
+    p = params({"normalize": normalize, "lambda": lam}, weights, TaskArithmetic(), len(xs))
+    want = TaskArithmetic().combine([x.float() for x in xs], None, p, 0)
+    w, div, scale = narrow_task_arithmetic_args(p)
+    out = torch.empty(N, dtype=torch.bfloat16)
+    res = native.narrow_mix(xs, native.TASK_ARITHMETIC, w, div, scale, out)
+    assert res is not None
+    assert torch.equal(bits(out), bits(want))
+    assert res[0] == int((~torch.isfinite(want)).sum()) > 0
+
+
+def test_kernel_refuses_mixed_dtypes_and_counts_nan_inputs():
+    a = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.bfloat16)
+    b = torch.tensor([float("inf"), 1.0, float("-inf")], dtype=torch.bfloat16)
+    out = torch.empty(3, dtype=torch.bfloat16)
+    assert native.narrow_mix([a, b.float()], native.LINEAR, [1.0, 1.0], None, None, out) is None
+    bad_out, bad_in = native.narrow_mix([a, b], native.LINEAR, [1.0, 1.0], None, None, out)
+    assert bad_in == [1, 2] and bad_out == 3
+    # hand-computed: 0.5·3 + 0.25·(−2) = 1.0, divided by 0.75 = 1.3333 → bfloat16 1.3359375
+    x, y = torch.tensor([3.0], dtype=torch.bfloat16), torch.tensor([-2.0], dtype=torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        one = torch.empty(1, dtype=dtype)
+        native.narrow_mix([x, y], native.LINEAR, [0.5, 0.25], 0.75, None, one)
+        assert one.item() == 1.3359375

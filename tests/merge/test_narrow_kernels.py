@@ -7,8 +7,13 @@ import torch
 
 import weightsmith.kernels as kernels
 from weightsmith.kernels import merge as native
-from weightsmith.merge.methods.base import TensorParams, with_defaults
+from weightsmith.merge.methods.base import TensorChunks, TensorParams, with_defaults
 from weightsmith.merge.methods.linear import Linear, mergekit_linear
+from weightsmith.merge.methods.slerp import (
+    MERGEKIT_CHUNK,
+    mergekit_coefficients,
+    streamed_mergekit_coefficients,
+)
 from weightsmith.merge.methods.task_arithmetic import TaskArithmetic, narrow_task_arithmetic_args
 
 pytestmark = pytest.mark.skipif(kernels.merge_kernels() is None, reason="no C compiler here")
@@ -103,3 +108,21 @@ def test_kernel_refuses_mixed_dtypes_and_counts_nan_inputs():
         one = torch.empty(1, dtype=dtype)
         native.narrow_mix([x, y], native.LINEAR, [0.5, 0.25], 0.75, None, one)
         assert one.item() == 1.3359375
+
+
+@pytest.mark.parametrize("chunk", [None, 1 << 20, 3 << 19, 4 << 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streamed_slerp_statistics_equal_the_whole_tensor_ones(chunk, dtype):
+    """mergekit's norms and dot from 1M-element pieces, streamed from chunks of any size (also
+    not a multiple of the piece), give the bits of the whole-tensor computation."""
+    n = 3 * MERGEKIT_CHUNK + 12_345
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(n, generator=g) * 3).to(dtype)
+    b = (a.float() * 0.8 + torch.randn(n, generator=g)).to(dtype)
+    whole_ab = [x.to(torch.bfloat16).float() for x in (a, b)]
+    for t in (0.3, 0.5):
+        want = mergekit_coefficients(*whole_ab, t)
+        got = streamed_mergekit_coefficients(TensorChunks([a, b], "t", chunk), torch.bfloat16, t)
+        for w, x in zip(want, got, strict=True):
+            assert torch.equal(w.view(torch.int32), x.view(torch.int32))
+        assert 0.0 < float(got[0]) < 1.0 and not torch.equal(got[0], torch.tensor(1 - t))

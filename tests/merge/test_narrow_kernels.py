@@ -9,6 +9,8 @@ import weightsmith.kernels as kernels
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import TensorChunks, TensorParams, with_defaults
 from weightsmith.merge.methods.linear import Linear, mergekit_linear
+from weightsmith.merge.methods.multislerp import MultiSlerp
+from weightsmith.merge.methods.nuslerp import NuSlerp, vectors
 from weightsmith.merge.methods.slerp import (
     MERGEKIT_CHUNK,
     mergekit_coefficients,
@@ -126,3 +128,86 @@ def test_streamed_slerp_statistics_equal_the_whole_tensor_ones(chunk, dtype):
         for w, x in zip(want, got, strict=True):
             assert torch.equal(w.view(torch.int32), x.view(torch.int32))
         assert 0.0 < float(got[0]) < 1.0 and not torch.equal(got[0], torch.tensor(1 - t))
+
+
+def _old_nuslerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple:
+    """nuslerp's statistics as mergekit writes them (out of place), the reference."""
+
+    def unit(x):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.int8), b.reshape(-1).view(torch.int8)
+    )
+
+
+@pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_statistics_in_place_keep_mergekit_bits(flatten, row_wise, with_base):
+    """Task vectors subtracted chunk by chunk and the unit vectors written in place give the
+    bits of mergekit's whole-tensor expressions (chunks not aligned to rows)."""
+    xs = edge_inputs(3, seed=11, scale=0.1)  # no overflow: NaN-free statistics to compare
+    xs = [x.clamp(-1e3, 1e3)[: 263 * 380].reshape(263, 380) for x in xs]
+    shape = tuple(xs[0].shape)
+    p = TensorParams(
+        "t",
+        {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise},
+        ({"weight": 0.3}, {"weight": 0.6}),
+        has_base=with_base,
+        compute_dtype=torch.bfloat16,
+    )
+    inputs = xs if with_base else xs[1:]
+    got = NuSlerp().prepare(TensorChunks(inputs, "t", chunk_size=10_007), p)
+    v0, v1 = (x - xs[0] for x in xs[1:]) if with_base else xs[1:]
+    v0, mode, _ = vectors(v0, shape, flatten, row_wise)
+    v1, _, _ = vectors(v1, shape, flatten, row_wise)
+    want = _old_nuslerp(v0, v1, 2 / 3)
+    if mode == "mod":
+        want = tuple(c.transpose(0, -1) for c in want)
+    for w, g in zip(want, (got.a, got.b, got.sin, got.colinear), strict=True):
+        assert _same(w.reshape(-1), g)
+    assert float(got.sin.float().abs().max()) > 0.01  # not all colinear
+
+
+def _old_sphere_stats(v: torch.Tensor, weights: torch.Tensor, eps: float) -> tuple:
+    """multislerp's statistics as mergekit writes them (out of place), the reference."""
+    w = weights.view(-1, 1)
+    norms = torch.norm(v, dim=-1, keepdim=True)
+    unit = v / (norms + eps)
+    mean = (unit * w).sum(0)
+    mean_norm = torch.norm(mean)
+    mean = mean / mean_norm
+    dots = (unit * mean).sum(-1, keepdim=True)
+    tangent = ((unit - dots * mean) * w).sum(0)
+    return norms, mean_norm, dots, torch.norm(tangent) + eps, (norms.squeeze(-1) * weights).sum()
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_multislerp_statistics_in_one_buffer_keep_mergekit_bits(with_base):
+    xs = [x.clamp(-1e3, 1e3) for x in edge_inputs(4, seed=13, scale=0.1)]
+    weights = [0.2, 0.5, 0.3]
+    p = TensorParams(
+        "t",
+        {"normalize_weights": True, "eps": 1e-8},
+        tuple({"weight": w} for w in weights),
+        has_base=with_base,
+        compute_dtype=torch.bfloat16,
+    )
+    inputs = xs if with_base else xs[1:]
+    got = MultiSlerp().prepare(TensorChunks(inputs, "t", chunk_size=30_011), p)
+    v = torch.stack(xs[1:])
+    if with_base:
+        v = v - xs[0]
+    w = torch.tensor(weights, dtype=torch.bfloat16)
+    want = _old_sphere_stats(v, w / w.sum(), 1e-8)
+    fields = (got.norms, got.mean_norm, got.dots, got.tangent_norm, got.avg_norm)
+    for a, b in zip(want, fields, strict=True):
+        assert _same(a, b)
+    assert 0.0 < float(got.mean_norm) < 1.0

@@ -368,15 +368,27 @@ def stream_native(
             yield out
 
 
-def whole(src: ChunkSource, i: int, dtype: torch.dtype) -> torch.Tensor:
+def whole(
+    src: ChunkSource,
+    i: int,
+    dtype: torch.dtype,
+    minus: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Input ``i`` as one flat tensor in ``dtype`` (a float32 input rounded as mergekit's load
-    cast rounds it). For methods whose statistics must be mergekit's whole-tensor reductions
-    bit for bit: one tensor per input, held while ``prepare`` runs."""
-    out: torch.Tensor | None = None
+    cast rounds it), less input ``minus`` when given (``x.to(dtype) - base.to(dtype)``, entry
+    by entry: the bits of subtracting the whole tensors), into ``out`` when given. For methods
+    whose statistics must be mergekit's whole-tensor reductions bit for bit: one tensor per
+    input, held while ``prepare`` runs."""
     pos = 0
-    for (chunk,) in src.chunks([i]):  # copied piece by piece: no float32 copy of the whole
+    for parts in src.chunks([i] if minus is None else [i, minus]):  # piece by piece
+        chunk = parts[0]
         if out is None:
             out = torch.empty(src.numel, dtype=dtype, device=chunk.device)
-        out[pos : pos + chunk.numel()].copy_(chunk)  # a copy: chunks are read-only
+        piece = out[pos : pos + chunk.numel()]
+        if minus is None:
+            piece.copy_(chunk)  # a copy: chunks are read-only
+        else:
+            torch.sub(chunk.to(dtype), parts[1].to(dtype), out=piece)
         pos += chunk.numel()
     return out if out is not None else torch.empty(0, dtype=dtype)

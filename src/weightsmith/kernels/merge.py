@@ -195,3 +195,47 @@ def lerp2(a: torch.Tensor, b: torch.Tensor, s0: float, s1: float, out: torch.Ten
         out.data_ptr(),
         _KERNEL_DTYPES[out.dtype],
     )
+
+
+LINEAR, TASK_ARITHMETIC = 0, 1  # ws_narrow_mix's modes
+
+
+def narrow_mix(
+    inputs: Sequence[torch.Tensor],
+    mode: int,
+    weights: Sequence[float],
+    div: float | None,
+    lam: float | None,
+    out: torch.Tensor,
+) -> tuple[int, list[int]] | None:
+    """mergekit's bfloat16 linear (``LINEAR``) or task arithmetic (``TASK_ARITHMETIC``, input 0
+    the base, ``weights`` already rounded to bfloat16) of same-dtype float32/bfloat16 ranges,
+    into a float32/bfloat16 ``out``: (NaN/Inf outputs, NaN/Inf per input), or None when the
+    kernels cannot take these tensors. ``div``/``lam``: divide / scale, or None to skip."""
+    lib = merge_kernels()
+    k = len(inputs)
+    if (
+        lib is None
+        or k == 0
+        or len({t.dtype for t in inputs}) != 1
+        or any(t.numel() != out.numel() for t in inputs)
+        or not _usable(*inputs, out, dtypes=STORAGE)
+    ):
+        return None
+    bad = (ctypes.c_int64 * k)()
+    bad_out = lib.ws_narrow_mix(
+        (ctypes.c_void_p * k)(*[t.data_ptr() for t in inputs]),
+        k,
+        _KERNEL_DTYPES[inputs[0].dtype],
+        out.numel(),
+        mode,
+        (ctypes.c_float * len(weights))(*weights),
+        int(div is not None),
+        0.0 if div is None else div,
+        int(lam is not None),
+        0.0 if lam is None else lam,
+        out.data_ptr(),
+        _KERNEL_DTYPES[out.dtype],
+        bad,
+    )
+    return int(bad_out), list(bad)

@@ -14,7 +14,7 @@
 
 enum { SP_NONE = 0, SP_TOPK = 1, SP_DARE = 2 };
 
-int ws_abi_version(void) { return 3; }
+int ws_abi_version(void) { return 4; }
 int ws_max_models(void) { return MAXK; }
 
 /* SplitMix64's j-th output for a generator seeded with `seed` (Steele et al. 2014). */
@@ -308,4 +308,93 @@ int64_t ws_lerp2(const void *a, const void *b, int32_t in_dtype, int64_t n, floa
     if (out_dtype == DT_BF16)
         return lerp2_f32_bf16((const float *)a, (const float *)b, n, s0, s1, (uint16_t *)out);
     return lerp2_f32_f32((const float *)a, (const float *)b, n, s0, s1, (float *)out);
+}
+
+/* A stored value (DT_F32 / DT_BF16) rounded to bfloat16, as a float: x.to(bfloat16). */
+static inline float bf16_round(float f) { return bf16_at(&(uint16_t){to_bf16(f)}, 0); }
+
+/* Tile of input k's values [s, s + m), rounded to bfloat16; counts its NaN/Inf into *bad. */
+static void load_bf16_tile(const void *x, int32_t dtype, int64_t s, int64_t m, float *v,
+                           int64_t *bad) {
+    int64_t nb = 0;
+    if (dtype == DT_BF16) {
+        const uint16_t *p = (const uint16_t *)x + s;
+        for (int64_t i = 0; i < m; i++) {
+            v[i] = bf16_at(p, i);
+            nb += bf16_exp(p, i) == 0x7F80u;
+        }
+    } else {
+        const float *p = (const float *)x + s;
+        for (int64_t i = 0; i < m; i++) {
+            v[i] = bf16_round(p[i]);
+            nb += f32_exp(p, i) == 0x7F800000u;
+        }
+    }
+    *bad += nb;
+}
+
+/* Store a float32 tile as out_dtype (bfloat16: round to nearest even); the NaN/Inf count. */
+static int64_t store_tile(const float *v, int64_t m, void *out, int32_t out_dtype, int64_t s) {
+    int64_t nb = 0;
+    if (out_dtype == DT_BF16) {
+        uint16_t *o = (uint16_t *)out + s;
+        for (int64_t i = 0; i < m; i++) {
+            o[i] = to_bf16(v[i]);
+            nb += bf16_exp(o, i) == 0x7F80u;
+        }
+    } else {
+        float *o = (float *)out + s;
+        for (int64_t i = 0; i < m; i++) {
+            o[i] = v[i];
+            nb += f32_exp(o, i) == 0x7F800000u;
+        }
+    }
+    return nb;
+}
+
+/* mergekit's bfloat16 linear and task arithmetic over one range, every torch rounding step
+ * reproduced (float32 arithmetic, bfloat16 rounding where torch rounds):
+ *   mode 0 (linear, weights w float32): acc = 0; acc = fma(bf16(x_k), w_k, acc) in order (torch's
+ *     addcmul_ is a fused multiply-add on the CPU); acc /= div when do_div; out = bf16(acc);
+ *   mode 1 (task arithmetic, x_0 the base, w_k already bfloat16 values): δ_k = bf16(x_k − b),
+ *     p_k = bf16(δ_k·w_k), mixed = bf16(Σ p_k) (float32 sum in order), bf16(mixed / div) when
+ *     do_div, bf16(mixed · lam) when do_lam, out = bf16(b + mixed).
+ * out is stored as out_dtype; bad[k] counts NaN/Inf of input k; returns the NaN/Inf outputs. */
+int64_t ws_narrow_mix(const void *const *xs, int32_t K, int32_t in_dtype, int64_t n,
+                      int32_t mode, const float *w, int32_t do_div, float div, int32_t do_lam,
+                      float lam, void *out, int32_t out_dtype, int64_t *bad) {
+    float acc[TILE], v[TILE], b[TILE];
+    int64_t bad_out = 0;
+    for (int32_t k = 0; k < K; k++) bad[k] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        if (mode == 0) {
+            for (int32_t k = 0; k < K; k++) {
+                const float wk = w[k];
+                load_bf16_tile(xs[k], in_dtype, s, m, v, &bad[k]);
+                for (int64_t i = 0; i < m; i++) acc[i] = fmaf(v[i], wk, acc[i]);
+            }
+            if (do_div)
+                for (int64_t i = 0; i < m; i++) acc[i] = acc[i] / div;
+            if (out_dtype != DT_BF16)
+                for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i]);
+        } else {
+            load_bf16_tile(xs[0], in_dtype, s, m, b, &bad[0]);
+            for (int32_t k = 1; k < K; k++) {
+                const float wk = w[k - 1];
+                load_bf16_tile(xs[k], in_dtype, s, m, v, &bad[k]);
+                for (int64_t i = 0; i < m; i++)
+                    acc[i] = acc[i] + bf16_round(bf16_round(v[i] - b[i]) * wk);
+            }
+            for (int64_t i = 0; i < m; i++) {
+                float mixed = bf16_round(acc[i]);
+                if (do_div) mixed = bf16_round(mixed / div);
+                if (do_lam) mixed = bf16_round(mixed * lam);
+                acc[i] = bf16_round(b[i] + mixed);
+            }
+        }
+        bad_out += store_tile(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
 }

@@ -329,15 +329,66 @@ def mergekit_threads() -> Iterator[None]:
             torch.set_num_threads(saved)
 
 
-def whole(src: ChunkSource, i: int, dtype: torch.dtype) -> torch.Tensor:
+NATIVE_PIECE = 1 << 20  # elements per native call: big enough that thread hand-offs are cheap
+OUT_PIECES = 8  # native pieces per output chunk handed to the writer (16 MB of bfloat16)
+
+
+def stream_native(
+    src: ChunkSource,
+    out_dtype: torch.dtype,
+    kernel: Callable[[list[torch.Tensor], torch.Tensor], tuple[int, list[int]] | None],
+) -> Iterator[torch.Tensor]:
+    """The output of a per-entry native kernel, read straight from the stored inputs: chunks of
+    ``out_dtype``, each computed in ``NATIVE_PIECE`` pieces on the compute pool by
+    ``kernel(input pieces, output piece)`` -> (NaN/Inf outputs, NaN/Inf per input). A NaN/Inf
+    input raises its input's error, an overflowing output the overflow error."""
+    with contextlib.ExitStack() as stack:
+        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
+        if any(x.numel() < src.numel for x in stored):
+            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+        step = OUT_PIECES * NATIVE_PIECE
+        for first in range(0, src.numel, step):
+            last = min(first + step, src.numel)
+            out = torch.empty(last - first, dtype=out_dtype)
+
+            def piece(r: tuple[int, int], out=out, first=first) -> tuple[int, list[int]]:
+                res = kernel([x[r[0] : r[1]] for x in stored], out[r[0] - first : r[1] - first])
+                if res is None:
+                    raise RuntimeError(f"{src.name}: native kernel refused its inputs")
+                return res
+
+            bad_out = 0
+            for n_out, n_in in pmap(piece, sub_ranges(first, last, NATIVE_PIECE)):
+                for i, n in enumerate(n_in):
+                    if n:
+                        src.fail_nonfinite(i)
+                bad_out += n_out
+            if bad_out:
+                fail_overflow(src.name, out_dtype)
+            yield out
+
+
+def whole(
+    src: ChunkSource,
+    i: int,
+    dtype: torch.dtype,
+    minus: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Input ``i`` as one flat tensor in ``dtype`` (a float32 input rounded as mergekit's load
-    cast rounds it). For methods whose statistics must be mergekit's whole-tensor reductions
-    bit for bit: one tensor per input, held while ``prepare`` runs."""
-    out: torch.Tensor | None = None
+    cast rounds it), less input ``minus`` when given (``x.to(dtype) - base.to(dtype)``, entry
+    by entry: the bits of subtracting the whole tensors), into ``out`` when given. For methods
+    whose statistics must be mergekit's whole-tensor reductions bit for bit: one tensor per
+    input, held while ``prepare`` runs."""
     pos = 0
-    for (chunk,) in src.chunks([i]):  # copied piece by piece: no float32 copy of the whole
+    for parts in src.chunks([i] if minus is None else [i, minus]):  # piece by piece
+        chunk = parts[0]
         if out is None:
             out = torch.empty(src.numel, dtype=dtype, device=chunk.device)
-        out[pos : pos + chunk.numel()].copy_(chunk)  # a copy: chunks are read-only
+        piece = out[pos : pos + chunk.numel()]
+        if minus is None:
+            piece.copy_(chunk)  # a copy: chunks are read-only
+        else:
+            torch.sub(chunk.to(dtype), parts[1].to(dtype), out=piece)
         pos += chunk.numel()
     return out if out is not None else torch.empty(0, dtype=dtype)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from weightsmith.errors import ConfigError
-from weightsmith.merge.methods.base import MergeMethod, Param, TensorParams, merge_method
+from weightsmith.kernels import merge as native
+from weightsmith.merge.methods.base import (
+    ChunkSource,
+    MergeMethod,
+    Param,
+    TensorParams,
+    merge_method,
+    stream_native,
+)
 from weightsmith.merge.params import BOOL
 
 
@@ -38,12 +47,32 @@ class Linear(MergeMethod):
             out.div_(sum(weights))
         return out
 
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: mergekit's ops fused in one native pass over the stored inputs
+        (the same bits as :func:`mergekit_linear`), written as ``out_dtype``."""
+        if params.dtype != torch.bfloat16 or out_dtype not in native.STORAGE:
+            return None
+        if not native.available():
+            return None
+        self.validate(params)
+        w = torch.tensor(params.model_values("weight"), dtype=torch.float32)
+        div = float(w.sum()) if params.globals["normalize"] else None
+        weights = w.tolist()
+
+        def kernel(xs: list[torch.Tensor], out: torch.Tensor):
+            return native.narrow_mix(xs, native.LINEAR, weights, div, None, out)
+
+        return stream_native(src, out_dtype, kernel)
+
 
 def mergekit_linear(
     chunks: list[torch.Tensor], weights: list[float], params: TensorParams
 ) -> torch.Tensor:
     """mergekit's ops for a narrow compute dtype: inputs rounded to it, float32 sums of
-    products (no fused multiply-add), a float32 divisor, the result rounded to it."""
+    products (addcmul_: fused multiply-adds on the CPU), a float32 divisor, the result
+    rounded to it."""
     dt = params.dtype
     w = torch.tensor(weights, dtype=torch.float32, device=chunks[0].device)
     out = torch.zeros(chunks[0].shape, dtype=torch.float32, device=chunks[0].device)

@@ -41,11 +41,16 @@ class SphereStats:
 
 
 def sphere_stats(v: torch.Tensor, weights: torch.Tensor, eps: float, name: str) -> SphereStats:
-    """The whole-tensor statistics of stacked flat vectors ``v`` (n, numel), as mergekit."""
+    """The whole-tensor statistics of stacked flat vectors ``v`` (n, numel), as mergekit.
+
+    ``v`` is overwritten (by the unit vectors) and every (n, numel) temporary of mergekit's
+    expressions is written into one buffer: the same elementwise ops and reductions, so the
+    same bits, with two tensors of that size instead of five."""
     w = weights.view(-1, 1)
     norms = torch.norm(v, dim=-1, keepdim=True)
-    unit = v / (norms + eps)
-    mean = (unit * w).sum(0)
+    unit = v.div_(norms + eps)
+    buf = torch.mul(unit, w)
+    mean = buf.sum(0)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if v.shape[0] == 2:
@@ -55,8 +60,9 @@ def sphere_stats(v: torch.Tensor, weights: torch.Tensor, eps: float, name: str) 
             "whose weights cancel); change the weights"
         )
     mean = mean / mean_norm
-    dots = (unit * mean).sum(-1, keepdim=True)
-    tangent = ((unit - dots * mean) * w).sum(0)
+    dots = torch.mul(unit, mean, out=buf).sum(-1, keepdim=True)
+    torch.mul(dots, mean, out=buf)
+    tangent = torch.sub(unit, buf, out=buf).mul_(w).sum(0)
     tangent_norm = torch.norm(tangent) + eps
     avg_norm = (norms.squeeze(-1) * weights).sum()
     return SphereStats(w, norms, mean_norm, dots, tangent_norm, avg_norm)
@@ -80,9 +86,13 @@ class MultiSlerp(MergeMethod):
             return None
         dt = params.dtype
         first = 1 if params.has_base else 0
-        v = torch.stack([whole(src, i, dt) for i in range(first, src.num_inputs)])
-        if params.has_base:
-            v -= whole(src, 0, dt)
+        minus = 0 if params.has_base else None  # task vectors subtracted chunk by chunk
+        row = whole(src, first, dt, minus)
+        v = torch.empty(src.num_inputs - first, src.numel, dtype=dt, device=row.device)
+        v[0].copy_(row)
+        del row
+        for k in range(1, len(v)):
+            whole(src, first + k, dt, minus, out=v[k])
         weights = self._weights(params, v)
         return sphere_stats(v, weights, float(params.globals["eps"]), src.name)
 

@@ -63,13 +63,18 @@ def vectors(x: torch.Tensor, shape: tuple[int, ...], flatten: bool, row_wise: bo
     return v, "div", shape[-1]
 
 
-def nuslerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float):
-    """(sin((1−t)θ), sin(tθ), sin θ, colinear) per vector, in the vectors' dtype."""
+def nuslerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float, *, inplace=False):
+    """(sin((1−t)θ), sin(tθ), sin θ, colinear) per vector, in the vectors' dtype.
+
+    ``inplace``: the unit vectors and their product overwrite ``v0`` and ``v1`` (the same
+    elementwise ops, so the same bits, without three more tensors of their size)."""
 
     def unit(x: torch.Tensor) -> torch.Tensor:
-        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+        n = torch.norm(x, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+        return x.div_(n) if inplace else x / n
 
-    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    u0, u1 = unit(v0), unit(v1)
+    cos = torch.sum(u0.mul_(u1) if inplace else u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
     colinear = (1 - cos.square()) <= EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear
@@ -93,18 +98,16 @@ class NuSlerp(MergeMethod):
         dt, has_base = params.dtype, bool(params.has_base)
         t = interpolation_t(params.model_values("weight"))
         first = 1 if has_base else 0
-        x0, x1 = whole(src, first, dt), whole(src, first + 1, dt)
-        if has_base:
-            base = whole(src, 0, dt)
-            x0, x1 = x0.sub_(base), x1.sub_(base)
-            del base
+        minus = 0 if has_base else None  # task vectors subtracted chunk by chunk
+        x0, x1 = whole(src, first, dt, minus), whole(src, first + 1, dt, minus)
         flat, row = (
             bool(params.globals["nuslerp_flatten"]),
             bool(params.globals["nuslerp_row_wise"]),
         )
         v0, mode, size = vectors(x0, src.shape, flat, row)
         v1, _, _ = vectors(x1, src.shape, flat, row)
-        a, b, s, colinear = nuslerp_coefficients(v0, v1, t)
+        del x0, x1  # only the views: the vectors are overwritten below
+        a, b, s, colinear = nuslerp_coefficients(v0, v1, t, inplace=True)
         if mode == "mod":  # back to the original layout: one value per position past dim 0
             a, b, s, colinear = (c.transpose(0, -1) for c in (a, b, s, colinear))
         flat_of = lambda c: c.reshape(-1)  # noqa: E731

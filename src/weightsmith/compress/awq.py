@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from weightsmith.compress.awq_search import capture, fold, resolve_mappings, search_scales
+from weightsmith.compress.awq_search import (
+    CLIP_AVOID,
+    capture,
+    clip_search,
+    fold,
+    resolve_mappings,
+    search_scales,
+)
 from weightsmith.compress.gptq import gptq_quantize
 from weightsmith.compress.registry import CalibratedConfig, GridConfig, quant_method
 from weightsmith.compress.rtn import rtn_quantize
@@ -47,12 +54,13 @@ class AWQConfig(GridConfig, CalibratedConfig):
     points; ``duo_scaling`` "true": ``x̄^r / w̄^(1-r)``, "false": ``x̄^r``, "both": half of
     each) and the quantizer run on the scaled weights (``awq_then``; GPTQ's own settings
     apply to "gptq"; ``awq_propagate``: what the next layer is calibrated on, see the module
-    doc)."""
+    doc; ``awq_clip``: AutoAWQ's clipping search after the scales, see :func:`clip_layer`)."""
 
     n_grid: int = 20
     duo_scaling: str = "true"
     awq_then: str = "rtn"
     awq_propagate: str = "auto"
+    awq_clip: bool = False
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
@@ -91,7 +99,8 @@ class AWQConfig(GridConfig, CalibratedConfig):
 
     def describe(self) -> dict:
         return {**super().describe(), "awq_then": self.awq_then, "n_grid": self.n_grid,
-                "duo_scaling": self.duo_scaling, "awq_propagate": self.propagate}  # fmt: skip
+                "duo_scaling": self.duo_scaling, "awq_propagate": self.propagate,
+                "awq_clip": self.awq_clip}  # fmt: skip
 
     def layer_step(self, cl, job):  # the calibrated layer step (see compress/calibrated.py)
         return awq_layer(cl, job)
@@ -125,11 +134,7 @@ def search_and_fold(
         return []
     inputs, x_means = capture(cl, mappings)
     grid_of = {n: (grids or {}).get(n, (o, quant_args)) for n in targets}
-
-    def quant_for(opts: AWQConfig, args: dict):
-        return lambda w: rtn_quantize(w, opts, **args).dequantize()
-
-    quant = {n: quant_for(*grid_of[n]) for n in targets}
+    quant = {n: _quant_for(*grid_of[n]) for n in targets}
     group_size = {n: grid_of[n][0].group_size for n in targets}
     chosen = []
     for m in mappings:
@@ -140,6 +145,33 @@ def search_and_fold(
         fold(cl, m, s)
         chosen.append({"smooth": m.smooth, **info, "scales": s})
     return chosen
+
+
+def _quant_for(opts: AWQConfig, args: dict):
+    return lambda w: rtn_quantize(w, opts, **args).dequantize()
+
+
+def clip_layer(
+    cl: CalibrationLayer, o: AWQConfig, targets: set[str], quant_args: dict,
+    grids: dict[str, tuple[AWQConfig, dict]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """``awq_clip``: AutoAWQ's clipping search on every target Linear but q/k_proj, after the
+    scales are folded: one pass of the layer collects each one's input ``XᵀX`` (of the scaled
+    inputs), then each group's range is shrunk where that lowers its output error
+    (:func:`~.awq_search.clip_search`) and the clamped weight replaces the scaled one. Returns
+    each Linear's mean chosen shrink."""
+    names = [n for n in cl.linear_names if n in targets and not n.endswith(CLIP_AVOID)]
+    if not names:
+        return {}
+    stats = cl.collect(names, "hessian")
+    shrink = {}
+    for n in names:
+        opts, args = (grids or {}).get(n, (o, quant_args))
+        w, info = clip_search(cl.weight(n), stats.pop(n).result(), _quant_for(opts, args),
+                              opts.group_size)  # fmt: skip
+        cl.set_weight(n, w)
+        shrink[n] = info["shrink"]
+    return shrink
 
 
 def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]]:
@@ -168,6 +200,10 @@ def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]
         {k: v for k, v in c.items() if k not in ("scales", "losses")} for c in chosen
     ]
     smoothed = {n: cl.weight(n) for n in targets} if o.propagate == "float" else {}
+    if o.awq_clip:
+        job.stats.setdefault("awq_clip", {})[cl.index] = clip_layer(
+            cl, o, targets, job.quant_args, grids
+        )
     if o.awq_then == "gptq":
         done = job.calibrated.quantize_layer(cl)
     else:

@@ -105,6 +105,8 @@ CONFIGS = {
         "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
         "awq w3 g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
         "awq w3 g64 quantized-propagation": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-propagate", "quantized"],
+        "awq w4 g64 clip": ["--method", "awq", "--bits", "4", "--group-size", "64", "--awq-clip"],
+        "awq w3 g64 clip": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-clip"],
     },
 }  # fmt: skip
 

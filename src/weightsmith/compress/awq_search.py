@@ -16,8 +16,8 @@ for q/k/v, ``mlp`` for gate/up, the Linear itself for o_proj and down_proj). For
   weight, or a Linear's output rows and bias), which leaves the float function unchanged.
 
 The grid (``duo_scaling`` True, the default): ``(0, plain)`` then ``(i/(n-2), duo)`` for
-``i < n-1``; False: ``(i/(n-1), plain)``; "both": ``(i/(n/2-1), plain and duo)``. There is no
-clipping search (llm-compressor 0.14 has none either).
+``i < n-1``; False: ``(i/(n-1), plain)``; "both": ``(i/(n/2-1), plain and duo)``.
+llm-compressor 0.14 has no clipping search; AutoAWQ's is :func:`clip_search` (``--awq-clip``).
 """
 
 from __future__ import annotations

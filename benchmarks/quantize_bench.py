@@ -193,7 +193,7 @@ def run_peer(
             raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-2000:]}")
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
         cpu = children_cpu() - cpu0  # the whole process, model loading included
-        e = perplexity(out, data, reference=base, **evalargs).to_dict()
+        e = scores(out, data, base, args, evalargs)
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "cpu_s": cpu, "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
         rows[-1]["also"] = also_eval(out, base, args, evalargs)
@@ -201,11 +201,20 @@ def run_peer(
     return rows
 
 
+def scores(out: Path, data: Path, base: Path, args, evalargs: dict) -> dict:
+    """ppl of OUT on ``data``, with KL / top-1 vs ``base`` unless ``--no-kl`` (then NaN: the
+    reference's forward pass, half the evaluation's cost, is skipped)."""
+    e = perplexity(out, data, reference=None if args.no_kl else base, **evalargs).to_dict()
+    for k in ("kl", "top1_agreement"):
+        e[k] = float("nan") if e[k] is None else e[k]
+    return e
+
+
 def also_eval(out: Path, base: Path, args, evalargs: dict) -> dict:
     """``--also-eval``: ppl and KL of OUT on each further text (e.g. another domain)."""
     res = {}
     for name in args.also_eval:
-        e = perplexity(out, shared_text(name), reference=base, **evalargs).to_dict()
+        e = scores(out, shared_text(name), base, args, evalargs)
         res[name] = {"ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"]}
         print(f"  {out.name} on {name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f}", file=sys.stderr)
     return res
@@ -286,6 +295,11 @@ def main() -> None:
     ap.add_argument("--interleave-peer", action="store_true",
                     help="run each peer method right after the first weightsmith row of that "
                     "method (back to back: comparable machine load)")  # fmt: skip
+    ap.add_argument(
+        "--no-kl",
+        action="store_true",
+        help="ppl only: skip the KL/top-1 reference pass (half the eval time)",
+    )
     ap.add_argument("--also-eval", nargs="*", default=[],
                     help="further texts in ../shared each output is also evaluated on (e.g. "
                     "another domain: tinystories_valid.txt); their ppl/KL go to the json and "
@@ -339,7 +353,7 @@ def main() -> None:
             [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
         )
         x = q["result"]["extra"]
-        e = perplexity(out, data, reference=base, **evalargs).to_dict()
+        e = scores(out, data, base, args, evalargs)
         row = {
             "config": name,
             "ppl": e["ppl"],

@@ -98,15 +98,15 @@ CONFIGS = {
         "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
         "awq w3 g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
     },
-    "smollm2-awq-propagate": {  # issue 21: the next layer calibrated on float vs quantized outputs
-        "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
+    "smollm2-awq-propagate": {  # issue 21: float vs quantized propagation, clipping; vs RTN
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
-        "awq w4 g64 quantized-propagation": ["--method", "awq", "--bits", "4", "--group-size", "64", "--awq-propagate", "quantized"],
-        "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
+        "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
         "awq w3 g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
-        "awq w3 g64 quantized-propagation": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-propagate", "quantized"],
+        "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
         "awq w4 g64 clip": ["--method", "awq", "--bits", "4", "--group-size", "64", "--awq-clip"],
         "awq w3 g64 clip": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-clip"],
+        "awq w4 g64 quantized-propagation": ["--method", "awq", "--bits", "4", "--group-size", "64", "--awq-propagate", "quantized"],
+        "awq w3 g64 quantized-propagation": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-propagate", "quantized"],
     },
 }  # fmt: skip
 

@@ -15,8 +15,7 @@ and AutoAWQ do) runs the next layers on the float, smoothed outputs -- every lay
 calibrated on the float model's own hidden states, and the scale search's target (the float
 parent's output) is the output the model is meant to keep; "quantized" (the default after
 GPTQ, whose error compensation wants the inputs the quantized model will see) propagates the
-quantized layer's outputs. Measured on SmolLM2-135M (BENCHMARKS.md): float propagation is what
-closes the gap to llm-compressor.
+quantized layer's outputs. Measured figures of both: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -177,8 +176,9 @@ def clip_layer(
 def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]]:
     """The layer step of ``--method awq``: scales searched and folded, then every target
     Linear quantized (RTN here, or GPTQ through the calibrated run); the next layers see the
-    float smoothed weights or the quantized ones (``awq_propagate``). Returns checkpoint name -> its stored tensors, the rescaled norms,
-    biases and any ``--ignore``d smoothed Linear included."""
+    float smoothed weights or the quantized ones (``awq_propagate``). Returns checkpoint name
+    -> its stored tensors, the rescaled norms, biases and any ``--ignore``d smoothed Linear
+    included."""
     tokens = job.calibrated.info["tokens"]
     if tokens < MIN_TOKENS:
         raise ConfigError(

@@ -15,7 +15,7 @@ and AutoAWQ do) runs the next layers on the float, smoothed outputs -- every lay
 calibrated on the float model's own hidden states, and the scale search's target (the float
 parent's output) is the output the model is meant to keep; "quantized" (the default after
 GPTQ, whose error compensation wants the inputs the quantized model will see) propagates the
-quantized layer's outputs. Measured figures of both: BENCHMARKS.md.
+quantized layer's outputs. Measured (BENCHMARKS.md): float closes the gap to llm-compressor on SmolLM2.
 """
 
 from __future__ import annotations

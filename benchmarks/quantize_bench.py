@@ -98,6 +98,16 @@ CONFIGS = {
         "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
         "awq w3 g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
     },
+    "smollm2-awq-propagate": {  # issue 21: float vs quantized propagation, clipping; vs RTN
+        "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
+        "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
+        "awq w3 g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
+        "rtn w3 g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
+        "awq w4 g64 clip": ["--method", "awq", "--bits", "4", "--group-size", "64", "--awq-clip"],
+        "awq w3 g64 clip": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-clip"],
+        "awq w4 g64 quantized-propagation": ["--method", "awq", "--bits", "4", "--group-size", "64", "--awq-propagate", "quantized"],
+        "awq w3 g64 quantized-propagation": ["--method", "awq", "--bits", "3", "--group-size", "64", "--awq-propagate", "quantized"],
+    },
 }  # fmt: skip
 
 
@@ -183,11 +193,31 @@ def run_peer(
             raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-2000:]}")
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
         cpu = children_cpu() - cpu0  # the whole process, model loading included
-        e = perplexity(out, data, reference=base, **evalargs).to_dict()
+        e = scores(out, data, base, args, evalargs)
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "cpu_s": cpu, "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
+        rows[-1]["also"] = also_eval(out, base, args, evalargs)
         print(f"{rows[-1]['config']}: ppl {e['ppl']:.4f} quant {cost['wall_s']:.1f}s load {load:.1f}", file=sys.stderr)  # fmt: skip
     return rows
+
+
+def scores(out: Path, data: Path, base: Path, args, evalargs: dict) -> dict:
+    """ppl of OUT on ``data``, with KL / top-1 vs ``base`` unless ``--no-kl`` (then NaN: the
+    reference's forward pass, half the evaluation's cost, is skipped)."""
+    e = perplexity(out, data, reference=None if args.no_kl else base, **evalargs).to_dict()
+    for k in ("kl", "top1_agreement"):
+        e[k] = float("nan") if e[k] is None else e[k]
+    return e
+
+
+def also_eval(out: Path, base: Path, args, evalargs: dict) -> dict:
+    """``--also-eval``: ppl and KL of OUT on each further text (e.g. another domain)."""
+    res = {}
+    for name in args.also_eval:
+        e = scores(out, shared_text(name), base, args, evalargs)
+        res[name] = {"ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"]}
+        print(f"  {out.name} on {name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f}", file=sys.stderr)
+    return res
 
 
 def children_cpu() -> float:
@@ -266,6 +296,15 @@ def main() -> None:
                     help="run each peer method right after the first weightsmith row of that "
                     "method (back to back: comparable machine load)")  # fmt: skip
     ap.add_argument(
+        "--no-kl",
+        action="store_true",
+        help="ppl only: skip the KL/top-1 reference pass (half the eval time)",
+    )
+    ap.add_argument("--also-eval", nargs="*", default=[],
+                    help="further texts in ../shared each output is also evaluated on (e.g. "
+                    "another domain: tinystories_valid.txt); their ppl/KL go to the json and "
+                    "a second table")  # fmt: skip
+    ap.add_argument(
         "--calib-holdout",
         action="store_true",
         help="calibrate on the second half of --eval-data (in-domain, disjoint from the "
@@ -288,6 +327,10 @@ def main() -> None:
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} load {os.getloadavg()}", file=sys.stderr)  # fmt: skip
     if not args.no_baseline:
         rows.append(baseline_row(base, data, evalargs))
+        rows[-1]["also"] = {
+            n: {"ppl": perplexity(base, shared_text(n), **evalargs).ppl, "kl": 0.0, "top1": 1.0}
+            for n in args.also_eval
+        }
     for name, extra in CONFIGS[args.configs or args.model].items():
         if args.no_configs or (args.only and name not in args.only):
             continue
@@ -310,7 +353,7 @@ def main() -> None:
             [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
         )
         x = q["result"]["extra"]
-        e = perplexity(out, data, reference=base, **evalargs).to_dict()
+        e = scores(out, data, base, args, evalargs)
         row = {
             "config": name,
             "ppl": e["ppl"],
@@ -323,6 +366,7 @@ def main() -> None:
             "fraction": x["fraction_quantized"],
             "tokens": e["tokens"],
             "load": load,
+            "also": also_eval(out, base, args, evalargs),
         }
         rows.append(row)
         method = extra[extra.index("--method") + 1]
@@ -350,7 +394,20 @@ def main() -> None:
         print(
             f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {cpu} | {rss} | {r.get('load', float('nan')):.1f} |"
         )
+    print_also(rows, args.also_eval)
     print_ratios(rows)
+
+
+def print_also(rows: list[dict], names: list[str]) -> None:
+    """The ``--also-eval`` table: ppl and KL of every row on each further text."""
+    if not names:
+        return
+    print("\n| config | " + " | ".join(f"ppl {n} | KL {n}" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names))
+    for r in rows:
+        cells = [r.get("also", {}).get(n) for n in names]
+        txt = " | ".join("- | -" if c is None else f"{c['ppl']:.4f} | {c['kl']:.5f}" for c in cells)
+        print(f"| {r['config']} | {txt} |")
 
 
 def print_ratios(rows: list[dict]) -> None:

@@ -27,7 +27,8 @@ from weightsmith.testing.peers import require_peer
 
 def _our_search(src, ids, o):
     """Per mapping: our candidate scales, losses and choice; the layers propagate the float,
-    smoothed outputs (as llm-compressor's pipeline does); also the smoothed state."""
+    smoothed outputs (as llm-compressor's pipeline does, and ``--method awq`` by default since
+    ``--awq-propagate``); also the smoothed state."""
     found, state = {}, {}
     quant = lambda w: rtn_quantize(w, o, dtype=torch.float32).dequantize()  # noqa: E731
     with open_checkpoint(src) as ckpt:

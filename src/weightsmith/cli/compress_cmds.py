@@ -160,6 +160,21 @@ from weightsmith.io.sizes import format_size, parse_size
     show_default=True,
     help="AWQ: scales x^r / w^(1-r) (true), x^r (false), or half the grid each (both).",
 )
+@click.option(
+    "--awq-propagate",
+    type=click.Choice(["auto", "float", "quantized"]),
+    default="auto",
+    show_default=True,
+    help="AWQ: the next layer is calibrated on the float smoothed outputs or the quantized "
+    "ones (auto: float after rtn, as llm-compressor; quantized after gptq).",
+)
+@click.option(
+    "--awq-clip/--no-awq-clip",
+    default=False,
+    show_default=True,
+    help="AWQ: AutoAWQ's clipping search (each group's range shrunk where that lowers its "
+    "output error; q/k_proj not clipped) after the scales.",
+)
 @max_shard_size_option
 @force_option
 @progress_option

@@ -9,9 +9,13 @@ by default) that loads wherever RTN/GPTQ outputs do.
 Layer-streamed: one decoder layer in memory; its calibration inputs are recorded once (float
 weights), every mapping is searched and folded in order (input_layernorm -> q/k/v,
 v_proj -> o_proj when the shapes match, post_attention_layernorm -> gate/up,
-up_proj -> down_proj), the layer is quantized, and the *quantized* layer's outputs feed the
-next layer (llm-compressor's AWQ + QuantizationModifier propagates the float, smoothed
-outputs instead: from layer 1 on the two see slightly different inputs).
+up_proj -> down_proj), the layer is quantized, and what feeds the next layer is chosen by
+``awq_propagate``: "float" (the default after RTN, as llm-compressor's AWQ + QuantizationModifier
+and AutoAWQ do) runs the next layers on the float, smoothed outputs -- every layer is then
+calibrated on the float model's own hidden states, and the scale search's target (the float
+parent's output) is the output the model is meant to keep; "quantized" (the default after
+GPTQ, whose error compensation wants the inputs the quantized model will see) propagates the
+quantized layer's outputs. Measured (BENCHMARKS.md): float closes the gap to llm-compressor on SmolLM2.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from typing import Any
 
 import torch
 
-from weightsmith.compress.awq_search import capture, fold, resolve_mappings, search_scales
+from weightsmith.compress.awq_search import (
+    CLIP_AVOID,
+    capture,
+    clip_search,
+    fold,
+    resolve_mappings,
+    search_scales,
+)
 from weightsmith.compress.gptq import gptq_quantize
 from weightsmith.compress.registry import CalibratedConfig, GridConfig, quant_method
 from weightsmith.compress.rtn import rtn_quantize
@@ -33,6 +44,7 @@ from weightsmith.errors import ConfigError
 MIN_TOKENS = 64  # fewer calibration tokens: the per-channel means are noise
 DUO_SCALING = ("true", "false", "both")
 THEN = ("rtn", "gptq")
+PROPAGATE = ("auto", "float", "quantized")  # auto: float after RTN, quantized after GPTQ
 
 
 @dataclass(frozen=True)
@@ -40,15 +52,25 @@ class AWQConfig(GridConfig, CalibratedConfig):
     """``--method awq``: grid options, calibration text, the scale search (``n_grid``
     points; ``duo_scaling`` "true": ``x̄^r / w̄^(1-r)``, "false": ``x̄^r``, "both": half of
     each) and the quantizer run on the scaled weights (``awq_then``; GPTQ's own settings
-    apply to "gptq")."""
+    apply to "gptq"; ``awq_propagate``: what the next layer is calibrated on, see the module
+    doc; ``awq_clip``: AutoAWQ's clipping search after the scales, see :func:`clip_layer`)."""
 
     n_grid: int = 20
     duo_scaling: str = "true"
     awq_then: str = "rtn"
+    awq_propagate: str = "auto"
+    awq_clip: bool = False
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
     allow_rtn_fallback: bool = False
+
+    @property
+    def propagate(self) -> str:
+        """``float`` or ``quantized``: ``awq_propagate`` with "auto" resolved."""
+        if self.awq_propagate != "auto":
+            return self.awq_propagate
+        return "quantized" if self.awq_then == "gptq" else "float"
 
     @property
     def statistic(self) -> str:
@@ -61,6 +83,8 @@ class AWQConfig(GridConfig, CalibratedConfig):
             raise ConfigError(f"--duo-scaling must be one of {', '.join(DUO_SCALING)}")
         if self.awq_then not in THEN:
             raise ConfigError(f"--awq-then must be one of {', '.join(THEN)}")
+        if self.awq_propagate not in PROPAGATE:
+            raise ConfigError(f"--awq-propagate must be one of {', '.join(PROPAGATE)}")
         least = {"true": 3, "false": 2, "both": 4}[self.duo_scaling]
         if self.n_grid < least:
             raise ConfigError(
@@ -74,7 +98,8 @@ class AWQConfig(GridConfig, CalibratedConfig):
 
     def describe(self) -> dict:
         return {**super().describe(), "awq_then": self.awq_then, "n_grid": self.n_grid,
-                "duo_scaling": self.duo_scaling}  # fmt: skip
+                "duo_scaling": self.duo_scaling, "awq_propagate": self.propagate,
+                "awq_clip": self.awq_clip}  # fmt: skip
 
     def layer_step(self, cl, job):  # the calibrated layer step (see compress/calibrated.py)
         return awq_layer(cl, job)
@@ -108,11 +133,7 @@ def search_and_fold(
         return []
     inputs, x_means = capture(cl, mappings)
     grid_of = {n: (grids or {}).get(n, (o, quant_args)) for n in targets}
-
-    def quant_for(opts: AWQConfig, args: dict):
-        return lambda w: rtn_quantize(w, opts, **args).dequantize()
-
-    quant = {n: quant_for(*grid_of[n]) for n in targets}
+    quant = {n: _quant_for(*grid_of[n]) for n in targets}
     group_size = {n: grid_of[n][0].group_size for n in targets}
     chosen = []
     for m in mappings:
@@ -125,11 +146,39 @@ def search_and_fold(
     return chosen
 
 
+def _quant_for(opts: AWQConfig, args: dict):
+    return lambda w: rtn_quantize(w, opts, **args).dequantize()
+
+
+def clip_layer(
+    cl: CalibrationLayer, o: AWQConfig, targets: set[str], quant_args: dict,
+    grids: dict[str, tuple[AWQConfig, dict]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """``awq_clip``: AutoAWQ's clipping search on every target Linear but q/k_proj, after the
+    scales are folded: one pass of the layer collects each one's input ``XᵀX`` (of the scaled
+    inputs), then each group's range is shrunk where that lowers its output error
+    (:func:`~.awq_search.clip_search`) and the clamped weight replaces the scaled one. Returns
+    each Linear's mean chosen shrink."""
+    names = [n for n in cl.linear_names if n in targets and not n.endswith(CLIP_AVOID)]
+    if not names:
+        return {}
+    stats = cl.collect(names, "hessian")
+    shrink = {}
+    for n in names:
+        opts, args = (grids or {}).get(n, (o, quant_args))
+        w, info = clip_search(cl.weight(n), stats.pop(n).result(), _quant_for(opts, args),
+                              opts.group_size)  # fmt: skip
+        cl.set_weight(n, w)
+        shrink[n] = info["shrink"]
+    return shrink
+
+
 def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]]:
     """The layer step of ``--method awq``: scales searched and folded, then every target
     Linear quantized (RTN here, or GPTQ through the calibrated run); the next layers see the
-    quantized weights. Returns checkpoint name -> its stored tensors, the rescaled norms,
-    biases and any ``--ignore``d smoothed Linear included."""
+    float smoothed weights or the quantized ones (``awq_propagate``). Returns checkpoint name
+    -> its stored tensors, the rescaled norms, biases and any ``--ignore``d smoothed Linear
+    included."""
     tokens = job.calibrated.info["tokens"]
     if tokens < MIN_TOKENS:
         raise ConfigError(
@@ -145,14 +194,22 @@ def awq_layer(cl: CalibrationLayer, job: Any) -> dict[str, list[tuple[str, Any]]
         t = job.by_tensor[cl.tensor_name(n)]
         if t.scheme is not None:  # --scheme-map: its own grid
             grids[n] = (job.cfg_for(t).options, job.quant_args_for(t))
-    chosen = search_and_fold(cl, job.cfg.options, targets, job.quant_args, grids)
+    o = job.cfg.options
+    chosen = search_and_fold(cl, o, targets, job.quant_args, grids)
     job.stats.setdefault("awq", {})[cl.index] = [
         {k: v for k, v in c.items() if k not in ("scales", "losses")} for c in chosen
     ]
-    if job.cfg.options.awq_then == "gptq":
+    smoothed = {n: cl.weight(n) for n in targets} if o.propagate == "float" else {}
+    if o.awq_clip:
+        job.stats.setdefault("awq_clip", {})[cl.index] = clip_layer(
+            cl, o, targets, job.quant_args, grids
+        )
+    if o.awq_then == "gptq":
         done = job.calibrated.quantize_layer(cl)
     else:
         done = round_layer(job, cl, {})  # (its formats rewrite no tensor)
+    for n, w in smoothed.items():  # the engine's last pass (next layer's inputs): float
+        cl.set_weight(n, w)
     for name, t in cl.state_dict().items():  # norms, biases, kept Linears: as scaled
         if name not in done and name not in job.by_tensor:
             done[name] = [(name, t)]

@@ -16,8 +16,8 @@ for q/k/v, ``mlp`` for gate/up, the Linear itself for o_proj and down_proj). For
   weight, or a Linear's output rows and bias), which leaves the float function unchanged.
 
 The grid (``duo_scaling`` True, the default): ``(0, plain)`` then ``(i/(n-2), duo)`` for
-``i < n-1``; False: ``(i/(n-1), plain)``; "both": ``(i/(n/2-1), plain and duo)``. There is no
-clipping search (llm-compressor 0.14 has none either).
+``i < n-1``; False: ``(i/(n-1), plain)``; "both": ``(i/(n/2-1), plain and duo)``.
+llm-compressor 0.14 has no clipping search; AutoAWQ's is :func:`clip_search` (``--awq-clip``).
 """
 
 from __future__ import annotations
@@ -254,3 +254,47 @@ def fold(cl: CalibrationLayer, m: Mapping, s: torch.Tensor) -> None:
             bias = getattr(mod, "bias", None)
         if bias is not None:
             bias.copy_((bias.to(s.dtype) / s).to(bias.dtype))
+
+
+CLIP_AVOID = ("q_proj", "k_proj")  # AutoAWQ clips neither: attention logits are sensitive
+
+
+def clip_search(
+    w: torch.Tensor, gram: torch.Tensor, quant: QuantFn, group_size: int, *,
+    n_grid: int = 20, max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """AutoAWQ's clipping search (``auto_clip``; llm-compressor has none): each quantization
+    group's range ``max|W_g|`` is shrunk by ``1 - i/n_grid`` for ``i < max_shrink·n_grid``, the
+    weight clamped to ``±`` it and quantized (``quant``), and each group keeps the shrink with
+    the least output error ``d_gᵀ G_g d_g`` (``d``: the group's row of ``Q(clamp W) - W``,
+    ``G_g``: its diagonal block of the inputs' ``XᵀX``, ``gram``; AutoAWQ sums the same squared
+    error over 512 sampled tokens, here over all of them). Returns the clamped weight and
+    ``{"shrink": mean chosen shrink, "initial_error", "best_error"}`` (summed over groups)."""
+    w = w.float()
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    ng = in_f // g
+    idx = torch.arange(ng)
+    blocks = gram.float().reshape(ng, g, ng, g)[idx, :, idx, :]  # (ng, g, g)
+    wg = w.reshape(out_f, ng, g)
+    org_max = wg.abs().amax(-1, keepdim=True)  # (out, ng, 1)
+    best_err = torch.full((out_f, ng), float("inf"))
+    best_max = org_max.clone()
+    initial = None
+    for i in range(int(max_shrink * n_grid)):
+        max_val = org_max * (1 - i / n_grid)
+        cur = torch.maximum(torch.minimum(wg, max_val), -max_val).reshape(out_f, in_f)
+        d = (quant(cur).float() - w).reshape(out_f, ng, g)
+        err = torch.einsum("ogj,gjk,ogk->og", d, blocks, d)
+        if initial is None:
+            initial = float(err.sum())
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
+    clipped = torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(out_f, in_f)
+    shrink = float((1 - best_max / org_max.clamp(min=1e-30)).mean())
+    return clipped, {
+        "shrink": shrink,
+        "initial_error": initial,
+        "best_error": float(best_err.sum()),
+    }

@@ -52,7 +52,7 @@ PY
 TEXT=$(python -c "from weightsmith.testing import shared_text; print(shared_text('tinystories_valid.txt') or '')")
 if [ -z "$TEXT" ]; then
   TEXT="$WORK/text.txt"
-  python -c "from weightsmith.core.calibration_text import BUILTIN_TEXT as t; open('$TEXT','w').write(t)"
+  python -c "from weightsmith.core.calibration_data import builtin_text; t = builtin_text(); open('$TEXT','w').write(t)"
 fi
 
 echo "== quantize: RTN 4-bit, symmetric, groups of 64 -> compressed-tensors (vLLM/transformers)"

@@ -307,7 +307,7 @@ def test_slerp_native_path_equals_the_torch_path_bit_for_bit(
 
 def test_slerp_stored_path_reads_the_whole_tensor_across_pieces(tmp_path):
     """A tensor bigger than one native piece (1M elements): sums and the mix span pieces."""
-    from weightsmith.merge.methods.slerp import NATIVE_PIECE, OUT_PIECES
+    from weightsmith.merge.methods.base import NATIVE_PIECE, OUT_PIECES
 
     n = OUT_PIECES * NATIVE_PIECE + 3 * NATIVE_PIECE // 2 + 5
     g = torch.Generator().manual_seed(0)

@@ -18,14 +18,13 @@ from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
-    OUT_PIECES,
     ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
-    fail_overflow,
     merge_method,
     merge_tensors,
+    stream_native,
 )
 
 DOT_THRESHOLD = 0.9995  # mergekit's colinearity threshold on the cosine
@@ -126,21 +125,12 @@ class Slerp(MergeMethod):
                     src.fail_nonfinite(0 if bad_a else 1)
                 dot, aa, bb = dot + d, aa + xx, bb + yy
             c = slerp_coefficients(float(params.globals["t"]), dot, math.sqrt(aa), math.sqrt(bb))
-            step = OUT_PIECES * NATIVE_PIECE
-            for first in range(0, src.numel, step):
-                last = min(first + step, src.numel)
-                out = torch.empty(last - first, dtype=out_dtype)
 
-                def mix(r: tuple[int, int], out=out, first=first) -> int:
-                    o = out[r[0] - first : r[1] - first]
-                    bad = native.lerp2(a[r[0] : r[1]], b[r[0] : r[1]], c.s0, c.s1, o)
-                    if bad is None:
-                        raise RuntimeError("native SLERP kernel refused its inputs")
-                    return bad
+        def mix(xs: list[torch.Tensor], o: torch.Tensor) -> tuple[int, list[int]] | None:
+            bad = native.lerp2(xs[0], xs[1], c.s0, c.s1, o)  # inputs checked by the stats pass
+            return None if bad is None else (bad, [0, 0])
 
-                if any(pmap(mix, sub_ranges(first, last, NATIVE_PIECE))):
-                    fail_overflow(src.name, out_dtype)
-                yield out
+        yield from stream_native(src, out_dtype, mix)
 
 
 MERGEKIT_CHUNK = 1 << 20  # elements per piece of mergekit's norm and dot sums

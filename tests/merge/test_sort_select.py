@@ -101,3 +101,22 @@ def test_chunked_float32_inputs_round_like_mergekit(descending):
     w = (x.bfloat16() - base.bfloat16()).abs().float()
     assert torch.isinf(w[5])
     assert torch.equal(got, torch_mask(w, 1_000, 21_000, descending))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_ranges_and_value_spreads(seed):
+    """Many random ranges on inputs with 2 to 2000 distinct magnitudes (the block partition's
+    stopper lists and the scalar tail in every combination)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    n = int(torch.randint(1_000, 300_000, (1,), generator=g))
+    levels = [2, 7, 40, 2000, 65_000, 300][seed]
+    x = (torch.randint(0, levels, (n,), generator=g).float() * 1e-3).bfloat16()
+    w = x.abs().float()
+    for _ in range(8):
+        lo, hi = sorted(int(v) for v in torch.randint(0, n + 1, (2,), generator=g))
+        if lo == hi:
+            continue
+        descending = bool(torch.randint(0, 2, (1,), generator=g))
+        keys = native_select.SortKeys(n, descending=descending)
+        keys.fill_bf16_magnitudes(x)
+        assert torch.equal(keys.select(lo, hi), torch_mask(w, lo, hi, descending)), (lo, hi)

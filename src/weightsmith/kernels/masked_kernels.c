@@ -112,11 +112,57 @@ static void median_to_first(uint16_t *k, uint32_t *ix, int64_t r, int64_t a, int
     else swap_at(k, ix, r, b);
 }
 
-/* std::__unguarded_partition_pivot(first, last). */
+#define BLOCK 128
+
+/* std::__unguarded_partition_pivot(first, last), with its scans done a block at a time.
+ *
+ * Hoare's loop swaps its t-th left stopper (t-th position from the left with !(key < pivot))
+ * with its t-th right stopper (from the right, !(pivot < key)) for as long as the left one
+ * comes first; both are found in positions no swap has touched yet. So while two blocks of
+ * unscanned positions remain, the stoppers of a left and a right block are listed without
+ * branches (BlockQuicksort, Edelkamp & Weiß 2016) and swapped pair by pair, in order: the same
+ * swaps. The last stretch runs Hoare's own loop from the state after the last swap (left scan
+ * just past the last left stopper, right scan just before the last right stopper). */
 static int64_t partition_pivot(uint16_t *k, uint32_t *ix, int64_t first, int64_t last) {
     median_to_first(k, ix, first, first + 1, first + (last - first) / 2, last - 1);
     const uint16_t pivot = k[first];
-    int64_t lo = first + 1, hi = last;
+    int64_t lo = first + 1, hi = last;   /* Hoare's state between iterations */
+    int64_t lb = lo, rb = hi;            /* unscanned positions: [lb, rb) */
+    int64_t lbase = 0, rbase = 0;
+    uint8_t offl[BLOCK], offr[BLOCK];
+    int nl = 0, nr = 0, sl = 0, sr = 0;  /* stoppers buffered, first unused */
+    for (;;) {
+        if (nl == 0) {
+            if (rb - lb < BLOCK) break;
+            lbase = lb;
+            sl = 0;
+            for (int j = 0; j < BLOCK; j++) {
+                offl[nl] = (uint8_t)j;
+                nl += !(k[lb + j] < pivot);
+            }
+            lb += BLOCK;
+        }
+        if (nr == 0) {
+            if (rb - lb < BLOCK) break;
+            rbase = rb - 1;
+            sr = 0;
+            for (int j = 0; j < BLOCK; j++) {
+                offr[nr] = (uint8_t)j;
+                nr += !(pivot < k[rbase - j]);
+            }
+            rb -= BLOCK;
+        }
+        const int m = nl < nr ? nl : nr;
+        for (int i = 0; i < m; i++) swap_at(k, ix, lbase + offl[sl + i], rbase - offr[sr + i]);
+        if (m > 0) {
+            lo = lbase + offl[sl + m - 1] + 1;
+            hi = rbase - offr[sr + m - 1];
+        }
+        nl -= m;
+        nr -= m;
+        sl += m;
+        sr += m;
+    }
     for (;;) {
         while (k[lo] < pivot) ++lo;
         --hi;

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsmith.kernels import masked as native
+from weightsmith.kernels import narrow as native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 

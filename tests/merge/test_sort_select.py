@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsmith.kernels import masked as native_select
+from weightsmith.kernels import narrow as native_select
 from weightsmith.merge.methods import sortmask
 from weightsmith.merge.methods.base import TensorChunks
 

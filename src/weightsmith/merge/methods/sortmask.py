@@ -5,7 +5,7 @@ mergekit's ``magnitude`` (TIES) keeps ``argsort(|δ|, descending=True)[:k]`` and
 ``magnitude_outliers`` (breadcrumbs) ``sort(|δ|).indices[lo:hi]``, with δ = x − base in the
 compute dtype and |δ| cast to float32 for the sort. A bfloat16 δ has many equal magnitudes, so
 which of them survive is torch's unstable sort's own pick. The native selection
-(:mod:`weightsmith.kernels.masked`) replays that sort only as far as the wanted positions, in
+(:mod:`weightsmith.kernels.narrow`) replays that sort only as far as the wanted positions, in
 expected linear time and 7 bytes per entry; without it (no compiler, a float16 compute dtype,
 or the rare depth-limit case) the whole δ is sorted by torch as mergekit does.
 """
@@ -19,7 +19,7 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.io.reader import drop_mapped_pages
-from weightsmith.kernels import masked as native
+from weightsmith.kernels import narrow as native
 from weightsmith.merge.methods.base import ChunkSource, TensorParams, stream_native, whole
 from weightsmith.merge.methods.task_arithmetic import narrow_task_arithmetic_args
 

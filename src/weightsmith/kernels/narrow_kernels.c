@@ -1,4 +1,5 @@
-/* Kernels for mergekit's sort-masked task-vector methods (TIES, breadcrumbs) in bfloat16.
+/* Kernels for mergekit's bfloat16 arithmetic, op by op: its sort-masked task-vector methods
+ * (TIES, breadcrumbs: 1 and 2 below) and the Karcher mean's elementwise steps (3).
  *
  * 1. Which entries land in a range of positions when torch sorts a CPU tensor, without sorting.
  *
@@ -25,7 +26,7 @@
 
 #define THRESHOLD 16
 
-int ws_masked_abi_version(void) { return 1; }
+int ws_narrow_abi_version(void) { return 1; }
 
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
     uint32_t u;
@@ -360,4 +361,44 @@ int64_t ws_narrow_masked(const void *const *xs, int32_t K, int32_t in_dtype, int
         }
     }
     return bad_out;
+}
+
+/* 3. The elementwise steps of mergekit's bfloat16 Karcher mean (merge/methods/karcher.py), each
+ * on one range of bfloat16 tensors, every torch rounding reproduced (scalars are given as the
+ * float values torch computes with: 0-dim float32 tensors rounded to bfloat16 where torch
+ * rounds them, divisors not). */
+
+/* out = bf16(x / s): x / s for a 0-dim float32 s. */
+void ws_bf16_div(const uint16_t *x, int64_t n, float s, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) / s);
+}
+
+/* out = bf16(x · s): s · x for a Python float or 0-dim tensor s (as torch rounds it). */
+void ws_bf16_scale(const uint16_t *x, int64_t n, float s, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) * s);
+}
+
+/* y = bf16(y + bf16(x · a)): y += a · x. */
+void ws_bf16_axpy(uint16_t *y, const uint16_t *x, int64_t n, float a) {
+    for (int64_t i = 0; i < n; i++)
+        y[i] = f32_to_bf16(bf16_to_f32(y[i]) + bf16_round(bf16_to_f32(x[i]) * a));
+}
+
+/* t += c · (u − cos · m), each product, difference and sum rounded to bfloat16. */
+void ws_karcher_tangent(uint16_t *t, const uint16_t *u, const uint16_t *m, int64_t n, float cos,
+                        float c) {
+    for (int64_t i = 0; i < n; i++) {
+        const float d = bf16_round(bf16_to_f32(u[i]) - bf16_round(cos * bf16_to_f32(m[i])));
+        t[i] = f32_to_bf16(bf16_to_f32(t[i]) + bf16_round(c * d));
+    }
+}
+
+/* m = C · m + S · (t / step), each step rounded to bfloat16 (C, S: cos and sin of the step,
+ * rounded to bfloat16 as torch rounds 0-dim float32 factors; step as it is). */
+void ws_karcher_step(uint16_t *m, const uint16_t *t, int64_t n, float C, float S, float step) {
+    for (int64_t i = 0; i < n; i++) {
+        const float a = bf16_round(C * bf16_to_f32(m[i]));
+        const float b = bf16_round(S * bf16_round(bf16_to_f32(t[i]) / step));
+        m[i] = f32_to_bf16(a + b);
+    }
 }

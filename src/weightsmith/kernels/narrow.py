@@ -1,6 +1,7 @@
-"""Typed wrappers around ``masked_kernels.c``: torch's unstable CPU sort replayed only as far as
-which entries land in a range of positions (see the C file for why that is exact), and
-mergekit's masked bfloat16 task arithmetic (TIES, breadcrumbs) fused in one pass.
+"""Typed wrappers around ``narrow_kernels.c``: torch's unstable CPU sort replayed only as far as
+which entries land in a range of positions (see the C file for why that is exact),
+mergekit's masked bfloat16 task arithmetic (TIES, breadcrumbs) fused in one pass, and the
+elementwise steps of its bfloat16 Karcher mean.
 
 Each wrapper returns None when the kernels are unavailable or refuse the tensors; callers then
 run torch, which gives the same bits.
@@ -16,12 +17,17 @@ import torch
 
 from weightsmith.kernels import load_library
 
-_SOURCE = Path(__file__).with_name("masked_kernels.c")
+_SOURCE = Path(__file__).with_name("narrow_kernels.c")
 _i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    "ws_masked_abi_version": ([], ctypes.c_int),
+    "ws_narrow_abi_version": ([], ctypes.c_int),
     "ws_absdelta_keys": ([_p, _p, _i32, _i64, _i64, _i32, _p, _p, _p], None),
     "ws_sort_select": ([_p, _p, _i64, _i64, _i64, _i64, _p], _i32),
+    "ws_bf16_div": ([_p, _i64, _f32, _p], None),
+    "ws_bf16_scale": ([_p, _i64, _f32, _p], None),
+    "ws_bf16_axpy": ([_p, _p, _i64, _f32], None),
+    "ws_karcher_tangent": ([_p, _p, _p, _i64, _f32, _f32], None),
+    "ws_karcher_step": ([_p, _p, _i64, _f32, _f32, _f32], None),
     "ws_narrow_masked": (
         [_p, _i32, _i32, _i64, _p, _p, _p, _p, _i32, _i32, _f32, _i32, _f32, _p, _i32, _p],
         _i64,
@@ -33,7 +39,7 @@ MAX_MODELS = 32
 
 
 def library() -> ctypes.CDLL | None:
-    return load_library("masked", _SOURCE, SIGNATURES, ("ws_masked_abi_version", 1))
+    return load_library("narrow", _SOURCE, SIGNATURES, ("ws_narrow_abi_version", 1))
 
 
 def available(numel: int = 0) -> bool:
@@ -149,3 +155,20 @@ def narrow_masked(
         bad,
     )
     return int(out_bad), list(bad)
+
+
+def bf16_call(name: str, *args: torch.Tensor | float) -> None:
+    """Call Karcher step ``name`` (``ws_bf16_div``, ``ws_bf16_scale``, ``ws_bf16_axpy``,
+    ``ws_karcher_tangent``, ``ws_karcher_step``) on same-length contiguous bfloat16 CPU
+    tensors (outputs included, in the C argument order) and float scalars; the length is
+    inserted after the last leading tensor."""
+    lib = library()
+    assert lib is not None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors)
+    assert len({t.numel() for t in tensors}) == 1
+    n = tensors[0].numel()
+    lead = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+    c_args: list = [t.data_ptr() for t in args[:lead]] + [n]
+    c_args += [a.data_ptr() if isinstance(a, torch.Tensor) else float(a) for a in args[lead:]]
+    getattr(lib, name)(*c_args)

@@ -118,9 +118,8 @@ def karcher_mean(
     mean = dirs[0].clone() if float(size) < tol else steps.div(mean, size)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        # the dots do not depend on the tangent: taken together, on the pool's threads
-        coss = pmap(lambda u, mean=mean: torch.clamp(torch.dot(mean, u), -1.0, 1.0), dirs)
-        for a, u, cos in zip(weights, dirs, coss, strict=True):
+        for a, u in zip(weights, dirs, strict=True):
+            cos = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
             theta = torch.arccos(cos)
             if float(theta) < tol:
                 continue

@@ -119,6 +119,8 @@ def karcher_mean(
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for a, u in zip(weights, dirs, strict=True):
+            # in this thread: torch's bfloat16 dot is a parallel reduction whose bits depend on
+            # the thread count (mergekit_threads sets mergekit's); a pool thread differs
             cos = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
             theta = torch.arccos(cos)
             if float(theta) < tol:

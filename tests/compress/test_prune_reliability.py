@@ -110,3 +110,18 @@ def test_checked_copy_is_bit_exact_and_checks_every_chunk(tiny_model_copy, monke
     _poke(model, name, float("nan"))  # element 3: the second chunk
     with open_checkpoint(model) as ck, pytest.raises(CheckpointError, match=repr(name)):
         list(transform.checked_chunks(ck, name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_one_bad_value_at_any_position(dtype):
+    """The min/max check sees a single NaN/±Inf wherever it sits: in every vector lane, in the
+    scalar tail, in the first and last element (sizes around the SIMD widths)."""
+    g = torch.Generator().manual_seed(0)
+    for n in [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 129]:
+        base = torch.randn(n, generator=g).to(dtype)
+        assert all_finite(base)
+        for pos in range(n):
+            for bad in [float("nan"), float("inf"), float("-inf")]:
+                y = base.clone()
+                y[pos] = bad
+                assert not all_finite(y), (n, pos, bad)

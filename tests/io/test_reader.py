@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from weightsmith.errors import CheckpointError
 from weightsmith.io import detect_architecture, open_checkpoint
+from weightsmith.io.reader import drop_mapped_pages
 
 ARCHS = ["llama", "qwen2", "gpt_neox", "gpt2"]
 # tensors per decoder layer in the tiny models (weights + biases + norms)
@@ -234,3 +235,30 @@ def test_mapped_flat_gives_the_stored_elements_and_unmaps_with_the_last_view(tmp
         assert mapped() > before and torch.equal(kept, flat[:10])
         del kept
         assert mapped() == before
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_drop_mapped_pages_leaves_values_and_lowers_resident_memory(tmp_path):
+    """Dropping read pages of a mapped tensor takes them out of the resident set (measured in
+    /proc/self/status) while the values read afterwards are unchanged; any tensor that is not
+    a mapping is left alone (DONTNEED on anonymous memory would zero it)."""
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(16 << 20, generator=g)  # 64 MiB
+    save_file({"big": big}, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck, ck.mapped_flat("big") as m:
+        assert float(m.sum()) == float(big.sum())  # every page touched
+        before = _rss_kib()
+        drop_mapped_pages(m, 0, m.numel())
+        assert before - _rss_kib() > 48 << 10  # most of the 64 MiB left the resident set
+        assert torch.equal(m, big)  # read back from the page cache
+        drop_mapped_pages(m, 1000, 5000)  # partial pages at both ends are kept: no error
+        assert torch.equal(m[990:5010], big[990:5010])
+    anon = big.clone()
+    drop_mapped_pages(anon, 0, anon.numel())
+    assert torch.equal(anon, big)

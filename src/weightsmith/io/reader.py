@@ -37,6 +37,26 @@ from weightsmith.io.discovery import (
 from weightsmith.io.safetensors_format import Header
 
 _FULL_HASH_LIMIT = 16 << 20
+_MAPS: dict[int, tuple[mmap.mmap, int]] = {}  # live mapped_flat tensors: (map, data offset)
+
+
+def drop_mapped_pages(t: torch.Tensor, start: int, stop: int) -> None:
+    """Take elements [start, stop) of a :meth:`Checkpoint.mapped_flat` tensor out of this
+    process's resident memory once read (whole pages inside the range; the file stays in the
+    page cache and a later read maps it back). A no-op for any other tensor, so a streamed pass
+    over a mapped tensor holds only the pages it has not finished with."""
+    entry = _MAPS.get(t.data_ptr())
+    if entry is None or stop <= start:
+        return
+    mm, offset = entry
+    page = mmap.PAGESIZE
+    a = offset + start * t.element_size()
+    b = offset + stop * t.element_size()
+    a = -(-a // page) * page
+    b = b // page * page
+    if b > a:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
 @dataclass(frozen=True)
@@ -138,10 +158,12 @@ class Checkpoint:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only buffer: kernels only read it
             t = torch.frombuffer(mm, dtype=info.torch_dtype, count=info.numel, offset=start - base)
+        _MAPS[t.data_ptr()] = (mm, start - base)
         del mm  # the tensor keeps the map alive; never close() it under a live view
         try:
             yield t
         finally:
+            _MAPS.pop(t.data_ptr(), None)
             del t
 
     def _pread_into(self, info: TensorInfo, byte_offset: int, out: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ arbitrary ones), so exactly ``int(density·n)`` entries survive.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +24,19 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
+    whole,
+)
+from weightsmith.merge.methods.sortmask import (
+    can_stream,
+    sort_range_mask,
+    stored_masks,
+    stream_masked,
 )
 from weightsmith.merge.methods.sparsify import (
     MaskedTaskArithmetic,
     NarrowMask,
     l1_scales,
     mergekit_l1_scale,
-    narrow_deltas,
     topk_cuts,
     topk_mask,
 )
@@ -113,6 +120,25 @@ class _Breadcrumbs(MaskedTaskArithmetic):
                 bands[k] = Band(bands[k].upper, bands[k].lower, s)
         return bands
 
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic without rescale: mergekit's masks by the native sort
+        selection, then one native pass of its masked task arithmetic over the stored inputs."""
+        if not params.narrow or params.globals["rescale"]:
+            return None
+        if not can_stream(params, out_dtype, src.numel):
+            return None
+        wanted = {}
+        for k, m in enumerate(params.models):
+            if float(m["density"]) < 1.0:
+                lo, hi = sort_band(src.numel, float(m["density"]), float(m["gamma"]))
+                wanted[k] = (lo, hi, False)
+        masks = stored_masks(src, wanted)
+        if masks is None:
+            return None
+        return stream_masked(src, params, out_dtype, masks, consensus=self.consensus)
+
     def sparsify(
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
@@ -122,26 +148,28 @@ class _Breadcrumbs(MaskedTaskArithmetic):
         return delta if band is None else apply_band(delta, band, offset)
 
 
+def sort_band(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """The positions [lo, hi) of mergekit's ascending sort of |δ| that ``magnitude_outliers``
+    keeps."""
+    target = int(density * numel)
+    n_bot = max(0, numel - target - int(gamma * numel))
+    return n_bot, n_bot + target
+
+
 def narrow_bands(src: ChunkSource, params: TensorParams) -> list[NarrowMask | None]:
-    """mergekit's ``magnitude_outliers`` masks in the compute dtype: the task vector in that
-    dtype, ranks from torch's ascending sort of its float32 |δ| (whole tensor, so entries equal
-    at a cut are picked as mergekit's sort picks them), and the L1 rescale in that dtype."""
+    """mergekit's ``magnitude_outliers`` masks in the compute dtype: the entries torch's
+    ascending sort of the task vector's float32 |δ| (δ in that dtype) puts in
+    :func:`sort_band` (so entries equal at a cut are picked as mergekit's sort picks them),
+    and the L1 rescale in that dtype."""
     out: list[NarrowMask | None] = [None] * len(params.models)
-    active = [k for k, m in enumerate(params.models) if float(m["density"]) < 1.0]
-    for k, delta in narrow_deltas(src, active, params.dtype):
-        m = params.models[k]
-        n = delta.numel()
-        target = int(float(m["density"]) * n)
-        n_bot = max(0, n - target - int(float(m["gamma"]) * n))
-        w = delta.abs()
-        if w.device.type == "cpu":
-            w = w.float()
-        order = torch.sort(w, descending=False).indices
-        del w
-        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        mask[order[n_bot : n_bot + target]] = True
-        del order
-        scale = mergekit_l1_scale(delta, mask) if params.globals["rescale"] else None
+    for k, m in enumerate(params.models):
+        if float(m["density"]) >= 1.0:
+            continue
+        lo, hi = sort_band(src.numel, float(m["density"]), float(m["gamma"]))
+        mask = sort_range_mask(src, k, params.dtype, lo, hi, descending=False)
+        scale = None
+        if params.globals["rescale"]:
+            scale = mergekit_l1_scale(whole(src, k + 1, params.dtype, minus=0), mask)
         out[k] = NarrowMask(mask, scale)
     return out
 

@@ -2,12 +2,14 @@
 
 Each task vector keeps its ``int(density·numel)`` largest-magnitude entries (entries equal to
 the threshold are kept in storage order until the count is reached, so the result does not
-depend on how the tensor is chunked); the sign of each entry is elected by the total weighted
+depend on how the tensor is chunked; in a narrow compute dtype, mergekit's own sort decides
+which equal ones are kept, see :mod:`.sortmask`); the sign of each entry is elected by the total weighted
 mass; entries that agree are averaged (``normalize``, on by default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,12 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
+)
+from weightsmith.merge.methods.sortmask import (
+    can_stream,
+    sort_range_mask,
+    stored_masks,
+    stream_masked,
 )
 from weightsmith.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
 from weightsmith.merge.params import BOOL
@@ -186,16 +194,6 @@ def _nth_tie(src: ChunkSource, k: int, value: float, need: int) -> int:
     raise AssertionError("unreachable: not enough ties")
 
 
-def mergekit_topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Which entries mergekit keeps when ties at the threshold must be cut: the first ``k`` of
-    torch's (unstable) descending argsort of the whole flat tensor, whose pick among equal
-    values is its own. Only for a narrow compute dtype, where ties are common; costs the
-    argsort's int64 indices for that tensor while it runs."""
-    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
-    keep[torch.argsort(magnitudes, descending=True)[:k]] = True
-    return keep
-
-
 @merge_method("ties")
 class Ties(GeneralizedTaskArithmetic):
     tensor_statistics = True
@@ -231,6 +229,9 @@ class Ties(GeneralizedTaskArithmetic):
                     cuts[k] = cut
                 return cuts
         for k in active:
+            if params.narrow:  # mergekit's argsort(|δ|)[:k], its own pick among equal |δ|
+                cuts[k] = sort_range_mask(src, k, params.dtype, 0, keep[k], descending=True)
+                continue
             mags = torch.empty(src.numel, dtype=torch.float32)
             pos = 0
             for base, x in src.chunks([0, k + 1]):
@@ -238,19 +239,30 @@ class Ties(GeneralizedTaskArithmetic):
 
                 def fill(r: tuple[int, int], base=base, x=x, pos=pos, mags=mags) -> None:
                     a, b = r
-                    if params.narrow:  # |δ| of the task vector as mergekit rounds it
-                        d = x[a:b].to(params.dtype) - base[a:b].to(params.dtype)
-                        mags[pos + a : pos + b] = d.abs_()
-                        return
                     torch.sub(x[a:b], base[a:b], out=mags[pos + a : pos + b]).abs_()
 
                 pmap(fill, sub_ranges(0, n))
                 pos += n
             cuts[k] = topk_threshold(mags, keep[k])
-            if params.narrow and cuts[k].last_tie < src.numel:
-                cuts[k] = mergekit_topk_mask(mags, keep[k])
             del mags
         return cuts
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: mergekit's masks by the native sort selection, then one native
+        pass of its masked task arithmetic over the stored inputs (the torch path's bits)."""
+        if not params.narrow or not can_stream(params, out_dtype, src.numel):
+            return None
+        wanted = {}
+        for k, d in enumerate(params.model_values("density")):
+            keep = max(1, int(d * src.numel))  # mergekit keeps at least one
+            if d < 1.0 and keep < src.numel:
+                wanted[k] = (0, keep, True)
+        masks = stored_masks(src, wanted)
+        if masks is None:
+            return None
+        return stream_masked(src, params, out_dtype, masks, consensus=True)
 
     def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:
         cut = state[k]

@@ -5,14 +5,18 @@ bytes as through the skeleton without building one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import weightsmith.compress.quantize as quantize_mod
+from weightsmith.cli.main import cli
 from weightsmith.compress.quantize import quantize_checkpoint
 from weightsmith.compress.registry import QuantConfig
 from weightsmith.core.calibration import build_skeleton
@@ -123,3 +127,46 @@ def test_rtn_without_skeleton_writes_the_same_bytes(family, tmp_path, monkeypatc
     # --ignore makes the ignored list's order matter: the skeleton decides it
     with pytest.raises(AssertionError, match="built a transformers skeleton"):
         _quantize(src, tmp_path / "ignore", ignore=["lm_head"])
+
+
+_CHILD = """
+import sys
+from weightsmith.cli.main import cli
+cli(sys.argv[1:], standalone_mode=False)
+print(sorted(m for m in ("transformers", "accelerate", "datasets") if m in sys.modules))
+"""
+
+
+def test_data_free_rtn_imports_no_transformers(family, tmp_path) -> None:
+    """The whole command, ``--no-progress`` included, in a fresh process."""
+    args = ["compress", "quantize", str(family("llama_tied")), "--method", "rtn", "--bits", "4",
+            "--group-size", "32", "-o", str(tmp_path / "q"), "--no-progress"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "q" / "config.json").exists()
+
+
+def test_no_progress_restores_the_libraries_bars(family, tmp_path) -> None:
+    """``--no-progress`` on a run that imports transformers (the skeleton, for --ignore)
+    silences its and the hub's bars for that command only."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    seen = {}
+
+    def skeleton(ckpt):
+        from transformers.utils import logging
+
+        seen["during"] = (logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+        return build_skeleton(ckpt)
+
+    args = ["compress", "quantize", str(family("llama")), "--bits", "4", "--group-size", "32",
+            "--ignore", "down_proj", "-o", str(tmp_path / "q"), "--no-progress"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize_mod, "build_skeleton", skeleton)
+        res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    from transformers.utils import logging
+
+    assert seen["during"] == (False, True)
+    assert logging.is_progress_bar_enabled() and not are_progress_bars_disabled()

@@ -222,7 +222,7 @@ import json, resource, sys
 from weightsmith.compress import QuantConfig, quantize_checkpoint
 from weightsmith.core.report import peak_rss_bytes
 cfg = QuantConfig(bits=4, group_size=128)
-quantize_checkpoint(sys.argv[1], sys.argv[2], cfg, progress=False)  # imports, skeleton, kernels
+quantize_checkpoint(sys.argv[1], sys.argv[2], cfg, progress=False)  # imports, kernels
 warm, before = peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 quantize_checkpoint(sys.argv[3], sys.argv[4], cfg, progress=False)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

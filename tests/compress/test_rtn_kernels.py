@@ -138,6 +138,36 @@ def test_count_nonfinite() -> None:
     assert count_nonfinite(torch.zeros(0)) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_non_finite_encoded_scale_is_refused_by_the_native_check(
+    tiny_model, tmp_path, monkeypatch, dtype
+) -> None:
+    """The encoded tensors are checked finite natively (bfloat16/float32 scales): an Inf
+    put into one scale is refused with its name, nothing written."""
+    import weightsmith.compress.quantize as quantize_mod
+    from weightsmith.compress.formats import CompressedTensorsFormat
+    from weightsmith.errors import ConfigError
+
+    encode, checked = CompressedTensorsFormat.encode, []
+
+    def poisoned(self, target, qw, cfg):
+        out = encode(self, target, qw, cfg)
+        if target.tensor.endswith("layers.1.mlp.up_proj.weight"):
+            out[f"{target.module}.weight_scale"].view(-1)[5] = float("inf")
+        return out
+
+    def counted(t):
+        checked.append((t.dtype, count_nonfinite(t)))
+        return checked[-1][1]
+
+    monkeypatch.setattr(CompressedTensorsFormat, "encode", poisoned)
+    monkeypatch.setattr(quantize_mod, "count_nonfinite", counted)
+    src = tiny_model("llama", dtype=dtype)
+    with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.up_proj\.weight_scale: quantizing"):
+        quantize_checkpoint(src, tmp_path / "q", QuantConfig(bits=4, group_size=32), progress=False)
+    assert (dtype, 1) in checked and not (tmp_path / "q").exists()
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
@@ -192,7 +222,7 @@ import json, resource, sys
 from weightsmith.compress import QuantConfig, quantize_checkpoint
 from weightsmith.core.report import peak_rss_bytes
 cfg = QuantConfig(bits=4, group_size=128)
-quantize_checkpoint(sys.argv[1], sys.argv[2], cfg, progress=False)  # imports, skeleton, kernels
+quantize_checkpoint(sys.argv[1], sys.argv[2], cfg, progress=False)  # imports, kernels
 warm, before = peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 quantize_checkpoint(sys.argv[3], sys.argv[4], cfg, progress=False)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

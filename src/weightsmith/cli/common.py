@@ -233,17 +233,31 @@ FINITE_FLOAT = FiniteFloat()
 
 def _quiet_libraries(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     """``--no-progress`` also silences transformers' and the hub's own bars ("Loading
-    weights"), for this command only."""
+    weights"), for this command only. transformers is not imported for it (a second of
+    start-up that data-free commands never need): imported later, it starts from the hub's
+    setting."""
     if not value:
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-        from transformers.utils import logging as hf_logging
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
 
-        was = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
+        hub_was = not are_progress_bars_disabled()
+        tf = sys.modules.get("transformers.utils.logging")
+        tf_was = tf.is_progress_bar_enabled() if tf is not None else hub_was
         disable_progress_bars()
-        if was:
-            ctx.call_on_close(hf_logging.enable_progress_bar)
-            ctx.call_on_close(enable_progress_bars)
+        if tf is not None:
+            tf.disable_progress_bar()
+
+        def restore() -> None:
+            if hub_was:
+                enable_progress_bars()
+            tf_now = sys.modules.get("transformers.utils.logging")
+            if tf_now is not None and tf_was:
+                tf_now.enable_progress_bar()
+
+        ctx.call_on_close(restore)
     return value
 
 

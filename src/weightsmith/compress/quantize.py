@@ -47,7 +47,7 @@ from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import fused_expert_tensors, refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
 from weightsmith.core.streaming import RawTensor, StreamResult
-from weightsmith.core.targets import ignore_matches
+from weightsmith.core.targets import described_linears, ignore_matches
 from weightsmith.core.transform import (
     WriteOptions,
     all_finite,
@@ -70,25 +70,27 @@ class QuantizeResult(StreamResult):
 
 
 def select_linears(
-    ckpt: Checkpoint, model: nn.Module, cfg: QuantConfig
+    ckpt: Checkpoint, model: nn.Module | list[str], cfg: QuantConfig
 ) -> tuple[list[LinearTarget], list[str]]:
     """Which Linears are quantized (each with its scheme-map scheme, if any), and the (model)
-    names of every other Linear."""
+    names of every other Linear. ``model``: the transformers skeleton, or the Linear module
+    paths :func:`~weightsmith.core.targets.described_linears` read from the checkpoint."""
     if ckpt.arch.linear_layout == "in_out":
         raise ConfigError(
             f"{ckpt.root}: {ckpt.arch.name} stores its projections as Conv1D, which the "
             "quantized formats (compressed-tensors, gptq) do not load as Linear"
         )
     renames, arch = ckpt.arch.module_renames, ckpt.arch
+    listed = isinstance(model, list)
     by_model_path = {  # a multimodal model's vision tower and projector are never quantized
-        module_path(model, n[: -len(".weight")], renames): n
+        n[: -len(".weight")] if listed else module_path(model, n[: -len(".weight")], renames): n
         for n in ckpt.tensors
         if n.endswith(".weight") and arch.in_text_decoder(n)
     }
+    if not listed:
+        model = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     targets, ignored, used, used_schemes = [], [], set(), set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
+    for name in model:
         tensor = by_model_path.get(name)
         hit = [p for p in cfg.ignore if ignore_matches(name, p)]
         used.update(hit)
@@ -147,7 +149,8 @@ class QuantizeJob:
             raise CheckpointError(f"{ckpt.root}: no config.json; quantization needs it")
         self.ckpt, self.cfg = ckpt, cfg
         self.method, self.fmt = METHODS[cfg.method], FORMATS[cfg.format]
-        targets, self.ignored = select_linears(ckpt, build_skeleton(ckpt), cfg)
+        self.statistic = self.method.statistic_for(cfg.options)
+        targets, self.ignored = select_linears(ckpt, self._linears(), cfg)
         # MoE experts the format cannot hold (bnb), or fused 3-D experts (not Linear
         # modules): kept as stored, listed in the report
         self.targets, self.kept_experts = keep_experts(ckpt, cfg, targets)
@@ -170,10 +173,21 @@ class QuantizeJob:
         # module -> (quantized weight, the tensors still to write from it)
         self._pending: dict[str, tuple[Any, set[str]]] = {}
         self._weight_stats: dict[str, Any] | None = None
-        self.statistic = self.method.statistic_for(cfg.options)
         self.calibrated = CalibratedRun(self, device) if self.statistic is not None else None
         # data-free methods that take it: work buffers reused from Linear to Linear
         self.scratch = Scratch() if self.method.scratch and self.calibrated is None else None
+
+    def _linears(self) -> nn.Module | list[str]:
+        """The model's Linears: read from the checkpoint's description for a data-free run
+        whose output does not depend on their order (no --ignore, no --scheme-map: the
+        ignored list is then only the lm_head), which spares importing transformers and
+        building its model; else the transformers skeleton."""
+        cfg = self.cfg
+        if self.statistic is None and not cfg.ignore and not cfg.schemes:
+            listed = described_linears(self.ckpt)
+            if listed is not None:
+                return listed
+        return build_skeleton(self.ckpt)
 
     @property
     def groups(self) -> list[TensorGroup]:
@@ -297,7 +311,8 @@ class QuantizeJob:
         if "loss" in qw.info:
             self.stats["loss"][t.module] = qw.info["loss"]
         for name, v in self.fmt.encode(t, qw, self.cfg_for(t)).items():
-            if not all_finite(v):  # float8 too
+            bad = count_nonfinite(v) if v.is_floating_point() else 0  # native: bf16/f32
+            if bad or (bad is None and not all_finite(v)):  # float8 too
                 raise ConfigError(f"{name}: quantizing {t.tensor} gives non-finite values "
                                   f"(overflows {v.dtype})")  # fmt: skip
             if self.scratch is not None and self.scratch.owns(v):

@@ -3,13 +3,20 @@ the torch narrow paths (mergekit's ops, checked against mergekit by the parity t
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_narrow_kernels import N, bits, edge_inputs
 
 import weightsmith.kernels as kernels
+import weightsmith.merge.methods.base as base_mod
+import weightsmith.merge.methods.model_stock as model_stock_mod
+import weightsmith.merge.methods.ramplus_tl as ramplus_tl_mod
+from weightsmith.core.parallel import compute_pool
+from weightsmith.errors import CheckpointError
 from weightsmith.kernels import merge as native
-from weightsmith.merge.methods.base import TensorParams, with_defaults
+from weightsmith.merge.methods.base import TensorChunks, TensorParams, run_method, with_defaults
 from weightsmith.merge.methods.model_stock import ModelStock
 from weightsmith.merge.methods.nearswap import NearSwap
 from weightsmith.merge.methods.ram import Ram
@@ -84,8 +91,6 @@ def test_ram_kernels_equal_torch_paths(k, eps, in_dtype):
     pp = params(rp, {"epsilon": eps, "r": 0.4, "alpha": 0.7}, k)
     _, _, counts = native.ram(xs, eps, native.RAMPLUS_COUNTS)
     with torch.no_grad():
-        from weightsmith.merge.methods.base import TensorChunks
-
         lam = rp.prepare(TensorChunks(flt, "t", chunk_size=7919), pp)
     assert torch.equal(lam, rp.lambdas(torch.tensor(counts).view(-1, 2), pp))
     assert k == 2 or float(lam.min()) > 1.0  # overlaps: every model's unique ones boosted
@@ -133,3 +138,56 @@ def test_bf16_sub_kernel():
     assert torch.equal(bits(out), bits(x - b))
     assert native.bf16_sub(x.float(), b.float(), out) is not None
     assert torch.equal(bits(out), bits(x - b))
+
+
+class StoredChunks(TensorChunks):
+    """In-memory inputs that also offer the stored-tensor path (as the engine's mapped
+    safetensors do): ``stored(i)`` is the input as given, flat."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__(tensors, "t", chunk_size=30_011)
+        self._stored = [t.reshape(-1) for t in tensors]
+
+    def stored(self, i: int):
+        return contextlib.nullcontext(self._stored[i])
+
+
+STORED_CASES = [
+    (ModelStock(), {}),
+    (NearSwap(), {"t": 0.004}),
+    (Ram(), {"epsilon": 1e-3}),
+    (RamPlusTensorLocal(), {"epsilon": 1e-3, "r": 0.5, "alpha": 0.6}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STORED_CASES)))
+@pytest.mark.parametrize("in_dtype", [BF16, torch.float32])
+def test_stream_stored_equals_the_torch_path(case, in_dtype, monkeypatch):
+    """Each method's native path over stored inputs (several output chunks, pieces on a
+    compute pool) writes the bits of its torch path (prepare + combine, kernels off)."""
+    method, globals_ = STORED_CASES[case]
+    for mod in (base_mod, model_stock_mod, ramplus_tl_mod):  # many pieces and output chunks
+        monkeypatch.setattr(mod, "NATIVE_PIECE", 1 << 12)
+    k = 2 if isinstance(method, NearSwap) else 3
+    xs = [x.clamp(-30, 30).to(in_dtype) for x in edge_inputs(k, seed=50 + case, scale=0.02)]
+    xs = [x[: 300 * 300].reshape(300, 300) for x in xs]
+    p = params(method, globals_, k)
+    want = run_method(method, TensorChunks([x.float() for x in xs], "t", 7001), p)
+    want = torch.cat(list(want)).to(BF16)
+    with compute_pool(2):
+        got = method.stream_stored(StoredChunks(xs), p, BF16)
+        got = torch.cat([o.reshape(-1) for o in got])
+    assert torch.equal(bits(got), bits(want))
+    assert int((got.float() != xs[0].reshape(-1).float()).sum()) > 1000  # not the base
+
+
+def test_stream_stored_names_the_nan_input():
+    xs = edge_inputs(3, seed=1, scale=0.01)
+    xs = [x.clamp(-1, 1) for x in xs]
+    xs[2][77] = float("nan")
+    for method, globals_ in STORED_CASES:
+        if isinstance(method, NearSwap):
+            continue
+        p = params(method, globals_, 3)
+        with pytest.raises(CheckpointError, match="input 2 holds NaN"):
+            list(method.stream_stored(StoredChunks(xs), p, BF16))

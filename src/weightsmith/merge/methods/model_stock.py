@@ -16,7 +16,6 @@ output in one native pass (the same bits).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,15 +48,17 @@ def rows_view(x: torch.Tensor, shape: tuple[int, ...], filter_wise: bool) -> tor
 
 
 def stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
-    """t per row (a column) from the task vectors' rows, in their dtype, as mergekit's ops."""
+    """t per row (a column) from the task vectors' rows, in their dtype, as mergekit's ops.
+    The offsets are consumed: each one's last product is written over it (the same bits as
+    mergekit's out-of-place product, without a whole-tensor temporary for two models)."""
     norms = [torch.norm(d, dim=-1) for d in offsets]
     cosines = []
     for i, a in enumerate(offsets):
         for j in range(i + 1, len(offsets)):
             product = norms[i] * norms[j]
-            cosines.append(
-                ((a * offsets[j]).sum(dim=-1) / product.clamp(min=NORM_FLOOR)).clamp(-1, 1)
-            )
+            last = j == len(offsets) - 1  # offsets[i] is not needed after this pair
+            ab = torch.mul(a, offsets[j], out=a) if last else a * offsets[j]
+            cosines.append((ab.sum(dim=-1) / product.clamp(min=NORM_FLOOR)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(offsets)
     denominator = 1 + (count - 1) * cos
@@ -119,25 +120,25 @@ class ModelStock(MergeMethod):
 
 def stored_ratio(src: ChunkSource) -> torch.Tensor:
     """Model Stock's bfloat16 ratio of one tensor (whole-tensor cosines) from its stored
-    inputs: the task vectors δₖ = bf16(xₖ − base) made by a native kernel in parallel pieces,
-    then reduced by :func:`stock_ratio` (torch's bfloat16 reductions, as mergekit)."""
+    inputs: the task vectors δₖ = bf16(xₖ − base) made by a native kernel in parallel pieces
+    (the base and one model mapped at a time), then reduced by :func:`stock_ratio` (torch's
+    bfloat16 reductions, as mergekit)."""
     deltas = [torch.empty(src.numel, dtype=torch.bfloat16) for _ in range(src.num_inputs - 1)]
-    with contextlib.ExitStack() as stack:
-        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
-        if any(x.numel() < src.numel for x in stored):
-            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+    with src.stored(0) as base:
+        for k, delta in enumerate(deltas):
+            with src.stored(k + 1) as x:
+                if min(x.numel(), base.numel()) < src.numel:
+                    raise RuntimeError(f"{src.name}: stored inputs are smaller than planned")
 
-        def piece(job: tuple[int, tuple[int, int]]) -> list[int]:
-            k, (a, b) = job
-            bad = native.bf16_sub(stored[k + 1][a:b], stored[0][a:b], deltas[k][a:b])
-            if bad is None:
-                raise RuntimeError(f"{src.name}: native kernel refused its inputs")
-            return bad
+                def piece(r: tuple[int, int], x=x, delta=delta) -> list[int]:
+                    bad = native.bf16_sub(x[r[0] : r[1]], base[r[0] : r[1]], delta[r[0] : r[1]])
+                    if bad is None:
+                        raise RuntimeError(f"{src.name}: native kernel refused its inputs")
+                    return bad
 
-        jobs = [(k, r) for k in range(len(deltas)) for r in sub_ranges(0, src.numel, NATIVE_PIECE)]
-        for (k, _), (bad_x, bad_base) in zip(jobs, pmap(piece, jobs), strict=True):
-            if bad_base or bad_x:
-                src.fail_nonfinite(0 if bad_base else k + 1)
+                for bad_x, bad_base in pmap(piece, sub_ranges(0, src.numel, NATIVE_PIECE)):
+                    if bad_base or bad_x:
+                        src.fail_nonfinite(0 if bad_base else k + 1)
     with mergekit_threads():
         return stock_ratio([d.reshape(1, -1) for d in deltas])
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("merge_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
-_ABI = 4
+_ABI = 5
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -51,6 +51,10 @@ SIGNATURES = {
     "ws_slerp_dots": ([_p, _p, _i32, _i64, _p, _p], None),
     "ws_lerp2": ([_p, _p, _i32, _i64, _f32, _f32, _p, _i32], _i64),
     "ws_narrow_mix": ([_p, _i32, _i32, _i64, _i32, _p, _i32, _f32, _i32, _f32, _p, _i32, _p], _i64),
+    "ws_nearswap": ([_p, _p, _i32, _i64, _f32, _f32, _p, _i32, _p], _i64),
+    "ws_ram": ([_p, _i32, _i32, _i64, _f32, _i32, _p, _p, _p, _i32, _p], _i64),
+    "ws_stock_mix": ([_p, _i32, _i32, _i64, _i64, _p, _p, _i64, _p, _i32, _p], _i64),
+    "ws_bf16_sub": ([_p, _p, _i32, _i64, _p, _p], None),
 }
 
 

@@ -239,3 +239,109 @@ def narrow_mix(
         bad,
     )
     return int(bad_out), list(bad)
+
+
+def _narrow_args(inputs: Sequence[torch.Tensor], out: torch.Tensor | None) -> bool:
+    """Whether the bfloat16-arithmetic kernels take these: one float32/bfloat16 dtype for all
+    inputs, same sizes, contiguous CPU tensors (``out`` float32/bfloat16 too)."""
+    n = inputs[0].numel() if inputs else 0
+    outs = [] if out is None else [out]
+    return (
+        bool(inputs)
+        and len({t.dtype for t in inputs}) == 1
+        and all(t.numel() == n for t in [*inputs, *outs])
+        and _usable(*inputs, *outs, dtypes=STORAGE)
+    )
+
+
+def _ptrs(inputs: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * len(inputs))(*[t.data_ptr() for t in inputs])
+
+
+def nearswap(
+    a: torch.Tensor, b: torch.Tensor, t: float, lo: float, out: torch.Tensor
+) -> tuple[int, list[int]] | None:
+    """mergekit's bfloat16 nearswap of base ``a`` and ``b`` (``lo``: the clamp of |a − b|, as
+    torch clamps a bfloat16 tensor: rounded to bfloat16 here) into
+    ``out``: (NaN/Inf outputs, NaN/Inf per input), or None when the kernels cannot take them."""
+    lib = merge_kernels()
+    if lib is None or not _narrow_args([a, b], out):
+        return None
+    bad = (ctypes.c_int64 * 2)()
+    lo = float(torch.tensor(lo, dtype=torch.bfloat16))
+    n_out = lib.ws_nearswap(
+        a.data_ptr(), b.data_ptr(), _KERNEL_DTYPES[a.dtype], a.numel(), t, lo,
+        out.data_ptr(), _KERNEL_DTYPES[out.dtype], bad,
+    )  # fmt: skip
+    return int(n_out), list(bad)
+
+
+RAM, RAMPLUS, RAMPLUS_COUNTS = 0, 1, 2  # ws_ram's modes
+RAM_MAX_MODELS = 15  # torch sums up to 15 task vectors in order (the kernel's limit)
+
+
+def ram(
+    inputs: Sequence[torch.Tensor],
+    eps: float,
+    mode: int,
+    lam: Sequence[float] = (),
+    out: torch.Tensor | None = None,
+) -> tuple[int, list[int], list[int]] | None:
+    """mergekit's bfloat16 RAM (``RAM``) or RAM+ (``RAMPLUS``, ``lam`` one λ per model) of
+    base-first ``inputs`` into ``out``, or RAM+'s counts (``RAMPLUS_COUNTS``, no ``out``):
+    (NaN/Inf outputs, NaN/Inf per input, [shared, unique] per model), or None when the kernels
+    cannot take these tensors. ``|δ| > eps`` compares with ``eps`` rounded to bfloat16, as
+    torch compares a bfloat16 tensor with a Python number."""
+    lib = merge_kernels()
+    k = len(inputs)
+    if lib is None or not 2 <= k <= RAM_MAX_MODELS + 1 or not _narrow_args(inputs, out):
+        return None
+    if (out is None) != (mode == RAMPLUS_COUNTS):
+        return None
+    bad = (ctypes.c_int64 * k)()
+    counts = (ctypes.c_int64 * (2 * (k - 1)))()
+    lams = (ctypes.c_float * (k - 1))(*(lam or [1.0] * (k - 1)))
+    eps = float(torch.tensor(eps, dtype=torch.bfloat16))
+    n_out = lib.ws_ram(
+        _ptrs(inputs), k, _KERNEL_DTYPES[inputs[0].dtype], inputs[0].numel(), eps, mode, lams,
+        counts, None if out is None else out.data_ptr(),
+        _KERNEL_DTYPES[out.dtype] if out is not None else 0, bad,
+    )  # fmt: skip
+    return int(n_out), list(bad), list(counts)
+
+
+def stock_mix(
+    inputs: Sequence[torch.Tensor],
+    offset: int,
+    t_rows: torch.Tensor,
+    u_rows: torch.Tensor,
+    cols: int,
+    out: torch.Tensor,
+) -> tuple[int, list[int]] | None:
+    """Model Stock's bfloat16 output ``t·mean(models) + u·base`` for flat entries ``[offset,
+    offset + n)`` of base-first ``inputs`` (``t_rows``/``u_rows``: float32 tensors of
+    bfloat16 values, one per row of ``cols`` entries; ``cols`` 0: one for all) into ``out``:
+    (NaN/Inf outputs, NaN/Inf per input), or None when the kernels cannot take them."""
+    lib = merge_kernels()
+    k = len(inputs)
+    if lib is None or k < 2 or not _narrow_args(inputs, out) or not _usable(t_rows, u_rows):
+        return None
+    bad = (ctypes.c_int64 * k)()
+    n_out = lib.ws_stock_mix(
+        _ptrs(inputs), k, _KERNEL_DTYPES[inputs[0].dtype], out.numel(), offset,
+        t_rows.data_ptr(), u_rows.data_ptr(), cols, out.data_ptr(), _KERNEL_DTYPES[out.dtype],
+        bad,
+    )  # fmt: skip
+    return int(n_out), list(bad)
+
+
+def bf16_sub(x: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> list[int] | None:
+    """``out = x.to(bfloat16) − b.to(bfloat16)`` (bfloat16 ``out``): NaN/Inf in x and in b, or
+    None when the kernels cannot take these tensors."""
+    lib = merge_kernels()
+    if lib is None or out.dtype != torch.bfloat16 or not _narrow_args([x, b], out):
+        return None
+    bad = (ctypes.c_int64 * 2)()
+    lib.ws_bf16_sub(x.data_ptr(), b.data_ptr(), _KERNEL_DTYPES[x.dtype], x.numel(),
+                    out.data_ptr(), bad)  # fmt: skip
+    return list(bad)

@@ -14,7 +14,7 @@
 
 enum { SP_NONE = 0, SP_TOPK = 1, SP_DARE = 2 };
 
-int ws_abi_version(void) { return 4; }
+int ws_abi_version(void) { return 5; }
 int ws_max_models(void) { return MAXK; }
 
 /* SplitMix64's j-th output for a generator seeded with `seed` (Steele et al. 2014). */
@@ -397,4 +397,148 @@ int64_t ws_narrow_mix(const void *const *xs, int32_t K, int32_t in_dtype, int64_
         bad_out += store_tile(acc, m, out, out_dtype, s);
     }
     return bad_out;
+}
+
+/* ---- bfloat16 NearSwap, RAM / RAM+ and Model Stock, as mergekit's torch ops in bfloat16 ---- */
+
+#define RAM_MAXK 15 /* torch sums up to 15 rows of a dim-0 reduction in order (then cascades) */
+
+/* mergekit's nearswap on bfloat16 values a (base), b: d = bf16(a − b), c = max(|d|, lo),
+ * w = clamp(bf16(bf16(1 / c)·t), 0, 1) (torch's t / c is c.reciprocal() * t), out =
+ * bf16(bf16(w·b) + bf16(bf16(1 − w)·a)). bad[0], bad[1] count NaN/Inf inputs; returns the
+ * NaN/Inf outputs. */
+int64_t ws_nearswap(const void *a, const void *b, int32_t in_dtype, int64_t n, float t, float lo,
+                    void *out, int32_t out_dtype, int64_t *bad) {
+    float va[TILE], vb[TILE], acc[TILE];
+    int64_t bad_out = 0;
+    bad[0] = bad[1] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_bf16_tile(a, in_dtype, s, m, va, &bad[0]);
+        load_bf16_tile(b, in_dtype, s, m, vb, &bad[1]);
+        for (int64_t i = 0; i < m; i++) {
+            float d = fabsf(bf16_round(va[i] - vb[i]));
+            float c = d < lo ? lo : d; /* NaN stays NaN (torch's clamp propagates it) */
+            float w = bf16_round(bf16_round(1.0f / c) * t);
+            w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
+            acc[i] = bf16_round(bf16_round(w * vb[i]) + bf16_round(bf16_round(1.0f - w) * va[i]));
+        }
+        bad_out += store_tile(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* RAM over one range, x_0 the base and K − 1 ≤ RAM_MAXK models, as mergekit's bfloat16 ops:
+ * δ_k = bf16(x_k − b), changed_k = |δ_k| > eps, c = Σ changed_k, kept_k = δ_k·changed_k,
+ * m_k = kept_k·[c = 1] + bf16(kept_k·[c > 1] / max(c, 1)) (bfloat16 sum), out = b + Σ m_k.
+ *   mode 0 (ram): the sums in float32 rounded to bfloat16 as torch does: out = bf16(b + bf16(Σ));
+ *   mode 1 (ramplus_tl): the unique term times lam[k] is float32 (torch promotes), m_k and Σ
+ *     float32, out = b + Σ in float32 (then stored as out_dtype);
+ *   mode 2 (ramplus_tl's statistics): nothing stored; counts[2k] += entries model k changed
+ *     that another model also changed, counts[2k + 1] += entries only model k changed.
+ * bad[k] counts NaN/Inf of input k; returns the NaN/Inf outputs. */
+int64_t ws_ram(const void *const *xs, int32_t K, int32_t in_dtype, int64_t n, float eps,
+               int32_t mode, const float *lam, int64_t *counts, void *out, int32_t out_dtype,
+               int64_t *bad) {
+    float b[TILE], v[TILE], d[RAM_MAXK][TILE], c[TILE], acc[TILE];
+    const int32_t M = K - 1;
+    int64_t bad_out = 0;
+    for (int32_t k = 0; k < K; k++) bad[k] = 0;
+    if (M < 1 || M > RAM_MAXK) return -1;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_bf16_tile(xs[0], in_dtype, s, m, b, &bad[0]);
+        for (int64_t i = 0; i < m; i++) c[i] = 0.0f;
+        for (int32_t k = 0; k < M; k++) {
+            load_bf16_tile(xs[k + 1], in_dtype, s, m, v, &bad[k + 1]);
+            for (int64_t i = 0; i < m; i++) {
+                float dk = bf16_round(v[i] - b[i]);
+                float ch = fabsf(dk) > eps ? 1.0f : 0.0f;
+                d[k][i] = dk * ch; /* kept_k: δ or a signed zero, as δ·False in torch */
+                c[i] += ch;
+            }
+        }
+        if (mode == 2) {
+            for (int32_t k = 0; k < M; k++) {
+                int64_t shared = 0, unique = 0;
+                for (int64_t i = 0; i < m; i++) {
+                    /* kept_k is δ_k·changed_k: changed exactly when |kept_k| > eps */
+                    int ch = fabsf(d[k][i]) > eps;
+                    shared += ch & (c[i] > 1.0f);
+                    unique += ch & (c[i] == 1.0f);
+                }
+                counts[2 * k] += shared;
+                counts[2 * k + 1] += unique;
+            }
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 0; k < M; k++) {
+            const float lk = mode == 1 ? lam[k] : 1.0f;
+            for (int64_t i = 0; i < m; i++) {
+                float one = c[i] == 1.0f ? 1.0f : 0.0f, many = c[i] > 1.0f ? 1.0f : 0.0f;
+                float cnt = c[i] < 1.0f ? 1.0f : c[i];
+                float shared = bf16_round((d[k][i] * many) / cnt);
+                float unique = d[k][i] * one;
+                float mk = mode == 1 ? unique * lk + shared : bf16_round(unique + shared);
+                acc[i] = acc[i] + mk;
+            }
+        }
+        if (mode == 1)
+            for (int64_t i = 0; i < m; i++) acc[i] = b[i] + acc[i];
+        else
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(b[i] + bf16_round(acc[i]));
+        bad_out += store_tile(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* Model Stock's output over one range [offset, offset + n), x_0 the base and K − 1 models, as
+ * mergekit's bfloat16 ops: avg = bf16(bf16(Σ x_k) / (K − 1)) (Python's sum: 0 + x_1 + ...,
+ * each add rounded), out = bf16(bf16(t·avg) + bf16(u·b)) with t = t_rows[row], u =
+ * u_rows[row] = bf16(1 − t), row = (offset + i) / cols (row 0 when cols ≤ 0). bad[k] counts NaN/Inf of input k. */
+int64_t ws_stock_mix(const void *const *xs, int32_t K, int32_t in_dtype, int64_t n,
+                     int64_t offset, const float *t_rows, const float *u_rows, int64_t cols,
+                     void *out, int32_t out_dtype, int64_t *bad) {
+    float b[TILE], v[TILE], acc[TILE];
+    const float count = (float)(K - 1);
+    int64_t bad_out = 0;
+    for (int32_t k = 0; k < K; k++) bad[k] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_bf16_tile(xs[0], in_dtype, s, m, b, &bad[0]);
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 1; k < K; k++) {
+            load_bf16_tile(xs[k], in_dtype, s, m, v, &bad[k]);
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i] + v[i]);
+        }
+        if (cols <= 0) { /* one ratio for the whole tensor */
+            const float t = t_rows[0], u = u_rows[0];
+            for (int64_t i = 0; i < m; i++)
+                acc[i] = bf16_round(bf16_round(t * bf16_round(acc[i] / count)) +
+                                    bf16_round(u * b[i]));
+        } else {
+            for (int64_t i = 0; i < m; i++) {
+                const int64_t row = (offset + s + i) / cols;
+                acc[i] = bf16_round(bf16_round(t_rows[row] * bf16_round(acc[i] / count)) +
+                                    bf16_round(u_rows[row] * b[i]));
+            }
+        }
+        bad_out += store_tile(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* out = bf16(x − b) over one range of two same-dtype inputs (x.to(bf16) − b.to(bf16)), stored
+ * as bfloat16; bad[0], bad[1] count NaN/Inf of x and b. */
+void ws_bf16_sub(const void *x, const void *b, int32_t in_dtype, int64_t n, uint16_t *out,
+                 int64_t *bad) {
+    float vx[TILE], vb[TILE];
+    bad[0] = bad[1] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_bf16_tile(x, in_dtype, s, m, vx, &bad[0]);
+        load_bf16_tile(b, in_dtype, s, m, vb, &bad[1]);
+        for (int64_t i = 0; i < m; i++) out[s + i] = to_bf16(vx[i] - vb[i]);
+    }
 }

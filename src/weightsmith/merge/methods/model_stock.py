@@ -8,22 +8,31 @@ instead of one per tensor.
 
 The cosines are whole-tensor statistics: ``prepare`` holds the task vectors (one tensor per
 model, in the compute dtype) and reduces them as mergekit does, so a bfloat16 recipe gives
-mergekit's bits; ``combine`` is then per entry.
+mergekit's bits; ``combine`` is then per entry. With bfloat16 arithmetic on stored
+float32/bfloat16 inputs, :meth:`ModelStock.stream_stored` makes the task vectors with a native
+kernel straight from the stored tensors, reduces them with the same torch ops, and writes the
+output in one native pass (the same bits).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
     ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
     merge_method,
     merge_tensors,
+    mergekit_threads,
+    stream_native,
     whole,
 )
 from weightsmith.merge.params import BOOL
@@ -39,15 +48,17 @@ def rows_view(x: torch.Tensor, shape: tuple[int, ...], filter_wise: bool) -> tor
 
 
 def stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
-    """t per row (a column) from the task vectors' rows, in their dtype, as mergekit's ops."""
+    """t per row (a column) from the task vectors' rows, in their dtype, as mergekit's ops.
+    The offsets are consumed: each one's last product is written over it (the same bits as
+    mergekit's out-of-place product, without a whole-tensor temporary for two models)."""
     norms = [torch.norm(d, dim=-1) for d in offsets]
     cosines = []
     for i, a in enumerate(offsets):
         for j in range(i + 1, len(offsets)):
             product = norms[i] * norms[j]
-            cosines.append(
-                ((a * offsets[j]).sum(dim=-1) / product.clamp(min=NORM_FLOOR)).clamp(-1, 1)
-            )
+            last = j == len(offsets) - 1  # offsets[i] is not needed after this pair
+            ab = torch.mul(a, offsets[j], out=a) if last else a * offsets[j]
+            cosines.append((ab.sum(dim=-1) / product.clamp(min=NORM_FLOOR)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(offsets)
     denominator = 1 + (count - 1) * cos
@@ -88,6 +99,48 @@ class ModelStock(MergeMethod):
             t = t[torch.arange(offset, offset + base.numel(), device=base.device) // cols]
         average = sum(models) / len(models)
         return t * average + (1 - t) * base
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic, one ratio per tensor: native task vectors, mergekit's torch
+        reductions of them, then one native pass for the output (filter-wise: the torch path)."""
+        if params.dtype != torch.bfloat16 or params.globals["filter_wise"]:
+            return None
+        if out_dtype not in native.STORAGE or not native.available():
+            return None
+        t = stored_ratio(src).reshape(1)
+        t_rows, u_rows = t.float(), (1 - t).float()  # mergekit's (1 − t) in bfloat16
+
+        def kernel(xs: list[torch.Tensor], out: torch.Tensor):
+            return native.stock_mix(xs, 0, t_rows, u_rows, 0, out)
+
+        return stream_native(src, out_dtype, kernel)
+
+
+def stored_ratio(src: ChunkSource) -> torch.Tensor:
+    """Model Stock's bfloat16 ratio of one tensor (whole-tensor cosines) from its stored
+    inputs: the task vectors δₖ = bf16(xₖ − base) made by a native kernel in parallel pieces
+    (the base and one model mapped at a time), then reduced by :func:`stock_ratio` (torch's
+    bfloat16 reductions, as mergekit)."""
+    deltas = [torch.empty(src.numel, dtype=torch.bfloat16) for _ in range(src.num_inputs - 1)]
+    with src.stored(0) as base:
+        for k, delta in enumerate(deltas):
+            with src.stored(k + 1) as x:
+                if min(x.numel(), base.numel()) < src.numel:
+                    raise RuntimeError(f"{src.name}: stored inputs are smaller than planned")
+
+                def piece(r: tuple[int, int], x=x, delta=delta) -> list[int]:
+                    bad = native.bf16_sub(x[r[0] : r[1]], base[r[0] : r[1]], delta[r[0] : r[1]])
+                    if bad is None:
+                        raise RuntimeError(f"{src.name}: native kernel refused its inputs")
+                    return bad
+
+                for bad_x, bad_base in pmap(piece, sub_ranges(0, src.numel, NATIVE_PIECE)):
+                    if bad_base or bad_x:
+                        src.fail_nonfinite(0 if bad_base else k + 1)
+    with mergekit_threads():
+        return stock_ratio([d.reshape(1, -1) for d in deltas])
 
 
 def model_stock(base: torch.Tensor, models: list[torch.Tensor], *, filter_wise: bool = False):

@@ -7,17 +7,23 @@ ones stay near ``a``. Exactly two inputs (the base and one model); ``t`` has no 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
+    ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
     merge_method,
     merge_tensors,
+    stream_native,
 )
+
+CLAMP = 1e-6  # mergekit's floor of |a − b|
 
 
 @merge_method("nearswap")
@@ -37,8 +43,24 @@ class NearSwap(MergeMethod):
         t = float(params.globals["t"])
         # the same operations as mergekit, so results agree to the bit
         absdiff = torch.abs(a - b)
-        weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
+        weight = (t / absdiff.clamp(min=CLAMP)).clamp(min=0, max=1)
         return weight * b + (1 - weight) * a
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: mergekit's ops in one native pass over the stored inputs (the
+        bits of :meth:`combine`), written as ``out_dtype``."""
+        if params.dtype != torch.bfloat16 or out_dtype not in native.STORAGE:
+            return None
+        if not native.available():
+            return None
+        t = float(params.globals["t"])
+
+        def kernel(xs: list[torch.Tensor], out: torch.Tensor):
+            return native.nearswap(xs[0], xs[1], t, CLAMP, out)
+
+        return stream_native(src, out_dtype, kernel)
 
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:

@@ -11,18 +11,25 @@ counts before the output is streamed); the rest is per entry, with mergekit's op
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
     ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
     merge_method,
     merge_tensors,
+    stream_native,
 )
+from weightsmith.merge.methods.ram import native_ram_usable
 
 
 def _masks(chunks: list[torch.Tensor], dt: torch.dtype, epsilon: float):
@@ -56,6 +63,12 @@ class RamPlusTensorLocal(MergeMethod):
             shared, unique = (s, u) if shared is None else (shared + s, unique + u)
         if shared is None:  # an empty tensor
             shared = unique = torch.zeros(src.num_inputs - 1, dtype=torch.int64)
+        return self.lambdas(torch.stack([shared, unique], dim=1), params)
+
+    def lambdas(self, counts: torch.Tensor, params: TensorParams) -> torch.Tensor:
+        """λₖ (float32, as mergekit computes it) from each model's (shared, unique) counts."""
+        eps = float(params.globals["epsilon"])
+        shared, unique = counts[:, 0].to(torch.int64), counts[:, 1].to(torch.int64)
         rho = shared / unique.clamp(min=eps)
         return 1 + float(params.globals["r"]) * rho.clamp(min=0, max=float(params.globals["alpha"]))
 
@@ -68,6 +81,45 @@ class RamPlusTensorLocal(MergeMethod):
         lam = state.to(kept.device).unsqueeze(-1)
         mixed = ((kept * single * lam) + (kept * overlap / counts.clamp(min=1))).sum(dim=0)
         return base + mixed
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: the counts in one native pass over the stored inputs, then
+        mergekit's ops in another (the bits of :meth:`prepare` and :meth:`combine`)."""
+        if not native_ram_usable(src, params, out_dtype):
+            return None
+        eps = float(params.globals["epsilon"])
+        lam = self.lambdas(stored_counts(src, eps), params).tolist()
+
+        def kernel(xs: list[torch.Tensor], out: torch.Tensor):
+            res = native.ram(xs, eps, native.RAMPLUS, lam, out)
+            return None if res is None else res[:2]
+
+        return stream_native(src, out_dtype, kernel)
+
+
+def stored_counts(src: ChunkSource, eps: float) -> torch.Tensor:
+    """(shared, unique) changed-entry counts per model (int64, one row each) of one tensor's
+    stored inputs, summed over native pieces run in parallel."""
+    counts = torch.zeros(src.num_inputs - 1, 2, dtype=torch.int64)
+    with contextlib.ExitStack() as stack:
+        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
+        if any(x.numel() < src.numel for x in stored):
+            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+
+        def piece(r: tuple[int, int]):
+            res = native.ram([x[r[0] : r[1]] for x in stored], eps, native.RAMPLUS_COUNTS)
+            if res is None:
+                raise RuntimeError(f"{src.name}: native kernel refused its inputs")
+            return res
+
+        for _, bad, c in pmap(piece, sub_ranges(0, src.numel, NATIVE_PIECE)):
+            for i, n in enumerate(bad):
+                if n:
+                    src.fail_nonfinite(i)
+            counts += torch.tensor(c, dtype=torch.int64).view(-1, 2)
+    return counts
 
 
 def ramplus_tl(

@@ -15,17 +15,23 @@ quantiles; ``combine`` is per entry.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from weightsmith.core.parallel import pmap
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
     ChunkSource,
     MergeMethod,
     TensorParams,
     merge_method,
     merge_tensors,
+    stream_native,
     whole,
 )
 
@@ -40,13 +46,24 @@ def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
+def sample_indices(numel: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``SAMPLE`` flat indices (with replacement, seeded by the tensor's name) whose
+    importances give the quantiles of a tensor over ``SAMPLE`` entries."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(numel, (SAMPLE,), generator=gen, device=device)
+
+
 def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
     """median + 1.5·IQR of the flat importances (a 1M sample of bigger tensors)."""
     flat = importance.reshape(-1)
     if flat.numel() > SAMPLE:
-        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
-        gen = torch.Generator(device=flat.device).manual_seed(seed)
-        flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen, device=flat.device)]
+        flat = flat[sample_indices(flat.numel(), name, flat.device)]
+    return quantile_threshold(flat)
+
+
+def quantile_threshold(flat: torch.Tensor) -> torch.Tensor:
+    """median + 1.5·IQR of the values (quantiles at index ⌊q·(n−1)⌋ of the sorted values)."""
     ordered = torch.sort(flat).values
     at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
     q1, median, q3 = ordered[at.to(ordered.device)]
@@ -70,6 +87,41 @@ class ArceeFusion(MergeMethod):
         kl = row_kl(x, base)
         threshold = fusion_threshold((x - base).abs() * kl, src.name)
         return kl.reshape(-1), threshold, cols
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: the rows' KL in torch on blocks of rows in parallel (a row's
+        softmax and sum do not depend on the other rows), the importances only where the
+        quantiles need them, then the native masked output."""
+        if not sphere_native.applies(src, params, out_dtype):
+            return None
+        cols = src.shape[-1] if src.shape else 1
+        rows, bf16 = src.numel // cols, torch.bfloat16
+        with sphere_native.stored_inputs(src) as xs:
+            kl = torch.empty(rows, dtype=bf16)
+            block = max(1, NATIVE_PIECE // cols)
+
+            def kl_rows(r0: int) -> None:
+                r1 = min(r0 + block, rows)
+                b, x = (t[r0 * cols : r1 * cols].to(bf16).reshape(-1, cols) for t in xs)
+                kl[r0:r1] = row_kl(x, b).reshape(-1)
+
+            pmap(kl_rows, range(0, rows, block))
+            if src.numel > SAMPLE:
+                idx = sample_indices(src.numel, src.name)
+                b, x = (t[idx].to(bf16) for t in xs)
+                importance = (x - b).abs() * kl[idx // cols]
+            else:
+                b, x = (t.to(bf16).reshape(-1, cols) for t in xs)
+                importance = (x - b).abs() * kl.view(-1, 1)
+            threshold = float(quantile_threshold(importance.reshape(-1)))
+        kl32 = kl.float()
+
+        def out(p: list[torch.Tensor], o: torch.Tensor, first: int) -> tuple[int, list[int]]:
+            return sphere.fusion_out(p, first, cols, kl32, threshold, o)
+
+        return stream_native(src, out_dtype, out, offsets=True)
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int

@@ -16,14 +16,18 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
+    OUT_PIECES,
     ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
     merge_method,
     merge_tensors,
+    mergekit_threads,
     stream_native,
 )
 
@@ -99,7 +103,11 @@ class Slerp(MergeMethod):
         """Both passes in the native kernels, straight from bfloat16/float32 storage: the
         statistics pass also checks for NaN/Inf, the second writes ``out_dtype`` directly.
         Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
-        if params.narrow or not native.available():
+        if params.narrow:
+            if not sphere_native.applies(src, params, out_dtype):
+                return None
+            return native_mergekit_slerp(src, float(params.globals["t"]), out_dtype)
+        if not native.available():
             return None
         if out_dtype not in (torch.float32, torch.bfloat16):
             return None
@@ -203,6 +211,48 @@ def streamed_mergekit_coefficients(src: ChunkSource, dtype: torch.dtype, t: floa
     na, nb = torch.where(na > EPS, na, 1), torch.where(nb > EPS, nb, 1)
     parts = [((a / na) * (b / nb)).sum() for a, b in mergekit_pieces(src, dtype)]
     return _coefficients(torch.stack(parts).sum().clamp(-1, 1), t)
+
+
+def native_mergekit_slerp(src: ChunkSource, t: float, out_dtype: torch.dtype):
+    """mergekit's bfloat16 SLERP from the stored inputs: the float32 pieces' norms (torch's
+    norm of a piece does not depend on the threads: pieces run in parallel), the native
+    products of the normalized pieces summed by torch with mergekit's threads, then the native
+    float32 mix rounded to bfloat16."""
+    n = src.numel
+    with sphere_native.stored_inputs(src) as xs:
+        starts = range(0, n, MERGEKIT_CHUNK)
+
+        def piece_norms(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            p = [x[i : i + MERGEKIT_CHUNK] for x in xs]
+            f = torch.empty(2, p[0].numel(), dtype=torch.float32)
+            for k in (0, 1):
+                if sphere.vector(p, False, k, f[k])[k]:
+                    src.fail_nonfinite(k)
+            return torch.linalg.vector_norm(f[0]), torch.linalg.vector_norm(f[1])
+
+        norms = pmap(piece_norms, starts)
+        if not norms:
+            return stream_native(src, out_dtype, lambda p, o: None)
+        na, nb = (torch.linalg.vector_norm(torch.stack(ns)) for ns in zip(*norms, strict=True))
+        na, nb = float(torch.where(na > EPS, na, 1)), float(torch.where(nb > EPS, nb, 1))
+        parts = []
+        group = OUT_PIECES * MERGEKIT_CHUNK
+        for first in range(0, n, group):
+            prods = torch.empty(min(group, n - first), dtype=torch.float32)
+
+            def products(i: int, first=first, prods=prods) -> None:
+                p, o = [x[i : i + MERGEKIT_CHUNK] for x in xs], prods[i - first :][:MERGEKIT_CHUNK]
+                sphere.slerp_pass(p, sphere.PRODUCTS, (na, nb), o)
+
+            pmap(products, range(first, first + prods.numel(), MERGEKIT_CHUNK))
+            sums = [prods[j : j + MERGEKIT_CHUNK] for j in range(0, prods.numel(), MERGEKIT_CHUNK)]
+            if sphere_native.split_sum_matches():  # a piece's sum as mergekit's threads split it
+                parts += pmap(sphere_native.split_sum, sums)
+            else:
+                with mergekit_threads():
+                    parts += [p.sum() for p in sums]
+    s0, s1 = (float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
+    return stream_native(src, out_dtype, lambda p, o: sphere.slerp_pass(p, sphere.MIX, (s0, s1), o))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

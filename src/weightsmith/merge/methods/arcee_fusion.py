@@ -31,7 +31,6 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
-    stream_native,
     whole,
 )
 
@@ -91,37 +90,19 @@ class ArceeFusion(MergeMethod):
     def stream_stored(
         self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
     ) -> Iterator[torch.Tensor] | None:
-        """bfloat16 arithmetic: the rows' KL in torch on blocks of rows in parallel (a row's
-        softmax and sum do not depend on the other rows), the importances only where the
-        quantiles need them, then the native masked output."""
+        """bfloat16 arithmetic: :func:`fusion_state` from the stored inputs, then the native
+        masked output."""
         if not sphere_native.applies(src, params, out_dtype):
             return None
         cols = src.shape[-1] if src.shape else 1
-        rows, bf16 = src.numel // cols, torch.bfloat16
-        with sphere_native.stored_inputs(src) as xs:
-            kl = torch.empty(rows, dtype=bf16)
-            block = max(1, NATIVE_PIECE // cols)
 
-            def kl_rows(r0: int) -> None:
-                r1 = min(r0 + block, rows)
-                b, x = (t[r0 * cols : r1 * cols].to(bf16).reshape(-1, cols) for t in xs)
-                kl[r0:r1] = row_kl(x, b).reshape(-1)
+        def kernel(state: tuple[torch.Tensor, float]):
+            kl32, threshold = state
+            return lambda p, o, first: sphere.fusion_out(p, first, cols, kl32, threshold, o)
 
-            pmap(kl_rows, range(0, rows, block))
-            if src.numel > SAMPLE:
-                idx = sample_indices(src.numel, src.name)
-                b, x = (t[idx].to(bf16) for t in xs)
-                importance = (x - b).abs() * kl[idx // cols]
-            else:
-                b, x = (t.to(bf16).reshape(-1, cols) for t in xs)
-                importance = (x - b).abs() * kl.view(-1, 1)
-            threshold = float(quantile_threshold(importance.reshape(-1)))
-        kl32 = kl.float()
-
-        def out(p: list[torch.Tensor], o: torch.Tensor, first: int) -> tuple[int, list[int]]:
-            return sphere.fusion_out(p, first, cols, kl32, threshold, o)
-
-        return stream_native(src, out_dtype, out, offsets=True)
+        return sphere_native.stream_mapped(
+            src, out_dtype, lambda xs: fusion_state(src, xs, cols), kernel, offsets=True
+        )
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
@@ -133,6 +114,30 @@ class ArceeFusion(MergeMethod):
         delta = x - base
         mask = ((x - base).abs() * kl[rows] >= threshold).float()
         return base + delta * mask  # float32, as mergekit's float mask makes it
+
+
+def fusion_state(src: ChunkSource, xs: list[torch.Tensor], cols: int) -> tuple[torch.Tensor, float]:
+    """(each row's KL as float32, the threshold) from the stored base and model ``xs``, in
+    bfloat16 as mergekit: the KL in torch on blocks of rows in parallel (a row's softmax and sum
+    do not depend on the other rows), the importances only where the quantiles need them."""
+    rows, bf16 = src.numel // cols, torch.bfloat16
+    kl = torch.empty(rows, dtype=bf16)
+    block = max(1, NATIVE_PIECE // cols)
+
+    def kl_rows(r0: int) -> None:
+        r1 = min(r0 + block, rows)
+        b, x = (t[r0 * cols : r1 * cols].to(bf16).reshape(-1, cols) for t in xs)
+        kl[r0:r1] = row_kl(x, b).reshape(-1)
+
+    pmap(kl_rows, range(0, rows, block))
+    if src.numel > SAMPLE:
+        idx = sample_indices(src.numel, src.name)
+        b, x = (t[idx].to(bf16) for t in xs)
+        importance = (x - b).abs() * kl[idx // cols]
+    else:
+        b, x = (t.to(bf16).reshape(-1, cols) for t in xs)
+        importance = (x - b).abs() * kl.view(-1, 1)
+    return kl.float(), float(quantile_threshold(importance.reshape(-1)))
 
 
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
-    stream_native,
     whole,
 )
 from weightsmith.merge.params import BOOL
@@ -109,15 +108,13 @@ class MultiSlerp(MergeMethod):
         if len(params.models) == 1 or not sphere_native.applies(src, params, out_dtype):
             return None
         has_base, eps = bool(params.has_base), float(params.globals["eps"])
-        with sphere_native.stored_inputs(src) as xs:
-            stats = self._native_stats(src, xs, params, has_base, eps)
-        if stats is None:
-            return None
 
-        def out(p: list[torch.Tensor], o: torch.Tensor) -> tuple[int, list[int]]:
-            return sphere.ms_pass(p, has_base, sphere.OUTPUT, stats, o)
+        def kernel(stats: dict):
+            return lambda p, o: sphere.ms_pass(p, has_base, sphere.OUTPUT, stats, o)
 
-        return stream_native(src, out_dtype, out)
+        return sphere_native.stream_mapped(
+            src, out_dtype, lambda xs: self._native_stats(src, xs, params, has_base, eps), kernel
+        )
 
     def _native_stats(
         self, src: ChunkSource, xs: list[torch.Tensor], params: TensorParams, has_base, eps

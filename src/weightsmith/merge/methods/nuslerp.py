@@ -29,7 +29,6 @@ from weightsmith.merge.methods.base import (
     merge_method,
     merge_tensors,
     mergekit_threads,
-    stream_native,
     whole,
 )
 from weightsmith.merge.params import BOOL
@@ -133,7 +132,8 @@ class NuSlerp(MergeMethod):
             return None
         has_base, t = bool(params.has_base), interpolation_t(params.model_values("weight"))
         f = int(has_base)
-        with sphere_native.stored_inputs(src) as xs:
+
+        def prepare(xs: list[torch.Tensor]) -> tuple:
             buf = torch.empty(src.numel, dtype=torch.bfloat16)
             norms = []
             for k in (f, f + 1):
@@ -143,9 +143,12 @@ class NuSlerp(MergeMethod):
             sphere_native.fill(src, xs, buf, lambda p, o: sphere.nus_prod(p, has_base, n1, n2, o))
             with mergekit_threads():
                 cos = torch.sum(buf, dim=-1, keepdim=True).clamp(-1, 1)
-            del buf
-        coef = tuple(float(c) for c in angle_coefficients(cos, t))
-        return stream_native(src, out_dtype, lambda p, o: sphere.nus_out(p, has_base, coef, t, o))
+            return tuple(float(c) for c in angle_coefficients(cos, t))
+
+        def kernel(coef: tuple):
+            return lambda p, o: sphere.nus_out(p, has_base, coef, t, o)
+
+        return sphere_native.stream_mapped(src, out_dtype, prepare, kernel)
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int

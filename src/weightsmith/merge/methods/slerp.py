@@ -216,43 +216,51 @@ def streamed_mergekit_coefficients(src: ChunkSource, dtype: torch.dtype, t: floa
 def native_mergekit_slerp(src: ChunkSource, t: float, out_dtype: torch.dtype):
     """mergekit's bfloat16 SLERP from the stored inputs: the float32 pieces' norms (torch's
     norm of a piece does not depend on the threads: pieces run in parallel), the native
-    products of the normalized pieces summed by torch with mergekit's threads, then the native
+    products of the normalized pieces summed as mergekit's threads sum them, then the native
     float32 mix rounded to bfloat16."""
+
+    def kernel(coef: tuple[float, float]):
+        return lambda p, o: sphere.slerp_pass(p, sphere.MIX, coef, o)
+
+    return sphere_native.stream_mapped(
+        src, out_dtype, lambda xs: _native_coefficients(src, xs, t), kernel
+    )
+
+
+def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> tuple:
+    """(s0, s1) as floats: :func:`mergekit_coefficients` from the stored inputs."""
     n = src.numel
-    with sphere_native.stored_inputs(src) as xs:
-        starts = range(0, n, MERGEKIT_CHUNK)
 
-        def piece_norms(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            p = [x[i : i + MERGEKIT_CHUNK] for x in xs]
-            f = torch.empty(2, p[0].numel(), dtype=torch.float32)
-            for k in (0, 1):
-                if sphere.vector(p, False, k, f[k])[k]:
-                    src.fail_nonfinite(k)
-            return torch.linalg.vector_norm(f[0]), torch.linalg.vector_norm(f[1])
+    def piece_norms(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = [x[i : i + MERGEKIT_CHUNK] for x in xs]
+        f = torch.empty(2, p[0].numel(), dtype=torch.float32)
+        for k in (0, 1):
+            if sphere.vector(p, False, k, f[k])[k]:
+                src.fail_nonfinite(k)
+        return torch.linalg.vector_norm(f[0]), torch.linalg.vector_norm(f[1])
 
-        norms = pmap(piece_norms, starts)
-        if not norms:
-            return stream_native(src, out_dtype, lambda p, o: None)
-        na, nb = (torch.linalg.vector_norm(torch.stack(ns)) for ns in zip(*norms, strict=True))
-        na, nb = float(torch.where(na > EPS, na, 1)), float(torch.where(nb > EPS, nb, 1))
-        parts = []
-        group = OUT_PIECES * MERGEKIT_CHUNK
-        for first in range(0, n, group):
-            prods = torch.empty(min(group, n - first), dtype=torch.float32)
+    norms = pmap(piece_norms, range(0, n, MERGEKIT_CHUNK))
+    if not norms:
+        return tuple(float(c) for c in mergekit_coefficients(torch.empty(0), torch.empty(0), t))
+    na, nb = (torch.linalg.vector_norm(torch.stack(ns)) for ns in zip(*norms, strict=True))
+    na, nb = float(torch.where(na > EPS, na, 1)), float(torch.where(nb > EPS, nb, 1))
+    parts = []
+    group = OUT_PIECES * MERGEKIT_CHUNK
+    for first in range(0, n, group):
+        prods = torch.empty(min(group, n - first), dtype=torch.float32)
 
-            def products(i: int, first=first, prods=prods) -> None:
-                p, o = [x[i : i + MERGEKIT_CHUNK] for x in xs], prods[i - first :][:MERGEKIT_CHUNK]
-                sphere.slerp_pass(p, sphere.PRODUCTS, (na, nb), o)
+        def products(i: int, first=first, prods=prods) -> None:
+            p, o = [x[i : i + MERGEKIT_CHUNK] for x in xs], prods[i - first :][:MERGEKIT_CHUNK]
+            sphere.slerp_pass(p, sphere.PRODUCTS, (na, nb), o)
 
-            pmap(products, range(first, first + prods.numel(), MERGEKIT_CHUNK))
-            sums = [prods[j : j + MERGEKIT_CHUNK] for j in range(0, prods.numel(), MERGEKIT_CHUNK)]
-            if sphere_native.split_sum_matches():  # a piece's sum as mergekit's threads split it
-                parts += pmap(sphere_native.split_sum, sums)
-            else:
-                with mergekit_threads():
-                    parts += [p.sum() for p in sums]
-    s0, s1 = (float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
-    return stream_native(src, out_dtype, lambda p, o: sphere.slerp_pass(p, sphere.MIX, (s0, s1), o))
+        pmap(products, range(first, first + prods.numel(), MERGEKIT_CHUNK))
+        sums = [prods[j : j + MERGEKIT_CHUNK] for j in range(0, prods.numel(), MERGEKIT_CHUNK)]
+        if sphere_native.split_sum_matches():  # a piece's sum as mergekit's threads split it
+            parts += pmap(sphere_native.split_sum, sums)
+        else:
+            with mergekit_threads():
+                parts += [p.sum() for p in sums]
+    return tuple(float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ from weightsmith.merge.methods.base import (
     ChunkSource,
     TensorParams,
     mergekit_threads,
+    stream_native,
 )
 
 
@@ -123,3 +125,48 @@ def split_sum_matches() -> bool:
             ):
                 return False
     return True
+
+
+class _Mapped(ChunkSource):
+    """``src`` whose inputs are already mapped (``xs``): the output pass reuses the mappings
+    (and their resident pages) of the statistics passes."""
+
+    def __init__(self, src: ChunkSource, xs: list[torch.Tensor]) -> None:
+        self.src, self.xs = src, xs
+        self.name, self.numel, self.shape = src.name, src.numel, src.shape
+        self.num_inputs = src.num_inputs
+
+    def stored(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
+        return contextlib.nullcontext(self.xs[i])
+
+    def fail_nonfinite(self, i: int) -> None:
+        self.src.fail_nonfinite(i)
+
+
+def stream_mapped(
+    src: ChunkSource,
+    out_dtype: torch.dtype,
+    prepare: Callable[[list[torch.Tensor]], Any],
+    kernel: Callable[[Any], Callable[..., Any]],
+    *,
+    offsets: bool = False,
+) -> Iterator[torch.Tensor] | None:
+    """The inputs mapped once: ``prepare(stored inputs)`` now (its state, or None for the torch
+    path, which is returned as None), then the output chunks of ``kernel(state)`` (a
+    :func:`~weightsmith.merge.methods.base.stream_native` kernel) as they are consumed."""
+    stack = contextlib.ExitStack()
+    try:
+        xs = stack.enter_context(stored_inputs(src))
+        state = prepare(xs)
+    except BaseException:
+        stack.close()
+        raise
+    if state is None:
+        stack.close()
+        return None
+
+    def chunks() -> Iterator[torch.Tensor]:
+        with stack:
+            yield from stream_native(_Mapped(src, xs), out_dtype, kernel(state), offsets=offsets)
+
+    return chunks()

@@ -225,15 +225,22 @@ int64_t ws_slerp_pass(const void *const *xs, int32_t dtype, int64_t n, int32_t m
 int64_t ws_fusion_out(const void *const *xs, int32_t dtype, int64_t n, int64_t offset,
                       int64_t cols, const float *kl, float thr, void *out, int32_t out_dtype,
                       int64_t *bad) {
-    float b[TILE], x[TILE];
-    int64_t bad_out = 0;
+    float b[TILE], x[TILE], k[TILE];
+    int64_t bad_out = 0, row = offset / cols, col = offset % cols;
     for (int64_t s = 0; s < n; s += TILE) {
         const int64_t m = (n - s < TILE) ? n - s : TILE;
         load(xs[0], dtype, s, m, b, &bad[0]);
         load(xs[1], dtype, s, m, x, &bad[1]);
+        for (int64_t i = 0; i < m; i++) { /* each entry's row, without a division per entry */
+            k[i] = kl[row];
+            if (++col == cols) {
+                col = 0;
+                row++;
+            }
+        }
         for (int64_t i = 0; i < m; i++) {
             const float d = r(x[i] - b[i]);
-            const float imp = r(fabsf(d) * kl[(offset + s + i) / cols]);
+            const float imp = r(fabsf(d) * k[i]);
             const float mask = imp >= thr ? 1.0f : 0.0f;
             x[i] = b[i] + d * mask;
         }

@@ -8,6 +8,7 @@ When the directions are nearly colinear or opposite (|cos| > 0.9995) it falls ba
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -227,13 +228,24 @@ def native_mergekit_slerp(src: ChunkSource, t: float, out_dtype: torch.dtype):
     )
 
 
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """This thread's float32 scratch of ``shape``, allocated once (not faulted in per piece)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape != shape:
+        buf = _local.buf = torch.empty(shape, dtype=torch.float32)
+    return buf
+
+
 def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> tuple:
     """(s0, s1) as floats: :func:`mergekit_coefficients` from the stored inputs."""
     n = src.numel
 
     def piece_norms(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = [x[i : i + MERGEKIT_CHUNK] for x in xs]
-        f = torch.empty(2, p[0].numel(), dtype=torch.float32)
+        f = _scratch((2, MERGEKIT_CHUNK))[:, : p[0].numel()]
         for k in (0, 1):
             if sphere.vector(p, False, k, f[k])[k]:
                 src.fail_nonfinite(k)
@@ -246,8 +258,9 @@ def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> 
     na, nb = float(torch.where(na > EPS, na, 1)), float(torch.where(nb > EPS, nb, 1))
     parts = []
     group = OUT_PIECES * MERGEKIT_CHUNK
+    held = torch.empty(min(group, n), dtype=torch.float32)  # reused by every group
     for first in range(0, n, group):
-        prods = torch.empty(min(group, n - first), dtype=torch.float32)
+        prods = held[: min(group, n - first)]
 
         def products(i: int, first=first, prods=prods) -> None:
             p, o = [x[i : i + MERGEKIT_CHUNK] for x in xs], prods[i - first :][:MERGEKIT_CHUNK]

@@ -15,12 +15,17 @@ quantiles; ``combine`` is per entry.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from weightsmith.core.parallel import pmap
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
     ChunkSource,
     MergeMethod,
     TensorParams,
@@ -40,13 +45,24 @@ def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
+def sample_indices(numel: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``SAMPLE`` flat indices (with replacement, seeded by the tensor's name) whose
+    importances give the quantiles of a tensor over ``SAMPLE`` entries."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(numel, (SAMPLE,), generator=gen, device=device)
+
+
 def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
     """median + 1.5·IQR of the flat importances (a 1M sample of bigger tensors)."""
     flat = importance.reshape(-1)
     if flat.numel() > SAMPLE:
-        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
-        gen = torch.Generator(device=flat.device).manual_seed(seed)
-        flat = flat[torch.randint(flat.numel(), (SAMPLE,), generator=gen, device=flat.device)]
+        flat = flat[sample_indices(flat.numel(), name, flat.device)]
+    return quantile_threshold(flat)
+
+
+def quantile_threshold(flat: torch.Tensor) -> torch.Tensor:
+    """median + 1.5·IQR of the values (quantiles at index ⌊q·(n−1)⌋ of the sorted values)."""
     ordered = torch.sort(flat).values
     at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
     q1, median, q3 = ordered[at.to(ordered.device)]
@@ -71,6 +87,23 @@ class ArceeFusion(MergeMethod):
         threshold = fusion_threshold((x - base).abs() * kl, src.name)
         return kl.reshape(-1), threshold, cols
 
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: :func:`fusion_state` from the stored inputs, then the native
+        masked output."""
+        if not sphere_native.applies(src, params, out_dtype):
+            return None
+        cols = src.shape[-1] if src.shape else 1
+
+        def kernel(state: tuple[torch.Tensor, float]):
+            kl32, threshold = state
+            return lambda p, o, first: sphere.fusion_out(p, first, cols, kl32, threshold, o)
+
+        return sphere_native.stream_mapped(
+            src, out_dtype, lambda xs: fusion_state(src, xs, cols), kernel, offsets=True
+        )
+
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
     ) -> torch.Tensor:
@@ -81,6 +114,30 @@ class ArceeFusion(MergeMethod):
         delta = x - base
         mask = ((x - base).abs() * kl[rows] >= threshold).float()
         return base + delta * mask  # float32, as mergekit's float mask makes it
+
+
+def fusion_state(src: ChunkSource, xs: list[torch.Tensor], cols: int) -> tuple[torch.Tensor, float]:
+    """(each row's KL as float32, the threshold) from the stored base and model ``xs``, in
+    bfloat16 as mergekit: the KL in torch on blocks of rows in parallel (a row's softmax and sum
+    do not depend on the other rows), the importances only where the quantiles need them."""
+    rows, bf16 = src.numel // cols, torch.bfloat16
+    kl = torch.empty(rows, dtype=bf16)
+    block = max(1, NATIVE_PIECE // cols)
+
+    def kl_rows(r0: int) -> None:
+        r1 = min(r0 + block, rows)
+        b, x = (t[r0 * cols : r1 * cols].to(bf16).reshape(-1, cols) for t in xs)
+        kl[r0:r1] = row_kl(x, b).reshape(-1)
+
+    pmap(kl_rows, range(0, rows, block))
+    if src.numel > SAMPLE:
+        idx = sample_indices(src.numel, src.name)
+        b, x = (t[idx].to(bf16) for t in xs)
+        importance = (x - b).abs() * kl[idx // cols]
+    else:
+        b, x = (t.to(bf16).reshape(-1, cols) for t in xs)
+        importance = (x - b).abs() * kl.view(-1, 1)
+    return kl.float(), float(quantile_threshold(importance.reshape(-1)))
 
 
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,15 @@ mergekit does (the inputs of one tensor held while it runs); ``combine`` is per 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from weightsmith.errors import CheckpointError
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     MergeMethod,
@@ -95,6 +98,59 @@ class MultiSlerp(MergeMethod):
             whole(src, first + k, dt, minus, out=v[k])
         weights = self._weights(params, v)
         return sphere_stats(v, weights, float(params.globals["eps"]), src.name)
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic: the native kernels write each tensor mergekit reduces (task
+        vector, mean, products with the mean, tangent) into one buffer for torch's norms and
+        sums, then the output. None (the torch path) for one model or the linear fallback."""
+        if len(params.models) == 1 or not sphere_native.applies(src, params, out_dtype):
+            return None
+        has_base, eps = bool(params.has_base), float(params.globals["eps"])
+
+        def kernel(stats: dict):
+            return lambda p, o: sphere.ms_pass(p, has_base, sphere.OUTPUT, stats, o)
+
+        return sphere_native.stream_mapped(
+            src, out_dtype, lambda xs: self._native_stats(src, xs, params, has_base, eps), kernel
+        )
+
+    def _native_stats(
+        self, src: ChunkSource, xs: list[torch.Tensor], params: TensorParams, has_base, eps
+    ) -> dict | None:
+        k = src.num_inputs - int(has_base)
+        buf = torch.empty(src.numel, dtype=torch.bfloat16)
+
+        def run(mode: int, stats: dict, which: int = 0) -> torch.Tensor:
+            fill = sphere_native.fill
+            return fill(
+                src, xs, buf, lambda p, o: sphere.ms_pass(p, has_base, mode, stats, o, which)[1]
+            )
+
+        norms = []
+        for i in range(k):  # a row's norm of mergekit's (k, n) norm is that row's alone
+            fill = sphere_native.fill
+            fill(src, xs, buf, lambda p, o, i=i: sphere.vector(p, has_base, int(has_base) + i, o))
+            norms.append(torch.norm(buf, dim=-1, keepdim=True))
+        norms_t = torch.stack(norms)  # (k, 1)
+        w = self._weights(params, norms_t)
+        stats = {"ne": (norms_t + eps).float().reshape(-1).tolist(), "w": w.float().tolist()}
+        mean_norm = torch.norm(run(sphere.MEAN, stats))
+        if mean_norm < eps:
+            return None  # the two-model linear fallback (or its error): the torch path
+        stats["mn"] = float(mean_norm)
+        dots = []
+        for i in range(k):  # mergekit's (k, n).sum(-1): each row summed by one thread
+            run(sphere.UNIT_DOT, stats, i)
+            with sphere_native.single_thread():
+                dots.append(buf.sum(-1, keepdim=True))
+        stats["dots"] = torch.stack(dots).float().reshape(-1).tolist()
+        tangent_norm = torch.norm(run(sphere.TANGENT, stats)) + eps
+        stats["c1"] = float(torch.cos(tangent_norm))
+        stats["c2"] = float(torch.sin(tangent_norm) / tangent_norm)
+        stats["avg"] = float((norms_t.squeeze(-1) * w).sum())
+        return stats
 
     @staticmethod
     def _weights(params: TensorParams, like: torch.Tensor) -> torch.Tensor:

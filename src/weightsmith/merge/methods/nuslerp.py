@@ -13,11 +13,14 @@ input held while it runs); ``combine`` applies each vector's coefficients per en
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     MergeMethod,
@@ -25,6 +28,7 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
+    mergekit_threads,
     whole,
 )
 from weightsmith.merge.params import BOOL
@@ -75,6 +79,11 @@ def nuslerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float, *, inplac
 
     u0, u1 = unit(v0), unit(v1)
     cos = torch.sum(u0.mul_(u1) if inplace else u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    return angle_coefficients(cos, t)
+
+
+def angle_coefficients(cos: torch.Tensor, t: float):
+    """(sin((1−t)θ), sin(tθ), sin θ, colinear) from the clamped cosines, in their dtype."""
     colinear = (1 - cos.square()) <= EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     return torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear
@@ -112,6 +121,34 @@ class NuSlerp(MergeMethod):
             a, b, s, colinear = (c.transpose(0, -1) for c in (a, b, s, colinear))
         flat_of = lambda c: c.reshape(-1)  # noqa: E731
         return Coefficients(flat_of(a), flat_of(b), flat_of(s), flat_of(colinear), t, mode, size)
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic on whole-tensor vectors: the native kernels write the two task
+        vectors and the unit vectors' product for torch's norms and sum, then the output."""
+        flat = bool(params.globals["nuslerp_flatten"]) or len(src.shape) <= 1
+        if not (flat and sphere_native.applies(src, params, out_dtype)):
+            return None
+        has_base, t = bool(params.has_base), interpolation_t(params.model_values("weight"))
+        f = int(has_base)
+
+        def prepare(xs: list[torch.Tensor]) -> tuple:
+            buf = torch.empty(src.numel, dtype=torch.bfloat16)
+            norms = []
+            for k in (f, f + 1):
+                sphere_native.fill(src, xs, buf, lambda p, o, k=k: sphere.vector(p, has_base, k, o))
+                norms.append(torch.norm(buf, dim=-1, keepdim=True).clamp(min=NORM_EPS))
+            n1, n2 = (float(n) for n in norms)
+            sphere_native.fill(src, xs, buf, lambda p, o: sphere.nus_prod(p, has_base, n1, n2, o))
+            with mergekit_threads():
+                cos = torch.sum(buf, dim=-1, keepdim=True).clamp(-1, 1)
+            return tuple(float(c) for c in angle_coefficients(cos, t))
+
+        def kernel(coef: tuple):
+            return lambda p, o: sphere.nus_out(p, has_base, coef, t, o)
+
+        return sphere_native.stream_mapped(src, out_dtype, prepare, kernel)
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int

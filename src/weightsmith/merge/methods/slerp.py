@@ -8,6 +8,7 @@ When the directions are nearly colinear or opposite (|cos| > 0.9995) it falls ba
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +17,18 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
+    OUT_PIECES,
     ChunkSource,
     MergeMethod,
     Param,
     TensorParams,
     merge_method,
     merge_tensors,
+    mergekit_threads,
     stream_native,
 )
 
@@ -99,7 +104,11 @@ class Slerp(MergeMethod):
         """Both passes in the native kernels, straight from bfloat16/float32 storage: the
         statistics pass also checks for NaN/Inf, the second writes ``out_dtype`` directly.
         Products are exact in float64 (the torch path sums float32 dots of 256k pieces)."""
-        if params.narrow or not native.available():
+        if params.narrow:
+            if not sphere_native.applies(src, params, out_dtype):
+                return None
+            return native_mergekit_slerp(src, float(params.globals["t"]), out_dtype)
+        if not native.available():
             return None
         if out_dtype not in (torch.float32, torch.bfloat16):
             return None
@@ -203,6 +212,68 @@ def streamed_mergekit_coefficients(src: ChunkSource, dtype: torch.dtype, t: floa
     na, nb = torch.where(na > EPS, na, 1), torch.where(nb > EPS, nb, 1)
     parts = [((a / na) * (b / nb)).sum() for a, b in mergekit_pieces(src, dtype)]
     return _coefficients(torch.stack(parts).sum().clamp(-1, 1), t)
+
+
+def native_mergekit_slerp(src: ChunkSource, t: float, out_dtype: torch.dtype):
+    """mergekit's bfloat16 SLERP from the stored inputs: the float32 pieces' norms (torch's
+    norm of a piece does not depend on the threads: pieces run in parallel), the native
+    products of the normalized pieces summed as mergekit's threads sum them, then the native
+    float32 mix rounded to bfloat16."""
+
+    def kernel(coef: tuple[float, float]):
+        return lambda p, o: sphere.slerp_pass(p, sphere.MIX, coef, o)
+
+    return sphere_native.stream_mapped(
+        src, out_dtype, lambda xs: _native_coefficients(src, xs, t), kernel
+    )
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> torch.Tensor:
+    """This thread's float32 scratch of ``shape``, allocated once (not faulted in per piece)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape != shape:
+        buf = _local.buf = torch.empty(shape, dtype=torch.float32)
+    return buf
+
+
+def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> tuple:
+    """(s0, s1) as floats: :func:`mergekit_coefficients` from the stored inputs."""
+    n = src.numel
+
+    def piece_norms(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = [x[i : i + MERGEKIT_CHUNK] for x in xs]
+        f = _scratch((2, MERGEKIT_CHUNK))[:, : p[0].numel()]
+        for k in (0, 1):
+            if sphere.vector(p, False, k, f[k])[k]:
+                src.fail_nonfinite(k)
+        return torch.linalg.vector_norm(f[0]), torch.linalg.vector_norm(f[1])
+
+    norms = pmap(piece_norms, range(0, n, MERGEKIT_CHUNK))
+    if not norms:
+        return tuple(float(c) for c in mergekit_coefficients(torch.empty(0), torch.empty(0), t))
+    na, nb = (torch.linalg.vector_norm(torch.stack(ns)) for ns in zip(*norms, strict=True))
+    na, nb = float(torch.where(na > EPS, na, 1)), float(torch.where(nb > EPS, nb, 1))
+    parts = []
+    group = OUT_PIECES * MERGEKIT_CHUNK
+    held = torch.empty(min(group, n), dtype=torch.float32)  # reused by every group
+    for first in range(0, n, group):
+        prods = held[: min(group, n - first)]
+
+        def products(i: int, first=first, prods=prods) -> None:
+            p, o = [x[i : i + MERGEKIT_CHUNK] for x in xs], prods[i - first :][:MERGEKIT_CHUNK]
+            sphere.slerp_pass(p, sphere.PRODUCTS, (na, nb), o)
+
+        pmap(products, range(first, first + prods.numel(), MERGEKIT_CHUNK))
+        sums = [prods[j : j + MERGEKIT_CHUNK] for j in range(0, prods.numel(), MERGEKIT_CHUNK)]
+        if sphere_native.split_sum_matches():  # a piece's sum as mergekit's threads split it
+            parts += pmap(sphere_native.split_sum, sums)
+        else:
+            with mergekit_threads():
+                parts += [p.sum() for p in sums]
+    return tuple(float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

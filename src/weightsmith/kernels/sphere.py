@@ -1,0 +1,153 @@
+"""Typed wrappers around the native kernels of the bfloat16 (mergekit-exact) spherical merges
+and arcee_fusion (``sphere_kernels.c``).
+
+Inputs are flat contiguous CPU tensors of one storage dtype, float32 or bfloat16 (float32 is
+rounded to bfloat16 first, as mergekit's load cast does). Every function returns None when the
+kernels are unavailable (no compiler, ``WEIGHTSMITH_KERNELS=0``) or cannot take the tensors;
+callers then run their torch code, which gives the same bits (the tests compare both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from weightsmith.kernels import load_library
+
+_SOURCE = Path(__file__).with_name("sphere_kernels.c")
+_i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "ws_sphere_abi": ([], ctypes.c_int),
+    "ws_sphere_max_models": ([], ctypes.c_int),
+    "ws_sph_vector": ([_p, _i32, _i32, _i32, _i64, _p, _i32, _p], None),
+    "ws_nus_prod": ([_p, _i32, _i32, _i64, _f32, _f32, _p], None),
+    "ws_nus_out": (
+        [_p, _i32, _i32, _i64, _f32, _f32, _f32, _i32, _f32, _f32, _p, _i32, _p],
+        _i64,
+    ),
+    "ws_ms_pass": (
+        [_p, _i32, _i32, _i32, _i64, _i32, _i32, _p, _p, _f32, _p, *[_f32] * 3, _p, _i32, _p],
+        _i64,
+    ),
+    "ws_slerp_pass": ([_p, _i32, _i64, _i32, _f32, _f32, _f32, _f32, _p, _i32, _p], _i64),
+    "ws_fusion_out": ([_p, _i32, _i64, _i64, _i64, _p, _f32, _p, _i32, _p], _i64),
+}
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+MEAN, UNIT_DOT, TANGENT, OUTPUT = 0, 1, 2, 3  # ws_ms_pass's stages
+PRODUCTS, MIX = 0, 1  # ws_slerp_pass's modes
+
+
+def library() -> ctypes.CDLL | None:
+    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 1))
+
+
+def usable(inputs: Sequence[torch.Tensor], *outs: torch.Tensor) -> bool:
+    """Kernels loaded; inputs of one storage dtype and outputs float32/bfloat16, all flat,
+    contiguous, on the CPU and of one length."""
+    ts = [*inputs, *outs]
+    return (
+        library() is not None
+        and bool(inputs)
+        and len(inputs) <= library().ws_sphere_max_models() + 1
+        and len({t.dtype for t in inputs}) == 1
+        and all(t.device.type == "cpu" and t.dtype in _DT and t.is_contiguous() for t in ts)
+        and len({t.numel() for t in ts}) == 1
+    )
+
+
+def _ptrs(xs: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * len(xs))(*[t.data_ptr() for t in xs])
+
+
+def _bad(k: int):
+    return (ctypes.c_int64 * k)()
+
+
+def vector(xs: Sequence[torch.Tensor], has_base: bool, k: int, out: torch.Tensor) -> list[int]:
+    """``out`` = input ``k`` as bfloat16 values (``x_k − x_0`` rounded with ``has_base``), in
+    ``out``'s dtype; the NaN/Inf count of each input read."""
+    bad = _bad(len(xs))
+    library().ws_sph_vector(
+        _ptrs(xs), int(has_base), k, _DT[xs[0].dtype], out.numel(), out.data_ptr(),
+        _DT[out.dtype], bad,
+    )  # fmt: skip
+    return list(bad)
+
+
+def nus_prod(xs: Sequence[torch.Tensor], has_base: bool, n1: float, n2: float, out: torch.Tensor):
+    """nuslerp's product of the two unit task vectors, into bfloat16 ``out``."""
+    library().ws_nus_prod(
+        _ptrs(xs), int(has_base), _DT[xs[0].dtype], out.numel(), n1, n2, out.data_ptr()
+    )
+
+
+def nus_out(
+    xs: Sequence[torch.Tensor], has_base: bool, coef: tuple, t: float, out: torch.Tensor
+) -> tuple[int, list[int]]:
+    """nuslerp's output from ``coef`` = (A, B, S, colinear): (NaN/Inf outputs, per input)."""
+    a, b, s, colinear = coef
+    bad = _bad(len(xs))
+    n_out = library().ws_nus_out(
+        _ptrs(xs), int(has_base), _DT[xs[0].dtype], out.numel(), a, b, s, int(colinear),
+        1.0 - t, t, out.data_ptr(), _DT[out.dtype], bad,
+    )  # fmt: skip
+    return int(n_out), list(bad)
+
+
+def ms_pass(
+    xs: Sequence[torch.Tensor],
+    has_base: bool,
+    mode: int,
+    stats: dict,
+    out: torch.Tensor,
+    which: int = 0,
+) -> tuple[int, list[int]]:
+    """One multislerp stage (``MEAN`` … ``OUTPUT``) with the statistics known so far
+    (``stats``: ne, w, and later mn, dots, c1, c2, avg as floats)."""
+    k = len(xs) - int(has_base)
+    f32 = ctypes.c_float * k
+    bad = _bad(len(xs))
+    n_out = library().ws_ms_pass(
+        _ptrs(xs), k, int(has_base), _DT[xs[0].dtype], out.numel(), mode, which,
+        f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0),
+        f32(*stats.get("dots", [0.0] * k)), stats.get("c1", 0.0), stats.get("c2", 0.0),
+        stats.get("avg", 0.0), out.data_ptr(), _DT[out.dtype], bad,
+    )  # fmt: skip
+    if n_out < 0:
+        raise RuntimeError("multislerp kernel: too many models")
+    return int(n_out), list(bad)
+
+
+def slerp_pass(
+    xs: Sequence[torch.Tensor], mode: int, coef: tuple[float, float], out: torch.Tensor
+) -> tuple[int, list[int]]:
+    """mergekit's slerp pieces: ``PRODUCTS`` (coef = the norms) into float32 ``out``, or
+    ``MIX`` (coef = s0, s1) into ``out``'s dtype."""
+    bad = _bad(2)
+    na, nb = coef if mode == PRODUCTS else (1.0, 1.0)
+    s0, s1 = coef if mode == MIX else (0.0, 0.0)
+    n_out = library().ws_slerp_pass(
+        _ptrs(xs), _DT[xs[0].dtype], out.numel(), mode, na, nb, s0, s1, out.data_ptr(),
+        _DT[out.dtype], bad,
+    )  # fmt: skip
+    return int(n_out), list(bad)
+
+
+def fusion_out(
+    xs: Sequence[torch.Tensor],
+    offset: int,
+    cols: int,
+    kl: torch.Tensor,
+    threshold: float,
+    out: torch.Tensor,
+) -> tuple[int, list[int]]:
+    """arcee_fusion's output for entries ``[offset, offset + n)`` (``kl``: float32 per row)."""
+    bad = _bad(2)
+    n_out = library().ws_fusion_out(
+        _ptrs(xs), _DT[xs[0].dtype], out.numel(), offset, cols, kl.data_ptr(), threshold,
+        out.data_ptr(), _DT[out.dtype], bad,
+    )  # fmt: skip
+    return int(n_out), list(bad)

@@ -1,0 +1,250 @@
+/* mergekit's bfloat16 arithmetic for the spherical merges (slerp, nuslerp, multislerp) and
+ * arcee_fusion, entry by entry, straight from the stored inputs.
+ *
+ * Each function works on one flat range [s, s + n) of float32 or bfloat16 storage (a float32
+ * input is first rounded to bfloat16, as mergekit's load cast does) and is pure, so the Python
+ * side calls it from several threads on fixed pieces. Every bfloat16 torch op is reproduced:
+ * the operands as float32, one correctly rounded float32 operation, the result rounded to
+ * bfloat16 (nearest even) where torch stores a bfloat16 tensor. Whole-tensor reductions stay in
+ * torch: these kernels write the tensor torch reduces, or use its reduced values. Build with
+ * -ffp-contract=off (no FMA contraction).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 256
+#define MAXK 16
+
+int ws_sphere_abi(void) { return 1; }
+int ws_sphere_max_models(void) { return MAXK; }
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* r(x): x rounded to bfloat16, as a float (what a bfloat16 tensor holds). */
+static inline float r(float f) { return from_bf16(to_bf16(f)); }
+
+/* Values [s, s + m) of input x (stored as dtype) rounded to bfloat16; NaN/Inf counted. */
+static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {
+    int64_t nb = 0;
+    if (dtype == DT_BF16) {
+        const uint16_t *p = (const uint16_t *)x + s;
+        for (int64_t i = 0; i < m; i++) {
+            v[i] = from_bf16(p[i]);
+            nb += (p[i] & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        const float *p = (const float *)x + s;
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t u;
+            memcpy(&u, p + i, sizeof u);
+            v[i] = r(p[i]);
+            nb += (u & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    *bad += nb;
+}
+
+/* Task vector k of a tile: r(x_k − base) with a base (xs[0]), else x_k. */
+static void vec_tile(const void *const *xs, int32_t has_base, int32_t k, int32_t dtype,
+                     int64_t s, int64_t m, const float *b, float *v, int64_t *bad) {
+    load(xs[k], dtype, s, m, v, &bad[k]);
+    if (has_base)
+        for (int64_t i = 0; i < m; i++) v[i] = r(v[i] - b[i]);
+}
+
+/* Store a tile as out_dtype; the count of NaN/Inf stored. */
+static int64_t store(const float *v, int64_t m, void *out, int32_t out_dtype, int64_t s) {
+    int64_t nb = 0;
+    if (out_dtype == DT_BF16) {
+        uint16_t *o = (uint16_t *)out + s;
+        for (int64_t i = 0; i < m; i++) {
+            o[i] = to_bf16(v[i]);
+            nb += (o[i] & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        float *o = (float *)out + s;
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t u;
+            o[i] = v[i];
+            memcpy(&u, o + i, sizeof u);
+            nb += (u & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return nb;
+}
+
+/* Input xs[k] rounded to bfloat16 (task vector r(x_k − x_0) with has_base), stored as out_dtype
+ * (bfloat16: the tensor mergekit reduces; float32: slerp's float32 pieces). bad[i]: NaN/Inf of
+ * input i read here. */
+void ws_sph_vector(const void *const *xs, int32_t has_base, int32_t k, int32_t dtype, int64_t n,
+                   void *out, int32_t out_dtype, int64_t *bad) {
+    float b[TILE], v[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        if (has_base) load(xs[0], dtype, s, m, b, &bad[0]);
+        vec_tile(xs, has_base, k, dtype, s, m, b, v, bad);
+        store(v, m, out, out_dtype, s);
+    }
+}
+
+/* nuslerp's r(r(v1 / n1) · r(v2 / n2)) (bfloat16 out), v1, v2 the task vectors of xs[f], xs[f+1],
+ * f = has_base; n1, n2 the clamped bfloat16 norms. */
+void ws_nus_prod(const void *const *xs, int32_t has_base, int32_t dtype, int64_t n, float n1,
+                 float n2, uint16_t *out) {
+    float b[TILE], v[TILE], w[TILE];
+    int64_t bad[3] = {0, 0, 0};
+    const int32_t f = has_base ? 1 : 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        if (has_base) load(xs[0], dtype, s, m, b, &bad[0]);
+        vec_tile(xs, has_base, f, dtype, s, m, b, v, bad);
+        vec_tile(xs, has_base, f + 1, dtype, s, m, b, w, bad);
+        for (int64_t i = 0; i < m; i++) out[s + i] = to_bf16(r(v[i] / n1) * r(w[i] / n2));
+    }
+}
+
+/* nuslerp's output: r((r(r(A·v1) + r(B·v2))) / S), or when colinear r(r(lt·v1) + r(t·v2))
+ * (lt = 1 − t), plus the base r(b + ·) when there is one; stored as out_dtype. Returns the
+ * NaN/Inf outputs; bad[i] counts NaN/Inf of input i. */
+int64_t ws_nus_out(const void *const *xs, int32_t has_base, int32_t dtype, int64_t n, float A,
+                   float B, float S, int32_t colinear, float lt, float t, void *out,
+                   int32_t out_dtype, int64_t *bad) {
+    float b[TILE], v[TILE], w[TILE];
+    int64_t bad_out = 0;
+    const int32_t f = has_base ? 1 : 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        if (has_base) load(xs[0], dtype, s, m, b, &bad[0]);
+        vec_tile(xs, has_base, f, dtype, s, m, b, v, bad);
+        vec_tile(xs, has_base, f + 1, dtype, s, m, b, w, bad);
+        if (colinear)
+            for (int64_t i = 0; i < m; i++) v[i] = r(r(lt * v[i]) + r(t * w[i]));
+        else
+            for (int64_t i = 0; i < m; i++) v[i] = r(r(r(A * v[i]) + r(B * w[i])) / S);
+        if (has_base)
+            for (int64_t i = 0; i < m; i++) v[i] = r(b[i] + v[i]);
+        bad_out += store(v, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* multislerp, K task vectors v_k (of xs[f..f+K), f = has_base), ne[k] = r(‖v_k‖ + eps), w[k] the
+ * bfloat16 weights. Stages of one tile, each from the previous:
+ *   unit u_k = r(v_k / ne_k); mean μ = r(Σ_k r(u_k·w_k)) (float32 sum in order from 0);
+ *   direction d = r(μ / mn); tangent τ = r(Σ_k r(r(u_k − r(dots_k·d))·w_k));
+ *   out = r(r(r(d·c1) + r(τ·c2))·avg) (+ base: r(· + b)).
+ * mode 0 writes μ, mode 1 r(u_which·d), mode 2 τ (bfloat16), mode 3 out (out_dtype). */
+int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_base, int32_t dtype, int64_t n,
+                   int32_t mode, int32_t which, const float *ne, const float *w, float mn,
+                   const float *dots, float c1, float c2, float avg, void *out,
+                   int32_t out_dtype, int64_t *bad) {
+    float b[TILE], u[MAXK][TILE], acc[TILE];
+    int64_t bad_out = 0;
+    const int32_t f = has_base ? 1 : 0;
+    if (K > MAXK) return -1;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        if (has_base) load(xs[0], dtype, s, m, b, &bad[0]);
+        for (int32_t k = 0; k < K; k++) {
+            vec_tile(xs, has_base, f + k, dtype, s, m, b, u[k], bad);
+            for (int64_t i = 0; i < m; i++) u[k][i] = r(u[k][i] / ne[k]);
+        }
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 0; k < K; k++)
+            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + r(u[k][i] * w[k]);
+        for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i]);
+        if (mode == 0) {
+            store(acc, m, out, DT_BF16, s);
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i] / mn);
+        if (mode == 1) {
+            for (int64_t i = 0; i < m; i++) u[0][i] = r(u[which][i] * acc[i]);
+            store(u[0], m, out, DT_BF16, s);
+            continue;
+        }
+        float tau[TILE];
+        for (int64_t i = 0; i < m; i++) tau[i] = 0.0f;
+        for (int32_t k = 0; k < K; k++)
+            for (int64_t i = 0; i < m; i++)
+                tau[i] = tau[i] + r(r(u[k][i] - r(dots[k] * acc[i])) * w[k]);
+        for (int64_t i = 0; i < m; i++) tau[i] = r(tau[i]);
+        if (mode == 2) {
+            store(tau, m, out, DT_BF16, s);
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++) acc[i] = r(r(r(acc[i] * c1) + r(tau[i] * c2)) * avg);
+        if (has_base)
+            for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i] + b[i]);
+        bad_out += store(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* mergekit's slerp pieces (float32 arithmetic on bfloat16-rounded inputs a = xs[0], b = xs[1]):
+ * mode 0: out (float32) = (a / na) · (b / nb), the products its dot sums;
+ * mode 1: out = r(s0·a + s1·b) (two products, then the sum: no FMA) as out_dtype.
+ * Returns the NaN/Inf outputs; bad[i] counts NaN/Inf of input i. */
+int64_t ws_slerp_pass(const void *const *xs, int32_t dtype, int64_t n, int32_t mode, float na,
+                      float nb, float s0, float s1, void *out, int32_t out_dtype, int64_t *bad) {
+    float a[TILE], b[TILE];
+    int64_t bad_out = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load(xs[0], dtype, s, m, a, &bad[0]);
+        load(xs[1], dtype, s, m, b, &bad[1]);
+        if (mode == 0) {
+            for (int64_t i = 0; i < m; i++) a[i] = (a[i] / na) * (b[i] / nb);
+            store(a, m, out, DT_F32, s);
+        } else {
+            for (int64_t i = 0; i < m; i++) a[i] = r(s0 * a[i] + s1 * b[i]);
+            bad_out += store(a, m, out, out_dtype, s);
+        }
+    }
+    return bad_out;
+}
+
+/* arcee_fusion's output for entries [offset, offset + n) (xs[0] the base B, xs[1] the model X,
+ * pointing at entry offset): δ = r(X − B), importance r(|δ|·kl[row]) with row = entry / cols,
+ * out = B + δ·[importance ≥ thr] in float32 (mergekit's float mask), stored as out_dtype. */
+int64_t ws_fusion_out(const void *const *xs, int32_t dtype, int64_t n, int64_t offset,
+                      int64_t cols, const float *kl, float thr, void *out, int32_t out_dtype,
+                      int64_t *bad) {
+    float b[TILE], x[TILE], k[TILE];
+    int64_t bad_out = 0, row = offset / cols, col = offset % cols;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load(xs[0], dtype, s, m, b, &bad[0]);
+        load(xs[1], dtype, s, m, x, &bad[1]);
+        for (int64_t i = 0; i < m; i++) { /* each entry's row, without a division per entry */
+            k[i] = kl[row];
+            if (++col == cols) {
+                col = 0;
+                row++;
+            }
+        }
+        for (int64_t i = 0; i < m; i++) {
+            const float d = r(x[i] - b[i]);
+            const float imp = r(fabsf(d) * k[i]);
+            const float mask = imp >= thr ? 1.0f : 0.0f;
+            x[i] = b[i] + d * mask;
+        }
+        bad_out += store(x, m, out, out_dtype, s);
+    }
+    return bad_out;
+}

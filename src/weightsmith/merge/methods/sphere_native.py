@@ -1,0 +1,172 @@
+"""Shared steps of the native bfloat16 (mergekit-exact) paths of slerp, nuslerp, multislerp and
+arcee_fusion (kernels: :mod:`weightsmith.kernels.sphere`).
+
+mergekit reduces whole tensors with torch's bfloat16 ops. Those reductions stay torch calls,
+made on the one tensor torch reduces (written by a native kernel, in parallel pieces, straight
+from the stored inputs) and with the threads mergekit has where the result depends on them:
+
+* ``torch.norm`` of a contiguous last dimension is one vectorized loop per output, whatever the
+  thread count (and a row of a 2-D norm is the norm of that row alone);
+* ``sum`` of a whole tensor splits it among torch's threads (partial sums in the tensor's dtype),
+  so it runs with mergekit's threads (:func:`mergekit_threads`);
+* ``sum(-1)`` of a 2-D tensor gives each row to one thread: each row is that row's
+  single-threaded sum (:func:`single_thread`).
+
+The tests compare these with mergekit's whole-tensor expressions at two threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
+    TORCH_THREADS,
+    ChunkSource,
+    TensorParams,
+    mergekit_threads,
+    stream_native,
+)
+
+
+def applies(src: ChunkSource, params: TensorParams, out_dtype: torch.dtype) -> bool:
+    """The native narrow path can run: bfloat16 arithmetic, kernels loaded, a float32/bfloat16
+    output (the engine only offers stored float32/bfloat16 inputs of one dtype)."""
+    return (
+        params.dtype == torch.bfloat16
+        and out_dtype in (torch.float32, torch.bfloat16)
+        and src.num_inputs <= 16
+        and sphere.library() is not None
+    )
+
+
+@contextlib.contextmanager
+def stored_inputs(src: ChunkSource) -> Iterator[list[torch.Tensor]]:
+    """Every input as stored (flat, whole) while the block runs."""
+    with contextlib.ExitStack() as stack:
+        xs = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
+        if any(x.numel() < src.numel for x in xs):
+            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+        yield [x[: src.numel] for x in xs]
+
+
+def fill(
+    src: ChunkSource,
+    xs: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    kernel: Callable[[list[torch.Tensor], torch.Tensor], Sequence[int] | None],
+) -> torch.Tensor:
+    """``out`` written piece by piece on the compute pool by ``kernel(input pieces, out piece)``
+    (which returns NaN/Inf counts per input, or None when it does not count); a NaN/Inf input
+    raises its input's error. Returns ``out``."""
+
+    def one(r: tuple[int, int]) -> Sequence[int] | None:
+        return kernel([x[r[0] : r[1]] for x in xs], out[r[0] : r[1]])
+
+    for bad in pmap(one, sub_ranges(0, out.numel(), NATIVE_PIECE)):
+        for i, b in enumerate(bad or ()):
+            if b:
+                src.fail_nonfinite(i)
+    return out
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch single-threaded inside the block (a row's sum, as a 2-D ``sum(-1)`` makes it)."""
+    saved = torch.get_num_threads()
+    if saved != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if saved != 1:
+            torch.set_num_threads(saved)
+
+
+GRAIN = 32768  # torch's internal GRAIN_SIZE: below it a reduction runs on one thread
+
+
+def split_sum(x: torch.Tensor) -> torch.Tensor:
+    """torch's ``x.sum()`` of a flat contiguous tensor as mergekit's ``TORCH_THREADS`` threads
+    compute it, from single-threaded sums (so it can run on the compute pool, and without
+    torch's thread hand-offs): the tensor split into one part per thread (``parallel_for``'s
+    split), each part summed into a slot of the tensor's dtype, the slots summed. Callers check
+    :func:`split_sum_matches` first."""
+    n, threads = x.numel(), TORCH_THREADS
+    with single_thread():
+        if threads == 1 or n < GRAIN:
+            return x.sum()
+        tasks = min(threads, -(-n // GRAIN))
+        step = -(-n // tasks)
+        parts = [x[i : i + step].sum() for i in range(0, n, step)]
+        parts += [torch.zeros((), dtype=x.dtype)] * (threads - len(parts))
+        return torch.stack(parts).sum()
+
+
+@functools.cache
+def split_sum_matches() -> bool:
+    """Whether :func:`split_sum` gives torch's own multi-threaded sums here (checked once, on
+    float32 and bfloat16 tensors of several lengths)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (GRAIN * 3 + 17, (1 << 20) + 3, 1 << 20):
+        x = torch.randn(n, generator=g) * 1e-3 + 1e-4
+        for t in (x, x.bfloat16()):
+            with mergekit_threads():
+                want = t.sum()
+            if not torch.equal(
+                want.view(-1).view(torch.uint8), split_sum(t).view(-1).view(torch.uint8)
+            ):
+                return False
+    return True
+
+
+class _Mapped(ChunkSource):
+    """``src`` whose inputs are already mapped (``xs``): the output pass reuses the mappings
+    (and their resident pages) of the statistics passes."""
+
+    def __init__(self, src: ChunkSource, xs: list[torch.Tensor]) -> None:
+        self.src, self.xs = src, xs
+        self.name, self.numel, self.shape = src.name, src.numel, src.shape
+        self.num_inputs = src.num_inputs
+
+    def stored(self, i: int) -> contextlib.AbstractContextManager[torch.Tensor]:
+        return contextlib.nullcontext(self.xs[i])
+
+    def fail_nonfinite(self, i: int) -> None:
+        self.src.fail_nonfinite(i)
+
+
+def stream_mapped(
+    src: ChunkSource,
+    out_dtype: torch.dtype,
+    prepare: Callable[[list[torch.Tensor]], Any],
+    kernel: Callable[[Any], Callable[..., Any]],
+    *,
+    offsets: bool = False,
+) -> Iterator[torch.Tensor] | None:
+    """The inputs mapped once: ``prepare(stored inputs)`` now (its state, or None for the torch
+    path, which is returned as None), then the output chunks of ``kernel(state)`` (a
+    :func:`~weightsmith.merge.methods.base.stream_native` kernel) as they are consumed."""
+    stack = contextlib.ExitStack()
+    try:
+        xs = stack.enter_context(stored_inputs(src))
+        state = prepare(xs)
+    except BaseException:
+        stack.close()
+        raise
+    if state is None:
+        stack.close()
+        return None
+
+    def chunks() -> Iterator[torch.Tensor]:
+        with stack:
+            yield from stream_native(_Mapped(src, xs), out_dtype, kernel(state), offsets=offsets)
+
+    return chunks()

@@ -336,11 +336,14 @@ OUT_PIECES = 8  # native pieces per output chunk handed to the writer (16 MB of 
 def stream_native(
     src: ChunkSource,
     out_dtype: torch.dtype,
-    kernel: Callable[[list[torch.Tensor], torch.Tensor], tuple[int, list[int]] | None],
+    kernel: Callable[..., tuple[int, list[int]] | None],
+    *,
+    pass_offset: bool = False,
 ) -> Iterator[torch.Tensor]:
     """The output of a per-entry native kernel, read straight from the stored inputs: chunks of
     ``out_dtype``, each computed in ``NATIVE_PIECE`` pieces on the compute pool by
-    ``kernel(input pieces, output piece)`` -> (NaN/Inf outputs, NaN/Inf per input). A NaN/Inf
+    ``kernel(input pieces, output piece)`` (``kernel(input pieces, output piece, flat offset
+    of the piece)`` with ``pass_offset``) -> (NaN/Inf outputs, NaN/Inf per input). A NaN/Inf
     input raises its input's error, an overflowing output the overflow error."""
     with contextlib.ExitStack() as stack:
         stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
@@ -352,7 +355,8 @@ def stream_native(
             out = torch.empty(last - first, dtype=out_dtype)
 
             def piece(r: tuple[int, int], out=out, first=first) -> tuple[int, list[int]]:
-                res = kernel([x[r[0] : r[1]] for x in stored], out[r[0] - first : r[1] - first])
+                args = ([x[r[0] : r[1]] for x in stored], out[r[0] - first : r[1] - first])
+                res = kernel(*args, r[0]) if pass_offset else kernel(*args)
                 if res is None:
                     raise RuntimeError(f"{src.name}: native kernel refused its inputs")
                 return res

@@ -1,0 +1,97 @@
+"""mergekit's bfloat16 SCE in the native kernels, straight from the stored inputs.
+
+Three passes over the inputs as stored: the variance across the task vectors (Welford in
+float64 over the models, as torch.var reduces a bfloat16 stack, rounded to bfloat16), then
+the per-model squares of the selected task vectors, then the erase-and-mean output. torch's
+own ``topk`` (on the whole bfloat16 variance, so its pick among equal variances is mergekit's)
+and ``mean`` (its float32 cascade sums) run between them, with mergekit's thread count; only
+the variance, the mask and the squares are held, never the stacked task vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import merge_narrow
+from weightsmith.merge.methods.base import (
+    NATIVE_PIECE,
+    ChunkSource,
+    mergekit_threads,
+    stream_native,
+)
+
+MAX_MODELS = 31  # merge_kernels.c's MAXK − 1 (the base takes one slot)
+BF16 = torch.bfloat16
+
+
+def _check(src: ChunkSource, bad: list[int] | None) -> None:
+    if bad is None:
+        raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
+    for i, n in enumerate(bad):
+        if n:
+            src.fail_nonfinite(i)
+
+
+def variance_mask(src: ChunkSource, stored: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """mergekit's ``sce_mask``: the ``int(nonzero · fraction)`` entries of largest bfloat16
+    variance, picked by torch.topk on the whole variance (its choice among ties)."""
+    var = torch.empty(src.numel, dtype=BF16)
+
+    def fill(r: tuple[int, int]) -> list[int] | None:
+        return merge_narrow.sce_var([x[r[0] : r[1]] for x in stored], var[r[0] : r[1]])
+
+    for bad in pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE)):
+        _check(src, bad)
+    mask = torch.zeros(src.numel, dtype=torch.bool)
+    with mergekit_threads():
+        k = int(torch.count_nonzero(var) * fraction)
+        if k > 0:  # sorted or not, topk selects the same set (it sorts after selecting)
+            mask[torch.topk(var.abs_(), k=k, largest=True, sorted=False).indices] = True
+    return mask
+
+
+def normalised(weights: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``sce_weight`` normalisation of the per-model means (their dtype)."""
+    total = torch.sum(weights).item()
+    if abs(total) < 1e-6:
+        return torch.ones_like(weights) / weights.shape[0]
+    return weights / total
+
+
+def model_weights(
+    src: ChunkSource, stored: list[torch.Tensor], mask: torch.Tensor | None
+) -> torch.Tensor:
+    """mergekit's ``sce_weight``: the bfloat16 means of the (selected) squared task vectors,
+    normalised to sum 1 (torch's mean on the kernel's squares)."""
+    sq = torch.empty((src.num_inputs - 1, src.numel), dtype=BF16)
+
+    def fill(r: tuple[int, int]) -> bool:
+        keep = None if mask is None else mask[r[0] : r[1]]
+        return merge_narrow.sce_sq([x[r[0] : r[1]] for x in stored], keep, sq[:, r[0] : r[1]])
+
+    if not all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE))):
+        raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
+    with mergekit_threads():
+        return normalised(sq.mean(dim=1))
+
+
+def stream_sce(src: ChunkSource, fraction: float, out_dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The output of mergekit's bfloat16 SCE (``select_topk`` = ``fraction``) in ``out_dtype``."""
+    with contextlib.ExitStack() as stack:
+        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
+        if any(x.numel() < src.numel for x in stored):
+            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+        stored = [x[: src.numel] for x in stored]
+        mask = variance_mask(src, stored, fraction) if fraction < 1.0 else None
+        weights = [float(w) for w in model_weights(src, stored, mask)]
+    lo = float(torch.tensor(1e-6, dtype=BF16))  # clamp(min=1e-6) of a bfloat16 tensor
+
+    def kernel(xs: list[torch.Tensor], out: torch.Tensor, at: int):
+        keep = None if mask is None else mask[at : at + out.numel()]
+        return merge_narrow.sce_combine(xs, keep, weights, lo, out)
+
+    yield from stream_native(src, out_dtype, kernel, pass_offset=True)

@@ -464,26 +464,35 @@ static inline float sign_of(float v) { return (float)((v > 0.0f) - (v < 0.0f)); 
 int64_t ws_sce_combine(const void *const *xs, int32_t K1, int32_t dtype, int64_t n,
                        const uint8_t *mask, const float *w, float lo, void *out,
                        int32_t out_dtype, int64_t *bad) {
-    float b[TILE], d[MAXK][TILE], acc[TILE];
+    float b[TILE], d[MAXK][TILE], acc[TILE], major[TILE], div[TILE];
     int64_t bad_out = 0;
     for (int32_t k = 0; k < K1; k++) bad[k] = 0;
     for (int64_t s = 0; s < n; s += TILE) {
         const int64_t m = (n - s < TILE) ? n - s : TILE;
         load_deltas(xs, K1, dtype, s, m, b, d, bad);
+        if (mask != NULL)
+            for (int32_t k = 0; k < K1 - 1; k++)
+                for (int64_t i = 0; i < m; i++) d[k][i] = mask[s + i] ? d[k][i] : d[k][i] * 0.0f;
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 0; k < K1 - 1; k++)
+            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + d[k][i];
         for (int64_t i = 0; i < m; i++) {
-            float tot = 0.0f, merged = 0.0f, div = 0.0f;
-            if (mask != NULL && !mask[s + i])
-                for (int32_t k = 0; k < K1 - 1; k++) d[k][i] = d[k][i] * 0.0f;
-            for (int32_t k = 0; k < K1 - 1; k++) tot = tot + d[k][i];
-            const float major = bf16_round(tot) >= 0.0f ? 1.0f : -1.0f;
-            for (int32_t k = 0; k < K1 - 1; k++) {
-                const float e = sign_of(d[k][i]) == major ? w[k] : 0.0f;
-                merged = merged + bf16_round(d[k][i] * e);
-                div = div + e;
+            major[i] = bf16_round(acc[i]) >= 0.0f ? 1.0f : -1.0f;
+            acc[i] = 0.0f;
+            div[i] = 0.0f;
+        }
+        for (int32_t k = 0; k < K1 - 1; k++) {
+            const float wk = w[k];
+            for (int64_t i = 0; i < m; i++) {
+                const float e = sign_of(d[k][i]) == major[i] ? wk : 0.0f;
+                acc[i] = acc[i] + bf16_round(d[k][i] * e);
+                div[i] = div[i] + e;
             }
-            div = bf16_round(div);
-            if (!(div >= lo)) div = lo;
-            acc[i] = bf16_round(b[i] + bf16_round(bf16_round(merged) / div));
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float dv = bf16_round(div[i]);
+            dv = dv >= lo ? dv : lo;
+            acc[i] = bf16_round(b[i] + bf16_round(bf16_round(acc[i]) / dv));
         }
         bad_out += store_tile(acc, m, out, out_dtype, s);
     }
@@ -498,8 +507,17 @@ static void sparsify_tile(float *d, int64_t m, int64_t at, const uint8_t *mask, 
     if (mask != NULL) {
         for (int64_t i = 0; i < m; i++) d[i] = mask[at + i] ? d[i] : d[i] * 0.0f;
     } else if (cut > 0) {
-        for (int64_t i = 0; i < m; i++)
-            d[i] = dare_uniform(seed, (uint64_t)(at + i)) < cut ? d[i] : d[i] * 0.0f;
+        int64_t i = 0;
+        if (at & 1) {
+            d[0] = dare_uniform(seed, (uint64_t)at) < cut ? d[0] : d[0] * 0.0f;
+            i = 1;
+        }
+        for (; i + 1 < m; i += 2) { /* one SplitMix64 output per pair of entries */
+            const uint64_t u = splitmix64(seed, (uint64_t)(at + i) >> 1);
+            d[i] = (u & 0xFFFFFFFFULL) < cut ? d[i] : d[i] * 0.0f;
+            d[i + 1] = (u >> 32) < cut ? d[i + 1] : d[i + 1] * 0.0f;
+        }
+        if (i < m) d[i] = dare_uniform(seed, (uint64_t)(at + i)) < cut ? d[i] : d[i] * 0.0f;
     }
     if (has_scale)
         for (int64_t i = 0; i < m; i++) d[i] = bf16_round(d[i] * scale);
@@ -538,7 +556,7 @@ int64_t ws_narrow_gta(const void *const *xs, int32_t K1, int32_t dtype, int64_t 
                       const uint64_t *cuts, const int32_t *has_scale, const float *scales,
                       const float *w, int32_t consensus, int32_t normalize, float total,
                       int32_t do_lam, float lam, void *out, int32_t out_dtype, int64_t *bad) {
-    float b[TILE], d[MAXK][TILE], acc[TILE];
+    float b[TILE], d[MAXK][TILE], acc[TILE], major[TILE], div[TILE];
     int64_t bad_out = 0;
     for (int32_t k = 0; k < K1; k++) bad[k] = 0;
     for (int64_t s = 0; s < n; s += TILE) {
@@ -547,29 +565,41 @@ int64_t ws_narrow_gta(const void *const *xs, int32_t K1, int32_t dtype, int64_t 
         for (int32_t k = 0; k < K1 - 1; k++) {
             sparsify_tile(d[k], m, masks[k] != NULL ? s : offset + s, masks[k], seeds[k],
                           cuts[k], has_scale[k], scales[k]);
-            for (int64_t i = 0; i < m; i++) d[k][i] = bf16_round(d[k][i] * w[k]);
+            const float wk = w[k];
+            for (int64_t i = 0; i < m; i++) d[k][i] = bf16_round(d[k][i] * wk);
         }
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 0; k < K1 - 1; k++)
+            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + d[k][i];
         for (int64_t i = 0; i < m; i++) {
-            float mixed = 0.0f, div = total;
-            for (int32_t k = 0; k < K1 - 1; k++) mixed = mixed + d[k][i];
-            mixed = bf16_round(mixed);
-            if (consensus) {
-                const float major = mixed >= 0.0f ? 1.0f : -1.0f;
-                mixed = 0.0f;
-                div = 0.0f;
-                for (int32_t k = 0; k < K1 - 1; k++) {
-                    const int agree = sign_of(d[k][i]) == major;
-                    mixed = mixed + (agree ? d[k][i] : d[k][i] * 0.0f);
-                    div = div + (agree ? w[k] : 0.0f);
-                }
-                mixed = bf16_round(mixed);
-                div = bf16_round(div);
-                if (div == 0.0f) div = 1.0f;
-            }
-            if (normalize) mixed = bf16_round(mixed / div);
-            if (do_lam) mixed = bf16_round(mixed * lam);
-            acc[i] = bf16_round(b[i] + mixed);
+            acc[i] = bf16_round(acc[i]);
+            div[i] = total;
         }
+        if (consensus) {
+            for (int64_t i = 0; i < m; i++) {
+                major[i] = acc[i] >= 0.0f ? 1.0f : -1.0f;
+                acc[i] = 0.0f;
+                div[i] = 0.0f;
+            }
+            for (int32_t k = 0; k < K1 - 1; k++) {
+                const float wk = w[k];
+                for (int64_t i = 0; i < m; i++) {
+                    const int agree = sign_of(d[k][i]) == major[i];
+                    acc[i] = acc[i] + (agree ? d[k][i] : d[k][i] * 0.0f);
+                    div[i] = div[i] + (agree ? wk : 0.0f);
+                }
+            }
+            for (int64_t i = 0; i < m; i++) {
+                acc[i] = bf16_round(acc[i]);
+                div[i] = bf16_round(div[i]);
+                div[i] = div[i] == 0.0f ? 1.0f : div[i];
+            }
+        }
+        if (normalize)
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i] / div[i]);
+        if (do_lam)
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i] * lam);
+        for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(b[i] + acc[i]);
         bad_out += store_tile(acc, m, out, out_dtype, s);
     }
     return bad_out;

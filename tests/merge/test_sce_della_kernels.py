@@ -179,3 +179,30 @@ def test_disabled_kernels_fall_back_to_torch(monkeypatch):
             m, TensorParams("t", {}, tuple(dict(model) for _ in ts[1:]), compute_dtype=BF16), 3
         )
         assert m.stream_stored(Stored(ts), p, BF16) is None
+
+
+@pytest.mark.parametrize("n", [4, 5, 33, 1000, 100_003])
+@pytest.mark.parametrize("levels", [1, 3, 50, None])
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "organ pipe"])
+def test_topk_mask_picks_torchs_entries_among_ties(n, levels, order):
+    """ws_topk_mask (libstdc++'s nth_element replayed on indices) selects exactly the set
+    torch.topk selects, also among many equal values and on orders that push introselect
+    to its worst cases; k·64 <= n is torch's partial_sort case, left to torch."""
+    g = torch.Generator().manual_seed(n)
+    if levels is None:
+        v = torch.randn(n, generator=g)
+    else:
+        v = torch.randint(0, levels, (n,), generator=g).float() * 0.01
+    v = v.to(BF16)
+    if order != "random":
+        s = v.sort(descending=order == "descending").values
+        v = torch.cat([s[::2], s[1::2].flip(0)]) if order == "organ pipe" else s
+    v = v.contiguous()
+    for k in {1, n // 50 + 1, n // 3 + 1, n // 2, n - 1, n} - {0}:
+        got = torch.zeros(n, dtype=torch.bool)
+        if not merge_narrow.topk_mask(v, k, got):
+            assert k * 64 <= n
+            continue
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.topk(v.abs(), k, largest=True, sorted=False).indices] = True
+        assert torch.equal(got, want), k

@@ -658,3 +658,130 @@ int32_t ws_della_keep(const void *base, const void *x, int32_t dtype, int64_t ro
     free(key), free(tmp), free(order);
     return 0;
 }
+
+/* ---- torch.topk(v, k, largest=True)'s selected set on a bfloat16 vector, without torch's
+ * 16-byte (value, index) queue: libstdc++'s std::nth_element (introselect: median-of-three
+ * pivot, unguarded partition, heap select past the depth limit, insertion sort for ≤ 3) run
+ * step by step on 4-byte indices with torch's comparator (NaN first, then larger values), so
+ * the entries picked among equal values are torch's. Only the comparator's answers steer the
+ * algorithm, so what is moved (index or pair) does not change the result. */
+typedef uint32_t sel_t;
+
+static inline uint16_t sel_key(const uint16_t *v, sel_t i) {
+    const uint16_t a = v[i] & 0x7FFFu; /* |v|: torch ranks var.abs() */
+    return a > 0x7F80u ? 0x7FC0u : a;  /* every NaN alike, above +Inf */
+}
+#define SEL_LESS(v, a, b) (sel_key(v, a) > sel_key(v, b)) /* torch's "largest" comparator */
+
+static void sel_push_heap(const uint16_t *v, sel_t *f, int64_t hole, int64_t top, sel_t val) {
+    int64_t parent = (hole - 1) / 2;
+    while (hole > top && SEL_LESS(v, f[parent], val)) {
+        f[hole] = f[parent];
+        hole = parent;
+        parent = (hole - 1) / 2;
+    }
+    f[hole] = val;
+}
+
+static void sel_adjust_heap(const uint16_t *v, sel_t *f, int64_t hole, int64_t len, sel_t val) {
+    const int64_t top = hole;
+    int64_t child = hole;
+    while (child < (len - 1) / 2) {
+        child = 2 * (child + 1);
+        if (SEL_LESS(v, f[child], f[child - 1])) child--;
+        f[hole] = f[child];
+        hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+        child = 2 * (child + 1);
+        f[hole] = f[child - 1];
+        hole = child - 1;
+    }
+    sel_push_heap(v, f, hole, top, val);
+}
+
+static void sel_heap_select(const uint16_t *v, sel_t *first, sel_t *middle, sel_t *last) {
+    const int64_t len = middle - first;
+    if (len >= 2)
+        for (int64_t parent = (len - 2) / 2;; parent--) {
+            sel_adjust_heap(v, first, parent, len, first[parent]);
+            if (parent == 0) break;
+        }
+    for (sel_t *i = middle; i < last; ++i)
+        if (SEL_LESS(v, *i, *first)) { /* __pop_heap(first, middle, i) */
+            const sel_t val = *i;
+            *i = *first;
+            sel_adjust_heap(v, first, 0, len, val);
+        }
+}
+
+static void sel_swap(sel_t *a, sel_t *b) {
+    const sel_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void sel_median_to_first(const uint16_t *v, sel_t *r, sel_t *a, sel_t *b, sel_t *c) {
+    if (SEL_LESS(v, *a, *b)) {
+        if (SEL_LESS(v, *b, *c)) sel_swap(r, b);
+        else if (SEL_LESS(v, *a, *c)) sel_swap(r, c);
+        else sel_swap(r, a);
+    } else if (SEL_LESS(v, *a, *c)) sel_swap(r, a);
+    else if (SEL_LESS(v, *b, *c)) sel_swap(r, c);
+    else sel_swap(r, b);
+}
+
+static sel_t *sel_partition(const uint16_t *v, sel_t *first, sel_t *last, sel_t *pivot) {
+    for (;;) {
+        while (SEL_LESS(v, *first, *pivot)) ++first;
+        --last;
+        while (SEL_LESS(v, *pivot, *last)) --last;
+        if (!(first < last)) return first;
+        sel_swap(first, last);
+        ++first;
+    }
+}
+
+static void sel_insertion_sort(const uint16_t *v, sel_t *first, sel_t *last) {
+    if (first == last) return;
+    for (sel_t *i = first + 1; i != last; ++i) {
+        const sel_t val = *i;
+        if (SEL_LESS(v, val, *first)) {
+            memmove(first + 1, first, sizeof(sel_t) * (size_t)(i - first));
+            *first = val;
+        } else {
+            sel_t *hole = i, *next = i - 1;
+            while (SEL_LESS(v, val, *next)) {
+                *hole = *next;
+                hole = next;
+                --next;
+            }
+            *hole = val;
+        }
+    }
+}
+
+/* mask[i] = 1 for the k entries torch.topk(v, k, largest=True) returns (0 < k <= n < 2^32;
+ * other entries untouched); idx: n scratch entries. */
+void ws_topk_mask(const uint16_t *v, int64_t n, int64_t k, sel_t *idx, uint8_t *mask) {
+    for (int64_t i = 0; i < n; i++) idx[i] = (sel_t)i;
+    sel_t *first = idx, *last = idx + n, *nth = idx + k - 1;
+    if (nth != last) {
+        int64_t depth = 2 * (63 - __builtin_clzll((unsigned long long)n));
+        while (last - first > 3) {
+            if (depth == 0) {
+                sel_heap_select(v, first, nth + 1, last);
+                sel_swap(first, nth);
+                break;
+            }
+            --depth;
+            sel_t *mid = first + (last - first) / 2;
+            sel_median_to_first(v, first, first + 1, mid, last - 1);
+            sel_t *cut = sel_partition(v, first + 1, last, first);
+            if (cut <= nth) first = cut;
+            else last = cut;
+        }
+        if (last - first <= 3) sel_insertion_sort(v, first, last);
+    }
+    for (int64_t j = 0; j < k; j++) mask[idx[j]] = 1;
+}

@@ -160,6 +160,7 @@ class _Dare(GeneralizedTaskArithmetic):
                     replace(d, scale=gta_native.l1_scale(src, stored, k, d)) if d.cut else d
                     for k, d in enumerate(drops)
                 ]
+            del stored  # unmap before the second pass maps the inputs again
         yield from gta_native.stream_gta(src, params, out_dtype, self.consensus, drops)
 
     def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:

@@ -289,6 +289,7 @@ class _Della(MaskedTaskArithmetic):
                 if rescale:
                     drop = replace(drop, scale=gta_native.l1_scale(src, stored, k, drop))
                 drops.append(drop)
+            del stored  # unmap before the second pass maps the inputs again
         yield from gta_native.stream_gta(src, params, out_dtype, self.consensus, drops)
 
     def sparsify(

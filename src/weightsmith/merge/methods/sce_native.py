@@ -2,10 +2,12 @@
 
 Three passes over the inputs as stored: the variance across the task vectors (Welford in
 float64 over the models, as torch.var reduces a bfloat16 stack, rounded to bfloat16), then
-the per-model squares of the selected task vectors, then the erase-and-mean output. torch's
-own ``topk`` (on the whole bfloat16 variance, so its pick among equal variances is mergekit's)
-and ``mean`` (its float32 cascade sums) run between them, with mergekit's thread count; only
-the variance, the mask and the squares are held, never the stacked task vectors.
+the per-model squares of the selected task vectors, then the erase-and-mean output. The
+selection is torch.topk's set on the whole bfloat16 variance (its pick among equal variances
+is mergekit's): libstdc++'s nth_element replayed on 4-byte indices (``ws_topk_mask``; torch's
+own topk holds 16 bytes per entry) where torch uses nth_element, torch.topk otherwise. torch's
+own ``mean`` (its float32 cascade sums) gives the model weights, with mergekit's thread count;
+only the variance, the mask and the squares are held, never the stacked task vectors.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def variance_mask(src: ChunkSource, stored: list[torch.Tensor], fraction: float)
     mask = torch.zeros(src.numel, dtype=torch.bool)
     with mergekit_threads():
         k = int(torch.count_nonzero(var) * fraction)
-        if k > 0:  # sorted or not, topk selects the same set (it sorts after selecting)
+        if k > 0 and not merge_narrow.topk_mask(var, k, mask):
+            # sorted or not, topk selects the same set (it sorts after selecting)
             mask[torch.topk(var.abs_(), k=k, largest=True, sorted=False).indices] = True
     return mask
 
@@ -88,6 +91,7 @@ def stream_sce(src: ChunkSource, fraction: float, out_dtype: torch.dtype) -> Ite
         stored = [x[: src.numel] for x in stored]
         mask = variance_mask(src, stored, fraction) if fraction < 1.0 else None
         weights = [float(w) for w in model_weights(src, stored, mask)]
+        del stored  # unmap before the last pass maps the inputs again
     lo = float(torch.tensor(1e-6, dtype=BF16))  # clamp(min=1e-6) of a bfloat16 tensor
 
     def kernel(xs: list[torch.Tensor], out: torch.Tensor, at: int):

@@ -14,7 +14,10 @@ stream in, so a run is reproducible and independent of chunking, threads and dev
 draws from torch's global generator, so the two agree in distribution, not entry by entry.
 Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
 With a bfloat16/float16 compute dtype, |δ| is ranked, the probabilities and the L1 rescale are
-computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does.
+computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does. With
+bfloat16 on stored CPU inputs the native path (``stream_stored``, 1-D/2-D tensors) ranks the
+rows in C and draws from a counter-based SplitMix64 instead (:func:`native_keep`): the same
+distribution, other masks than the torch path for a given seed.
 """
 
 from __future__ import annotations

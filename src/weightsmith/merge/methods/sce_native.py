@@ -12,7 +12,6 @@ only the variance, the mask and the squares are held, never the stacked task vec
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -25,6 +24,7 @@ from weightsmith.merge.methods.base import (
     mergekit_threads,
     stream_native,
 )
+from weightsmith.merge.methods.gta_native import stored_inputs
 
 MAX_MODELS = 31  # merge_kernels.c's MAXK − 1 (the base takes one slot)
 BF16 = torch.bfloat16
@@ -38,16 +38,24 @@ def _check(src: ChunkSource, bad: list[int] | None) -> None:
             src.fail_nonfinite(i)
 
 
-def variance_mask(src: ChunkSource, stored: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    """mergekit's ``sce_mask``: the ``int(nonzero · fraction)`` entries of largest bfloat16
-    variance, picked by torch.topk on the whole variance (its choice among ties)."""
+def variance(src: ChunkSource) -> torch.Tensor:
+    """torch.var(stack(δ), dim=0, unbiased=False) in bfloat16 (flat); NaN/Inf inputs raise."""
     var = torch.empty(src.numel, dtype=BF16)
+    with stored_inputs(src) as stored:
 
-    def fill(r: tuple[int, int]) -> list[int] | None:
-        return merge_narrow.sce_var([x[r[0] : r[1]] for x in stored], var[r[0] : r[1]])
+        def fill(r: tuple[int, int]) -> list[int] | None:
+            return merge_narrow.sce_var([x[r[0] : r[1]] for x in stored], var[r[0] : r[1]])
 
-    for bad in pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE)):
-        _check(src, bad)
+        for bad in pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE)):
+            _check(src, bad)
+    return var
+
+
+def variance_mask(src: ChunkSource, fraction: float) -> torch.Tensor:
+    """mergekit's ``sce_mask``: the ``int(nonzero · fraction)`` entries of largest bfloat16
+    variance, torch.topk's set on the whole variance (its choice among ties). The inputs are
+    unmapped while the selection runs."""
+    var = variance(src)
     mask = torch.zeros(src.numel, dtype=torch.bool)
     with mergekit_threads():
         k = int(torch.count_nonzero(var) * fraction)
@@ -65,33 +73,33 @@ def normalised(weights: torch.Tensor) -> torch.Tensor:
     return weights / total
 
 
-def model_weights(
-    src: ChunkSource, stored: list[torch.Tensor], mask: torch.Tensor | None
-) -> torch.Tensor:
-    """mergekit's ``sce_weight``: the bfloat16 means of the (selected) squared task vectors,
-    normalised to sum 1 (torch's mean on the kernel's squares)."""
+def squares(src: ChunkSource, mask: torch.Tensor | None) -> torch.Tensor:
+    """(models, numel) bfloat16: mergekit's ``(tvs * mask).square()``."""
     sq = torch.empty((src.num_inputs - 1, src.numel), dtype=BF16)
+    with stored_inputs(src) as stored:
 
-    def fill(r: tuple[int, int]) -> bool:
-        keep = None if mask is None else mask[r[0] : r[1]]
-        return merge_narrow.sce_sq([x[r[0] : r[1]] for x in stored], keep, sq[:, r[0] : r[1]])
+        def fill(r: tuple[int, int]) -> bool:
+            keep = None if mask is None else mask[r[0] : r[1]]
+            xs = [x[r[0] : r[1]] for x in stored]
+            return merge_narrow.sce_sq(xs, keep, sq[:, r[0] : r[1]])
 
-    if not all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE))):
-        raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
+        if not all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE))):
+            raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
+    return sq
+
+
+def model_weights(src: ChunkSource, mask: torch.Tensor | None) -> list[float]:
+    """mergekit's ``sce_weight``: the bfloat16 means of the (selected) squared task vectors,
+    normalised to sum 1 (torch's mean on the kernel's squares, inputs unmapped), as floats."""
+    sq = squares(src, mask)
     with mergekit_threads():
-        return normalised(sq.mean(dim=1))
+        return [float(w) for w in normalised(sq.mean(dim=1))]
 
 
 def stream_sce(src: ChunkSource, fraction: float, out_dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The output of mergekit's bfloat16 SCE (``select_topk`` = ``fraction``) in ``out_dtype``."""
-    with contextlib.ExitStack() as stack:
-        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
-        if any(x.numel() < src.numel for x in stored):
-            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
-        stored = [x[: src.numel] for x in stored]
-        mask = variance_mask(src, stored, fraction) if fraction < 1.0 else None
-        weights = [float(w) for w in model_weights(src, stored, mask)]
-        del stored  # unmap before the last pass maps the inputs again
+    mask = variance_mask(src, fraction) if fraction < 1.0 else None
+    weights = model_weights(src, mask)
     lo = float(torch.tensor(1e-6, dtype=BF16))  # clamp(min=1e-6) of a bfloat16 tensor
 
     def kernel(xs: list[torch.Tensor], out: torch.Tensor, at: int):

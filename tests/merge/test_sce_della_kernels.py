@@ -206,3 +206,16 @@ def test_topk_mask_picks_torchs_entries_among_ties(n, levels, order):
         want = torch.zeros(n, dtype=torch.bool)
         want[torch.topk(v.abs(), k, largest=True, sorted=False).indices] = True
         assert torch.equal(got, want), k
+
+
+def test_small_and_one_entry_tensors_match_the_torch_path():
+    """A 1-entry and a 3-entry tensor (one DELLA row of one entry is kept with p = density)
+    run natively with the torch path's bits for sce and DARE."""
+    for shape in ((1,), (3,), (1, 5)):
+        ts = inputs(2, shape, 3)
+        ref, fast = both("sce", ts, {"select_topk": 0.5}, {})
+        assert same_bits(ref, fast)
+        ref, fast = both("dare_ties", ts, {}, {"weight": 1.0, "density": 0.5})
+        assert same_bits(ref, fast)
+        _, fast = both("della", ts, {}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1})
+        assert fast.numel() == ts[0].numel()

@@ -34,6 +34,7 @@ def usable(src: ChunkSource, params: TensorParams, out_dtype: torch.dtype) -> bo
     """Whether the bfloat16 kernels can run this tensor."""
     return (
         params.dtype == BF16
+        and src.numel > 0
         and out_dtype in native.STORAGE
         and native.available()
         and src.num_inputs - 1 <= 31

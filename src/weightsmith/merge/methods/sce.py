@@ -177,7 +177,7 @@ class Sce(MergeMethod):
         ``narrow_state`` + ``combine_narrow``, with torch's own topk and mean."""
         if params.dtype != torch.bfloat16 or out_dtype not in native.STORAGE:
             return None
-        if not native.available() or src.num_inputs - 1 > MAX_MODELS:
+        if not native.available() or src.num_inputs - 1 > MAX_MODELS or src.numel == 0:
             return None
         return stream_sce(src, float(params.globals["select_topk"]), out_dtype)
 

@@ -74,16 +74,22 @@ def normalised(weights: torch.Tensor) -> torch.Tensor:
 
 
 def squares(src: ChunkSource, mask: torch.Tensor | None) -> torch.Tensor:
-    """(models, numel) bfloat16: mergekit's ``(tvs * mask).square()``."""
+    """(models, numel) bfloat16: mergekit's ``(tvs * mask).square()``, one model at a time
+    (only the base and that model mapped)."""
     sq = torch.empty((src.num_inputs - 1, src.numel), dtype=BF16)
-    with stored_inputs(src) as stored:
+    for k in range(src.num_inputs - 1):
+        with src.stored(0) as base, src.stored(k + 1) as x:
+            pair = [base[: src.numel], x[: src.numel]]
+            del base, x  # the mappings end with ``pair``, before the next model's
 
-        def fill(r: tuple[int, int]) -> bool:
-            keep = None if mask is None else mask[r[0] : r[1]]
-            xs = [x[r[0] : r[1]] for x in stored]
-            return merge_narrow.sce_sq(xs, keep, sq[:, r[0] : r[1]])
+            def fill(r: tuple[int, int], pair=pair, k=k) -> bool:
+                keep = None if mask is None else mask[r[0] : r[1]]
+                xs = [t[r[0] : r[1]] for t in pair]
+                return merge_narrow.sce_sq(xs, keep, sq[k : k + 1, r[0] : r[1]])
 
-        if not all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE))):
+            ok = all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE)))
+            del pair, fill
+        if not ok:
             raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
     return sq
 

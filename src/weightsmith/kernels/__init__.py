@@ -55,6 +55,16 @@ SIGNATURES = {
     "ws_ram": ([_p, _i32, _i32, _i64, _f32, _i32, _p, _p, _p, _i32, _p], _i64),
     "ws_stock_mix": ([_p, _i32, _i32, _i64, _i64, _p, _p, _i64, _p, _i32, _p], _i64),
     "ws_bf16_sub": ([_p, _p, _i32, _i64, _p, _p], None),
+    "ws_sce_var": ([_p, _i32, _i32, _i64, _p, _p], None),
+    "ws_sce_sq": ([_p, _i32, _i32, _i64, _p, _p], None),
+    "ws_sce_combine": ([_p, _i32, _i32, _i64, _p, _p, _f32, _p, _i32, _p], _i64),
+    "ws_della_keep": ([_p, _p, _i32, _i64, _i64, _i64, _u64, _p, _p], _i32),
+    "ws_topk_mask": ([_p, _i64, _i64, _p, _p], None),
+    "ws_narrow_l1": ([_p, _p, _i32, _i64, _i64, _p, _u64, _u64, _p, _p], None),
+    "ws_narrow_gta": (
+        [_p, _i32, _i32, _i64, _i64, *[_p] * 6, _i32, _i32, _f32, _i32, _f32, _p, _i32, _p],
+        _i64,
+    ),
 }
 
 

@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TILE 256
@@ -541,4 +542,390 @@ void ws_bf16_sub(const void *x, const void *b, int32_t in_dtype, int64_t n, uint
         load_bf16_tile(b, in_dtype, s, m, vb, &bad[1]);
         for (int64_t i = 0; i < m; i++) out[s + i] = to_bf16(vx[i] - vb[i]);
     }
+}
+
+/* ---- mergekit's bfloat16 SCE / DARE / DELLA, torch's rounding op by op ----
+ * Inputs are stored float32 or bfloat16 (rounded to bfloat16 first, mergekit's load cast);
+ * δ_k = bf16(x_k − base); every later op is float32 arithmetic rounded to bfloat16 where torch
+ * rounds a bfloat16 tensor. Sums over the models are float32 from 0 in model order (torch's
+ * reduction over a leading dimension), rounded once. */
+
+/* Tile of the task vectors δ_k = bf16(x_k − b) of inputs 1..K-1 (b: input 0's tile). */
+static void load_deltas(const void *const *xs, int32_t K1, int32_t dtype, int64_t s, int64_t m,
+                        float *b, float d[][TILE], int64_t *bad) {
+    load_bf16_tile(xs[0], dtype, s, m, b, &bad[0]);
+    for (int32_t k = 1; k < K1; k++) {
+        load_bf16_tile(xs[k], dtype, s, m, d[k - 1], &bad[k]);
+        for (int64_t i = 0; i < m; i++) d[k - 1][i] = bf16_round(d[k - 1][i] - b[i]);
+    }
+}
+
+/* torch.var(stack(δ), dim=0, unbiased=False) on bfloat16: Welford's update in double over the
+ * models in order (torch's binary_kernel_reduce), var = m2 / K converted double -> float ->
+ * bfloat16, written to var_out[0..n); bad[k] counts NaN/Inf of input k. */
+void ws_sce_var(const void *const *xs, int32_t K1, int32_t dtype, int64_t n, uint16_t *var_out,
+                int64_t *bad) {
+    float b[TILE], d[MAXK][TILE];
+    for (int32_t k = 0; k < K1; k++) bad[k] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_deltas(xs, K1, dtype, s, m, b, d, bad);
+        for (int64_t i = 0; i < m; i++) {
+            double mean = 0.0, m2 = 0.0;
+            for (int32_t k = 0; k < K1 - 1; k++) {
+                double x = d[k][i], nf = (double)(k + 1);
+                double delta = x - mean;
+                mean = mean + delta / nf;
+                m2 = m2 + delta * (x - mean);
+            }
+            var_out[s + i] = to_bf16((float)(m2 / (double)(K1 - 1)));
+        }
+    }
+}
+
+/* (δ_k · mask)² in bfloat16 for each model k into sq[k][0..n) (mask NULL: every entry):
+ * mergekit's tvs * mask, then .square(), before its float32 mean. */
+void ws_sce_sq(const void *const *xs, int32_t K1, int32_t dtype, int64_t n, const uint8_t *mask,
+               uint16_t *const *sq) {
+    float b[TILE], d[MAXK][TILE];
+    int64_t bad[MAXK + 1];
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_deltas(xs, K1, dtype, s, m, b, d, bad);
+        for (int32_t k = 0; k < K1 - 1; k++)
+            for (int64_t i = 0; i < m; i++) {
+                float v = (mask == NULL || mask[s + i]) ? d[k][i] : d[k][i] * 0.0f;
+                sq[k][s + i] = to_bf16(v * v);
+            }
+    }
+}
+
+static inline float sign_of(float v) { return (float)((v > 0.0f) - (v < 0.0f)); }
+
+/* mergekit's sce combine on one range: δ·mask, majority = bf16(Σ δ) >= 0 ? 1 : -1,
+ * e_k = w_k where sign(δ_k) == majority else 0, merged = bf16(Σ bf16(δ_k·e_k)),
+ * out = bf16(b + bf16(merged / max(bf16(Σ e_k), lo))). w: bfloat16 values; lo: the clamp. */
+int64_t ws_sce_combine(const void *const *xs, int32_t K1, int32_t dtype, int64_t n,
+                       const uint8_t *mask, const float *w, float lo, void *out,
+                       int32_t out_dtype, int64_t *bad) {
+    float b[TILE], d[MAXK][TILE], acc[TILE], major[TILE], div[TILE];
+    int64_t bad_out = 0;
+    for (int32_t k = 0; k < K1; k++) bad[k] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_deltas(xs, K1, dtype, s, m, b, d, bad);
+        if (mask != NULL)
+            for (int32_t k = 0; k < K1 - 1; k++)
+                for (int64_t i = 0; i < m; i++) d[k][i] = mask[s + i] ? d[k][i] : d[k][i] * 0.0f;
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 0; k < K1 - 1; k++)
+            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + d[k][i];
+        for (int64_t i = 0; i < m; i++) {
+            major[i] = bf16_round(acc[i]) >= 0.0f ? 1.0f : -1.0f;
+            acc[i] = 0.0f;
+            div[i] = 0.0f;
+        }
+        for (int32_t k = 0; k < K1 - 1; k++) {
+            const float wk = w[k];
+            for (int64_t i = 0; i < m; i++) {
+                const float e = sign_of(d[k][i]) == major[i] ? wk : 0.0f;
+                acc[i] = acc[i] + bf16_round(d[k][i] * e);
+                div[i] = div[i] + e;
+            }
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float dv = bf16_round(div[i]);
+            dv = dv >= lo ? dv : lo;
+            acc[i] = bf16_round(b[i] + bf16_round(bf16_round(acc[i]) / dv));
+        }
+        bad_out += store_tile(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* Task vector k of one range, sparsified as mergekit's bfloat16 DARE / DELLA: kept entries
+ * (masks[k][i], or DARE's draw dare_uniform(seeds[k], offset + i) < cuts[k] when masks[k] is
+ * NULL and cuts[k] > 0) stay, the rest become ±0 (δ·0); then bf16(δ·scale_k) when has_scale[k]. */
+static void sparsify_tile(float *d, int64_t m, int64_t at, const uint8_t *mask, uint64_t seed,
+                          uint64_t cut, int32_t has_scale, float scale) {
+    if (mask != NULL) {
+        for (int64_t i = 0; i < m; i++) d[i] = mask[at + i] ? d[i] : d[i] * 0.0f;
+    } else if (cut > 0) {
+        int64_t i = 0;
+        if (at & 1) {
+            d[0] = dare_uniform(seed, (uint64_t)at) < cut ? d[0] : d[0] * 0.0f;
+            i = 1;
+        }
+        for (; i + 1 < m; i += 2) { /* one SplitMix64 output per pair of entries */
+            const uint64_t u = splitmix64(seed, (uint64_t)(at + i) >> 1);
+            d[i] = (u & 0xFFFFFFFFULL) < cut ? d[i] : d[i] * 0.0f;
+            d[i + 1] = (u >> 32) < cut ? d[i + 1] : d[i + 1] * 0.0f;
+        }
+        if (i < m) d[i] = dare_uniform(seed, (uint64_t)(at + i)) < cut ? d[i] : d[i] * 0.0f;
+    }
+    if (has_scale)
+        for (int64_t i = 0; i < m; i++) d[i] = bf16_round(d[i] * scale);
+}
+
+/* (Σ|δ|, Σ|kept δ|) of task vector x − base over [0, n) (flat offset `offset`), each |δ| a
+ * bfloat16 value summed in double: mergekit's L1 rescale norms before their bf16 rounding. */
+void ws_narrow_l1(const void *base, const void *x, int32_t dtype, int64_t n, int64_t offset,
+                  const uint8_t *mask, uint64_t seed, uint64_t cut, double *out, int64_t *bad) {
+    float b[TILE], d[1][TILE], kept[TILE];
+    const void *xs[2] = {base, x};
+    double before = 0.0, after = 0.0;
+    bad[0] = bad[1] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_deltas(xs, 2, dtype, s, m, b, d, bad);
+        memcpy(kept, d[0], sizeof(float) * (size_t)m);
+        sparsify_tile(kept, m, mask != NULL ? s : offset + s, mask, seed, cut, 0, 1.0f);
+        for (int64_t i = 0; i < m; i++) {
+            before += fabsf(d[0][i]);
+            after += fabsf(kept[i]);
+        }
+    }
+    out[0] = before;
+    out[1] = after;
+}
+
+/* mergekit's bfloat16 generalized task arithmetic (dare_*, della*) on one range [offset,
+ * offset + n) of a tensor, as weightsmith's _combine_narrow: δ_k sparsified (masks point at
+ * this range), p_k = bf16(δ_k·w_k); consensus: majority = bf16(Σ p_k) >= 0 ? 1 : -1,
+ * mixed = bf16(Σ agreeing p_k), div = bf16(Σ agreeing w_k) (0 -> 1); else mixed = bf16(Σ p_k)
+ * and div = total; bf16(mixed / div) when normalize, bf16(mixed·lam) when do_lam,
+ * out = bf16(b + mixed). */
+int64_t ws_narrow_gta(const void *const *xs, int32_t K1, int32_t dtype, int64_t n,
+                      int64_t offset, const uint8_t *const *masks, const uint64_t *seeds,
+                      const uint64_t *cuts, const int32_t *has_scale, const float *scales,
+                      const float *w, int32_t consensus, int32_t normalize, float total,
+                      int32_t do_lam, float lam, void *out, int32_t out_dtype, int64_t *bad) {
+    float b[TILE], d[MAXK][TILE], acc[TILE], major[TILE], div[TILE];
+    int64_t bad_out = 0;
+    for (int32_t k = 0; k < K1; k++) bad[k] = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load_deltas(xs, K1, dtype, s, m, b, d, bad);
+        for (int32_t k = 0; k < K1 - 1; k++) {
+            sparsify_tile(d[k], m, masks[k] != NULL ? s : offset + s, masks[k], seeds[k],
+                          cuts[k], has_scale[k], scales[k]);
+            const float wk = w[k];
+            for (int64_t i = 0; i < m; i++) d[k][i] = bf16_round(d[k][i] * wk);
+        }
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        for (int32_t k = 0; k < K1 - 1; k++)
+            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + d[k][i];
+        for (int64_t i = 0; i < m; i++) {
+            acc[i] = bf16_round(acc[i]);
+            div[i] = total;
+        }
+        if (consensus) {
+            for (int64_t i = 0; i < m; i++) {
+                major[i] = acc[i] >= 0.0f ? 1.0f : -1.0f;
+                acc[i] = 0.0f;
+                div[i] = 0.0f;
+            }
+            for (int32_t k = 0; k < K1 - 1; k++) {
+                const float wk = w[k];
+                for (int64_t i = 0; i < m; i++) {
+                    const int agree = sign_of(d[k][i]) == major[i];
+                    acc[i] = acc[i] + (agree ? d[k][i] : d[k][i] * 0.0f);
+                    div[i] = div[i] + (agree ? wk : 0.0f);
+                }
+            }
+            for (int64_t i = 0; i < m; i++) {
+                acc[i] = bf16_round(acc[i]);
+                div[i] = bf16_round(div[i]);
+                div[i] = div[i] == 0.0f ? 1.0f : div[i];
+            }
+        }
+        if (normalize)
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i] / div[i]);
+        if (do_lam)
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i] * lam);
+        for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(b[i] + acc[i]);
+        bad_out += store_tile(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* DELLA's MagPrune keep decisions for `rows` rows of `cols` entries (row-major, the first one
+ * is row `row0` of the tensor): in each row the entries are ranked by bfloat16 |δ| (stable: equal
+ * magnitudes in column order, two counting-sort passes over the 15 magnitude bits) and the
+ * entry of rank r is kept when its 32-bit draw dare_uniform(seed, flat index) is below
+ * cuts[r]. keep: rows·cols bytes. Returns 0, or -1 when scratch memory is not available. */
+int32_t ws_della_keep(const void *base, const void *x, int32_t dtype, int64_t rows,
+                      int64_t cols, int64_t row0, uint64_t seed, const uint64_t *cuts,
+                      uint8_t *keep) {
+    uint16_t *key = malloc(sizeof(uint16_t) * (size_t)cols);
+    uint32_t *tmp = malloc(sizeof(uint32_t) * (size_t)cols);
+    uint32_t *order = malloc(sizeof(uint32_t) * (size_t)cols);
+    if (key == NULL || tmp == NULL || order == NULL) {
+        free(key), free(tmp), free(order);
+        return -1;
+    }
+    float b[TILE], d[1][TILE];
+    int64_t bad[2];
+    const void *xs[2] = {base, x};
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t at = r * cols;
+        for (int64_t s = 0; s < cols; s += TILE) {
+            const int64_t m = (cols - s < TILE) ? cols - s : TILE;
+            load_deltas(xs, 2, dtype, at + s, m, b, d, bad);
+            for (int64_t i = 0; i < m; i++) key[s + i] = to_bf16(d[0][i]) & 0x7FFFu;
+        }
+        int64_t count[256];
+        /* pass 1: low 8 bits, column order in, tmp out */
+        memset(count, 0, sizeof count);
+        for (int64_t i = 0; i < cols; i++) count[key[i] & 0xFF]++;
+        for (int64_t c = 0, pos = 0; c < 256; c++) {
+            const int64_t t = count[c];
+            count[c] = pos;
+            pos += t;
+        }
+        for (int64_t i = 0; i < cols; i++) tmp[count[key[i] & 0xFF]++] = (uint32_t)i;
+        /* pass 2: high 7 bits, stable */
+        memset(count, 0, sizeof count);
+        for (int64_t i = 0; i < cols; i++) count[key[i] >> 8]++;
+        for (int64_t c = 0, pos = 0; c < 256; c++) {
+            const int64_t t = count[c];
+            count[c] = pos;
+            pos += t;
+        }
+        for (int64_t j = 0; j < cols; j++) order[count[key[tmp[j]] >> 8]++] = tmp[j];
+        const uint64_t flat = (uint64_t)((row0 + r) * cols);
+        for (int64_t j = 0; j < cols; j++) {
+            const uint32_t i = order[j];
+            keep[at + i] = dare_uniform(seed, flat + i) < cuts[j];
+        }
+    }
+    free(key), free(tmp), free(order);
+    return 0;
+}
+
+/* ---- torch.topk(v, k, largest=True)'s selected set on a bfloat16 vector, without torch's
+ * 16-byte (value, index) queue: libstdc++'s std::nth_element (introselect: median-of-three
+ * pivot, unguarded partition, heap select past the depth limit, insertion sort for ≤ 3) run
+ * step by step on 4-byte indices with torch's comparator (NaN first, then larger values), so
+ * the entries picked among equal values are torch's. Only the comparator's answers steer the
+ * algorithm, so what is moved (index or pair) does not change the result. */
+typedef uint32_t sel_t;
+
+static inline uint16_t sel_key(const uint16_t *v, sel_t i) {
+    const uint16_t a = v[i] & 0x7FFFu; /* |v|: torch ranks var.abs() */
+    return a > 0x7F80u ? 0x7FC0u : a;  /* every NaN alike, above +Inf */
+}
+#define SEL_LESS(v, a, b) (sel_key(v, a) > sel_key(v, b)) /* torch's "largest" comparator */
+
+static void sel_push_heap(const uint16_t *v, sel_t *f, int64_t hole, int64_t top, sel_t val) {
+    int64_t parent = (hole - 1) / 2;
+    while (hole > top && SEL_LESS(v, f[parent], val)) {
+        f[hole] = f[parent];
+        hole = parent;
+        parent = (hole - 1) / 2;
+    }
+    f[hole] = val;
+}
+
+static void sel_adjust_heap(const uint16_t *v, sel_t *f, int64_t hole, int64_t len, sel_t val) {
+    const int64_t top = hole;
+    int64_t child = hole;
+    while (child < (len - 1) / 2) {
+        child = 2 * (child + 1);
+        if (SEL_LESS(v, f[child], f[child - 1])) child--;
+        f[hole] = f[child];
+        hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+        child = 2 * (child + 1);
+        f[hole] = f[child - 1];
+        hole = child - 1;
+    }
+    sel_push_heap(v, f, hole, top, val);
+}
+
+static void sel_heap_select(const uint16_t *v, sel_t *first, sel_t *middle, sel_t *last) {
+    const int64_t len = middle - first;
+    if (len >= 2)
+        for (int64_t parent = (len - 2) / 2;; parent--) {
+            sel_adjust_heap(v, first, parent, len, first[parent]);
+            if (parent == 0) break;
+        }
+    for (sel_t *i = middle; i < last; ++i)
+        if (SEL_LESS(v, *i, *first)) { /* __pop_heap(first, middle, i) */
+            const sel_t val = *i;
+            *i = *first;
+            sel_adjust_heap(v, first, 0, len, val);
+        }
+}
+
+static void sel_swap(sel_t *a, sel_t *b) {
+    const sel_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void sel_median_to_first(const uint16_t *v, sel_t *r, sel_t *a, sel_t *b, sel_t *c) {
+    if (SEL_LESS(v, *a, *b)) {
+        if (SEL_LESS(v, *b, *c)) sel_swap(r, b);
+        else if (SEL_LESS(v, *a, *c)) sel_swap(r, c);
+        else sel_swap(r, a);
+    } else if (SEL_LESS(v, *a, *c)) sel_swap(r, a);
+    else if (SEL_LESS(v, *b, *c)) sel_swap(r, c);
+    else sel_swap(r, b);
+}
+
+static sel_t *sel_partition(const uint16_t *v, sel_t *first, sel_t *last, sel_t *pivot) {
+    for (;;) {
+        while (SEL_LESS(v, *first, *pivot)) ++first;
+        --last;
+        while (SEL_LESS(v, *pivot, *last)) --last;
+        if (!(first < last)) return first;
+        sel_swap(first, last);
+        ++first;
+    }
+}
+
+static void sel_insertion_sort(const uint16_t *v, sel_t *first, sel_t *last) {
+    if (first == last) return;
+    for (sel_t *i = first + 1; i != last; ++i) {
+        const sel_t val = *i;
+        if (SEL_LESS(v, val, *first)) {
+            memmove(first + 1, first, sizeof(sel_t) * (size_t)(i - first));
+            *first = val;
+        } else {
+            sel_t *hole = i, *next = i - 1;
+            while (SEL_LESS(v, val, *next)) {
+                *hole = *next;
+                hole = next;
+                --next;
+            }
+            *hole = val;
+        }
+    }
+}
+
+/* mask[i] = 1 for the k entries torch.topk(v, k, largest=True) returns (0 < k <= n < 2^32;
+ * other entries untouched); idx: n scratch entries. */
+void ws_topk_mask(const uint16_t *v, int64_t n, int64_t k, sel_t *idx, uint8_t *mask) {
+    for (int64_t i = 0; i < n; i++) idx[i] = (sel_t)i;
+    sel_t *first = idx, *last = idx + n, *nth = idx + k - 1;
+    if (nth != last) {
+        int64_t depth = 2 * (63 - __builtin_clzll((unsigned long long)n));
+        while (last - first > 3) {
+            if (depth == 0) {
+                sel_heap_select(v, first, nth + 1, last);
+                sel_swap(first, nth);
+                break;
+            }
+            --depth;
+            sel_t *mid = first + (last - first) / 2;
+            sel_median_to_first(v, first, first + 1, mid, last - 1);
+            sel_t *cut = sel_partition(v, first + 1, last, first);
+            if (cut <= nth) first = cut;
+            else last = cut;
+        }
+        if (last - first <= 3) sel_insertion_sort(v, first, last);
+    }
+    for (int64_t j = 0; j < k; j++) mask[idx[j]] = 1;
 }

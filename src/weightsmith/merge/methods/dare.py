@@ -12,11 +12,15 @@ its L1 rescale (‖δ‖₁ / ‖kept δ‖₁, sums in that dtype), every op in
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from weightsmith.kernels import merge as native
+from weightsmith.kernels.merge_narrow import Drop
+from weightsmith.merge.methods import gta_native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     Param,
@@ -128,6 +132,36 @@ class _Dare(GeneralizedTaskArithmetic):
         if isinstance(state[k], NarrowMask):
             return state[k].apply(delta, offset)
         return dare_mask(delta, density, state[k], offset, bool(params.globals["rescale"]))
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic in the native kernels (gta_native.py): the bits of
+        ``narrow_masks`` + ``_combine_narrow``, the keep draws made on the fly."""
+        if not gta_native.usable(src, params, out_dtype):
+            return None
+        seed = int(params.globals["seed"])
+        drops = []
+        for k, m in enumerate(params.models):
+            density = float(m["density"])
+            p = float(torch.tensor(density, dtype=params.dtype))
+            if density < 1.0 and keep_cut(p) == 0:
+                return None  # nothing kept: the torch path
+            drop = Drop(seed=tensor_seed(seed, params.name, k), cut=keep_cut(p))
+            drops.append(drop if density < 1.0 else Drop())
+        return self._stream_narrow(src, params, out_dtype, drops)
+
+    def _stream_narrow(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype, drops: list[Drop]
+    ) -> Iterator[torch.Tensor]:
+        if params.globals["rescale"]:
+            with gta_native.stored_inputs(src) as stored:
+                drops = [
+                    replace(d, scale=gta_native.l1_scale(src, stored, k, d)) if d.cut else d
+                    for k, d in enumerate(drops)
+                ]
+            del stored  # unmap before the second pass maps the inputs again
+        yield from gta_native.stream_gta(src, params, out_dtype, self.consensus, drops)
 
     def native_sparsify(self, k: int, state: Any, params: TensorParams) -> native.Sparsify:
         density = float(params.models[k]["density"])

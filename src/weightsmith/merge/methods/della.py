@@ -14,19 +14,26 @@ stream in, so a run is reproducible and independent of chunking, threads and dev
 draws from torch's global generator, so the two agree in distribution, not entry by entry.
 Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
 With a bfloat16/float16 compute dtype, |δ| is ranked, the probabilities and the L1 rescale are
-computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does.
+computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does. With
+bfloat16 on stored CPU inputs the native path (``stream_stored``, 1-D/2-D tensors) ranks the
+rows in C and draws from a counter-based SplitMix64 instead (:func:`native_keep`): the same
+distribution, other masks than the torch path for a given seed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from weightsmith.core.parallel import pmap
 from weightsmith.errors import ConfigError
+from weightsmith.kernels import merge_narrow
+from weightsmith.kernels.merge_narrow import Drop
+from weightsmith.merge.methods import gta_native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     Param,
@@ -186,6 +193,30 @@ def magprune_stream(
     return pruner.keep.view(-1), _rescale_of(norms)
 
 
+def native_keep(
+    src: ChunkSource, stored: list[torch.Tensor], k: int, cols: int, density: float,
+    epsilon: float, seed: int,
+) -> torch.Tensor:  # fmt: skip
+    """MagPrune's keep mask of task vector ``k`` (flat bool) in the native kernel: each row of
+    ``cols`` entries ranked by bfloat16 |δ| (stable), the entry of rank r kept with the
+    bfloat16 probability of :func:`rank_probabilities` (a 32-bit SplitMix64 draw per entry,
+    counter-based on seed and flat index, so blocks run on any thread with the same result)."""
+    probs = rank_probabilities(cols, density, epsilon, torch.bfloat16)
+    cuts = (probs * 2.0**32).round().to(torch.int64)
+    keep = torch.empty(src.numel, dtype=torch.bool)
+    rows = src.numel // cols
+    step = max(1, BLOCK // cols)
+
+    def fill(r0: int) -> None:
+        a, b = r0 * cols, min(r0 + step, rows) * cols
+        x0, x1 = stored[0][a:b], stored[k + 1][a:b]
+        if not merge_narrow.della_keep(x0, x1, cols, r0, seed, cuts, keep[a:b]):
+            raise RuntimeError(f"{src.name}: native DELLA kernel refused its inputs")
+
+    pmap(fill, range(0, rows, step))
+    return keep
+
+
 class _Della(MaskedTaskArithmetic):
     tensor_statistics = True
     reference = "https://arxiv.org/abs/2406.11617"
@@ -233,6 +264,36 @@ class _Della(MaskedTaskArithmetic):
                 mask = kept[k].mask
                 kept[k] = NarrowMask(mask, mergekit_l1_scale(delta, mask) if rescale else None)
         return kept
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic in the native kernels (gta_native.py), rows of 2-D/1-D tensors
+        ranked natively (:func:`native_keep`)."""
+        self.validate(params)
+        shape = region_shape(src)
+        if len(shape) > 2 or not gta_native.usable(src, params, out_dtype):
+            return None
+        return self._stream_narrow(src, params, out_dtype, shape[-1])
+
+    def _stream_narrow(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype, cols: int
+    ) -> Iterator[torch.Tensor]:
+        seed, rescale = int(params.globals["seed"]), bool(params.globals["rescale"])
+        drops = []
+        with gta_native.stored_inputs(src) as stored:
+            for k, m in enumerate(params.models):
+                d, e = float(m["density"]), float(m["epsilon"])
+                if d >= 1.0:
+                    drops.append(Drop())
+                    continue
+                mask = native_keep(src, stored, k, cols, d, e, tensor_seed(seed, src.name, k))
+                drop = Drop(mask=mask)
+                if rescale:
+                    drop = replace(drop, scale=gta_native.l1_scale(src, stored, k, drop))
+                drops.append(drop)
+            del stored  # unmap before the second pass maps the inputs again
+        yield from gta_native.stream_gta(src, params, out_dtype, self.consensus, drops)
 
     def sparsify(
         self, delta: torch.Tensor, k: int, state: Any, params: TensorParams, offset: int

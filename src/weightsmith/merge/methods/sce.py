@@ -14,12 +14,14 @@ The variance and the per-model means are whole-tensor statistics found in ``prep
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import merge as native
 from weightsmith.merge.methods.base import (
     ChunkSource,
     MergeMethod,
@@ -29,6 +31,7 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
     whole,
 )
+from weightsmith.merge.methods.sce_native import MAX_MODELS, normalised, stream_sce
 from weightsmith.merge.methods.sparsify import topk_mask
 from weightsmith.merge.methods.ties import topk_threshold
 
@@ -103,12 +106,7 @@ def narrow_state(src: ChunkSource, params: TensorParams) -> NarrowSce:
         tvs = tvs * mask.to(dt).unsqueeze(0)
     weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
     del tvs
-    total = torch.sum(weights).item()
-    if abs(total) < 1e-6:
-        weights = torch.ones_like(weights) / weights.shape[0]
-    else:
-        weights = weights / total
-    return NarrowSce(mask, weights.unsqueeze(-1))
+    return NarrowSce(mask, normalised(weights).unsqueeze(-1))
 
 
 def combine_narrow(chunks: list[torch.Tensor], state: NarrowSce, dt: torch.dtype,
@@ -171,6 +169,17 @@ class Sce(MergeMethod):
         else:
             weights = means / total
         return SceState(mask, tuple(float(w) for w in weights))
+
+    def stream_stored(
+        self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
+    ) -> Iterator[torch.Tensor] | None:
+        """bfloat16 arithmetic in the native kernels (sce_native.py): the same bits as
+        ``narrow_state`` + ``combine_narrow``, with torch's own topk and mean."""
+        if params.dtype != torch.bfloat16 or out_dtype not in native.STORAGE:
+            return None
+        if not native.available() or src.num_inputs - 1 > MAX_MODELS or src.numel == 0:
+            return None
+        return stream_sce(src, float(params.globals["select_topk"]), out_dtype)
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int

@@ -1,5 +1,5 @@
-"""The native masked bfloat16 task arithmetic (TIES / breadcrumbs in mergekit's dtype) gives
-the bits of mergekit's torch ops, written out here as mergekit 0.1.5's
+"""The native masked bfloat16 task arithmetic (``ws_narrow_gta`` with keep masks: TIES /
+breadcrumbs in mergekit's dtype) gives the bits of mergekit's torch ops, written out here as mergekit 0.1.5's
 ``generalized_task_arithmetic`` runs them: task vectors in bfloat16, masked, rescaled,
 weighted, sign election, sums, divisor, λ, + base."""
 
@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsmith.kernels import narrow as native
+from weightsmith.kernels import merge as merge_native
+from weightsmith.kernels import merge_narrow
+from weightsmith.kernels.merge_narrow import Drop
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+pytestmark = pytest.mark.skipif(not merge_native.available(), reason="no C compiler here")
 
 BF16 = torch.bfloat16
 N = 50_021  # not a multiple of any vector width
@@ -93,18 +95,16 @@ def test_native_masked_matches_mergekit_ops(case, dtype, out_dtype):
     ]
     want = mergekit_masked(xs, masks, scales, weights, consensus, normalize, lam).to(out_dtype)
     w_bf16 = torch.tensor(weights, dtype=BF16).float().tolist()
-    div = None
-    if normalize:
-        div = 1.0 if consensus else float(mergekit_divisor(weights))
     inputs = [x.to(dtype) for x in xs]
     out = torch.empty(N, dtype=out_dtype)
-    res = native.narrow_masked(
+    res = merge_narrow.narrow_gta(
         inputs,
-        masks,
-        scales,
+        0,
+        [Drop(mask=m, scale=s) for m, s in zip(masks, scales, strict=True)],
         w_bf16,
         consensus=consensus,
-        div=div,
+        normalize=normalize,
+        total=float(mergekit_divisor(weights)),
         lam=None if lam == 1 else lam,
         out=out,
     )
@@ -127,13 +127,14 @@ def test_input_nan_is_counted_per_input():
     xs = edge_inputs(2, seed=1)
     xs[2][17] = float("nan")
     out = torch.empty(N, dtype=BF16)
-    res = native.narrow_masked(
+    res = merge_narrow.narrow_gta(
         [x.to(BF16) for x in xs],
-        [None, None],
-        [None, None],
+        0,
+        [Drop(), Drop()],
         [1.0, 1.0],
         consensus=True,
-        div=1.0,
+        normalize=True,
+        total=2.0,
         lam=None,
         out=out,
     )

@@ -1,7 +1,6 @@
 """Typed wrappers around ``narrow_kernels.c``: torch's unstable CPU sort replayed only as far as
-which entries land in a range of positions (see the C file for why that is exact),
-mergekit's masked bfloat16 task arithmetic (TIES, breadcrumbs) fused in one pass, and the
-elementwise steps of its bfloat16 Karcher mean.
+which entries land in a range of positions (see the C file for why that is exact), and the
+elementwise steps of mergekit's bfloat16 Karcher mean.
 
 Each wrapper returns None when the kernels are unavailable or refuse the tensors; callers then
 run torch, which gives the same bits.
@@ -10,7 +9,6 @@ run torch, which gives the same bits.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,10 +26,6 @@ SIGNATURES = {
     "ws_bf16_axpy": ([_p, _p, _i64, _f32], None),
     "ws_karcher_tangent": ([_p, _p, _p, _i64, _f32, _f32], None),
     "ws_karcher_step": ([_p, _p, _i64, _f32, _f32, _f32], None),
-    "ws_narrow_masked": (
-        [_p, _i32, _i32, _i64, _p, _p, _p, _p, _i32, _i32, _f32, _i32, _f32, _p, _i32, _p],
-        _i64,
-    ),
 }
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernels read and write directly
 MAX_NUMEL = 1 << 32  # sort indices are 32-bit
@@ -104,57 +98,6 @@ class SortKeys:
             mask.data_ptr(),
         )
         return None if bad else mask
-
-
-def narrow_masked(
-    inputs: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
-    scales: Sequence[float | None],
-    weights: Sequence[float],
-    *,
-    consensus: bool,
-    div: float | None,
-    lam: float | None,
-    out: torch.Tensor,
-) -> tuple[int, list[int]] | None:
-    """mergekit's bfloat16 masked task arithmetic of same-dtype float32/bfloat16 ranges (input
-    0 the base; ``masks`` bool ranges or None, ``scales`` bfloat16 rescale factors or None,
-    ``weights`` bfloat16 values, one each per task vector) into ``out``: (NaN/Inf outputs,
-    NaN/Inf per input), or None when the kernels cannot take these tensors. ``div``: the
-    divisor when normalising (ignored with ``consensus``, whose divisor is per entry: pass
-    any float to divide, None not to); ``lam``: scale, None to skip."""
-    lib = library()
-    k = len(inputs) - 1
-    n = out.numel()
-    if (
-        lib is None
-        or not 1 <= k <= MAX_MODELS
-        or len({t.dtype for t in inputs}) != 1
-        or any(t.numel() != n for t in inputs)
-        or not _usable(*inputs, out)
-        or any(m is not None and (m.dtype != torch.bool or m.numel() != n) for m in masks)
-    ):
-        return None
-    bad = (ctypes.c_int64 * (k + 1))()
-    out_bad = lib.ws_narrow_masked(
-        (_p * (k + 1))(*[t.data_ptr() for t in inputs]),
-        k + 1,
-        DTYPES[inputs[0].dtype],
-        n,
-        (_p * k)(*[None if m is None else m.data_ptr() for m in masks]),
-        (_f32 * k)(*[1.0 if s is None else s for s in scales]),
-        (_i32 * k)(*[int(s is not None) for s in scales]),
-        (_f32 * k)(*weights),
-        int(consensus),
-        int(div is not None),
-        0.0 if div is None else div,
-        int(lam is not None),
-        0.0 if lam is None else lam,
-        out.data_ptr(),
-        DTYPES[out.dtype],
-        bad,
-    )
-    return int(out_bad), list(bad)
 
 
 def bf16_call(name: str, *args: torch.Tensor | float) -> None:

@@ -1,5 +1,6 @@
 /* Kernels for mergekit's bfloat16 arithmetic, op by op: its sort-masked task-vector methods
- * (TIES, breadcrumbs: 1 and 2 below) and the Karcher mean's elementwise steps (3).
+ * (TIES, breadcrumbs: 1 below; their masked arithmetic is ws_narrow_gta in merge_kernels.c) and
+ * the Karcher mean's elementwise steps (2).
  *
  * 1. Which entries land in a range of positions when torch sorts a CPU tensor, without sorting.
  *
@@ -239,131 +240,7 @@ int32_t ws_sort_select(uint16_t *keys, uint32_t *idx, int64_t n, int64_t lo, int
  * Sums run in float32 from +0 in model order, as torch's sum over the stacked models does.
  * masks[k] (NULL: keep all) and the ranges start at the range's first entry. out is stored as
  * out_dtype; bad[k] counts NaN/Inf of input k; returns the NaN/Inf outputs. */
-#define MAXK 32
-#define TILE 256
-
-/* Tile [s, s + m) of a stored range rounded to bfloat16; counts NaN/Inf into *bad. */
-static void load_tile(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {
-    int64_t nb = 0;
-    if (dtype == DT_BF16) {
-        const uint16_t *p = (const uint16_t *)x + s;
-        for (int64_t i = 0; i < m; i++) {
-            v[i] = bf16_to_f32(p[i]);
-            nb += (p[i] & 0x7F80u) == 0x7F80u;
-        }
-    } else {
-        const float *p = (const float *)x + s;
-        for (int64_t i = 0; i < m; i++) {
-            uint32_t u;
-            memcpy(&u, &p[i], sizeof u);
-            nb += (u & 0x7F800000u) == 0x7F800000u;
-            v[i] = bf16_round(p[i]);
-        }
-    }
-    *bad += nb;
-}
-
-/* p = bf16(δ·w) of task vector k for one tile, δ = bf16(v − b) masked and scaled. */
-static void weighted_delta(const float *v, const float *b, const uint8_t *mask, int32_t scaled,
-                           float scale, float w, int64_t m, float *p) {
-    for (int64_t i = 0; i < m; i++) p[i] = bf16_round(v[i] - b[i]);
-    if (mask)
-        for (int64_t i = 0; i < m; i++) p[i] = p[i] * (float)mask[i];
-    if (scaled)
-        for (int64_t i = 0; i < m; i++) p[i] = bf16_round(p[i] * scale);
-    for (int64_t i = 0; i < m; i++) p[i] = bf16_round(p[i] * w);
-}
-
-/* TIES' disjoint sum over one tile: mixed = bf16(Σ a_k·p_k), div = bf16(Σ a_k·w_k) (0 -> 1),
- * a_k = sign(p_k) == elected, elected = bf16(Σ p_k) >= 0 ? 1 : −1. */
-static void consensus_tile(float p[][TILE], int32_t nk, const float *w, int64_t m, float *mixed,
-                           float *dv) {
-    float elected[TILE];
-    for (int64_t i = 0; i < m; i++) mixed[i] = 0.0f;
-    for (int32_t k = 0; k < nk; k++)
-        for (int64_t i = 0; i < m; i++) mixed[i] = mixed[i] + p[k][i];
-    for (int64_t i = 0; i < m; i++) {
-        elected[i] = bf16_round(mixed[i]) >= 0.0f ? 1.0f : -1.0f;
-        mixed[i] = 0.0f;
-        dv[i] = 0.0f;
-    }
-    for (int32_t k = 0; k < nk; k++) {
-        const float wk = w[k];
-        for (int64_t i = 0; i < m; i++) {
-            const float sg = (float)((p[k][i] > 0.0f) - (p[k][i] < 0.0f));
-            const float a = sg == elected[i] ? 1.0f : 0.0f;
-            mixed[i] = mixed[i] + p[k][i] * a;
-            dv[i] = dv[i] + wk * a;
-        }
-    }
-    for (int64_t i = 0; i < m; i++) {
-        mixed[i] = bf16_round(mixed[i]);
-        const float d = bf16_round(dv[i]);
-        dv[i] = d == 0.0f ? 1.0f : d;
-    }
-}
-
-/* 2. mergekit's generalized task arithmetic in bfloat16 with masks, over one range (input 0
- * the base, K − 1 task vectors), every torch rounding step reproduced:
- *   δ_k = bf16(x_k − b); masked: δ_k·m_k (m_k ∈ {0, 1}, exact); scaled: bf16(δ_k·s_k);
- *   p_k = bf16(δ_k·w_k) (w_k bfloat16 values);
- *   consensus: see consensus_tile; otherwise: mixed = bf16(Σ p_k), div = the given scalar;
- *   bf16(mixed / div) when do_div, bf16(mixed·lam) when do_lam, out = bf16(b + mixed).
- * Sums run in float32 from +0 in model order, as torch's sum over the stacked models does.
- * masks[k] (NULL: keep all) and the ranges start at the range's first entry. out is stored as
- * out_dtype; bad[k] counts NaN/Inf of input k; returns the NaN/Inf outputs (-1: K too large). */
-int64_t ws_narrow_masked(const void *const *xs, int32_t K, int32_t in_dtype, int64_t n,
-                         const uint8_t *const *masks, const float *scales, const int32_t *scaled,
-                         const float *w, int32_t consensus, int32_t do_div, float div,
-                         int32_t do_lam, float lam, void *out, int32_t out_dtype, int64_t *bad) {
-    static _Thread_local float p[MAXK][TILE];
-    float b[TILE], v[TILE], mixed[TILE], dv[TILE];
-    int64_t bad_out = 0;
-    if (K < 2 || K - 1 > MAXK) return -1;
-    for (int32_t k = 0; k < K; k++) bad[k] = 0;
-    for (int64_t s = 0; s < n; s += TILE) {
-        const int64_t m = (n - s < TILE) ? n - s : TILE;
-        load_tile(xs[0], in_dtype, s, m, b, &bad[0]);
-        for (int32_t k = 1; k < K; k++) {
-            load_tile(xs[k], in_dtype, s, m, v, &bad[k]);
-            const uint8_t *mk = masks[k - 1] ? masks[k - 1] + s : NULL;
-            weighted_delta(v, b, mk, scaled[k - 1], scales[k - 1], w[k - 1], m, p[k - 1]);
-        }
-        if (consensus) {
-            consensus_tile(p, K - 1, w, m, mixed, dv);
-        } else {
-            for (int64_t i = 0; i < m; i++) mixed[i] = 0.0f;
-            for (int32_t k = 0; k < K - 1; k++)
-                for (int64_t i = 0; i < m; i++) mixed[i] = mixed[i] + p[k][i];
-            for (int64_t i = 0; i < m; i++) {
-                mixed[i] = bf16_round(mixed[i]);
-                dv[i] = div;
-            }
-        }
-        if (do_div)
-            for (int64_t i = 0; i < m; i++) mixed[i] = bf16_round(mixed[i] / dv[i]);
-        if (do_lam)
-            for (int64_t i = 0; i < m; i++) mixed[i] = bf16_round(mixed[i] * lam);
-        if (out_dtype == DT_BF16) {
-            uint16_t *o = (uint16_t *)out + s;
-            for (int64_t i = 0; i < m; i++) {
-                o[i] = f32_to_bf16(b[i] + mixed[i]);
-                bad_out += (o[i] & 0x7F80u) == 0x7F80u;
-            }
-        } else {
-            float *o = (float *)out + s;
-            for (int64_t i = 0; i < m; i++) {
-                o[i] = bf16_round(b[i] + mixed[i]);
-                uint32_t u;
-                memcpy(&u, &o[i], sizeof u);
-                bad_out += (u & 0x7F800000u) == 0x7F800000u;
-            }
-        }
-    }
-    return bad_out;
-}
-
-/* 3. The elementwise steps of mergekit's bfloat16 Karcher mean (merge/methods/karcher.py), each
+/* 2. The elementwise steps of mergekit's bfloat16 Karcher mean (merge/methods/karcher.py), each
  * on one range of bfloat16 tensors, every torch rounding reproduced (scalars are given as the
  * float values torch computes with: 0-dim float32 tensors rounded to bfloat16 where torch
  * rounds them, divisors not). */

@@ -127,7 +127,7 @@ class _Breadcrumbs(MaskedTaskArithmetic):
         selection, then one native pass of its masked task arithmetic over the stored inputs."""
         if not params.narrow or params.globals["rescale"]:
             return None
-        if not can_stream(params, out_dtype, src.numel):
+        if not can_stream(src, params, out_dtype):
             return None
         wanted = {}
         for k, m in enumerate(params.models):

@@ -20,8 +20,9 @@ import torch
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.io.reader import drop_mapped_pages
 from weightsmith.kernels import narrow as native
-from weightsmith.merge.methods.base import ChunkSource, TensorParams, stream_native, whole
-from weightsmith.merge.methods.task_arithmetic import narrow_task_arithmetic_args
+from weightsmith.kernels.merge_narrow import Drop
+from weightsmith.merge.methods.base import ChunkSource, TensorParams, whole
+from weightsmith.merge.methods.gta_native import stream_gta, usable
 
 Wanted = tuple[int, int, bool]  # positions [lo, hi) of the sort, descending or not
 PARALLEL_BYTES = 256 << 20  # select several task vectors at once while their keys fit this
@@ -103,27 +104,11 @@ def stream_masked(
 ) -> Iterator[torch.Tensor]:
     """mergekit's bfloat16 task arithmetic with these masks (task vectors without one are kept
     whole; ``consensus``: TIES sign election and per-entry divisor), one native pass over the
-    stored inputs."""
-    weights, div, lam = narrow_task_arithmetic_args(params)
-    if consensus:
-        div = 1.0 if params.globals["normalize"] else None  # the divisor is per entry
-    order = [masks.get(k) for k in range(len(weights))]
-
-    def kernel(xs: list[torch.Tensor], out: torch.Tensor, start: int):
-        parts = [None if m is None else m[start : start + out.numel()] for m in order]
-        scales = [None] * len(parts)
-        return native.narrow_masked(
-            xs, parts, scales, weights, consensus=consensus, div=div, lam=lam, out=out
-        )
-
-    return stream_native(src, out_dtype, kernel, offsets=True)
+    stored inputs (:func:`~weightsmith.merge.methods.gta_native.stream_gta`)."""
+    drops = [Drop(mask=masks.get(k)) for k in range(len(params.models))]
+    return stream_gta(src, params, out_dtype, consensus, drops)
 
 
-def can_stream(params: TensorParams, out_dtype: torch.dtype, numel: int) -> bool:
+def can_stream(src: ChunkSource, params: TensorParams, out_dtype: torch.dtype) -> bool:
     """Whether :func:`stored_masks` / :func:`stream_masked` take this tensor."""
-    return (
-        params.dtype == torch.bfloat16
-        and out_dtype in native.DTYPES
-        and len(params.models) <= native.MAX_MODELS
-        and native.available(numel)
-    )
+    return usable(src, params, out_dtype) and native.available(src.numel)

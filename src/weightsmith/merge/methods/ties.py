@@ -252,7 +252,7 @@ class Ties(GeneralizedTaskArithmetic):
     ) -> Iterator[torch.Tensor] | None:
         """bfloat16 arithmetic: mergekit's masks by the native sort selection, then one native
         pass of its masked task arithmetic over the stored inputs (the torch path's bits)."""
-        if not params.narrow or not can_stream(params, out_dtype, src.numel):
+        if not params.narrow or not can_stream(src, params, out_dtype):
             return None
         wanted = {}
         for k, d in enumerate(params.model_values("density")):

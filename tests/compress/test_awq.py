@@ -173,7 +173,7 @@ def test_bad_input_is_refused_by_name(tmp_path):
     assert not out.exists()
     for bad, msg in [(dict(n_grid=2), "--n-grid must be at least 3"),
                      (dict(duo_scaling="maybe"), "--duo-scaling must be one of"),
-                     (dict(damp=0.1), "--damp and --act-order apply to --method awq --awq-then gptq"),
+                     (dict(damp=0.05), "--damp and --act-order apply to --method awq --awq-then gptq"),
                      (dict(awq_then="hqq"), "--awq-then must be one of"),
                      (dict(awq_propagate="fp"), "--awq-propagate must be one of")]:  # fmt: skip
         with pytest.raises(ConfigError, match=msg):

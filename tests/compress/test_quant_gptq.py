@@ -60,7 +60,9 @@ def test_matches_naive_reference_for_any_block_size():
     w, _, h = _problem()
     ref = _naive_gptq(w, h, bits=4, damp=0.01)
     for block in (128, 16, 7):
-        qw = gptq_quantize_weight(w, h, bits=4, group_size=-1, symmetric=True, block_size=block)
+        qw = gptq_quantize_weight(
+            w, h, bits=4, group_size=-1, symmetric=True, block_size=block, damp=0.01
+        )
         diff = (qw.dequantize() - ref).abs() > 1e-4
         assert diff.float().mean() < 0.005, block
 

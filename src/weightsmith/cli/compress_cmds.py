@@ -21,6 +21,7 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_file
 from weightsmith.cli.groups import compress_cli
+from weightsmith.compress.gptq import DEFAULT_DAMP
 from weightsmith.compress.registry import FORMATS, METHODS
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
@@ -87,7 +88,7 @@ from weightsmith.io.sizes import format_size, parse_size
 @click.option(
     "--damp",
     type=FINITE_FLOAT,
-    default=0.01,
+    default=DEFAULT_DAMP,
     show_default=True,
     help="GPTQ: dampening, fraction of mean diag(H).",
 )

@@ -33,7 +33,7 @@ from weightsmith.compress.awq_search import (
     resolve_mappings,
     search_scales,
 )
-from weightsmith.compress.gptq import gptq_quantize
+from weightsmith.compress.gptq import DEFAULT_DAMP, gptq_quantize
 from weightsmith.compress.registry import CalibratedConfig, GridConfig, quant_method
 from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.compress.smoothquant import round_layer
@@ -60,7 +60,7 @@ class AWQConfig(GridConfig, CalibratedConfig):
     awq_then: str = "rtn"
     awq_propagate: str = "auto"
     awq_clip: bool = False
-    damp: float = 0.01
+    damp: float = DEFAULT_DAMP
     act_order: bool = False
     block_size: int = 128
     allow_rtn_fallback: bool = False
@@ -93,7 +93,7 @@ class AWQConfig(GridConfig, CalibratedConfig):
             )
         if not 0 <= self.damp < 1:
             raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
-        if self.awq_then == "rtn" and (self.damp, self.act_order) != (0.01, False):
+        if self.awq_then == "rtn" and (self.damp, self.act_order) != (DEFAULT_DAMP, False):
             raise ConfigError("--damp and --act-order apply to --method awq --awq-then gptq")
 
     def describe(self) -> dict:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import weightsmith.kernels as kernels
+import weightsmith.merge.methods.base as base_module
 from weightsmith.kernels import merge_narrow
 from weightsmith.merge.methods.base import (
     TensorChunks,
@@ -111,7 +112,13 @@ def test_sce_variance_kernel_is_torch_var_on_extreme_values():
     [{}, {"rescale": False}, {"normalize": True, "lambda": 0.7}, {"seed": 5, "normalize": True}],
 )
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
-def test_dare_native_gives_the_torch_narrow_bits(method, globals_, dtype):
+def test_dare_native_gives_the_torch_narrow_bits(method, globals_, dtype, monkeypatch):
+    """Same bits as the torch path with its whole-tensor sums on one thread. The native L1
+    rescale norms are float64 sums rounded once; torch's float32 sums depend on its thread
+    count, so with more threads the two factors can differ by one bfloat16 ulp at a rounding
+    boundary (seen with seed 5 at 2 threads) — acceptable for a randomised method, which
+    matches mergekit by distribution only (docs/merge.md)."""
+    monkeypatch.setattr(base_module, "TORCH_THREADS", 1)
     ts = inputs(3, (97, 1031), 11, dtype)
     ref, fast = both(method, ts, globals_, {"weight": 0.7, "density": 0.3})
     assert same_bits(ref, fast)

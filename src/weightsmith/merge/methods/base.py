@@ -334,6 +334,16 @@ NATIVE_PIECE = 1 << 20  # elements per native call: big enough that thread hand-
 OUT_PIECES = 8  # native pieces per output chunk handed to the writer (16 MB of bfloat16)
 
 
+@contextlib.contextmanager
+def stored_inputs(src: ChunkSource) -> Iterator[list[torch.Tensor]]:
+    """Every input as stored (flat, cut to the tensor's planned size) while the block runs."""
+    with contextlib.ExitStack() as stack:
+        xs = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
+        if any(x.numel() < src.numel for x in xs):
+            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+        yield [x[: src.numel] for x in xs]
+
+
 def stream_native(
     src: ChunkSource,
     out_dtype: torch.dtype,
@@ -346,10 +356,7 @@ def stream_native(
     ``kernel(input pieces, output piece)`` (``offsets``: also the pieces' flat start) ->
     (NaN/Inf outputs, NaN/Inf per input). A NaN/Inf input raises its input's error, an
     overflowing output the overflow error."""
-    with contextlib.ExitStack() as stack:
-        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
-        if any(x.numel() < src.numel for x in stored):
-            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
+    with stored_inputs(src) as stored:
         step = OUT_PIECES * NATIVE_PIECE
         for first in range(0, src.numel, step):
             last = min(first + step, src.numel)

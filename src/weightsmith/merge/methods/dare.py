@@ -27,6 +27,7 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
+    stored_inputs,
 )
 from weightsmith.merge.methods.sparsify import NarrowMask, mergekit_l1_scale, narrow_deltas
 from weightsmith.merge.methods.task_arithmetic import GeneralizedTaskArithmetic
@@ -155,7 +156,7 @@ class _Dare(GeneralizedTaskArithmetic):
         self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype, drops: list[Drop]
     ) -> Iterator[torch.Tensor]:
         if params.globals["rescale"]:
-            with gta_native.stored_inputs(src) as stored:
+            with stored_inputs(src) as stored:
                 drops = [
                     replace(d, scale=gta_native.l1_scale(src, stored, k, d)) if d.cut else d
                     for k, d in enumerate(drops)

@@ -40,6 +40,7 @@ from weightsmith.merge.methods.base import (
     TensorParams,
     merge_method,
     merge_tensors,
+    stored_inputs,
 )
 from weightsmith.merge.methods.dare import tensor_seed
 from weightsmith.merge.methods.sparsify import (
@@ -281,7 +282,7 @@ class _Della(MaskedTaskArithmetic):
     ) -> Iterator[torch.Tensor]:
         seed, rescale = int(params.globals["seed"]), bool(params.globals["rescale"])
         drops = []
-        with gta_native.stored_inputs(src) as stored:
+        with stored_inputs(src) as stored:
             for k, m in enumerate(params.models):
                 d, e = float(m["density"]), float(m["epsilon"])
                 if d >= 1.0:

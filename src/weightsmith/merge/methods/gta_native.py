@@ -9,7 +9,6 @@ them in float32), rounded to bfloat16 as mergekit's are.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 
@@ -39,16 +38,6 @@ def usable(src: ChunkSource, params: TensorParams, out_dtype: torch.dtype) -> bo
         and native.available()
         and src.num_inputs - 1 <= 31
     )
-
-
-@contextlib.contextmanager
-def stored_inputs(src: ChunkSource) -> Iterator[list[torch.Tensor]]:
-    """Every input as stored, cut to the tensor's (planned) size."""
-    with contextlib.ExitStack() as stack:
-        stored = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
-        if any(x.numel() < src.numel for x in stored):
-            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
-        yield [x[: src.numel] for x in stored]
 
 
 def sliced(drop: Drop, at: int, n: int) -> Drop:

@@ -22,9 +22,9 @@ from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
     ChunkSource,
     mergekit_threads,
+    stored_inputs,
     stream_native,
 )
-from weightsmith.merge.methods.gta_native import stored_inputs
 
 MAX_MODELS = 31  # merge_kernels.c's MAXK − 1 (the base takes one slot)
 BF16 = torch.bfloat16

@@ -32,6 +32,7 @@ from weightsmith.merge.methods.base import (
     ChunkSource,
     TensorParams,
     mergekit_threads,
+    stored_inputs,
     stream_native,
 )
 
@@ -45,16 +46,6 @@ def applies(src: ChunkSource, params: TensorParams, out_dtype: torch.dtype) -> b
         and src.num_inputs <= 16
         and sphere.library() is not None
     )
-
-
-@contextlib.contextmanager
-def stored_inputs(src: ChunkSource) -> Iterator[list[torch.Tensor]]:
-    """Every input as stored (flat, whole) while the block runs."""
-    with contextlib.ExitStack() as stack:
-        xs = [stack.enter_context(src.stored(i)) for i in range(src.num_inputs)]
-        if any(x.numel() < src.numel for x in xs):
-            raise RuntimeError(f"{src.name}: stored inputs are smaller than the planned size")
-        yield [x[: src.numel] for x in xs]
 
 
 def fill(

@@ -45,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmc_peer import FIXED, SCRIPT
 from weightsmith.evaluate import perplexity
 from weightsmith.testing import shared_model, shared_text, smollm2_dir
 
@@ -92,6 +93,17 @@ CONFIGS = {
         "gptq w4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
     },
+    "issue21": {  # every row of #21's Done-when, each with its llm-compressor recipe (PEER)
+        "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
+        "gptq w4 g64 act-order": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
+        "w8a8 smoothquant": ["--method", "w8a8", "--smoothquant"],
+        "fp8 dynamic": ["--method", "fp8"],
+        "fp8 block": ["--method", "fp8", "--scheme", "block"],
+        "nvfp4": ["--method", "nvfp4"],
+        "sparsegpt 50%": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
+        "sparsegpt 2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4"],
+        "wanda 50%": ["prune", "--method", "wanda", "--sparsity", "0.5"],
+    },
     "smollm2-awq": {  # AWQ vs its data-free counterpart (RTN), symmetric g64 (see shared/README)
         "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
@@ -110,54 +122,70 @@ CONFIGS = {
     },
 }  # fmt: skip
 
+# weightsmith config -> llm-compressor recipe (llmc_peer.py) where it is not the --method
+PEER = {"w8a8 smoothquant": "w8a8-smoothquant", "fp8 dynamic": "fp8-dynamic",
+        "fp8 block": "fp8-block", "nvfp4": "nvfp4", "sparsegpt 50%": "sparsegpt-50",
+        "sparsegpt 2:4": "sparsegpt-2:4", "wanda 50%": "wanda-50"}  # fmt: skip
 
-PEER_SCRIPT = """
-import json, resource, sys, time
-import torch
-from datasets import Dataset
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-from llmcompressor.modifiers.transform.awq import AWQModifier
-from llmcompressor.pipelines.cache import IntermediatesCache
-from transformers import AutoModelForCausalLM, AutoTokenizer
-base, ids_path, out, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-method = sys.argv[6] if len(sys.argv) > 6 else "gptq"
-IntermediatesCache.pin_memory = lambda self, i: None  # AWQ pins its caches: no CPU-only accelerator
-ids = torch.load(ids_path)
-t = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel"}
-if group > 0:
-    weights.update(strategy="group", group_size=group)
-groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
-if method == "awq":  # llm-compressor's defaults: duo scaling, 20 grid points; then min-max RTN
-    recipe = [AWQModifier(duo_scaling=True, n_grid=20),
-              QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-else:
-    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01,
-                          block_size=128)
-oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
-        num_calibration_samples=ids.shape[0])
-model.save_pretrained(out, save_compressed=True)
-AutoTokenizer.from_pretrained(base).save_pretrained(out)
-hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]  # not ru_maxrss:
-peak = int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss": peak}))  # (kept across exec)
-"""
+
+def peer_method(name: str, extra: list[str]) -> str:
+    """The llm-compressor recipe a weightsmith config is compared with."""
+    return PEER.get(name) or extra[extra.index("--method") + 1]
+
+
+def is_calibrated(extra: list[str]) -> bool:
+    """Whether a config takes --calib (the data-free methods take none)."""
+    method = extra[extra.index("--method") + 1]
+    return method in ("gptq", "awq", "sparsegpt", "wanda") or "--smoothquant" in extra
 
 
 def run_peer(
     python: str, base: Path, calib: Path, args, work: Path, evalargs: dict, data: Path,
     methods: list[str] | None = None,
 ):  # fmt: skip
-    """llm-compressor GPTQ and/or AWQ + RTN (``--peer-method``, or ``methods``) on the same
-    calibration windows; rows in the same format."""
+    """llm-compressor's recipe for each of ``--peer-method`` (or ``methods``; llmc_peer.py) on
+    the same calibration windows; rows in the same format. gptq/awq run once per
+    ``--peer-bits``; the other recipes once. A recipe that fails gives a row saying so."""
+    ids_path = peer_ids(base, calib, args, work)
+    group = args.peer_group_size
+    tag = "per-channel" if group <= 0 else f"g{group}"
+    runs = [(None, m) if m in FIXED else (b, m) for m in methods or args.peer_method for b in args.peer_bits]  # fmt: skip
+    rows = []
+    for bits, method in dict.fromkeys(runs):  # a FIXED recipe once, whatever --peer-bits
+        load = os.getloadavg()[0]
+        name = f"llm-compressor {method}" + ("" if bits is None else f" w{bits} {tag}")
+        out = work / name.replace(" ", "_").replace(":", "-")
+        cpu0 = children_cpu()
+        argv = [python, "-c", SCRIPT, str(base), str(ids_path), str(out), str(bits or 8), str(group), method]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        row = {"config": name, "peer_of": (method, bits), "load": load}
+        if proc.returncode != 0:
+            print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            rows.append({**row, "failed": proc.stderr.strip().splitlines()[-1][:200]})
+            continue
+        cost = json.loads(proc.stdout.strip().splitlines()[-1])
+        cpu = children_cpu() - cpu0  # the whole process, model loading included
+        try:
+            e = scores(out, data, base, args, evalargs)
+        except Exception as exc:  # e.g. FP8_BLOCK on widths its blocks do not divide
+            print(f"{name}: its output does not evaluate: {exc}", file=sys.stderr)
+            rows.append({**row, "failed": f"wrote a checkpoint that does not run: {str(exc)[:150]}"})  # fmt: skip
+            continue
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        rows.append({**row, "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "cpu_s": cpu, "rss": cost["peak_rss"], "tokens": e["tokens"]})  # fmt: skip
+        rows[-1]["also"] = also_eval(out, base, args, evalargs)
+        print(f"{name}: ppl {e['ppl']:.4f} quant {cost['wall_s']:.1f}s load {load:.1f}", file=sys.stderr)  # fmt: skip
+    return rows
+
+
+def peer_ids(base: Path, calib: Path, args, work: Path) -> Path:
+    """The calibration windows weightsmith uses, saved for the peer (after waiting up to
+    ``--peer-wait`` for its venv's .ready marker, which .ci/peers.sh writes)."""
     import torch
 
     from weightsmith.core.calibration import load_calibration_text, load_tokenizer, tokenize_windows
 
-    ready = Path(python).parents[1] / ".ready"  # .ci/peers.sh writes it once the venv is built
+    ready = Path(args.peer_python).parents[1] / ".ready"
     deadline = time.monotonic() + args.peer_wait
     while args.peer_wait and not ready.exists() and time.monotonic() < deadline:
         time.sleep(10)
@@ -167,38 +195,7 @@ def run_peer(
     )
     ids_path = work / "peer_ids.pt"
     torch.save(ids, ids_path)
-    rows = []
-    group = args.peer_group_size
-    tag = "per-channel" if group <= 0 else f"g{group}"
-    for bits, method in [(b, m) for m in methods or args.peer_method for b in args.peer_bits]:
-        load = os.getloadavg()[0]
-        out = work / f"peer_llmcompressor_{method}_w{bits}_{tag}"
-        cpu0 = children_cpu()
-        proc = subprocess.run(
-            [
-                python,
-                "-c",
-                PEER_SCRIPT,
-                str(base),
-                str(ids_path),
-                str(out),
-                str(bits),
-                str(group),
-                method,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-2000:]}")
-        cost = json.loads(proc.stdout.strip().splitlines()[-1])
-        cpu = children_cpu() - cpu0  # the whole process, model loading included
-        e = scores(out, data, base, args, evalargs)
-        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({"config": f"llm-compressor {method} w{bits} {tag}", "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size, "quant_s": cost["wall_s"], "cpu_s": cpu, "rss": cost["peak_rss"], "tokens": e["tokens"], "load": load})  # fmt: skip
-        rows[-1]["also"] = also_eval(out, base, args, evalargs)
-        print(f"{rows[-1]['config']}: ppl {e['ppl']:.4f} quant {cost['wall_s']:.1f}s load {load:.1f}", file=sys.stderr)  # fmt: skip
-    return rows
+    return ids_path
 
 
 def scores(out: Path, data: Path, base: Path, args, evalargs: dict) -> dict:
@@ -236,6 +233,9 @@ def run(cmd: list[str]) -> dict:
         [*cmd, "--report", str(report), "--no-progress"], capture_output=True, text=True
     )
     cpu = children_cpu() - cpu0
+    if proc.returncode == 1 and proc.stderr.strip():  # a refusal (bad input): one line
+        report.unlink(missing_ok=True)
+        return {"_failed": proc.stderr.strip().splitlines()[-1][:200], "_wall": time.perf_counter() - t, "_cpu": cpu}  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     data = json.loads(report.read_text())
@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--peer-bits", type=int, nargs="+", default=[4, 3], help="peer runs")
     ap.add_argument("--peer-group-size", type=int, default=-1, help="peer group (-1: channel)")
     ap.add_argument("--no-configs", action="store_true", help="run only the peer")
-    ap.add_argument("--peer-method", choices=["gptq", "awq"], nargs="+", default=["gptq"],
+    ap.add_argument("--peer-method", choices=["gptq", "awq", *FIXED], nargs="+", default=["gptq"],
                     help="peer recipe(s)")  # fmt: skip
     ap.add_argument("--peer-wait", type=float, default=0,
                     help="wait up to this many seconds for the peer venv's .ready marker")  # fmt: skip
@@ -320,7 +320,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.calib_holdout:
         calib = holdout_calibration(base, data, args.max_tokens, work)
-    ws = [sys.executable, "-m", "weightsmith"]
     evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
     rows = []
     pending = list(args.peer_method)  # peer methods not run yet
@@ -334,68 +333,59 @@ def main() -> None:
     for name, extra in CONFIGS[args.configs or args.model].items():
         if args.no_configs or (args.only and name not in args.only):
             continue
-        out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
-        calibrated = extra[extra.index("--method") + 1] in ("gptq", "awq")  # RTN takes none
-        calibargs = (
-            []
-            if not calibrated
-            else [
-                "--calib",
-                str(calib),
-                "--calib-samples",
-                str(args.calib_samples),
-                "--seq-len",
-                str(args.calib_seq_len),
-            ]
-        )
-        load = os.getloadavg()[0]
-        q = run(
-            [*ws, "compress", "quantize", str(base), "-o", str(out), "--force", *extra, *calibargs]
-        )
-        x = q["result"]["extra"]
-        e = scores(out, data, base, args, evalargs)
-        row = {
-            "config": name,
-            "ppl": e["ppl"],
-            "kl": e["kl"],
-            "top1": e["top1_agreement"],
-            "size": x["output_size"],
-            "quant_s": q["wall_s"],
-            "cpu_s": q["_cpu"],
-            "rss": q["peak_rss"],
-            "fraction": x["fraction_quantized"],
-            "tokens": e["tokens"],
-            "load": load,
-            "also": also_eval(out, base, args, evalargs),
-        }
-        rows.append(row)
-        method = extra[extra.index("--method") + 1]
+        rows.append(ws_row(name, extra, base, calib, data, args, work, evalargs))
+        method = rows[-1]["peer_of"][0]
         if args.peer_python and args.interleave_peer and method in pending:
             pending.remove(method)
             rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data, [method])  # fmt: skip
         if args.json_out:  # after every row, so a stopped run keeps what it measured
             Path(args.json_out).write_text(json.dumps(rows, indent=2))
-        print(
-            f"{name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f} top1 {e['top1_agreement']:.4f} size {x['output_size']} quant {q['wall_s']:.1f}s rss {q['peak_rss'] / 2**20:.0f} MiB",
-            file=sys.stderr,
-        )
     if args.peer_python and pending:
         rows += run_peer(args.peer_python, Path(base), calib, args, work, evalargs, data, pending)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
-    print(
-        "| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize CPU (user+sys) | quantize peak RSS | load avg (1 min) at start |"
-    )
+    print_table(rows)
+    print_also(rows, args.also_eval)
+    print_ratios(rows)
+
+
+def ws_row(name, extra, base, calib, data, args, work, evalargs) -> dict:
+    """One weightsmith config: ``compress quantize`` (or ``compress prune`` for a config whose
+    first word is ``prune``), then its scores. A command that refuses (exit 1, e.g. a block
+    size the model's widths do not divide) gives a row saying so."""
+    out = work / name.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "-")
+    command = ["prune", *extra[1:]] if extra[0] == "prune" else ["quantize", *extra]
+    calibargs = ["--calib", str(calib), "--calib-samples", str(args.calib_samples), "--seq-len", str(args.calib_seq_len)]  # fmt: skip
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, "-m", "weightsmith", "compress", command[0], str(base), "-o", str(out), "--force", *command[1:]]  # fmt: skip
+    q = run([*cmd, *(calibargs if is_calibrated(extra) else [])])
+    row = {"config": name, "peer_of": (peer_method(name, extra), None), "load": load}
+    if "_failed" in q:
+        print(f"{name}: refused: {q['_failed']}", file=sys.stderr)
+        return {**row, "failed": q["_failed"], "quant_s": q["_wall"], "cpu_s": q["_cpu"]}
+    x = q["result"]["extra"]
+    e = scores(out, data, base, args, evalargs)
+    size = x.get("output_size") or sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{name}: ppl {e['ppl']:.4f} KL {e['kl']:.5f} top1 {e['top1_agreement']:.4f} size {size} quant {q['wall_s']:.1f}s rss {q['peak_rss'] / 2**20:.0f} MiB", file=sys.stderr)  # fmt: skip
+    return {**row, "ppl": e["ppl"], "kl": e["kl"], "top1": e["top1_agreement"], "size": size,
+            "quant_s": q["wall_s"], "cpu_s": q["_cpu"], "rss": q["peak_rss"],
+            "fraction": x.get("fraction_quantized"), "tokens": e["tokens"],
+            "also": also_eval(out, base, args, evalargs)}  # fmt: skip
+
+
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of every row (a refused/failed run: its message)."""
+    print("| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize CPU (user+sys) | quantize peak RSS | load avg (1 min) at start |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        load = r.get("load", float("nan"))
+        if "failed" in r:
+            print(f"| {r['config']} | refused/failed: {r['failed']} | | | | | | | {load:.1f} |")
+            continue
         qs = f"{r['quant_s']:.1f} s" if r["quant_s"] is not None else "-"
         rss = f"{r['rss'] / 2**20:.0f} MiB" if r["rss"] is not None else "-"
         cpu = f"{r['cpu_s']:.1f} s" if r.get("cpu_s") is not None else "-"
-        print(
-            f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {cpu} | {rss} | {r.get('load', float('nan')):.1f} |"
-        )
-    print_also(rows, args.also_eval)
-    print_ratios(rows)
+        print(f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {cpu} | {rss} | {load:.1f} |")  # fmt: skip
 
 
 def print_also(rows: list[dict], names: list[str]) -> None:
@@ -411,22 +401,26 @@ def print_also(rows: list[dict], names: list[str]) -> None:
 
 
 def print_ratios(rows: list[dict]) -> None:
-    """weightsmith vs llm-compressor, per weightsmith row that has a peer row of its method
-    (same bits): wall-time ratio and relative ppl."""
-    peers = {  # "llm-compressor gptq w4 g64" -> ("gptq", "w4")
-        tuple(r["config"].split()[1:3]): r for r in rows if r["config"].startswith("llm-comp")
-    }
+    """weightsmith vs llm-compressor, per weightsmith row that has a peer row of its recipe
+    (gptq/awq: the same bits): wall-time and CPU ratios and relative ppl."""
+    peers = {tuple(r["peer_of"]): r for r in rows if r["config"].startswith("llm-comp")}
     for r in rows:
-        parts = r["config"].split()
-        if r["config"].startswith(("llm-compressor", "baseline")) or len(parts) < 2:
+        if "peer_of" not in r or r["config"].startswith("llm-comp") or "failed" in r:
             continue
-        p = peers.get((parts[0], parts[1]))
-        if p is None or not r["quant_s"] or not p["quant_s"]:
+        method, bits = r["peer_of"][0], bits_of(r["config"])
+        p = peers.get((method, None if method in FIXED else bits))
+        if p is None or "failed" in p or not r["quant_s"] or not p["quant_s"]:
             continue
         print(
             f"{r['config']} vs {p['config']}: wall {r['quant_s'] / p['quant_s']:.2f}x, "
             f"CPU {r['cpu_s'] / p['cpu_s']:.2f}x, ppl {100 * (r['ppl'] / p['ppl'] - 1):+.2f}%"
         )
+
+
+def bits_of(config: str) -> int | None:
+    """4 from "gptq w4 g64" (the w<bits> word), else None."""
+    words = [w for w in config.split() if w[:1] == "w" and w[1:].isdigit()]
+    return int(words[0][1:]) if words else None
 
 
 if __name__ == "__main__":

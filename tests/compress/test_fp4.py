@@ -129,3 +129,36 @@ def test_group_not_dividing_is_refused_naming_the_layer(tmp_path):
     with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.down_proj: in_features 144 .* 32"):
         quantize_checkpoint(src, tmp_path / "q", QuantConfig("mxfp4"), progress=False)
     quantize_checkpoint(src, tmp_path / "q2", QuantConfig("nvfp4"), progress=False)  # 144 = 16·9
+
+
+@pytest.mark.parametrize("method", ["nvfp4", "mxfp4"])
+def test_eval_ppl_of_a_float32_source_runs_in_bfloat16(tmp_path, method):
+    # compressed-tensors decompresses FP4-packed weights to bf16 whatever the config's dtype:
+    # a float32 source's output used to fail `eval ppl` with exit 3 (float != BFloat16).
+    # Reference: the NLL of the same windows from the model loaded by hand in bf16 (atol 1e-5).
+    import math
+
+    import torch.nn.functional as F
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from weightsmith.cli.main import cli
+
+    pytest.importorskip("compressed_tensors")
+    src = build_tiny_model(tmp_path / "m", "llama", seed=4)  # float32
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, QuantConfig(method), progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the park " * 8)
+    report = tmp_path / "r.json"
+    args = ["eval", "ppl", str(out), "--data", str(text), "--seq-len", "16", "--report", str(report)]  # fmt: skip
+    res = CliRunner().invoke(cli, [*args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ppl = json.loads(report.read_text())["result"]["ppl"]
+    ids = torch.tensor(AutoTokenizer.from_pretrained(out)(text.read_text())["input_ids"])
+    windows = ids[: ids.numel() // 16 * 16].view(-1, 16)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert math.log(ppl) == pytest.approx(nll.item(), abs=1e-5)

@@ -43,6 +43,20 @@ def auto_class(config: dict):
     return AutoModelForCausalLM  # its own error names an unknown model type
 
 
+# compressed-tensors formats whose weights it decompresses to bfloat16 on the fly, whatever
+# the model's dtype: a float32 model of them fails in its first Linear (float != BFloat16)
+BF16_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+
+
+def runtime_dtype(config: dict, dtype: torch.dtype) -> torch.dtype:
+    """The dtype transformers can run a checkpoint in: ``dtype``, except bfloat16 for an
+    NVFP4/MXFP4-packed compressed-tensors model (its Linears' weights come out in bfloat16)."""
+    qc = config.get("quantization_config") or {}
+    groups = (qc.get("config_groups") or {}).values()
+    formats = {qc.get("format"), *(g.get("format") for g in groups if isinstance(g, dict))}
+    return torch.bfloat16 if formats & set(BF16_FORMATS) else dtype
+
+
 def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **kwargs):
     """Load any checkpoint transformers can (plain, compressed-tensors, GPTQ, bitsandbytes), in
     eval mode, in its own class (:func:`auto_class`: a multimodal model for text-only use);
@@ -57,6 +71,7 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.floa
     # symlinks out of the folder.
     with open_checkpoint(p) as ckpt:
         auto = auto_class(ckpt.config or {})
+        dtype = runtime_dtype(ckpt.config or {}, dtype)
     try:
         model = auto.from_pretrained(str(p), dtype=dtype, **kwargs)
     except Exception as e:  # transformers raises many types for unloadable checkpoints

@@ -17,6 +17,7 @@ from weightsmith.compress.gptq import (
     HessianStat,
     gptq_quantize_weight,
 )
+from weightsmith.compress.mse import MSEConfig, mse_quantize
 from weightsmith.compress.rtn import quantize_levels, rtn_quantize
 from weightsmith.core.calibration_data import BUILTIN_SOURCE
 
@@ -77,6 +78,23 @@ def test_identity_hessian_reduces_to_rtn():
             ref = rtn_quantize(w, QuantConfig(bits=4, group_size=g, symmetric=sym))
             assert torch.equal(qw.q, ref.q)
             torch.testing.assert_close(qw.scale, ref.scale)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_mse_observer_with_identity_hessian_is_the_mse_method(act_order):
+    # Nothing is compensated under H = I, so GPTQ's mse observer must choose exactly the
+    # qparams of --method mse (itself checked by hand in test_quant_mse.py): same levels,
+    # bit-identical scales and zeros (dynamic groups, act-order's static ones, per channel).
+    w, _, _ = _problem()
+    w[::3, ::5] *= 4  # outliers, so that clipping pays off in some groups
+    for g in (-1, 16):
+        for sym in (True, False):
+            qw = gptq_quantize_weight(w, torch.eye(64), bits=3, group_size=g, symmetric=sym,
+                                      act_order=act_order, observer="mse")  # fmt: skip
+            ref = mse_quantize(w, MSEConfig(bits=3, group_size=g, symmetric=sym))
+            assert ref.info["mean_clip_ratio"] < 1  # the search did clip somewhere
+            assert torch.equal(qw.q, ref.q) and torch.equal(qw.scale, ref.scale)
+            assert torch.equal(qw.zero, ref.zero)
 
 
 @pytest.mark.parametrize(
@@ -179,8 +197,8 @@ def test_cli_gptq_builtin_fallback_and_errors(tiny_model, tmp_path):
     r = runner.invoke(
         cli,
         ["compress", "quantize", str(src), "-o", str(tmp_path / "q"), "--method", "gptq",
-         "--group-size", "32", "--act-order", "--calib-samples", "4", "--seq-len", "32",
-         "--no-progress", "--report", str(report)],
+         "--group-size", "32", "--act-order", "--observer", "mse", "--calib-samples", "4",
+         "--seq-len", "32", "--no-progress", "--report", str(report)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "built-in mix (builtin:calibration-mix-v1" in r.stderr
@@ -190,7 +208,10 @@ def test_cli_gptq_builtin_fallback_and_errors(tiny_model, tmp_path):
     assert (
         prov["calibration"]["source"] == BUILTIN_SOURCE
         and prov["config"]["gptq"]["act_order"] is True
+        and prov["config"]["gptq"]["observer"] == "mse"
     )
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qcfg["config_groups"]["group_0"]["weights"]["observer"] == "mse"
     # A degenerate Hessian: negative dampening breaks positive definiteness.
     bad = tmp_path / "bad"
     args = ["compress", "quantize", str(src), "-o", str(bad), "--method", "gptq", "--group-size",

@@ -21,7 +21,7 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_file
 from weightsmith.cli.groups import compress_cli
-from weightsmith.compress.gptq import DEFAULT_DAMP
+from weightsmith.compress.gptq import DEFAULT_DAMP, DEFAULT_OBSERVER
 from weightsmith.compress.registry import FORMATS, METHODS
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
@@ -91,6 +91,14 @@ from weightsmith.io.sizes import format_size, parse_size
     default=DEFAULT_DAMP,
     show_default=True,
     help="GPTQ: dampening, fraction of mean diag(H).",
+)
+@click.option(
+    "--observer",
+    type=click.Choice(["minmax", "mse"]),
+    default=DEFAULT_OBSERVER,
+    show_default=True,
+    help="GPTQ: each group's qparams from its min/max, or the clipped range with the least "
+    "squared error (as --method mse).",
 )
 @click.option(
     "--allow-rtn-fallback",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from weightsmith.compress.levels import level_range
+from weightsmith.compress.mse import MSEConfig, clip_ratios, mse_qparams
 from weightsmith.compress.registry import (
     CalibratedConfig,
     CalibrationFailed,
@@ -35,6 +36,7 @@ from weightsmith.kernels.gptq import gptq_columns, gptq_kernels
 # text: 0.1 beat 0.01 on 3 of 4 held-out w3/w4 perplexities and tied the fourth
 # (BENCHMARKS.md, "GPTQ dampening on held-out text"). SparseGPT keeps 0.01.
 DEFAULT_DAMP = 0.1
+DEFAULT_OBSERVER = "minmax"
 
 
 class HessianNotPositiveDefinite(CalibrationFailed):
@@ -44,9 +46,13 @@ class HessianNotPositiveDefinite(CalibrationFailed):
 
 
 def _qparams_for(
-    w: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype, zero_min: int | None
-):
-    """Min-max qparams of each row of ``w`` ``(out, g)``: scale rounded to ``dtype``."""
+    w: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype, zero_min: int | None,
+    ratios: list[float] | None = None,
+):  # fmt: skip
+    """Qparams of each row of ``w`` ``(out, g)``: min-max, or with ``ratios`` the MSE-optimal
+    clipped range (:func:`~weightsmith.compress.mse.mse_qparams`); scale rounded to ``dtype``."""
+    if ratios is not None:
+        return mse_qparams(w, bits, symmetric, dtype, zero_min, ratios)[:2]
     scale, zero = minmax_qparams(w, bits, symmetric)
     scale = scale.to(dtype).float()
     if not symmetric:  # recompute the zero for the rounded scale
@@ -69,9 +75,12 @@ def gptq_quantize_weight(
     dtype: torch.dtype | None = None,
     zero_min: int | None = None,
     overwrite_hessian: bool = False,
+    observer: str = "minmax",
 ) -> QuantizedWeight:
     """GPTQ on one ``(out, in)`` weight with Hessian ``(in, in)``; ``group_size=-1`` is per
-    channel. Scales are rounded to ``dtype`` (the stored dtype) before use. Raises
+    channel. Scales are rounded to ``dtype`` (the stored dtype) before use. ``observer``
+    chooses each group's qparams: ``minmax``, or ``mse`` (the clipped range with the least
+    squared error on the group's current weights, as ``--method mse`` does). Raises
     :class:`HessianNotPositiveDefinite` when the damped Hessian has no Cholesky factor.
 
     Memory: besides ``W`` it holds two ``(in, in)`` float32 matrices at any time (the
@@ -89,9 +98,10 @@ def gptq_quantize_weight(
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    ratios = clip_ratios(MSEConfig()) if observer == "mse" else None
     static_scale = static_zero = None
     if group_size == -1 or act_order:  # qparams fixed before the pass, on the original order
-        static_scale, static_zero = group_qparams(W, bits, g, symmetric, dtype, zero_min)
+        static_scale, static_zero = _static_qparams(W, g, bits, symmetric, dtype, zero_min, ratios)
 
     perm = None
     if act_order:
@@ -104,7 +114,7 @@ def gptq_quantize_weight(
         H = H.to(W.device)
     Hinv = _inverse_cholesky(H, damp)
     del H
-    grid = _Grid(bits, g, symmetric, dtype, zero_min, perm)
+    grid = _Grid(bits, g, symmetric, dtype, zero_min, perm, ratios)
     Q, scale, zero, loss = _quantize_columns(W, Hinv, grid, block_size, static_scale, static_zero)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
@@ -130,6 +140,18 @@ class _Grid:
     dtype: torch.dtype
     zero_min: int | None
     perm: torch.Tensor | None  # act-order column order (None: natural)
+    ratios: list[float] | None = None  # the mse observer's clip ratios (None: min-max)
+
+
+def _static_qparams(W, g, bits, symmetric, dtype, zero_min, ratios):
+    """Qparams ``(out, n_groups)`` of every group of ``W`` before the pass (act-order, per
+    channel): min-max, or the mse observer's on the original weights."""
+    if ratios is None:
+        return group_qparams(W, bits, g, symmetric, dtype, zero_min)
+    out_f, cols = W.shape
+    rows = W.reshape(out_f * (cols // g), g)
+    scale, zero = _qparams_for(rows, bits, symmetric, dtype, zero_min, ratios)
+    return scale.reshape(out_f, cols // g), zero.reshape(out_f, cols // g)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -224,7 +246,7 @@ class _BlockStep:
             if i + g <= B
             else torch.cat([self.W1[:, i:], self.W[:, self.i2 : self.i2 + g - (B - i)]], 1)
         )
-        sc, z = _qparams_for(cur, grid.bits, grid.symmetric, grid.dtype, grid.zero_min)
+        sc, z = _qparams_for(cur, grid.bits, grid.symmetric, grid.dtype, grid.zero_min, grid.ratios)
         self.scale[:, col // g], self.zero[:, col // g] = sc[:, 0], z[:, 0]
 
     def native(self, a: int, b: int) -> bool:
@@ -295,9 +317,12 @@ class GPTQConfig(GridConfig, CalibratedConfig):
     act_order: bool = False
     block_size: int = 128
     allow_rtn_fallback: bool = False  # RTN for a Linear whose Hessian has no Cholesky factor
+    observer: str = DEFAULT_OBSERVER  # each group's qparams: minmax or mse (see mse.py)
 
     def validate(self) -> None:
         super().validate()
+        if self.observer not in ("minmax", "mse"):
+            raise ConfigError(f"--observer must be minmax or mse (got {self.observer!r})")
         if not 0 <= self.damp < 1:
             raise ConfigError(f"--damp must be in [0, 1) (got {self.damp})")
         if self.block_size < 1:
@@ -327,4 +352,5 @@ def gptq_quantize(
         dtype=dtype,
         zero_min=zero_min if zero_min is not None else zero_min_for(cfg),
         overwrite_hessian=overwrite_hessian,
+        observer=cfg.observer,
     )

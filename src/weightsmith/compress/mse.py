@@ -41,6 +41,33 @@ def clip_ratios(cfg: MSEConfig) -> list[float]:
     return [1 - i / cfg.grid for i in range(int(cfg.max_shrink * cfg.grid + 1e-9) + 1)]
 
 
+def mse_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
+    zero_min: int | None, ratios: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Qparams ``(rows, 1)`` of each row of ``w`` ``(rows, g)``: the min-max qparams (scale
+    rounded to ``dtype``) of ``p · [min, max]`` for the ``p`` in ``ratios`` with the least
+    ``||w - Q(w)||²`` (the first on ties); also the chosen ratios ``(rows, 1)``."""
+    wf = w.float()
+    best_err = best_scale = best_zero = None
+    chosen = torch.ones(wf.shape[0], 1)
+    for p in ratios:
+        # min-max of p·W is p·[min, max]: the clipped range, rounded to the stored dtype
+        scale, zero = group_qparams(wf * p, bits, -1, symmetric, dtype, zero_min)
+        q = quantize_levels(wf, scale, zero, bits)
+        err = ((q.float() - zero) * scale - wf).pow(2).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            chosen = torch.full_like(err, p)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        chosen = torch.where(better, torch.full_like(chosen, p), chosen)
+    return best_scale, best_zero, chosen
+
+
 @quant_method("mse", config=MSEConfig,
               summary="RTN with the per-group clipping range that minimises the squared error")  # fmt: skip
 def mse_quantize(
@@ -54,25 +81,13 @@ def mse_quantize(
     out_f, in_f = wf.shape
     g = in_f if cfg.group_size == -1 else cfg.group_size
     idx = torch.arange(in_f) // g
-    best_err = best_scale = best_zero = None
-    ratios = torch.ones(out_f, in_f // g)
-    for p in clip_ratios(cfg):
-        # min-max of p·W is p·[min, max]: the clipped range, rounded to the stored dtype
-        scale, zero = group_qparams(wf * p, cfg.bits, g, cfg.symmetric, dtype, zero_min)
-        q = quantize_levels(wf, scale[:, idx], zero[:, idx], cfg.bits)
-        err = ((q.float() - zero[:, idx]) * scale[:, idx] - wf).pow(2)
-        err = err.reshape(out_f, in_f // g, g).sum(-1)  # (out, n_groups)
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-        ratios = torch.where(better, torch.full_like(ratios, p), ratios)
-    q = quantize_levels(wf, best_scale[:, idx], best_zero[:, idx], cfg.bits)
+    rows = wf.reshape(out_f * (in_f // g), g)
+    scale, zero, ratios = mse_qparams(rows, cfg.bits, cfg.symmetric, dtype, zero_min,
+                                      clip_ratios(cfg))  # fmt: skip
+    scale, zero = scale.reshape(out_f, in_f // g), zero.reshape(out_f, in_f // g)
+    q = quantize_levels(wf, scale[:, idx], zero[:, idx], cfg.bits)
     return QuantizedWeight(
-        q=q, scale=best_scale.to(dtype), zero=best_zero.to(torch.int8), bits=cfg.bits,
+        q=q, scale=scale.to(dtype), zero=zero.to(torch.int8), bits=cfg.bits,
         group_size=g, symmetric=cfg.symmetric,
         info={"mean_clip_ratio": float(ratios.mean())},
     )  # fmt: skip

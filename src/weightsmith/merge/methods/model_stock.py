@@ -23,8 +23,11 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
+from weightsmith.kernels import sphere
+from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
+    TORCH_THREADS,
     ChunkSource,
     MergeMethod,
     Param,
@@ -32,6 +35,7 @@ from weightsmith.merge.methods.base import (
     merge_method,
     merge_tensors,
     mergekit_threads,
+    stored_inputs,
     stream_native,
     whole,
 )
@@ -52,15 +56,25 @@ def stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
     The offsets are consumed: each one's last product is written over it (the same bits as
     mergekit's out-of-place product, without a whole-tensor temporary for two models)."""
     norms = [torch.norm(d, dim=-1) for d in offsets]
-    cosines = []
+    sums = {}
     for i, a in enumerate(offsets):
         for j in range(i + 1, len(offsets)):
-            product = norms[i] * norms[j]
             last = j == len(offsets) - 1  # offsets[i] is not needed after this pair
             ab = torch.mul(a, offsets[j], out=a) if last else a * offsets[j]
-            cosines.append((ab.sum(dim=-1) / product.clamp(min=NORM_FLOOR)).clamp(-1, 1))
+            sums[i, j] = ab.sum(dim=-1)
+    return ratio_from(norms, sums)
+
+
+def ratio_from(norms: list[torch.Tensor], sums: dict) -> torch.Tensor:
+    """t per row (a column) from the rows' norms ‖δᵢ‖ and the pairs' sums Σ δᵢ·δⱼ (``sums[i,
+    j]``, i < j), in their dtype, as mergekit's ops."""
+    cosines = []
+    for i in range(len(norms)):
+        for j in range(i + 1, len(norms)):
+            product = norms[i] * norms[j]
+            cosines.append((sums[i, j] / product.clamp(min=NORM_FLOOR)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    count = len(offsets)
+    count = len(norms)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < NORM_FLOOR
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
@@ -109,13 +123,37 @@ class ModelStock(MergeMethod):
             return None
         if out_dtype not in native.STORAGE or not native.available():
             return None
-        t = stored_ratio(src).reshape(1)
+        native_sums = sphere_native.applies(src, params, out_dtype)
+        if native_sums and sphere_native.native_reductions():
+            t = streamed_ratio(src).reshape(1)
+        else:
+            t = stored_ratio(src).reshape(1)
         t_rows, u_rows = t.float(), (1 - t).float()  # mergekit's (1 − t) in bfloat16
 
         def kernel(xs: list[torch.Tensor], out: torch.Tensor):
             return native.stock_mix(xs, 0, t_rows, u_rows, 0, out)
 
         return stream_native(src, out_dtype, kernel)
+
+
+def streamed_ratio(src: ChunkSource) -> torch.Tensor:
+    """:func:`stored_ratio` with torch's norms and sums reproduced natively, each fused with
+    the kernel that makes the values it reduces (task vectors, their products): no tensor of
+    the input's size is stored."""
+    with stored_inputs(src) as xs:
+        k = src.num_inputs - 1
+        vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
+        norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]
+        sums = {}
+        for i in range(k):
+            for j in range(i + 1, k):
+                pick = [0, i + 1, j + 1]  # the base and the pair's models
+
+                def prod(p, o, pick=pick):
+                    return sphere.nus_prod([p[m] for m in pick], True, 1.0, 1.0, o)
+
+                sums[i, j] = sphere_native.tensor_sum(src, xs, prod, TORCH_THREADS).reshape(1)
+    return ratio_from(norms, sums)
 
 
 def stored_ratio(src: ChunkSource) -> torch.Tensor:

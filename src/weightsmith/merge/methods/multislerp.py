@@ -120,6 +120,8 @@ class MultiSlerp(MergeMethod):
         self, src: ChunkSource, xs: list[torch.Tensor], params: TensorParams, has_base, eps
     ) -> dict | None:
         k = src.num_inputs - int(has_base)
+        if sphere_native.native_reductions():
+            return streamed_stats(src, xs, has_base, eps, lambda n: self._weights(params, n))
         buf = torch.empty(src.numel, dtype=torch.bfloat16)
 
         def run(mode: int, stats: dict, which: int = 0) -> torch.Tensor:
@@ -179,6 +181,34 @@ class MultiSlerp(MergeMethod):
             n = s.tangent_norm
             out = (mean * torch.cos(n) + tangent * (torch.sin(n) / n)) * s.avg_norm
         return out if base is None else out + base
+
+
+def streamed_stats(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, eps: float, weights):
+    """The native statistics with torch's norms and sums reproduced natively, each fused with
+    the kernel that makes the values it reduces (no tensor of the input's size is stored).
+    ``weights(norms)``: the recipe's weights in the norms' dtype. None: the linear fallback."""
+    k, f = src.num_inputs - int(has_base), int(has_base)
+
+    def stage(mode: int, stats: dict, which: int = 0):
+        return lambda p, o: sphere.ms_pass(p, has_base, mode, stats, o, which)[1]
+
+    vectors = [lambda p, o, i=i: sphere.vector(p, has_base, f + i, o) for i in range(k)]
+    norms_t = torch.stack([n.reshape(1) for n in sphere_native.norms(src, xs, vectors)])
+    w = weights(norms_t)
+    stats = {"ne": (norms_t + eps).float().reshape(-1).tolist(), "w": w.float().tolist()}
+    (mean_norm,) = sphere_native.norms(src, xs, [stage(sphere.MEAN, stats)])
+    if mean_norm < eps:
+        return None  # the two-model linear fallback (or its error): the torch path
+    stats["mn"] = float(mean_norm)
+    # mergekit's (k, n).sum(-1): each row summed by one thread
+    dots = sphere_native.row_sums(src, xs, [stage(sphere.UNIT_DOT, stats, i) for i in range(k)])
+    stats["dots"] = torch.stack(dots).float().reshape(-1).tolist()
+    (tangent,) = sphere_native.norms(src, xs, [stage(sphere.TANGENT, stats)])
+    tangent_norm = tangent + eps
+    stats["c1"] = float(torch.cos(tangent_norm))
+    stats["c2"] = float(torch.sin(tangent_norm) / tangent_norm)
+    stats["avg"] = float((norms_t.squeeze(-1) * w).sum())
+    return stats
 
 
 def multislerp(

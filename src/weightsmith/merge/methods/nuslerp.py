@@ -22,6 +22,7 @@ import torch
 from weightsmith.kernels import sphere
 from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
+    TORCH_THREADS,
     ChunkSource,
     MergeMethod,
     Param,
@@ -134,6 +135,8 @@ class NuSlerp(MergeMethod):
         f = int(has_base)
 
         def prepare(xs: list[torch.Tensor]) -> tuple:
+            if sphere_native.native_reductions():
+                return streamed_coefficients(src, xs, has_base, t)
             buf = torch.empty(src.numel, dtype=torch.bfloat16)
             norms = []
             for k in (f, f + 1):
@@ -165,6 +168,17 @@ class NuSlerp(MergeMethod):
         out = (a * v0 + b * v1) / s
         out = torch.where(colinear, (1 - c.t) * v0 + c.t * v1, out)
         return out if base is None else base + out
+
+
+def streamed_coefficients(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, t: float):
+    """The bfloat16 coefficients of whole-tensor vectors with torch's norms and sum reproduced
+    natively, fused with the kernels that make the values (no tensor of the input's size)."""
+    f = int(has_base)
+    kernels = [lambda p, o, k=k: sphere.vector(p, has_base, k, o) for k in (f, f + 1)]
+    n1, n2 = (float(n.clamp(min=NORM_EPS)) for n in sphere_native.norms(src, xs, kernels))
+    prod = lambda p, o: sphere.nus_prod(p, has_base, n1, n2, o)  # noqa: E731
+    cos = sphere_native.tensor_sum(src, xs, prod, TORCH_THREADS).clamp(-1, 1)
+    return tuple(float(c) for c in angle_coefficients(cos, t))
 
 
 def nuslerp(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
-from weightsmith.kernels import sphere
+from weightsmith.kernels import reduce, sphere
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
     TORCH_THREADS,
@@ -116,6 +116,53 @@ def split_sum_matches() -> bool:
             ):
                 return False
     return True
+
+
+SPAN = 1 << 19  # entries a kernel writes per call into a reused buffer that a reduction reads
+
+
+def native_reductions() -> bool:
+    """torch's bfloat16 norms and sums can be reproduced natively here (:mod:`reduce`)."""
+    lanes = reduce.layout()
+    return lanes is not None and 2 * lanes["casc"] > TORCH_THREADS
+
+
+def streamed(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, lo: int, hi: int):
+    """The ``kind`` reduction (:class:`reduce.Reducer`) of the bfloat16 values ``kernel`` (a
+    :func:`fill` kernel) makes for entries ``[lo, hi)``, a span at a time into one small buffer:
+    the tensor torch would reduce is never stored."""
+    red = reduce.Reducer(kind, hi - lo, reduce.layout()[kind])
+    buf = torch.empty(max(1, min(SPAN, hi - lo)), dtype=torch.bfloat16)
+    for s in range(lo, hi, SPAN):
+        e = min(hi, s + SPAN)
+        out = buf[: e - s]
+        for i, b in enumerate(kernel([x[s:e] for x in xs], out) or ()):
+            if b:
+                src.fail_nonfinite(i)
+        red.feed(out)
+    return red.result()
+
+
+def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list[torch.Tensor]:
+    """``torch.norm`` (bfloat16, 0-dim) of each kernel's values, the kernels on the compute
+    pool at once (a norm is one sequential loop, the same on any thread count)."""
+    vals = pmap(lambda k: streamed(src, xs, k, "norm", 0, src.numel), list(kernels))
+    return [torch.tensor(v, dtype=torch.bfloat16) for v in vals]
+
+
+def tensor_sum(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, threads: int):
+    """``sum()`` (bfloat16, 0-dim) of the kernel's values as torch with ``threads`` threads: its
+    per-thread parts reduced on the compute pool, then combined as torch does."""
+    ranges = reduce.parts(src.numel, threads)
+    sums = pmap(lambda r: streamed(src, xs, kernel, "casc", r[0], r[1]), ranges)
+    return torch.tensor(reduce.combine(sums, threads), dtype=torch.bfloat16)
+
+
+def row_sums(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list:
+    """Each kernel's values summed as one row of a 2-D ``sum(-1)`` (one thread per row: one
+    part), the kernels on the compute pool at once; bfloat16 0-dim tensors."""
+    sums = pmap(lambda k: streamed(src, xs, k, "casc", 0, src.numel), list(kernels))
+    return [torch.tensor(reduce.combine([v], 1), dtype=torch.bfloat16) for v in sums]
 
 
 class _Mapped(ChunkSource):

@@ -1,0 +1,131 @@
+"""The native bfloat16 reductions (``kernels/reduce``) give torch's own bits: ``torch.norm`` of a
+row and a whole tensor's ``sum()`` at torch thread counts 1, 2 and 3, for many lengths (1 to
+65.5M entries) and values (zeros, ties, cancelling pairs), fed in one span or in odd spans; and
+the methods that use them (nuslerp, multislerp, model_stock) keep the torch path's bits with
+mergekit's default of two threads."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from sphere_testlib import native_and_torch
+
+from weightsmith.kernels import reduce
+from weightsmith.merge.methods import base as base_mod
+from weightsmith.merge.methods import model_stock as model_stock_mod
+from weightsmith.merge.methods import nuslerp as nuslerp_mod
+from weightsmith.merge.methods import sphere_native
+from weightsmith.merge.methods.base import TensorParams
+
+pytestmark = pytest.mark.skipif(reduce.layout() is None, reason="no native reductions here")
+LENGTHS = [1, 2, 7, 15, 16, 17, 31, 32, 33, 64, 127, 128, 129, 1000, 4097, 32767, 32768, 32769]
+LENGTHS += [65535, 65537, 98321, 262_147, (1 << 20) + 3]
+
+
+def values(n: int, seed: int) -> torch.Tensor:
+    """Small values with exact zeros of both signs, repeated values (ties at rounding
+    boundaries), and ± pairs that cancel (the sum is then mostly rounding error)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2e-3 * torch.exp2(torch.randint(-4, 4, (n,), generator=g))
+    r = torch.rand(n, generator=g)
+    x[r < 0.05] = 0.0
+    x[(r >= 0.05) & (r < 0.08)] = -0.0
+    x[(r >= 0.08) & (r < 0.12)] = 0.0078125
+    half = n // 2
+    x[half : 2 * half] = -x[:half][torch.randperm(half, generator=g)]
+    return x.bfloat16()
+
+
+def torch_result(x: torch.Tensor, threads: int) -> tuple[float, float]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return float(torch.norm(x)), float(x.sum())
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_norm_and_sum_are_torchs(threads):
+    lanes = reduce.layout()
+    for i, n in enumerate(LENGTHS):
+        x = values(n, seed=i)
+        norm, total = torch_result(x, threads)
+        assert reduce.norm_with(x, lanes["norm"]) == norm, n  # a row's norm: one thread
+        assert reduce.sum_with(x, threads, lanes["casc"]) == total, (n, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_embedding_sized_tensors(threads):
+    """65.5M entries (the 1.1B model's embedding): long enough that each lane's float sum of
+    squares stalls, which is where a wrong lane count first showed."""
+    lanes = reduce.layout()
+    ramp = ((torch.arange(65_536_001) % 977 - 487) * 1e-4).bfloat16()  # sums to nearly zero
+    for x in (torch.full((65_536_000,), 0.01, dtype=torch.bfloat16), ramp):
+        norm, total = torch_result(x, threads)
+        assert reduce.norm_with(x, lanes["norm"]) == norm
+        assert reduce.sum_with(x, threads, lanes["casc"]) == total
+
+
+def test_spans_of_any_length_give_one_feeds_result():
+    lanes = reduce.layout()
+    x = values(300_017, seed=3)
+    for kind in ("norm", "casc"):
+        whole = reduce.Reducer(kind, x.numel(), lanes[kind])
+        whole.feed(x)
+        pieces = reduce.Reducer(kind, x.numel(), lanes[kind])
+        cuts = [0, 1, 5, 38, 39, 1000, 77_777, 150_000, 300_000, 300_017]
+        for a, b in itertools.pairwise(cuts):
+            pieces.feed(x[a:b])
+        assert pieces.result() == whole.result(), kind
+
+
+def test_the_layout_check_tells_lane_counts_apart():
+    """The samples :func:`reduce.layout` checks fail for the other lane count (so the check
+    can fail), and the tie row's norm by hand: 4096² + 2·256² + 16² + 4 = 4112² + 4."""
+    xs = reduce.samples()
+    lanes = reduce.layout()
+    with_threads = [torch_result(x, 1) for x in xs]
+    other = {k: 24 - v for k, v in lanes.items()}  # 8 <-> 16
+    assert any(
+        reduce.norm_with(x, other["norm"]) != n for x, (n, _) in zip(xs, with_threads, strict=True)
+    )
+    sums = [reduce.combine([reduce.part_sum(x, other["casc"])], 1) for x in xs]
+    assert any(s != t for s, (_, t) in zip(sums, with_threads, strict=True))
+    assert {reduce.norm_with(reduce.tie_row(), w) for w in (8, 16)} == {4096.0, 4128.0}
+
+
+def test_parts_are_torchs_parallel_for_split():
+    assert reduce.parts(32767, 2) == [(0, 32767)]
+    assert reduce.parts(40000, 2) == [(0, 20000), (20000, 40000)]
+    assert reduce.parts(40001, 3) == [(0, 20001), (20001, 40001)]  # 2 grains: 2 tasks
+    assert reduce.parts(10**6, 1) == [(0, 10**6)]
+
+
+def test_combine_rounds_each_slot_then_sums():
+    # slots hold bfloat16: 1 + 2^-9 rounds to 1 in its slot, so 1 + 1 = 2 (not 2 + 2^-9)
+    assert reduce.combine([1.0 + 2**-9, 1.0], 2) == 2.0
+    assert reduce.combine([3.0], 2) == 3.0  # one part: a zero slot for the idle thread
+
+
+def bf16_params(weights=(), has_base=True) -> TensorParams:
+    models = tuple({"weight": w} for w in weights)
+    return TensorParams("t", {}, models, has_base=has_base, compute_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp", "model_stock"])
+def test_methods_keep_torch_bits_with_two_torch_threads(method, monkeypatch):
+    """With mergekit's two threads, the streamed statistics (2 parts per whole-tensor sum) give
+    the torch path's bits (whose reductions run with those two threads)."""
+    for mod in (base_mod, sphere_native, nuslerp_mod, model_stock_mod):
+        monkeypatch.setattr(mod, "TORCH_THREADS", 2)
+    monkeypatch.setattr(sphere_native, "SPAN", 4099)  # many spans, not aligned to vectors
+    xs = [values(200_003, seed=s) for s in (11, 12, 13)]
+    xs = [xs[0], xs[0] + xs[1] * 0.1, xs[0] - xs[2] * 0.1]
+    weights = (1.0, 1.0) if method != "model_stock" else ()
+    native, want = native_and_torch(method, xs, bf16_params(weights), torch.bfloat16)
+    assert native is not None
+    assert torch.equal(native.view(torch.int16), want.view(torch.int16)), method
+    assert int((native.float() != xs[0].float()).sum()) > 1000  # not the base

@@ -167,3 +167,33 @@ def test_direct_io_switch(monkeypatch, env, size, wanted):
     else:
         monkeypatch.setenv("WEIGHTSMITH_DIRECT_IO", env)
     assert direct_io_wanted(size) is wanted
+
+
+@pytest.mark.parametrize("lined_up", [True, False])
+def test_buffers_at_the_write_phase_skip_the_staging_copy(tmp_path, monkeypatch, lined_up):
+    """A buffer from aligned_empty at the announced phase goes to O_DIRECT as is (no staging
+    copy); one at another phase is staged. Both write exactly the bytes given."""
+    offset, n = 3 * BLOCK + 100, 5 * BLOCK + 7
+    direct_mod.set_write_phase(offset if lined_up else offset + 8)
+    buf = direct_mod.aligned_empty(n, torch.uint8)
+    data = random.Random(4).randbytes(n)
+    buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    staged = []
+    real = DirectFile._write_direct
+    monkeypatch.setattr(
+        DirectFile, "_write_direct", lambda self, v, o: (staged.append(len(v)), real(self, v, o))
+    )
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.ftruncate(fd, offset + n + BLOCK)
+    sink = DirectFile(path, fd)
+    try:
+        sink.pwrite(memoryview(buf.numpy()), offset)
+    finally:
+        sink.close()
+        os.close(fd)
+    assert path.read_bytes()[offset : offset + n] == data
+    if sink.direct_bytes == 0:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT writes (checked: same bytes buffered)")
+    assert sink.direct_bytes == 4 * BLOCK  # the whole blocks inside [offset, offset + n)
+    assert staged == ([] if lined_up else [4 * BLOCK])

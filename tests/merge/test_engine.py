@@ -352,3 +352,27 @@ def test_slerp_nan_in_either_input_is_an_error_naming_file_and_tensor(
         r = run_cli("slerp", first, second, "--t", "0.5", "-o", out)
         assert_one_line_error(r, str(bad), name, "NaN or Inf")
         assert not out.exists()
+
+
+@pytest.mark.parametrize("index", [0, 1000, 4095])
+def test_copied_tensor_nan_found_in_any_block(tiny_model_copy, tmp_path, monkeypatch, index):
+    """Tensors copied as stored are checked block by block in their mapping: a NaN in a later
+    block (small blocks here) fails the run and nothing is written; a clean copy is bit-exact."""
+    from merge_testlib import poke
+
+    from weightsmith.merge import engine
+
+    monkeypatch.setattr(engine, "COPY_PIECE", 256)
+    clean = tiny_model_copy("llama", 0)
+    out = tmp_path / "clean"
+    r = run_cli("passthrough", "--slice", f"{clean}:0:2", "-o", out)
+    assert r.exit_code == 0, r.output
+    copied = tensors(out)
+    for n, v in tensors(clean).items():
+        assert torch.equal(copied[n].view(torch.uint8), v.view(torch.uint8)), n
+    bad = tiny_model_copy("llama", 1)
+    name = poke(bad, "embed_tokens", float("inf"), index)
+    out = tmp_path / "bad"
+    r = run_cli("passthrough", "--slice", f"{bad}:0:2", "-o", out)
+    assert_one_line_error(r, repr(name), "NaN or Inf")
+    assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib
 import math
 import os
 import signal
@@ -46,9 +47,37 @@ class WsCommand(click.Command):
 
 
 class WsGroup(click.Group):
-    """A click group whose commands fail with ``error: <one line>`` and a non-zero exit."""
+    """A click group whose commands fail with ``error: <one line>`` and a non-zero exit.
+
+    ``lazy_modules``: the modules that register this group's commands (and ``lazy_setup``, run
+    after them), imported the first time a command or the parameters are looked up, so a
+    command only pays for its own imports (``merge run`` never imports distillation or
+    quantization code)."""
 
     command_class = WsCommand
+    lazy_modules: tuple[str, ...] = ()
+    lazy_setup: Callable[[], None] | None = None
+    _lazy_loaded = False
+
+    def load_lazy(self) -> None:
+        if not self._lazy_loaded:
+            self._lazy_loaded = True
+            for module in self.lazy_modules:
+                importlib.import_module(module)
+            if self.lazy_setup is not None:
+                self.lazy_setup()
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self.load_lazy()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_lazy()
+        return super().list_commands(ctx)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        self.load_lazy()
+        return super().get_params(ctx)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The console-script entry (tests call ``main`` instead). Python's shutdown runs full

@@ -19,7 +19,6 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.gguf_options import gguf_options, write_gguf_file
 from weightsmith.cli.groups import cli, compress_cli, distill_cli, eval_cli, merge_cli
-from weightsmith.cli.recipe_steps import translate_steps
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
@@ -182,6 +181,7 @@ def run_cmd(
     progress: bool,
 ) -> dict:
     """Run a recipe of steps (merge, prune, quantize, distill, eval...) as one batch job."""
+    from weightsmith.cli.recipe_steps import translate_steps
     from weightsmith.pipeline import run_recipe
     from weightsmith.pipeline.runner import RecipeFailed
 
@@ -208,25 +208,11 @@ def translate_steps_cmd() -> None:
     pipeline's way to use the commands' options without importing this package."""
     from dataclasses import asdict
 
+    from weightsmith.cli.recipe_steps import translate_steps
     from weightsmith.pipeline.commands import requests_from_json
 
     answers = translate_steps(cli, requests_from_json(sys.stdin.read()))
     click.echo(json.dumps([asdict(a) for a in answers]))
 
-
-# Each subsystem registers its commands on the groups above when its module is imported.
-from weightsmith.cli import (  # noqa: E402, F401
-    accuracy_cmds,
-    compress_cmds,
-    distill_cmds,
-    eval_cmds,
-    lmeval_cmds,
-    merge_cmds,
-    merge_extra_cmds,
-    merge_geometric_cmds,
-    merge_sparse_cmds,
-    prune_cmds,
-    qat_cmds,
-)
 
 __all__ = ["cli", "compress_cli", "distill_cli", "eval_cli", "merge_cli"]

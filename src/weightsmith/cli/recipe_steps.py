@@ -48,7 +48,7 @@ def translate_step(root: click.Group, request: StepRequest) -> StepArgv:
 def _command_for(root: click.Group, path: list[str]) -> click.Command:
     cmd: click.Command = root
     for name in path:
-        sub = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
+        sub = cmd.get_command(click.Context(cmd), name) if isinstance(cmd, click.Group) else None
         if sub is None:
             raise KeyError(" ".join(path))
         cmd = sub

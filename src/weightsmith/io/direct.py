@@ -10,6 +10,10 @@ or shared by two writes or the header (buffered), never both, so the two paths n
 same page. Filesystems without ``O_DIRECT`` (tmpfs, some FUSE mounts) fall back to buffered
 writes with the same bytes.
 
+A buffer whose address has the same offset within a block as its file offset (see
+:func:`aligned_empty`, which producers use with the phase the writer announces through
+:func:`set_write_phase`) skips the staging copy: its aligned middle goes to ``O_DIRECT`` as is.
+
 ``WEIGHTSMITH_DIRECT_IO=0`` turns it off, ``=1`` uses it for any size; by default outputs of
 :data:`AUTO_MIN_BYTES` or more use it.
 """
@@ -22,6 +26,7 @@ import mmap
 import os
 
 import numpy as np
+import torch
 
 from weightsmith.io.safetensors_format import pwrite_all
 
@@ -29,6 +34,25 @@ BLOCK = 4096  # alignment of offsets, lengths and memory for O_DIRECT on common 
 STAGING_BYTES = 8 << 20  # one reused, page-aligned buffer per open file
 AUTO_MIN_BYTES = 256 << 20  # smaller outputs stay buffered: they fit any page cache easily
 _UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+_phase = 0  # offset within a block of the file position the writer fills next
+
+
+def set_write_phase(offset: int) -> None:
+    """Announce the file offset of the next bytes the writer will ask for (the writer calls it
+    before pulling each chunk from a producer), so that :func:`aligned_empty` can line buffers
+    up with it. Only a hint: any buffer is written correctly."""
+    global _phase
+    _phase = offset % BLOCK
+
+
+def aligned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised 1-D tensor whose address sits at the announced write phase within a
+    block, so that :class:`DirectFile` writes it without the staging copy."""
+    nbytes = numel * dtype.itemsize
+    raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8)  # torch's allocator: huge pages
+    skip = (_phase - raw.data_ptr()) % BLOCK
+    skip -= skip % dtype.itemsize  # an odd phase (never in safetensors) just gets staged
+    return raw[skip : skip + nbytes].view(dtype)
 
 
 def direct_io_wanted(total_bytes: int) -> bool:
@@ -72,9 +96,31 @@ class DirectFile:
             return
         if lo > offset:
             pwrite_all(self.fd, view[: lo - offset], offset)
-        self._write_direct(view[lo - offset : hi - offset], lo)
+        middle = view[lo - offset : hi - offset]
+        if not self._write_in_place(middle, lo):
+            self._write_direct(middle, lo)
         if offset + n > hi:
             pwrite_all(self.fd, view[hi - offset :], hi)
+
+    def _write_in_place(self, view: memoryview, offset: int) -> bool:
+        """Write an aligned middle straight from the caller's buffer when its address is
+        block-aligned too (True), else leave it to the staging copy (False)."""
+        if np.frombuffer(view, dtype=np.uint8).ctypes.data % BLOCK:
+            return False
+        done = 0
+        try:
+            while done < len(view):
+                n = os.pwrite(self.direct_fd, view[done:], offset + done)
+                if n <= 0 or n % BLOCK:  # a short direct write: finish through the staging path
+                    break
+                done += n
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+        self.direct_bytes += done
+        if done < len(view):
+            self._write_direct(view[done:], offset + done)
+        return True
 
     def _write_direct(self, view: memoryview, offset: int) -> None:
         if self._stage is None:

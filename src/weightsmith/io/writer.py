@@ -23,7 +23,7 @@ import torch
 
 from weightsmith.errors import OutputError
 from weightsmith.io.consistency import check_written_config
-from weightsmith.io.direct import DirectFile, direct_io_wanted
+from weightsmith.io.direct import DirectFile, direct_io_wanted, set_write_phase
 from weightsmith.io.dtypes import safetensors_dtype
 from weightsmith.io.paths import check_output_location
 from weightsmith.io.placement import clean_stale_temporaries, move_into_place, temp_path
@@ -189,7 +189,13 @@ class CheckpointWriter:
             self._io(path, lambda: copy_range(source[0], source[1], fd, offset, entry.nbytes))
         else:
             written = 0
-            for chunk in chunks:
+            it = iter(chunks)
+            while True:
+                if sink is not None:
+                    set_write_phase(offset + written)  # lets producers line buffers up
+                chunk = next(it, None)
+                if chunk is None:
+                    break
                 n = len(memoryview(chunk).cast("B"))
                 if written + n > entry.nbytes:
                     raise OutputError(

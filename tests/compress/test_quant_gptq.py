@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from weightsmith.cli.main import cli
-from weightsmith.compress import QuantConfig, quantize_checkpoint
+from weightsmith.compress import QuantConfig, gptq, quantize_checkpoint
 from weightsmith.compress.gptq import (
     HessianNotPositiveDefinite,
     HessianStat,
@@ -134,7 +134,7 @@ def test_dead_columns_are_zero_and_non_pd_is_an_error():
 
 
 @pytest.mark.parametrize("act_order,g", [(False, -1), (False, 32), (True, 32)])
-def test_overwriting_the_hessian_gives_identical_results(act_order, g):
+def test_overwriting_the_hessian_gives_identical_results(act_order, g, monkeypatch):
     # The memory-saving path (Cholesky steps written into the caller's Hessian, as the
     # layer-streamed driver does) must not change a single level, scale or the loss; without
     # it the caller's Hessian is untouched. 160 columns: two blocks of the default 128.
@@ -150,6 +150,7 @@ def test_overwriting_the_hessian_gives_identical_results(act_order, g):
     assert torch.equal(h, h_before)
     taken = stat.take_hessian()
     assert torch.equal(taken, h_before) and stat.sum is None  # handed over, computed in place
+    monkeypatch.setattr(gptq, "_FACTORS", gptq._FactorCache())  # factorize it again
     b = gptq_quantize_weight(w, taken, overwrite_hessian=True, **kw)
     assert not torch.equal(taken, h_before)  # its storage was reused
     assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)

@@ -217,13 +217,19 @@ def _loss_fn(
     float outputs. When the parent is the one balance Linear itself (up_proj -> down_proj),
     its output error is ``X·Dᵀ`` with ``D = W - W'``, so the MSE is ``Σ (D·XᵀX) ∘ D / n``:
     ``XᵀX`` is accumulated once, and each grid point costs one ``(out, in)·(in, in)`` product
-    instead of a pass over every calibration token (the same value up to float32 rounding)."""
-    if m.balance != (m.parent,) or m.parent not in cl.linears:
+    instead of a pass over every calibration token (the same value up to float32 rounding).
+    That is cheaper only with more calibration tokens than input features (``out·in²`` vs
+    ``tokens·in·out`` per point); with fewer, the Linear is run."""
+    gram_path = m.balance == (m.parent,) and m.parent in cl.linears
+    if gram_path:
+        tokens = sum(_parent_x(a, kw).numel() // _parent_x(a, kw).shape[-1] for a, kw in inputs)
+        gram_path = tokens >= cl.weight_shape(m.parent)[1]
+    if not gram_path:
         ref = run_parent(parent, inputs)
         return lambda: output_mse(ref, run_parent(parent, inputs))
     w0, gram, rows = orig[m.parent].float(), None, 0
     for args, kwargs in inputs:
-        x = (args[0] if args else kwargs["input"]).detach().float()
+        x = _parent_x(args, kwargs).detach().float()
         x = x.reshape(-1, x.shape[-1])
         gram = x.t() @ x if gram is None else gram.addmm_(x.t(), x)
         rows += x.shape[0]
@@ -234,6 +240,11 @@ def _loss_fn(
         return float(((d @ gram) * d).sum() / n)
 
     return loss
+
+
+def _parent_x(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A parent's first input (hidden states: ``args[0]`` or the ``input`` keyword)."""
+    return args[0] if args else kwargs["input"]
 
 
 def fold(cl: CalibrationLayer, m: Mapping, s: torch.Tensor) -> None:

@@ -88,32 +88,17 @@ def gptq_quantize_weight(
     float32 ``hessian`` as one of them (its contents are destroyed); otherwise it is copied."""
     dtype = dtype or w.dtype
     W = w.detach().float().clone()
-    H = hessian.detach()
-    if not (overwrite_hessian and H.dtype == torch.float32):
-        H = H.float().clone()
     cols = W.shape[1]
     g = cols if group_size == -1 else group_size
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead, perm, Hinv = _FACTORS.get(hessian, damp, act_order, W.device, overwrite_hessian)
     W[:, dead] = 0
 
     ratios = clip_ratios(MSEConfig()) if observer == "mse" else None
     static_scale = static_zero = None
     if group_size == -1 or act_order:  # qparams fixed before the pass, on the original order
         static_scale, static_zero = _static_qparams(W, g, bits, symmetric, dtype, zero_min, ratios)
-
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+    if perm is not None:
         W = W[:, perm]
-        H.copy_(H[perm])  # permute rows then columns in place: one temporary at a time
-        H.copy_(H[:, perm])
-
-    if H.device != W.device:
-        H = H.to(W.device)
-    Hinv = _inverse_cholesky(H, damp)
-    del H
     grid = _Grid(bits, g, symmetric, dtype, zero_min, perm, ratios)
     Q, scale, zero, loss = _quantize_columns(W, Hinv, grid, block_size, static_scale, static_zero)
     if perm is not None:
@@ -152,6 +137,57 @@ def _static_qparams(W, g, bits, symmetric, dtype, zero_min, ratios):
     rows = W.reshape(out_f * (cols // g), g)
     scale, zero = _qparams_for(rows, bits, symmetric, dtype, zero_min, ratios)
     return scale.reshape(out_f, cols // g), zero.reshape(out_f, cols // g)
+
+
+def _factor(H: torch.Tensor, damp: float, act_order: bool, device: torch.device):
+    """What GPTQ needs of a Hessian (``H``, float32, destroyed): the dead inputs, the
+    act-order permutation (None without) and the upper factor of the damped, permuted
+    inverse."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H.copy_(H[perm])  # permute rows then columns in place: one temporary at a time
+        H.copy_(H[:, perm])
+    if H.device != device:
+        H = H.to(device)
+    return dead, perm, _inverse_cholesky(H, damp)
+
+
+class _FactorCache:
+    """The last Hessian's factorization, reused when the next Linear's Hessian is the very
+    same matrix (``torch.equal``): q/k/v and gate/up share their inputs, hence their
+    Hessians (the calibration engine hands out exact copies), so the Cholesky steps and the
+    permutation run once per sharing set. Only Hessians up to :attr:`MAX_BYTES` are kept (the
+    cache holds a copy of the Hessian and the factor: two more ``(in, in)`` matrices)."""
+
+    MAX_BYTES = 32 << 20
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.hessian: torch.Tensor | None = None
+        self.value: tuple | None = None
+
+    def get(self, hessian: torch.Tensor, damp: float, act_order: bool,
+            device: torch.device, overwrite: bool):  # fmt: skip
+        """``(dead, perm, Hinv)`` of ``hessian`` (see :func:`_factor`); ``overwrite``: its
+        float32 storage may be used. The returned tensors must not be modified."""
+        H = hessian.detach()
+        key = (damp, act_order, device, H.device, tuple(H.shape))
+        if self.key == key and self.hessian is not None and torch.equal(self.hessian, H):
+            return self.value
+        self.key = self.hessian = self.value = None  # release the previous one first
+        keep = H.numel() * 4 <= self.MAX_BYTES
+        copy = H.float().clone() if keep else None
+        work = H if overwrite and H.dtype == torch.float32 else H.float().clone()
+        value = _factor(work, damp, act_order, device)
+        if keep:
+            self.key, self.hessian, self.value = key, copy, value
+        return value
+
+
+_FACTORS = _FactorCache()
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -20,8 +20,21 @@ def dequantize(
     group_size: int,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(q - zero) * scale`` with each input column's group from ``g_idx`` (or ``i // g``)."""
+    """``(q - zero) * scale`` with each input column's group from ``g_idx`` (or ``i // g``).
+    In natural group order the qparams are broadcast over each group instead of gathered per
+    column (the same float operations on the same values)."""
     cols = q.shape[1]
+    if (
+        g_idx is None
+        and q.dim() == 2
+        and scale.shape == zero.shape == (q.shape[0], cols // group_size)
+        and cols % group_size == 0
+    ):
+        rows, n = scale.shape
+        qg = q.float().view(rows, n, group_size)
+        return ((qg - zero.float().view(rows, n, 1)) * scale.float().view(rows, n, 1)).view(
+            rows, cols
+        )
     if g_idx is None:
         g_idx = torch.arange(cols) // group_size
     g = g_idx.long()

@@ -15,6 +15,12 @@ direct child of the layer that holds a Linear: a child's output on a batch is re
 
 Otherwise the child runs as usual and its output is stored for the next pass. The layer's
 final pass (its outputs are the next layer's inputs) reuses but stores nothing.
+
+The Linears inside those children are memoised the same way, each on its own (and only while
+they have no hook themselves): when a child must run again because one of its Linears
+changed, the others are not recomputed (q/k/v once o_proj is quantized), and the final pass
+reuses gate/up's outputs from down_proj's pass. Their outputs are held up to
+:data:`LINEAR_MEMO_BYTES` per layer; past it they are recomputed, as before.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# the most bytes of Linear outputs a layer's memo holds (a child's outputs are not counted:
+# they are the size of the hidden states); past it, Linears are simply recomputed
+LINEAR_MEMO_BYTES = 512 << 20
 
 
 def _versions(obj: Any) -> Any:
@@ -41,6 +51,12 @@ def _versions(obj: Any) -> Any:
 def _hooked(child: nn.Module) -> bool:
     """Whether a module strictly inside ``child`` has a forward (pre-)hook."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in child.modules() if m is not child)
+
+
+def _own_hooks(child: nn.Module, name: str) -> bool:
+    """Whether a memoised Linear (``name`` has a dot) has a hook of its own: it is not reused
+    then (a post-hook may rely on the Linear having run)."""
+    return "." in name and bool(child._forward_hooks or child._forward_pre_hooks)
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -72,8 +88,28 @@ class SubmoduleMemo:
             if head != name:  # a Linear directly under the layer is not memoised
                 self.children.setdefault(head, layer.get_submodule(head))
                 self.holds.setdefault(head, set()).add(name)
+        for name, mod in linears.items():  # each Linear inside a child, on its own too
+            if name.split(".")[0] != name:
+                self.children[name], self.holds[name] = mod, {name}
         self.entries: dict[tuple[str, int], tuple] = {}
         self.hits = 0
+        self.linear_bytes = 0  # held by the Linears' own entries (capped: LINEAR_MEMO_BYTES)
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        out = self.entries.pop(key)[4]
+        if "." in key[0] and isinstance(out, torch.Tensor):
+            self.linear_bytes -= out.numel() * out.element_size()
+
+    def _room(self, name: str, out: Any) -> bool:
+        """Whether a fresh output of ``name`` may be stored: always for a child of the layer;
+        for a Linear while the Linears' entries stay within :data:`LINEAR_MEMO_BYTES`."""
+        if "." not in name:
+            return True
+        size = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        if not size or self.linear_bytes + size > LINEAR_MEMO_BYTES:
+            return False
+        self.linear_bytes += size
+        return True
 
     def _state(self, child: nn.Module) -> tuple:
         return tuple(_versions(t) for t in (*child.parameters(), *child.buffers()))
@@ -84,7 +120,7 @@ class SubmoduleMemo:
         output on batch ``batch`` where allowed; ``store``: record fresh outputs."""
         patched = []
         for name, child in self.children.items():
-            if self.holds[name] & collecting or _hooked(child):
+            if self.holds[name] & collecting or _hooked(child) or _own_hooks(child, name):
                 continue
             child.forward = self._wrap(name, child, child.forward, batch, store)
             patched.append(child)
@@ -109,9 +145,9 @@ class SubmoduleMemo:
                 ):
                     self.hits += 1
                     return out
-                del self.entries[key]
+                self._drop(key)
             out = forward(*args, **kwargs)
-            if store:
+            if store and self._room(name, out):
                 self.entries[key] = (self._state(child), args, kwargs,
                                      _versions((args, kwargs)), out, _versions(out))  # fmt: skip
             return out

@@ -179,7 +179,7 @@ from weightsmith.io.sizes import format_size, parse_size
 )
 @click.option(
     "--awq-clip/--no-awq-clip",
-    default=False,
+    default=True,
     show_default=True,
     help="AWQ: AutoAWQ's clipping search (each group's range shrunk where that lowers its "
     "output error; q/k_proj not clipped) after the scales.",

@@ -59,7 +59,7 @@ class AWQConfig(GridConfig, CalibratedConfig):
     duo_scaling: str = "true"
     awq_then: str = "rtn"
     awq_propagate: str = "auto"
-    awq_clip: bool = False
+    awq_clip: bool = True
     damp: float = DEFAULT_DAMP
     act_order: bool = False
     block_size: int = 128

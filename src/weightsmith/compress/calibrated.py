@@ -20,6 +20,11 @@ from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.transform import require_finite
 from weightsmith.errors import ConfigError
 
+# A Linear at least this big (float32 weight) hands its freed memory back to the OS as soon as
+# it is quantized (its statistic and work buffers are as big or bigger); smaller ones wait for
+# the end of the layer (each trim costs ~3 ms)
+TRIM_BYTES = 16 << 20
+
 
 class CalibratedRun:
     """Calibration tokens and the :class:`LayerStreamer` of one quantize run. The text is read
@@ -75,6 +80,7 @@ class CalibratedRun:
             for n in names:
                 t = job.by_tensor[cl.tensor_name(n)]
                 w = cl.weight(n)
+                big = w.numel() * 4 >= TRIM_BYTES
                 if n in starved:
                     job.stats.setdefault("expert_fallbacks", []).append(t.module)
                     stats.pop(n)
@@ -88,7 +94,8 @@ class CalibratedRun:
                 for r in job.fmt.rewrites(t, cfg):
                     done[r] = [(r, job.fmt.rewrite(r, job.read(r), t, qw, cfg))]
                 del qw
-                release_freed_memory()
+                if big:  # small Linears: the layer's own trim (LayerStreamer) is enough
+                    release_freed_memory()
         if routed:  # gpt-oss's fused experts are kept: no expert Linear, nothing counted
             routing.record_into(job.stats, [])
         return done

@@ -149,14 +149,10 @@ def _factor(H: torch.Tensor, damp: float, act_order: bool, device: torch.device)
     inverse."""
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        H.copy_(H[perm])  # permute rows then columns in place: one temporary at a time
-        H.copy_(H[:, perm])
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if H.device != device:
         H = H.to(device)
-    return dead, perm, _inverse_cholesky(H, damp)
+    return dead, perm, _inverse_cholesky(H, damp, perm)
 
 
 class _FactorCache:
@@ -194,17 +190,50 @@ class _FactorCache:
 _FACTORS = _FactorCache()
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``, reusing ``H``'s storage."""
+def _inverse_cholesky(
+    H: torch.Tensor, damp: float, perm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``(H' + damp·mean(diag H)·I)⁻¹``, ``H'`` the rows and
+    columns of ``H`` in the order ``perm`` (as given without), column-major as LAPACK returns
+    factors; ``H`` is destroyed. One Cholesky and one triangular inverse (⅔ n³ flops, half of
+    Cholesky + ``cholesky_inverse`` + Cholesky): with ``J`` the reversal, ``J H' J = L Lᵀ``
+    gives ``H'⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)``, and ``J L⁻¹ J`` is upper triangular with a positive
+    diagonal, so it is that factor (unique). The reversal and ``perm`` are one gather."""
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp·mean(diag H)·I
-    try:
-        L = torch.linalg.cholesky(H)
-        torch.cholesky_inverse(L, out=H)  # H⁻¹, into H's storage
-        return torch.linalg.cholesky(H, upper=True, out=L)  # its upper factor, into L's
-    except torch.linalg.LinAlgError:
+    n = H.shape[0]
+    if perm is None:
+        flipped = H.flip(0, 1)
+    else:
+        rev = perm.flip(0).to(H.device)
+        flipped = H.index_select(0, rev).index_select(1, rev)
+    # L into H's storage, column-major as LAPACK writes it (no copy): two n² matrices at most
+    L = H.as_strided((n, n), (1, n)) if H.is_contiguous() else torch.empty_like(H)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+    torch.linalg.cholesky_ex(flipped, out=(L, info))
+    del flipped
+    if int(info):
         raise HessianNotPositiveDefinite(
             f"the damped Hessian is not positive definite (damp {damp})"
-        ) from None
+        )
+    _invert_lower_in_place(L)
+    U = torch.empty_strided(L.shape, (1, L.shape[0]), dtype=L.dtype, device=L.device)
+    return U.copy_(L.flip(0, 1))
+
+
+def _invert_lower_in_place(L: torch.Tensor, base: int = 128) -> None:
+    """``L ← L⁻¹`` for a lower-triangular ``L`` (its upper part is left as is), by halves:
+    ``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]]``; n³/3 flops, one ``B``-sized
+    temporary."""
+    n = L.shape[0]
+    if n <= base:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return
+    h = n // 2
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    _invert_lower_in_place(A)
+    _invert_lower_in_place(C)
+    B.copy_(torch.mm(C, torch.mm(B, A)).neg_())
 
 
 def _quantize_columns(

@@ -18,6 +18,7 @@ import torch
 from weightsmith.compress.registry import GridConfig, QuantizedWeight, quant_method
 from weightsmith.compress.rtn import group_qparams, quantize_levels, zero_min_for
 from weightsmith.errors import ConfigError
+from weightsmith.kernels.quant import mse_rows
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,22 @@ def mse_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Qparams ``(rows, 1)`` of each row of ``w`` ``(rows, g)``: the min-max qparams (scale
     rounded to ``dtype``) of ``p · [min, max]`` for the ``p`` in ``ratios`` with the least
-    ``||w - Q(w)||²`` (the first on ties); also the chosen ratios ``(rows, 1)``."""
+    ``||w - Q(w)||²`` (the first on ties); also the chosen ratios ``(rows, 1)``. Each error
+    term is float32, their sum float64. The native kernel gives the same choices (tested)."""
     wf = w.float()
+    native = mse_rows(wf, bits, symmetric, zero_min, dtype, ratios)
+    if native is not None and wf.shape[0] and wf.shape[1]:
+        return native
     best_err = best_scale = best_zero = None
     chosen = torch.ones(wf.shape[0], 1)
     for p in ratios:
         # min-max of p·W is p·[min, max]: the clipped range, rounded to the stored dtype
         scale, zero = group_qparams(wf * p, bits, -1, symmetric, dtype, zero_min)
         q = quantize_levels(wf, scale, zero, bits)
-        err = ((q.float() - zero) * scale - wf).pow(2).sum(-1, keepdim=True)
+        err = ((q.float() - zero) * scale - wf).pow(2).double().sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
-            chosen = torch.full_like(err, p)
+            chosen = torch.full(err.shape, p)
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)

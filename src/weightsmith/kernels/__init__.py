@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -20,6 +21,8 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("merge_kernels.c")
@@ -27,6 +30,8 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std
 _ABI = 5
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 _i64, _f32, _i32, _u64, _u32 = (
     ctypes.c_int64,
@@ -118,6 +123,27 @@ def _build(cc: str, source: Path = _SOURCE) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ws-kernels")
+        return _pools[threads]
+
+
+def run_rows(fn: Callable[[int, int], object], rows: int, threads: int, min_rows: int) -> None:
+    """Call ``fn(start, stop)`` over ``rows`` split into about ``threads`` contiguous ranges of
+    at least ``min_rows`` (on a shared pool; ctypes calls release the GIL). Callers split
+    independent rows only, so results do not depend on ``threads``."""
+    tasks = max(1, min(threads, rows // max(1, min_rows)))
+    if tasks == 1:
+        fn(0, rows)
+        return
+    bounds = [rows * k // tasks for k in range(tasks + 1)]
+    futures = [_pool(threads).submit(fn, a, b) for a, b in itertools.pairwise(bounds)]
+    for f in futures:
+        f.result()
 
 
 def merge_kernels() -> ctypes.CDLL | None:

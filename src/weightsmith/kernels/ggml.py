@@ -9,15 +9,12 @@ every row encodes independently, so the bytes do not depend on the split.
 from __future__ import annotations
 
 import ctypes
-import itertools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from weightsmith.kernels import load_library
+from weightsmith.kernels import load_library, run_rows
 
 _SOURCE = Path(__file__).with_name("ggml_kernels.c")
 _ABI = 2
@@ -35,32 +32,10 @@ K_CODES = {"Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q8_0": 34}
 _MIN_ROWS_PER_TASK = 4
 
-_pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
-
 
 def ggml_kernels() -> ctypes.CDLL | None:
     """The GGML encoder library, built and loaded once per process (None: use numpy)."""
     return load_library("ggml", _SOURCE, SIGNATURES, ("ws_ggml_abi_version", _ABI))
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    with _pool_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ws-ggml")
-        return _pools[threads]
-
-
-def _run_rows(fn, rows: int, threads: int, min_rows: int = _MIN_ROWS_PER_TASK) -> None:
-    """Call ``fn(start, stop)`` over ``rows`` split into about ``threads`` contiguous ranges."""
-    tasks = max(1, min(threads, rows // min_rows))
-    if tasks == 1:
-        fn(0, rows)
-        return
-    bounds = [rows * k // tasks for k in range(tasks + 1)]
-    futures = [_pool(threads).submit(fn, a, b) for a, b in itertools.pairwise(bounds)]
-    for f in futures:
-        f.result()
 
 
 def quantize_k(
@@ -85,7 +60,7 @@ def quantize_k(
         if done != (b - a) * row_out:
             raise AssertionError(f"native {type_name} encoder wrote {done} bytes")
 
-    _run_rows(work, rows, threads)
+    run_rows(work, rows, threads, _MIN_ROWS_PER_TASK)
     return out
 
 
@@ -105,7 +80,7 @@ def quantize_q8_0(x: np.ndarray, threads: int = 1) -> np.ndarray | None:
             x2.ctypes.data + a * n * 4, (b - a) * n, out.ctypes.data + a * out.shape[1]
         )
 
-    _run_rows(work, rows, threads)
+    run_rows(work, rows, threads, _MIN_ROWS_PER_TASK)
     return out.reshape(*x.shape[:-1], n // 32 * 34)
 
 
@@ -128,7 +103,7 @@ def to_float32(t: torch.Tensor, threads: int = 1) -> tuple[np.ndarray, bool, flo
             lo, hi = c * _CONVERT_CHUNK, min(n, (c + 1) * _CONVERT_CHUNK)
             stats[c] = lib.ws_to_f32_stats(src + lo * size, code, hi - lo, dst + lo * 4)
 
-    _run_rows(work, chunks, threads, min_rows=1)
+    run_rows(work, chunks, threads, min_rows=1)
     top = max(stats)
     return out, top < 0x7F800000, float(np.array(top, np.uint32).view(np.float32))
 
@@ -148,5 +123,5 @@ def to_float16(x: np.ndarray, threads: int = 1) -> np.ndarray | None:
         lo, hi = a * _CONVERT_CHUNK, min(n, b * _CONVERT_CHUNK)
         lib.ws_f32_to_f16(src + lo * 4, hi - lo, dst + lo * 2)
 
-    _run_rows(work, chunks, threads, min_rows=1)
+    run_rows(work, chunks, threads, min_rows=1)
     return out

@@ -13,16 +13,20 @@ from pathlib import Path
 
 import torch
 
-from weightsmith.kernels import load_library
+from weightsmith.kernels import load_library, run_rows
 
 _SOURCE = Path(__file__).with_name("quant_kernels.c")
-_ABI = 2
+_ABI = 3
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 SIGNATURES = {
     "ws_quant_abi_version": ([], ctypes.c_int),
     "ws_count_nonfinite": ([_p, _i32, _i64], _i64),
     "ws_rtn_rows": ([_p, _i32, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p], None),
     "ws_pack_rows": ([_p, _i64, _i64, _i32, _p], None),
+    "ws_mse_rows": (
+        [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _i32, _p, _p, _p],
+        None,
+    ),
 }
 _STORED = (torch.bfloat16, torch.float32)
 
@@ -93,6 +97,47 @@ def rtn_rows(
         q.data_ptr(),
     )
     return scale, zero
+
+
+def mse_rows(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    zero_min: int | None,
+    scale_dtype: torch.dtype,
+    ratios: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The MSE-clipped qparams of each row of float32 ``w`` ``(rows, g)`` (rows may be strided,
+    columns contiguous): ``(scale, zero, chosen ratio)``, each float32 ``(rows, 1)``, the same
+    as :func:`weightsmith.compress.mse.mse_qparams` computes. None when the kernels cannot
+    take these tensors (the caller runs the torch code)."""
+    lib = quant_kernels()
+    if (
+        lib is None
+        or w.dim() != 2
+        or w.device.type != "cpu"
+        or w.dtype != torch.float32
+        or (w.shape[1] > 1 and w.stride(1) != 1)
+        or scale_dtype not in _STORED
+        or not 1 <= bits <= 8
+        or not ratios
+    ):
+        return None
+    rows, g = w.shape
+    out = torch.empty(3, rows, 1)
+    if rows and g:
+        r = torch.tensor(ratios, dtype=torch.float32)  # the float32 factors torch multiplies by
+        zmin, bf16, f32 = zero_min or -(1 << (bits - 1)), int(scale_dtype == torch.bfloat16), 4
+
+        def part(r0: int, r1: int) -> None:  # rows are independent: any split, the same bits
+            lib.ws_mse_rows(
+                w.data_ptr() + r0 * w.stride(0) * f32, r1 - r0, g, w.stride(0), bits,
+                int(symmetric), zmin, bf16, r.data_ptr(), len(ratios),
+                *(o.data_ptr() + r0 * f32 for o in out),
+            )  # fmt: skip
+
+        run_rows(part, rows, torch.get_num_threads(), 256)
+    return out[0], out[1], out[2]
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor | None:

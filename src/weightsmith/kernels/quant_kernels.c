@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-int ws_quant_abi_version(void) { return 2; }
+int ws_quant_abi_version(void) { return 3; }
 
 static inline float bf16_load(const uint16_t *h, int64_t i) {
     uint32_t u = (uint32_t)h[i] << 16;
@@ -159,5 +159,79 @@ void ws_pack_rows(const int8_t *q, int64_t rows, int64_t cols, int32_t bits, int
         }
         if (held > 0) o[w++] = (uint32_t)acc;
         for (; w < words; w++) o[w] = 0;
+    }
+}
+
+/* MSE-clipped qparams of each of `rows` float32 rows of g values (row r at w + r * stride),
+ * as weightsmith.compress.mse.mse_qparams: for each ratio p (float32, in the order given) the
+ * min-max qparams of p * row (lo = min(p * min, 0), hi = max(p * max, 0), as RTN_GROUP; the
+ * scale rounded to bfloat16 when scale_bf16), the row's levels q = clamp(round(w / scale) +
+ * zero) and err = sum((q - zero) * scale - w)^2, each term in float32 and summed in double (8
+ * lanes, then lane order); the first p with the least err wins. Outputs per row: scale (as
+ * float32), zero and the chosen ratio.                                                      */
+void ws_mse_rows(const float *w, int64_t rows, int64_t g, int64_t stride, int32_t bits,
+                 int32_t symmetric, int32_t zmin, int32_t scale_bf16, const float *ratios,
+                 int32_t n_ratios, float *scale_out, float *zero_out, float *chosen_out) {
+    const int32_t qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
+    const float fmin = (float)qmin, fmax = (float)qmax;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = w + r * stride;
+        float mn = x[0], mx = x[0];
+        for (int64_t i = 1; i < g; i++) {
+            mn = x[i] < mn ? x[i] : mn;
+            mx = x[i] > mx ? x[i] : mx;
+        }
+        double best = 0.0;
+        float best_scale = 1.0f, best_zero = 0.0f, best_p = 1.0f;
+        for (int32_t k = 0; k < n_ratios; k++) {
+            const float p = ratios[k];
+            float lo = mn * p, hi = mx * p; /* min/max of p * x: the product is monotone */
+            lo = lo < 0.0f ? lo : 0.0f;
+            hi = hi > 0.0f ? hi : 0.0f;
+            float scale;
+            if (symmetric) {
+                const float a = -lo > hi ? -lo : hi;
+                scale = a / ((float)(qmax - qmin) / 2.0f);
+            } else {
+                scale = (hi - lo) / (float)(qmax - qmin);
+            }
+            if (!(scale > 0.0f)) scale = 1.0f;
+            if (scale_bf16) scale = round_bf16(scale);
+            float zero = 0.0f;
+            if (!symmetric) {
+                zero = rintf((float)qmin - lo / scale);
+                zero = zero < (float)zmin ? (float)zmin : zero;
+                zero = zero > fmax ? fmax : zero;
+            }
+            double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t i = 0;
+            for (; i + 8 <= g; i += 8) {
+                for (int j = 0; j < 8; j++) {
+                    float q = rintf(x[i + j] / scale) + zero;
+                    q = q < fmin ? fmin : q;
+                    q = q > fmax ? fmax : q;
+                    const float d = (q - zero) * scale - x[i + j];
+                    lane[j] += (double)(d * d);
+                }
+            }
+            for (int j = 0; i < g; i++, j++) {
+                float q = rintf(x[i] / scale) + zero;
+                q = q < fmin ? fmin : q;
+                q = q > fmax ? fmax : q;
+                const float d = (q - zero) * scale - x[i];
+                lane[j] += (double)(d * d);
+            }
+            double err = 0.0;
+            for (int j = 0; j < 8; j++) err += lane[j];
+            if (k == 0 || err < best) {
+                best = err;
+                best_scale = scale;
+                best_zero = zero;
+                best_p = p;
+            }
+        }
+        scale_out[r] = best_scale;
+        zero_out[r] = best_zero;
+        chosen_out[r] = best_p;
     }
 }

@@ -47,11 +47,11 @@ CASES: dict[str, tuple[bool, str]] = {
     ),
     "quantize-gptq-ct": (
         False,
-        "compress quantize {base} --method gptq --group-size 32 --ignore mlp.down_proj --observer minmax --calib {train} --calib-samples 8 --seq-len 64",
+        "compress quantize {base} --method gptq --group-size 32 --ignore mlp.down_proj --observer minmax --damp 0.01 --calib {train} --calib-samples 8 --seq-len 64",
     ),
     "quantize-gptq-gptq-actorder": (
         False,
-        "compress quantize {base} --method gptq --format gptq --group-size -1 --ignore mlp.down_proj --ignore mlp.up_proj --ignore mlp.gate_proj --act-order --observer minmax --calib {train} --calib-samples 8 --seq-len 64",
+        "compress quantize {base} --method gptq --format gptq --group-size -1 --ignore mlp.down_proj --ignore mlp.up_proj --ignore mlp.gate_proj --act-order --observer minmax --damp 0.01 --calib {train} --calib-samples 8 --seq-len 64",
     ),
     "prune-magnitude": (True, "compress prune {base} --method magnitude --sparsity 0.5"),
     "prune-magnitude-2of4": (True, "compress prune {base} --method magnitude --pattern 2:4"),

@@ -115,6 +115,12 @@ CONFIGS = {
         "sparsegpt 2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4"],
         "wanda 50%": ["prune", "--method", "wanda", "--sparsity", "0.5"],
     },
+    "sparsegpt-damp": {  # SparseGPT's --damp by held-out measurement (vs magnitude: no data)
+        "sparsegpt 50% damp 0.01": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--damp", "0.01"],
+        "sparsegpt 50% damp 0.1": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--damp", "0.1"],
+        "sparsegpt 2:4 damp 0.01": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.01"],
+        "sparsegpt 2:4 damp 0.1": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.1"],
+    },
     "smollm2-awq": {  # AWQ vs its data-free counterpart (RTN), symmetric g64 (see shared/README)
         "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],

@@ -151,6 +151,22 @@ def test_no_progress_hides_transformers_bars(text: Path) -> None:
     assert "Loading" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
 
 
+def test_no_progress_hides_every_library_bar(text: Path, tmp_path: Path) -> None:
+    # a compressed-tensors model: loading it runs compressed-tensors' and accelerate's own tqdm
+    # bars ("Decompressing model", "Dispatching model"), which are not transformers'
+    pytest.importorskip("compressed_tensors")
+    q = tmp_path / "q"
+    made = ws("compress", "quantize", BASE, "-o", q, "--bits", "8", "--group-size", "-1",
+              "--no-progress")  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    proc = ws("eval", "ppl", q, "--data", text, "--seq-len", "64", "--max-tokens", "128",
+              "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "%|" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr
+    shown = ws("eval", "ppl", q, "--data", text, "--seq-len", "64", "--max-tokens", "128")
+    assert "Decompressing model" in shown.stderr  # the bars this silences exist
+
+
 def test_eval_of_a_checkpoint_without_tensors_is_refused(text: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

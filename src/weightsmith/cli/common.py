@@ -262,10 +262,12 @@ FINITE_FLOAT = FiniteFloat()
 
 def _quiet_libraries(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     """``--no-progress`` also silences transformers' and the hub's own bars ("Loading
-    weights"), for this command only. transformers is not imported for it (a second of
+    weights") and every other library's tqdm bar (compressed-tensors' "Decompressing model",
+    accelerate's), for this command only. transformers is not imported for it (a second of
     start-up that data-free commands never need): imported later, it starts from the hub's
     setting."""
     if not value:
+        _quiet_tqdm(ctx)
         from huggingface_hub.utils import (
             are_progress_bars_disabled,
             disable_progress_bars,
@@ -288,6 +290,22 @@ def _quiet_libraries(ctx: click.Context, _param: click.Parameter, value: bool) -
 
         ctx.call_on_close(restore)
     return value
+
+
+def _quiet_tqdm(ctx: click.Context) -> None:
+    """Every tqdm bar created during the command is disabled (``disable=True``), whoever
+    creates it; the class is restored when the command ends."""
+    import tqdm.std
+
+    cls = tqdm.std.tqdm
+    original = cls.__init__
+
+    def quiet_init(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    cls.__init__ = quiet_init
+    ctx.call_on_close(lambda: setattr(cls, "__init__", original))
 
 
 def progress_option(fn: Callable) -> Callable:

@@ -17,6 +17,7 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.prune import METHODS, PruneConfig, parse_pattern, prune_checkpoint
+from weightsmith.compress.prune.registry import SPARSEGPT_DAMP
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
@@ -85,9 +86,10 @@ def _layers(text: str | None) -> tuple[int, ...]:
 @click.option(
     "--damp",
     type=FINITE_FLOAT,
-    default=0.01,
+    default=SPARSEGPT_DAMP,
     show_default=True,
-    help="sparsegpt: fraction of mean(diag H) added to the Hessian's diagonal.",
+    help="sparsegpt: fraction of mean(diag H) added to the Hessian's diagonal (0.01: as "
+    "llm-compressor).",
 )
 @calibration_options
 @moe_options

@@ -29,7 +29,7 @@ import torch
 
 from weightsmith.compress.prune.common import LinearTarget
 from weightsmith.compress.prune.masks import count_to_prune
-from weightsmith.compress.prune.registry import PruneConfig, prune_method
+from weightsmith.compress.prune.registry import SPARSEGPT_DAMP, PruneConfig, prune_method
 from weightsmith.core.calibration import CalibrationLayer
 from weightsmith.errors import ConfigError
 
@@ -85,7 +85,7 @@ def sparsegpt_prune(
     sparsity: float | None = None,
     pattern: tuple[int, int] | None = None,
     block_size: int = 128,
-    damp: float = 0.01,
+    damp: float = SPARSEGPT_DAMP,
 ) -> SparseWeight:
     """SparseGPT on one ``(out, in)`` weight with its ``(in, in)`` Hessian: ``sparsity``
     (unstructured) or ``pattern=(N, M)``, one of them. Pure: inputs are not modified."""

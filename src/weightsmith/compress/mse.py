@@ -52,7 +52,7 @@ def mse_qparams(
     term is float32, their sum float64. The native kernel gives the same choices (tested)."""
     wf = w.float()
     native = mse_rows(wf, bits, symmetric, zero_min, dtype, ratios)
-    if native is not None and wf.shape[0] and wf.shape[1]:
+    if native is not None:
         return native
     best_err = best_scale = best_zero = None
     chosen = torch.ones(wf.shape[0], 1)

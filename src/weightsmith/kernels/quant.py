@@ -121,22 +121,22 @@ def mse_rows(
         or scale_dtype not in _STORED
         or not 1 <= bits <= 8
         or not ratios
+        or 0 in w.shape
     ):
         return None
     rows, g = w.shape
     out = torch.empty(3, rows, 1)
-    if rows and g:
-        r = torch.tensor(ratios, dtype=torch.float32)  # the float32 factors torch multiplies by
-        zmin, bf16, f32 = zero_min or -(1 << (bits - 1)), int(scale_dtype == torch.bfloat16), 4
+    r = torch.tensor(ratios, dtype=torch.float32)  # the float32 factors torch multiplies by
+    zmin, bf16, f32 = zero_min or -(1 << (bits - 1)), int(scale_dtype == torch.bfloat16), 4
 
-        def part(r0: int, r1: int) -> None:  # rows are independent: any split, the same bits
-            lib.ws_mse_rows(
-                w.data_ptr() + r0 * w.stride(0) * f32, r1 - r0, g, w.stride(0), bits,
-                int(symmetric), zmin, bf16, r.data_ptr(), len(ratios),
-                *(o.data_ptr() + r0 * f32 for o in out),
-            )  # fmt: skip
+    def part(r0: int, r1: int) -> None:  # rows are independent: any split, the same bits
+        lib.ws_mse_rows(
+            w.data_ptr() + r0 * w.stride(0) * f32, r1 - r0, g, w.stride(0), bits,
+            int(symmetric), zmin, bf16, r.data_ptr(), len(ratios),
+            *(o.data_ptr() + r0 * f32 for o in out),
+        )  # fmt: skip
 
-        run_rows(part, rows, torch.get_num_threads(), 256)
+    run_rows(part, rows, torch.get_num_threads(), 256)
     return out[0], out[1], out[2]
 
 

@@ -12,7 +12,9 @@ from weightsmith.errors import ConfigError
 
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()):
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # get_command imports a lazily listed command
+        cmd = group.get_command(ctx, name)
         yield (*path, name), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, (*path, name))

@@ -103,6 +103,8 @@ CONFIGS = {
         "gptq w4 g64 act-order": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
         "gptq w4 g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
+        "awq w4 g64 fp32 search": ["--method", "awq", "--bits", "4", "--group-size", "64",
+                                   "--awq-search-dtype", "float32"],
     },
     "issue21": {  # every row of #21's Done-when, each with its llm-compressor recipe (PEER)
         "awq w4 g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],

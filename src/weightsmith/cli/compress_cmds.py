@@ -184,6 +184,14 @@ from weightsmith.io.sizes import format_size, parse_size
     help="AWQ: AutoAWQ's clipping search (each group's range shrunk where that lowers its "
     "output error; q/k_proj not clipped) after the scales.",
 )
+@click.option(
+    "--awq-search-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="AWQ: dtype of the scale search's forwards (auto: bfloat16 where matmuls have it "
+    "natively -- CUDA, CPUs with AVX512-BF16/AMX -- else float32); losses summed in float32.",
+)
 @max_shard_size_option
 @force_option
 @progress_option

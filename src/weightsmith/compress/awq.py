@@ -27,15 +27,17 @@ import torch
 
 from weightsmith.compress.awq_search import (
     CLIP_AVOID,
+    SEARCH_DTYPES,
     capture,
     clip_search,
     fold,
     resolve_mappings,
+    search_dtype,
     search_scales,
 )
 from weightsmith.compress.gptq import DEFAULT_DAMP, gptq_quantize
 from weightsmith.compress.registry import CalibratedConfig, GridConfig, quant_method
-from weightsmith.compress.rtn import rtn_quantize
+from weightsmith.compress.rtn import rtn_quantize, rtn_scaled_dequantized
 from weightsmith.compress.smoothquant import round_layer
 from weightsmith.core.calibration import CalibrationLayer
 from weightsmith.core.transform import require_finite
@@ -53,13 +55,15 @@ class AWQConfig(GridConfig, CalibratedConfig):
     points; ``duo_scaling`` "true": ``x̄^r / w̄^(1-r)``, "false": ``x̄^r``, "both": half of
     each) and the quantizer run on the scaled weights (``awq_then``; GPTQ's own settings
     apply to "gptq"; ``awq_propagate``: what the next layer is calibrated on, see the module
-    doc; ``awq_clip``: AutoAWQ's clipping search after the scales, see :func:`clip_layer`)."""
+    doc; ``awq_clip``: AutoAWQ's clipping search after the scales, see :func:`clip_layer`;
+    ``awq_search_dtype``: the dtype of the search's forwards, see :mod:`.awq_search`)."""
 
     n_grid: int = 20
     duo_scaling: str = "true"
     awq_then: str = "rtn"
     awq_propagate: str = "auto"
     awq_clip: bool = True
+    awq_search_dtype: str = "auto"
     damp: float = DEFAULT_DAMP
     act_order: bool = False
     block_size: int = 128
@@ -83,6 +87,8 @@ class AWQConfig(GridConfig, CalibratedConfig):
             raise ConfigError(f"--duo-scaling must be one of {', '.join(DUO_SCALING)}")
         if self.awq_then not in THEN:
             raise ConfigError(f"--awq-then must be one of {', '.join(THEN)}")
+        if self.awq_search_dtype not in SEARCH_DTYPES:
+            raise ConfigError(f"--awq-search-dtype must be one of {', '.join(SEARCH_DTYPES)}")
         if self.awq_propagate not in PROPAGATE:
             raise ConfigError(f"--awq-propagate must be one of {', '.join(PROPAGATE)}")
         least = {"true": 3, "false": 2, "both": 4}[self.duo_scaling]
@@ -99,7 +105,7 @@ class AWQConfig(GridConfig, CalibratedConfig):
     def describe(self) -> dict:
         return {**super().describe(), "awq_then": self.awq_then, "n_grid": self.n_grid,
                 "duo_scaling": self.duo_scaling, "awq_propagate": self.propagate,
-                "awq_clip": self.awq_clip}  # fmt: skip
+                "awq_clip": self.awq_clip, "awq_search_dtype": self.awq_search_dtype}  # fmt: skip
 
     def layer_step(self, cl, job):  # the calibrated layer step (see compress/calibrated.py)
         return awq_layer(cl, job)
@@ -133,21 +139,37 @@ def search_and_fold(
         return []
     inputs, x_means = capture(cl, mappings)
     grid_of = {n: (grids or {}).get(n, (o, quant_args)) for n in targets}
+    dtype = search_dtype(o.awq_search_dtype, next(cl.module.parameters()).device)
     quant = {n: _quant_for(*grid_of[n]) for n in targets}
     group_size = {n: grid_of[n][0].group_size for n in targets}
     chosen = []
     for m in mappings:
         s, info = search_scales(
             cl, m, inputs[m.parent], x_means[m.balance[0]], quant,
-            group_size=group_size, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
+            group_size=group_size, n_grid=o.n_grid, duo_scaling=o.duo_scaling, dtype=dtype,
         )  # fmt: skip
         fold(cl, m, s)
-        chosen.append({"smooth": m.smooth, **info, "scales": s})
+        chosen.append({"smooth": m.smooth, **info, "scales": s, "search_dtype": str(dtype)})
     return chosen
 
 
-def _quant_for(opts: AWQConfig, args: dict):
-    return lambda w: rtn_quantize(w, opts, **args).dequantize()
+@dataclass(frozen=True)
+class _RTN:
+    """The search's quantizer: RTN on ``opts``'s grid (``args``: ``dtype``/``zero_min``),
+    dequantized; ``scaled`` gives a grid point's ``Q(w·s) / s`` in one pass."""
+
+    opts: Any
+    args: dict
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return rtn_scaled_dequantized(w, None, self.opts, **self.args)
+
+    def scaled(self, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None):
+        return rtn_scaled_dequantized(w, s, self.opts, **self.args, out=out)
+
+
+def _quant_for(opts: AWQConfig, args: dict) -> _RTN:
+    return _RTN(opts, args)
 
 
 def clip_layer(

@@ -47,7 +47,9 @@ class CalibratedRun:
     def run_layer(self, layer: int) -> dict[str, list[tuple[str, Any]]]:
         """Quantize layer ``layer``'s targets: tensor name -> its stored tensors."""
         if self.streamer is None:
-            self.streamer = LayerStreamer(self.job.ckpt, self.ids, device=self.device)
+            self.streamer = LayerStreamer(
+                self.job.ckpt, self.ids, device=self.device, model=self.job.skeleton
+            )
         step = getattr(self.job.cfg.options, "layer_step", None)  # a method's own (SmoothQuant)
         return self.streamer.run_layer(
             layer, (lambda cl: step(cl, self.job)) if step else self.quantize_layer

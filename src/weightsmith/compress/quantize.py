@@ -150,6 +150,7 @@ class QuantizeJob:
         self.ckpt, self.cfg = ckpt, cfg
         self.method, self.fmt = METHODS[cfg.method], FORMATS[cfg.format]
         self.statistic = self.method.statistic_for(cfg.options)
+        self.skeleton: nn.Module | None = None  # built once, shared with the calibration
         targets, self.ignored = select_linears(ckpt, self._linears(), cfg)
         # MoE experts the format cannot hold (bnb), or fused 3-D experts (not Linear
         # modules): kept as stored, listed in the report
@@ -187,7 +188,8 @@ class QuantizeJob:
             listed = described_linears(self.ckpt)
             if listed is not None:
                 return listed
-        return build_skeleton(self.ckpt)
+        self.skeleton = build_skeleton(self.ckpt)
+        return self.skeleton
 
     @property
     def groups(self) -> list[TensorGroup]:

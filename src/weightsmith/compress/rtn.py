@@ -20,7 +20,7 @@ from weightsmith.compress.levels import (  # dequantize: re-exported
 )
 from weightsmith.compress.registry import GridConfig, quant_method
 from weightsmith.errors import ConfigError
-from weightsmith.kernels.quant import Scratch, rtn_rows
+from weightsmith.kernels.quant import Scratch, fake_quant_scaled, rtn_rows
 
 
 def minmax_qparams(
@@ -154,3 +154,27 @@ def rtn_quantize(
         symmetric=cfg.symmetric,
         info=info,
     )
+
+
+def rtn_scaled_dequantized(
+    w: torch.Tensor, s: torch.Tensor | None, cfg: GridConfig, *,
+    dtype: torch.dtype | None = None, zero_min: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``rtn_quantize(w·s).dequantize() / s`` as float32 (AWQ's candidate weight for input
+    column scales ``s``; None: ``rtn_quantize(w).dequantize()``): one native pass for plain min-max RTN on the CPU, else the torch
+    code, with the same bits (``w·s`` and the quotient in ``s``'s precision or float32; scales
+    rounded to ``dtype``, default float32 as for the float32 ``w·s``). The native pass writes
+    into ``out`` when given (see :func:`~weightsmith.kernels.quant.fake_quant_scaled`); check
+    whether the result ``is out``."""
+    dtype = dtype or torch.float32
+    zero_min = zero_min if zero_min is not None else zero_min_for(cfg)
+    g = w.shape[1] if cfg.group_size == -1 else cfg.group_size
+    if not getattr(cfg, "hqq", False):
+        fast = fake_quant_scaled(w, s, g, cfg.bits, cfg.symmetric, zero_min, dtype, out)
+        if fast is not None:
+            return fast
+    if s is None:
+        return rtn_quantize(w.float(), cfg, dtype=dtype, zero_min=zero_min).dequantize()
+    deq = rtn_quantize((w * s).float(), cfg, dtype=dtype, zero_min=zero_min).dequantize()
+    return (deq / s).float()

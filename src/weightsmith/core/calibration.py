@@ -128,6 +128,19 @@ class CalibrationLayer:
         shape = tuple(self.linears[linear].weight.shape)
         return (shape[1], shape[0]) if self._transposed else (shape[0], shape[1])
 
+    @property
+    def stored_transposed(self) -> bool:
+        """Whether Linear weights are stored ``(in, out)`` (GPT-2's Conv1D)."""
+        return self._transposed
+
+    def weight_storage(self, linear: str) -> torch.Tensor | None:
+        """The Linear's weight storage itself as ``(out, in)`` when it is a contiguous float32
+        CPU tensor stored that way (a kernel may then write a new weight in place); else None."""
+        p = self.linears[linear].weight.detach()
+        if self._transposed or p.dtype != torch.float32 or p.device.type != "cpu":
+            return None
+        return p if p.is_contiguous() else None
+
     def set_weight(self, linear: str, w: torch.Tensor) -> None:
         """Replace a Linear's weight, given as ``(out, in)``; later forwards use it."""
         p = self.linears[linear].weight
@@ -194,6 +207,8 @@ class LayerStreamer:
 
     ``input_ids``: ``(n, seq)`` calibration token windows. ``batch_size`` windows are run per
     forward call. Layers must be run in order (each consumes the previous one's outputs).
+    ``model``: the checkpoint's :func:`build_skeleton`, when the caller has built it already
+    (it becomes the streamer's: layers are materialised in it).
     """
 
     def __init__(
@@ -205,6 +220,7 @@ class LayerStreamer:
         compute_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         progress: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.compute_dtype = compute_dtype
@@ -214,7 +230,7 @@ class LayerStreamer:
         self._layer_names = ckpt.layers()
         if not self._layer_names:
             raise CheckpointError(f"{ckpt.path}: no decoder layers found to calibrate")
-        self.model = build_skeleton(ckpt)
+        self.model = model if model is not None else build_skeleton(ckpt)
         self._next = min(self._layer_names)
         self._batches = self._embed(input_ids, batch_size)
 

@@ -16,13 +16,17 @@ import torch
 from weightsmith.kernels import load_library, run_rows
 
 _SOURCE = Path(__file__).with_name("quant_kernels.c")
-_ABI = 3
+_ABI = 4
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 SIGNATURES = {
     "ws_quant_abi_version": ([], ctypes.c_int),
     "ws_count_nonfinite": ([_p, _i32, _i64], _i64),
     "ws_rtn_rows": ([_p, _i32, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p], None),
     "ws_pack_rows": ([_p, _i64, _i64, _i32, _p], None),
+    "ws_fake_quant_scaled_rows": (
+        [_p, _i32, _p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p],
+        _i32,
+    ),
     "ws_mse_rows": (
         [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _i32, _p, _p, _p],
         None,
@@ -181,3 +185,60 @@ class Scratch:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self._buffers.values())
+
+
+def fake_quant_scaled(
+    w: torch.Tensor,
+    s: torch.Tensor | None,
+    group_size: int,
+    bits: int,
+    symmetric: bool,
+    zero_min: int | None,
+    scale_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """AWQ's candidate ``Q(w·s) / s`` (float32, ``(out, in)``) of a finite weight and per-input
+    column scales ``s`` (float32 or float64; None: ``Q(w)``): ``Q`` the min-max RTN of
+    :func:`rtn_rows`, dequantized. The same bits as torch's ``(rtn(w * s).dequantize() / s).float()`` (products
+    and quotients in float64, rounded once), written into ``out`` when given (contiguous
+    float32, ``w``'s shape, not overlapping ``w``). None when the kernels cannot take these
+    tensors."""
+    lib = quant_kernels()
+    if (
+        lib is None
+        or w.dim() != 2
+        or not _cpu_contiguous(w, _STORED)
+        or (s is not None and (s.shape != (w.shape[1],) or s.device.type != "cpu"))
+        or (s is not None and s.dtype not in (torch.float32, torch.float64))
+        or scale_dtype not in _STORED
+        or not 1 <= bits <= 8
+        or group_size < 1
+        or w.shape[1] % group_size
+        or 0 in w.shape
+        or (
+            out is not None and (out.shape != w.shape or not _cpu_contiguous(out, (torch.float32,)))
+        )
+    ):
+        return None
+    rows, cols = w.shape
+    sd = None if s is None else s.double().contiguous()
+    out = torch.empty(rows, cols) if out is None else out
+    zmin, bf16, esize = (
+        zero_min or -(1 << (bits - 1)),
+        int(w.dtype == torch.bfloat16),
+        w.element_size(),
+    )
+    failed = []
+
+    def part(r0: int, r1: int) -> None:  # rows are independent: any split, the same bits
+        rc = lib.ws_fake_quant_scaled_rows(
+            w.data_ptr() + r0 * cols * esize, bf16, None if sd is None else sd.data_ptr(), r1 - r0,
+            cols, group_size,
+            bits, int(symmetric), zmin, int(scale_dtype == torch.bfloat16),
+            out.data_ptr() + r0 * cols * 4,
+        )  # fmt: skip
+        if rc:
+            failed.append(rc)
+
+    run_rows(part, rows, torch.get_num_threads(), 64)
+    return None if failed else out

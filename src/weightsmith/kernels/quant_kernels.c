@@ -9,9 +9,10 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-int ws_quant_abi_version(void) { return 3; }
+int ws_quant_abi_version(void) { return 4; }
 
 static inline float bf16_load(const uint16_t *h, int64_t i) {
     uint32_t u = (uint32_t)h[i] << 16;
@@ -234,4 +235,52 @@ void ws_mse_rows(const float *w, int64_t rows, int64_t g, int64_t stride, int32_
         zero_out[r] = best_zero;
         chosen_out[r] = best_p;
     }
+}
+
+/* AWQ's candidate weight of one grid point, row by row: out = Q(w * s) / s, Q the min-max RTN
+ * of RTN_GROUP in groups of g with its levels dequantized as (q - zero) * scale in float32 (as
+ * weightsmith.compress.levels.dequantize). w * s and the division by s are computed in double
+ * and rounded to float32 once: torch's arithmetic with a float64 s, and (double rounding being
+ * exact for * and / when 53 >= 2 * 24 + 2) with a float32 s given as double. s NULL: Q(w),
+ * the dequantized RTN weight. Returns -1 when out of memory (nothing valid then), else 0.   */
+int32_t ws_fake_quant_scaled_rows(const void *src, int32_t is_bf16, const double *s,
+                                  int64_t rows, int64_t cols, int64_t g, int32_t bits,
+                                  int32_t symmetric, int32_t zmin, int32_t scale_bf16,
+                                  float *out) {
+    const int32_t qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
+    int8_t *q = malloc((size_t)g);
+    if (!q) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        float *o = out + r * cols;
+        for (int64_t i = 0; i < cols; i++) {
+            const float v = is_bf16 ? bf16_load((const uint16_t *)src, r * cols + i)
+                                    : ((const float *)src)[r * cols + i];
+            o[i] = s ? (float)((double)v * s[i]) : v;
+        }
+        for (int64_t k = 0; k < cols / g; k++) {
+            float *og = o + k * g;
+            const double *sg = s ? s + k * g : NULL;
+            unsigned char stored[4]; /* the scale as RTN_GROUP stores it, read back by memcpy */
+            int8_t zero;
+            rtn_group_f32(og, g, qmin, qmax, zmin, symmetric, scale_bf16, stored, &zero, q);
+            float scale;
+            if (scale_bf16) {
+                uint16_t h;
+                memcpy(&h, stored, sizeof h);
+                const uint32_t u = (uint32_t)h << 16;
+                memcpy(&scale, &u, sizeof scale);
+            } else {
+                memcpy(&scale, stored, sizeof scale);
+            }
+            const float z = (float)zero;
+            if (sg) {
+                for (int64_t i = 0; i < g; i++)
+                    og[i] = (float)((double)(((float)q[i] - z) * scale) / sg[i]);
+            } else {
+                for (int64_t i = 0; i < g; i++) og[i] = ((float)q[i] - z) * scale;
+            }
+        }
+    }
+    free(q);
+    return 0;
 }

@@ -263,9 +263,12 @@ def run(cmd: list[str]) -> dict:
     return data
 
 
-def holdout_calibration(base: Path, data: Path, eval_tokens: int, work: Path) -> Path:
-    """The second half of the evaluation text as a calibration file, after checking that the
-    first half alone holds every evaluated token (so calibration never sees them)."""
+def holdout_calibration(
+    base: Path, data: Path, eval_tokens: int, work: Path, skip: int = 0
+) -> Path:
+    """The second half of the evaluation text (from ``skip`` characters into it: another
+    window set) as a calibration file, after checking that the first half alone holds every
+    evaluated token (so calibration never sees them)."""
     from weightsmith.core.calibration import load_tokenizer
 
     text = data.read_text(encoding="utf-8")
@@ -275,9 +278,9 @@ def holdout_calibration(base: Path, data: Path, eval_tokens: int, work: Path) ->
         raise SystemExit(
             f"{data}: the first half holds {first} tokens < --max-tokens {eval_tokens}"
         )
-    out = work / f"calib-holdout-{data.name}"
-    out.write_text(text[half:], encoding="utf-8")
-    print(f"calibration: second half of {data.name} ({len(text) - half} chars)", file=sys.stderr)
+    out = work / f"calib-holdout-{skip}-{data.name}"
+    out.write_text(text[half + skip :], encoding="utf-8")
+    print(f"calibration: second half of {data.name} from char {skip} ({len(text) - half - skip} chars)", file=sys.stderr)  # fmt: skip
     return out
 
 
@@ -329,6 +332,9 @@ def main() -> None:
         help="calibrate on the second half of --eval-data (in-domain, disjoint from the "
         "evaluated tokens) instead of --calib-data",
     )
+    ap.add_argument("--calib-skip", type=int, default=0,
+                    help="--calib-holdout: start the calibration text this many characters "
+                    "into the second half (another set of windows, the same for both tools)")  # fmt: skip
     args = ap.parse_args()
 
     base = smollm2_dir() if args.model == "smollm2" else shared_model(args.model)
@@ -338,7 +344,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qbench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.calib_holdout:
-        calib = holdout_calibration(base, data, args.max_tokens, work)
+        calib = holdout_calibration(base, data, args.max_tokens, work, args.calib_skip)
     evalargs = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=4)
     rows = []
     pending = list(args.peer_method)  # peer methods not run yet

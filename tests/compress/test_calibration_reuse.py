@@ -113,3 +113,24 @@ def test_a_hooked_linear_is_never_skipped(tiny_model):
         LayerStreamer(ckpt, ids, batch_size=2).run_layer(0, cb)
     assert len(calls) == 2 * 3  # 2 batches x (2 collect passes + the final pass)
     assert hits[0].hits == 2 * 5 * 2  # and again in the final pass
+
+
+def test_a_calibrated_quantize_builds_the_skeleton_once(tiny_model, tmp_path, monkeypatch):
+    """The quantize job's skeleton (used to find the Linears) is the one the calibration
+    streams layers through: transformers builds the model once per run."""
+    from weightsmith.compress import QuantConfig, quantize_checkpoint
+    from weightsmith.compress import quantize as quantize_mod
+    from weightsmith.core import calibration as calibration_mod
+
+    built = []
+    real = calibration_mod.build_skeleton
+
+    def counting(ckpt):
+        built.append(ckpt.root)
+        return real(ckpt)
+
+    monkeypatch.setattr(calibration_mod, "build_skeleton", counting)
+    monkeypatch.setattr(quantize_mod, "build_skeleton", counting)
+    cfg = QuantConfig("gptq", bits=4, group_size=32, calib_samples=4, seq_len=16)
+    quantize_checkpoint(tiny_model("llama"), tmp_path / "q", cfg, progress=False)
+    assert len(built) == 1

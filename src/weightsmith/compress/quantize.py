@@ -43,9 +43,9 @@ from weightsmith.compress.registry import (
     QuantConfig,
 )
 from weightsmith.compress.schemes import Scheme, match_scheme, scheme_summary
-from weightsmith.core.calibration import build_skeleton, module_path
 from weightsmith.core.experts import fused_expert_tensors, refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
+from weightsmith.core.skeleton import build_skeleton, module_path
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.targets import described_linears, ignore_matches
 from weightsmith.core.transform import (

@@ -57,9 +57,13 @@ from weightsmith.core.experts import (
     expert_groups,
     is_expert_linear,
     unfuse_layer,
-    unfuse_model,
 )
 from weightsmith.core.memory import release_freed_memory
+from weightsmith.core.skeleton import (
+    assign_state,
+    build_skeleton,
+    module_path,
+)
 from weightsmith.core.statistics import STATISTICS, InputStat
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint
@@ -310,7 +314,7 @@ class LayerStreamer:
             else self.ckpt.get_tensor(n).to(self.device)
             for n in names
         }
-        _assign(module, state, where=f"{self.ckpt.path}: layer {prefix}")
+        assign_state(module, state, where=f"{self.ckpt.path}: layer {prefix}")
         return module
 
     def _embed(self, input_ids: torch.Tensor, batch_size: int) -> list[_Batch]:
@@ -335,7 +339,7 @@ class LayerStreamer:
             t = self.ckpt.get_tensor(n)
             if t.is_floating_point():
                 t = t.to(self.compute_dtype)
-            _assign(mod, {attr: t.to(self.device)}, where=str(self.ckpt.path), strict=False)
+            assign_state(mod, {attr: t.to(self.device)}, where=str(self.ckpt.path), strict=False)
             touched.append(mpath)
 
         first_prefix = self.ckpt.arch.layer_prefix(self._layer_names[self._next][0]) or ""
@@ -384,76 +388,3 @@ class LayerStreamer:
         if len(captured) != (input_ids.shape[0] + batch_size - 1) // batch_size:
             raise CheckpointError(f"{self.ckpt.path}: the model never reached decoder layer 0")
         return captured
-
-
-def module_path(model: nn.Module, name: str, renames: Sequence[tuple[str, str]] = ()) -> str:
-    """The model's path for a checkpoint name (GPT-2 checkpoints may omit ``transformer.``;
-    ``renames``, an architecture's ``module_renames``, map a multimodal checkpoint's prefixes
-    to the class's modules)."""
-    path = name.rstrip(".")
-    for old, new in renames:
-        if path.startswith(old):
-            renamed = new + path[len(old) :]
-            with contextlib.suppress(AttributeError):
-                model.get_submodule(renamed.rsplit(".", 1)[0])
-                return renamed
-    with contextlib.suppress(AttributeError):
-        model.get_submodule(path.rsplit(".", 1)[0] if "." in path else path)
-        return path
-    base = getattr(model, "base_model_prefix", "")
-    return f"{base}.{path}" if base else path
-
-
-def _assign(
-    module: nn.Module, state: dict[str, torch.Tensor], *, where: str, strict: bool = True
-) -> None:
-    """Put ``state`` into ``module`` (replacing meta parameters); every parameter must be set."""
-    for rel, t in state.items():
-        owner_path, _, attr = rel.rpartition(".")
-        try:
-            owner = module.get_submodule(owner_path) if owner_path else module
-        except AttributeError:
-            continue  # a tensor this transformers version does not use
-        if attr in owner._parameters:
-            old = owner._parameters[attr]
-            if tuple(old.shape) != tuple(t.shape):
-                raise CheckpointError(
-                    f"{where}{rel} has shape {list(t.shape)}, config expects {list(old.shape)}"
-                )
-            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
-        elif attr in owner._buffers:
-            owner._buffers[attr] = t
-    if strict:
-        missing = [n for n, p in module.named_parameters() if p.is_meta]
-        if missing:
-            raise CheckpointError(f"{where}{missing[0]} is missing from the checkpoint")
-
-
-def build_skeleton(ckpt: Checkpoint) -> nn.Module:
-    """The transformers model for the checkpoint's config: parameters on meta, buffers real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    if ckpt.config is None:
-        raise CheckpointError(f"{ckpt.root}: no config.json; calibration needs the model config")
-    try:
-        config = AutoConfig.from_pretrained(str(ckpt.root))
-    except Exception as e:
-        raise CheckpointError(
-            f"{ckpt.root}/config.json: transformers cannot read it ({e})"
-        ) from None
-    if getattr(config, "quantization_config", None) is not None:
-        raise CheckpointError(f"{ckpt.root}: is already quantized; calibrate an unquantized model")
-    try:
-        auto = AutoModelForImageTextToText if ckpt.arch.multimodal else AutoModelForCausalLM
-        with init_empty_weights(include_buffers=False):
-            model = auto.from_config(config)
-    except ValueError as e:
-        raise CheckpointError(
-            f"{ckpt.root}: transformers has no causal-LM class for this config ({e})"
-        ) from None
-    unfuse_model(model, ckpt.arch)  # MoE: one Linear per expert, named as stored
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

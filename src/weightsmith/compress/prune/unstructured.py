@@ -40,7 +40,8 @@ from weightsmith.compress.prune.masks import check_sparsity, prune_mask
 from weightsmith.compress.prune.registry import METHODS, PruneConfig
 from weightsmith.compress.prune.sparsegpt import sparsegpt_layer
 from weightsmith.compress.prune.wanda import ColumnNormStat
-from weightsmith.core.calibration import CalibrationLayer, build_skeleton
+from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.core.skeleton import build_skeleton
 from weightsmith.core.transform import WriteOptions, require_finite, rewrite_checkpoint
 from weightsmith.errors import ConfigError, OutputError
 from weightsmith.io.reader import Checkpoint, TensorGroup

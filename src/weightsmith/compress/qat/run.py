@@ -39,9 +39,9 @@ from weightsmith.compress.qat.task import train_model
 from weightsmith.compress.quantize import QuantizeResult, quantize_checkpoint, select_linears
 from weightsmith.compress.registry import FORMATS, QuantConfig
 from weightsmith.compress.rtn import zero_min_for
-from weightsmith.core.calibration import build_skeleton
 from weightsmith.core.models import load_model, load_tokenizer
 from weightsmith.core.report import peak_rss_bytes
+from weightsmith.core.skeleton import build_skeleton
 from weightsmith.core.training import TrainResult
 from weightsmith.core.training.data import read_records, tokenize_records
 from weightsmith.core.training.save import full_weights, write_student

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from weightsmith.core.calibration import module_path
+from weightsmith.core.skeleton import module_path
 from weightsmith.core.streaming import RawTensor, StreamResult, stream_transform
 from weightsmith.errors import ConfigError
 from weightsmith.io.reader import TensorGroup, open_checkpoint

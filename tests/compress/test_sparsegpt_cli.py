@@ -113,9 +113,12 @@ def test_layers_match_recomputation(tiny: Path, calib: Path, tmp_path: Path, opt
 
 
 def test_bf16_model_and_refusals(calib: Path, tmp_path: Path) -> None:
-    """A bf16 checkpoint stays bf16 with exact 2:4 zeros; --damp is refused for other methods."""
+    """A bf16 checkpoint stays bf16 with exact 2:4 zeros (the paper's N:M rule on request,
+    recorded); --damp is refused for other methods, --nm-select without --pattern."""
     model = build_tiny_model(tmp_path / "bf", "llama", seed=1, dtype=torch.bfloat16)
-    _run(model, tmp_path / "out", calib, "--pattern", "2:4")
+    _run(model, tmp_path / "out", calib, "--pattern", "2:4", "--nm-select", "score")
+    prov = (tmp_path / "out" / "weightsmith.json").read_text()
+    assert '"nm_select": "score"' in prov
     ckpt = open_checkpoint(tmp_path / "out")
     for n in ckpt.tensors:
         t = ckpt.get_tensor(n)
@@ -127,4 +130,10 @@ def test_bf16_model_and_refusals(calib: Path, tmp_path: Path) -> None:
               "--damp", "0.2", "--calib", str(calib)],
     )  # fmt: skip
     assert r.exit_code == 1 and "--damp does not apply" in r.output
+    assert not (tmp_path / "w").exists()
+    r = CliRunner().invoke(
+        cli, ["compress", "prune", str(model), "-o", str(tmp_path / "w"), "--method", "sparsegpt",
+              "--nm-select", "score", "--calib", str(calib)],
+    )  # fmt: skip
+    assert r.exit_code == 1 and "--nm-select applies to" in r.output
     assert not (tmp_path / "w").exists()

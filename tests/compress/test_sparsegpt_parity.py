@@ -61,7 +61,8 @@ def test_matches_llmcompressor(tmp_path: Path, structure: str) -> None:
     pattern = (2, 4) if structure == "2:4" else None
     cfg = PruneConfig(method="sparsegpt", sparsity=None if pattern else 0.5, pattern=pattern,
                       calib=str(calib), calib_samples=SAMPLES, seq_len=SEQ,
-                      damp=0.01)  # llm-compressor's dampening_frac  # fmt: skip
+                      damp=0.01,  # llm-compressor's dampening_frac and N:M rule
+                      nm_select="score" if pattern else "obs")  # fmt: skip
     prune_checkpoint(model, ours, cfg, progress=False)
     a, b = open_checkpoint(ours), open_checkpoint(theirs)
     compared = 0

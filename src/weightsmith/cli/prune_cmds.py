@@ -17,7 +17,7 @@ from weightsmith.cli.common import (
 )
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.prune import METHODS, PruneConfig, parse_pattern, prune_checkpoint
-from weightsmith.compress.prune.registry import SPARSEGPT_DAMP
+from weightsmith.compress.prune.registry import NM_SELECT, SPARSEGPT_DAMP
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
@@ -91,6 +91,15 @@ def _layers(text: str | None) -> tuple[int, ...]:
     help="sparsegpt: fraction of mean(diag H) added to the Hessian's diagonal (0.01: as "
     "llm-compressor).",
 )
+@click.option(
+    "--nm-select",
+    type=click.Choice(NM_SELECT),
+    default=NM_SELECT[0],
+    show_default=True,
+    help="sparsegpt --pattern: obs = the N of each M inputs whose pruning (with the OBS update) "
+    "adds least to the layer's loss; score = the N lowest w²/[H⁻¹]ⱼⱼ² (the paper's rule, as "
+    "llm-compressor).",
+)
 @calibration_options
 @moe_options
 @max_shard_size_option
@@ -109,6 +118,7 @@ def prune_cmd(
     mlp_ratio: float | None,
     keep: int | None,
     damp: float,
+    nm_select: str,
     calib: str | None,
     calib_samples: int,
     seq_len: int,
@@ -136,6 +146,7 @@ def prune_cmd(
         min_expert_tokens=min_expert_tokens,
         calibrate_all_experts=calibrate_all_experts,
         damp=damp,
+        nm_select=nm_select,
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:

@@ -19,6 +19,9 @@ from weightsmith.errors import ConfigError
 # on held-out text"). llm-compressor and the paper use 0.01 (pass --damp 0.01 to match).
 SPARSEGPT_DAMP = 0.1
 
+# SparseGPT's N:M mask rules (compress/prune/sparsegpt.py): "obs" is the default
+NM_SELECT = ("obs", "score")
+
 KINDS = ("unstructured", "depth", "width", "experts")
 
 
@@ -98,6 +101,7 @@ class PruneConfig:
     # sparsegpt
     damp: float = SPARSEGPT_DAMP  # fraction of mean(diag H) added to the Hessian's diagonal
     block_size: int = 128  # columns per lazy-update block (the mask's comparison group)
+    nm_select: str = NM_SELECT[0]  # sparsegpt N:M mask rule: exact per group, or the reference's
     # depth (layers)
     drop: int | None = None
     layers: tuple[int, ...] = ()
@@ -145,6 +149,10 @@ class PruneConfig:
             raise ConfigError(f"--damp does not apply to --method {self.method}")
         if not 0 <= self.damp < 1 or self.block_size < 1:
             raise ConfigError(f"--damp must be in [0, 1) (got {self.damp}), block_size >= 1")
+        if self.nm_select not in NM_SELECT:
+            raise ConfigError(f"--nm-select must be one of {', '.join(NM_SELECT)}")
+        if self.nm_select != NM_SELECT[0] and not (self.pattern and self.method == "sparsegpt"):
+            raise ConfigError("--nm-select applies to --method sparsegpt with --pattern only")
         if self.ignore and kind != "unstructured":
             raise ConfigError(f"--ignore does not apply to --method {self.method}")
         if kind == "unstructured":

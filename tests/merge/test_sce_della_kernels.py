@@ -194,7 +194,8 @@ def test_disabled_kernels_fall_back_to_torch(monkeypatch):
 def test_topk_mask_picks_torchs_entries_among_ties(n, levels, order):
     """ws_topk_mask (libstdc++'s nth_element replayed on indices) selects exactly the set
     torch.topk selects, also among many equal values and on orders that push introselect
-    to its worst cases; k·64 <= n is torch's partial_sort case, left to torch."""
+    to its worst cases, into a given mask (not zeroed) or over the values' storage; k·64 <= n
+    is torch's partial_sort case, left to torch."""
     g = torch.Generator().manual_seed(n)
     if levels is None:
         v = torch.randn(n, generator=g)
@@ -206,13 +207,17 @@ def test_topk_mask_picks_torchs_entries_among_ties(n, levels, order):
         v = torch.cat([s[::2], s[1::2].flip(0)]) if order == "organ pipe" else s
     v = v.contiguous()
     for k in {1, n // 50 + 1, n // 3 + 1, n // 2, n - 1, n} - {0}:
-        got = torch.zeros(n, dtype=torch.bool)
-        if not merge_narrow.topk_mask(v, k, got):
+        got = torch.ones(n, dtype=torch.bool)  # the kernel clears the mask itself
+        if merge_narrow.topk_mask(v, k, got) is None:
             assert k * 64 <= n
             continue
         want = torch.zeros(n, dtype=torch.bool)
         want[torch.topk(v.abs(), k, largest=True, sorted=False).indices] = True
         assert torch.equal(got, want), k
+        # written over the values' own storage: the same set, no second buffer
+        own = v.clone()
+        over = merge_narrow.topk_mask(own, k)
+        assert over.data_ptr() == own.data_ptr() and torch.equal(over, want), k
 
 
 def test_small_and_one_entry_tensors_match_the_torch_path():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("merge_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
-_ABI = 5
+_ABI = 6
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _pool_lock = threading.Lock()

@@ -15,7 +15,7 @@
 
 enum { SP_NONE = 0, SP_TOPK = 1, SP_DARE = 2 };
 
-int ws_abi_version(void) { return 5; }
+int ws_abi_version(void) { return 6; }
 int ws_max_models(void) { return MAXK; }
 
 /* SplitMix64's j-th output for a generator seeded with `seed` (Steele et al. 2014). */
@@ -927,5 +927,7 @@ void ws_topk_mask(const uint16_t *v, int64_t n, int64_t k, sel_t *idx, uint8_t *
         }
         if (last - first <= 3) sel_insertion_sort(v, first, last);
     }
+    /* v is not read from here on: mask may share its storage (the caller's values buffer). */
+    memset(mask, 0, (size_t)n);
     for (int64_t j = 0; j < k; j++) mask[idx[j]] = 1;
 }

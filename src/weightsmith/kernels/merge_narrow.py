@@ -203,17 +203,22 @@ def della_keep(
     return ok == 0
 
 
-def topk_mask(values: torch.Tensor, k: int, mask: torch.Tensor) -> bool:
-    """Set ``mask`` (bool, zeros) at the ``k`` entries torch.topk(values.abs(), k) selects on
-    a flat bfloat16 ``values`` (the same pick among equal values: libstdc++'s nth_element
-    replayed on 4-byte indices), when torch would use nth_element (k·64 > numel). False: not
-    this case, or the kernels are unavailable."""
+def topk_mask(
+    values: torch.Tensor, k: int, mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The bool mask of the ``k`` entries torch.topk(values.abs(), k) selects on a flat
+    bfloat16 ``values`` (the same pick among equal values: libstdc++'s nth_element replayed on
+    4-byte indices), when torch would use nth_element (k·64 > numel); None: not this case, or
+    the kernels are unavailable. Written into ``mask`` when given, else over ``values``'
+    own storage (a bool view of its first bytes; ``values`` is consumed): no second buffer."""
     lib = merge_kernels()
     n = values.numel()
     if lib is None or values.dtype != torch.bfloat16 or not values.is_contiguous():
-        return False
-    if not (0 < k <= n < 2**32) or k * 64 <= n or mask.numel() != n:
-        return False
+        return None
+    if not (0 < k <= n < 2**32) or k * 64 <= n or (mask is not None and mask.numel() != n):
+        return None
+    if mask is None:
+        mask = values.view(_u8)[:n].view(torch.bool)
     idx = torch.empty(n, dtype=torch.int32)
     lib.ws_topk_mask(values.data_ptr(), n, k, idx.data_ptr(), mask.view(_u8).data_ptr())
-    return True
+    return mask

@@ -7,7 +7,7 @@ selection is torch.topk's set on the whole bfloat16 variance (its pick among equ
 is mergekit's): libstdc++'s nth_element replayed on 4-byte indices (``ws_topk_mask``; torch's
 own topk holds 16 bytes per entry) where torch uses nth_element, torch.topk otherwise. torch's
 own ``mean`` (its float32 cascade sums) gives the model weights, with mergekit's thread count;
-only the variance, the mask and the squares are held, never the stacked task vectors.
+only the variance, the mask and one model's squares are held, never the stacked task vectors.
 """
 
 from __future__ import annotations
@@ -54,14 +54,19 @@ def variance(src: ChunkSource) -> torch.Tensor:
 def variance_mask(src: ChunkSource, fraction: float) -> torch.Tensor:
     """mergekit's ``sce_mask``: the ``int(nonzero · fraction)`` entries of largest bfloat16
     variance, torch.topk's set on the whole variance (its choice among ties). The inputs are
-    unmapped while the selection runs."""
+    unmapped while the selection runs; the native selection writes the mask over the
+    variance's own storage (copied out, so only the mask stays)."""
     var = variance(src)
-    mask = torch.zeros(src.numel, dtype=torch.bool)
     with mergekit_threads():
         k = int(torch.count_nonzero(var) * fraction)
-        if k > 0 and not merge_narrow.topk_mask(var, k, mask):
-            # sorted or not, topk selects the same set (it sorts after selecting)
-            mask[torch.topk(var.abs_(), k=k, largest=True, sorted=False).indices] = True
+        if k == 0:
+            return torch.zeros(src.numel, dtype=torch.bool)
+        over = merge_narrow.topk_mask(var, k)
+        if over is not None:
+            return over.clone()
+        # sorted or not, topk selects the same set (it sorts after selecting)
+        mask = torch.zeros(src.numel, dtype=torch.bool)
+        mask[torch.topk(var.abs_(), k=k, largest=True, sorted=False).indices] = True
     return mask
 
 
@@ -73,33 +78,38 @@ def normalised(weights: torch.Tensor) -> torch.Tensor:
     return weights / total
 
 
-def squares(src: ChunkSource, mask: torch.Tensor | None) -> torch.Tensor:
-    """(models, numel) bfloat16: mergekit's ``(tvs * mask).square()``, one model at a time
-    (only the base and that model mapped)."""
-    sq = torch.empty((src.num_inputs - 1, src.numel), dtype=BF16)
-    for k in range(src.num_inputs - 1):
-        with src.stored(0) as base, src.stored(k + 1) as x:
-            pair = [base[: src.numel], x[: src.numel]]
-            del base, x  # the mappings end with ``pair``, before the next model's
+def squares(src: ChunkSource, mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """``(1, numel)`` bfloat16: mergekit's ``(tvs * mask).square()`` of model ``k`` (only the
+    base and that model mapped)."""
+    sq = torch.empty((1, src.numel), dtype=BF16)
+    with src.stored(0) as base, src.stored(k + 1) as x:
+        pair = [base[: src.numel], x[: src.numel]]
+        del base, x  # the mappings end with ``pair``
 
-            def fill(r: tuple[int, int], pair=pair, k=k) -> bool:
-                keep = None if mask is None else mask[r[0] : r[1]]
-                xs = [t[r[0] : r[1]] for t in pair]
-                return merge_narrow.sce_sq(xs, keep, sq[k : k + 1, r[0] : r[1]])
+        def fill(r: tuple[int, int], pair: list[torch.Tensor] = pair) -> bool:
+            keep = None if mask is None else mask[r[0] : r[1]]
+            xs = [t[r[0] : r[1]] for t in pair]
+            return merge_narrow.sce_sq(xs, keep, sq[:, r[0] : r[1]])
 
-            ok = all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE)))
-            del pair, fill
-        if not ok:
-            raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
+        ok = all(pmap(fill, sub_ranges(0, src.numel, NATIVE_PIECE)))
+        del pair, fill
+    if not ok:
+        raise RuntimeError(f"{src.name}: native SCE kernel refused its inputs")
     return sq
 
 
 def model_weights(src: ChunkSource, mask: torch.Tensor | None) -> list[float]:
     """mergekit's ``sce_weight``: the bfloat16 means of the (selected) squared task vectors,
-    normalised to sum 1 (torch's mean on the kernel's squares, inputs unmapped), as floats."""
-    sq = squares(src, mask)
-    with mergekit_threads():
-        return [float(w) for w in normalised(sq.mean(dim=1))]
+    normalised to sum 1, as floats. torch's own mean reduces each model's squares (a
+    ``(1, numel)`` row: the same float32 cascade as a row of mergekit's stack), one model's
+    squares held at a time, inputs unmapped."""
+    means = []
+    for k in range(src.num_inputs - 1):
+        sq = squares(src, mask, k)
+        with mergekit_threads():
+            means.append(sq.mean(dim=1))
+        del sq
+    return [float(w) for w in normalised(torch.cat(means))]
 
 
 def stream_sce(src: ChunkSource, fraction: float, out_dtype: torch.dtype) -> Iterator[torch.Tensor]:

@@ -120,8 +120,13 @@ CONFIGS = {
     "sparsegpt-damp": {  # SparseGPT's --damp by held-out measurement (vs magnitude: no data)
         "sparsegpt 50% damp 0.01": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--damp", "0.01"],
         "sparsegpt 50% damp 0.1": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--damp", "0.1"],
-        "sparsegpt 2:4 damp 0.01": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.01"],
-        "sparsegpt 2:4 damp 0.1": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.1"],
+        "sparsegpt 2:4 damp 0.01": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.01", "--nm-select", "score"],
+        "sparsegpt 2:4 damp 0.1": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.1", "--nm-select", "score"],
+    },
+    "sparsegpt-nm": {  # SparseGPT's N:M rule (--nm-select), and llm-compressor's settings
+        "sparsegpt 2:4 obs": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--nm-select", "obs"],
+        "sparsegpt 2:4 score": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--nm-select", "score"],
+        "sparsegpt 2:4 damp 0.01 score": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--damp", "0.01", "--nm-select", "score"],
     },
     "smollm2-awq": {  # AWQ vs its data-free counterpart (RTN), symmetric g64 (see shared/README)
         "rtn w4 g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],

@@ -36,6 +36,8 @@ def runs(num_layers: int, nm_ignore: dict[str, list[str]]) -> dict[str, list[str
         for pat in ("2:4", "4:8"):
             ignore = [a for p in nm_ignore.get(pat, []) for a in ("--ignore", p)]
             out[f"{method}-{pat}"] = ["--method", method, "--pattern", pat, *ignore]
+    for pat in ("2:4", "4:8"):  # SparseGPT with the paper's N:M rule (--nm-select score)
+        out[f"sparsegpt-{pat}-score"] = [*out[f"sparsegpt-{pat}"], "--nm-select", "score"]
     out[f"layers-drop{drop10}"] = ["--method", "layers", "--drop", str(drop10)]
     out[f"layers-drop{drop25}"] = ["--method", "layers", "--drop", str(drop25)]
     out["channels-0.75"] = ["--method", "channels", "--mlp-ratio", "0.75"]

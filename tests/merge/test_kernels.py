@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,12 @@ def test_bfloat16_rounding_is_nearest_even_like_torch():
     out = torch.empty(len(x), dtype=torch.bfloat16)
     assert native.lerp2(x, torch.zeros_like(x), 1.0, 0.0, out) == 2  # two overflow to ±Inf
     assert torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+def test_build_key_covers_the_shared_header() -> None:
+    """Every kernel source that includes bf16.h names it, so an edit to the header rebuilds
+    each library (the header's bytes are part of the build key)."""
+    root = Path(kernels.__file__).parent
+    for name in ("merge", "narrow", "quant", "reduce", "sphere"):
+        src = (root / f"{name}_kernels.c").read_bytes()
+        assert kernels.local_includes(src) == ["bf16.h"], name

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -97,8 +98,14 @@ def _compiler() -> str | None:
     return cc
 
 
+def local_includes(src: bytes) -> list[str]:
+    """The ``#include "name"`` headers of a kernel source (next to it): part of its build key."""
+    return re.findall(r'^\s*#include\s+"([^"]+)"', src.decode(), flags=re.MULTILINE)
+
+
 def _build(cc: str, source: Path = _SOURCE) -> Path:
     src = source.read_bytes()
+    src += b"".join((source.parent / h).read_bytes() for h in local_includes(src))
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     except OSError:

@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define TILE 256
 #define MAXK 32
 
@@ -196,13 +198,6 @@ int64_t ws_absdelta_nth_eq(const float *base, const float *x, int64_t n, float t
 /* Storage types a kernel reads or writes directly: float32 and bfloat16. */
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
-/* float32 -> bfloat16 with round-to-nearest-even and NaN -> 0x7FC0, as c10::BFloat16 does. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 #define LANES 8
 
@@ -249,12 +244,7 @@ static inline uint16_t to_bf16(float f) {
             for (int64_t k = 0; k < n; k++) bad[1] += EXP(b, k) == (EXPMAX);                \
     }
 
-static inline float bf16_at(const uint16_t *p, int64_t i) {
-    uint32_t u = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+static inline float bf16_at(const uint16_t *p, int64_t i) { return from_bf16(p[i]); }
 static inline uint16_t bf16_exp(const uint16_t *p, int64_t i) { return p[i] & 0x7F80u; }
 static inline float f32_at(const float *p, int64_t i) { return p[i]; }
 static inline uint32_t f32_exp(const float *p, int64_t i) {
@@ -312,7 +302,6 @@ int64_t ws_lerp2(const void *a, const void *b, int32_t in_dtype, int64_t n, floa
 }
 
 /* A stored value (DT_F32 / DT_BF16) rounded to bfloat16, as a float: x.to(bfloat16). */
-static inline float bf16_round(float f) { return bf16_at(&(uint16_t){to_bf16(f)}, 0); }
 
 /* Tile of input k's values [s, s + m), rounded to bfloat16; counts its NaN/Inf into *bad. */
 static void load_bf16_tile(const void *x, int32_t dtype, int64_t s, int64_t m, float *v,

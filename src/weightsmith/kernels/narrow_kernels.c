@@ -25,27 +25,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define THRESHOLD 16
 
 int ws_narrow_abi_version(void) { return 1; }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 enum { DT_F32 = 0, DT_BF16 = 1 }; /* storage types read or written directly */
 
-static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* Value i of a stored range rounded to bfloat16 (mergekit's load cast), as a float; *bad counts
  * NaN/Inf. */
@@ -53,7 +41,7 @@ static inline float load_bf16(const void *p, int32_t dtype, int64_t i, int64_t *
     if (dtype == DT_BF16) {
         uint16_t h = ((const uint16_t *)p)[i];
         *bad += (h & 0x7F80u) == 0x7F80u;
-        return bf16_to_f32(h);
+        return from_bf16(h);
     }
     float f = ((const float *)p)[i];
     uint32_t u;
@@ -77,14 +65,14 @@ void ws_absdelta_keys(const void *base, const void *x, int32_t dtype, int64_t n,
         for (int64_t i = 0; i < n; i++) {
             bb += (pb[i] & 0x7F80u) == 0x7F80u;
             bx += (px[i] & 0x7F80u) == 0x7F80u;
-            uint16_t k = f32_to_bf16(bf16_to_f32(px[i]) - bf16_to_f32(pb[i])) & 0x7FFFu;
+            uint16_t k = to_bf16(from_bf16(px[i]) - from_bf16(pb[i])) & 0x7FFFu;
             kk[i] = (uint16_t)(c + sgn * (int32_t)k);
         }
     } else {
         const float *pb = (const float *)base, *px = (const float *)x;
         for (int64_t i = 0; i < n; i++) {
             float b = load_bf16(pb, DT_F32, i, &bb), v = load_bf16(px, DT_F32, i, &bx);
-            uint16_t k = f32_to_bf16(v - b) & 0x7FFFu;
+            uint16_t k = to_bf16(v - b) & 0x7FFFu;
             kk[i] = (uint16_t)(c + sgn * (int32_t)k);
         }
     }
@@ -247,26 +235,26 @@ int32_t ws_sort_select(uint16_t *keys, uint32_t *idx, int64_t n, int64_t lo, int
 
 /* out = bf16(x / s): x / s for a 0-dim float32 s. */
 void ws_bf16_div(const uint16_t *x, int64_t n, float s, uint16_t *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) / s);
+    for (int64_t i = 0; i < n; i++) out[i] = to_bf16(from_bf16(x[i]) / s);
 }
 
 /* out = bf16(x · s): s · x for a Python float or 0-dim tensor s (as torch rounds it). */
 void ws_bf16_scale(const uint16_t *x, int64_t n, float s, uint16_t *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) * s);
+    for (int64_t i = 0; i < n; i++) out[i] = to_bf16(from_bf16(x[i]) * s);
 }
 
 /* y = bf16(y + bf16(x · a)): y += a · x. */
 void ws_bf16_axpy(uint16_t *y, const uint16_t *x, int64_t n, float a) {
     for (int64_t i = 0; i < n; i++)
-        y[i] = f32_to_bf16(bf16_to_f32(y[i]) + bf16_round(bf16_to_f32(x[i]) * a));
+        y[i] = to_bf16(from_bf16(y[i]) + bf16_round(from_bf16(x[i]) * a));
 }
 
 /* t += c · (u − cos · m), each product, difference and sum rounded to bfloat16. */
 void ws_karcher_tangent(uint16_t *t, const uint16_t *u, const uint16_t *m, int64_t n, float cos,
                         float c) {
     for (int64_t i = 0; i < n; i++) {
-        const float d = bf16_round(bf16_to_f32(u[i]) - bf16_round(cos * bf16_to_f32(m[i])));
-        t[i] = f32_to_bf16(bf16_to_f32(t[i]) + bf16_round(c * d));
+        const float d = bf16_round(from_bf16(u[i]) - bf16_round(cos * from_bf16(m[i])));
+        t[i] = to_bf16(from_bf16(t[i]) + bf16_round(c * d));
     }
 }
 
@@ -274,8 +262,8 @@ void ws_karcher_tangent(uint16_t *t, const uint16_t *u, const uint16_t *m, int64
  * rounded to bfloat16 as torch rounds 0-dim float32 factors; step as it is). */
 void ws_karcher_step(uint16_t *m, const uint16_t *t, int64_t n, float C, float S, float step) {
     for (int64_t i = 0; i < n; i++) {
-        const float a = bf16_round(C * bf16_to_f32(m[i]));
-        const float b = bf16_round(S * bf16_round(bf16_to_f32(t[i]) / step));
-        m[i] = f32_to_bf16(a + b);
+        const float a = bf16_round(C * from_bf16(m[i]));
+        const float b = bf16_round(S * bf16_round(from_bf16(t[i]) / step));
+        m[i] = to_bf16(a + b);
     }
 }

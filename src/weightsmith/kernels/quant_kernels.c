@@ -12,14 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 int ws_quant_abi_version(void) { return 4; }
 
-static inline float bf16_load(const uint16_t *h, int64_t i) {
-    uint32_t u = (uint32_t)h[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+static inline float bf16_load(const uint16_t *h, int64_t i) { return from_bf16(h[i]); }
 
 static inline float f32_load(const float *f, int64_t i) { return f[i]; }
 

@@ -21,27 +21,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAXW 16
 #define LEVELS 4
 #define ILP 4
 
 int ws_reduce_abi(void) { return 1; }
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float r(float f) { return from_bf16(to_bf16(f)); }
+static inline float r(float f) { return bf16_round(f); }
 
 /* ---------------------------------------------------------------- norm consumer */
 

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define TILE 256
 #define MAXK 16
 
@@ -21,22 +23,8 @@ int ws_sphere_max_models(void) { return MAXK; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* r(x): x rounded to bfloat16, as a float (what a bfloat16 tensor holds). */
-static inline float r(float f) { return from_bf16(to_bf16(f)); }
+static inline float r(float f) { return bf16_round(f); }
 
 /* Values [s, s + m) of input x (stored as dtype) rounded to bfloat16; NaN/Inf counted. */
 static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {

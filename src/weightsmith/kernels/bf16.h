@@ -1,0 +1,28 @@
+/* bfloat16 <-> float32 as c10::BFloat16 converts, shared by the kernel sources (each is built
+ * on its own; kernels/__init__.py hashes this header into every build key). */
+#ifndef WS_BF16_H
+#define WS_BF16_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* float32 -> bfloat16 with round-to-nearest-even and NaN -> 0x7FC0. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* bfloat16 bits -> float32 (exact). */
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* f rounded to bfloat16, as a float (what a bfloat16 tensor holds). */
+static inline float bf16_round(float f) { return from_bf16(to_bf16(f)); }
+
+#endif

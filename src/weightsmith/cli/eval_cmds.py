@@ -24,6 +24,9 @@ from weightsmith.cli.groups import eval_cli
     help="Also report mean KL(REF || MODEL) and top-1 agreement against this model.",
 )
 @click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass.")
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:N."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @progress_option
 @report_option
@@ -34,6 +37,7 @@ def ppl_cmd(
     max_tokens: int | None,
     reference: str | None,
     batch_size: int,
+    device: str,
     as_json: bool,
     progress: bool,
 ) -> dict:
@@ -41,9 +45,11 @@ def ppl_cmd(
     --reference may be a .gguf file (dequantized to float32 with transformers' GGUF loader)."""
     import tempfile
 
+    from weightsmith.core.device import select_device
     from weightsmith.evaluate import perplexity
     from weightsmith.ggml.reader import is_gguf, materialize_hf
 
+    run_device = select_device(device)
     with tempfile.TemporaryDirectory(prefix="weightsmith-gguf-") as tmp:
         run_model, run_ref = model, reference
         if is_gguf(model):
@@ -58,6 +64,7 @@ def ppl_cmd(
             reference=run_ref,
             batch_size=batch_size,
             progress=progress,
+            device=run_device,
         )
     r = dataclasses.replace(r, model=str(model), reference=reference)  # not the temp folder
     if as_json:

@@ -139,13 +139,14 @@ def search_and_fold(
         return []
     inputs, x_means = capture(cl, mappings)
     grid_of = {n: (grids or {}).get(n, (o, quant_args)) for n in targets}
-    dtype = search_dtype(o.awq_search_dtype, next(cl.module.parameters()).device)
+    device = next(cl.module.parameters()).device
+    dtype = search_dtype(o.awq_search_dtype, device)
     quant = {n: _quant_for(*grid_of[n]) for n in targets}
     group_size = {n: grid_of[n][0].group_size for n in targets}
     chosen = []
     for m in mappings:
         s, info = search_scales(
-            cl, m, inputs[m.parent], x_means[m.balance[0]], quant,
+            cl, m, inputs[m.parent], x_means[m.balance[0]].to(device), quant,
             group_size=group_size, n_grid=o.n_grid, duo_scaling=o.duo_scaling, dtype=dtype,
         )  # fmt: skip
         fold(cl, m, s)

@@ -378,11 +378,11 @@ def clip_search(
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
     ng = in_f // g
-    idx = torch.arange(ng)
+    idx = torch.arange(ng, device=w.device)
     blocks = gram.float().reshape(ng, g, ng, g)[idx, :, idx, :]  # (ng, g, g)
     wg = w.reshape(out_f, ng, g)
     org_max = wg.abs().amax(-1, keepdim=True)  # (out, ng, 1)
-    best_err = torch.full((out_f, ng), float("inf"))
+    best_err = torch.full((out_f, ng), float("inf"), device=w.device)
     best_max = org_max.clone()
     initial = None
     for i in range(int(max_shrink * n_grid)):

@@ -55,7 +55,7 @@ def mse_qparams(
     if native is not None:
         return native
     best_err = best_scale = best_zero = None
-    chosen = torch.ones(wf.shape[0], 1)
+    chosen = torch.ones(wf.shape[0], 1, device=wf.device)
     for p in ratios:
         # min-max of p·W is p·[min, max]: the clipped range, rounded to the stored dtype
         scale, zero = group_qparams(wf * p, bits, -1, symmetric, dtype, zero_min)
@@ -63,7 +63,7 @@ def mse_qparams(
         err = ((q.float() - zero) * scale - wf).pow(2).double().sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
-            chosen = torch.full(err.shape, p)
+            chosen = torch.full(err.shape, p, device=err.device)
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)

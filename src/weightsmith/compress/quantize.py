@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ from weightsmith.compress.registry import (
     QuantConfig,
 )
 from weightsmith.compress.schemes import Scheme, match_scheme, scheme_summary
+from weightsmith.core.device import select_device
 from weightsmith.core.experts import fused_expert_tensors, refuse_fused_experts
 from weightsmith.core.experts_fused import natively_fused
 from weightsmith.core.skeleton import build_skeleton, module_path
@@ -308,6 +309,7 @@ class QuantizeJob:
         return self._weight_stats.get(t.module)
 
     def encode(self, t: LinearTarget, qw: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        qw = on_host(qw)  # quantized on a CUDA device: packed and written on the host
         if "zeros" in qw.info:
             self.stats["zeros"] = (self.stats["zeros"] or 0) + qw.info["zeros"]
         if "loss" in qw.info:
@@ -344,6 +346,7 @@ def quantize_checkpoint(
 
     ``provenance`` adds fields to the output's ``weightsmith.json`` (e.g. how QAT trained it)."""
     cfg.validate()
+    select_device(device)  # an unknown or absent --device fails before any work
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         require_described(ckpt.arch, f"{ckpt.root}: quantize")
@@ -410,3 +413,16 @@ def _schemes_summary(job: QuantizeJob) -> dict:
     if not isinstance(o, GridConfig):
         return {}
     return {"schemes": scheme_summary(job.targets, Scheme.of(o), modules=bool(job.cfg.schemes))}
+
+
+def on_host(qw: Any) -> Any:
+    """A quantized weight (a dataclass of tensors and settings) with its tensors on the CPU;
+    ``qw`` itself when they already are."""
+    if not is_dataclass(qw):
+        return qw
+    moved = {
+        f.name: v.cpu()
+        for f in fields(qw)
+        if isinstance(v := getattr(qw, f.name), torch.Tensor) and v.device.type != "cpu"
+    }
+    return replace(qw, **moved) if moved else qw

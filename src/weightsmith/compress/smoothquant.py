@@ -32,6 +32,7 @@ MIN_SCALE = 1e-5
 def smoothing_scales(act_range: torch.Tensor, weights: list[torch.Tensor], alpha: float):
     """``s_j`` (see module doc) from the channel ranges and the balance weights ``(out, in)``."""
     wmax = 2.0 * torch.stack([w.float().abs().amax(0) for w in weights]).amax(0)
+    act_range = act_range.to(wmax.device)  # statistics live on the CPU, weights on the device
     s = act_range.float().pow(alpha) / wmax.pow(1 - alpha)
     s = torch.where(wmax > 0, s, act_range.float())
     return torch.clamp(s, min=MIN_SCALE)

@@ -82,20 +82,23 @@ def perplexity(
     reference: str | os.PathLike[str] | None = None,
     batch_size: int = 1,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the text file ``data``; with ``reference``, also the mean
-    KL divergence and top-1 agreement of ``model`` against it on the same windows."""
+    KL divergence and top-1 agreement of ``model`` against it on the same windows. The
+    forward passes run on ``device``; each batch's sums are added up on the host."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(model)
     tokenizer.model_max_length = 1 << 62  # we window the stream ourselves; silence the warning
     text = _read_text(data, max_tokens)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     windows = token_windows(ids, seq_len, max_tokens)
-    lm = load_causal_lm(model)
+    lm = load_causal_lm(model).to(device)
     check_token_range(lm, ids, f"{model}", len(tokenizer))
-    ref = load_causal_lm(reference) if reference is not None else None
+    ref = load_causal_lm(reference).to(device) if reference is not None else None
     if ref is not None:
         check_token_range(ref, ids, f"--reference {reference}", len(tokenizer))
+    windows = windows.to(device)
     nll_sum, ref_nll_sum, kl_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     with torch.no_grad():
         for s in tqdm(

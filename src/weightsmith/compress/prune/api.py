@@ -10,6 +10,7 @@ from weightsmith.compress.prune.experts import prune_experts
 from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.compress.prune.structured import prune_depth, prune_width
 from weightsmith.compress.prune.unstructured import prune_unstructured
+from weightsmith.core.device import select_device
 from weightsmith.core.experts import refuse_fused_experts
 from weightsmith.core.experts_fused import fused_experts, natively_fused
 from weightsmith.errors import CheckpointError, ConfigError
@@ -33,6 +34,7 @@ def prune_checkpoint(
 ) -> PruneResult:
     """Prune the checkpoint at ``path`` into ``out`` as ``cfg`` says (see the package docs)."""
     cfg.validate()
+    select_device(device)  # an unknown or absent --device fails before any work
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         if ckpt.config is None:

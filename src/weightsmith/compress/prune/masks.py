@@ -34,7 +34,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def tensor_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(numel * sparsity)`` lowest scores of the whole matrix."""
     k = count_to_prune(scores.numel(), sparsity)
-    flat = torch.zeros(scores.numel(), dtype=torch.bool)
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         flat[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
     return flat.view(scores.shape)

@@ -201,9 +201,9 @@ def wanda_masks(
         w = cl.weight(n)
         # a starved expert: magnitude (unit input norms), compared per row as Wanda does
         norm = torch.ones(w.shape[1]) if n in starved else stats[n].norm()
-        mask = linear_mask(w, cfg, norm)
+        mask = linear_mask(w, cfg, norm.to(w.device))
         cl.set_weight(n, w.masked_fill(mask, 0))  # later layers see the pruned layer
-        masks[cl.tensor_name(n)] = mask
+        masks[cl.tensor_name(n)] = mask.cpu()  # applied to the stored (host) weight
     routing.record_into(moe_stats, [cl.prefix + n for n in sorted(starved)])
     return masks
 

@@ -19,7 +19,7 @@ class ColumnNormStat:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        self.sq += x.double().pow(2).sum(0)
+        self.sq += x.double().pow(2).sum(0).cpu()  # a CUDA batch adds into the host sum
         self.tokens += x.shape[0]
 
     def norm(self) -> torch.Tensor:

@@ -39,6 +39,7 @@ from weightsmith.compress.qat.task import train_model
 from weightsmith.compress.quantize import QuantizeResult, quantize_checkpoint, select_linears
 from weightsmith.compress.registry import FORMATS, QuantConfig
 from weightsmith.compress.rtn import zero_min_for
+from weightsmith.core.device import select_device
 from weightsmith.core.models import load_model, load_tokenizer
 from weightsmith.core.report import peak_rss_bytes
 from weightsmith.core.skeleton import build_skeleton
@@ -168,6 +169,7 @@ def _train_and_convert(
     keep_trained: str | os.PathLike[str] | None = None,
 ) -> QatResult:
     start = time.perf_counter()
+    dev = select_device(device)  # an unknown or absent --device fails before any work
     model_dir = Path(model_dir)
     check_output_location(Path(out).absolute(), [model_dir], force)  # fail before training
     if keep_trained is not None:  # the same rules for the second output
@@ -180,7 +182,6 @@ def _train_and_convert(
         targets, _ignored = select_linears(ckpt, build_skeleton(refuse_moe(ckpt, kind)), qcfg)
         ckpt_dtype = ckpt.info(targets[0].tensor).torch_dtype
         names = set(ckpt.tensors)
-    dev = torch.device(device)
     tok = load_tokenizer(model_dir)
     examples = tokenize_records(read_records(data), tok, tcfg.seq_len)
 

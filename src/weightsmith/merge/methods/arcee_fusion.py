@@ -47,10 +47,11 @@ def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def sample_indices(numel: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The ``SAMPLE`` flat indices (with replacement, seeded by the tensor's name) whose
-    importances give the quantiles of a tensor over ``SAMPLE`` entries."""
+    importances give the quantiles of a tensor over ``SAMPLE`` entries. Drawn on the CPU
+    whatever ``device`` is, so a CUDA merge samples the same entries as a CPU one."""
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randint(numel, (SAMPLE,), generator=gen, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(numel, (SAMPLE,), generator=gen).to(device)
 
 
 def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:

@@ -232,10 +232,11 @@ class Ties(GeneralizedTaskArithmetic):
             if params.narrow:  # mergekit's argsort(|δ|)[:k], its own pick among equal |δ|
                 cuts[k] = sort_range_mask(src, k, params.dtype, 0, keep[k], descending=True)
                 continue
-            mags = torch.empty(src.numel, dtype=torch.float32)
-            pos = 0
+            mags, pos = None, 0
             for base, x in src.chunks([0, k + 1]):
                 n = base.numel()
+                if mags is None:  # on the chunks' device (the compute device)
+                    mags = torch.empty(src.numel, dtype=torch.float32, device=base.device)
 
                 def fill(r: tuple[int, int], base=base, x=x, pos=pos, mags=mags) -> None:
                     a, b = r
@@ -243,7 +244,7 @@ class Ties(GeneralizedTaskArithmetic):
 
                 pmap(fill, sub_ranges(0, n))
                 pos += n
-            cuts[k] = topk_threshold(mags, keep[k])
+            cuts[k] = topk_threshold(mags if mags is not None else torch.empty(0), keep[k])
             del mags
         return cuts
 

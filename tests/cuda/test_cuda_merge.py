@@ -11,10 +11,10 @@ mantissas per octave, so ties are common — and the device's sort orders tied e
 way, as mergekit's argsort does (at most 2 %). Karcher's fixed-point iteration in bfloat16
 carries each step's rounding into the next (and may stop one iteration earlier or later): up
 to 5 % of entries beyond two steps, the outputs within 5e-3 relative L2 (measured on an H200:
-3 % and ~2e-3). DELLA in bfloat16 draws its keep decisions from
-the native kernel's SplitMix64 on the CPU and from torch's generator elsewhere (see
-``merge/methods/della.py``): other masks, the same distribution, so only the kept fraction is
-compared.
+3 % and ~2e-3). DELLA in bfloat16 draws the native kernel's SplitMix64 per entry on
+every device (``merge/methods/della.py``; before 2026-12-04 the torch path drew from torch's
+generator and its masks differed, as measured on the H200), so it is held to the selecting
+methods' bound; that has not yet been run on a GPU.
 """
 
 from __future__ import annotations
@@ -138,9 +138,6 @@ def test_cuda_merge_gives_the_cpu_result(name, models, tmp_path):
     cpu, gpu = _tensors(outs["cpu"]), _tensors(outs["other"])
     assert set(cpu) == set(gpu)
     dtype = next(iter(cpu.values())).dtype
-    if name == "della" and dtype == torch.bfloat16:
-        _same_kept_fraction(models["base"], outs)
-        return
     beyond, differ, total, worst = _differences(cpu, gpu)
     print(f"MERGE {name} {dtype}: beyond tolerance {beyond}, differing {differ} of {total}, "
           f"max |Δ| {worst:.3g}")  # fmt: skip
@@ -151,21 +148,6 @@ def test_cuda_merge_gives_the_cpu_result(name, models, tmp_path):
         den = sum(float(cpu[n].double().norm() ** 2) for n in cpu)
         assert (num / den) ** 0.5 <= 5e-3, f"{name}: relative L2 {(num / den) ** 0.5:.3g}"
     assert beyond <= allowed, f"{name}: {beyond} of {total} entries beyond the tolerance"
-
-
-def _same_kept_fraction(base, outs) -> None:
-    """The fraction of entries that differ from the base agrees within 1 % absolute."""
-    ref = _tensors(base)
-    frac = {}
-    for side, out in outs.items():
-        t = _tensors(out)
-        frac[side] = sum(int((t[n] != ref[n]).sum()) for n in ref) / sum(
-            v.numel() for v in ref.values()
-        )
-    print(
-        f"MERGE della bf16: entries moved from the base cpu {frac['cpu']:.4f} other {frac['other']:.4f}"
-    )
-    assert abs(frac["cpu"] - frac["other"]) <= 0.01
 
 
 def test_arcee_fusion_samples_the_same_entries_on_cuda():

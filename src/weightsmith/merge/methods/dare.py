@@ -61,6 +61,13 @@ def splitmix64(seed: int, j: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+def uniform32(seed: int, i: torch.Tensor) -> torch.Tensor:
+    """The uniform 32-bit draw (int64) of flat entries ``i``: the low half of SplitMix64(seed)'s
+    output i//2 for even i, the high half for odd i (the native kernels' ``dare_uniform``)."""
+    w = splitmix64(seed, i >> 1)
+    return torch.where((i & 1).bool(), _shr(w, 32), w & 0xFFFFFFFF)
+
+
 def keep_cut(density: float) -> int:
     """An entry is kept when its 32-bit uniform draw is below this (probability density)."""
     return round(density * 2**32)
@@ -82,9 +89,7 @@ def keep_mask(
         if fused is not None:
             return fused
     i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-    w = splitmix64(seed, i >> 1)
-    u = torch.where((i & 1).bool(), _shr(w, 32), w & 0xFFFFFFFF)
-    return u < cut
+    return uniform32(seed, i) < cut
 
 
 def dare_mask(

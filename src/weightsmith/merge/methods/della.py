@@ -8,16 +8,17 @@ so the task vector keeps its L1 norm (mergekit's RescaleNorm.l1, one factor per 
 paper's per-entry 1/p differs). ``della`` elects signs as TIES does (normalize on); ``della_linear``
 sums (normalize off). ``density`` 1 keeps δ unchanged.
 
-The keep decisions are drawn in ``prepare``, in blocks of rows (each with its own generator,
-torch's CPU Mersenne Twister seeded by seed, tensor name, model and first row), as the chunks
-stream in, so a run is reproducible and independent of chunking, threads and device; mergekit
+The keep decisions are drawn in ``prepare``, in blocks of rows (in float32 work each with its
+own generator, torch's CPU Mersenne Twister seeded by seed, tensor name, model and first row;
+in narrow dtypes the counter-based draws below), as the chunks stream in, so a run is reproducible and independent of chunking, threads and device; mergekit
 draws from torch's global generator, so the two agree in distribution, not entry by entry.
 Rows of one entry (c = 1), where mergekit fails (0/0), are kept with probability ``density``.
 With a bfloat16/float16 compute dtype, |δ| is ranked, the probabilities and the L1 rescale are
-computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does. With
-bfloat16 on stored CPU inputs the native path (``stream_stored``, 1-D/2-D tensors) ranks the
-rows in C and draws from a counter-based SplitMix64 instead (:func:`native_keep`): the same
-distribution, other masks than the torch path for a given seed.
+computed (whole-tensor sums) and the task vectors mixed in that dtype, as mergekit does, and
+the keep decisions are drawn from a counter-based SplitMix64 (entry i of the tensor draws
+``uniform32(seed, i)``, kept below ``round(p·2³²)``): the native path (``stream_stored``,
+bfloat16 on stored CPU inputs, 1-D/2-D tensors, :func:`native_keep`) and the torch path (a
+CUDA device, no compiler) keep the same entries.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from weightsmith.merge.methods.base import (
     merge_tensors,
     stored_inputs,
 )
-from weightsmith.merge.methods.dare import tensor_seed
+from weightsmith.merge.methods.dare import tensor_seed, uniform32
 from weightsmith.merge.methods.sparsify import (
     MaskedTaskArithmetic,
     NarrowMask,
@@ -97,9 +98,10 @@ class _RowPruner:
     """MagPrune over rows of ``cols`` entries, a block of ``step`` rows at a time.
 
     In each row the entries are sorted by |δ| (stable) and the j-th smallest is kept when its
-    float64 uniform, drawn in order from torch's CPU generator seeded with
-    ``block_seed(seed, first row of the block)``, is below p(j). Blocks are independent (they
-    write disjoint rows of ``keep``), so they run on the pool's threads with the same result.
+    draw is below p(j) (:meth:`_draws_below`: in float32 work a float64 uniform drawn in order
+    from torch's CPU generator seeded with ``block_seed(seed, first row of the block)``).
+    Blocks are independent (they write disjoint rows of ``keep``), so they run on the pool's
+    threads with the same result.
     """
 
     def __init__(self, n_rows: int, cols: int, density: float, epsilon: float, seed: int,
@@ -107,6 +109,7 @@ class _RowPruner:
         self.cols, self.seed, self.dtype = cols, seed, dtype
         self.step = max(1, BLOCK // max(cols, 1))
         self.probs = rank_probabilities(cols, density, epsilon, dtype).to(device)
+        self.cuts = (self.probs * 2.0**32).round().to(torch.int64)  # narrow dtypes' draws
         self.keep = torch.empty((n_rows, cols), dtype=torch.bool, device=device)
 
     def block(self, r0: int, rows: torch.Tensor) -> tuple[float, float]:
@@ -116,13 +119,25 @@ class _RowPruner:
         key = mags if self.dtype == torch.float32 else rows.to(self.dtype).abs_()
         order = torch.argsort(key, dim=1, stable=True)
         del key
-        gen = torch.Generator().manual_seed(block_seed(self.seed, r0))
-        draws = torch.rand(rows.shape, generator=gen, dtype=torch.float64).to(rows.device)
         keep = self.keep[r0 : r0 + rows.shape[0]]
-        keep.scatter_(1, order, draws < self.probs)
-        del order, draws
+        keep.scatter_(1, order, self._draws_below(r0, rows, order))
+        del order
         before = float(mags.sum(dtype=torch.float64))
         return before, float(mags.mul_(keep).sum(dtype=torch.float64))
+
+    def _draws_below(self, r0: int, rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Whether each entry, in rank order, draws below its rank's keep probability: float32
+        work draws float64 uniforms from torch's CPU generator; narrow dtypes draw the native
+        kernel's 32-bit ``uniform32(seed, flat index)`` against ``round(p·2³²)``, so the
+        torch path (a CUDA device, no compiler) keeps the native path's entries."""
+        if self.dtype == torch.float32:
+            gen = torch.Generator().manual_seed(block_seed(self.seed, r0))
+            draws = torch.rand(rows.shape, generator=gen, dtype=torch.float64).to(rows.device)
+            return draws < self.probs
+        n, cols = rows.shape
+        first = torch.arange(r0, r0 + n, dtype=torch.int64, device=rows.device) * cols
+        flat = first[:, None] + torch.arange(cols, dtype=torch.int64, device=rows.device)
+        return uniform32(self.seed, flat).gather(1, order) < self.cuts
 
     def blocks(self, first_row: int, rows: torch.Tensor) -> list[tuple[float, float]]:
         """Every block of ``rows`` (which start at ``first_row``, a multiple of ``step``)."""

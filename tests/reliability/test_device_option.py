@@ -26,7 +26,11 @@ COMMANDS = {
     "distill": ["distill", "kd", "--teacher", "{m}", "--student", "{m}", "--data", "{text}",
                 "-o", "{out}", "--steps", "1"],
     "eval ppl": ["eval", "ppl", "{m}", "--data", "{text}"],
+    "gguf imatrix": ["compress", "quantize", "{m}", "-o", "{out}", "--format", "gguf",
+                     "--type", "Q4_K_M", *CALIB],
+    "extract-lora": ["merge", "extract-lora", "{m}", "{m}", "-o", "{out}"],
 }  # fmt: skip
+AUTO = ["quantize gptq", "prune wanda", "merge", "gguf imatrix", "extract-lora", "eval ppl"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def text(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_absent_device_is_refused_before_any_work(name, tiny_model, text, tmp_path):
-    out = tmp_path / "out"
+    out = tmp_path / ("out.gguf" if name == "gguf imatrix" else "out")
     args = [a.format(m=tiny_model("llama"), out=out, text=text) for a in COMMANDS[name]]
     r = CliRunner().invoke(cli, [*args, "--device", "cuda:7"])
     assert r.exit_code == 1, r.output
@@ -52,3 +56,14 @@ def test_unknown_device_name_is_refused(tiny_model, text, tmp_path):
         cli, ["eval", "ppl", str(tiny_model("llama")), "--data", str(text), "--device", "gpu0"]
     )
     assert r.exit_code == 1 and "error: unknown --device 'gpu0'" in r.output, r.output
+
+
+@pytest.mark.parametrize("name", AUTO)
+def test_auto_device_runs(name, tiny_model, text, tmp_path):
+    """``--device auto`` is CUDA when present, else the CPU, in every command (it used to reach
+    ``torch.device("auto")`` and exit 3 in quantize, prune, merge and the GGUF imatrix)."""
+    out = tmp_path / ("out.gguf" if name == "gguf imatrix" else "out")
+    args = [a.format(m=tiny_model("llama"), out=out, text=text) for a in COMMANDS[name]]
+    r = CliRunner().invoke(cli, [*args, "--device", "auto"])
+    assert r.exit_code == 0, r.output
+    assert name == "eval ppl" or out.exists()

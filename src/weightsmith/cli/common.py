@@ -364,7 +364,7 @@ def calibration_options(fn: Callable) -> Callable:
                 "--device",
                 default="cpu",
                 show_default=True,
-                help="Where calibration runs (cpu, cuda).",
+                help="Where calibration runs: cpu, cuda, cuda:N, or auto (CUDA when present).",
             ),
         ]
     ):

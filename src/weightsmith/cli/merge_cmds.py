@@ -41,7 +41,12 @@ def merge_options(fn: Callable) -> Callable:
             help="Dtype of the arithmetic (default: mergekit's, the inputs' dtype; float32: "
             "weightsmith's exact float32 arithmetic).",
         ),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option(
+            "--device",
+            default="cpu",
+            show_default=True,
+            help="cpu, cuda, cuda:N, or auto (CUDA when present).",
+        ),
         click.option(
             "--chat-template",
             default=None,

@@ -41,7 +41,7 @@ def _training_options(fn):
                      help="With --distill-from-original: loss = (1−w)·CE + w·KL."),
         click.option("--ignore", multiple=True,
                      help="Keep this Linear unquantized (as compress quantize); repeatable."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1..."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when present)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--keep-trained", type=_PATH, default=None,
                      help="Also keep the trained full-precision checkpoint in this folder."),

@@ -346,7 +346,7 @@ def quantize_checkpoint(
 
     ``provenance`` adds fields to the output's ``weightsmith.json`` (e.g. how QAT trained it)."""
     cfg.validate()
-    select_device(device)  # an unknown or absent --device fails before any work
+    device = str(select_device(device))  # auto -> cuda/cpu; unknown or absent: refused now
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         require_described(ckpt.arch, f"{ckpt.root}: quantize")

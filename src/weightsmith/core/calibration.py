@@ -53,6 +53,7 @@ from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
 )
 from weightsmith.core.calibration_hooks import InputHooks, StopForward
 from weightsmith.core.calibration_memo import SubmoduleMemo
+from weightsmith.core.device import select_device
 from weightsmith.core.experts import (
     expert_groups,
     is_expert_linear,
@@ -228,7 +229,7 @@ class LayerStreamer:
     ) -> None:
         self.ckpt = ckpt
         self.compute_dtype = compute_dtype
-        self.device = torch.device(device)
+        self.device = select_device(device) if isinstance(device, str) else torch.device(device)
         self.progress = progress
         self._memo: SubmoduleMemo | None = None  # of the layer being run
         self._layer_names = ckpt.layers()

@@ -28,6 +28,7 @@ from weightsmith.core.calibration_data import (
     load_tokenizer,
     require_calibration_tokens,
 )
+from weightsmith.core.device import select_device
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.paths import check_file_output
 from weightsmith.io.placement import move_into_place, temp_path
@@ -114,6 +115,7 @@ def collect_imatrix(
     checkpoint at ``model_dir``, over up to ``samples`` chunks of ``seq_len`` tokens of
     ``calib_file`` (``None``: the built-in mix) cut as llama-imatrix cuts them
     (:func:`imatrix_chunks`), streamed one decoder layer at a time."""
+    device = str(select_device(device))  # auto -> cuda/cpu; an absent device is refused
     text = load_calibration_text(calib_file)
     with open_checkpoint(model_dir) as ckpt:
         tok = load_tokenizer(ckpt.root)

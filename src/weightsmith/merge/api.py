@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from weightsmith.core.device import select_device
 from weightsmith.core.parallel import compute_pool
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.transform import (
@@ -95,8 +96,7 @@ def merge(
     if compute_dtype is not None:
         name = config_dtype_name(parse_user_dtype(compute_dtype))
         recipe = replace(recipe, compute_dtype=name).validate()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    device = str(select_device(device))  # auto -> cuda/cpu; an absent device is refused
     recipe = recipe.resolved(lambda r: resolve_model(r, models_dir))
     if final_from is not None:
         final_from = resolve_model(final_from, models_dir)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from weightsmith.core.device import select_device
 from weightsmith.core.transform import require_finite
 from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, open_checkpoint
@@ -280,6 +281,7 @@ def extract_lora(
     """Write the PEFT adapter that turns ``base`` into (a rank-``cfg.max_rank`` approximation
     of) ``finetuned`` to ``out`` (atomically: nothing appears there on error)."""
     _check_options(cfg, device)
+    device = str(select_device(device))  # auto -> cuda/cpu
     start = time.perf_counter()
     with open_checkpoint(base) as bk, open_checkpoint(finetuned) as fk:
         plans, to_save = plan_modules(bk, fk, cfg)
@@ -337,8 +339,7 @@ def _check_options(cfg: ExtractLoraConfig, device: str) -> None:
             re.compile(r)
         except re.error as e:
             raise ConfigError(f"invalid regex {r!r}: {e}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    select_device(device)  # an absent device is refused
 
 
 __all__ = ["ExtractLoraConfig", "ExtractResult", "decompose", "extract_lora", "plan_modules"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from weightsmith.core.device import select_device
 from weightsmith.core.streaming import StreamResult
 from weightsmith.core.transform import (
     WriteOptions,
@@ -220,8 +221,7 @@ def merge_lora(
     config = read_adapter_config(adapter_dir)
     if scale is not None:
         finite(scale, "scale")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    device = str(select_device(device))  # auto -> cuda/cpu; an absent device is refused
     target = parse_user_dtype(dtype) if dtype else None
     cfg = LoraMergeConfig(
         str(adapter_dir.resolve()), scale, config_dtype_name(target) if target else None

@@ -34,7 +34,7 @@ def prune_checkpoint(
 ) -> PruneResult:
     """Prune the checkpoint at ``path`` into ``out`` as ``cfg`` says (see the package docs)."""
     cfg.validate()
-    select_device(device)  # an unknown or absent --device fails before any work
+    device = str(select_device(device))  # auto -> cuda/cpu; unknown or absent: refused now
     start = time.perf_counter()
     with open_checkpoint(path) as ckpt:
         if ckpt.config is None:

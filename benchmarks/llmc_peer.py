@@ -35,10 +35,11 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 base, ids_path, out, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 method = sys.argv[6] if len(sys.argv) > 6 else "gptq"
+dtype = sys.argv[7] if len(sys.argv) > 7 else "float32"  # "auto": the checkpoint's own dtype
 IntermediatesCache.pin_memory = lambda self, i: None  # AWQ pins its caches: no CPU-only accelerator
 ids = torch.load(ids_path)
 t = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(base, dtype="auto" if dtype == "auto" else torch.float32)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel"}
 if group > 0:

@@ -180,7 +180,7 @@ def run_peer(
         name = f"llm-compressor {method}" + ("" if bits is None else f" w{bits} {tag}")
         out = work / name.replace(" ", "_").replace(":", "-")
         cpu0 = children_cpu()
-        argv = [python, "-c", SCRIPT, str(base), str(ids_path), str(out), str(bits or 8), str(group), method]  # fmt: skip
+        argv = [python, "-c", SCRIPT, str(base), str(ids_path), str(out), str(bits or 8), str(group), method, args.peer_dtype]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True)
         row = {"config": name, "peer_of": (method, bits), "load": load}
         if proc.returncode != 0:
@@ -299,7 +299,11 @@ def baseline_row(base: Path, data: Path, evalargs: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="stories260K", help="stories260K or smollm2")
+    ap.add_argument("--model", default="stories260K",
+                    help="stories260K, smollm2, or a model folder")  # fmt: skip
+    ap.add_argument("--peer-dtype", choices=["float32", "auto"], default="float32",
+                    help="dtype llm-compressor loads the model in (auto: the checkpoint's own, "
+                    "e.g. bfloat16: then its AWQ search runs in bfloat16 too)")  # fmt: skip
     ap.add_argument("--configs", default=None, help="config set (default: the model's)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these config names")
     ap.add_argument("--eval-data", default="tinystories_valid.txt")
@@ -342,7 +346,10 @@ def main() -> None:
                     "into the second half (another set of windows, the same for both tools)")  # fmt: skip
     args = ap.parse_args()
 
-    base = smollm2_dir() if args.model == "smollm2" else shared_model(args.model)
+    if Path(args.model).is_dir():
+        base = Path(args.model)
+    else:
+        base = smollm2_dir() if args.model == "smollm2" else shared_model(args.model)
     data, calib = shared_text(args.eval_data), shared_text(args.calib_data)
     if base is None or data is None or calib is None:
         sys.exit(f"skipped: {args.model} or the shared text is not available")

@@ -50,12 +50,15 @@ def test_native_candidate_equals_the_torch_expression(
     checked = 0
     for ratio, duo in [(0.0, False), (0.35, True), (1.0, True), (0.5, False)]:
         s = candidate_scales(x_mean, w_mean, ratio, duo)
-        assert s.dtype == (torch.float64 if duo else torch.float32)
+        assert s.dtype == torch.float32
         g = 128 if group_size == -1 else group_size
         got = fake_quant_scaled(w, s, g, bits, symmetric, zero_min, scale_dtype)
         want = _torch(w, s, cfg, scale_dtype, zero_min)
         assert got is not None and got.dtype == torch.float32
         assert torch.equal(got, want), (ratio, duo, (got - want).abs().max())
+        s64 = s.double() * (1 + 1e-9)  # not a float32 value: the float64 path
+        got64 = fake_quant_scaled(w, s64, g, bits, symmetric, zero_min, scale_dtype)
+        assert torch.equal(got64, _torch(w, s64, cfg, scale_dtype, zero_min))
         checked += 1
     assert checked == 4
 
@@ -118,3 +121,33 @@ def test_without_scales_it_is_the_dequantized_rtn_weight(symmetric):
     got = fake_quant_scaled(w, None, 32, 4, symmetric, None, torch.bfloat16)
     assert torch.equal(got, want)
     assert torch.equal(rtn_scaled_dequantized(w, None, cfg, dtype=torch.bfloat16), want)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.float64])
+def test_writes_bfloat16_as_copy_rounds_the_float32_result(wdtype, sdtype):
+    # the shadow search model's weight is written in place: the float32 candidate's bits,
+    # rounded to bfloat16 as torch's copy_ rounds them
+    w, x_mean = _case(150, 64, 13, wdtype)
+    s = candidate_scales(x_mean, weight_mean([w.float()], 32), 0.45, True).to(sdtype)
+    want = fake_quant_scaled(w, s, 32, 4, True, None, torch.bfloat16)
+    buf = torch.full(w.shape, float("nan"), dtype=torch.bfloat16)
+    got = fake_quant_scaled(w, s, 32, 4, True, None, torch.bfloat16, out=buf)
+    assert got is buf and torch.equal(buf, want.to(torch.bfloat16))
+
+
+def test_squared_error_sums_the_float32_squares_in_double():
+    from weightsmith.compress.awq_search import output_mse
+    from weightsmith.kernels.quant import squared_error
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(37, 53, generator=gen)  # 1961 values: 122 full lanes of 16 and a tail
+    b = (a + 0.01 * torch.randn(37, 53, generator=gen)).to(torch.bfloat16)
+    d = (a - b.float()).square()  # float32 differences and squares
+    want = float(d.double().sum())
+    assert squared_error(a, b) == pytest.approx(want, rel=1e-14)
+    assert squared_error(b, a) == pytest.approx(want, rel=1e-14)
+    assert squared_error(a, a) == 0.0
+    assert squared_error(a, b[:, :5].contiguous()) is None  # shapes differ
+    ref = float(torch.nn.functional.mse_loss(a, b.float(), reduction="sum"))
+    assert output_mse([a, a], [b, b]) == pytest.approx(ref / a.numel(), rel=1e-6)

@@ -27,6 +27,8 @@ def _setup(out_f, in_f, seed):
         (33, 200, 40, False, False, 64),  # asymmetric; groups cross block boundaries
         (20, 96, -1, False, True, 128),  # per channel: one static group
         (20, 96, 32, True, False, 40),
+        (150, 192, 64, True, True, 128),  # three row tiles of the kernel, the last one short
+        (130, 200, 40, False, False, 64),
     ],
 )
 def test_native_columns_match_the_eager_loop_bitwise(out_f, in_f, g, act_order, sym, block):
@@ -110,3 +112,23 @@ def test_inverse_factor_against_float64(act_order):
     assert torch.equal(torch.triu(U), U)
     err = (U.double() - want).abs().max() / want.abs().max()
     assert err < 1e-5, err  # float32 round-off of a well-conditioned 300 x 300 factor
+
+
+def test_factor_by_halves_above_the_lapack_size():
+    # orders above CHOLESKY_BASE are factored by halves with matrix products: the same factor
+    # as float64 within float32 round-off, and a matrix with no factor is still refused
+    n = gptq.CHOLESKY_BASE * 2 + 37
+    _, h = _setup(8, n, seed=9)
+    perm = torch.argsort(torch.diag(h), descending=True)
+    U = gptq._inverse_cholesky(h.clone(), 0.01, perm)
+    assert U.stride() == (1, n) and torch.equal(torch.triu(U), U)
+    hp = h.double()[perm][:, perm]
+    hp = hp + 0.01 * torch.diag(h).double().mean() * torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(hp), upper=True)
+    err = (U.double() - want).abs().max() / want.abs().max()
+    assert err < 1e-4, err
+    bad = torch.eye(n)
+    bad[n - 1, n - 1] = -1.0  # indefinite in the second half
+    assert not gptq._cholesky_inverse_lower(bad.clone())
+    with pytest.raises(gptq.HessianNotPositiveDefinite):
+        gptq._inverse_cholesky(-torch.eye(n), 0.0)

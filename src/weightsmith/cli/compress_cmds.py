@@ -192,6 +192,15 @@ from weightsmith.io.sizes import format_size, parse_size
     help="AWQ: dtype of the scale search's forwards (auto: bfloat16 where matmuls have it "
     "natively -- CUDA, CPUs with AVX512-BF16/AMX -- else float32); losses summed in float32.",
 )
+@click.option(
+    "--calib-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Calibrated methods: dtype of the layers' calibration forwards (auto: bfloat16 for a "
+    "bfloat16 checkpoint where matmuls have it natively -- CUDA, CPUs with AVX512-BF16/AMX -- "
+    "as llm-compressor does; else float32). Statistics are summed in float32.",
+)
 @max_shard_size_option
 @force_option
 @progress_option

@@ -39,7 +39,9 @@ from torch.nn import functional as F
 from weightsmith.compress.smoothquant import MAPPINGS as NORM_MAPPINGS
 from weightsmith.compress.smoothquant import smoothing_norm
 from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.core.device import fast_bfloat16
 from weightsmith.errors import ConfigError
+from weightsmith.kernels.quant import squared_error
 
 # (smoothing module, balance Linears), in execution order: SmoothQuant's norm -> Linear pairs
 # plus the Linear -> Linear ones (llm-compressor's default mappings for Llama, Mistral, Qwen2)
@@ -129,13 +131,17 @@ def run_parent(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
 
 
 def output_mse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
-    """Summed squared error over all batches / number of elements (float32 sums, also of
-    bfloat16 outputs)."""
-    loss, n = torch.tensor(0.0), 0
+    """Summed squared error over all batches / number of elements: each difference and square
+    in float32 (also of bfloat16 outputs), summed in double by the native kernel on the CPU
+    (one pass), else in float32 by torch."""
+    loss, n = 0.0, 0
     for a, b in zip(ref, got, strict=True):
-        loss += F.mse_loss(a.float(), b.float(), reduction="sum").cpu()
+        fast = squared_error(a, b)
+        if fast is None:
+            fast = float(F.mse_loss(a.float(), b.float(), reduction="sum"))
+        loss += fast
         n += a.numel()
-    return float(loss / n)
+    return loss / n
 
 
 SEARCH_DTYPES = ("auto", "float32", "bfloat16")
@@ -145,16 +151,7 @@ def search_dtype(name: str, device: torch.device) -> torch.dtype:
     """The search dtype ``name`` on ``device`` ("auto": see the module doc)."""
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def _cpu_has_native_bf16() -> bool:
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return torch.bfloat16 if fast_bfloat16(device) else torch.float32
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int | Sequence[int]) -> torch.Tensor:
@@ -184,7 +181,9 @@ def grid(n_grid: int, duo_scaling: str) -> list[tuple[float, bool]]:
 def candidate_scales(
     x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float, duo: bool
 ) -> torch.Tensor:
-    """``s`` of one grid point, normalised by ``sqrt(max·min)``; inf/NaN entries become 1."""
+    """``s`` of one grid point, normalised by ``sqrt(max·min)``; inf/NaN entries become 1.
+    float32 (computed from the float64 ``w̄`` in float64, rounded once), as llm-compressor's
+    scales are: the candidates' products and quotients then run in float32."""
     if duo:
         s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
     else:
@@ -192,7 +191,7 @@ def candidate_scales(
     s = s / (s.max() * s.min()).sqrt()
     s[torch.isinf(s)] = 1
     s[torch.isnan(s)] = 1
-    return s
+    return s.float()
 
 
 QuantFn = Callable[[torch.Tensor], torch.Tensor]  # weight -> its dequantized RTN weight
@@ -202,7 +201,8 @@ def scaled_candidate(
     quant: QuantFn, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``Q(w·s) / s`` as float32: ``quant.scaled(w, s, out)`` where ``quant`` has it (one fused
-    pass, the same bits, possibly written into ``out``), else ``quant`` on the float32 ``w·s``."""
+    pass, the same bits, possibly written into ``out``: float32, or bfloat16 rounded as
+    ``copy_`` rounds), else ``quant`` on the float32 ``w·s``."""
     scaled = getattr(quant, "scaled", None)
     if scaled is not None:
         return scaled(w, s, out)
@@ -286,8 +286,11 @@ def _shadow_evaluator(
 
     def put(n: str, quant: QuantFn, s: torch.Tensor) -> None:
         target = shadow.get_submodule(n[skip:]) if n != m.parent else shadow
+        dest = target.weight.data  # the fused pass may write it in the search dtype
         with torch.no_grad():
-            target.weight.copy_(scaled_candidate(quant, orig[n], s))
+            cand = scaled_candidate(quant, orig[n], s, dest if dest.is_contiguous() else None)
+            if cand is not dest:
+                dest.copy_(cand)
 
     return put, lambda: output_mse(ref, run_parent(shadow, low))
 

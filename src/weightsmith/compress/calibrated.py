@@ -13,8 +13,10 @@ from weightsmith.compress.rtn import rtn_quantize
 from weightsmith.core.calibration import (
     CalibrationLayer,
     LayerStreamer,
+    calibration_dtype,
     calibration_windows,
 )
+from weightsmith.core.device import select_device
 from weightsmith.core.experts import is_expert_linear
 from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.transform import require_finite
@@ -42,14 +44,18 @@ class CalibratedRun:
         self.ids, self.info = calibration_windows(
             job.ckpt.root, o.calib, o.calib_samples, o.seq_len
         )
+        dev = select_device(device) if isinstance(device, str) else device
+        self.dtype = calibration_dtype(o.calib_dtype, job.ckpt, dev)  # of the forwards
+        self.info["dtype"] = str(self.dtype).removeprefix("torch.")
         self.streamer: LayerStreamer | None = None
 
     def run_layer(self, layer: int) -> dict[str, list[tuple[str, Any]]]:
         """Quantize layer ``layer``'s targets: tensor name -> its stored tensors."""
         if self.streamer is None:
             self.streamer = LayerStreamer(
-                self.job.ckpt, self.ids, device=self.device, model=self.job.skeleton
-            )
+                self.job.ckpt, self.ids, device=self.device, model=self.job.skeleton,
+                compute_dtype=self.dtype,
+            )  # fmt: skip
         step = getattr(self.job.cfg.options, "layer_step", None)  # a method's own (SmoothQuant)
         return self.streamer.run_layer(
             layer, (lambda cl: step(cl, self.job)) if step else self.quantize_layer

@@ -202,38 +202,59 @@ def _inverse_cholesky(
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))  # H += damp·mean(diag H)·I
     n = H.shape[0]
     if perm is None:
-        flipped = H.flip(0, 1)
-    else:
+        flipped, spare = H.flip(0, 1), H
+    else:  # both gathers write fresh storage; the second one H's (its values are used up)
         rev = perm.flip(0).to(H.device)
-        flipped = H.index_select(0, rev).index_select(1, rev)
-    # L into H's storage, column-major as LAPACK writes it (no copy): two n² matrices at most
-    L = H.as_strided((n, n), (1, n)) if H.is_contiguous() else torch.empty_like(H)
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    torch.linalg.cholesky_ex(flipped, out=(L, info))
-    del flipped
-    if int(info):
+        spare = H.index_select(0, rev)
+        flipped = torch.index_select(spare, 1, rev, out=H) if H.is_contiguous() else None
+        flipped, spare = (H, spare) if flipped is not None else (spare.index_select(1, rev), H)
+    # flipped is symmetric: its column-major view is the same matrix, so L⁻¹ is computed in
+    # place in that layout (the one LAPACK returns), and U goes into the spare storage: two
+    # n² matrices, and the factorization's quarter-size temporaries
+    L = flipped.t()
+    if not _cholesky_inverse_lower(L):
         raise HessianNotPositiveDefinite(
             f"the damped Hessian is not positive definite (damp {damp})"
         )
-    _invert_lower_in_place(L)
-    U = torch.empty_strided(L.shape, (1, L.shape[0]), dtype=L.dtype, device=L.device)
+    if spare.is_contiguous():
+        U = spare.as_strided((n, n), (1, n))
+    else:
+        U = torch.empty_strided((n, n), (1, n), dtype=L.dtype, device=L.device)
     return U.copy_(L.flip(0, 1))
 
 
-def _invert_lower_in_place(L: torch.Tensor, base: int = 128) -> None:
-    """``L ← L⁻¹`` for a lower-triangular ``L`` (its upper part is left as is), by halves:
-    ``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]]``; n³/3 flops, one ``B``-sized
+CHOLESKY_BASE = 384  # LAPACK's Cholesky and triangular inverse up to this order
+
+
+def _cholesky_inverse_lower(M: torch.Tensor) -> bool:
+    """``M ← L⁻¹`` in place, ``L`` the lower Cholesky factor of the symmetric ``M`` (only its
+    lower triangle is read; the upper one is zeroed); False when ``M`` is not positive
+    definite. Above :data:`CHOLESKY_BASE` by halves, every step a matrix product (LAPACK's
+    Cholesky and ``trtri`` are slow, poorly threaded at these orders): with
+    ``M = [[A, ·], [B, C]]``, ``L₁₁ = chol A``, ``L₂₁ = B L₁₁⁻ᵀ``, ``L₂₂ = chol(C - L₂₁ L₂₁ᵀ)`` and
+    ``L⁻¹ = [[L₁₁⁻¹, 0], [-L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``; n³/3 + n³/3 flops, one ``B``-sized
     temporary."""
-    n = L.shape[0]
-    if n <= base:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device)
-        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
-        return
+    n = M.shape[0]
+    if n <= CHOLESKY_BASE:
+        info = torch.empty((), dtype=torch.int32, device=M.device)
+        L = torch.empty_like(M)
+        torch.linalg.cholesky_ex(M, out=(L, info))
+        if int(info):
+            return False
+        eye = torch.eye(n, dtype=M.dtype, device=M.device)
+        M.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return True
     h = n // 2
-    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
-    _invert_lower_in_place(A)
-    _invert_lower_in_place(C)
-    B.copy_(torch.mm(C, torch.mm(B, A)).neg_())
+    A, B, C = M[:h, :h], M[h:, :h], M[h:, h:]
+    if not _cholesky_inverse_lower(A):
+        return False
+    L21 = torch.mm(B, A.t())  # B L₁₁⁻ᵀ
+    C.sub_(torch.mm(L21, L21.t()))
+    if not _cholesky_inverse_lower(C):
+        return False
+    B.copy_(torch.mm(C, torch.mm(L21, A)).neg_())
+    M[:h, h:].zero_()
+    return True
 
 
 def _quantize_columns(

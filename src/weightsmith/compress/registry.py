@@ -25,6 +25,7 @@ import torch
 
 from weightsmith.compress.levels import QuantizedWeight  # noqa: F401  (re-exported)
 from weightsmith.compress.schemes import Scheme, SchemeMap, as_scheme_map
+from weightsmith.core.calibration import CALIB_DTYPES
 from weightsmith.errors import ConfigError
 
 
@@ -83,6 +84,14 @@ class CalibratedConfig(MethodConfig):
     # MoE: experts routed fewer calibration tokens fall back to RTN (0: never); or feed them all
     min_expert_tokens: int = 32
     calibrate_all_experts: bool = False
+    calib_dtype: str = "auto"  # the forwards' dtype (see core.calibration.calibration_dtype)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise ConfigError(
+                f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)} (got {self.calib_dtype!r})"
+            )
 
 
 FormatOptions = MethodConfig  # a format's options are a frozen dataclass of the same shape

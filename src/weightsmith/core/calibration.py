@@ -53,7 +53,7 @@ from weightsmith.core.calibration_data import (  # noqa: F401  (re-exported)
 )
 from weightsmith.core.calibration_hooks import InputHooks, StopForward
 from weightsmith.core.calibration_memo import SubmoduleMemo
-from weightsmith.core.device import select_device
+from weightsmith.core.device import fast_bfloat16, select_device
 from weightsmith.core.experts import (
     expert_groups,
     is_expert_linear,
@@ -207,6 +207,28 @@ def _is_linear(m: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- the engine
+CALIB_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def calibration_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtype:
+    """The dtype calibration forwards run in (``--calib-dtype``): ``auto`` is bfloat16 when
+    every floating tensor of the decoder layers is stored in bfloat16 and ``device`` runs
+    bfloat16 natively (:func:`~weightsmith.core.device.fast_bfloat16`), as llm-compressor
+    calibrates such a checkpoint in its own dtype; else float32. Statistics are accumulated
+    in float32 either way."""
+    if name not in CALIB_DTYPES:
+        raise ConfigError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)} (got {name!r})")
+    if name != "auto":
+        return getattr(torch, name)
+    stored = {
+        ckpt.info(n).torch_dtype
+        for names in ckpt.layers().values()
+        for n in names
+        if ckpt.info(n).torch_dtype.is_floating_point
+    }
+    return torch.bfloat16 if stored == {torch.bfloat16} and fast_bfloat16(device) else torch.float32
+
+
 class LayerStreamer:
     """Feeds calibration tokens through a checkpoint one decoder layer at a time.
 

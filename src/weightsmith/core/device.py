@@ -22,3 +22,14 @@ def select_device(device: str) -> torch.device:
         if dev.index is not None and dev.index >= count:
             raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s)")
     return dev
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matrix products natively: CUDA with bfloat16 support,
+    or a CPU with AVX512-BF16 or AMX (elsewhere torch emulates them, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return False

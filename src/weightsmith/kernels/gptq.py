@@ -17,14 +17,14 @@ import torch
 from weightsmith.kernels import load_library, run_rows
 
 _SOURCE = Path(__file__).with_name("gptq_kernels.c")
-_ABI = 1
+_ABI = 2
 MIN_ROWS = 64  # rows per thread (torch.get_num_threads() of them at most)
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "ws_gptq_abi_version": ([], ctypes.c_int),
     "ws_gptq_columns": (
         [_p, _p, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _f32, _f32, _p, _p],
-        None,
+        ctypes.c_int,
     ),
 }
 
@@ -64,14 +64,19 @@ def gptq_columns(
     if grp.dtype != torch.int64 or not grp.is_contiguous() or grp.numel() < c1:
         return False
     G, f32 = scale.shape[1], 4
+    failed = []
 
     def part(r0: int, r1: int) -> None:  # rows are independent: any split, the same bits
-        lib.ws_gptq_columns(
+        rc = lib.ws_gptq_columns(
             W1.data_ptr() + r0 * B * f32, H1.data_ptr(), r1 - r0, B, c0, c1,
             scale.data_ptr() + r0 * G * f32, zero.data_ptr() + r0 * G * f32, G,
             grp.data_ptr(), float(qmin), float(qmax), Q1.data_ptr() + r0 * B * f32,
             E1.data_ptr() + r0 * B * f32,
         )  # fmt: skip
+        if rc:
+            failed.append(rc)
 
     run_rows(part, rows, torch.get_num_threads(), MIN_ROWS)
+    if failed:
+        raise MemoryError("the native GPTQ kernel could not allocate its tile buffer")
     return True

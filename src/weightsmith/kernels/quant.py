@@ -16,7 +16,7 @@ import torch
 from weightsmith.kernels import load_library, run_rows
 
 _SOURCE = Path(__file__).with_name("quant_kernels.c")
-_ABI = 4
+_ABI = 6
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 SIGNATURES = {
     "ws_quant_abi_version": ([], ctypes.c_int),
@@ -24,9 +24,10 @@ SIGNATURES = {
     "ws_rtn_rows": ([_p, _i32, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p], None),
     "ws_pack_rows": ([_p, _i64, _i64, _i32, _p], None),
     "ws_fake_quant_scaled_rows": (
-        [_p, _i32, _p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p],
+        [_p, _i32, _p, _i32, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _i32],
         _i32,
     ),
+    "ws_sq_err": ([_p, _i32, _p, _i32, _i64], ctypes.c_double),
     "ws_mse_rows": (
         [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _i32, _p, _p, _p],
         None,
@@ -197,12 +198,13 @@ def fake_quant_scaled(
     scale_dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """AWQ's candidate ``Q(w·s) / s`` (float32, ``(out, in)``) of a finite weight and per-input
-    column scales ``s`` (float32 or float64; None: ``Q(w)``): ``Q`` the min-max RTN of
-    :func:`rtn_rows`, dequantized. The same bits as torch's ``(rtn(w * s).dequantize() / s).float()`` (products
-    and quotients in float64, rounded once), written into ``out`` when given (contiguous
-    float32, ``w``'s shape, not overlapping ``w``). None when the kernels cannot take these
-    tensors."""
+    """AWQ's candidate ``Q(w·s) / s`` (``(out, in)``) of a finite weight and per-input column
+    scales ``s`` (float32 or float64; None: ``Q(w)``): ``Q`` the min-max RTN of
+    :func:`rtn_rows`, dequantized. The same bits as torch's ``(rtn(w * s).dequantize() / s)``
+    (products and quotients in ``s``'s precision, rounded once to float32), as float32, or
+    written into ``out`` when given: contiguous float32, or bfloat16 (the float32 result
+    rounded as ``copy_`` rounds it), ``w``'s shape, not overlapping ``w``. None when the
+    kernels cannot take these tensors."""
     lib = quant_kernels()
     if (
         lib is None
@@ -215,30 +217,46 @@ def fake_quant_scaled(
         or group_size < 1
         or w.shape[1] % group_size
         or 0 in w.shape
-        or (
-            out is not None and (out.shape != w.shape or not _cpu_contiguous(out, (torch.float32,)))
-        )
+        or (out is not None and (out.shape != w.shape or not _cpu_contiguous(out, _STORED)))
     ):
         return None
     rows, cols = w.shape
-    sd = None if s is None else s.double().contiguous()
+    sc = None if s is None else s.contiguous()
     out = torch.empty(rows, cols) if out is None else out
     zmin, bf16, esize = (
         zero_min or -(1 << (bits - 1)),
         int(w.dtype == torch.bfloat16),
         w.element_size(),
     )
+    s_f32, osize = int(s is not None and s.dtype == torch.float32), out.element_size()
     failed = []
 
     def part(r0: int, r1: int) -> None:  # rows are independent: any split, the same bits
         rc = lib.ws_fake_quant_scaled_rows(
-            w.data_ptr() + r0 * cols * esize, bf16, None if sd is None else sd.data_ptr(), r1 - r0,
-            cols, group_size,
+            w.data_ptr() + r0 * cols * esize, bf16, None if sc is None else sc.data_ptr(),
+            s_f32, r1 - r0, cols, group_size,
             bits, int(symmetric), zmin, int(scale_dtype == torch.bfloat16),
-            out.data_ptr() + r0 * cols * 4,
+            out.data_ptr() + r0 * cols * osize, int(out.dtype == torch.bfloat16),
         )  # fmt: skip
         if rc:
             failed.append(rc)
 
     run_rows(part, rows, torch.get_num_threads(), 64)
     return None if failed else out
+
+
+def squared_error(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """``Σ (a - b)²`` of two same-shape contiguous CPU tensors (float32 or bfloat16 each): the
+    differences and squares in float32, summed in double in a fixed order (one pass, no float32
+    copies). None when the kernels cannot take them."""
+    lib = quant_kernels()
+    if (
+        lib is None
+        or a.shape != b.shape
+        or not (_cpu_contiguous(a, _STORED) and _cpu_contiguous(b, _STORED))
+    ):
+        return None
+    bf = torch.bfloat16
+    return float(
+        lib.ws_sq_err(a.data_ptr(), int(a.dtype == bf), b.data_ptr(), int(b.dtype == bf), a.numel())
+    )

@@ -14,7 +14,7 @@
 
 #include "bf16.h"
 
-int ws_quant_abi_version(void) { return 4; }
+int ws_quant_abi_version(void) { return 6; }
 
 static inline float bf16_load(const uint16_t *h, int64_t i) { return from_bf16(h[i]); }
 
@@ -236,27 +236,68 @@ void ws_mse_rows(const float *w, int64_t rows, int64_t g, int64_t stride, int32_
 
 /* AWQ's candidate weight of one grid point, row by row: out = Q(w * s) / s, Q the min-max RTN
  * of RTN_GROUP in groups of g with its levels dequantized as (q - zero) * scale in float32 (as
- * weightsmith.compress.levels.dequantize). w * s and the division by s are computed in double
- * and rounded to float32 once: torch's arithmetic with a float64 s, and (double rounding being
- * exact for * and / when 53 >= 2 * 24 + 2) with a float32 s given as double. s NULL: Q(w),
- * the dequantized RTN weight. Returns -1 when out of memory (nothing valid then), else 0.   */
-int32_t ws_fake_quant_scaled_rows(const void *src, int32_t is_bf16, const double *s,
-                                  int64_t rows, int64_t cols, int64_t g, int32_t bits,
-                                  int32_t symmetric, int32_t zmin, int32_t scale_bf16,
-                                  float *out) {
+ * weightsmith.compress.levels.dequantize). w * s and the division by s are computed in s's
+ * precision and rounded to float32 once: torch's arithmetic with a float64 s; with a float32 s
+ * (s_f32) in float32, which is the same as in double rounded once (double rounding is exact
+ * for * and / when 53 >= 2 * 24 + 2). s NULL: Q(w), the dequantized RTN weight. out is
+ * float32, or bfloat16 (out_bf16: the float32 value rounded as torch's copy_ rounds it).
+ * Each loop below is one of a few fixed variants, so the compiler vectorizes it. Returns -1
+ * when out of memory (nothing valid then), else 0. */
+static void scaled_row(const void *src, int32_t is_bf16, const void *s, int32_t s_f32,
+                       int64_t cols, float *restrict o) {
+    const uint16_t *h = (const uint16_t *)src;
+    const float *f = (const float *)src;
+    const float *sf = (const float *)s;
+    const double *sd = (const double *)s;
+    if (!s) {
+        if (is_bf16)
+            for (int64_t i = 0; i < cols; i++) o[i] = from_bf16(h[i]);
+        else
+            for (int64_t i = 0; i < cols; i++) o[i] = f[i];
+    } else if (s_f32) {
+        if (is_bf16)
+            for (int64_t i = 0; i < cols; i++) o[i] = from_bf16(h[i]) * sf[i];
+        else
+            for (int64_t i = 0; i < cols; i++) o[i] = f[i] * sf[i];
+    } else {
+        if (is_bf16)
+            for (int64_t i = 0; i < cols; i++) o[i] = (float)((double)from_bf16(h[i]) * sd[i]);
+        else
+            for (int64_t i = 0; i < cols; i++) o[i] = (float)((double)f[i] * sd[i]);
+    }
+}
+
+/* v[i] = ((q[i] - z) * scale) / s[i] for one group (s NULL: no division). */
+static void dequant_group(const int8_t *restrict q, int64_t g, float z, float scale,
+                          const void *s, int32_t s_f32, float *restrict v) {
+    const float *sf = (const float *)s;
+    const double *sd = (const double *)s;
+    if (!s)
+        for (int64_t i = 0; i < g; i++) v[i] = ((float)q[i] - z) * scale;
+    else if (s_f32)
+        for (int64_t i = 0; i < g; i++) v[i] = (((float)q[i] - z) * scale) / sf[i];
+    else
+        for (int64_t i = 0; i < g; i++) v[i] = (float)((double)(((float)q[i] - z) * scale) / sd[i]);
+}
+
+int32_t ws_fake_quant_scaled_rows(const void *src, int32_t is_bf16, const void *s,
+                                  int32_t s_f32, int64_t rows, int64_t cols, int64_t g,
+                                  int32_t bits, int32_t symmetric, int32_t zmin,
+                                  int32_t scale_bf16, void *out, int32_t out_bf16) {
     const int32_t qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
+    const int64_t esize = is_bf16 ? 2 : 4, ssize = s_f32 ? 4 : 8;
     int8_t *q = malloc((size_t)g);
-    if (!q) return -1;
+    float *scratch = out_bf16 ? malloc(sizeof(float) * (size_t)cols) : NULL;
+    if (!q || (out_bf16 && !scratch)) {
+        free(q);
+        free(scratch);
+        return -1;
+    }
     for (int64_t r = 0; r < rows; r++) {
-        float *o = out + r * cols;
-        for (int64_t i = 0; i < cols; i++) {
-            const float v = is_bf16 ? bf16_load((const uint16_t *)src, r * cols + i)
-                                    : ((const float *)src)[r * cols + i];
-            o[i] = s ? (float)((double)v * s[i]) : v;
-        }
+        float *o = out_bf16 ? scratch : (float *)out + r * cols;
+        scaled_row((const char *)src + r * cols * esize, is_bf16, s, s_f32, cols, o);
         for (int64_t k = 0; k < cols / g; k++) {
             float *og = o + k * g;
-            const double *sg = s ? s + k * g : NULL;
             unsigned char stored[4]; /* the scale as RTN_GROUP stores it, read back by memcpy */
             int8_t zero;
             rtn_group_f32(og, g, qmin, qmax, zmin, symmetric, scale_bf16, stored, &zero, q);
@@ -264,20 +305,47 @@ int32_t ws_fake_quant_scaled_rows(const void *src, int32_t is_bf16, const double
             if (scale_bf16) {
                 uint16_t h;
                 memcpy(&h, stored, sizeof h);
-                const uint32_t u = (uint32_t)h << 16;
-                memcpy(&scale, &u, sizeof scale);
+                scale = from_bf16(h);
             } else {
                 memcpy(&scale, stored, sizeof scale);
             }
-            const float z = (float)zero;
-            if (sg) {
-                for (int64_t i = 0; i < g; i++)
-                    og[i] = (float)((double)(((float)q[i] - z) * scale) / sg[i]);
-            } else {
-                for (int64_t i = 0; i < g; i++) og[i] = ((float)q[i] - z) * scale;
-            }
+            const void *sg = s ? (const char *)s + k * g * ssize : NULL;
+            dequant_group(q, g, (float)zero, scale, sg, s_f32, og);
+        }
+        if (out_bf16) {
+            uint16_t *ob = (uint16_t *)out + r * cols;
+            for (int64_t i = 0; i < cols; i++) ob[i] = to_bf16(o[i]);
         }
     }
     free(q);
+    free(scratch);
     return 0;
+}
+
+/* sum((a[i] - b[i])^2) over n values, each stored float32 or bfloat16 (a_bf16, b_bf16): the
+ * difference and its square in float32 (as torch's mse_loss on float32 copies), summed in
+ * double over 16 fixed lanes, then lane by lane: deterministic, and at least as accurate as
+ * torch's float32 cascade sum (AWQ's grid losses). */
+double ws_sq_err(const void *a, int32_t a_bf16, const void *b, int32_t b_bf16, int64_t n) {
+    double lane[16] = {0};
+    const uint16_t *ah = (const uint16_t *)a, *bh = (const uint16_t *)b;
+    const float *af = (const float *)a, *bf = (const float *)b;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        for (int j = 0; j < 16; j++) {
+            const float x = a_bf16 ? from_bf16(ah[i + j]) : af[i + j];
+            const float y = b_bf16 ? from_bf16(bh[i + j]) : bf[i + j];
+            const float d = x - y;
+            lane[j] += (double)(d * d);
+        }
+    }
+    for (int j = 0; i < n; i++, j++) {
+        const float x = a_bf16 ? from_bf16(ah[i]) : af[i];
+        const float y = b_bf16 ? from_bf16(bh[i]) : bf[i];
+        const float d = x - y;
+        lane[j] += (double)(d * d);
+    }
+    double total = 0.0;
+    for (int j = 0; j < 16; j++) total += lane[j];
+    return total;
 }

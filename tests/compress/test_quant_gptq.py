@@ -265,4 +265,5 @@ def test_default_calibration_mix_end_to_end(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr.count("note: no --calib given") == 1
     cal = json.loads(report.read_text())["result"]["extra"]["calibration"]
-    assert cal == {"source": BUILTIN_SOURCE, "samples": 128, "seq_len": 512, "tokens": 65536}
+    want = {"source": BUILTIN_SOURCE, "samples": 128, "seq_len": 512, "tokens": 65536}
+    assert cal == {**want, "dtype": "float32"}  # a float32 model: float32 forwards

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from weightsmith.compress.smoothquant import MAPPINGS as NORM_MAPPINGS
 from weightsmith.compress.smoothquant import smoothing_norm
@@ -132,14 +131,14 @@ def run_parent(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
 
 def output_mse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     """Summed squared error over all batches / number of elements: each difference and square
-    in float32 (also of bfloat16 outputs), summed in double by the native kernel on the CPU
-    (one pass), else in float32 by torch."""
+    in float32 (also of bfloat16 outputs), summed in double: by the native kernel on the CPU
+    (one pass), else by torch."""
     loss, n = 0.0, 0
     for a, b in zip(ref, got, strict=True):
-        fast = squared_error(a, b)
-        if fast is None:
-            fast = float(F.mse_loss(a.float(), b.float(), reduction="sum"))
-        loss += fast
+        sq = squared_error(a, b)
+        if sq is None:  # another device: the same float32 squares, also summed in double
+            sq = float((a.float() - b.float()).square().sum(dtype=torch.float64))
+        loss += sq
         n += a.numel()
     return loss / n
 

@@ -19,7 +19,11 @@ that separate venv. ``--calib-holdout`` calibrates on the second half of the eva
 One run against llm-compressor's GPTQ *and* AWQ, each peer row right after weightsmith's row
 of the same method (``--interleave-peer``: comparable load on a shared machine); every row
 also gives the quantize process's CPU time (user + system, imports included) and the 1-min
-load average when it started, and the wall/CPU ratios vs llm-compressor are printed last:
+load average when it started, and the wall/CPU ratios vs llm-compressor are printed last.
+"quantize wall" is each tool's own clock: weightsmith's report (from the command's start, so
+its ``import transformers`` and the calibration text's tokenization are inside) and
+llm-compressor's from model loading (its imports, ~5 s, outside; the token ids come ready);
+"process wall" is the whole process, start to exit, for both:
 
     python benchmarks/quantize_bench.py --model smollm2 --configs smollm2-vs-llmcompressor \
         --eval-data wikitext2_test.txt --calib-holdout --no-baseline \
@@ -179,10 +183,11 @@ def run_peer(
         load = os.getloadavg()[0]
         name = f"llm-compressor {method}" + ("" if bits is None else f" w{bits} {tag}")
         out = work / name.replace(" ", "_").replace(":", "-")
-        cpu0 = children_cpu()
+        cpu0, t0 = children_cpu(), time.perf_counter()
         argv = [python, "-c", SCRIPT, str(base), str(ids_path), str(out), str(bits or 8), str(group), method, args.peer_dtype]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True)
-        row = {"config": name, "peer_of": (method, bits), "load": load}
+        proc_s = time.perf_counter() - t0  # start to exit: imports and model loading included
+        row = {"config": name, "peer_of": (method, bits), "load": load, "proc_s": proc_s}
         if proc.returncode != 0:
             print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             rows.append({**row, "failed": proc.stderr.strip().splitlines()[-1][:200]})
@@ -396,7 +401,8 @@ def ws_row(name, extra, base, calib, data, args, work, evalargs) -> dict:
     load = os.getloadavg()[0]
     cmd = [sys.executable, "-m", "weightsmith", "compress", command[0], str(base), "-o", str(out), "--force", *command[1:]]  # fmt: skip
     q = run([*cmd, *(calibargs if is_calibrated(extra) else [])])
-    row = {"config": name, "peer_of": (peer_method(name, extra), None), "load": load}
+    row = {"config": name, "peer_of": (peer_method(name, extra), None), "load": load,
+           "proc_s": q["_wall"]}  # fmt: skip
     if "_failed" in q:
         print(f"{name}: refused: {q['_failed']}", file=sys.stderr)
         return {**row, "failed": q["_failed"], "quant_s": q["_wall"], "cpu_s": q["_cpu"]}
@@ -412,17 +418,18 @@ def ws_row(name, extra, base, calib, data, args, work, evalargs) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     """The markdown table of every row (a refused/failed run: its message)."""
-    print("| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | quantize CPU (user+sys) | quantize peak RSS | load avg (1 min) at start |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | ppl | KL vs baseline (nats/token) | top-1 agreement | size | quantize wall | process wall | quantize CPU (user+sys) | quantize peak RSS | load avg (1 min) at start |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         load = r.get("load", float("nan"))
         if "failed" in r:
-            print(f"| {r['config']} | refused/failed: {r['failed']} | | | | | | | {load:.1f} |")
+            print(f"| {r['config']} | refused/failed: {r['failed']} | | | | | | | | {load:.1f} |")
             continue
         qs = f"{r['quant_s']:.1f} s" if r["quant_s"] is not None else "-"
         rss = f"{r['rss'] / 2**20:.0f} MiB" if r["rss"] is not None else "-"
         cpu = f"{r['cpu_s']:.1f} s" if r.get("cpu_s") is not None else "-"
-        print(f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {cpu} | {rss} | {load:.1f} |")  # fmt: skip
+        ps = f"{r['proc_s']:.1f} s" if r.get("proc_s") is not None else "-"
+        print(f"| {r['config']} | {r['ppl']:.4f} | {r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['size'] / 1e3:.1f} kB | {qs} | {ps} | {cpu} | {rss} | {load:.1f} |")  # fmt: skip
 
 
 def print_also(rows: list[dict], names: list[str]) -> None:
@@ -448,8 +455,11 @@ def print_ratios(rows: list[dict]) -> None:
         p = peers.get((method, None if method in FIXED else bits))
         if p is None or "failed" in p or not r["quant_s"] or not p["quant_s"]:
             continue
+        proc = ""
+        if r.get("proc_s") and p.get("proc_s"):
+            proc = f"process wall {r['proc_s'] / p['proc_s']:.2f}x, "
         print(
-            f"{r['config']} vs {p['config']}: wall {r['quant_s'] / p['quant_s']:.2f}x, "
+            f"{r['config']} vs {p['config']}: wall {r['quant_s'] / p['quant_s']:.2f}x, {proc}"
             f"CPU {r['cpu_s'] / p['cpu_s']:.2f}x, ppl {100 * (r['ppl'] / p['ppl'] - 1):+.2f}%"
         )
 

@@ -27,6 +27,12 @@ from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
+def _dtype_option(flag: str, help: str):
+    """A ``auto|float32|bfloat16`` choice (default auto) of the calibrated methods."""
+    choice = click.Choice(["auto", "float32", "bfloat16"])
+    return click.option(flag, type=choice, default="auto", show_default=True, help=help)
+
+
 @compress_cli.command("quantize")
 @click.argument("model", type=MODEL)
 @click.option(
@@ -184,20 +190,14 @@ from weightsmith.io.sizes import format_size, parse_size
     help="AWQ: AutoAWQ's clipping search (each group's range shrunk where that lowers its "
     "output error; q/k_proj not clipped) after the scales.",
 )
-@click.option(
+@_dtype_option(
     "--awq-search-dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="AWQ: dtype of the scale search's forwards (auto: bfloat16 where matmuls have it "
-    "natively -- CUDA, CPUs with AVX512-BF16/AMX -- else float32); losses summed in float32.",
+    "AWQ: dtype of the scale search's forwards (auto: bfloat16 where matmuls have it natively "
+    "-- CUDA, CPUs with AVX512-BF16/AMX -- else float32); losses summed in float64.",
 )
-@click.option(
+@_dtype_option(
     "--calib-dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Calibrated methods: dtype of the layers' calibration forwards (auto: bfloat16 for a "
+    "Calibrated methods: dtype of the layers' calibration forwards (auto: bfloat16 for a "
     "bfloat16 checkpoint where matmuls have it natively -- CUDA, CPUs with AVX512-BF16/AMX -- "
     "as llm-compressor does; else float32). Statistics are summed in float32.",
 )

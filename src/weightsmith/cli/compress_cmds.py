@@ -87,9 +87,11 @@ def _dtype_option(flag: str, help: str):
 @bits_budget_options
 @moe_options
 @click.option(
-    "--act-order",
-    is_flag=True,
-    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups).",
+    "--act-order/--no-act-order",
+    default=True,
+    show_default=True,
+    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups; the default "
+    "by held-out measurement). --no-act-order: in order, as llm-compressor's default.",
 )
 @click.option(
     "--damp",

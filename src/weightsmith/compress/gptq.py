@@ -404,7 +404,7 @@ class GPTQConfig(GridConfig, CalibratedConfig):
     """``--method gptq``: grid options, calibration text, and GPTQ's own settings."""
 
     damp: float = DEFAULT_DAMP  # fraction of mean(diag H) added to the diagonal
-    act_order: bool = False
+    act_order: bool = True  # by held-out measurement (docs/quantize.md, "Act-order")
     block_size: int = 128
     allow_rtn_fallback: bool = False  # RTN for a Linear whose Hessian has no Cholesky factor
     observer: str = DEFAULT_OBSERVER  # each group's qparams: minmax or mse (see mse.py)

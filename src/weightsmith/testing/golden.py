@@ -47,7 +47,7 @@ CASES: dict[str, tuple[bool, str]] = {
     ),
     "quantize-gptq-ct": (
         False,
-        "compress quantize {base} --method gptq --group-size 32 --ignore mlp.down_proj --observer minmax --damp 0.01 --calib {train} --calib-samples 8 --seq-len 64",
+        "compress quantize {base} --method gptq --group-size 32 --ignore mlp.down_proj --no-act-order --observer minmax --damp 0.01 --calib {train} --calib-samples 8 --seq-len 64",
     ),
     "quantize-gptq-gptq-actorder": (
         False,

@@ -80,3 +80,13 @@ def test_calib_dtype_is_refused_for_data_free_methods(models, tmp_path):
                                  "float32"])  # fmt: skip
     assert r.exit_code == 1 and "--calib-dtype does not apply to --method rtn" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_api_refuses_an_unknown_calib_dtype_in_one_line():
+    from weightsmith.compress import QuantConfig
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^--calib-dtype must be one of auto, float32, bfloat16 \(got 'float16'\)$",
+    ):
+        QuantConfig("gptq", calib_dtype="float16").validate()

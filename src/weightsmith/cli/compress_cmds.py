@@ -23,13 +23,14 @@ from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.gptq import DEFAULT_DAMP, DEFAULT_OBSERVER
 from weightsmith.compress.registry import FORMATS, METHODS
+from weightsmith.core.calibration import CALIB_DTYPES
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
 
 
 def _dtype_option(flag: str, help: str):
     """A ``auto|float32|bfloat16`` choice (default auto) of the calibrated methods."""
-    choice = click.Choice(["auto", "float32", "bfloat16"])
+    choice = click.Choice(list(CALIB_DTYPES))
     return click.option(flag, type=choice, default="auto", show_default=True, help=help)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from weightsmith.compress.smoothquant import MAPPINGS as NORM_MAPPINGS
 from weightsmith.compress.smoothquant import smoothing_norm
-from weightsmith.core.calibration import CalibrationLayer
+from weightsmith.core.calibration import CALIB_DTYPES, CalibrationLayer
 from weightsmith.core.device import fast_bfloat16
 from weightsmith.errors import ConfigError
 from weightsmith.kernels.quant import squared_error
@@ -143,7 +143,7 @@ def output_mse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return loss / n
 
 
-SEARCH_DTYPES = ("auto", "float32", "bfloat16")
+SEARCH_DTYPES = CALIB_DTYPES  # auto, float32, bfloat16
 
 
 def search_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -34,7 +34,7 @@ class CalibratedRun:
     tokens) starts with the first layer."""
 
     def __init__(self, job: Any, device: str) -> None:  # job: quantize.QuantizeJob
-        self.job, self.device = job, device
+        self.job = job
         outside = [t.tensor for t in job.targets if t.layer is None]
         if outside:
             raise ConfigError(
@@ -44,8 +44,8 @@ class CalibratedRun:
         self.ids, self.info = calibration_windows(
             job.ckpt.root, o.calib, o.calib_samples, o.seq_len
         )
-        dev = select_device(device) if isinstance(device, str) else device
-        self.dtype = calibration_dtype(o.calib_dtype, job.ckpt, dev)  # of the forwards
+        self.device = select_device(device) if isinstance(device, str) else device
+        self.dtype = calibration_dtype(o.calib_dtype, job.ckpt, self.device)  # of the forwards
         self.info["dtype"] = str(self.dtype).removeprefix("torch.")
         self.streamer: LayerStreamer | None = None
 

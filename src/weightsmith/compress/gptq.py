@@ -203,11 +203,13 @@ def _inverse_cholesky(
     n = H.shape[0]
     if perm is None:
         flipped, spare = H.flip(0, 1), H
-    else:  # both gathers write fresh storage; the second one H's (its values are used up)
+    else:
         rev = perm.flip(0).to(H.device)
-        spare = H.index_select(0, rev)
-        flipped = torch.index_select(spare, 1, rev, out=H) if H.is_contiguous() else None
-        flipped, spare = (H, spare) if flipped is not None else (spare.index_select(1, rev), H)
+        rows = H.index_select(0, rev)
+        if H.is_contiguous():  # the second gather into H's storage (its values are used up)
+            flipped, spare = torch.index_select(rows, 1, rev, out=H), rows
+        else:
+            flipped, spare = rows.index_select(1, rev), H
     # flipped is symmetric: its column-major view is the same matrix, so L⁻¹ is computed in
     # place in that layout (the one LAPACK returns), and U goes into the spare storage: two
     # n² matrices, and the factorization's quarter-size temporaries
@@ -232,8 +234,9 @@ def _cholesky_inverse_lower(M: torch.Tensor) -> bool:
     definite. Above :data:`CHOLESKY_BASE` by halves, every step a matrix product (LAPACK's
     Cholesky and ``trtri`` are slow, poorly threaded at these orders): with
     ``M = [[A, ·], [B, C]]``, ``L₁₁ = chol A``, ``L₂₁ = B L₁₁⁻ᵀ``, ``L₂₂ = chol(C - L₂₁ L₂₁ᵀ)`` and
-    ``L⁻¹ = [[L₁₁⁻¹, 0], [-L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``; n³/3 + n³/3 flops, one ``B``-sized
-    temporary."""
+    ``L⁻¹ = [[L₁₁⁻¹, 0], [-L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``: about twice LAPACK's n³/3 + n³/3 flops
+    (the triangular blocks are multiplied as full ones), at the matmul rate; ``B``-sized
+    temporaries (two at most at a time)."""
     n = M.shape[0]
     if n <= CHOLESKY_BASE:
         info = torch.empty((), dtype=torch.int32, device=M.device)

@@ -25,7 +25,7 @@ import torch
 
 from weightsmith.compress.levels import QuantizedWeight  # noqa: F401  (re-exported)
 from weightsmith.compress.schemes import Scheme, SchemeMap, as_scheme_map
-from weightsmith.core.calibration import CALIB_DTYPES
+from weightsmith.core.calibration import check_calib_dtype
 from weightsmith.errors import ConfigError
 
 
@@ -88,10 +88,7 @@ class CalibratedConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.calib_dtype not in CALIB_DTYPES:
-            raise ConfigError(
-                f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)} (got {self.calib_dtype!r})"
-            )
+        check_calib_dtype(self.calib_dtype)
 
 
 FormatOptions = MethodConfig  # a format's options are a frozen dataclass of the same shape

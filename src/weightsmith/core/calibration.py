@@ -210,14 +210,19 @@ def _is_linear(m: nn.Module) -> bool:
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
 
 
+def check_calib_dtype(name: str) -> None:
+    """Refuse a ``--calib-dtype`` that is not one of :data:`CALIB_DTYPES`."""
+    if name not in CALIB_DTYPES:
+        raise ConfigError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)} (got {name!r})")
+
+
 def calibration_dtype(name: str, ckpt: Checkpoint, device: torch.device) -> torch.dtype:
     """The dtype calibration forwards run in (``--calib-dtype``): ``auto`` is bfloat16 when
     every floating tensor of the decoder layers is stored in bfloat16 and ``device`` runs
     bfloat16 natively (:func:`~weightsmith.core.device.fast_bfloat16`), as llm-compressor
     calibrates such a checkpoint in its own dtype; else float32. Statistics are accumulated
     in float32 either way."""
-    if name not in CALIB_DTYPES:
-        raise ConfigError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)} (got {name!r})")
+    check_calib_dtype(name)
     if name != "auto":
         return getattr(torch, name)
     stored = {

@@ -201,7 +201,10 @@ def compare_outputs(ws_out: Path, mk_out: Path) -> dict:
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, int, int, float]:
-    """Run ``cmd`` under /usr/bin/time -v: (wall s, peak RSS bytes, exit code, 1-min load)."""
+    """Run ``cmd`` under /usr/bin/time -v: (wall s, peak RSS bytes, exit code, 1-min load).
+    Dirty pages are flushed first (not timed), so no run pays for the previous one's
+    write-back."""
+    os.sync()
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with open(log, "w") as f:

@@ -139,6 +139,22 @@ def test_count_nonfinite() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_count_nonfinite_across_blocks(dtype) -> None:
+    """The kernel counts in blocks of 65536 (narrow counters): NaN/Inf at block edges, in the
+    last partial block, and a block full of them are all counted (torch's count as reference)."""
+    n = 3 * 65536 + 7
+    t = torch.zeros(n)
+    t[[0, 65535, 65536, 131071, n - 1]] = float("nan")
+    t[[1, 100000, n - 2]] = float("inf")
+    t[131072 : 131072 + 65536] = -float("inf")  # the whole third block
+    t = t.to(dtype)
+    want = int((~torch.isfinite(t)).sum())
+    assert want == 8 + 65536  # no marked entry falls inside the full block
+    assert count_nonfinite(t) == want
+    assert count_nonfinite(t[1:]) == want - 1  # an odd start
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_non_finite_encoded_scale_is_refused_by_the_native_check(
     tiny_model, tmp_path, monkeypatch, dtype
 ) -> None:

@@ -200,6 +200,9 @@ def test_lerp2_equals_torch_mul_add_bit_for_bit(in_dtype, out_dtype):
     eager = a.float().mul(s0).add_(b.float(), alpha=s1).to(out_dtype)
     assert torch.equal(eager.view(torch.uint8), out.view(torch.uint8))
     assert native.lerp2(a, b.half(), s0, s1, out) is None
+    over = [0, 65535, 65536, n - 1]  # overflows at the edges of the kernel's count blocks
+    a[over], b[over] = 3e38, 3e38
+    assert native.lerp2(a, b, 1.0, 1.0, out) == len(over)
 
 
 def test_bfloat16_rounding_is_nearest_even_like_torch():

@@ -129,3 +129,61 @@ def test_methods_keep_torch_bits_with_two_torch_threads(method, monkeypatch):
     assert native is not None
     assert torch.equal(native.view(torch.int16), want.view(torch.int16)), method
     assert int((native.float() != xs[0].float()).sum()) > 1000  # not the base
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_one_norm_filled_by_the_pool_keeps_the_bits(workers, monkeypatch):
+    """multislerp's one-kernel norms (mean, tangent) run with the pool filling spans while one
+    task feeds the previous round in order: the same bits as the sequential feed and as the
+    torch path, over many rounds; a NaN input is still refused with its input named."""
+    from weightsmith.core.parallel import compute_pool
+    from weightsmith.errors import CheckpointError
+
+    monkeypatch.setattr(sphere_native, "SPAN", 4099)  # 49 spans: 13 rounds on 2 workers
+    xs = [values(200_003, seed=s) for s in (21, 22, 23)]
+    xs = [xs[0], xs[0] + xs[1] * 0.1, xs[0] - xs[2] * 0.1]
+    p = bf16_params((1.0, 2.0))
+    sequential, want = native_and_torch("multislerp", xs, p, torch.bfloat16)
+    calls = []
+    wide = sphere_native.streamed_wide
+    monkeypatch.setattr(sphere_native, "streamed_wide", lambda *a: calls.append(1) or wide(*a))
+    with compute_pool(workers):
+        pooled, _ = native_and_torch("multislerp", xs, p, torch.bfloat16)
+    assert len(calls) == 2  # the mean's norm and the tangent's
+    assert torch.equal(pooled.view(torch.int16), sequential.view(torch.int16))
+    assert torch.equal(pooled.view(torch.int16), want.view(torch.int16))
+    xs[2][150_001] = float("nan")  # in a late round
+    with compute_pool(workers), pytest.raises(CheckpointError, match="input 2 holds NaN"):
+        native_and_torch("multislerp", xs, p, torch.bfloat16)
+
+
+def test_streamed_wide_is_streamed_and_refuses_nan(monkeypatch):
+    """Directly: the pooled feed equals the sequential one for both reductions, over a length
+    that leaves a short last span and a short last round; a NaN read in the last round fails
+    through the source (the input named)."""
+    from sphere_testlib import StoredChunks
+
+    from weightsmith.core.parallel import compute_pool
+    from weightsmith.errors import CheckpointError
+    from weightsmith.kernels import sphere
+
+    monkeypatch.setattr(sphere_native, "SPAN", 1000)
+    g = torch.Generator().manual_seed(43)
+    n = 21_017  # exponents over 2^±24: the float sums depend on the order of the spans
+    wide = torch.randn(n, generator=g) * torch.exp2(torch.randint(-24, 24, (n,), generator=g))
+    xs = [wide.bfloat16(), values(n, seed=42)]
+    src = StoredChunks(xs)
+    kernel = lambda p, o: sphere.vector(p, False, 0, o)  # noqa: E731
+    for kind in ("norm", "casc"):
+        one = sphere_native.streamed(src, xs, kernel, kind, 0, src.numel)
+        backwards = reduce.Reducer(kind, n, reduce.layout()[kind])
+        for s in reversed(range(0, n, 1000)):
+            backwards.feed(xs[0][s : s + 1000])
+        if kind == "casc":  # (a norm, rounded to bfloat16, rarely shows the order)
+            assert backwards.result() != one  # so the test below can tell an order change
+        with compute_pool(2):
+            assert sphere_native.streamed_wide(src, xs, kernel, kind) == one
+    kernel = lambda p, o: sphere.vector(p, True, 1, o)  # noqa: E731
+    xs[1][21_000] = float("nan")
+    with compute_pool(2), pytest.raises(CheckpointError, match="input 1 holds NaN"):
+        sphere_native.streamed_wide(StoredChunks(xs), xs, kernel, "norm")

@@ -55,7 +55,7 @@ def compute_pool(workers: int | None = None, *, device: str = "cpu") -> Iterator
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="weightsmith")
-    _state.pool = pool
+    _state.pool, _state.workers = pool, n
     try:
         yield
     finally:
@@ -71,6 +71,11 @@ def pmap(fn: Callable[[T], object], items: Sequence[T]) -> list:
     if pool is None or len(items) <= 1:
         return [fn(x) for x in items]
     return list(pool.map(fn, items))
+
+
+def pool_workers() -> int:
+    """The threads :func:`pmap` runs on here (1 outside a :func:`compute_pool`)."""
+    return getattr(_state, "workers", 1) if getattr(_state, "pool", None) is not None else 1
 
 
 def sub_ranges(start: int, stop: int, size: int = SUB_ELEMENTS) -> list[tuple[int, int]]:

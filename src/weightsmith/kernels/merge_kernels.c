@@ -272,9 +272,14 @@ void ws_slerp_dots(const void *a, const void *b, int32_t dtype, int64_t n, doubl
 #define LERP2(NAME, TI, LOAD, TO, STORE, OEXP, OEXPMAX)                                     \
     static int64_t NAME(const TI *a, const TI *b, int64_t n, float s0, float s1, TO *o) {   \
         int64_t bad = 0;                                                                    \
-        for (int64_t i = 0; i < n; i++) {                                                   \
-            o[i] = STORE(fmaf(LOAD(b, i), s1, LOAD(a, i) * s0));                            \
-            bad += OEXP(o, i) == (OEXPMAX);                                                 \
+        for (int64_t s = 0; s < n; s += 65536) { /* narrow counters vectorize */           \
+            const int64_t e = n - s < 65536 ? n : s + 65536;                                \
+            uint32_t nb = 0;                                                                \
+            for (int64_t i = s; i < e; i++) {                                               \
+                o[i] = STORE(fmaf(LOAD(b, i), s1, LOAD(a, i) * s0));                        \
+                nb += OEXP(o, i) == (OEXPMAX);                                              \
+            }                                                                               \
+            bad += nb;                                                                      \
         }                                                                                   \
         return bad;                                                                         \
     }
@@ -306,7 +311,7 @@ int64_t ws_lerp2(const void *a, const void *b, int32_t in_dtype, int64_t n, floa
 /* Tile of input k's values [s, s + m), rounded to bfloat16; counts its NaN/Inf into *bad. */
 static void load_bf16_tile(const void *x, int32_t dtype, int64_t s, int64_t m, float *v,
                            int64_t *bad) {
-    int64_t nb = 0;
+    uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (dtype == DT_BF16) {
         const uint16_t *p = (const uint16_t *)x + s;
         for (int64_t i = 0; i < m; i++) {
@@ -325,7 +330,7 @@ static void load_bf16_tile(const void *x, int32_t dtype, int64_t s, int64_t m, f
 
 /* Store a float32 tile as out_dtype (bfloat16: round to nearest even); the NaN/Inf count. */
 static int64_t store_tile(const float *v, int64_t m, void *out, int32_t out_dtype, int64_t s) {
-    int64_t nb = 0;
+    uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (out_dtype == DT_BF16) {
         uint16_t *o = (uint16_t *)out + s;
         for (int64_t i = 0; i < m; i++) {

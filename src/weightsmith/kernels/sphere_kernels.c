@@ -28,7 +28,7 @@ static inline float r(float f) { return bf16_round(f); }
 
 /* Values [s, s + m) of input x (stored as dtype) rounded to bfloat16; NaN/Inf counted. */
 static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {
-    int64_t nb = 0;
+    uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (dtype == DT_BF16) {
         const uint16_t *p = (const uint16_t *)x + s;
         for (int64_t i = 0; i < m; i++) {
@@ -57,7 +57,7 @@ static void vec_tile(const void *const *xs, int32_t has_base, int32_t k, int32_t
 
 /* Store a tile as out_dtype; the count of NaN/Inf stored. */
 static int64_t store(const float *v, int64_t m, void *out, int32_t out_dtype, int64_t s) {
-    int64_t nb = 0;
+    uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (out_dtype == DT_BF16) {
         uint16_t *o = (uint16_t *)out + s;
         for (int64_t i = 0; i < m; i++) {

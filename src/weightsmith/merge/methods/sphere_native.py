@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.core.parallel import pmap, pool_workers, sub_ranges
 from weightsmith.kernels import reduce, sphere
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
@@ -143,10 +143,48 @@ def streamed(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, lo
     return red.result()
 
 
+def streamed_wide(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str) -> float:
+    """:func:`streamed` over the whole tensor with the compute pool's threads: each round, the
+    pool fills the next spans into one set of buffers while one task feeds the previous round's
+    set to the reduction, in order (so the same values in the same order: the same bits)."""
+    n, per_round = src.numel, 2 * pool_workers()
+    red = reduce.Reducer(kind, n, reduce.layout()[kind])
+    sets = [
+        [torch.empty(min(SPAN, n), dtype=torch.bfloat16) for _ in range(per_round)]
+        for _ in range(2)
+    ]
+    spans = [(s, min(n, s + SPAN)) for s in range(0, n, SPAN)]
+    rounds = [spans[i : i + per_round] for i in range(0, len(spans), per_round)]
+
+    def fill(task: tuple) -> Sequence[int] | None:
+        (s, e), buf = task
+        return kernel([x[s:e] for x in xs], buf[: e - s])
+
+    def feed(filled: list) -> None:
+        for (s, e), buf in filled:
+            red.feed(buf[: e - s])
+
+    previous: list = []
+    for j, spans_j in enumerate([*rounds, []]):
+        filled = list(zip(spans_j, sets[j % 2], strict=False))
+        tasks = [(feed, previous)] if previous else []
+        tasks += [(fill, t) for t in filled]
+        for bad in pmap(lambda task: task[0](task[1]), tasks):
+            for i, b in enumerate(bad or ()):
+                if b:
+                    src.fail_nonfinite(i)
+        previous = filled
+    return red.result()
+
+
 def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list[torch.Tensor]:
     """``torch.norm`` (bfloat16, 0-dim) of each kernel's values, the kernels on the compute
-    pool at once (a norm is one sequential loop, the same on any thread count)."""
-    vals = pmap(lambda k: streamed(src, xs, k, "norm", 0, src.numel), list(kernels))
+    pool at once (a norm is one sequential loop, the same on any thread count); one kernel on
+    a pool of several threads: its values made in parallel (:func:`streamed_wide`)."""
+    if len(kernels) == 1 and pool_workers() > 1:
+        vals = [streamed_wide(src, xs, kernels[0], "norm")]
+    else:
+        vals = pmap(lambda k: streamed(src, xs, k, "norm", 0, src.numel), list(kernels))
     return [torch.tensor(v, dtype=torch.bfloat16) for v in vals]
 
 

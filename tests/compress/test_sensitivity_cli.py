@@ -58,6 +58,7 @@ def test_eval_sensitivity_report(peaked: Path, tmp_path: Path):
                "--samples", "1", "--seq-len", "16", "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert [u["name"] for u in json.loads(r.stdout)["units"]][-1] == "mlp.down_proj"
+    assert json.loads(r.stdout)["device"] == "cpu"  # --device auto, no CUDA here
     assert "note: no --calib given" in r.stderr  # the built-in mix, said on stderr only
 
 

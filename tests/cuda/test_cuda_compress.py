@@ -62,6 +62,25 @@ def test_awq_default_search_dtype_on_cuda(llama, calib, tmp_path):
     assert ppl["other"] == pytest.approx(ppl["cpu"], rel=0.03)
 
 
+def test_eval_sensitivity_on_cuda(llama, calib):
+    """The sensitivity pass on either device: the same units and schemes, each KL within 1 %
+    (the RTN round trips are the same levels; the forward passes differ in float32 rounding).
+    The bound is set from the float32 logit gap, not yet from a GPU run."""
+    from tests.cuda.cuda_testlib import OTHER
+
+    args = ["eval", "sensitivity", llama, "--calib", calib, "--samples", "2", "--seq-len", "32",
+            "--schemes", "w4g32,w3g32"]  # fmt: skip
+    cpu = run(*args, "--device", "cpu")
+    other = run(*args, "--device", OTHER)
+    assert cpu["device"] == "cpu" and other["device"].startswith(OTHER.split(":")[0])
+    assert [u["name"] for u in other["units"]] == [u["name"] for u in cpu["units"]]
+    assert sum(v["kl"] for u in cpu["units"] for v in u["schemes"].values()) > 0
+    for a, b in zip(cpu["units"], other["units"], strict=True):
+        for scheme, v in a["schemes"].items():
+            got = b["schemes"][scheme]["kl"]
+            assert got == pytest.approx(v["kl"], rel=1e-2, abs=1e-7), (a["name"], scheme)
+
+
 def test_eval_ppl_on_cuda(llama, calib):
     """The same windows through the model on either device: float32 logits agree to ~1e-6,
     the perplexity to 1e-5 relative."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 from click.core import ParameterSource
 
@@ -245,6 +247,7 @@ def quantize_cmd(
         note_builtin_calibration()
     plan = None
     if budget is not None:
+        budget = dataclasses.replace(budget, device=device)  # the sensitivity pass runs there too
         cfg, plan = _budget_config(model, out, force, cfg, budget, progress)
         schemes = cfg.schemes
     r = quantize_checkpoint(

@@ -53,12 +53,15 @@ def mean_bpw(report: dict, scheme: str) -> float:
     help="Unit quantized at a time: each Linear, each decoder layer's Linears, or each module "
     "type (e.g. mlp.down_proj) across all layers.",
 )  # fmt: skip
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:N."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @progress_option
 @report_option
 def sensitivity_cmd(
     model: str, calib: str | None, schemes: str, samples: int, seq_len: int, by: str,
-    as_json: bool, progress: bool,
+    device: str, as_json: bool, progress: bool,
 ) -> dict:  # fmt: skip
     """KL(original || quantized) of next-token distributions when only one unit of MODEL is
     quantized with RTN at each candidate scheme (the rest stays float32): which Linears
@@ -78,7 +81,7 @@ def sensitivity_cmd(
             click.echo(format_row(unit.name, kl, width))
 
     r = checkpoint_sensitivity(model, candidates, calib=calib, samples=samples,
-                               seq_len=seq_len, by=by, on_unit=show)  # fmt: skip
+                               seq_len=seq_len, by=by, on_unit=show, device=device)  # fmt: skip
     d = r.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))

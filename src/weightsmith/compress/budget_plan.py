@@ -13,10 +13,12 @@ from weightsmith.compress.schemes import Scheme, parse_scheme
 from weightsmith.compress.sensitivity import (
     applicable_schemes,
     budget_units,
+    load_on,
     measure_sensitivity,
     sensitivity_units,
 )
 from weightsmith.core.calibration_data import calibration_windows
+from weightsmith.core.device import select_device
 from weightsmith.errors import ConfigError
 
 FLAGS = ("--sensitivity-samples", "--sensitivity-seq-len")
@@ -34,6 +36,7 @@ class BudgetRequest:
     seq_len: int = 128
     by: str = "module"
     report: dict | None = None  # an `eval sensitivity` report: no measurement
+    device: str = "cpu"  # where the sensitivity pass runs (``auto``: CUDA when present)
 
 
 @dataclass(frozen=True)
@@ -78,18 +81,17 @@ def plan_bits_budget(
             for u in units
         ])  # fmt: skip
     else:
-        from weightsmith.core.models import load_causal_lm
-
+        dev = select_device(req.device)
         ids, info = calibration_windows(path, req.calib, req.samples, req.seq_len, FLAGS)
-        model = load_causal_lm(path)
+        model = load_on(path, dev)
         sunits = sensitivity_units(model, req.by)
         ranges = []
         for u in sunits:
             bpws = [u.bits_per_weight(s) for s in applicable_schemes(model, u, req.schemes)]
             ranges.append((u.params, min(bpws), max(bpws)))
         check_budget_range(req.budget, ranges)
-        result = measure_sensitivity(model, ids, req.schemes, by=req.by, on_unit=on_unit)
-        result.extra = {"model": str(path), "calib": info["source"]}
+        result = measure_sensitivity(model, ids.to(dev), req.schemes, by=req.by, on_unit=on_unit)
+        result.extra = {"model": str(path), "calib": info["source"], "device": str(dev)}
         report = result.to_dict()
         units = budget_units(report)
     plan = solve_bits_budget(units, req.budget)

@@ -25,6 +25,7 @@ from torch import nn
 
 from weightsmith.compress.rtn import RTNConfig, rtn_quantize
 from weightsmith.compress.schemes import Scheme, average_bits_per_weight, parse_scheme
+from weightsmith.core.device import select_device
 from weightsmith.errors import ConfigError
 
 UNIT_KINDS = ("module", "layer", "type")
@@ -277,20 +278,28 @@ def checkpoint_sensitivity(
     by: str = "module",
     on_unit: Callable[[SensitivityUnit, dict[str, float | None]], None] | None = None,
     flags: tuple[str, str] = ("--samples", "--seq-len"),
+    device: str = "cpu",
 ) -> SensitivityResult:
-    """:func:`measure_sensitivity` of the checkpoint at ``path`` (loaded in float32) on
-    ``samples`` windows of ``seq_len`` tokens of ``calib`` (None: the built-in mix; too little
-    text is an error naming ``flags``)."""
+    """:func:`measure_sensitivity` of the checkpoint at ``path`` (loaded in float32 on
+    ``device``; ``auto``: CUDA when present) on ``samples`` windows of ``seq_len`` tokens of
+    ``calib`` (None: the built-in mix; too little text is an error naming ``flags``)."""
     from weightsmith.core.calibration_data import calibration_windows
-    from weightsmith.core.models import load_causal_lm
 
     if by not in UNIT_KINDS:
         raise ConfigError(f"--by must be one of {', '.join(UNIT_KINDS)} (got {by})")
+    dev = select_device(str(device))  # an unusable device: refused before any work
     ids, info = calibration_windows(path, calib, samples, seq_len, flags)
-    model = load_causal_lm(path)
-    result = measure_sensitivity(model, ids, schemes, by=by, on_unit=on_unit)
-    result.extra = {"model": str(path), "calib": info["source"]}
+    model = load_on(path, dev)
+    result = measure_sensitivity(model, ids.to(dev), schemes, by=by, on_unit=on_unit)
+    result.extra = {"model": str(path), "calib": info["source"], "device": str(dev)}
     return result
+
+
+def load_on(path, device: torch.device) -> nn.Module:
+    """The checkpoint at ``path`` in float32 on ``device``, for a sensitivity pass."""
+    from weightsmith.core.models import load_causal_lm
+
+    return load_causal_lm(path).to(device)
 
 
 def budget_units(report: dict) -> list:

@@ -22,18 +22,12 @@ from weightsmith.cli.common import (
     report_option,
 )
 from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_file
+from weightsmith.cli.dtype_options import CALIB_DTYPE_HELP, dtype_option
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.gptq import DEFAULT_DAMP, DEFAULT_OBSERVER
 from weightsmith.compress.registry import FORMATS, METHODS
-from weightsmith.core.calibration import CALIB_DTYPES
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
-
-
-def _dtype_option(flag: str, help: str):
-    """A ``auto|float32|bfloat16`` choice (default auto) of the calibrated methods."""
-    choice = click.Choice(list(CALIB_DTYPES))
-    return click.option(flag, type=choice, default="auto", show_default=True, help=help)
 
 
 @compress_cli.command("quantize")
@@ -195,17 +189,12 @@ def _dtype_option(flag: str, help: str):
     help="AWQ: AutoAWQ's clipping search (each group's range shrunk where that lowers its "
     "output error; q/k_proj not clipped) after the scales.",
 )
-@_dtype_option(
+@dtype_option(
     "--awq-search-dtype",
     "AWQ: dtype of the scale search's forwards (auto: bfloat16 where matmuls have it natively "
     "-- CUDA, CPUs with AVX512-BF16/AMX -- else float32); losses summed in float64.",
 )
-@_dtype_option(
-    "--calib-dtype",
-    "Calibrated methods: dtype of the layers' calibration forwards (auto: bfloat16 for a "
-    "bfloat16 checkpoint where matmuls have it natively -- CUDA, CPUs with AVX512-BF16/AMX -- "
-    "as llm-compressor does; else float32). Statistics are summed in float32.",
-)
+@dtype_option("--calib-dtype", "Calibrated methods: " + CALIB_DTYPE_HELP)
 @max_shard_size_option
 @force_option
 @progress_option

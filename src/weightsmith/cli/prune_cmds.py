@@ -15,6 +15,7 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
+from weightsmith.cli.dtype_options import CALIB_DTYPE_HELP, dtype_option
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.prune import METHODS, PruneConfig, parse_pattern, prune_checkpoint
 from weightsmith.compress.prune.registry import NM_SELECT, SPARSEGPT_DAMP
@@ -100,6 +101,11 @@ def _layers(text: str | None) -> tuple[int, ...]:
     "adds least to the layer's loss; score = the N lowest w²/[H⁻¹]ⱼⱼ² (the paper's rule, as "
     "llm-compressor).",
 )
+@dtype_option(
+    "--calib-dtype",
+    "wanda/sparsegpt: " + CALIB_DTYPE_HELP + " Default float32 (see docs/prune.md).",
+    default="float32",
+)
 @calibration_options
 @moe_options
 @max_shard_size_option
@@ -119,6 +125,7 @@ def prune_cmd(
     keep: int | None,
     damp: float,
     nm_select: str,
+    calib_dtype: str,
     calib: str | None,
     calib_samples: int,
     seq_len: int,
@@ -147,6 +154,7 @@ def prune_cmd(
         calibrate_all_experts=calibrate_all_experts,
         damp=damp,
         nm_select=nm_select,
+        calib_dtype=calib_dtype,
     )
     cfg.validate()
     if METHODS[method].needs_calibration and calib is None and not cfg.layers:

@@ -11,9 +11,11 @@ from torch import nn
 from weightsmith.compress.prune.registry import PruneConfig
 from weightsmith.core.calibration import (
     LayerStreamer,
+    calibration_dtype,
     calibration_windows,
     module_path,
 )
+from weightsmith.core.device import select_device
 from weightsmith.core.streaming import RawTensor, StreamResult
 from weightsmith.core.targets import ignore_matches as matches
 from weightsmith.core.transform import checked_copy, require_finite
@@ -96,9 +98,14 @@ def select_targets(
 def calibration_streamer(
     ckpt: Checkpoint, cfg: PruneConfig, *, device: str, progress: bool
 ) -> tuple[LayerStreamer, dict[str, Any]]:
-    """A :class:`LayerStreamer` on the configured calibration text, and what it ran on."""
+    """A :class:`LayerStreamer` on the configured calibration text, its forwards in
+    ``cfg.calib_dtype``, and what it ran on (the dtype too)."""
     ids, info = calibration_windows(ckpt.root, cfg.calib, cfg.calib_samples, cfg.seq_len)
-    streamer = LayerStreamer(ckpt, ids, batch_size=cfg.batch_size, device=device, progress=False)
+    dtype = calibration_dtype(cfg.calib_dtype, ckpt, select_device(str(device)))
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    streamer = LayerStreamer(
+        ckpt, ids, batch_size=cfg.batch_size, device=device, progress=False, compute_dtype=dtype
+    )
     return streamer, info
 
 

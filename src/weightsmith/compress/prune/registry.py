@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from weightsmith.core.calibration import check_calib_dtype
 from weightsmith.errors import ConfigError
 
 # SparseGPT's dampening (fraction of mean diag(H) added to the diagonal), chosen by held-out
@@ -95,6 +96,7 @@ class PruneConfig:
     calib_samples: int = 128
     seq_len: int = 512
     batch_size: int = 8
+    calib_dtype: str = "float32"  # wanda/sparsegpt forwards (core.calibration.calibration_dtype)
     # MoE: experts routed fewer calibration tokens fall back to magnitude (0: never)
     min_expert_tokens: int = 32
     calibrate_all_experts: bool = False
@@ -142,6 +144,9 @@ class PruneConfig:
         wrong = [opt for opt, on in given.items() if on and opt not in allowed]
         if wrong:
             raise ConfigError(f"{wrong[0]} does not apply to --method {self.method}")
+        check_calib_dtype(self.calib_dtype)
+        if self.calib_dtype != "float32" and self.method not in ("wanda", "sparsegpt"):
+            raise ConfigError(f"--calib-dtype does not apply to --method {self.method}")
         if self.calib_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError("--calib-samples and --batch-size must be >= 1, --seq-len >= 2")
         tuned = (self.damp, self.block_size) != (SPARSEGPT_DAMP, 128)

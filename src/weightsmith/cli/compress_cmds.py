@@ -21,8 +21,8 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
-from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_file
 from weightsmith.cli.dtype_options import CALIB_DTYPE_HELP, dtype_option
+from weightsmith.cli.gguf_options import gguf_options, gguf_summary, write_gguf_file
 from weightsmith.cli.groups import compress_cli
 from weightsmith.compress.gptq import DEFAULT_DAMP, DEFAULT_OBSERVER
 from weightsmith.compress.registry import FORMATS, METHODS

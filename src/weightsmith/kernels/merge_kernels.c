@@ -267,13 +267,15 @@ void ws_slerp_dots(const void *a, const void *b, int32_t dtype, int64_t n, doubl
         slerp_dots_f32((const float *)a, (const float *)b, n, out, bad);
 }
 
+#define COUNT_BLOCK 65536 /* entries per narrow (uint32) NaN/Inf counter */
+
 /* The stores are unchanged by the count: the same bits as without it (an overflow to ±Inf in
  * the output is counted, like a NaN/Inf input in ws_to_f32, and the caller refuses to write). */
 #define LERP2(NAME, TI, LOAD, TO, STORE, OEXP, OEXPMAX)                                     \
     static int64_t NAME(const TI *a, const TI *b, int64_t n, float s0, float s1, TO *o) {   \
         int64_t bad = 0;                                                                    \
-        for (int64_t s = 0; s < n; s += 65536) { /* narrow counters vectorize */           \
-            const int64_t e = n - s < 65536 ? n : s + 65536;                                \
+        for (int64_t s = 0; s < n; s += COUNT_BLOCK) { /* narrow counters vectorize */     \
+            const int64_t e = n - s < COUNT_BLOCK ? n : s + COUNT_BLOCK;                    \
             uint32_t nb = 0;                                                                \
             for (int64_t i = s; i < e; i++) {                                               \
                 o[i] = STORE(fmaf(LOAD(b, i), s1, LOAD(a, i) * s0));                        \

@@ -145,7 +145,8 @@ class PruneConfig:
         if wrong:
             raise ConfigError(f"{wrong[0]} does not apply to --method {self.method}")
         check_calib_dtype(self.calib_dtype)
-        if self.calib_dtype != "float32" and self.method not in ("wanda", "sparsegpt"):
+        masked = kind == "unstructured" and METHODS[self.method].needs_calibration
+        if self.calib_dtype != "float32" and not masked:  # wanda, sparsegpt
             raise ConfigError(f"--calib-dtype does not apply to --method {self.method}")
         if self.calib_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise ConfigError("--calib-samples and --batch-size must be >= 1, --seq-len >= 2")

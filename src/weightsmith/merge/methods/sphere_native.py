@@ -62,10 +62,15 @@ def fill(
         return kernel([x[r[0] : r[1]] for x in xs], out[r[0] : r[1]])
 
     for bad in pmap(one, sub_ranges(0, out.numel(), NATIVE_PIECE)):
-        for i, b in enumerate(bad or ()):
-            if b:
-                src.fail_nonfinite(i)
+        refuse_nonfinite(src, bad)
     return out
+
+
+def refuse_nonfinite(src: ChunkSource, bad: Sequence[int] | None) -> None:
+    """Raise the error of the first input a kernel counted NaN/Inf in (``bad``: per input)."""
+    for i, b in enumerate(bad or ()):
+        if b:
+            src.fail_nonfinite(i)
 
 
 @contextlib.contextmanager
@@ -136,9 +141,7 @@ def streamed(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, lo
     for s in range(lo, hi, SPAN):
         e = min(hi, s + SPAN)
         out = buf[: e - s]
-        for i, b in enumerate(kernel([x[s:e] for x in xs], out) or ()):
-            if b:
-                src.fail_nonfinite(i)
+        refuse_nonfinite(src, kernel([x[s:e] for x in xs], out))
         red.feed(out)
     return red.result()
 
@@ -170,9 +173,7 @@ def streamed_wide(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: st
         tasks = [(feed, previous)] if previous else []
         tasks += [(fill, t) for t in filled]
         for bad in pmap(lambda task: task[0](task[1]), tasks):
-            for i, b in enumerate(bad or ()):
-                if b:
-                    src.fail_nonfinite(i)
+            refuse_nonfinite(src, bad)
         previous = filled
     return red.result()
 

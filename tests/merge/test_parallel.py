@@ -3,10 +3,13 @@ sub-chunk split does not depend on chunk boundaries."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
-from weightsmith.core.parallel import SUB_ELEMENTS, compute_pool, pmap, sub_ranges
+from weightsmith.core.parallel import SUB_ELEMENTS, compute_pool, pipelined, pmap, sub_ranges
 from weightsmith.merge.methods import TensorParams, merge_tensors
 from weightsmith.merge.methods.dare import keep_mask
 
@@ -65,3 +68,33 @@ def test_dare_keep_mask_is_chunking_independent_and_has_the_density():
     assert torch.equal(whole, parts)
     # 300k Bernoulli(0.3) draws: sd of the mean is 8.4e-4, so 5 sd is 0.0042
     assert abs(whole.float().mean().item() - 0.3) < 0.0042
+
+
+@pytest.mark.parametrize(("n", "span", "workers"), [(0, 4, 2), (10, 4, 1), (10, 4, 2), (37, 3, 2)])
+def test_pipelined_feeds_every_span_in_order_after_its_fill(n, span, workers):
+    """Each span is filled once, fed once, in order, only after its fill finished; at most
+    two rounds are in flight (a buffer per span number modulo 4 × the threads is never
+    overwritten before it is fed)."""
+    filled, fed, log = set(), [], []
+    lock = threading.Lock()
+
+    def fill(s, e):
+        time.sleep(0.001 * ((s * 7) % 3))  # finish out of order
+        with lock:
+            filled.add(s)
+            log.append(("fill", s))
+
+    def feed(s, e):
+        with lock:
+            assert s in filled
+            fed.append((s, e))
+            log.append(("feed", s))
+
+    with compute_pool(workers):
+        pipelined(n, span, fill, feed)
+    assert fed == [(s, min(n, s + span)) for s in range(0, n, span)]
+    slots = 4 * workers
+    for i, (kind, s) in enumerate(log):
+        if kind == "fill":  # the span that last used this slot was fed before
+            older = s - slots * span
+            assert older < 0 or ("feed", older) in log[:i]

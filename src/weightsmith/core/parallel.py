@@ -73,6 +73,31 @@ def pmap(fn: Callable[[T], object], items: Sequence[T]) -> list:
     return list(pool.map(fn, items))
 
 
+def pipelined(
+    n: int, span: int, fill: Callable[[int, int], object], feed: Callable[[int, int], object]
+) -> None:
+    """``fill(s, e)`` for the spans of [0, n) on the compute pool, and ``feed(s, e)`` for every
+    span in order once it is filled: each round the pool fills the next spans while one task
+    feeds the previous round's, so a sequential consumer (a reduction in a fixed order) runs
+    beside its parallel producers. At most two rounds (4 × the pool's threads spans) are in
+    flight: ``fill`` may reuse a buffer per span number modulo that."""
+    per_round = 2 * pool_workers()
+    spans = [(s, min(n, s + span)) for s in range(0, n, span)]
+    previous: list[tuple[int, int]] = []
+    for first in [*range(0, len(spans), per_round), len(spans)]:
+        this = spans[first : first + per_round]
+        tasks = [(fill, s, e) for s, e in this]
+        if previous:
+            tasks.insert(0, (_feed_all, feed, previous))
+        pmap(lambda t: t[0](t[1], t[2]), tasks)
+        previous = this
+
+
+def _feed_all(feed: Callable[[int, int], object], spans: list[tuple[int, int]]) -> None:
+    for s, e in spans:
+        feed(s, e)
+
+
 def pool_workers() -> int:
     """The threads :func:`pmap` runs on here (1 outside a :func:`compute_pool`)."""
     return getattr(_state, "workers", 1) if getattr(_state, "pool", None) is not None else 1

@@ -26,6 +26,9 @@ SIGNATURES = {
     "ws_bf16_axpy": ([_p, _p, _i64, _f32], None),
     "ws_karcher_tangent": ([_p, _p, _p, _i64, _f32, _f32], None),
     "ws_karcher_step": ([_p, _p, _i64, _f32, _f32, _f32], None),
+    "ws_karcher_tangents": ([_p, _p, _i32, _p, _i64, _p, _p], None),
+    "ws_bf16_wsum": ([_p, _p, _i32, _i64, _p], None),
+    "ws_karcher_step_terms": ([_p, _p, _i32, _i64, _p, _p, _f32, _f32, _f32], None),
 }
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the kernels read and write directly
 MAX_NUMEL = 1 << 32  # sort indices are 32-bit

@@ -20,7 +20,7 @@ import torch
 from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.core.transform import checked_chunks
 from weightsmith.errors import CheckpointError
-from weightsmith.io.reader import Checkpoint
+from weightsmith.io.reader import Checkpoint, drop_mapped_pages
 from weightsmith.io.writer import TensorSpec
 from weightsmith.kernels import merge as native
 from weightsmith.kernels.quant import count_nonfinite
@@ -107,6 +107,31 @@ class CheckpointChunks(ChunkSource):
     def fail_nonfinite(self, i: int) -> None:
         ckpt, tname = self.inputs[i]
         raise CheckpointError(f"{ckpt.path}: tensor {tname!r} holds NaN or Inf values")
+
+    def whole_stored(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A CPU copy of a safetensors input stored as ``dtype``, made from its mapping in
+        parallel pieces, each checked for NaN/Inf, the mapped pages dropped after (no float32
+        pass, no chunk cache)."""
+        ckpt, tname = self.inputs[i]
+        if self.device.type != "cpu" or ckpt.format != "safetensors" or dtype not in native.STORAGE:
+            return None
+        if ckpt.info(tname).torch_dtype != dtype:
+            return None
+        out = torch.empty(self.numel, dtype=dtype)
+        with ckpt.mapped_flat(tname) as x:
+
+            def bad(r: tuple[int, int]) -> bool:
+                part = out[r[0] : r[1]]
+                part.copy_(x[r[0] : r[1]])
+                n = count_nonfinite(part)
+                return bool(n) if n is not None else not _all_finite(part.float())
+
+            found = any(pmap(bad, sub_ranges(0, self.numel)))
+            drop_mapped_pages(x, 0, self.numel)
+        if found:
+            self.fail_nonfinite(i)
+        self._checked.add(i)
+        return out
 
     def _finish(self, i: int, checked: bool, kept: list[torch.Tensor] | None) -> None:
         if checked:

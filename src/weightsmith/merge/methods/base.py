@@ -86,6 +86,11 @@ class ChunkSource:
         """Raise the error for NaN/Inf found in input ``i`` by a method's own scan."""
         raise CheckpointError(f"tensor {self.name!r}: input {i} holds NaN or Inf values")
 
+    def whole_stored(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Input ``i`` as one flat ``dtype`` tensor copied straight from storage that already
+        holds ``dtype`` (NaN/Inf checked), or None when this source has no such shortcut."""
+        return None
+
 
 def fail_overflow(name: str, dtype: torch.dtype) -> None:
     """Raise the error for a merged output that holds NaN/Inf although its inputs are finite."""
@@ -395,6 +400,10 @@ def whole(
     by entry: the bits of subtracting the whole tensors), into ``out`` when given. For methods
     whose statistics must be mergekit's whole-tensor reductions bit for bit: one tensor per
     input, held while ``prepare`` runs."""
+    if minus is None and out is None:
+        direct = src.whole_stored(i, dtype)
+        if direct is not None:
+            return direct
     pos = 0
     for parts in src.chunks([i] if minus is None else [i, minus]):  # piece by piece
         chunk = parts[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightsmith.core.parallel import compute_pool
+from weightsmith.core.parallel import compute_pool, pmap
 from weightsmith.kernels import dot
 
 pytestmark = pytest.mark.skipif(dot.library() is None, reason="no C compiler here")
@@ -150,7 +150,7 @@ def test_dots_give_torchs_bits(threads):
             x, y = dot.adversarial_pair(n, 77)
             want = [torch.dot(m, u) for u in us] + [torch.dot(x, y)]
             with compute_pool(2):
-                got = (dot.dots(m, us) or []) + (dot.dots(x, [y]) or [])
+                got = (dot.dots(m, us, run=pmap) or []) + (dot.dots(x, [y], run=pmap) or [])
             if not amx_here() and not got:
                 continue  # another machine: torch keeps the dot
             assert dot.chunk_groups(n) is not None, f"no order found for {n} on an AMX machine"

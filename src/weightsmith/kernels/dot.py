@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from weightsmith.core.memory import release_freed_memory
-from weightsmith.core.parallel import pmap
 from weightsmith.kernels import load_library
 from weightsmith.kernels.reduce import samples
 
@@ -48,6 +46,13 @@ _ONES = 255  # ones per probe: their count is exact in a bfloat16 result
 _PIECE = 1 << 13  # groups per parallel piece
 _lock = threading.Lock()
 _chunks: dict[tuple[int, int], int | None] = {}
+Run = Callable[
+    [Callable, Sequence], list
+]  # run(f, items) -> [f(x) for x in items], maybe on a pool
+
+
+def _serial(f: Callable, items: Sequence) -> list:
+    return [f(x) for x in items]
 
 
 def library() -> ctypes.CDLL | None:
@@ -119,17 +124,18 @@ class NormFeed:
 
 
 def dots(
-    x: torch.Tensor, units: Sequence[torch.Tensor], div: float = 0.0
+    x: torch.Tensor, units: Sequence[torch.Tensor], div: float = 0.0, run: Run = _serial
 ) -> list[torch.Tensor] | None:
     """``[torch.dot(x, u) for u in units]`` (0-dim bfloat16 tensors, torch's bits), after
     ``x = (x / div).to(bfloat16)`` in place when ``div`` > 0 (``div`` the float32 value); None,
-    with x untouched, when torch's order for this length is not known here (then call torch)."""
+    with x untouched, when torch's order for this length is not known here (then call torch).
+    ``run(f, pieces)`` maps the independent pieces (e.g. on a thread pool)."""
     if not units or not usable(x, *units):
         return None
     cg = chunk_groups(x.numel())
     if cg is None:
         return None
-    return [_to_bf16(s) for s in _chunked_totals(x, units, cg, div)]
+    return [_to_bf16(s) for s in _chunked_totals(x, units, cg, div, run)]
 
 
 def _to_bf16(v: float) -> torch.Tensor:
@@ -137,7 +143,7 @@ def _to_bf16(v: float) -> torch.Tensor:
 
 
 def _chunked_totals(
-    x: torch.Tensor, units: Sequence[torch.Tensor], cg: int, div: float
+    x: torch.Tensor, units: Sequence[torch.Tensor], cg: int, div: float, run: Run
 ) -> list[float]:
     """The float32 totals of x·u for each unit with chunks of ``cg`` groups: the chunk sums made
     in parallel pieces of whole chunks, then added in order (one float per chunk is stored)."""
@@ -152,7 +158,7 @@ def _chunked_totals(
         c1, dst = min(chunks, c0 + per), out.data_ptr() + 4 * c0
         lib.ws_dot_chunks(x.data_ptr(), ptrs, len(units), n, cg, c0, c1, div, dst, chunks)
 
-    pmap(piece, range(0, chunks, per))
+    run(piece, range(0, chunks, per))
     return [lib.ws_dot_chain(row.data_ptr(), chunks, 1) for row in out]
 
 
@@ -169,7 +175,7 @@ def _group_sums(x: torch.Tensor, units: Sequence[torch.Tensor], div: float = 0.0
         dst = out.data_ptr() + 4 * g0
         lib.ws_dot_groups(x.data_ptr(), ptrs, len(units), n, g0, g1, div, dst, groups)
 
-    pmap(piece, range(0, groups, _PIECE))
+    _serial(piece, range(0, groups, _PIECE))
     return out
 
 
@@ -194,13 +200,6 @@ def chunk_groups(n: int) -> int | None:
 
 
 def _calibrate(n: int) -> int | None:
-    try:
-        return _measure(n)
-    finally:
-        release_freed_memory()  # the probes' buffers: back to the OS before the inputs load
-
-
-def _measure(n: int) -> int | None:
     lib = library()
     if n < ONEDNN_MIN or lib is None or not lib.ws_dot_has_ftz() or norm_lanes() is None:
         return None

@@ -23,8 +23,6 @@ SIGNATURES = {
     "ws_sort_select": ([_p, _p, _i64, _i64, _i64, _i64, _p], _i32),
     "ws_bf16_div": ([_p, _i64, _f32, _p], None),
     "ws_bf16_scale": ([_p, _i64, _f32, _p], None),
-    "ws_bf16_axpy": ([_p, _p, _i64, _f32], None),
-    "ws_karcher_tangent": ([_p, _p, _p, _i64, _f32, _f32], None),
     "ws_karcher_step": ([_p, _p, _i64, _f32, _f32, _f32], None),
     "ws_karcher_tangents": ([_p, _p, _i32, _p, _i64, _p, _p], None),
     "ws_bf16_wsum": ([_p, _p, _i32, _i64, _p], None),
@@ -104,10 +102,9 @@ class SortKeys:
 
 
 def bf16_call(name: str, *args: torch.Tensor | float) -> None:
-    """Call Karcher step ``name`` (``ws_bf16_div``, ``ws_bf16_scale``, ``ws_bf16_axpy``,
-    ``ws_karcher_tangent``, ``ws_karcher_step``) on same-length contiguous bfloat16 CPU
-    tensors (outputs included, in the C argument order) and float scalars; the length is
-    inserted after the last leading tensor."""
+    """Call Karcher step ``name`` (``ws_bf16_div``, ``ws_bf16_scale``, ``ws_karcher_step``) on
+    same-length contiguous bfloat16 CPU tensors (outputs included, in the C argument order) and
+    float scalars; the length is inserted after the last leading tensor."""
     lib = library()
     assert lib is not None
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

@@ -265,21 +265,6 @@ void ws_bf16_wsum(uint16_t *out, const uint16_t *const *u, int32_t k, int64_t n,
     }
 }
 
-/* y = bf16(y + bf16(x · a)): y += a · x. */
-void ws_bf16_axpy(uint16_t *y, const uint16_t *x, int64_t n, float a) {
-    for (int64_t i = 0; i < n; i++)
-        y[i] = to_bf16(from_bf16(y[i]) + bf16_round(from_bf16(x[i]) * a));
-}
-
-/* t += c · (u − cos · m), each product, difference and sum rounded to bfloat16. */
-void ws_karcher_tangent(uint16_t *t, const uint16_t *u, const uint16_t *m, int64_t n, float cos,
-                        float c) {
-    for (int64_t i = 0; i < n; i++) {
-        const float d = bf16_round(from_bf16(u[i]) - bf16_round(cos * from_bf16(m[i])));
-        t[i] = to_bf16(from_bf16(t[i]) + bf16_round(c * d));
-    }
-}
-
 /* t[i] = bf16(t[i] + bf16(c · bf16(u[i] − bf16(cos · m[i])))) over one tile (t[i] = +0 before
  * the first term). Kept out of line: inlined into the unit loop below, GCC 12 -O3 emits code 6x
  * slower from 3 units on. */

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from weightsmith.core.memory import release_freed_memory
 from weightsmith.core.parallel import pipelined, pmap, pool_workers, sub_ranges
 from weightsmith.kernels import dot as torch_order
 from weightsmith.kernels import narrow as native
@@ -160,7 +161,7 @@ class NativeSteps(TorchSteps):
         return m, torch.tensor(feed.result(), dtype=torch.float32)
 
     def dots(self, m: torch.Tensor, units: list[torch.Tensor], div: torch.Tensor | None):
-        got = torch_order.dots(m, units, 0.0 if div is None else float(div))
+        got = torch_order.dots(m, units, 0.0 if div is None else float(div), pmap)
         return (m, got) if got is not None else super().dots(m, units, div)
 
     @staticmethod
@@ -177,12 +178,6 @@ class NativeSteps(TorchSteps):
     def div(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         self._run("ws_bf16_div", x, float(s), x)
         return x
-
-    def axpy(self, y: torch.Tensor, x: torch.Tensor, a: float) -> None:
-        self._run("ws_bf16_axpy", y, x, float(torch.tensor(a, dtype=torch.float32)))
-
-    def tangent(self, t, u, m, cos: torch.Tensor, c: torch.Tensor) -> None:
-        self._run("ws_karcher_tangent", t, u, m, float(cos), float(c))
 
     def weighted_sum(self, units: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """One pass for all the terms (weights as the float32 values torch multiplies by)."""
@@ -307,6 +302,7 @@ class Karcher(MergeMethod):
         fast = params.dtype == torch.bfloat16 and src.numel > 0 and native.available()
         if fast and n > 1:
             torch_order.chunk_groups(src.numel)  # probes torch first: before the inputs load
+            release_freed_memory()  # and hands the probes' buffers back
         tensors = [whole(src, i, params.dtype) for i in range(n)]
         max_iter, tol = int(params.globals["max_iter"]), float(params.globals["tol"])
         lean = src.numel >= LEAN_NUMEL

@@ -161,3 +161,40 @@ def test_row_reductions_are_the_rows_alone():
         torch.set_num_threads(saved)
     assert torch.equal(norms, torch.stack(row_norms))
     assert torch.equal(sums, torch.stack(row_sums))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_003])
+def test_order_stats_are_the_sorted_values(n):
+    """The values at arcee_fusion's quantile ranks (and the ends) by counting bit patterns:
+    torch.sort's values there, with duplicates, ±0, negatives, tiny and infinite values."""
+    if sphere.library() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * torch.exp2(torch.randint(-20, 20, (n,), generator=g))).to(
+        torch.bfloat16
+    )
+    x[: n // 5] = 0.0
+    x[n // 5 : n // 4] = -0.0
+    if n > 10:
+        x[:3] = torch.tensor([float("inf"), -float("inf"), 1e-40])
+        x[5:9] = x[9]  # duplicates
+    x = x[torch.randperm(n, generator=g)]
+    ranks = sorted({0, n - 1, *(torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()})
+    want = torch.sort(x).values[torch.tensor(ranks)]
+    got = sphere.order_stats(x, ranks)
+    assert torch.equal(got.float(), want.float())  # ±0 may come out either way: equal values
+
+
+def test_fusion_sampled_is_mergekits_gathered_ops():
+    if sphere.library() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 300, 70
+    kl = (torch.rand(rows, generator=g) * 0.3).to(torch.bfloat16)
+    idx = torch.randint(rows * cols, (5000,), generator=g)
+    for dt in (torch.bfloat16, torch.float32):
+        b, x = (torch.randn(rows * cols, generator=g).to(dt) for _ in range(2))
+        want = (x[idx].to(torch.bfloat16) - b[idx].to(torch.bfloat16)).abs() * kl[idx // cols]
+        got = torch.empty(idx.numel(), dtype=torch.bfloat16)
+        sphere.fusion_sampled([b, x], idx, cols, kl.float(), got)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), dt

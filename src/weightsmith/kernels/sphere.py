@@ -34,6 +34,8 @@ _SIGNATURES = {
     ),
     "ws_slerp_pass": ([_p, _i32, _i64, _i32, _f32, _f32, _f32, _f32, _p, _i32, _p], _i64),
     "ws_fusion_out": ([_p, _i32, _i64, _i64, _i64, _p, _f32, _p, _i32, _p], _i64),
+    "ws_fusion_sampled": ([_p, _i32, _p, _i64, _i64, _p, _p], None),
+    "ws_bf16_order_stats": ([_p, _i64, _p, _i32, _p], None),
 }
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 MEAN, UNIT_DOT, TANGENT, OUTPUT = 0, 1, 2, 3  # ws_ms_pass's stages
@@ -151,3 +153,23 @@ def fusion_out(
         out.data_ptr(), _DT[out.dtype], bad,
     )  # fmt: skip
     return int(n_out), list(bad)
+
+
+def fusion_sampled(
+    xs: Sequence[torch.Tensor], idx: torch.Tensor, cols: int, kl: torch.Tensor, out: torch.Tensor
+) -> None:
+    """arcee_fusion's bfloat16 importances at the flat entries ``idx`` (contiguous int64) of the
+    stored base and model ``xs`` (``kl``: float32 per row), into ``out``."""
+    library().ws_fusion_sampled(
+        _ptrs(xs), _DT[xs[0].dtype], idx.data_ptr(), idx.numel(), cols, kl.data_ptr(),
+        out.data_ptr(),
+    )  # fmt: skip
+
+
+def order_stats(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """The values at 0-based ``ranks`` of a flat contiguous bfloat16 tensor sorted ascending
+    (what ``torch.sort(x).values[ranks]`` holds), by counting, in one pass."""
+    r = torch.tensor(list(ranks), dtype=torch.int64)
+    out = torch.empty(len(ranks), dtype=torch.int16)
+    library().ws_bf16_order_stats(x.data_ptr(), x.numel(), r.data_ptr(), len(ranks), out.data_ptr())
+    return out.view(torch.bfloat16)

@@ -236,3 +236,46 @@ int64_t ws_fusion_out(const void *const *xs, int32_t dtype, int64_t n, int64_t o
     }
     return bad_out;
 }
+
+/* arcee_fusion's importances at sampled entries: out[i] = r(|r(X[j] − B[j])| · kl[j / cols]) for
+ * j = idx[i] (xs as in ws_fusion_out, pointing at entry 0; kl float32 per row, bfloat16 values):
+ * what mergekit's gathers and bfloat16 ops give for its quantile sample. */
+void ws_fusion_sampled(const void *const *xs, int32_t dtype, const int64_t *idx, int64_t m,
+                       int64_t cols, const float *kl, uint16_t *out) {
+    const double inv = 1.0 / (double)cols; /* j / cols without an integer division per entry */
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t j = idx[i];
+        int64_t row = (int64_t)((double)j * inv);
+        row -= row * cols > j;
+        row += (row + 1) * cols <= j;
+        float b, x;
+        if (dtype == DT_BF16) {
+            b = from_bf16(((const uint16_t *)xs[0])[j]);
+            x = from_bf16(((const uint16_t *)xs[1])[j]);
+        } else {
+            b = r(((const float *)xs[0])[j]);
+            x = r(((const float *)xs[1])[j]);
+        }
+        out[i] = to_bf16(fabsf(r(x - b)) * kl[row]);
+    }
+}
+
+/* The values at 0-based ranks[0..k) of n bfloat16 values sorted ascending (−0 before +0; ±0 are
+ * equal, so any sort's value at a rank is the same number): a count of each of the 65536 bit
+ * patterns under an order-preserving key, then one scan. NaN sorts last, as in torch.sort. */
+void ws_bf16_order_stats(const uint16_t *x, int64_t n, const int64_t *ranks, int32_t k,
+                         uint16_t *out) {
+    static _Thread_local int64_t count[65536];
+    memset(count, 0, sizeof count);
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t h = x[i];
+        const int nan = (h & 0x7FFFu) > 0x7F80u;
+        count[nan ? 0xFFFFu : (h & 0x8000u) ? (uint16_t)~h : (uint16_t)(h | 0x8000u)]++;
+    }
+    for (int32_t q = 0; q < k; q++) {
+        int64_t seen = 0;
+        uint32_t key = 0;
+        while (key < 65535u && seen + count[key] <= ranks[q]) seen += count[key++];
+        out[q] = (key & 0x8000u) ? (uint16_t)(key & 0x7FFFu) : (uint16_t)~key;
+    }
+}

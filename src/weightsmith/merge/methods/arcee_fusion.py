@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from weightsmith.core.parallel import pmap
+from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import sphere
 from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
@@ -39,10 +39,13 @@ EPS = 1e-8
 
 
 def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(x) ‖ softmax(base)) per row (last dimension), as a column."""
-    p = F.softmax(x, dim=-1) + EPS
-    q = F.softmax(base, dim=-1) + EPS
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    """KL(softmax(x) ‖ softmax(base)) per row (last dimension), as a column: mergekit's
+    ``sum(p * log(p / q))`` with ``p, q = softmax + ε``, the same ops done in place (the same
+    bits, two temporaries instead of six)."""
+    p = F.softmax(x, dim=-1).add_(EPS)
+    q = F.softmax(base, dim=-1).add_(EPS)
+    log_ratio = torch.div(p, q, out=q).log_()
+    return torch.sum(p.mul_(log_ratio), dim=-1, keepdim=True)
 
 
 def sample_indices(numel: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -63,10 +66,13 @@ def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
 
 
 def quantile_threshold(flat: torch.Tensor) -> torch.Tensor:
-    """median + 1.5·IQR of the values (quantiles at index ⌊q·(n−1)⌋ of the sorted values)."""
-    ordered = torch.sort(flat).values
-    at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
-    q1, median, q3 = ordered[at.to(ordered.device)]
+    """median + 1.5·IQR of the values (quantiles at index ⌊q·(n−1)⌋ of the sorted values; a
+    CPU bfloat16 tensor's by counting its bit patterns instead of sorting: the same values)."""
+    at = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
+    if flat.dtype == torch.bfloat16 and flat.device.type == "cpu" and sphere.library():
+        q1, median, q3 = sphere.order_stats(flat.contiguous(), at.tolist())
+    else:
+        q1, median, q3 = torch.sort(flat).values[at.to(flat.device)]
     return median + 1.5 * (q3 - q1)
 
 
@@ -125,20 +131,30 @@ def fusion_state(src: ChunkSource, xs: list[torch.Tensor], cols: int) -> tuple[t
     kl = torch.empty(rows, dtype=bf16)
     block = max(1, NATIVE_PIECE // cols)
 
+    sampled_at: list[torch.Tensor] = []
+
     def kl_rows(r0: int) -> None:
+        if r0 < 0:  # the sample's draw, beside the KL blocks
+            sampled_at.append(sample_indices(src.numel, src.name))
+            return
         r1 = min(r0 + block, rows)
         b, x = (t[r0 * cols : r1 * cols].to(bf16).reshape(-1, cols) for t in xs)
         kl[r0:r1] = row_kl(x, b).reshape(-1)
 
-    pmap(kl_rows, range(0, rows, block))
-    if src.numel > SAMPLE:
-        idx = sample_indices(src.numel, src.name)
-        b, x = (t[idx].to(bf16) for t in xs)
-        importance = (x - b).abs() * kl[idx // cols]
+    pmap(kl_rows, [*([-1] if src.numel > SAMPLE else []), *range(0, rows, block)])
+    kl32 = kl.float()
+    if src.numel > SAMPLE:  # mergekit's gathers and ops at the sampled entries, natively
+        idx = sampled_at[0]
+        importance = torch.empty(SAMPLE, dtype=bf16)
+
+        def sampled(r: tuple[int, int]) -> None:
+            sphere.fusion_sampled(xs, idx[r[0] : r[1]], cols, kl32, importance[r[0] : r[1]])
+
+        pmap(sampled, sub_ranges(0, SAMPLE))
     else:
         b, x = (t.to(bf16).reshape(-1, cols) for t in xs)
         importance = (x - b).abs() * kl.view(-1, 1)
-    return kl.float(), float(quantile_threshold(importance.reshape(-1)))
+    return kl32, float(quantile_threshold(importance.reshape(-1)))
 
 
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,7 @@ def amx_here() -> bool:
 
 def native_total(x: list[float], y: list[float], cg: int) -> float:
     a, b = torch.tensor(x).to(BF16), torch.tensor(y).to(BF16)
-    sums = dot._group_sums(a, [b])
-    return dot.library().ws_dot_chain(sums.data_ptr(), sums.shape[1], cg)
+    return float(dot.dots_with(a, [b], cg)[0].float())
 
 
 def test_group_sum_is_even_chain_plus_odd_chain():

@@ -30,9 +30,8 @@ _SIGNATURES = {
     "ws_dot_abi": ([], ctypes.c_int),
     "ws_dot_max_units": ([], ctypes.c_int),
     "ws_dot_has_ftz": ([], ctypes.c_int),
-    "ws_dot_groups": ([_p, _p, _i32, _i64, _i64, _i64, _f32, _p, _i64], None),
     "ws_dot_chunks": ([_p, _p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _i64], None),
-    "ws_dot_chain": ([_p, _i64, _i64], _f32),
+    "ws_dot_total": ([_p, _i64], _f32),
     "ws_dot_norm_f32": ([_p, _i64, _i32], _f32),
     "ws_dot_norm_state_size": ([], _i64),
     "ws_dot_norm_start": ([_p, _i64, _i32], _i32),
@@ -135,6 +134,13 @@ def dots(
     cg = chunk_groups(x.numel())
     if cg is None:
         return None
+    return dots_with(x, units, cg, div, run)
+
+
+def dots_with(
+    x: torch.Tensor, units: Sequence[torch.Tensor], cg: int, div: float = 0.0, run: Run = _serial
+) -> list[torch.Tensor]:
+    """The dots in this order with chunks of ``cg`` groups (whatever torch's chunk here)."""
     return [_to_bf16(s) for s in _chunked_totals(x, units, cg, div, run)]
 
 
@@ -159,33 +165,7 @@ def _chunked_totals(
         lib.ws_dot_chunks(x.data_ptr(), ptrs, len(units), n, cg, c0, c1, div, dst, chunks)
 
     run(piece, range(0, chunks, per))
-    return [lib.ws_dot_chain(row.data_ptr(), chunks, 1) for row in out]
-
-
-def _group_sums(x: torch.Tensor, units: Sequence[torch.Tensor], div: float = 0.0) -> torch.Tensor:
-    """The tile sums of x·u for each unit: (units, groups) float32, made in parallel pieces
-    (``div`` > 0: x divided by it in place first)."""
-    n, lib = x.numel(), library()
-    groups = -(-n // GROUP)
-    out = torch.empty((len(units), groups), dtype=torch.float32)
-    ptrs = (ctypes.c_void_p * len(units))(*[u.data_ptr() for u in units])
-
-    def piece(g0: int) -> None:
-        g1 = min(groups, g0 + _PIECE)
-        dst = out.data_ptr() + 4 * g0
-        lib.ws_dot_groups(x.data_ptr(), ptrs, len(units), n, g0, g1, div, dst, groups)
-
-    _serial(piece, range(0, groups, _PIECE))
-    return out
-
-
-def _totals(
-    x: torch.Tensor, units: Sequence[torch.Tensor], chunkings: Sequence[int], div: float = 0.0
-) -> list[list[float]]:
-    """For each chunk length (in groups): the float32 totals of x·u for each unit."""
-    sums, lib = _group_sums(x, units, div), library()
-    groups = sums.shape[1]
-    return [[lib.ws_dot_chain(row.data_ptr(), groups, cg) for row in sums] for cg in chunkings]
+    return [lib.ws_dot_total(row.data_ptr(), chunks) for row in out]
 
 
 def chunk_groups(n: int) -> int | None:
@@ -286,8 +266,7 @@ def _verified(n: int, candidates: Sequence[int], pairs: int = 2) -> int | None:
             return None
         x, y = adversarial_pair(n, seed)
         want = float(torch.dot(x, y))
-        got = _totals(x, [y], keep)
-        keep = [cg for cg, t in zip(keep, got, strict=True) if float(_to_bf16(t[0])) == want]
+        keep = [cg for cg in keep if float(dots_with(x, [y], cg)[0]) == want]
     return keep[0] if keep else None
 
 

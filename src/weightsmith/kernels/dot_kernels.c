@@ -77,28 +77,10 @@ static inline void groups_ilp(const uint16_t *x, const uint16_t *u, int64_t g, f
     for (int q = 0; q < ILP; q++) out[q] = e[q] + o[q];
 }
 
-/* Group sums of x·u_j for the groups [g0, g1) of an n-entry vector: out[j·ld + g − g0]; first,
- * when div > 0, x = bf16(x / div) in place over those groups (torch's bfloat16 tensor divided by
- * a float32 scalar, without flushing: a caller's renormalization fused into the pass). */
-void ws_dot_groups(uint16_t *x, const uint16_t *const *u, int32_t k, int64_t n, int64_t g0,
-                   int64_t g1, float div, float *out, int64_t ld) {
-    if (div > 0.0f) {
-        const int64_t e = g1 * GROUP < n ? g1 * GROUP : n;
-        for (int64_t i = g0 * GROUP; i < e; i++) x[i] = to_bf16(from_bf16(x[i]) / div);
-    }
-    SAVE_CSR;
-    const int64_t full = n / GROUP;
-    for (int32_t j = 0; j < k; j++) {
-        float *o = out + j * ld - g0;
-        int64_t g = g0;
-        for (; g + ILP <= g1 && g + ILP <= full; g += ILP) groups_ilp(x, u[j], g, o + g);
-        for (; g < g1; g++) o[g] = group_tail(x, u[j], g, n);
-    }
-    RESTORE_CSR;
-}
-
 /* Chunk sums of x·u_j for the chunks [c0, c1) of cg groups each of an n-entry vector:
- * out[j·ld + c − c0] (each from zero, its group sums added in order); div as ws_dot_groups. */
+ * out[j·ld + c − c0] (each from zero, its group sums added in order); first, when div > 0,
+ * x = bf16(x / div) in place over those chunks (torch's bfloat16 tensor divided by a float32
+ * scalar, without flushing: a caller's renormalization fused into the pass). */
 void ws_dot_chunks(uint16_t *x, const uint16_t *const *u, int32_t k, int64_t n, int64_t cg,
                    int64_t c0, int64_t c1, float div, float *out, int64_t ld) {
     const int64_t groups = (n + GROUP - 1) / GROUP, full = n / GROUP;
@@ -123,16 +105,11 @@ void ws_dot_chunks(uint16_t *x, const uint16_t *const *u, int32_t k, int64_t n, 
     RESTORE_CSR;
 }
 
-/* The total of ng group sums: chunk sums of cg groups each (from zero), added in order. */
-float ws_dot_chain(const float *s, int64_t ng, int64_t cg) {
+/* The total of n chunk sums, added in order from zero. */
+float ws_dot_total(const float *s, int64_t n) {
     SAVE_CSR;
     float total = 0.0f;
-    for (int64_t c0 = 0; c0 < ng; c0 += cg) {
-        const int64_t c1 = c0 + cg < ng ? c0 + cg : ng;
-        float chunk = 0.0f;
-        for (int64_t g = c0; g < c1; g++) chunk = chunk + s[g];
-        total = total + chunk;
-    }
+    for (int64_t c = 0; c < n; c++) total = total + s[c];
     RESTORE_CSR;
     return total;
 }

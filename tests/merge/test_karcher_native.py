@@ -158,3 +158,15 @@ def test_overflowing_result_is_a_one_line_error(tmp_path, tiny_model):
     out = tmp_path / "out"
     assert_one_line_error(run_cli("karcher", *ms, "-o", out), "overflow")
     assert not out.exists()
+
+
+def test_nan_input_read_from_storage_is_a_one_line_error(tmp_path, tiny_model):
+    """Inputs copied straight from storage are checked too: NaN in one model's weight names
+    that file and tensor; nothing is written."""
+    ms = [tiny_model("llama", s, torch.bfloat16) for s in (0, 1)]
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model("llama", 2, torch.bfloat16), bad)
+    name = poke(bad, "mlp.up_proj", float("nan"), 5)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("karcher", *ms, bad, "-o", out), name, "NaN")
+    assert not out.exists()

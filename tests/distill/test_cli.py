@@ -99,7 +99,7 @@ def test_cli_missing_teacher_and_student(student, corpus, tmp_path):
     r = _run(["--student", student, "--data", corpus, "-o", tmp_path / "o", *FAST])
     _fails(r, "give --teacher or --teacher-cache", tmp_path / "o")
     r = _run(["--data", corpus, "-o", tmp_path / "o", *FAST])
-    assert r.exit_code == 2 and "missing --student" in r.output
+    assert r.exit_code == 1 and "missing --student" in r.output
 
 
 def test_cli_cache_errors(teacher, corpus, tmp_path):

@@ -103,7 +103,7 @@ def test_option_of_another_method_is_rejected(student, corpus, tmp_path, method,
     wrong = [w.format(student=student, data=corpus) for w in wrong]
     r = _run([method, "--student", student, "--data", corpus, "-o", tmp_path / "o", *FAST,
               *wrong])  # fmt: skip
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 1, r.output
     assert f"No such option '{wrong[0]}'" in r.output
     assert not (tmp_path / "o").exists()
 
@@ -120,7 +120,7 @@ def test_option_of_another_method_is_rejected(student, corpus, tmp_path, method,
 )
 def test_options_that_would_be_ignored_are_refused(student, corpus, tmp_path, args, match):
     r = _run([*args, "--student", student, "--data", corpus, "-o", tmp_path / "o", *FAST])
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 1, r.output
     assert match in r.output
     assert not (tmp_path / "o").exists()
 
@@ -217,11 +217,11 @@ def test_subcommand_values_reach_the_config(student, prefs_jsonl, tmp_path):
     assert cfg["loss"]["beta"] == 0.5  # the JSD mixture is untouched by DPO's β
 
 
-def test_missing_required_options_exit_2(tmp_path):
+def test_missing_required_options_exit_1(tmp_path):
     r = _run(["sft", "--data", tmp_path / "d.jsonl", "-o", tmp_path / "o"])
-    assert r.exit_code == 2 and "Missing option '--student'" in r.output
+    assert r.exit_code == 1 and "Missing option '--student'" in r.output
     r = _run(["seqkd", "--student", tmp_path, "--data", tmp_path / "d.jsonl", "-o", tmp_path / "o"])
-    assert r.exit_code == 2 and "Missing option '--teacher'" in r.output
+    assert r.exit_code == 1 and "Missing option '--teacher'" in r.output
     r = _run(["dpo"])  # no arguments: the subcommand's help
     assert r.exit_code in (0, 2) and "--ref-cache" in r.output
 

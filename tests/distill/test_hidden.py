@@ -159,7 +159,7 @@ def test_hidden_with_logit_kd_and_cosine_trains(teacher, student, corpus, tmp_pa
          "error: --hidden-layers 1:9: the teacher has 2 layers, so its hidden states are 0..2 "
          "(0 = embeddings, 2 = last layer); 9 is out of range"),
         (["--hidden-layers", "1-2"], 1, "error: --hidden-layers: expected student:teacher"),
-        (["--hidden-weight", "2"], 2, "--hidden-weight and --hidden-loss need --hidden-layers"),
+        (["--hidden-weight", "2"], 1, "--hidden-weight and --hidden-loss need --hidden-layers"),
     ],
 )  # fmt: skip
 def test_cli_bad_hidden_input_is_refused_before_training(teacher, student, corpus, tmp_path,

@@ -6,6 +6,7 @@ mergekit's default of two threads."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -19,7 +20,17 @@ from weightsmith.merge.methods import nuslerp as nuslerp_mod
 from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import TensorParams
 
-pytestmark = pytest.mark.skipif(reduce.layout() is None, reason="no native reductions here")
+pytestmark = pytest.mark.skipif(
+    not reduce.expected(), reason="no C compiler, or a CPU capability without native reductions"
+)
+
+
+def test_the_layout_is_found_where_expected():
+    """A kernel that stops matching torch makes :func:`reduce.layout` None, and every caller
+    quietly keeps torch: here that is a failure, not a skip."""
+    assert reduce.layout() is not None
+
+
 LENGTHS = [1, 2, 7, 15, 16, 17, 31, 32, 33, 64, 127, 128, 129, 1000, 4097, 32767, 32768, 32769]
 LENGTHS += [65535, 65537, 98321, 262_147, (1 << 20) + 3]
 
@@ -36,6 +47,16 @@ def values(n: int, seed: int) -> torch.Tensor:
     half = n // 2
     x[half : 2 * half] = -x[:half][torch.randperm(half, generator=g)]
     return x.bfloat16()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def torch_result(x: torch.Tensor, threads: int) -> tuple[float, float]:
@@ -80,6 +101,44 @@ def test_spans_of_any_length_give_one_feeds_result():
         for a, b in itertools.pairwise(cuts):
             pieces.feed(x[a:b])
         assert pieces.result() == whole.result(), kind
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_spans_are_torchs(seed):
+    """Spans cut at random (inside vectors, inside cascade groups, across level carries): the
+    runs of whole vectors and groups, and the vectors before and after them, give torch's
+    bits."""
+    lanes = reduce.layout()
+    g = torch.Generator().manual_seed(seed)
+    x = values(1_000_003, seed=10 + seed)
+    norm, total = torch_result(x, 1)
+    cuts = sorted({0, x.numel(), *torch.randint(x.numel(), (60,), generator=g).tolist()})
+    reds = {kind: reduce.Reducer(kind, x.numel(), lanes[kind]) for kind in ("norm", "casc")}
+    for a, b in itertools.pairwise(cuts):
+        for red in reds.values():
+            red.feed(x[a:b])
+    assert reds["norm"].result() == norm
+    assert reduce.combine([reds["casc"].result()], 1) == total
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_cascade_is_torchs(seed):
+    """The float32 cascade (slerp's dot) fed in random spans: torch's single-threaded float32
+    ``sum()`` of the part, for lengths around the vector, group and level boundaries, with
+    values whose float sum depends on the order (spread exponents, cancelling pairs)."""
+    lanes = reduce.layout()["casc32"]
+    g = torch.Generator().manual_seed(seed)
+    for n in [1, 3, 7, 8, 9, 31, 32, 33, 127, 129, 4097, 32769, 262_147, (1 << 20) + 3]:
+        x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-12, 12, (n,), generator=g))
+        x[n // 2 :] -= x[: n - n // 2].flip(0) * (1 - 1e-3)  # near-cancelling pairs
+        with torch_threads(1):
+            want = x.sum()
+        red = reduce.Reducer("casc32", n, lanes)
+        cuts = sorted({0, n, *torch.randint(n, (5,), generator=g).tolist()})
+        for a, b in itertools.pairwise(cuts):
+            red.feed(x[a:b])
+        got = torch.zeros((), dtype=torch.float32) + red.result()
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), n
 
 
 def test_the_layout_check_tells_lane_counts_apart():

@@ -61,7 +61,12 @@ def bf16_params(glob: dict, weights=(), has_base=None) -> TensorParams:
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t", [0.5, 0.3])
-def test_slerp_native_equals_torch_path(in_dtype, t):
+@pytest.mark.parametrize("fused_dot", [True, False])
+def test_slerp_native_equals_torch_path(in_dtype, t, fused_dot, monkeypatch):
+    """The dot's products summed as they are made (native float32 cascade) or stored and summed
+    by torch: the torch path's bits either way."""
+    if not fused_dot:
+        monkeypatch.setattr(sphere_native, "native_float_sums", lambda: False)
     n = 2 * MERGEKIT_CHUNK + 40_003  # several of mergekit's pieces, the last one short
     check("slerp", inputs(2, n, seed=1), bf16_params({"t": t}), in_dtype)
 
@@ -183,6 +188,11 @@ def test_order_stats_are_the_sorted_values(n):
     want = torch.sort(x).values[torch.tensor(ranks)]
     got = sphere.order_stats(x, ranks)
     assert torch.equal(got.float(), want.float())  # ±0 may come out either way: equal values
+    counts = sphere.bit_counts()  # the same from the counts of three parts, summed
+    for part in (x[: n // 3], x[n // 3 : n // 2], x[n // 2 :]):
+        sphere.count_into(part, counts)
+    assert int(counts.sum()) == n
+    assert torch.equal(sphere.counted_ranks(counts, ranks).float(), want.float())
 
 
 def test_fusion_sampled_is_mergekits_gathered_ops():
@@ -198,3 +208,20 @@ def test_fusion_sampled_is_mergekits_gathered_ops():
         got = torch.empty(idx.numel(), dtype=torch.bfloat16)
         sphere.fusion_sampled([b, x], idx, cols, kl.float(), got)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), dt
+
+
+@pytest.mark.parametrize("numel", [1, 70, 65_536, 65_537, 3_000_017])
+def test_block_order_is_a_stable_sort_by_block(numel):
+    """The same indices, ordered by ``j >> shift`` (at most 2^12 blocks), first order kept
+    within a block: a gather over them sees the same multiset, walking memory forward."""
+    if sphere.library() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(numel)
+    idx = torch.randint(numel, (20_000,), generator=g)
+    got = sphere.block_order(idx, numel)
+    shift = max(0, (numel - 1).bit_length() - sphere.BLOCK_BITS)
+    assert ((numel - 1) >> shift) < 2**sphere.BLOCK_BITS
+    keys = idx >> shift
+    want = idx[torch.sort(keys, stable=True).indices]
+    assert torch.equal(got, want)
+    assert torch.equal(torch.sort(got).values, torch.sort(idx).values)

@@ -400,14 +400,6 @@ int64_t ws_narrow_mix(const void *const *xs, int32_t K, int32_t in_dtype, int64_
 
 #define RAM_MAXK 15 /* torch sums up to 15 rows of a dim-0 reduction in order (then cascades) */
 
-/* 512-bit vectors where GCC would pick 256: nearswap's loop is arithmetic-bound (12 % less CPU
- * measured; the memory-bound passes elsewhere gained nothing or lost, so only here). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
-#define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
-#else
-#define WIDE_VECTORS
-#endif
-
 /* mergekit's nearswap on bfloat16 values a (base), b: d = bf16(a − b), c = max(|d|, lo),
  * w = clamp(bf16(bf16(1 / c)·t), 0, 1) (torch's t / c is c.reciprocal() * t), out =
  * bf16(bf16(w·b) + bf16(bf16(1 − w)·a)). bad[0], bad[1] count NaN/Inf inputs; returns the

@@ -27,10 +27,10 @@ _SOURCE = Path(__file__).with_name("reduce_kernels.c")
 _i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "ws_reduce_abi": ([], ctypes.c_int),
-    **{f"ws_{k}_state_size": ([], _i64) for k in ("norm", "casc")},
-    **{f"ws_{k}_start": ([_p, _i64, _i32], None) for k in ("norm", "casc")},
-    **{f"ws_{k}_feed": ([_p, _p, _i64], None) for k in ("norm", "casc")},
-    **{f"ws_{k}_end": ([_p], _f32) for k in ("norm", "casc")},
+    **{f"ws_{k}_state_size": ([], _i64) for k in ("norm", "casc", "casc32")},
+    **{f"ws_{k}_start": ([_p, _i64, _i32], None) for k in ("norm", "casc", "casc32")},
+    **{f"ws_{k}_feed": ([_p, _p, _i64], None) for k in ("norm", "casc", "casc32")},
+    **{f"ws_{k}_end": ([_p], _f32) for k in ("norm", "casc", "casc32")},
     "ws_bf16_combine": ([_p, _i32], _f32),
 }
 GRAIN = 32768  # torch's GRAIN_SIZE: a shorter reduction runs on one thread
@@ -51,26 +51,27 @@ def parts(n: int, threads: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
-def _check(x: torch.Tensor) -> None:
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous():
-        raise ValueError("native reductions take contiguous CPU bfloat16 tensors")
+def _check(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
+    if x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"this native reduction takes contiguous CPU {dtype} tensors")
 
 
 class Reducer:
-    """One streaming reduction of ``n`` bfloat16 values fed in order (in spans of any length):
-    ``kind`` "norm" (torch.norm of the row, bfloat16 result) or "casc" (one part's float
-    cascade sum, unrounded)."""
+    """One streaming reduction of ``n`` values fed in order (in spans of any length): ``kind``
+    "norm" (torch.norm of a bfloat16 row, bfloat16 result), "casc" (one part's float cascade
+    sum of bfloat16 values, unrounded) or "casc32" (the same of float32 values)."""
 
     def __init__(self, kind: str, n: int, lanes: int) -> None:
-        if lanes not in (8, 16) or kind not in ("norm", "casc"):
+        if lanes not in (8, 16) or kind not in ("norm", "casc", "casc32"):
             raise ValueError(f"no native {kind} reduction with {lanes} lanes")
         lib = library()
         self._feed, self._end = getattr(lib, f"ws_{kind}_feed"), getattr(lib, f"ws_{kind}_end")
         self._state = ctypes.create_string_buffer(getattr(lib, f"ws_{kind}_state_size")())
+        self._dtype = torch.float32 if kind == "casc32" else torch.bfloat16
         getattr(lib, f"ws_{kind}_start")(self._state, n, lanes)
 
     def feed(self, x: torch.Tensor) -> None:
-        _check(x)
+        _check(x, self._dtype)
         self._feed(self._state, x.data_ptr(), x.numel())
 
     def result(self) -> float:
@@ -86,6 +87,14 @@ def norm_with(x: torch.Tensor, lanes: int) -> float:
 def part_sum(x: torch.Tensor, lanes: int) -> float:
     """The float cascade sum of one part (not rounded)."""
     r = Reducer("casc", x.numel(), lanes)
+    r.feed(x)
+    return r.result()
+
+
+def part_sum32(x: torch.Tensor, lanes: int) -> float:
+    """The float cascade sum of one part of float32 values, as torch's single-threaded
+    ``x.sum()`` computes it before adding it to its zeroed output."""
+    r = Reducer("casc32", x.numel(), lanes)
     r.feed(x)
     return r.result()
 
@@ -139,23 +148,35 @@ def samples(count: int = 8) -> list[torch.Tensor]:
     return [*xs, tie_row(), torch.cat([tie_row(), tie_row()[:5]])]
 
 
+def expected() -> bool:
+    """Whether :func:`layout` should find torch's lane counts here: the kernels build and torch
+    runs at a capability they know (AVX2, AVX512). Tests fail, rather than skip, when it does
+    not."""
+    return library() is not None and torch.backends.cpu.get_cpu_capability() in _LANES
+
+
 @functools.cache
 def layout() -> dict[str, int] | None:
     """The lane counts ({"norm": …, "casc": …}) that reproduce torch's norms and sums here, or
     None (keep torch). torch may run a kernel at a lower capability than it reports (its
     AVX512 build registers no AVX512 norm: the norm has AVX2's 8 lanes)."""
-    if library() is None or torch.backends.cpu.get_cpu_capability() not in _LANES:
+    if not expected():
         return None
     xs = samples()
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        want = {"norm": [float(torch.norm(x)) for x in xs], "casc": [float(x.sum()) for x in xs]}
+        want = {
+            "norm": [float(torch.norm(x)) for x in xs],
+            "casc": [float(x.sum()) for x in xs],
+            "casc32": [float(x.float().sum()) for x in xs],
+        }
     finally:
         torch.set_num_threads(saved)
     got = {
         "norm": lambda x, w: norm_with(x, w),
         "casc": lambda x, w: combine([part_sum(x, w)], 1),
+        "casc32": lambda x, w: float(torch.tensor(part_sum32(x.float(), w)) + 0.0),
     }
     found = {}
     for kind, fn in got.items():

@@ -35,9 +35,12 @@ _SIGNATURES = {
     "ws_slerp_pass": ([_p, _i32, _i64, _i32, _f32, _f32, _f32, _f32, _p, _i32, _p], _i64),
     "ws_fusion_out": ([_p, _i32, _i64, _i64, _i64, _p, _f32, _p, _i32, _p], _i64),
     "ws_fusion_sampled": ([_p, _i32, _p, _i64, _i64, _p, _p], None),
-    "ws_bf16_order_stats": ([_p, _i64, _p, _i32, _p], None),
+    "ws_block_order": ([_p, _i64, _i64, _i32, _p], _i32),
+    "ws_bf16_count": ([_p, _i64, _p], None),
+    "ws_count_ranks": ([_p, _p, _i32, _p], None),
 }
 _DT = {torch.float32: 0, torch.bfloat16: 1}
+BLOCK_BITS = 12  # block_order's blocks: at most 2^12
 MEAN, UNIT_DOT, TANGENT, OUTPUT = 0, 1, 2, 3  # ws_ms_pass's stages
 PRODUCTS, MIX = 0, 1  # ws_slerp_pass's modes
 
@@ -166,10 +169,40 @@ def fusion_sampled(
     )  # fmt: skip
 
 
+def block_order(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat indices ``idx`` (contiguous int64, each below ``numel``) reordered so that a
+    gather walks memory forward: a counting sort into at most 2^12 blocks (few enough that the
+    sort's write streams stay in cache). The same multiset, so statistics that ignore order
+    (quantiles) come out the same."""
+    shift = max(0, (max(numel, 1) - 1).bit_length() - BLOCK_BITS)
+    out = torch.empty_like(idx)
+    if library().ws_block_order(idx.data_ptr(), idx.numel(), numel, shift, out.data_ptr()):
+        raise MemoryError("ws_block_order: cannot allocate the block counts")
+    return out
+
+
 def order_stats(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     """The values at 0-based ``ranks`` of a flat contiguous bfloat16 tensor sorted ascending
     (what ``torch.sort(x).values[ranks]`` holds), by counting, in one pass."""
+    counts = bit_counts()
+    count_into(x, counts)
+    return counted_ranks(counts, ranks)
+
+
+def bit_counts() -> torch.Tensor:
+    """An empty count of the 65536 bfloat16 bit patterns, for :func:`count_into`."""
+    return torch.zeros(1 << 16, dtype=torch.int64)
+
+
+def count_into(x: torch.Tensor, counts: torch.Tensor) -> None:
+    """Adds the flat contiguous bfloat16 ``x`` to ``counts`` (:func:`bit_counts`): counts of
+    parts, summed, give the order statistics of the whole (:func:`counted_ranks`)."""
+    library().ws_bf16_count(x.data_ptr(), x.numel(), counts.data_ptr())
+
+
+def counted_ranks(counts: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """The values at 0-based ``ranks`` of the values counted in ``counts``, sorted ascending."""
     r = torch.tensor(list(ranks), dtype=torch.int64)
     out = torch.empty(len(ranks), dtype=torch.int16)
-    library().ws_bf16_order_stats(x.data_ptr(), x.numel(), r.data_ptr(), len(ranks), out.data_ptr())
+    library().ws_count_ranks(counts.data_ptr(), r.data_ptr(), len(ranks), out.data_ptr())
     return out.view(torch.bfloat16)

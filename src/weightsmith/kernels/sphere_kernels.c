@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -27,7 +28,7 @@ enum { DT_F32 = 0, DT_BF16 = 1 };
 static inline float r(float f) { return bf16_round(f); }
 
 /* Values [s, s + m) of input x (stored as dtype) rounded to bfloat16; NaN/Inf counted. */
-static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {
+WIDE_VECTORS static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {
     uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (dtype == DT_BF16) {
         const uint16_t *p = (const uint16_t *)x + s;
@@ -48,7 +49,7 @@ static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, i
 }
 
 /* Task vector k of a tile: r(x_k − base) with a base (xs[0]), else x_k. */
-static void vec_tile(const void *const *xs, int32_t has_base, int32_t k, int32_t dtype,
+WIDE_VECTORS static void vec_tile(const void *const *xs, int32_t has_base, int32_t k, int32_t dtype,
                      int64_t s, int64_t m, const float *b, float *v, int64_t *bad) {
     load(xs[k], dtype, s, m, v, &bad[k]);
     if (has_base)
@@ -56,7 +57,7 @@ static void vec_tile(const void *const *xs, int32_t has_base, int32_t k, int32_t
 }
 
 /* Store a tile as out_dtype; the count of NaN/Inf stored. */
-static int64_t store(const float *v, int64_t m, void *out, int32_t out_dtype, int64_t s) {
+WIDE_VECTORS static int64_t store(const float *v, int64_t m, void *out, int32_t out_dtype, int64_t s) {
     uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (out_dtype == DT_BF16) {
         uint16_t *o = (uint16_t *)out + s;
@@ -137,7 +138,7 @@ int64_t ws_nus_out(const void *const *xs, int32_t has_base, int32_t dtype, int64
  *   direction d = r(μ / mn); tangent τ = r(Σ_k r(r(u_k − r(dots_k·d))·w_k));
  *   out = r(r(r(d·c1) + r(τ·c2))·avg) (+ base: r(· + b)).
  * mode 0 writes μ, mode 1 r(u_which·d), mode 2 τ (bfloat16), mode 3 out (out_dtype). */
-int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_base, int32_t dtype, int64_t n,
+WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_base, int32_t dtype, int64_t n,
                    int32_t mode, int32_t which, const float *ne, const float *w, float mn,
                    const float *dots, float c1, float c2, float avg, void *out,
                    int32_t out_dtype, int64_t *bad) {
@@ -260,18 +261,33 @@ void ws_fusion_sampled(const void *const *xs, int32_t dtype, const int64_t *idx,
     }
 }
 
-/* The values at 0-based ranks[0..k) of n bfloat16 values sorted ascending (−0 before +0; ±0 are
- * equal, so any sort's value at a rank is the same number): a count of each of the 65536 bit
- * patterns under an order-preserving key, then one scan. NaN sorts last, as in torch.sort. */
-void ws_bf16_order_stats(const uint16_t *x, int64_t n, const int64_t *ranks, int32_t k,
-                         uint16_t *out) {
-    static _Thread_local int64_t count[65536];
-    memset(count, 0, sizeof count);
+/* idx[0..m) (flat indices below n) reordered by block (j >> shift), each block's indices in
+ * their first order, into out: a counting sort, so that a gather over out walks memory forward
+ * instead of at random. Returns 0, or -1 when the counts cannot be allocated. */
+int32_t ws_block_order(const int64_t *idx, int64_t m, int64_t n, int32_t shift, int64_t *out) {
+    const int64_t blocks = ((n - 1) >> shift) + 2;
+    int64_t *start = calloc((size_t)blocks, sizeof *start);
+    if (!start) return -1;
+    for (int64_t i = 0; i < m; i++) start[(idx[i] >> shift) + 1]++;
+    for (int64_t b = 1; b < blocks; b++) start[b] += start[b - 1];
+    for (int64_t i = 0; i < m; i++) out[start[idx[i] >> shift]++] = idx[i];
+    free(start);
+    return 0;
+}
+
+/* count[key] += how many of x[0..n) (bfloat16) have each bit pattern, under an
+ * order-preserving key (−0 before +0; NaN last, as torch.sort puts it). */
+void ws_bf16_count(const uint16_t *x, int64_t n, int64_t *count) {
     for (int64_t i = 0; i < n; i++) {
         const uint16_t h = x[i];
         const int nan = (h & 0x7FFFu) > 0x7F80u;
         count[nan ? 0xFFFFu : (h & 0x8000u) ? (uint16_t)~h : (uint16_t)(h | 0x8000u)]++;
     }
+}
+
+/* The values at 0-based ranks[0..k) of the values counted by ws_bf16_count, sorted ascending
+ * (±0 are equal, so any sort's value at a rank is the same number): one scan per rank. */
+void ws_count_ranks(const int64_t *count, const int64_t *ranks, int32_t k, uint16_t *out) {
     for (int32_t q = 0; q < k; q++) {
         int64_t seen = 0;
         uint32_t key = 0;

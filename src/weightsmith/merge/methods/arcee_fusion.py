@@ -68,12 +68,17 @@ def fusion_threshold(importance: torch.Tensor, name: str = "") -> torch.Tensor:
 def quantile_threshold(flat: torch.Tensor) -> torch.Tensor:
     """median + 1.5·IQR of the values (quantiles at index ⌊q·(n−1)⌋ of the sorted values; a
     CPU bfloat16 tensor's by counting its bit patterns instead of sorting: the same values)."""
-    at = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
+    at = quantile_ranks(flat.numel())
     if flat.dtype == torch.bfloat16 and flat.device.type == "cpu" and sphere.library():
         q1, median, q3 = sphere.order_stats(flat.contiguous(), at.tolist())
     else:
         q1, median, q3 = torch.sort(flat).values[at.to(flat.device)]
     return median + 1.5 * (q3 - q1)
+
+
+def quantile_ranks(n: int) -> torch.Tensor:
+    """The ranks of q₁, the median and q₃ among n sorted values, as torch.quantile's lower."""
+    return (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long()
 
 
 @merge_method("arcee_fusion")
@@ -134,8 +139,8 @@ def fusion_state(src: ChunkSource, xs: list[torch.Tensor], cols: int) -> tuple[t
     sampled_at: list[torch.Tensor] = []
 
     def kl_rows(r0: int) -> None:
-        if r0 < 0:  # the sample's draw, beside the KL blocks
-            sampled_at.append(sample_indices(src.numel, src.name))
+        if r0 < 0:  # the sample's draw, in memory order (the same quantiles), beside the KL
+            sampled_at.append(sphere.block_order(sample_indices(src.numel, src.name), src.numel))
             return
         r1 = min(r0 + block, rows)
         b, x = (t[r0 * cols : r1 * cols].to(bf16).reshape(-1, cols) for t in xs)
@@ -143,18 +148,29 @@ def fusion_state(src: ChunkSource, xs: list[torch.Tensor], cols: int) -> tuple[t
 
     pmap(kl_rows, [*([-1] if src.numel > SAMPLE else []), *range(0, rows, block)])
     kl32 = kl.float()
-    if src.numel > SAMPLE:  # mergekit's gathers and ops at the sampled entries, natively
-        idx = sampled_at[0]
-        importance = torch.empty(SAMPLE, dtype=bf16)
-
-        def sampled(r: tuple[int, int]) -> None:
-            sphere.fusion_sampled(xs, idx[r[0] : r[1]], cols, kl32, importance[r[0] : r[1]])
-
-        pmap(sampled, sub_ranges(0, SAMPLE))
-    else:
+    if src.numel <= SAMPLE:
         b, x = (t.to(bf16).reshape(-1, cols) for t in xs)
-        importance = (x - b).abs() * kl.view(-1, 1)
-    return kl32, float(quantile_threshold(importance.reshape(-1)))
+        return kl32, float(quantile_threshold(((x - b).abs() * kl.view(-1, 1)).reshape(-1)))
+    return kl32, sampled_threshold(xs, sampled_at[0], cols, kl32)
+
+
+def sampled_threshold(
+    xs: list[torch.Tensor], idx: torch.Tensor, cols: int, kl32: torch.Tensor
+) -> float:
+    """The threshold from the importances at the sampled flat entries ``idx`` (block-ordered):
+    mergekit's gathers and ops, natively, each part counted where it is made; the counts give
+    the quantiles (the same values as sorting the sample)."""
+    importance = torch.empty(SAMPLE, dtype=torch.bfloat16)
+
+    def sampled(r: tuple[int, int]) -> torch.Tensor:
+        part, counts = importance[r[0] : r[1]], sphere.bit_counts()
+        sphere.fusion_sampled(xs, idx[r[0] : r[1]], cols, kl32, part)
+        sphere.count_into(part, counts)
+        return counts
+
+    counts = torch.stack(pmap(sampled, sub_ranges(0, SAMPLE))).sum(0)
+    q1, median, q3 = sphere.counted_ranks(counts, quantile_ranks(SAMPLE).tolist())
+    return float(median + 1.5 * (q3 - q1))
 
 
 def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:

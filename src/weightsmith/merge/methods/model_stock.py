@@ -35,8 +35,6 @@ from weightsmith.merge.methods.base import (
     merge_method,
     merge_tensors,
     mergekit_threads,
-    stored_inputs,
-    stream_native,
     whole,
 )
 from weightsmith.merge.params import BOOL
@@ -118,41 +116,42 @@ class ModelStock(MergeMethod):
         self, src: ChunkSource, params: TensorParams, out_dtype: torch.dtype
     ) -> Iterator[torch.Tensor] | None:
         """bfloat16 arithmetic, one ratio per tensor: native task vectors, mergekit's torch
-        reductions of them, then one native pass for the output (filter-wise: the torch path)."""
+        reductions of them, then one native pass for the output (filter-wise: the torch path);
+        the inputs mapped once for both (:func:`sphere_native.stream_mapped`)."""
         if params.dtype != torch.bfloat16 or params.globals["filter_wise"]:
             return None
         if out_dtype not in native.STORAGE or not native.available():
             return None
         native_sums = sphere_native.applies(src, params, out_dtype)
-        if native_sums and sphere_native.native_reductions():
-            t = streamed_ratio(src).reshape(1)
-        else:
-            t = stored_ratio(src).reshape(1)
-        t_rows, u_rows = t.float(), (1 - t).float()  # mergekit's (1 − t) in bfloat16
+        native_sums = native_sums and sphere_native.native_reductions()
 
-        def kernel(xs: list[torch.Tensor], out: torch.Tensor):
-            return native.stock_mix(xs, 0, t_rows, u_rows, 0, out)
+        def prepare(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            t = (streamed_ratio(src, xs) if native_sums else stored_ratio(src)).reshape(1)
+            return t.float(), (1 - t).float()  # mergekit's (1 − t) in bfloat16
 
-        return stream_native(src, out_dtype, kernel)
+        def kernel(state: tuple[torch.Tensor, torch.Tensor]):
+            t_rows, u_rows = state
+            return lambda xs, out: native.stock_mix(xs, 0, t_rows, u_rows, 0, out)
+
+        return sphere_native.stream_mapped(src, out_dtype, prepare, kernel)
 
 
-def streamed_ratio(src: ChunkSource) -> torch.Tensor:
-    """:func:`stored_ratio` with torch's norms and sums reproduced natively, each fused with
-    the kernel that makes the values it reduces (task vectors, their products): no tensor of
-    the input's size is stored."""
-    with stored_inputs(src) as xs:
-        k = src.num_inputs - 1
-        vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
-        norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]
-        sums = {}
-        for i in range(k):
-            for j in range(i + 1, k):
-                pick = [0, i + 1, j + 1]  # the base and the pair's models
+def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`stored_ratio` with torch's norms and sums reproduced natively from the mapped
+    stored inputs ``xs``, each fused with the kernel that makes the values it reduces (task
+    vectors, their products): no tensor of the input's size is stored."""
+    k = src.num_inputs - 1
+    vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
+    norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]
+    sums = {}
+    for i in range(k):
+        for j in range(i + 1, k):
+            pick = [0, i + 1, j + 1]  # the base and the pair's models
 
-                def prod(p, o, pick=pick):
-                    return sphere.nus_prod([p[m] for m in pick], True, 1.0, 1.0, o)
+            def prod(p, o, pick=pick):
+                return sphere.nus_prod([p[m] for m in pick], True, 1.0, 1.0, o)
 
-                sums[i, j] = sphere_native.tensor_sum(src, xs, prod, TORCH_THREADS).reshape(1)
+            sums[i, j] = sphere_native.tensor_sum(src, xs, prod, TORCH_THREADS).reshape(1)
     return ratio_from(norms, sums)
 
 

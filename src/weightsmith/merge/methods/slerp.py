@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.kernels import dot, sphere
 from weightsmith.kernels import merge as native
-from weightsmith.kernels import sphere
 from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
@@ -245,7 +245,10 @@ def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> 
 
     def piece_norms(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = [x[i : i + MERGEKIT_CHUNK] for x in xs]
-        f = _scratch((2, MERGEKIT_CHUNK))[:, : p[0].numel()]
+        direct = [dot.norm(q) for q in p]  # bfloat16 storage: torch's float32 norm, natively
+        if all(v is not None and math.isfinite(v) for v in direct):
+            return tuple(torch.tensor(v, dtype=torch.float32) for v in direct)
+        f = _scratch((2, MERGEKIT_CHUNK))[:, : p[0].numel()]  # else (NaN/Inf found here)
         for k in (0, 1):
             if sphere.vector(p, False, k, f[k])[k]:
                 src.fail_nonfinite(k)
@@ -256,6 +259,42 @@ def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> 
         return tuple(float(c) for c in mergekit_coefficients(torch.empty(0), torch.empty(0), t))
     na, nb = (torch.linalg.vector_norm(torch.stack(ns)) for ns in zip(*norms, strict=True))
     na, nb = float(torch.where(na > EPS, na, 1)), float(torch.where(nb > EPS, nb, 1))
+    if sphere_native.split_sum_matches() and sphere_native.native_float_sums():
+        parts = _dot_parts(xs, n, na, nb)
+    else:
+        parts = _stored_dot_parts(xs, n, na, nb)
+    return tuple(float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
+
+
+PRODUCT_SPAN = 1 << 16  # products made per call into a cached buffer that the sum reads
+
+
+def _dot_parts(xs: list[torch.Tensor], n: int, na: float, nb: float) -> list[torch.Tensor]:
+    """Each 1M piece's sum of the normalized products (a/na)·(b/nb), as mergekit's threads sum
+    it: the products made span by span and fed in order to torch's float32 cascade, natively
+    (each thread's part of each piece a task on the pool; no float32 product buffer)."""
+    pieces = [(f, min(n, f + MERGEKIT_CHUNK)) for f in range(0, n, MERGEKIT_CHUNK)]
+    tasks = [(f + a, f + b) for f, e in pieces for a, b in sphere_native.sum_parts(e - f)]
+
+    def part(r: tuple[int, int]) -> float:
+        red = sphere_native.float_sum(r[1] - r[0])
+        buf = _scratch((2, MERGEKIT_CHUNK))[0]
+        for s in range(r[0], r[1], PRODUCT_SPAN):
+            o = buf[: min(r[1], s + PRODUCT_SPAN) - s]
+            sphere.slerp_pass([x[s : s + o.numel()] for x in xs], sphere.PRODUCTS, (na, nb), o)
+            red.feed(o)
+        return red.result()
+
+    sums = iter(pmap(part, tasks))
+    return [
+        sphere_native.split_sum_of([next(sums) for _ in sphere_native.sum_parts(e - f)], e - f)
+        for f, e in pieces
+    ]
+
+
+def _stored_dot_parts(xs: list[torch.Tensor], n: int, na: float, nb: float) -> list[torch.Tensor]:
+    """:func:`_dot_parts` with the products stored (a group of pieces at a time) and summed by
+    torch."""
     parts = []
     group = OUT_PIECES * MERGEKIT_CHUNK
     held = torch.empty(min(group, n), dtype=torch.float32)  # reused by every group
@@ -273,7 +312,7 @@ def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> 
         else:
             with mergekit_threads():
                 parts += [p.sum() for p in sums]
-    return tuple(float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
+    return parts
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

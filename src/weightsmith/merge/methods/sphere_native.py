@@ -123,6 +123,37 @@ def split_sum_matches() -> bool:
     return True
 
 
+def sum_parts(n: int) -> list[tuple[int, int]]:
+    """:func:`split_sum`'s parts of an ``n``-entry tensor (one per thread it uses)."""
+    threads = TORCH_THREADS
+    if threads == 1 or n < GRAIN:
+        return [(0, n)]
+    step = -(-n // min(threads, -(-n // GRAIN)))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def split_sum_of(part_sums: Sequence[float], n: int) -> torch.Tensor:
+    """:func:`split_sum`'s float32 result from its parts' float cascade sums (each, as torch's
+    ``sum()`` of the part, added to a zeroed float32 output first)."""
+    parts = [torch.zeros((), dtype=torch.float32) + v for v in part_sums]
+    if TORCH_THREADS == 1 or n < GRAIN:
+        return parts[0]
+    parts += [torch.zeros((), dtype=torch.float32)] * (TORCH_THREADS - len(parts))
+    with single_thread():
+        return torch.stack(parts).sum()
+
+
+def native_float_sums() -> bool:
+    """torch's float32 cascade sums can be reproduced natively here (:func:`float_sum`)."""
+    lanes = reduce.layout()
+    return lanes is not None and "casc32" in lanes
+
+
+def float_sum(n: int) -> reduce.Reducer:
+    """A streaming float cascade sum of ``n`` float32 values (one part of :func:`split_sum`)."""
+    return reduce.Reducer("casc32", n, reduce.layout()["casc32"])
+
+
 SPAN = 1 << 19  # entries a kernel writes per call into a reused buffer that a reduction reads
 
 

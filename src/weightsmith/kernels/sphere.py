@@ -46,7 +46,7 @@ PRODUCTS, MIX = 0, 1  # ws_slerp_pass's modes
 
 
 def library() -> ctypes.CDLL | None:
-    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 1))
+    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 2))
 
 
 def usable(inputs: Sequence[torch.Tensor], *outs: torch.Tensor) -> bool:
@@ -111,12 +111,14 @@ def ms_pass(
     which: int = 0,
 ) -> tuple[int, list[int]]:
     """One multislerp stage (``MEAN`` … ``OUTPUT``) with the statistics known so far
-    (``stats``: ne, w, and later mn, dots, c1, c2, avg as floats)."""
+    (``stats``: ne, w, and later mn, dots, c1, c2, avg as floats). ``UNIT_DOT`` with ``which``
+    < 0 writes every task vector's product: row k of ``out`` (k rows of the pieces' length)."""
     k = len(xs) - int(has_base)
     f32 = ctypes.c_float * k
     bad = _bad(len(xs))
+    n = out.numel() // k if mode == UNIT_DOT and which < 0 else out.numel()
     n_out = library().ws_ms_pass(
-        _ptrs(xs), k, int(has_base), _DT[xs[0].dtype], out.numel(), mode, which,
+        _ptrs(xs), k, int(has_base), _DT[xs[0].dtype], n, mode, which,
         f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0),
         f32(*stats.get("dots", [0.0] * k)), stats.get("c1", 0.0), stats.get("c2", 0.0),
         stats.get("avg", 0.0), out.data_ptr(), _DT[out.dtype], bad,

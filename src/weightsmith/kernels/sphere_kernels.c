@@ -19,7 +19,7 @@
 #define TILE 256
 #define MAXK 16
 
-int ws_sphere_abi(void) { return 1; }
+int ws_sphere_abi(void) { return 2; }
 int ws_sphere_max_models(void) { return MAXK; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
@@ -137,7 +137,8 @@ int64_t ws_nus_out(const void *const *xs, int32_t has_base, int32_t dtype, int64
  *   unit u_k = r(v_k / ne_k); mean μ = r(Σ_k r(u_k·w_k)) (float32 sum in order from 0);
  *   direction d = r(μ / mn); tangent τ = r(Σ_k r(r(u_k − r(dots_k·d))·w_k));
  *   out = r(r(r(d·c1) + r(τ·c2))·avg) (+ base: r(· + b)).
- * mode 0 writes μ, mode 1 r(u_which·d), mode 2 τ (bfloat16), mode 3 out (out_dtype). */
+ * mode 0 writes μ, mode 1 r(u_which·d) (which < 0: every k's, row k at out + k·n), mode 2 τ
+ * (bfloat16), mode 3 out (out_dtype). */
 WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_base, int32_t dtype, int64_t n,
                    int32_t mode, int32_t which, const float *ne, const float *w, float mn,
                    const float *dots, float c1, float c2, float avg, void *out,
@@ -163,8 +164,10 @@ WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_ba
         }
         for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i] / mn);
         if (mode == 1) {
-            for (int64_t i = 0; i < m; i++) u[0][i] = r(u[which][i] * acc[i]);
-            store(u[0], m, out, DT_BF16, s);
+            for (int32_t k = (which < 0 ? 0 : which); k < (which < 0 ? K : which + 1); k++) {
+                for (int64_t i = 0; i < m; i++) u[k][i] = r(u[k][i] * acc[i]);
+                store(u[k], m, (uint16_t *)out + (which < 0 ? k * n : 0), DT_BF16, s);
+            }
             continue;
         }
         float tau[TILE];

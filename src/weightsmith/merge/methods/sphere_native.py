@@ -178,13 +178,23 @@ def streamed(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, lo
 
 
 def streamed_wide(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str) -> float:
-    """:func:`streamed` over the whole tensor with the compute pool's threads: each round, the
-    pool fills the next spans into one set of buffers while one task feeds the previous round's
-    set to the reduction, in order (so the same values in the same order: the same bits)."""
+    """:func:`streamed` over the whole tensor with the compute pool's threads (see
+    :func:`wide_rows`)."""
+    return wide_rows(src, xs, kernel, kind, 1)[0]
+
+
+def wide_rows(
+    src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, rows: int
+) -> list[float]:
+    """The ``kind`` reduction of each of the ``rows`` rows ``kernel`` makes at once (row r of a
+    span of m entries at ``out[r·m : (r+1)·m]``), over the whole tensor with the compute pool's
+    threads: each round, the pool fills the next spans into one set of buffers while one task
+    per row feeds the previous round's set to that row's reduction, in order (so the same
+    values in the same order: the same bits)."""
     n, per_round = src.numel, 2 * pool_workers()
-    red = reduce.Reducer(kind, n, reduce.layout()[kind])
+    reds = [reduce.Reducer(kind, n, reduce.layout()[kind]) for _ in range(rows)]
     sets = [
-        [torch.empty(min(SPAN, n), dtype=torch.bfloat16) for _ in range(per_round)]
+        [torch.empty(rows * min(SPAN, n), dtype=torch.bfloat16) for _ in range(per_round)]
         for _ in range(2)
     ]
     spans = [(s, min(n, s + SPAN)) for s in range(0, n, SPAN)]
@@ -192,21 +202,22 @@ def streamed_wide(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: st
 
     def fill(task: tuple) -> Sequence[int] | None:
         (s, e), buf = task
-        return kernel([x[s:e] for x in xs], buf[: e - s])
+        return kernel([x[s:e] for x in xs], buf[: rows * (e - s)])
 
-    def feed(filled: list) -> None:
+    def feed(task: tuple) -> None:
+        r, filled = task
         for (s, e), buf in filled:
-            red.feed(buf[: e - s])
+            reds[r].feed(buf[r * (e - s) : (r + 1) * (e - s)])
 
     previous: list = []
     for j, spans_j in enumerate([*rounds, []]):
         filled = list(zip(spans_j, sets[j % 2], strict=False))
-        tasks = [(feed, previous)] if previous else []
+        tasks = [(feed, (r, previous)) for r in range(rows)] if previous else []
         tasks += [(fill, t) for t in filled]
         for bad in pmap(lambda task: task[0](task[1]), tasks):
             refuse_nonfinite(src, bad)
         previous = filled
-    return red.result()
+    return [red.result() for red in reds]
 
 
 def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list[torch.Tensor]:
@@ -218,6 +229,40 @@ def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> li
     else:
         vals = pmap(lambda k: streamed(src, xs, k, "norm", 0, src.numel), list(kernels))
     return [torch.tensor(v, dtype=torch.bfloat16) for v in vals]
+
+
+def norms_and_sum(
+    src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence, product, threads: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`norms` of ``kernels`` and :func:`tensor_sum` of ``product`` in one pass: one task
+    per norm, each also summing its share of the sum's per-thread parts (part j to task j mod
+    the tasks) from the spans it has just read, so the inputs are read once for both (each
+    reduction fed in order: the same bits)."""
+    ranges = reduce.parts(src.numel, threads)
+    mine = [[j for j in range(len(ranges)) if j % len(kernels) == i] for i in range(len(kernels))]
+
+    def task(i: int) -> tuple[float, dict[int, float]]:
+        n = src.numel
+        norm = reduce.Reducer("norm", n, reduce.layout()["norm"])
+        sums = {j: reduce.Reducer("casc", ranges[j][1] - ranges[j][0], reduce.layout()["casc"])
+                for j in mine[i]}  # fmt: skip
+        buf = torch.empty(max(1, min(SPAN, n)), dtype=torch.bfloat16)
+        for s in range(0, n, SPAN):
+            e = min(n, s + SPAN)
+            refuse_nonfinite(src, kernels[i]([x[s:e] for x in xs], buf[: e - s]))
+            norm.feed(buf[: e - s])
+            for j, red in sums.items():
+                lo, hi = max(s, ranges[j][0]), min(e, ranges[j][1])
+                if lo < hi:
+                    refuse_nonfinite(src, product([x[lo:hi] for x in xs], buf[: hi - lo]))
+                    red.feed(buf[: hi - lo])
+        return norm.result(), {j: red.result() for j, red in sums.items()}
+
+    done = pmap(task, range(len(kernels)))
+    part_sums = {j: v for _, sums in done for j, v in sums.items()}
+    total = reduce.combine([part_sums[j] for j in range(len(ranges))], threads)
+    norms_ = [torch.tensor(v, dtype=torch.bfloat16) for v, _ in done]
+    return norms_, torch.tensor(total, dtype=torch.bfloat16)
 
 
 def tensor_sum(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, threads: int):
@@ -232,6 +277,14 @@ def row_sums(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) ->
     """Each kernel's values summed as one row of a 2-D ``sum(-1)`` (one thread per row: one
     part), the kernels on the compute pool at once; bfloat16 0-dim tensors."""
     sums = pmap(lambda k: streamed(src, xs, k, "casc", 0, src.numel), list(kernels))
+    return [torch.tensor(reduce.combine([v], 1), dtype=torch.bfloat16) for v in sums]
+
+
+def fused_row_sums(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, rows: int) -> list:
+    """:func:`row_sums` of the ``rows`` rows one kernel makes at once (:func:`wide_rows`): the
+    values are made once, in parallel, and each row's sum is fed in order as in
+    :func:`row_sums` (the same bits)."""
+    sums = wide_rows(src, xs, kernel, "casc", rows)
     return [torch.tensor(reduce.combine([v], 1), dtype=torch.bfloat16) for v in sums]
 
 

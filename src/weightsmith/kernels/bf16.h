@@ -33,6 +33,20 @@ static inline float bf16_round(float f) {
     return f;
 }
 
+/* bf16_round for values made by arithmetic: the same bits for every value that is not a NaN,
+ * and a NaN stays a NaN (not made canonical: to_bf16 does that when it is stored). That keeps
+ * every stored bit wherever no code reads an intermediate NaN's bits, provided the NaNs seen
+ * have zero low 16 bits (bfloat16 values, bf16_round's NaN, the CPU's default NaN and NaNs
+ * propagated from these), which the carry of the rounding cannot then reach. Four operations
+ * instead of seven: the stage loops of the spherical merges are arithmetic-bound. */
+static inline float bf16_round_arith(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* 512-bit vectors where GCC would pick 256, for arithmetic-bound loops only (nearswap's: 12 %
  * less CPU; multislerp's stages); memory-bound passes gained nothing or lost. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)

@@ -26,6 +26,8 @@ enum { DT_F32 = 0, DT_BF16 = 1 };
 
 /* r(x): x rounded to bfloat16, as a float (what a bfloat16 tensor holds). */
 static inline float r(float f) { return bf16_round(f); }
+/* r of an arithmetic result that is only stored or computed with (never its bits read). */
+static inline float ra(float f) { return bf16_round_arith(f); }
 
 /* Values [s, s + m) of input x (stored as dtype) rounded to bfloat16; NaN/Inf counted. */
 WIDE_VECTORS static void load(const void *x, int32_t dtype, int64_t s, int64_t m, float *v, int64_t *bad) {
@@ -53,7 +55,7 @@ WIDE_VECTORS static void vec_tile(const void *const *xs, int32_t has_base, int32
                      int64_t s, int64_t m, const float *b, float *v, int64_t *bad) {
     load(xs[k], dtype, s, m, v, &bad[k]);
     if (has_base)
-        for (int64_t i = 0; i < m; i++) v[i] = r(v[i] - b[i]);
+        for (int64_t i = 0; i < m; i++) v[i] = ra(v[i] - b[i]);
 }
 
 /* Store a tile as out_dtype; the count of NaN/Inf stored. */
@@ -103,7 +105,7 @@ void ws_nus_prod(const void *const *xs, int32_t has_base, int32_t dtype, int64_t
         if (has_base) load(xs[0], dtype, s, m, b, &bad[0]);
         vec_tile(xs, has_base, f, dtype, s, m, b, v, bad);
         vec_tile(xs, has_base, f + 1, dtype, s, m, b, w, bad);
-        for (int64_t i = 0; i < m; i++) out[s + i] = to_bf16(r(v[i] / n1) * r(w[i] / n2));
+        for (int64_t i = 0; i < m; i++) out[s + i] = to_bf16(ra(v[i] / n1) * ra(w[i] / n2));
     }
 }
 
@@ -122,11 +124,11 @@ int64_t ws_nus_out(const void *const *xs, int32_t has_base, int32_t dtype, int64
         vec_tile(xs, has_base, f, dtype, s, m, b, v, bad);
         vec_tile(xs, has_base, f + 1, dtype, s, m, b, w, bad);
         if (colinear)
-            for (int64_t i = 0; i < m; i++) v[i] = r(r(lt * v[i]) + r(t * w[i]));
+            for (int64_t i = 0; i < m; i++) v[i] = ra(ra(lt * v[i]) + ra(t * w[i]));
         else
-            for (int64_t i = 0; i < m; i++) v[i] = r(r(r(A * v[i]) + r(B * w[i])) / S);
+            for (int64_t i = 0; i < m; i++) v[i] = ra(ra(ra(A * v[i]) + ra(B * w[i])) / S);
         if (has_base)
-            for (int64_t i = 0; i < m; i++) v[i] = r(b[i] + v[i]);
+            for (int64_t i = 0; i < m; i++) v[i] = ra(b[i] + v[i]);
         bad_out += store(v, m, out, out_dtype, s);
     }
     return bad_out;
@@ -152,20 +154,20 @@ WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_ba
         if (has_base) load(xs[0], dtype, s, m, b, &bad[0]);
         for (int32_t k = 0; k < K; k++) {
             vec_tile(xs, has_base, f + k, dtype, s, m, b, u[k], bad);
-            for (int64_t i = 0; i < m; i++) u[k][i] = r(u[k][i] / ne[k]);
+            for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] / ne[k]);
         }
         for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
         for (int32_t k = 0; k < K; k++)
-            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + r(u[k][i] * w[k]);
-        for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i]);
+            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + ra(u[k][i] * w[k]);
+        for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i]);
         if (mode == 0) {
             store(acc, m, out, DT_BF16, s);
             continue;
         }
-        for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i] / mn);
+        for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] / mn);
         if (mode == 1) {
             for (int32_t k = (which < 0 ? 0 : which); k < (which < 0 ? K : which + 1); k++) {
-                for (int64_t i = 0; i < m; i++) u[k][i] = r(u[k][i] * acc[i]);
+                for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] * acc[i]);
                 store(u[k], m, (uint16_t *)out + (which < 0 ? k * n : 0), DT_BF16, s);
             }
             continue;
@@ -174,15 +176,15 @@ WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_ba
         for (int64_t i = 0; i < m; i++) tau[i] = 0.0f;
         for (int32_t k = 0; k < K; k++)
             for (int64_t i = 0; i < m; i++)
-                tau[i] = tau[i] + r(r(u[k][i] - r(dots[k] * acc[i])) * w[k]);
-        for (int64_t i = 0; i < m; i++) tau[i] = r(tau[i]);
+                tau[i] = tau[i] + ra(ra(u[k][i] - ra(dots[k] * acc[i])) * w[k]);
+        for (int64_t i = 0; i < m; i++) tau[i] = ra(tau[i]);
         if (mode == 2) {
             store(tau, m, out, DT_BF16, s);
             continue;
         }
-        for (int64_t i = 0; i < m; i++) acc[i] = r(r(r(acc[i] * c1) + r(tau[i] * c2)) * avg);
+        for (int64_t i = 0; i < m; i++) acc[i] = ra(ra(ra(acc[i] * c1) + ra(tau[i] * c2)) * avg);
         if (has_base)
-            for (int64_t i = 0; i < m; i++) acc[i] = r(acc[i] + b[i]);
+            for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] + b[i]);
         bad_out += store(acc, m, out, out_dtype, s);
     }
     return bad_out;
@@ -204,7 +206,7 @@ int64_t ws_slerp_pass(const void *const *xs, int32_t dtype, int64_t n, int32_t m
             for (int64_t i = 0; i < m; i++) a[i] = (a[i] / na) * (b[i] / nb);
             store(a, m, out, DT_F32, s);
         } else {
-            for (int64_t i = 0; i < m; i++) a[i] = r(s0 * a[i] + s1 * b[i]);
+            for (int64_t i = 0; i < m; i++) a[i] = ra(s0 * a[i] + s1 * b[i]);
             bad_out += store(a, m, out, out_dtype, s);
         }
     }

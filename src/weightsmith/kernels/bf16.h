@@ -33,7 +33,8 @@ static inline float bf16_round(float f) {
     return f;
 }
 
-/* bf16_round for values made by arithmetic: the same bits for every value that is not a NaN,
+/* bf16_round for values made by arithmetic (finite or inf: the quantizers' scales; the spherical
+ * merges' stage loops): the same bits for every value that is not a NaN,
  * and a NaN stays a NaN (not made canonical: to_bf16 does that when it is stored). That keeps
  * every stored bit wherever no code reads an intermediate NaN's bits, provided the NaNs seen
  * have zero low 16 bits (bfloat16 values, bf16_round's NaN, the CPU's default NaN and NaNs

@@ -20,14 +20,6 @@ static inline float bf16_load(const uint16_t *h, int64_t i) { return from_bf16(h
 
 static inline float f32_load(const float *f, int64_t i) { return f[i]; }
 
-/* float32 -> bfloat16 -> float32, round-half-even as torch converts (finite or inf input). */
-static inline float round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 #define COUNT_BLOCK 65536
 
@@ -76,7 +68,7 @@ int64_t ws_count_nonfinite(const void *src, int32_t is_bf16, int64_t n) {
             scale = (hi - lo) / (float)(qmax - qmin);                                       \
         }                                                                                   \
         if (!(scale > 0.0f)) scale = 1.0f;                                                  \
-        if (scale_bf16) scale = round_bf16(scale);                                          \
+        if (scale_bf16) scale = bf16_round_arith(scale);                                    \
         float zero = 0.0f;                                                                  \
         if (!symmetric) {                                                                   \
             zero = rintf((float)qmin - lo / scale);                                         \
@@ -201,7 +193,7 @@ void ws_mse_rows(const float *w, int64_t rows, int64_t g, int64_t stride, int32_
                 scale = (hi - lo) / (float)(qmax - qmin);
             }
             if (!(scale > 0.0f)) scale = 1.0f;
-            if (scale_bf16) scale = round_bf16(scale);
+            if (scale_bf16) scale = bf16_round_arith(scale);
             float zero = 0.0f;
             if (!symmetric) {
                 zero = rintf((float)qmin - lo / scale);

@@ -166,9 +166,11 @@ WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_ba
         }
         for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] / mn);
         if (mode == 1) {
-            for (int32_t k = (which < 0 ? 0 : which); k < (which < 0 ? K : which + 1); k++) {
+            const int32_t first = which < 0 ? 0 : which, last = which < 0 ? K - 1 : which;
+            for (int32_t k = first; k <= last; k++) {
+                uint16_t *row = (uint16_t *)out + (which < 0 ? k * n : 0);
                 for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] * acc[i]);
-                store(u[k], m, (uint16_t *)out + (which < 0 ? k * n : 0), DT_BF16, s);
+                store(u[k], m, row, DT_BF16, s);
             }
             continue;
         }

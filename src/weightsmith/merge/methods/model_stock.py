@@ -142,13 +142,6 @@ def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
     vectors, their products): no tensor of the input's size is stored."""
     k = src.num_inputs - 1
     vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
-    if k == 2:  # one pair: its sum made beside the two norms, from the same reads
-
-        def pair(p, o):
-            return sphere.nus_prod(p, True, 1.0, 1.0, o)
-
-        norms, total = sphere_native.norms_and_sum(src, xs, vectors, pair, TORCH_THREADS)
-        return ratio_from([n.reshape(1) for n in norms], {(0, 1): total.reshape(1)})
     norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]
     sums = {}
     for i in range(k):

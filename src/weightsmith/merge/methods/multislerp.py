@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from weightsmith.core.parallel import pool_workers
 from weightsmith.errors import CheckpointError
 from weightsmith.kernels import sphere
 from weightsmith.merge.methods import sphere_native
@@ -202,10 +201,7 @@ def streamed_stats(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, eps
         return None  # the two-model linear fallback (or its error): the torch path
     stats["mn"] = float(mean_norm)
     # mergekit's (k, n).sum(-1): each row summed by one thread
-    if pool_workers() > 1:  # the stage made once for every row, on all the pool's threads
-        dots = sphere_native.fused_row_sums(src, xs, stage(sphere.UNIT_DOT, stats, -1), k)
-    else:
-        dots = sphere_native.row_sums(src, xs, [stage(sphere.UNIT_DOT, stats, i) for i in range(k)])
+    dots = sphere_native.row_sums(src, xs, stage(sphere.UNIT_DOT, stats, -1), k)  # every row
     stats["dots"] = torch.stack(dots).float().reshape(-1).tolist()
     (tangent,) = sphere_native.norms(src, xs, [stage(sphere.TANGENT, stats)])
     tangent_norm = tangent + eps

@@ -231,40 +231,6 @@ def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> li
     return [torch.tensor(v, dtype=torch.bfloat16) for v in vals]
 
 
-def norms_and_sum(
-    src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence, product, threads: int
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`norms` of ``kernels`` and :func:`tensor_sum` of ``product`` in one pass: one task
-    per norm, each also summing its share of the sum's per-thread parts (part j to task j mod
-    the tasks) from the spans it has just read, so the inputs are read once for both (each
-    reduction fed in order: the same bits)."""
-    ranges = reduce.parts(src.numel, threads)
-    mine = [[j for j in range(len(ranges)) if j % len(kernels) == i] for i in range(len(kernels))]
-
-    def task(i: int) -> tuple[float, dict[int, float]]:
-        n = src.numel
-        norm = reduce.Reducer("norm", n, reduce.layout()["norm"])
-        sums = {j: reduce.Reducer("casc", ranges[j][1] - ranges[j][0], reduce.layout()["casc"])
-                for j in mine[i]}  # fmt: skip
-        buf = torch.empty(max(1, min(SPAN, n)), dtype=torch.bfloat16)
-        for s in range(0, n, SPAN):
-            e = min(n, s + SPAN)
-            refuse_nonfinite(src, kernels[i]([x[s:e] for x in xs], buf[: e - s]))
-            norm.feed(buf[: e - s])
-            for j, red in sums.items():
-                lo, hi = max(s, ranges[j][0]), min(e, ranges[j][1])
-                if lo < hi:
-                    refuse_nonfinite(src, product([x[lo:hi] for x in xs], buf[: hi - lo]))
-                    red.feed(buf[: hi - lo])
-        return norm.result(), {j: red.result() for j, red in sums.items()}
-
-    done = pmap(task, range(len(kernels)))
-    part_sums = {j: v for _, sums in done for j, v in sums.items()}
-    total = reduce.combine([part_sums[j] for j in range(len(ranges))], threads)
-    norms_ = [torch.tensor(v, dtype=torch.bfloat16) for v, _ in done]
-    return norms_, torch.tensor(total, dtype=torch.bfloat16)
-
-
 def tensor_sum(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, threads: int):
     """``sum()`` (bfloat16, 0-dim) of the kernel's values as torch with ``threads`` threads: its
     per-thread parts reduced on the compute pool, then combined as torch does."""
@@ -273,17 +239,10 @@ def tensor_sum(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, threads: in
     return torch.tensor(reduce.combine(sums, threads), dtype=torch.bfloat16)
 
 
-def row_sums(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list:
-    """Each kernel's values summed as one row of a 2-D ``sum(-1)`` (one thread per row: one
-    part), the kernels on the compute pool at once; bfloat16 0-dim tensors."""
-    sums = pmap(lambda k: streamed(src, xs, k, "casc", 0, src.numel), list(kernels))
-    return [torch.tensor(reduce.combine([v], 1), dtype=torch.bfloat16) for v in sums]
-
-
-def fused_row_sums(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, rows: int) -> list:
-    """:func:`row_sums` of the ``rows`` rows one kernel makes at once (:func:`wide_rows`): the
-    values are made once, in parallel, and each row's sum is fed in order as in
-    :func:`row_sums` (the same bits)."""
+def row_sums(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, rows: int) -> list:
+    """The sums of the ``rows`` rows one kernel makes at once, each summed as one row of a 2-D
+    ``sum(-1)`` (one thread per row: one part; :func:`wide_rows`): the values made once, on the
+    pool's threads, each row fed in order; bfloat16 0-dim tensors."""
     sums = wide_rows(src, xs, kernel, "casc", rows)
     return [torch.tensor(reduce.combine([v], 1), dtype=torch.bfloat16) for v in sums]
 

@@ -200,10 +200,23 @@ def compare_outputs(ws_out: Path, mk_out: Path) -> dict:
     return out
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, int, int, float]:
+def warm(models: list[Path]) -> None:
+    """Read every input file once (not timed), so each run starts with the inputs in the page
+    cache. Some VMs drop cached file pages while memory is free (seen here: a run after a
+    pause met hundreds of page faults waiting on the disk), and one tool would then pay for
+    reads that the other did not."""
+    buf = bytearray(16 << 20)
+    for shard in sorted(p for m in models for p in m.glob("*.safetensors")):
+        with open(shard, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def timed(cmd: list[str], log: Path, inputs: list[Path]) -> tuple[float, int, int, float]:
     """Run ``cmd`` under /usr/bin/time -v: (wall s, peak RSS bytes, exit code, 1-min load).
-    Dirty pages are flushed first (not timed), so no run pays for the previous one's
-    write-back."""
+    The inputs are read into the page cache and dirty pages flushed first (neither timed), so
+    every run starts warm and no run pays for the previous one's write-back."""
+    warm(inputs)
     os.sync()
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -367,7 +380,7 @@ def bench_method(cache: Path, method: str, recipe: dict, args, run_mergekit: boo
                 continue
             # Each tool starts without an output folder (deleting one is not merge work).
             shutil.rmtree(out, ignore_errors=True)
-            res = timed(cmd, log)
+            res = timed(cmd, log, [cache / name for name in MODELS])
             print(json.dumps({"method": method, "run": k, tool: res}), flush=True)
             if not (last and compare):
                 shutil.rmtree(out, ignore_errors=True)

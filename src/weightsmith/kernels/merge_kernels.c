@@ -414,11 +414,12 @@ WIDE_VECTORS int64_t ws_nearswap(const void *a, const void *b, int32_t in_dtype,
         load_bf16_tile(a, in_dtype, s, m, va, &bad[0]);
         load_bf16_tile(b, in_dtype, s, m, vb, &bad[1]);
         for (int64_t i = 0; i < m; i++) {
-            float d = fabsf(bf16_round(va[i] - vb[i]));
+            float d = fabsf(bf16_round_arith(va[i] - vb[i]));
             float c = d < lo ? lo : d; /* NaN stays NaN (torch's clamp propagates it) */
-            float w = bf16_round(bf16_round(1.0f / c) * t);
+            float w = bf16_round_arith(bf16_round_arith(1.0f / c) * t);
             w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
-            acc[i] = bf16_round(bf16_round(w * vb[i]) + bf16_round(bf16_round(1.0f - w) * va[i]));
+            acc[i] = bf16_round_arith(bf16_round_arith(w * vb[i]) +
+                                      bf16_round_arith(bf16_round_arith(1.0f - w) * va[i]));
         }
         bad_out += store_tile(acc, m, out, out_dtype, s);
     }
@@ -507,18 +508,19 @@ int64_t ws_stock_mix(const void *const *xs, int32_t K, int32_t in_dtype, int64_t
         for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
         for (int32_t k = 1; k < K; k++) {
             load_bf16_tile(xs[k], in_dtype, s, m, v, &bad[k]);
-            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round(acc[i] + v[i]);
+            for (int64_t i = 0; i < m; i++) acc[i] = bf16_round_arith(acc[i] + v[i]);
         }
         if (cols <= 0) { /* one ratio for the whole tensor */
             const float t = t_rows[0], u = u_rows[0];
             for (int64_t i = 0; i < m; i++)
-                acc[i] = bf16_round(bf16_round(t * bf16_round(acc[i] / count)) +
-                                    bf16_round(u * b[i]));
+                acc[i] = bf16_round_arith(bf16_round_arith(t * bf16_round_arith(acc[i] / count)) +
+                                          bf16_round_arith(u * b[i]));
         } else {
             for (int64_t i = 0; i < m; i++) {
                 const int64_t row = (offset + s + i) / cols;
-                acc[i] = bf16_round(bf16_round(t_rows[row] * bf16_round(acc[i] / count)) +
-                                    bf16_round(u_rows[row] * b[i]));
+                acc[i] = bf16_round_arith(
+                    bf16_round_arith(t_rows[row] * bf16_round_arith(acc[i] / count)) +
+                    bf16_round_arith(u_rows[row] * b[i]));
             }
         }
         bad_out += store_tile(acc, m, out, out_dtype, s);

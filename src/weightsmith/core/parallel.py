@@ -15,7 +15,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -55,11 +55,13 @@ def compute_pool(workers: int | None = None, *, device: str = "cpu") -> Iterator
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="weightsmith")
-    _state.pool, _state.workers = pool, n
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-beside")
+    _state.pool, _state.workers, _state.helper = pool, n, helper
     try:
         yield
     finally:
-        _state.pool = None
+        _state.pool = _state.helper = None
+        helper.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True)
         with _lock:
             torch.set_num_threads(saved)
@@ -71,6 +73,32 @@ def pmap(fn: Callable[[T], object], items: Sequence[T]) -> list:
     if pool is None or len(items) <= 1:
         return [fn(x) for x in items]
     return list(pool.map(fn, items))
+
+
+def beside(fn: Callable[[], T]) -> Future:
+    """``fn()`` on the current :func:`compute_pool`'s one helper thread, its :func:`pmap` calls
+    on the same workers as the caller's (so its tasks fill the gaps the caller's leave: a
+    tensor's statistics beside the previous tensor's output). Outside a pool it runs now, in
+    the caller. Callers keep work that depends on torch's thread count on one thread at a
+    time."""
+    helper = getattr(_state, "helper", None)
+    if helper is None:
+        done: Future = Future()
+        try:
+            done.set_result(fn())
+        except Exception as e:  # raised by result(), as from the helper
+            done.set_exception(e)
+        return done
+    pool, workers = _state.pool, _state.workers
+
+    def run() -> T:
+        _state.pool, _state.workers = pool, workers
+        try:
+            return fn()
+        finally:
+            _state.pool = None
+
+    return helper.submit(run)
 
 
 def pipelined(

@@ -239,7 +239,10 @@ class Checkpoint:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-            self._fds[shard] = fd
+            kept = self._fds.setdefault(shard, fd)  # another thread may have opened it first
+            if kept != fd:
+                os.close(fd)
+            fd = kept
         return fd
 
     def close(self) -> None:

@@ -29,6 +29,10 @@ from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, Tens
 from weightsmith.merge.card import model_card
 from weightsmith.merge.engine import (
     DEFAULT_CHUNK_ELEMENTS,
+    Lookahead,
+    ahead_eligible,
+    early_stream,
+    input_bytes,
     job_spec,
     produce,
     split_bytes,
@@ -150,6 +154,17 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
     out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
     specs = {o.out_name: job_spec(o, ckpts, out_dtype) for j in plan.jobs for o in j.outputs}
     stats: dict = {}
+    ahead = Lookahead(
+        plan.jobs,
+        make=lambda job: early_stream(
+            job, ckpts, specs[job.out_name], device=device, chunk_elements=chunk_elements
+        ),
+        eligible=lambda job: (
+            ahead_eligible(job, ckpts, device)
+            and not _shared_outside_text(job, ckpts, specs[job.out_name].dtype)
+        ),
+        sizes=lambda job: input_bytes(job, ckpts),
+    )
 
     def apply(job: TensorJob):
         if job.members:  # a merge group: one fused merge, written back member by member
@@ -168,6 +183,8 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
             chunk_elements=chunk_elements,
             stats=stats,
             vocab=run.vocab,
+            stream=ahead.take(job),
+            on_stream=ahead.starter(job),
         )
         yield job.out_name, RawTensor(spec, chunks)
 
@@ -185,25 +202,28 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
         for name, data in tokenizer.items():
             writer.write_bytes(name, data)
 
-    result = rewrite_checkpoint(
-        ref,
-        plan.jobs,
-        out,
-        plan=lambda job: [specs[o.out_name] for o in job.outputs],
-        apply=apply,
-        options=run.options,
-        sources=list(ckpts.values()),
-        config_patch=_config_patch(ref, plan, recipe, out_dtype, run.vocab),
-        support_skip=TOKENIZER_FILES if tokenizer else (),
-        description=f"merge {recipe.merge_method}",
-        provenance={
-            "operation": "merge",
-            "method": recipe.merge_method,
-            "recipe": recipe.record(),
-            "config": {"device": device, "chunk_elements": chunk_elements},
-        },
-        before_commit=before_commit,
-    )
+    try:
+        result = rewrite_checkpoint(
+            ref,
+            plan.jobs,
+            out,
+            plan=lambda job: [specs[o.out_name] for o in job.outputs],
+            apply=apply,
+            options=run.options,
+            sources=list(ckpts.values()),
+            config_patch=_config_patch(ref, plan, recipe, out_dtype, run.vocab),
+            support_skip=TOKENIZER_FILES if tokenizer else (),
+            description=f"merge {recipe.merge_method}",
+            provenance={
+                "operation": "merge",
+                "method": recipe.merge_method,
+                "recipe": recipe.record(),
+                "config": {"device": device, "chunk_elements": chunk_elements},
+            },
+            before_commit=before_commit,
+        )
+    finally:
+        ahead.close()
     result.extra.update(
         {
             "method": recipe.merge_method,

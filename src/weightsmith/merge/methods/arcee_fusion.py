@@ -84,6 +84,7 @@ def quantile_ranks(n: int) -> torch.Tensor:
 @merge_method("arcee_fusion")
 class ArceeFusion(MergeMethod):
     tensor_statistics = True
+    stats_ahead = True
     whole_tensor = True
     title = "Arcee Fusion"
     reference = "https://arcee.ai"

@@ -145,6 +145,10 @@ class MergeMethod:
     # an entry's result depends on other entries of the tensor (top-k, norms, angles, ranks):
     # per-expert Linears that mergekit fuses into one tensor are merged as that one tensor
     tensor_statistics: ClassVar[bool] = False
+    # stream_stored computes the statistics when called and returns a stream whose chunks only
+    # run native kernels (sphere_native.stream_mapped): the engine may call it for the next
+    # tensor on a helper thread while this one's chunks are written (merge/engine.Lookahead)
+    stats_ahead: ClassVar[bool] = False
     max_models: ClassVar[int | None] = None
     global_params: ClassVar[tuple[Param, ...]] = ()
     model_params: ClassVar[tuple[Param, ...]] = ()

@@ -82,6 +82,7 @@ def ratio_from(norms: list[torch.Tensor], sums: dict) -> torch.Tensor:
 @merge_method("model_stock")
 class ModelStock(MergeMethod):
     tensor_statistics = True
+    stats_ahead = True
     whole_tensor = True
     title = "Model Stock"
     reference = "https://arxiv.org/abs/2403.19522"

@@ -74,6 +74,7 @@ def sphere_stats(v: torch.Tensor, weights: torch.Tensor, eps: float, name: str) 
 @merge_method("multislerp")
 class MultiSlerp(MergeMethod):
     tensor_statistics = True
+    stats_ahead = True
     whole_tensor = True
     title = "Multi-SLERP"
     reference = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"

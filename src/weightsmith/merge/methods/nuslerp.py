@@ -93,6 +93,7 @@ def angle_coefficients(cos: torch.Tensor, t: float):
 @merge_method("nuslerp")
 class NuSlerp(MergeMethod):
     tensor_statistics = True
+    stats_ahead = True
     whole_tensor = True
     title = "NuSLERP"
     reference = "https://github.com/arcee-ai/mergekit"

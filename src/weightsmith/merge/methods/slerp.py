@@ -63,6 +63,7 @@ def slerp_coefficients(
 @merge_method("slerp")
 class Slerp(MergeMethod):
     tensor_statistics = True
+    stats_ahead = True
     title = "SLERP"
     reference = "https://en.wikipedia.org/wiki/Slerp"
     needs_base = True

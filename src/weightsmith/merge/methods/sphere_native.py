@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -156,6 +157,22 @@ def float_sum(n: int) -> reduce.Reducer:
 
 SPAN = 1 << 19  # entries a kernel writes per call into a reused buffer that a reduction reads
 
+_local = threading.local()
+
+
+def span_buffers(use: str, count: int, numel: int) -> list[torch.Tensor]:
+    """``count`` bfloat16 buffers of ``numel`` entries, this thread's for ``use``, allocated
+    once at the largest size asked and kept: a freed multi-MB buffer goes back to the OS and
+    the next tensor's would be faulted in again page by page (up to 0.4M faults and 2 s of
+    system time in one multislerp run)."""
+    cache = _local.__dict__.setdefault("spans", {})
+    have = cache.get(use, [])
+    if len(have) < count or (have and have[0].numel() < numel):
+        size = max(numel, have[0].numel() if have else 0)
+        have = [torch.empty(size, dtype=torch.bfloat16) for _ in range(max(count, len(have)))]
+        cache[use] = have
+    return [b[:numel] for b in have[:count]]
+
 
 def native_reductions() -> bool:
     """torch's bfloat16 norms and sums can be reproduced natively here (:mod:`reduce`)."""
@@ -168,7 +185,7 @@ def streamed(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, lo
     :func:`fill` kernel) makes for entries ``[lo, hi)``, a span at a time into one small buffer:
     the tensor torch would reduce is never stored."""
     red = reduce.Reducer(kind, hi - lo, reduce.layout()[kind])
-    buf = torch.empty(max(1, min(SPAN, hi - lo)), dtype=torch.bfloat16)
+    (buf,) = span_buffers("streamed", 1, max(1, min(SPAN, hi - lo)))
     for s in range(lo, hi, SPAN):
         e = min(hi, s + SPAN)
         out = buf[: e - s]
@@ -193,10 +210,8 @@ def wide_rows(
     values in the same order: the same bits)."""
     n, per_round = src.numel, 2 * pool_workers()
     reds = [reduce.Reducer(kind, n, reduce.layout()[kind]) for _ in range(rows)]
-    sets = [
-        [torch.empty(rows * min(SPAN, n), dtype=torch.bfloat16) for _ in range(per_round)]
-        for _ in range(2)
-    ]
+    bufs = span_buffers("wide_rows", 2 * per_round, rows * min(SPAN, n))
+    sets = [bufs[:per_round], bufs[per_round:]]
     spans = [(s, min(n, s + SPAN)) for s in range(0, n, SPAN)]
     rounds = [spans[i : i + per_round] for i in range(0, len(spans), per_round)]
 
@@ -289,4 +304,22 @@ def stream_mapped(
         with stack:
             yield from stream_native(_Mapped(src, xs), out_dtype, kernel(state), offsets=offsets)
 
-    return chunks()
+    return _Stream(chunks(), stack)
+
+
+class _Stream:
+    """The output chunks of :func:`stream_mapped`; :meth:`close` also unmaps the inputs of a
+    stream that was never read (a generator not started does not run its ``with`` block)."""
+
+    def __init__(self, chunks: Iterator[torch.Tensor], stack: contextlib.ExitStack) -> None:
+        self._chunks, self._stack = chunks, stack
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self._chunks
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._stack.close()

@@ -14,8 +14,8 @@ from merge_testlib import assert_one_line_error, poke, run_cli
 import weightsmith.io.reader as reader
 import weightsmith.kernels as kernels
 from weightsmith.core.parallel import beside, compute_pool, pmap, pool_workers
-from weightsmith.merge import engine
-from weightsmith.merge.engine import Lookahead
+from weightsmith.errors import CheckpointError
+from weightsmith.merge.lookahead import Lookahead
 
 pytestmark = pytest.mark.skipif(kernels.merge_kernels() is None, reason="no C compiler here")
 
@@ -148,10 +148,10 @@ def test_failed_stream_is_raised_by_take():
     jobs = [object(), object()]
 
     def make(job):
-        raise engine.CheckpointError("bad tensor")
+        raise CheckpointError("bad tensor")
 
     with compute_pool(2):
         ahead = Lookahead(jobs, make, lambda j: True, sizes=lambda j: 1)
         ahead.starter(jobs[0])()
-        with pytest.raises(engine.CheckpointError, match="bad tensor"):
+        with pytest.raises(CheckpointError, match="bad tensor"):
             ahead.take(jobs[1])

@@ -29,16 +29,13 @@ from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, Tens
 from weightsmith.merge.card import model_card
 from weightsmith.merge.engine import (
     DEFAULT_CHUNK_ELEMENTS,
-    Lookahead,
-    ahead_eligible,
-    early_stream,
-    input_bytes,
     job_spec,
     produce,
     split_bytes,
     with_compute_dtype,
 )
 from weightsmith.merge.expert_groups import group_expert_jobs
+from weightsmith.merge.lookahead import Lookahead, ahead_eligible, early_stream, input_bytes
 from weightsmith.merge.methods import get_method
 from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
 from weightsmith.merge.recipe import PASSTHROUGH, MergeRecipe
@@ -154,17 +151,7 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
     out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
     specs = {o.out_name: job_spec(o, ckpts, out_dtype) for j in plan.jobs for o in j.outputs}
     stats: dict = {}
-    ahead = Lookahead(
-        plan.jobs,
-        make=lambda job: early_stream(
-            job, ckpts, specs[job.out_name], device=device, chunk_elements=chunk_elements
-        ),
-        eligible=lambda job: (
-            ahead_eligible(job, ckpts, device)
-            and not _shared_outside_text(job, ckpts, specs[job.out_name].dtype)
-        ),
-        sizes=lambda job: input_bytes(job, ckpts),
-    )
+    ahead = _lookahead(run, specs)
 
     def apply(job: TensorJob):
         if job.members:  # a merge group: one fused merge, written back member by member
@@ -236,6 +223,22 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
         }
     )
     return result
+
+
+def _lookahead(run: _Run, specs: Mapping[str, TensorSpec]) -> Lookahead:
+    """The plan's jobs with the next one's statistics computed beside each one's output."""
+    ckpts, device = run.ckpts, run.device
+    return Lookahead(
+        run.plan.jobs,
+        make=lambda job: early_stream(
+            job, ckpts, specs[job.out_name], device=device, chunk_elements=run.chunk_elements
+        ),
+        eligible=lambda job: (
+            ahead_eligible(job, ckpts, device)
+            and not _shared_outside_text(job, ckpts, specs[job.out_name].dtype)
+        ),
+        sizes=lambda job: input_bytes(job, ckpts),
+    )
 
 
 def _group_outputs(job: TensorJob, run: _Run, outs: list[TensorSpec]):

@@ -147,7 +147,7 @@ class MergeMethod:
     tensor_statistics: ClassVar[bool] = False
     # stream_stored computes the statistics when called and returns a stream whose chunks only
     # run native kernels (sphere_native.stream_mapped): the engine may call it for the next
-    # tensor on a helper thread while this one's chunks are written (merge/engine.Lookahead)
+    # tensor on a helper thread while this one's chunks are written (merge/lookahead.py)
     stats_ahead: ClassVar[bool] = False
     max_models: ClassVar[int | None] = None
     global_params: ClassVar[tuple[Param, ...]] = ()

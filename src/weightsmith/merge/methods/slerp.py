@@ -267,7 +267,9 @@ def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> 
     return tuple(float(c) for c in _coefficients(torch.stack(parts).sum().clamp(-1, 1), t))
 
 
-PRODUCT_SPAN = 1 << 16  # products made per call into a cached buffer that the sum reads
+PRODUCT_SPAN = (
+    1 << 18
+)  # products made per call into a cached buffer (1 MB: in L2) that the sum reads
 
 
 def _dot_parts(xs: list[torch.Tensor], n: int, na: float, nb: float) -> list[torch.Tensor]:

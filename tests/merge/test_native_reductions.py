@@ -289,3 +289,80 @@ def test_wide_rows_are_each_rows_streamed_sum(workers, monkeypatch):
     xs[2][21_000] = float("nan")
     with compute_pool(workers), pytest.raises(CheckpointError, match="input 2 holds NaN"):
         sphere_native.wide_rows(StoredChunks(xs), xs, both, "casc", 2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_stock_rows_are_the_vectors_and_unit_products(k):
+    """model_stock's one-read kernel stores, row after row, what ws_sph_vector stores for each
+    task vector and ws_nus_prod (unit norms) for each pair, to the bit (edge values: zeros,
+    subnormals, overflowing products); more than four models are refused."""
+    from test_narrow_kernels import edge_inputs
+
+    from weightsmith.kernels import sphere
+
+    xs = edge_inputs(k + 1, seed=50 + k)
+    n = xs[0].numel()
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    out = torch.empty((k + len(pairs)) * n, dtype=torch.bfloat16)
+    bad = sphere.stock_rows(xs, out)
+    want_bad = [int((~torch.isfinite(x)).sum()) for x in xs]
+    assert bad == want_bad
+    for i in range(k):
+        v = torch.empty(n, dtype=torch.bfloat16)
+        sphere.vector(xs, True, i + 1, v)
+        assert torch.equal(out[i * n : (i + 1) * n].view(torch.int16), v.view(torch.int16))
+    for r, (i, j) in enumerate(pairs, start=k):
+        p = torch.empty(n, dtype=torch.bfloat16)
+        sphere.nus_prod([xs[0], xs[i + 1], xs[j + 1]], True, 1.0, 1.0, p)
+        assert torch.equal(out[r * n : (r + 1) * n].view(torch.int16), p.view(torch.int16))
+    with pytest.raises(ValueError, match="2 to 5 inputs"):
+        sphere.stock_rows(edge_inputs(6, seed=1), torch.empty(20 * n, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_row_reductions_feed_each_range_of_a_row(workers, monkeypatch):
+    """A row reduced in parts (a sum's per-thread ranges, cut inside spans) gives each part's
+    sequential feed, beside a row reduced whole."""
+    from sphere_testlib import StoredChunks
+
+    from weightsmith.core.parallel import compute_pool
+    from weightsmith.kernels import sphere
+
+    monkeypatch.setattr(sphere_native, "SPAN", 1000)
+    n = 21_017
+    xs = [_order_sensitive(n, 47), _order_sensitive(n, 48)]
+    src = StoredChunks(xs)
+    vec = lambda p, o: sphere.vector(p, True, 1, o)  # noqa: E731
+
+    def twice(p, o):
+        m = p[0].numel()
+        return [a + b for a, b in zip(vec(p, o[:m]), vec(p, o[m:]), strict=True)]
+
+    parts = [(0, 7_777), (7_777, 15_001), (15_001, n)]  # cuts inside spans
+    want = [sphere_native.streamed(src, xs, vec, "casc", lo, hi) for lo, hi in parts]
+    whole = sphere_native.streamed(src, xs, vec, "norm", 0, n)
+    with compute_pool(workers):
+        got = sphere_native.row_reductions(src, xs, twice, [("norm", [(0, n)]), ("casc", parts)])
+    assert got == [[whole], want]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_model_stock_on_the_pool_keeps_torch_bits(k, monkeypatch):
+    """On a pool, model_stock's statistics come from one read of the inputs for up to four
+    models (five: the per-statistic passes): the torch path's bits at mergekit's two threads."""
+    from weightsmith.core.parallel import compute_pool
+
+    for mod in (base_mod, sphere_native, model_stock_mod):
+        monkeypatch.setattr(mod, "TORCH_THREADS", 2)
+    monkeypatch.setattr(sphere_native, "SPAN", 4099)
+    calls = []
+    one = model_stock_mod.one_pass_ratio
+    monkeypatch.setattr(model_stock_mod, "one_pass_ratio", lambda *a: calls.append(1) or one(*a))
+    base = values(100_003, seed=60)
+    xs = [base] + [base + values(100_003, seed=61 + i) * 0.1 for i in range(k)]
+    _, want = native_and_torch("model_stock", xs, bf16_params(), torch.bfloat16)  # 2 threads
+    with compute_pool(2):  # (its torch path would run single-threaded in here)
+        native, _ = native_and_torch("model_stock", xs, bf16_params(), torch.bfloat16)
+    assert native is not None and len(calls) == (k <= 4)
+    assert torch.equal(native.view(torch.int16), want.view(torch.int16))
+    assert int((native.float() != base.float()).sum()) > 1000  # not the base

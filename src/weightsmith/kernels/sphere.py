@@ -24,6 +24,7 @@ _SIGNATURES = {
     "ws_sphere_max_models": ([], ctypes.c_int),
     "ws_sph_vector": ([_p, _i32, _i32, _i32, _i64, _p, _i32, _p], None),
     "ws_nus_prod": ([_p, _i32, _i32, _i64, _f32, _f32, _p], None),
+    "ws_stock_rows": ([_p, _i32, _i32, _i64, _p, _p], _i32),
     "ws_nus_out": (
         [_p, _i32, _i32, _i64, _f32, _f32, _f32, _i32, _f32, _f32, _p, _i32, _p],
         _i64,
@@ -46,7 +47,7 @@ PRODUCTS, MIX = 0, 1  # ws_slerp_pass's modes
 
 
 def library() -> ctypes.CDLL | None:
-    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 2))
+    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 3))
 
 
 def usable(inputs: Sequence[torch.Tensor], *outs: torch.Tensor) -> bool:
@@ -87,6 +88,20 @@ def nus_prod(xs: Sequence[torch.Tensor], has_base: bool, n1: float, n2: float, o
     library().ws_nus_prod(
         _ptrs(xs), int(has_base), _DT[xs[0].dtype], out.numel(), n1, n2, out.data_ptr()
     )
+
+
+STOCK_MAX_MODELS = 4  # ws_stock_rows' STOCK_MAXM
+
+
+def stock_rows(xs: Sequence[torch.Tensor], out: torch.Tensor) -> list[int]:
+    """model_stock's task vectors of a range (``xs[0]`` the base) and each pair's product, row
+    after row in bfloat16 ``out`` (k + k(k−1)/2 rows of the range's length); the NaN/Inf count
+    of each input read."""
+    bad = _bad(len(xs))
+    n = xs[0].numel()
+    if library().ws_stock_rows(_ptrs(xs), len(xs), _DT[xs[0].dtype], n, out.data_ptr(), bad):
+        raise ValueError(f"stock_rows takes 2 to {STOCK_MAX_MODELS + 1} inputs")
+    return list(bad)
 
 
 def nus_out(

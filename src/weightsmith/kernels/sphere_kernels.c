@@ -19,7 +19,7 @@
 #define TILE 256
 #define MAXK 16
 
-int ws_sphere_abi(void) { return 2; }
+int ws_sphere_abi(void) { return 3; }
 int ws_sphere_max_models(void) { return MAXK; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
@@ -107,6 +107,34 @@ void ws_nus_prod(const void *const *xs, int32_t has_base, int32_t dtype, int64_t
         vec_tile(xs, has_base, f + 1, dtype, s, m, b, w, bad);
         for (int64_t i = 0; i < m; i++) out[s + i] = to_bf16(ra(v[i] / n1) * ra(w[i] / n2));
     }
+}
+
+/* model_stock's statistics' values, every row of a range at once (row r at out + r·n): with
+ * xs[0] the base and M = K − 1 ≤ STOCK_MAXM models, rows 0..M−1 the task vectors
+ * δ_k = r(x_k − x_0), then one row per pair i < j (in order) of r(δ_i·δ_j): what ws_sph_vector
+ * and ws_nus_prod (unit norms) store, each input read once. bad[i]: NaN/Inf of input i. */
+#define STOCK_MAXM 4
+WIDE_VECTORS int32_t ws_stock_rows(const void *const *xs, int32_t K, int32_t dtype, int64_t n,
+                                   uint16_t *out, int64_t *bad) {
+    float b[TILE], d[STOCK_MAXM][TILE];
+    const int32_t M = K - 1;
+    if (M < 1 || M > STOCK_MAXM) return -1;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load(xs[0], dtype, s, m, b, &bad[0]);
+        for (int32_t k = 0; k < M; k++) {
+            vec_tile(xs, 1, k + 1, dtype, s, m, b, d[k], bad);
+            uint16_t *o = out + (int64_t)k * n + s;
+            for (int64_t i = 0; i < m; i++) o[i] = to_bf16(d[k][i]);
+        }
+        int64_t row = M;
+        for (int32_t i = 0; i < M; i++)
+            for (int32_t j = i + 1; j < M; j++, row++) {
+                uint16_t *o = out + row * n + s;
+                for (int64_t t = 0; t < m; t++) o[t] = to_bf16(ra(d[i][t] / 1.0f) * ra(d[j][t] / 1.0f));
+            }
+    }
+    return 0;
 }
 
 /* nuslerp's output: r((r(r(A·v1) + r(B·v2))) / S), or when colinear r(r(lt·v1) + r(t·v2))

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from weightsmith.core.parallel import pmap, sub_ranges
+from weightsmith.core.parallel import pmap, pool_workers, sub_ranges
 from weightsmith.kernels import merge as native
-from weightsmith.kernels import sphere
+from weightsmith.kernels import reduce, sphere
 from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     NATIVE_PIECE,
@@ -140,8 +140,12 @@ class ModelStock(MergeMethod):
 def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
     """:func:`stored_ratio` with torch's norms and sums reproduced natively from the mapped
     stored inputs ``xs``, each fused with the kernel that makes the values it reduces (task
-    vectors, their products): no tensor of the input's size is stored."""
+    vectors, their products): no tensor of the input's size is stored. Up to
+    ``sphere.STOCK_MAX_MODELS`` models on a pool of several threads, one kernel makes every
+    task vector and product of a span from one read of the inputs (:func:`one_pass_ratio`)."""
     k = src.num_inputs - 1
+    if k <= sphere.STOCK_MAX_MODELS and pool_workers() > 1:
+        return one_pass_ratio(src, xs)
     vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
     norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]
     sums = {}
@@ -153,6 +157,24 @@ def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
                 return sphere.nus_prod([p[m] for m in pick], True, 1.0, 1.0, o)
 
             sums[i, j] = sphere_native.tensor_sum(src, xs, prod, TORCH_THREADS).reshape(1)
+    return ratio_from(norms, sums)
+
+
+def one_pass_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`streamed_ratio` in one pass: the task vectors' rows each reduced by torch's norm
+    (one chain), the pairs' product rows by torch's sum with mergekit's threads (one chain per
+    thread's part), fed in order from the spans the pool fills."""
+    k = src.num_inputs - 1
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    parts = reduce.parts(src.numel, TORCH_THREADS)
+    whole = [(0, src.numel)]
+    rows = [("norm", whole)] * k + [("casc", parts)] * len(pairs)
+    out = sphere_native.row_reductions(src, xs, sphere.stock_rows, rows)
+    norms = [torch.tensor(v[0], dtype=torch.bfloat16).reshape(1) for v in out[:k]]
+    sums = {
+        pair: torch.tensor(reduce.combine(v, TORCH_THREADS), dtype=torch.bfloat16).reshape(1)
+        for pair, v in zip(pairs, out[k:], strict=True)
+    }
     return ratio_from(norms, sums)
 
 

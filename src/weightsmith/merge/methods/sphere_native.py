@@ -204,35 +204,52 @@ def wide_rows(
     src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, rows: int
 ) -> list[float]:
     """The ``kind`` reduction of each of the ``rows`` rows ``kernel`` makes at once (row r of a
-    span of m entries at ``out[r·m : (r+1)·m]``), over the whole tensor with the compute pool's
-    threads: each round, the pool fills the next spans into one set of buffers while one task
-    per row feeds the previous round's set to that row's reduction, in order (so the same
-    values in the same order: the same bits)."""
+    span of m entries at ``out[r·m : (r+1)·m]``), over the whole tensor (see
+    :func:`row_reductions`)."""
+    whole = [(kind, [(0, src.numel)])] * rows
+    return [parts[0] for parts in row_reductions(src, xs, kernel, whole)]
+
+
+def row_reductions(
+    src: ChunkSource, xs: Sequence[torch.Tensor], kernel, rows: Sequence[tuple[str, list]]
+) -> list[list[float]]:
+    """For each row ``kernel`` makes (row r of a span of m entries at ``out[r·m : (r+1)·m]``),
+    ``rows[r]`` = (kind, ranges): the ``kind`` reduction (:class:`reduce.Reducer`) of each of
+    its ranges [lo, hi), over the whole tensor with the compute pool's threads: each round,
+    the pool fills the next spans into one set of buffers while one task per row feeds the
+    previous round's set to that row's reductions, in order (so the same values in the same
+    order: the same bits)."""
     n, per_round = src.numel, 2 * pool_workers()
-    reds = [reduce.Reducer(kind, n, reduce.layout()[kind]) for _ in range(rows)]
-    bufs = span_buffers("wide_rows", 2 * per_round, rows * min(SPAN, n))
+    layout = reduce.layout()
+    reds = [[(lo, hi, reduce.Reducer(kind, hi - lo, layout[kind])) for lo, hi in ranges]
+            for kind, ranges in rows]  # fmt: skip
+    bufs = span_buffers("wide_rows", 2 * per_round, len(rows) * min(SPAN, n))
     sets = [bufs[:per_round], bufs[per_round:]]
     spans = [(s, min(n, s + SPAN)) for s in range(0, n, SPAN)]
     rounds = [spans[i : i + per_round] for i in range(0, len(spans), per_round)]
 
     def fill(task: tuple) -> Sequence[int] | None:
         (s, e), buf = task
-        return kernel([x[s:e] for x in xs], buf[: rows * (e - s)])
+        return kernel([x[s:e] for x in xs], buf[: len(rows) * (e - s)])
 
     def feed(task: tuple) -> None:
         r, filled = task
         for (s, e), buf in filled:
-            reds[r].feed(buf[r * (e - s) : (r + 1) * (e - s)])
+            row = buf[r * (e - s) : (r + 1) * (e - s)]
+            for lo, hi, red in reds[r]:
+                a, b = max(s, lo), min(e, hi)
+                if a < b:
+                    red.feed(row[a - s : b - s])
 
     previous: list = []
     for j, spans_j in enumerate([*rounds, []]):
         filled = list(zip(spans_j, sets[j % 2], strict=False))
-        tasks = [(feed, (r, previous)) for r in range(rows)] if previous else []
+        tasks = [(feed, (r, previous)) for r in range(len(rows))] if previous else []
         tasks += [(fill, t) for t in filled]
         for bad in pmap(lambda task: task[0](task[1]), tasks):
             refuse_nonfinite(src, bad)
         previous = filled
-    return [red.result() for red in reds]
+    return [[red.result() for _, _, red in row] for row in reds]
 
 
 def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list[torch.Tensor]:

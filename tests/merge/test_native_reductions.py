@@ -348,8 +348,8 @@ def test_row_reductions_feed_each_range_of_a_row(workers, monkeypatch):
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
 def test_model_stock_on_the_pool_keeps_torch_bits(k, monkeypatch):
-    """On a pool, model_stock's statistics come from one read of the inputs for up to four
-    models (five: the per-statistic passes): the torch path's bits at mergekit's two threads."""
+    """model_stock's statistics come from one read of the inputs for up to four models (five:
+    the per-statistic passes), here on a pool: the torch path's bits at mergekit's two threads."""
     from weightsmith.core.parallel import compute_pool
 
     for mod in (base_mod, sphere_native, model_stock_mod):
@@ -361,6 +361,7 @@ def test_model_stock_on_the_pool_keeps_torch_bits(k, monkeypatch):
     base = values(100_003, seed=60)
     xs = [base] + [base + values(100_003, seed=61 + i) * 0.1 for i in range(k)]
     _, want = native_and_torch("model_stock", xs, bf16_params(), torch.bfloat16)  # 2 threads
+    calls.clear()
     with compute_pool(2):  # (its torch path would run single-threaded in here)
         native, _ = native_and_torch("model_stock", xs, bf16_params(), torch.bfloat16)
     assert native is not None and len(calls) == (k <= 4)

@@ -36,12 +36,9 @@ def early_stream(
     device: str = "cpu",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> Iterator[torch.Tensor] | None:
-    """A plain job's native output stream with its whole-tensor statistics computed now (what
-    :func:`~weightsmith.merge.engine.produce` would make; pass it as ``stream``), or None where
-    the job takes another path or its method does not compute its statistics when called
-    (``stats_ahead``)."""
-    if not ahead_eligible(job, ckpts, device):
-        return None
+    """The native output stream of a job :func:`ahead_eligible` accepts, its whole-tensor
+    statistics computed now (what :func:`~weightsmith.merge.engine.produce` would make; pass
+    it as ``stream``), or None where its method takes another path for this tensor."""
     src = job_source(job, ckpts, chunk_elements, device)
     return get_method(job.method).stream_stored(src, job.params, spec.dtype)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from weightsmith.core.parallel import pmap, pool_workers, sub_ranges
+from weightsmith.core.parallel import pmap, sub_ranges
 from weightsmith.kernels import merge as native
 from weightsmith.kernels import reduce, sphere
 from weightsmith.merge.methods import sphere_native
@@ -141,10 +141,10 @@ def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
     """:func:`stored_ratio` with torch's norms and sums reproduced natively from the mapped
     stored inputs ``xs``, each fused with the kernel that makes the values it reduces (task
     vectors, their products): no tensor of the input's size is stored. Up to
-    ``sphere.STOCK_MAX_MODELS`` models on a pool of several threads, one kernel makes every
-    task vector and product of a span from one read of the inputs (:func:`one_pass_ratio`)."""
+    ``sphere.STOCK_MAX_MODELS`` models, one kernel makes every task vector and product of a
+    span from one read of the inputs (:func:`one_pass_ratio`)."""
     k = src.num_inputs - 1
-    if k <= sphere.STOCK_MAX_MODELS and pool_workers() > 1:
+    if k <= sphere.STOCK_MAX_MODELS:
         return one_pass_ratio(src, xs)
     vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
     norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]

@@ -8,7 +8,6 @@ When the directions are nearly colinear or opposite (|cos| > 0.9995) it falls ba
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -229,17 +228,6 @@ def native_mergekit_slerp(src: ChunkSource, t: float, out_dtype: torch.dtype):
     )
 
 
-_local = threading.local()
-
-
-def _scratch(shape: tuple[int, ...]) -> torch.Tensor:
-    """This thread's float32 scratch of ``shape``, allocated once (not faulted in per piece)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.shape != shape:
-        buf = _local.buf = torch.empty(shape, dtype=torch.float32)
-    return buf
-
-
 def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> tuple:
     """(s0, s1) as floats: :func:`mergekit_coefficients` from the stored inputs."""
     n = src.numel
@@ -249,7 +237,7 @@ def _native_coefficients(src: ChunkSource, xs: list[torch.Tensor], t: float) -> 
         direct = [dot.norm(q) for q in p]  # bfloat16 storage: torch's float32 norm, natively
         if all(v is not None and math.isfinite(v) for v in direct):
             return tuple(torch.tensor(v, dtype=torch.float32) for v in direct)
-        f = _scratch((2, MERGEKIT_CHUNK))[:, : p[0].numel()]  # else (NaN/Inf found here)
+        f = sphere_native.span_buffers("slerp", 2, p[0].numel(), torch.float32)  # else (NaN/Inf)
         for k in (0, 1):
             if sphere.vector(p, False, k, f[k])[k]:
                 src.fail_nonfinite(k)
@@ -281,7 +269,7 @@ def _dot_parts(xs: list[torch.Tensor], n: int, na: float, nb: float) -> list[tor
 
     def part(r: tuple[int, int]) -> float:
         red = sphere_native.float_sum(r[1] - r[0])
-        buf = _scratch((2, MERGEKIT_CHUNK))[0]
+        (buf,) = sphere_native.span_buffers("slerp", 1, MERGEKIT_CHUNK, torch.float32)
         for s in range(r[0], r[1], PRODUCT_SPAN):
             o = buf[: min(r[1], s + PRODUCT_SPAN) - s]
             sphere.slerp_pass([x[s : s + o.numel()] for x in xs], sphere.PRODUCTS, (na, nb), o)

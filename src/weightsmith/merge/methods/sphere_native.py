@@ -160,17 +160,19 @@ SPAN = 1 << 19  # entries a kernel writes per call into a reused buffer that a r
 _local = threading.local()
 
 
-def span_buffers(use: str, count: int, numel: int) -> list[torch.Tensor]:
-    """``count`` bfloat16 buffers of ``numel`` entries, this thread's for ``use``, allocated
+def span_buffers(
+    use: str, count: int, numel: int, dtype: torch.dtype = torch.bfloat16
+) -> list[torch.Tensor]:
+    """``count`` buffers of ``numel`` entries of ``dtype``, this thread's for ``use``, allocated
     once at the largest size asked and kept: a freed multi-MB buffer goes back to the OS and
     the next tensor's would be faulted in again page by page (up to 0.4M faults and 2 s of
     system time in one multislerp run)."""
     cache = _local.__dict__.setdefault("spans", {})
-    have = cache.get(use, [])
+    have = cache.get((use, dtype), [])
     if len(have) < count or (have and have[0].numel() < numel):
         size = max(numel, have[0].numel() if have else 0)
-        have = [torch.empty(size, dtype=torch.bfloat16) for _ in range(max(count, len(have)))]
-        cache[use] = have
+        have = [torch.empty(size, dtype=dtype) for _ in range(max(count, len(have)))]
+        cache[use, dtype] = have
     return [b[:numel] for b in have[:count]]
 
 

@@ -48,6 +48,13 @@ static inline float bf16_round_arith(float f) {
     return f;
 }
 
+/* Prefetch the cache lines of [p + ahead, p + ahead + n): a kernel reading a stream forward asks
+ * for it ahead of its loads (the hardware prefetchers stop at each 4 KB page). Prefetches do
+ * not fault, past the end of a mapping included. */
+static inline void prefetch_ahead(const void *p, int64_t n, int64_t ahead) {
+    for (int64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + ahead + o);
+}
+
 /* 512-bit vectors where GCC would pick 256, for arithmetic-bound loops only (nearswap's: 12 %
  * less CPU; multislerp's stages); memory-bound passes gained nothing or lost. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)

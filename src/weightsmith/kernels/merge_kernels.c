@@ -316,6 +316,7 @@ static void load_bf16_tile(const void *x, int32_t dtype, int64_t s, int64_t m, f
     uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (dtype == DT_BF16) {
         const uint16_t *p = (const uint16_t *)x + s;
+        prefetch_ahead(p, m * 2, 2048);
         for (int64_t i = 0; i < m; i++) {
             v[i] = bf16_at(p, i);
             nb += bf16_exp(p, i) == 0x7F80u;

@@ -24,6 +24,11 @@
 #include "bf16.h"
 
 #define MAXW 16
+/* Bytes a consumer prefetches ahead of what it reads: the values it reduces were just written
+ * by other threads into buffers larger than a core's L2, and the hardware prefetchers alone
+ * leave each 4 KB page starting with misses (a norm of 11.5M values from L3: 0.45 -> 0.26 ns
+ * a value). */
+#define AHEAD 2048
 #define LEVELS 4
 #define ILP 4
 
@@ -56,7 +61,10 @@ static inline void norm_vec_w(float *acc, const uint16_t *v, const int w) {
 static inline void norm_run_w(float *state_acc, const uint16_t *v, int64_t nvec, const int w) {
     float acc[MAXW];
     memcpy(acc, state_acc, sizeof acc);
-    for (int64_t j = 0; j < nvec; j++) norm_vec_w(acc, v + j * 2 * w, w);
+    for (int64_t j = 0; j < nvec; j++) {
+        if (((j * 4 * w) & 63) == 0) __builtin_prefetch(v + j * 2 * w + AHEAD / 2);
+        norm_vec_w(acc, v + j * 2 * w, w);
+    }
     memcpy(state_acc, acc, sizeof acc);
 }
 
@@ -174,6 +182,7 @@ static inline void casc_run_w(casc_t *s, const unsigned char *v, int64_t g0, int
     float a[ILP][MAXW];
     memcpy(a, s->acc[0], sizeof a);
     for (int64_t g = 0; g < ngroups; g++) {
+        for (int64_t o = 0; o < ILP * vbytes; o += 64) __builtin_prefetch(v + g * ILP * vbytes + AHEAD + o);
         for (int k = 0; k < ILP; k++) load_add(a[k], v + (g * ILP + k) * vbytes, w, esize);
         if ((g0 + g + 1) % s->step == 0) {
             memcpy(s->acc[0], a, sizeof a);

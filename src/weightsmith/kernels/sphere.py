@@ -24,13 +24,18 @@ _SIGNATURES = {
     "ws_sphere_max_models": ([], ctypes.c_int),
     "ws_sph_vector": ([_p, _i32, _i32, _i32, _i64, _p, _i32, _p], None),
     "ws_nus_prod": ([_p, _i32, _i32, _i64, _f32, _f32, _p], None),
-    "ws_stock_rows": ([_p, _i32, _i32, _i64, _p, _p], _i32),
+    "ws_stock_rows": ([_p, _i32, _i32, _i64, _p, _p, _p], _i32),
+    "ws_stock_out": ([_p, _p, _i32, _i64, _f32, _f32, _p, _i32, _p], _i64),
     "ws_nus_out": (
         [_p, _i32, _i32, _i64, _f32, _f32, _f32, _i32, _f32, _f32, _p, _i32, _p],
         _i64,
     ),
     "ws_ms_pass": (
         [_p, _i32, _i32, _i32, _i64, _i32, _i32, _p, _p, _f32, _p, *[_f32] * 3, _p, _i32, _p],
+        _i64,
+    ),
+    "ws_ms_rows": (
+        [_p, _i32, _p, _i32, _i64, _i32, _p, _p, _f32, _p, *[_f32] * 3, _p, _i32, _p],
         _i64,
     ),
     "ws_slerp_pass": ([_p, _i32, _i64, _i32, _f32, _f32, _f32, _f32, _p, _i32, _p], _i64),
@@ -47,7 +52,7 @@ PRODUCTS, MIX = 0, 1  # ws_slerp_pass's modes
 
 
 def library() -> ctypes.CDLL | None:
-    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 3))
+    return load_library("sphere", _SOURCE, _SIGNATURES, ("ws_sphere_abi", 4))
 
 
 def usable(inputs: Sequence[torch.Tensor], *outs: torch.Tensor) -> bool:
@@ -93,15 +98,32 @@ def nus_prod(xs: Sequence[torch.Tensor], has_base: bool, n1: float, n2: float, o
 STOCK_MAX_MODELS = 4  # ws_stock_rows' STOCK_MAXM
 
 
-def stock_rows(xs: Sequence[torch.Tensor], out: torch.Tensor) -> list[int]:
+def stock_rows(
+    xs: Sequence[torch.Tensor], out: torch.Tensor, avg: torch.Tensor | None = None
+) -> list[int]:
     """model_stock's task vectors of a range (``xs[0]`` the base) and each pair's product, row
-    after row in bfloat16 ``out`` (k + k(k−1)/2 rows of the range's length); the NaN/Inf count
+    after row in bfloat16 ``out`` (k + k(k−1)/2 rows of the range's length), and with ``avg``
+    (bfloat16, the range's length) the models' mean for :func:`stock_out`; the NaN/Inf count
     of each input read."""
     bad = _bad(len(xs))
     n = xs[0].numel()
-    if library().ws_stock_rows(_ptrs(xs), len(xs), _DT[xs[0].dtype], n, out.data_ptr(), bad):
+    mean = None if avg is None else avg.data_ptr()
+    if library().ws_stock_rows(_ptrs(xs), len(xs), _DT[xs[0].dtype], n, out.data_ptr(), mean, bad):
         raise ValueError(f"stock_rows takes 2 to {STOCK_MAX_MODELS + 1} inputs")
     return list(bad)
+
+
+def stock_out(
+    avg: torch.Tensor, base: torch.Tensor, t: float, u: float, out: torch.Tensor
+) -> tuple[int, list[int]]:
+    """Model Stock's output ``r(r(t·avg) + r(u·base))`` from :func:`stock_rows`' mean ``avg``
+    and the stored base, in ``out``'s dtype: (NaN/Inf outputs, [NaN/Inf of the base])."""
+    bad = _bad(1)
+    n_out = library().ws_stock_out(
+        avg.data_ptr(), base.data_ptr(), _DT[base.dtype], out.numel(), t, u, out.data_ptr(),
+        _DT[out.dtype], bad,
+    )  # fmt: skip
+    return int(n_out), list(bad)
 
 
 def nus_out(
@@ -134,6 +156,34 @@ def ms_pass(
     n = out.numel() // k if mode == UNIT_DOT and which < 0 else out.numel()
     n_out = library().ws_ms_pass(
         _ptrs(xs), k, int(has_base), _DT[xs[0].dtype], n, mode, which,
+        f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0),
+        f32(*stats.get("dots", [0.0] * k)), stats.get("c1", 0.0), stats.get("c2", 0.0),
+        stats.get("avg", 0.0), out.data_ptr(), _DT[out.dtype], bad,
+    )  # fmt: skip
+    if n_out < 0:
+        raise RuntimeError("multislerp kernel: too many models")
+    return int(n_out), list(bad)
+
+
+def ms_rows(
+    rows: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    mode: int,
+    stats: dict,
+    out: torch.Tensor,
+) -> tuple[int, list[int]]:
+    """:func:`ms_pass` (``UNIT_DOT``: every task vector's row) from k + 1 kept bfloat16 rows of
+    the pieces' length instead of the inputs, each stage leaving in them what the next reads:
+    ``MEAN`` takes the task vectors (rows 0…k−1; row k is written), the later stages what the
+    one before left. ``base`` (the stored base's piece, or None) is read by ``OUTPUT`` only;
+    its NaN/Inf count is returned."""
+    k = len(rows) - 1
+    f32 = ctypes.c_float * k
+    bad = _bad(1)
+    n = out.numel() // k if mode == UNIT_DOT else out.numel()
+    n_out = library().ws_ms_rows(
+        _ptrs(rows), k, None if base is None else base.data_ptr(),
+        _DT[rows[0].dtype if base is None else base.dtype], n, mode,
         f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0),
         f32(*stats.get("dots", [0.0] * k)), stats.get("c1", 0.0), stats.get("c2", 0.0),
         stats.get("avg", 0.0), out.data_ptr(), _DT[out.dtype], bad,

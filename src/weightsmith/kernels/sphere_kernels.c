@@ -19,7 +19,7 @@
 #define TILE 256
 #define MAXK 16
 
-int ws_sphere_abi(void) { return 3; }
+int ws_sphere_abi(void) { return 4; }
 int ws_sphere_max_models(void) { return MAXK; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
@@ -34,6 +34,7 @@ WIDE_VECTORS static void load(const void *x, int32_t dtype, int64_t s, int64_t m
     uint32_t nb = 0; /* per tile (m < 2^32): narrow lanes vectorize, int64 ones do not */
     if (dtype == DT_BF16) {
         const uint16_t *p = (const uint16_t *)x + s;
+        prefetch_ahead(p, m * 2, 2048);
         for (int64_t i = 0; i < m; i++) {
             v[i] = from_bf16(p[i]);
             nb += (p[i] & 0x7F80u) == 0x7F80u;
@@ -48,6 +49,23 @@ WIDE_VECTORS static void load(const void *x, int32_t dtype, int64_t s, int64_t m
         }
     }
     *bad += nb;
+}
+
+/* A tile of arithmetic results (bf16_round_arith's: their low 16 bits are zero) stored as
+ * bfloat16 at entry s: their high halves, without store's rounding and NaN count. A NaN (only
+ * ever made from inputs or overflows that the callers refuse) stays a NaN. */
+WIDE_VECTORS static void store_kept(const float *v, int64_t m, uint16_t *out, int64_t s) {
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t u;
+        memcpy(&u, v + i, sizeof u);
+        out[s + i] = (uint16_t)(u >> 16);
+    }
+}
+
+/* A tile of kept bfloat16 values (read without a NaN count: they were counted when made). */
+WIDE_VECTORS static void load_kept(const uint16_t *x, int64_t s, int64_t m, float *v) {
+    prefetch_ahead(x + s, m * 2, 2048);
+    for (int64_t i = 0; i < m; i++) v[i] = from_bf16(x[s + i]);
 }
 
 /* Task vector k of a tile: r(x_k − base) with a base (xs[0]), else x_k. */
@@ -112,29 +130,55 @@ void ws_nus_prod(const void *const *xs, int32_t has_base, int32_t dtype, int64_t
 /* model_stock's statistics' values, every row of a range at once (row r at out + r·n): with
  * xs[0] the base and M = K − 1 ≤ STOCK_MAXM models, rows 0..M−1 the task vectors
  * δ_k = r(x_k − x_0), then one row per pair i < j (in order) of r(δ_i·δ_j): what ws_sph_vector
- * and ws_nus_prod (unit norms) store, each input read once. bad[i]: NaN/Inf of input i. */
+ * and ws_nus_prod (unit norms) store, each input read once. With avg (not NULL), also the
+ * models' mean there, r(r(Σ_k x_k) / M) (the sum from 0 in model order, each add rounded), as
+ * ws_stock_mix makes it, for ws_stock_out. bad[i]: NaN/Inf of input i. */
 #define STOCK_MAXM 4
 WIDE_VECTORS int32_t ws_stock_rows(const void *const *xs, int32_t K, int32_t dtype, int64_t n,
-                                   uint16_t *out, int64_t *bad) {
-    float b[TILE], d[STOCK_MAXM][TILE];
+                                   uint16_t *out, uint16_t *avg, int64_t *bad) {
+    float b[TILE], d[STOCK_MAXM][TILE], acc[TILE];
     const int32_t M = K - 1;
     if (M < 1 || M > STOCK_MAXM) return -1;
     for (int64_t s = 0; s < n; s += TILE) {
         const int64_t m = (n - s < TILE) ? n - s : TILE;
         load(xs[0], dtype, s, m, b, &bad[0]);
+        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
         for (int32_t k = 0; k < M; k++) {
-            vec_tile(xs, 1, k + 1, dtype, s, m, b, d[k], bad);
-            uint16_t *o = out + (int64_t)k * n + s;
-            for (int64_t i = 0; i < m; i++) o[i] = to_bf16(d[k][i]);
+            load(xs[k + 1], dtype, s, m, d[k], &bad[k + 1]);
+            if (avg)
+                for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] + d[k][i]);
+            for (int64_t i = 0; i < m; i++) d[k][i] = ra(d[k][i] - b[i]);
+            store_kept(d[k], m, out + (int64_t)k * n, s);
         }
         int64_t row = M;
         for (int32_t i = 0; i < M; i++)
             for (int32_t j = i + 1; j < M; j++, row++) {
                 uint16_t *o = out + row * n + s;
-                for (int64_t t = 0; t < m; t++) o[t] = to_bf16(ra(d[i][t] / 1.0f) * ra(d[j][t] / 1.0f));
+                for (int64_t t = 0; t < m; t++) o[t] = to_bf16(d[i][t] * d[j][t]);
             }
+        if (avg) {
+            for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] / (float)M);
+            store_kept(acc, m, avg, s);
+        }
     }
     return 0;
+}
+
+/* Model Stock's output from ws_stock_rows' kept mean: r(r(t·avg) + r(u·b)) (b the stored
+ * base, dtype), as ws_stock_mix gives it with one ratio, stored as out_dtype. Returns the
+ * NaN/Inf outputs; *bad counts the base's. */
+WIDE_VECTORS int64_t ws_stock_out(const uint16_t *avg, const void *base, int32_t dtype, int64_t n,
+                                  float t, float u, void *out, int32_t out_dtype, int64_t *bad) {
+    float b[TILE], a[TILE];
+    int64_t bad_out = 0;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        load(base, dtype, s, m, b, bad);
+        load_kept(avg, s, m, a);
+        for (int64_t i = 0; i < m; i++) a[i] = ra(ra(t * a[i]) + ra(u * b[i]));
+        bad_out += store(a, m, out, out_dtype, s);
+    }
+    return bad_out;
 }
 
 /* nuslerp's output: r((r(r(A·v1) + r(B·v2))) / S), or when colinear r(r(lt·v1) + r(t·v2))
@@ -169,11 +213,49 @@ int64_t ws_nus_out(const void *const *xs, int32_t has_base, int32_t dtype, int64
  *   out = r(r(r(d·c1) + r(τ·c2))·avg) (+ base: r(· + b)).
  * mode 0 writes μ, mode 1 r(u_which·d) (which < 0: every k's, row k at out + k·n), mode 2 τ
  * (bfloat16), mode 3 out (out_dtype). */
+/* The stages of one tile of m entries, each from the previous (w: the weights, K of them). */
+WIDE_VECTORS static void ms_mean(float u[][TILE], int32_t K, const float *w, int64_t m, float *mu) {
+    for (int64_t i = 0; i < m; i++) mu[i] = 0.0f;
+    for (int32_t k = 0; k < K; k++)
+        for (int64_t i = 0; i < m; i++) mu[i] = mu[i] + ra(u[k][i] * w[k]);
+    for (int64_t i = 0; i < m; i++) mu[i] = ra(mu[i]);
+}
+
+WIDE_VECTORS static void ms_direction(float *mu, int64_t m, float mn) {
+    for (int64_t i = 0; i < m; i++) mu[i] = ra(mu[i] / mn);
+}
+
+/* r(u_k·d) for k in [first, last], row k at out + (k − first)·n, each stored at entry s. */
+WIDE_VECTORS static void ms_products(float u[][TILE], int32_t first, int32_t last, const float *d,
+                                     int64_t m, void *out, int64_t s, int64_t n) {
+    for (int32_t k = first; k <= last; k++) {
+        for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] * d[i]);
+        store_kept(u[k], m, (uint16_t *)out + (k - first) * n, s);
+    }
+}
+
+WIDE_VECTORS static void ms_tangent(float u[][TILE], int32_t K, const float *w, const float *dots,
+                                    const float *d, int64_t m, float *tau) {
+    for (int64_t i = 0; i < m; i++) tau[i] = 0.0f;
+    for (int32_t k = 0; k < K; k++)
+        for (int64_t i = 0; i < m; i++)
+            tau[i] = tau[i] + ra(ra(u[k][i] - ra(dots[k] * d[i])) * w[k]);
+    for (int64_t i = 0; i < m; i++) tau[i] = ra(tau[i]);
+}
+
+/* The output r(r(r(d·c1) + r(τ·c2))·avg) (+ base b: r(· + b)) into d. */
+WIDE_VECTORS static void ms_output(float *d, const float *tau, const float *b, int64_t m, float c1,
+                                   float c2, float avg) {
+    for (int64_t i = 0; i < m; i++) d[i] = ra(ra(ra(d[i] * c1) + ra(tau[i] * c2)) * avg);
+    if (b)
+        for (int64_t i = 0; i < m; i++) d[i] = ra(d[i] + b[i]);
+}
+
 WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_base, int32_t dtype, int64_t n,
                    int32_t mode, int32_t which, const float *ne, const float *w, float mn,
                    const float *dots, float c1, float c2, float avg, void *out,
                    int32_t out_dtype, int64_t *bad) {
-    float b[TILE], u[MAXK][TILE], acc[TILE];
+    float b[TILE], u[MAXK][TILE], acc[TILE], tau[TILE];
     int64_t bad_out = 0;
     const int32_t f = has_base ? 1 : 0;
     if (K > MAXK) return -1;
@@ -184,38 +266,72 @@ WIDE_VECTORS int64_t ws_ms_pass(const void *const *xs, int32_t K, int32_t has_ba
             vec_tile(xs, has_base, f + k, dtype, s, m, b, u[k], bad);
             for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] / ne[k]);
         }
-        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
-        for (int32_t k = 0; k < K; k++)
-            for (int64_t i = 0; i < m; i++) acc[i] = acc[i] + ra(u[k][i] * w[k]);
-        for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i]);
+        ms_mean(u, K, w, m, acc);
         if (mode == 0) {
             store(acc, m, out, DT_BF16, s);
             continue;
         }
-        for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] / mn);
+        ms_direction(acc, m, mn);
         if (mode == 1) {
             const int32_t first = which < 0 ? 0 : which, last = which < 0 ? K - 1 : which;
-            for (int32_t k = first; k <= last; k++) {
-                uint16_t *row = (uint16_t *)out + (which < 0 ? k * n : 0);
-                for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] * acc[i]);
-                store(u[k], m, row, DT_BF16, s);
-            }
+            ms_products(u, first, last, acc, m, out, s, n);
             continue;
         }
-        float tau[TILE];
-        for (int64_t i = 0; i < m; i++) tau[i] = 0.0f;
-        for (int32_t k = 0; k < K; k++)
-            for (int64_t i = 0; i < m; i++)
-                tau[i] = tau[i] + ra(ra(u[k][i] - ra(dots[k] * acc[i])) * w[k]);
-        for (int64_t i = 0; i < m; i++) tau[i] = ra(tau[i]);
+        ms_tangent(u, K, w, dots, acc, m, tau);
         if (mode == 2) {
             store(tau, m, out, DT_BF16, s);
             continue;
         }
-        for (int64_t i = 0; i < m; i++) acc[i] = ra(ra(ra(acc[i] * c1) + ra(tau[i] * c2)) * avg);
-        if (has_base)
-            for (int64_t i = 0; i < m; i++) acc[i] = ra(acc[i] + b[i]);
+        ms_output(acc, tau, has_base ? b : NULL, m, c1, c2, avg);
         bad_out += store(acc, m, out, out_dtype, s);
+    }
+    return bad_out;
+}
+
+/* ws_ms_pass from K + 1 kept bfloat16 rows of n entries instead of the inputs, each pass
+ * leaving in them what the next one reads (every kept value is one the stage would make
+ * again, so the results are ws_ms_pass's):
+ *   mode 0 (mean): rows[k] hold v_k, replaced by u_k = r(v_k / ne_k); μ to out and rows[K];
+ *   mode 1 (products, every k's): reads u_k and μ; d = r(μ / mn) replaces μ in rows[K];
+ *   mode 2 (tangent): reads u_k and d; τ to out and over rows[0];
+ *   mode 3 (output): reads τ (rows[0]), d (rows[K]) and the stored base (dtype; NULL: none,
+ *   its NaN/Inf counted in *bad). */
+WIDE_VECTORS int64_t ws_ms_rows(uint16_t *const *rows, int32_t K, const void *base, int32_t dtype,
+                                int64_t n, int32_t mode, const float *ne, const float *w,
+                                float mn, const float *dots, float c1, float c2, float avg,
+                                void *out, int32_t out_dtype, int64_t *bad) {
+    float b[TILE], u[MAXK][TILE], d[TILE], tau[TILE];
+    int64_t bad_out = 0;
+    if (K > MAXK || mode < 0 || mode > 3) return -1;
+    for (int64_t s = 0; s < n; s += TILE) {
+        const int64_t m = (n - s < TILE) ? n - s : TILE;
+        const int32_t units = mode == 3 ? 0 : K;
+        for (int32_t k = 0; k < units; k++) load_kept(rows[k], s, m, u[k]);
+        if (mode == 0) {
+            for (int32_t k = 0; k < K; k++) {
+                for (int64_t i = 0; i < m; i++) u[k][i] = ra(u[k][i] / ne[k]);
+                store_kept(u[k], m, rows[k], s);
+            }
+            ms_mean(u, K, w, m, d);
+            store_kept(d, m, out, s);
+            store_kept(d, m, rows[K], s);
+            continue;
+        }
+        load_kept(rows[K], s, m, d);
+        if (mode == 1) {
+            ms_direction(d, m, mn);
+            store_kept(d, m, rows[K], s);
+            ms_products(u, 0, K - 1, d, m, out, s, n);
+        } else if (mode == 2) {
+            ms_tangent(u, K, w, dots, d, m, tau);
+            store_kept(tau, m, out, s);
+            store_kept(tau, m, rows[0], s);
+        } else {
+            load_kept(rows[0], s, m, tau);
+            if (base) load(base, dtype, s, m, b, bad);
+            ms_output(d, tau, base ? b : NULL, m, c1, c2, avg);
+            bad_out += store(d, m, out, out_dtype, s);
+        }
     }
     return bad_out;
 }

@@ -126,26 +126,42 @@ class ModelStock(MergeMethod):
         native_sums = sphere_native.applies(src, params, out_dtype)
         native_sums = native_sums and sphere_native.native_reductions()
 
-        def prepare(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            t = (streamed_ratio(src, xs) if native_sums else stored_ratio(src)).reshape(1)
-            return t.float(), (1 - t).float()  # mergekit's (1 − t) in bfloat16
+        def prepare(xs: list[torch.Tensor]) -> tuple:
+            kept = kept_mean(src) if native_sums else None
+            t = (streamed_ratio(src, xs, kept) if native_sums else stored_ratio(src)).reshape(1)
+            return t.float(), (1 - t).float(), kept  # mergekit's (1 − t) in bfloat16
 
-        def kernel(state: tuple[torch.Tensor, torch.Tensor]):
-            t_rows, u_rows = state
-            return lambda xs, out: native.stock_mix(xs, 0, t_rows, u_rows, 0, out)
+        def kernel(state: tuple):
+            t_rows, u_rows, kept = state
+            if kept is None:
+                return lambda xs, out, s: native.stock_mix(xs, 0, t_rows, u_rows, 0, out)
+            avg, t, u = kept.rows[0], float(t_rows), float(u_rows)
+            return lambda xs, out, s: sphere.stock_out(avg[s : s + out.numel()], xs[0], t, u, out)
 
-        return sphere_native.stream_mapped(src, out_dtype, prepare, kernel)
+        return sphere_native.stream_mapped(src, out_dtype, prepare, kernel, offsets=True)
 
 
-def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
+def kept_mean(src: ChunkSource) -> sphere_native.RowCache | None:
+    """A row for the models' mean, which the one-read statistics then keep for the output pass
+    (it reads that row and the base instead of every input), where it fits."""
+    k = src.num_inputs - 1
+    if k > sphere.STOCK_MAX_MODELS or not sphere_native.RowCache.fits(1, src.numel):
+        return None
+    return sphere_native.RowCache(1, src.numel)
+
+
+def streamed_ratio(
+    src: ChunkSource, xs: list[torch.Tensor], kept: sphere_native.RowCache | None = None
+) -> torch.Tensor:
     """:func:`stored_ratio` with torch's norms and sums reproduced natively from the mapped
     stored inputs ``xs``, each fused with the kernel that makes the values it reduces (task
     vectors, their products): no tensor of the input's size is stored. Up to
     ``sphere.STOCK_MAX_MODELS`` models, one kernel makes every task vector and product of a
-    span from one read of the inputs (:func:`one_pass_ratio`)."""
+    span from one read of the inputs (:func:`one_pass_ratio`; ``kept``: it keeps the models'
+    mean there)."""
     k = src.num_inputs - 1
     if k <= sphere.STOCK_MAX_MODELS:
-        return one_pass_ratio(src, xs)
+        return one_pass_ratio(src, xs, kept)
     vectors = [lambda p, o, i=i: sphere.vector(p, True, i, o) for i in range(1, k + 1)]
     norms = [n.reshape(1) for n in sphere_native.norms(src, xs, vectors)]
     sums = {}
@@ -160,16 +176,23 @@ def streamed_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
     return ratio_from(norms, sums)
 
 
-def one_pass_ratio(src: ChunkSource, xs: list[torch.Tensor]) -> torch.Tensor:
+def one_pass_ratio(
+    src: ChunkSource, xs: list[torch.Tensor], kept: sphere_native.RowCache | None = None
+) -> torch.Tensor:
     """:func:`streamed_ratio` in one pass: the task vectors' rows each reduced by torch's norm
     (one chain), the pairs' product rows by torch's sum with mergekit's threads (one chain per
-    thread's part), fed in order from the spans the pool fills."""
+    thread's part), fed in order from the spans the pool fills; with ``kept``, the models' mean
+    written to its row as well."""
     k = src.num_inputs - 1
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     parts = reduce.parts(src.numel, TORCH_THREADS)
     whole = [(0, src.numel)]
     rows = [("norm", whole)] * k + [("casc", parts)] * len(pairs)
-    out = sphere_native.row_reductions(src, xs, sphere.stock_rows, rows)
+    if kept is None:
+        out = sphere_native.row_reductions(src, xs, sphere.stock_rows, rows)
+    else:  # the mean's row sliced with the inputs, last
+        kernel = lambda p, o: sphere.stock_rows(p[:-1], o, p[-1])  # noqa: E731
+        out = sphere_native.row_reductions(src, [*xs, kept.rows[0]], kernel, rows)
     norms = [torch.tensor(v[0], dtype=torch.bfloat16).reshape(1) for v in out[:k]]
     sums = {
         pair: torch.tensor(reduce.combine(v, TORCH_THREADS), dtype=torch.bfloat16).reshape(1)

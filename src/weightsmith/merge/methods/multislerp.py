@@ -111,10 +111,20 @@ class MultiSlerp(MergeMethod):
         has_base, eps = bool(params.has_base), float(params.globals["eps"])
 
         def kernel(stats: dict):
-            return lambda p, o: sphere.ms_pass(p, has_base, sphere.OUTPUT, stats, o)
+            if "cache" not in stats:
+                return lambda p, o, s: sphere.ms_pass(p, has_base, sphere.OUTPUT, stats, o)
+            rows = stats["cache"].rows
+            return lambda p, o, s: sphere.ms_rows(
+                [r[s : s + o.numel()] for r in rows],
+                p[0] if has_base else None, sphere.OUTPUT, stats, o,
+            )  # fmt: skip
 
         return sphere_native.stream_mapped(
-            src, out_dtype, lambda xs: self._native_stats(src, xs, params, has_base, eps), kernel
+            src,
+            out_dtype,
+            lambda xs: self._native_stats(src, xs, params, has_base, eps),
+            kernel,
+            offsets=True,
         )
 
     def _native_stats(
@@ -184,31 +194,48 @@ class MultiSlerp(MergeMethod):
         return out if base is None else out + base
 
 
+def _stages(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, k: int):
+    """(the RowCache or None, what the stages read, stage(mode, stats, which) -> their kernel):
+    where k + 1 rows of the tensor fit ``sphere_native.ROWS_BYTES``, the task vectors are kept
+    and each stage reads what the one before left there (``sphere.ms_rows``); otherwise each
+    stage reads the inputs again (``sphere.ms_pass``)."""
+    cache = None
+    if sphere_native.RowCache.fits(k + 1, src.numel):
+        cache = sphere_native.RowCache(k + 1, src.numel)
+
+    def stage(mode: int, stats: dict, which: int = 0):
+        if cache is None:
+            return lambda p, o: sphere.ms_pass(p, has_base, mode, stats, o, which)[1]
+        return lambda p, o: sphere.ms_rows(p, None, mode, stats, o)[1]
+
+    return cache, xs if cache is None else cache.rows, stage
+
+
 def streamed_stats(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, eps: float, weights):
     """The native statistics with torch's norms and sums reproduced natively, each fused with
     the kernel that makes the values it reduces (no tensor of the input's size is stored).
     ``weights(norms)``: the recipe's weights in the norms' dtype. None: the linear fallback."""
     k, f = src.num_inputs - int(has_base), int(has_base)
-
-    def stage(mode: int, stats: dict, which: int = 0):
-        return lambda p, o: sphere.ms_pass(p, has_base, mode, stats, o, which)[1]
-
+    cache, rows, stage = _stages(src, xs, has_base, k)
     vectors = [lambda p, o, i=i: sphere.vector(p, has_base, f + i, o) for i in range(k)]
-    norms_t = torch.stack([n.reshape(1) for n in sphere_native.norms(src, xs, vectors)])
+    norms = sphere_native.norms(src, xs, vectors, None if cache is None else cache.rows[:k])
+    norms_t = torch.stack([n.reshape(1) for n in norms])
     w = weights(norms_t)
     stats = {"ne": (norms_t + eps).float().reshape(-1).tolist(), "w": w.float().tolist()}
-    (mean_norm,) = sphere_native.norms(src, xs, [stage(sphere.MEAN, stats)])
+    (mean_norm,) = sphere_native.norms(src, rows, [stage(sphere.MEAN, stats)])
     if mean_norm < eps:
         return None  # the two-model linear fallback (or its error): the torch path
     stats["mn"] = float(mean_norm)
     # mergekit's (k, n).sum(-1): each row summed by one thread
-    dots = sphere_native.row_sums(src, xs, stage(sphere.UNIT_DOT, stats, -1), k)  # every row
+    dots = sphere_native.row_sums(src, rows, stage(sphere.UNIT_DOT, stats, -1), k)  # every row
     stats["dots"] = torch.stack(dots).float().reshape(-1).tolist()
-    (tangent,) = sphere_native.norms(src, xs, [stage(sphere.TANGENT, stats)])
+    (tangent,) = sphere_native.norms(src, rows, [stage(sphere.TANGENT, stats)])
     tangent_norm = tangent + eps
     stats["c1"] = float(torch.cos(tangent_norm))
     stats["c2"] = float(torch.sin(tangent_norm) / tangent_norm)
     stats["avg"] = float((norms_t.squeeze(-1) * w).sum())
+    if cache is not None:
+        stats["cache"] = cache  # the output pass reads the direction and the tangent kept
     return stats
 
 

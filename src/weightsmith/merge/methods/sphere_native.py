@@ -21,7 +21,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -182,15 +182,23 @@ def native_reductions() -> bool:
     return lanes is not None and 2 * lanes["casc"] > TORCH_THREADS
 
 
-def streamed(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, kind: str, lo: int, hi: int):
+def streamed(
+    src: ChunkSource,
+    xs: Sequence[torch.Tensor],
+    kernel,
+    kind: str,
+    lo: int,
+    hi: int,
+    into: torch.Tensor | None = None,
+):
     """The ``kind`` reduction (:class:`reduce.Reducer`) of the bfloat16 values ``kernel`` (a
-    :func:`fill` kernel) makes for entries ``[lo, hi)``, a span at a time into one small buffer:
-    the tensor torch would reduce is never stored."""
+    :func:`fill` kernel) makes for entries ``[lo, hi)``, a span at a time into one small buffer
+    (the tensor torch would reduce is never stored), or into ``into[lo:hi]`` to keep them."""
     red = reduce.Reducer(kind, hi - lo, reduce.layout()[kind])
-    (buf,) = span_buffers("streamed", 1, max(1, min(SPAN, hi - lo)))
+    (buf,) = span_buffers("streamed", 1, max(1, min(SPAN, hi - lo))) if into is None else (into,)
     for s in range(lo, hi, SPAN):
         e = min(hi, s + SPAN)
-        out = buf[: e - s]
+        out = buf[: e - s] if into is None else into[s:e]
         refuse_nonfinite(src, kernel([x[s:e] for x in xs], out))
         red.feed(out)
     return red.result()
@@ -254,15 +262,48 @@ def row_reductions(
     return [[red.result() for _, _, red in row] for row in reds]
 
 
-def norms(src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence) -> list[torch.Tensor]:
+def norms(
+    src: ChunkSource, xs: Sequence[torch.Tensor], kernels: Sequence, into: Sequence | None = None
+) -> list[torch.Tensor]:
     """``torch.norm`` (bfloat16, 0-dim) of each kernel's values, the kernels on the compute
     pool at once (a norm is one sequential loop, the same on any thread count); one kernel on
-    a pool of several threads: its values made in parallel (:func:`streamed_wide`)."""
-    if len(kernels) == 1 and pool_workers() > 1:
+    a pool of several threads: its values made in parallel (:func:`streamed_wide`). ``into``:
+    one row per kernel that keeps its values (the kernels then run one per thread)."""
+    if len(kernels) == 1 and pool_workers() > 1 and into is None:
         vals = [streamed_wide(src, xs, kernels[0], "norm")]
     else:
-        vals = pmap(lambda k: streamed(src, xs, k, "norm", 0, src.numel), list(kernels))
+        rows = [None] * len(kernels) if into is None else list(into)
+        jobs = list(zip(kernels, rows, strict=True))
+        vals = pmap(lambda j: streamed(src, xs, j[0], "norm", 0, src.numel, j[1]), jobs)
     return [torch.tensor(v, dtype=torch.bfloat16) for v in vals]
+
+
+ROWS_BYTES = 72 << 20  # a RowCache buffer: 3 rows of a 1.1B Llama's MLP weights (66 MiB) fit
+
+
+class RowCache:
+    """``count`` bfloat16 rows of ``numel`` entries (``rows``) in a ``ROWS_BYTES`` buffer from a
+    pool, handed back when this object is collected: a statistics pass keeps the values it
+    made for the next pass, and the next tensor reuses the buffer, whose pages are already
+    faulted in (at most two are in use: one tensor's output while the next one's statistics
+    run ahead). Use the rows only while this object is referenced."""
+
+    _pool: ClassVar[list[torch.Tensor]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def fits(cls, count: int, numel: int) -> bool:
+        return 0 < count * numel * 2 <= ROWS_BYTES
+
+    def __init__(self, count: int, numel: int) -> None:
+        with self._lock:
+            buf = self._pool.pop() if self._pool else None
+        self._buf = torch.empty(ROWS_BYTES // 2, dtype=torch.bfloat16) if buf is None else buf
+        self.rows = list(self._buf[: count * numel].view(count, numel).unbind(0))
+
+    def __del__(self) -> None:
+        with self._lock:
+            self._pool.append(self._buf)
 
 
 def tensor_sum(src: ChunkSource, xs: Sequence[torch.Tensor], kernel, threads: int):

@@ -137,3 +137,78 @@ def test_row_cache_buffers_come_back_to_the_pool():
     del a
     c = cache(2, 1000)
     assert c.rows[0].data_ptr() == pa
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("step", [1000, 4099])
+def test_stock_reduce_feeds_the_rows_of_stock_rows(k, step):
+    """model_stock's fused statistics: each span's rows fed to the reductions at once give what
+    the whole rows fed in one piece give (norms of the task vectors, the pair sums' two parts
+    split mid-span); the kept mean makes stock_out's output stock_mix's, to the bit."""
+    from weightsmith.kernels import merge as native
+
+    xs = inputs(k, 30_011, seed=40 + k)  # finite statistics (edge values: the output below)
+    n, pairs = xs[0].numel(), k * (k - 1) // 2
+    rows = torch.empty((k + pairs) * n, dtype=torch.bfloat16)
+    sphere.stock_rows(xs, rows)
+    lay = reduce.layout()
+    parts = reduce.parts(n, 2)
+    spec = [("norm", [(0, n)])] * k + [("casc", parts)] * pairs
+    want = []
+    for r, (kind, ranges) in enumerate(spec):
+        row = rows[r * n : (r + 1) * n]
+        got_row = []
+        for lo, hi in ranges:
+            red = reduce.Reducer(kind, hi - lo, lay[kind])
+            red.feed(row[lo:hi])
+            got_row.append(red.result())
+        want.append(got_row)
+    avg = torch.empty(n, dtype=torch.bfloat16)
+
+    def run(feeds, scratch, _step):
+        assert sphere.stock_reduce(xs, feeds, scratch, step, avg) == [0] * (k + 1)
+
+    monkey_step = sphere_native.FUSED_STEP
+    try:
+        sphere_native.FUSED_STEP = step
+        got = sphere_native.fused_reductions(spec, run)
+    finally:
+        sphere_native.FUSED_STEP = monkey_step
+    assert got == want
+    xs = edge_inputs(k + 1, seed=40 + k)  # zeros, subnormals, overflows
+    n = xs[0].numel()
+    avg = torch.empty(n, dtype=torch.bfloat16)
+    sphere.stock_rows(xs, torch.empty((k + pairs) * n, dtype=torch.bfloat16), avg)
+    t = float(torch.tensor(0.6171875).bfloat16())
+    u = float(torch.tensor(1 - t).bfloat16())
+    want_out, got_out = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    native.stock_mix(xs, 0, torch.tensor([t]), torch.tensor([u]), 0, want_out)
+    sphere.stock_out(avg, xs[0], t, u, got_out)
+    assert torch.equal(bits(got_out), bits(want_out))
+    assert int(torch.isfinite(got_out).sum()) > n // 2
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_model_stock_with_and_without_the_kept_mean_gives_the_same_bits(k, monkeypatch):
+    """model_stock keeps the models' mean where it fits and reads every input again where it
+    does not (or past four models, the pairwise passes): the same bits either way, and the
+    torch path's (whose statistics take mergekit's two threads inside the pool too); an Inf is
+    refused with its input named."""
+    from weightsmith.core.parallel import compute_pool
+    from weightsmith.errors import CheckpointError
+
+    xs = inputs(k, 70_001, seed=50 + k)
+    p = TensorParams(
+        "t", {"filter_wise": False}, ({},) * k, has_base=True, compute_dtype=torch.bfloat16
+    )
+    with compute_pool(2):
+        kept, want = native_and_torch("model_stock", xs, p, torch.bfloat16)
+        monkeypatch.setattr(sphere_native, "ROWS_BYTES", 0)
+        again, _ = native_and_torch("model_stock", xs, p, torch.bfloat16)
+    assert torch.equal(kept.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(again.view(torch.int16), want.view(torch.int16))
+    assert int((kept.float() != xs[0].float()).sum()) > 1_000  # not the base (t is small)
+    monkeypatch.setattr(sphere_native, "ROWS_BYTES", 72 << 20)
+    xs[1][69_000] = float("inf")
+    with compute_pool(2), pytest.raises(CheckpointError, match="input 1 holds"):
+        native_and_torch("model_stock", xs, p, torch.bfloat16)

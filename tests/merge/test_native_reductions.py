@@ -192,13 +192,15 @@ def test_methods_keep_torch_bits_with_two_torch_threads(method, monkeypatch):
 
 @pytest.mark.parametrize("workers", [2, 3])
 def test_one_norm_filled_by_the_pool_keeps_the_bits(workers, monkeypatch):
-    """multislerp's one-kernel norms (mean, tangent) run with the pool filling spans while one
-    task feeds the previous round in order: the same bits as the sequential feed and as the
-    torch path, over many rounds; a NaN input is still refused with its input named."""
+    """multislerp's one-kernel norms (mean, tangent) of a tensor too large to keep its rows run
+    with the pool filling spans while one task feeds the previous round in order: the same
+    bits as the sequential feed and as the torch path, over many rounds; a NaN input is still
+    refused with its input named."""
     from weightsmith.core.parallel import compute_pool
     from weightsmith.errors import CheckpointError
 
     monkeypatch.setattr(sphere_native, "SPAN", 4099)  # 49 spans: 13 rounds on 2 workers
+    monkeypatch.setattr(sphere_native, "ROWS_BYTES", 0)  # no kept rows: the pooled passes
     xs = [values(200_003, seed=s) for s in (21, 22, 23)]
     xs = [xs[0], xs[0] + xs[1] * 0.1, xs[0] - xs[2] * 0.1]
     p = bf16_params((1.0, 2.0))

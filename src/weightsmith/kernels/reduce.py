@@ -77,6 +77,11 @@ class Reducer:
     def result(self) -> float:
         return self._end(self._state)
 
+    def native(self) -> tuple[int, int]:
+        """(its state's address, its feed function's address), for a kernel that feeds it the
+        values it makes (``feed(state, values, count)``); keep this Reducer while it does."""
+        return ctypes.addressof(self._state), ctypes.cast(self._feed, ctypes.c_void_p).value
+
 
 def norm_with(x: torch.Tensor, lanes: int) -> float:
     r = Reducer("norm", x.numel(), lanes)

@@ -25,6 +25,8 @@ _SIGNATURES = {
     "ws_sph_vector": ([_p, _i32, _i32, _i32, _i64, _p, _i32, _p], None),
     "ws_nus_prod": ([_p, _i32, _i32, _i64, _f32, _f32, _p], None),
     "ws_stock_rows": ([_p, _i32, _i32, _i64, _p, _p, _p], _i32),
+    "ws_stock_reduce": ([_p, _i32, _i32, _i64, _i64, _p, _p, _p, _i32, _p], _i32),
+    "ws_ms_reduce": ([_p, _i32, _i64, _i32, _p, _p, _f32, _p, _i64, _p, _p, _i32], _i64),
     "ws_stock_out": ([_p, _p, _i32, _i64, _f32, _f32, _p, _i32, _p], _i64),
     "ws_nus_out": (
         [_p, _i32, _i32, _i64, _f32, _f32, _f32, _i32, _f32, _f32, _p, _i32, _p],
@@ -113,6 +115,35 @@ def stock_rows(
     return list(bad)
 
 
+class Feed(ctypes.Structure):
+    """One reduction a kernel feeds (``feed_t``): entries [lo, hi) of row ``row`` of each span
+    it writes, to ``state`` by ``feed`` (:meth:`reduce.Reducer.native`)."""
+
+    _fields_ = [("row", _i64), ("lo", _i64), ("hi", _i64), ("state", _p), ("feed", _p)]
+
+
+def stock_reduce(
+    xs: Sequence[torch.Tensor],
+    feeds: Sequence[Feed],
+    scratch: torch.Tensor,
+    step: int,
+    avg: torch.Tensor | None = None,
+) -> list[int]:
+    """:func:`stock_rows` over the whole tensors ``xs`` (flat, base first) in spans of ``step``
+    entries into ``scratch`` (bfloat16, its rows' entries for one span), each span's rows fed
+    to ``feeds`` at once, in order; with ``avg``, the models' mean kept there. The NaN/Inf
+    count of each input."""
+    bad = _bad(len(xs))
+    arr = (Feed * len(feeds))(*feeds)
+    mean = None if avg is None else avg.data_ptr()
+    if library().ws_stock_reduce(
+        _ptrs(xs), len(xs), _DT[xs[0].dtype], xs[0].numel(), step, scratch.data_ptr(), mean,
+        arr, len(feeds), bad,
+    ):  # fmt: skip
+        raise ValueError(f"stock_reduce takes 2 to {STOCK_MAX_MODELS + 1} inputs")
+    return list(bad)
+
+
 def stock_out(
     avg: torch.Tensor, base: torch.Tensor, t: float, u: float, out: torch.Tensor
 ) -> tuple[int, list[int]]:
@@ -191,6 +222,29 @@ def ms_rows(
     if n_out < 0:
         raise RuntimeError("multislerp kernel: too many models")
     return int(n_out), list(bad)
+
+
+def ms_reduce(
+    rows: Sequence[torch.Tensor],
+    mode: int,
+    stats: dict,
+    feeds: Sequence[Feed],
+    scratch: torch.Tensor,
+    step: int,
+) -> None:
+    """:func:`ms_rows` (``MEAN``, ``UNIT_DOT``, ``TANGENT``) over the whole kept rows in spans
+    of ``step`` entries into ``scratch``, each span's values fed to ``feeds`` at once, in
+    order (see :func:`stock_reduce`)."""
+    k = len(rows) - 1
+    f32 = ctypes.c_float * k
+    arr = (Feed * len(feeds))(*feeds)
+    err = library().ws_ms_reduce(
+        _ptrs(rows), k, rows[0].numel(), mode, f32(*stats["ne"]), f32(*stats["w"]),
+        stats.get("mn", 1.0), f32(*stats.get("dots", [0.0] * k)), step, scratch.data_ptr(),
+        arr, len(feeds),
+    )  # fmt: skip
+    if err < 0:
+        raise RuntimeError("multislerp kernel: too many models")
 
 
 def slerp_pass(

@@ -164,6 +164,39 @@ WIDE_VECTORS int32_t ws_stock_rows(const void *const *xs, int32_t K, int32_t dty
     return 0;
 }
 
+/* A reduction a kernel feeds from one of the rows it writes: entries [lo, hi) of row `row`,
+ * fed in order to `state` by `feed` (reduce_kernels' ws_norm_feed, ws_casc_feed). */
+typedef void (*feed_fn)(void *state, const uint16_t *values, int64_t count);
+typedef struct {
+    int64_t row, lo, hi;
+    void *state;
+    feed_fn feed;
+} feed_t;
+
+/* model_stock's statistics in one sequential pass: ws_stock_rows over spans of `step` entries
+ * into `scratch` (its rows, step entries each: small enough to stay in cache), each span's
+ * rows fed to the reductions at once, in order. The same values in the same order as
+ * filling the whole rows first; no row of the tensor's size is stored (but avg, when not
+ * NULL). Returns 0, or -1 for a model count ws_stock_rows refuses. */
+int32_t ws_stock_reduce(const void *const *xs, int32_t K, int32_t dtype, int64_t n, int64_t step,
+                        uint16_t *scratch, uint16_t *avg, const feed_t *feeds, int32_t nfeeds,
+                        int64_t *bad) {
+    const void *p[STOCK_MAXM + 1];
+    const int64_t es = dtype == DT_BF16 ? 2 : 4;
+    if (K - 1 < 1 || K - 1 > STOCK_MAXM || step < 1) return -1;
+    for (int64_t s = 0; s < n; s += step) {
+        const int64_t m = (n - s < step) ? n - s : step;
+        for (int32_t k = 0; k < K; k++) p[k] = (const char *)xs[k] + s * es;
+        ws_stock_rows(p, K, dtype, m, scratch, avg ? avg + s : NULL, bad);
+        for (int32_t f = 0; f < nfeeds; f++) {
+            const int64_t a = feeds[f].lo > s ? feeds[f].lo : s;
+            const int64_t b = feeds[f].hi < s + m ? feeds[f].hi : s + m;
+            if (a < b) feeds[f].feed(feeds[f].state, scratch + feeds[f].row * m + (a - s), b - a);
+        }
+    }
+    return 0;
+}
+
 /* Model Stock's output from ws_stock_rows' kept mean: r(r(t·avg) + r(u·b)) (b the stored
  * base, dtype), as ws_stock_mix gives it with one ratio, stored as out_dtype. Returns the
  * NaN/Inf outputs; *bad counts the base's. */
@@ -334,6 +367,29 @@ WIDE_VECTORS int64_t ws_ms_rows(uint16_t *const *rows, int32_t K, const void *ba
         }
     }
     return bad_out;
+}
+
+/* ws_ms_rows over the whole kept rows in spans of `step` entries (modes 0…2), each span's
+ * values written to `scratch` (one row; mode 1: K rows of the span) and fed to the reductions
+ * at once, in order, on this thread (see ws_stock_reduce). Returns ws_ms_rows' error (-1). */
+int64_t ws_ms_reduce(uint16_t *const *rows, int32_t K, int64_t n, int32_t mode, const float *ne,
+                     const float *w, float mn, const float *dots, int64_t step, uint16_t *scratch,
+                     const feed_t *feeds, int32_t nfeeds) {
+    uint16_t *p[MAXK + 1];
+    int64_t ignored = 0;
+    if (K > MAXK || mode < 0 || mode > 2 || step < 1) return -1;
+    for (int64_t s = 0; s < n; s += step) {
+        const int64_t m = (n - s < step) ? n - s : step;
+        for (int32_t k = 0; k <= K; k++) p[k] = rows[k] + s;
+        ws_ms_rows(p, K, NULL, DT_BF16, m, mode, ne, w, mn, dots, 0.0f, 0.0f, 0.0f, scratch,
+                   DT_BF16, &ignored);
+        for (int32_t f = 0; f < nfeeds; f++) {
+            const int64_t a = feeds[f].lo > s ? feeds[f].lo : s;
+            const int64_t b = feeds[f].hi < s + m ? feeds[f].hi : s + m;
+            if (a < b) feeds[f].feed(feeds[f].state, scratch + feeds[f].row * m + (a - s), b - a);
+        }
+    }
+    return 0;
 }
 
 /* mergekit's slerp pieces (float32 arithmetic on bfloat16-rounded inputs a = xs[0], b = xs[1]):

@@ -99,7 +99,8 @@ class ModelStock(MergeMethod):
         offsets = [
             rows_view(whole(src, i, dt), src.shape, fw).sub_(base) for i in range(1, src.num_inputs)
         ]
-        return stock_ratio(offsets).reshape(-1), base.shape[-1]  # one t per row, row length
+        with mergekit_threads():  # torch's sums depend on its threads: mergekit's, in a pool too
+            return stock_ratio(offsets).reshape(-1), base.shape[-1]  # one t per row, row length
 
     def combine(
         self, chunks: list[torch.Tensor], state: Any, params: TensorParams, offset: int
@@ -181,18 +182,21 @@ def one_pass_ratio(
 ) -> torch.Tensor:
     """:func:`streamed_ratio` in one pass: the task vectors' rows each reduced by torch's norm
     (one chain), the pairs' product rows by torch's sum with mergekit's threads (one chain per
-    thread's part), fed in order from the spans the pool fills; with ``kept``, the models' mean
-    written to its row as well."""
+    thread's part), fed in order by the kernel that makes them
+    (:func:`sphere_native.fused_reductions`); with ``kept``, the models' mean written to its
+    row as well."""
     k = src.num_inputs - 1
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     parts = reduce.parts(src.numel, TORCH_THREADS)
     whole = [(0, src.numel)]
     rows = [("norm", whole)] * k + [("casc", parts)] * len(pairs)
-    if kept is None:
-        out = sphere_native.row_reductions(src, xs, sphere.stock_rows, rows)
-    else:  # the mean's row sliced with the inputs, last
-        kernel = lambda p, o: sphere.stock_rows(p[:-1], o, p[-1])  # noqa: E731
-        out = sphere_native.row_reductions(src, [*xs, kept.rows[0]], kernel, rows)
+    flat = [x[: src.numel] for x in xs]
+
+    def run(feeds: list, scratch: torch.Tensor, step: int) -> None:
+        avg = None if kept is None else kept.rows[0]
+        sphere_native.refuse_nonfinite(src, sphere.stock_reduce(flat, feeds, scratch, step, avg))
+
+    out = sphere_native.fused_reductions(rows, run)
     norms = [torch.tensor(v[0], dtype=torch.bfloat16).reshape(1) for v in out[:k]]
     sums = {
         pair: torch.tensor(reduce.combine(v, TORCH_THREADS), dtype=torch.bfloat16).reshape(1)

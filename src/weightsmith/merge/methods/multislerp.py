@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from weightsmith.errors import CheckpointError
-from weightsmith.kernels import sphere
+from weightsmith.kernels import reduce, sphere
 from weightsmith.merge.methods import sphere_native
 from weightsmith.merge.methods.base import (
     ChunkSource,
@@ -194,43 +194,65 @@ class MultiSlerp(MergeMethod):
         return out if base is None else out + base
 
 
-def _stages(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, k: int):
-    """(the RowCache or None, what the stages read, stage(mode, stats, which) -> their kernel):
-    where k + 1 rows of the tensor fit ``sphere_native.ROWS_BYTES``, the task vectors are kept
-    and each stage reads what the one before left there (``sphere.ms_rows``); otherwise each
-    stage reads the inputs again (``sphere.ms_pass``)."""
-    cache = None
-    if sphere_native.RowCache.fits(k + 1, src.numel):
-        cache = sphere_native.RowCache(k + 1, src.numel)
+class _Passes:
+    """The statistics passes after the task vectors' norms: the mean's norm, the products'
+    row sums, the tangent's norm. Where k + 1 rows of the tensor fit
+    ``sphere_native.ROWS_BYTES`` (``cache``), the first pass keeps the task vectors and each
+    later pass reads what the one before left there, its kernel feeding the reductions itself
+    on this thread (``sphere.ms_reduce``, :func:`sphere_native.fused_reductions`), the pool
+    left to the previous tensor's output; otherwise each pass reads the inputs again on the
+    pool (``sphere.ms_pass``)."""
 
-    def stage(mode: int, stats: dict, which: int = 0):
-        if cache is None:
-            return lambda p, o: sphere.ms_pass(p, has_base, mode, stats, o, which)[1]
-        return lambda p, o: sphere.ms_rows(p, None, mode, stats, o)[1]
+    def __init__(self, src: ChunkSource, xs: list[torch.Tensor], has_base: bool, k: int):
+        self.src, self.xs, self.has_base, self.k = src, xs, has_base, k
+        fits = sphere_native.RowCache.fits(k + 1, src.numel)
+        self.cache = sphere_native.RowCache(k + 1, src.numel) if fits else None
 
-    return cache, xs if cache is None else cache.rows, stage
+    def _fused(self, mode: int, stats: dict, kind: str, rows: int) -> list[float]:
+        def run(feeds: list, scratch: torch.Tensor, step: int) -> None:
+            sphere.ms_reduce(self.cache.rows, mode, stats, feeds, scratch, step)
+
+        whole = [(0, self.src.numel)]
+        return [v[0] for v in sphere_native.fused_reductions([(kind, whole)] * rows, run)]
+
+    def norm(self, mode: int, stats: dict) -> torch.Tensor:
+        """torch.norm (bfloat16) of the mean (``MEAN``) or the tangent (``TANGENT``)."""
+        if self.cache is not None:
+            return torch.tensor(self._fused(mode, stats, "norm", 1)[0], dtype=torch.bfloat16)
+        has_base = self.has_base
+        kernel = lambda p, o: sphere.ms_pass(p, has_base, mode, stats, o)[1]  # noqa: E731
+        return sphere_native.norms(self.src, self.xs, [kernel])[0]
+
+    def dots(self, stats: dict) -> list[torch.Tensor]:
+        """mergekit's (k, n).sum(-1) of the products with the direction: each row summed by
+        one thread (one part), bfloat16."""
+        if self.cache is not None:
+            sums = self._fused(sphere.UNIT_DOT, stats, "casc", self.k)
+            return [torch.tensor(reduce.combine([v], 1), dtype=torch.bfloat16) for v in sums]
+        has_base = self.has_base
+        kernel = lambda p, o: sphere.ms_pass(p, has_base, sphere.UNIT_DOT, stats, o, -1)[1]  # noqa: E731
+        return sphere_native.row_sums(self.src, self.xs, kernel, self.k)
 
 
 def streamed_stats(src: ChunkSource, xs: list[torch.Tensor], has_base: bool, eps: float, weights):
     """The native statistics with torch's norms and sums reproduced natively, each fused with
-    the kernel that makes the values it reduces (no tensor of the input's size is stored).
-    ``weights(norms)``: the recipe's weights in the norms' dtype. None: the linear fallback."""
+    the kernel that makes the values it reduces (no tensor of the input's size is stored but
+    the kept rows, :class:`_Passes`). ``weights(norms)``: the recipe's weights in the norms'
+    dtype. None: the linear fallback."""
     k, f = src.num_inputs - int(has_base), int(has_base)
-    cache, rows, stage = _stages(src, xs, has_base, k)
+    passes = _Passes(src, xs, has_base, k)
+    cache = passes.cache
     vectors = [lambda p, o, i=i: sphere.vector(p, has_base, f + i, o) for i in range(k)]
     norms = sphere_native.norms(src, xs, vectors, None if cache is None else cache.rows[:k])
     norms_t = torch.stack([n.reshape(1) for n in norms])
     w = weights(norms_t)
     stats = {"ne": (norms_t + eps).float().reshape(-1).tolist(), "w": w.float().tolist()}
-    (mean_norm,) = sphere_native.norms(src, rows, [stage(sphere.MEAN, stats)])
+    mean_norm = passes.norm(sphere.MEAN, stats)
     if mean_norm < eps:
         return None  # the two-model linear fallback (or its error): the torch path
     stats["mn"] = float(mean_norm)
-    # mergekit's (k, n).sum(-1): each row summed by one thread
-    dots = sphere_native.row_sums(src, rows, stage(sphere.UNIT_DOT, stats, -1), k)  # every row
-    stats["dots"] = torch.stack(dots).float().reshape(-1).tolist()
-    (tangent,) = sphere_native.norms(src, rows, [stage(sphere.TANGENT, stats)])
-    tangent_norm = tangent + eps
+    stats["dots"] = torch.stack(passes.dots(stats)).float().reshape(-1).tolist()
+    tangent_norm = passes.norm(sphere.TANGENT, stats) + eps
     stats["c1"] = float(torch.cos(tangent_norm))
     stats["c2"] = float(torch.sin(tangent_norm) / tangent_norm)
     stats["avg"] = float((norms_t.squeeze(-1) * w).sum())

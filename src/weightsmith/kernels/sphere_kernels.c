@@ -245,8 +245,8 @@ int64_t ws_nus_out(const void *const *xs, int32_t has_base, int32_t dtype, int64
  *   direction d = r(μ / mn); tangent τ = r(Σ_k r(r(u_k − r(dots_k·d))·w_k));
  *   out = r(r(r(d·c1) + r(τ·c2))·avg) (+ base: r(· + b)).
  * mode 0 writes μ, mode 1 r(u_which·d) (which < 0: every k's, row k at out + k·n), mode 2 τ
- * (bfloat16), mode 3 out (out_dtype). */
-/* The stages of one tile of m entries, each from the previous (w: the weights, K of them). */
+ * (bfloat16), mode 3 out (out_dtype). The stages of one tile of m entries, each from the
+ * previous (w: the weights, K of them): */
 WIDE_VECTORS static void ms_mean(float u[][TILE], int32_t K, const float *w, int64_t m, float *mu) {
     for (int64_t i = 0; i < m; i++) mu[i] = 0.0f;
     for (int32_t k = 0; k < K; k++)

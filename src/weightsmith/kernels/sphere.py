@@ -170,6 +170,24 @@ def nus_out(
     return int(n_out), list(bad)
 
 
+def _stage_stats(stats: dict, k: int) -> tuple:
+    """multislerp's statistics known so far as the kernels take them: ne, w, mn, dots (then
+    c1, c2, avg, for ``ws_ms_pass``/``ws_ms_rows``)."""
+    f32 = ctypes.c_float * k
+    dots = f32(*stats.get("dots", [0.0] * k))
+    return f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0), dots
+
+
+def _stage_tail(stats: dict) -> tuple:
+    return stats.get("c1", 0.0), stats.get("c2", 0.0), stats.get("avg", 0.0)
+
+
+def _checked(n_out: int) -> int:
+    if n_out < 0:
+        raise RuntimeError("multislerp kernel: too many models")
+    return int(n_out)
+
+
 def ms_pass(
     xs: Sequence[torch.Tensor],
     has_base: bool,
@@ -182,18 +200,13 @@ def ms_pass(
     (``stats``: ne, w, and later mn, dots, c1, c2, avg as floats). ``UNIT_DOT`` with ``which``
     < 0 writes every task vector's product: row k of ``out`` (k rows of the pieces' length)."""
     k = len(xs) - int(has_base)
-    f32 = ctypes.c_float * k
     bad = _bad(len(xs))
     n = out.numel() // k if mode == UNIT_DOT and which < 0 else out.numel()
     n_out = library().ws_ms_pass(
         _ptrs(xs), k, int(has_base), _DT[xs[0].dtype], n, mode, which,
-        f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0),
-        f32(*stats.get("dots", [0.0] * k)), stats.get("c1", 0.0), stats.get("c2", 0.0),
-        stats.get("avg", 0.0), out.data_ptr(), _DT[out.dtype], bad,
+        *_stage_stats(stats, k), *_stage_tail(stats), out.data_ptr(), _DT[out.dtype], bad,
     )  # fmt: skip
-    if n_out < 0:
-        raise RuntimeError("multislerp kernel: too many models")
-    return int(n_out), list(bad)
+    return _checked(n_out), list(bad)
 
 
 def ms_rows(
@@ -209,19 +222,14 @@ def ms_rows(
     one before left. ``base`` (the stored base's piece, or None) is read by ``OUTPUT`` only;
     its NaN/Inf count is returned."""
     k = len(rows) - 1
-    f32 = ctypes.c_float * k
     bad = _bad(1)
     n = out.numel() // k if mode == UNIT_DOT else out.numel()
     n_out = library().ws_ms_rows(
         _ptrs(rows), k, None if base is None else base.data_ptr(),
         _DT[rows[0].dtype if base is None else base.dtype], n, mode,
-        f32(*stats["ne"]), f32(*stats["w"]), stats.get("mn", 1.0),
-        f32(*stats.get("dots", [0.0] * k)), stats.get("c1", 0.0), stats.get("c2", 0.0),
-        stats.get("avg", 0.0), out.data_ptr(), _DT[out.dtype], bad,
+        *_stage_stats(stats, k), *_stage_tail(stats), out.data_ptr(), _DT[out.dtype], bad,
     )  # fmt: skip
-    if n_out < 0:
-        raise RuntimeError("multislerp kernel: too many models")
-    return int(n_out), list(bad)
+    return _checked(n_out), list(bad)
 
 
 def ms_reduce(
@@ -236,15 +244,12 @@ def ms_reduce(
     of ``step`` entries into ``scratch``, each span's values fed to ``feeds`` at once, in
     order (see :func:`stock_reduce`)."""
     k = len(rows) - 1
-    f32 = ctypes.c_float * k
     arr = (Feed * len(feeds))(*feeds)
     err = library().ws_ms_reduce(
-        _ptrs(rows), k, rows[0].numel(), mode, f32(*stats["ne"]), f32(*stats["w"]),
-        stats.get("mn", 1.0), f32(*stats.get("dots", [0.0] * k)), step, scratch.data_ptr(),
+        _ptrs(rows), k, rows[0].numel(), mode, *_stage_stats(stats, k), step, scratch.data_ptr(),
         arr, len(feeds),
     )  # fmt: skip
-    if err < 0:
-        raise RuntimeError("multislerp kernel: too many models")
+    _checked(err)
 
 
 def slerp_pass(

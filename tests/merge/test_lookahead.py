@@ -82,6 +82,25 @@ def test_same_bytes_as_one_tensor_at_a_time(method, bf16_trio, counted, tmp_path
     assert not reader._MAPS  # every input mapping released
 
 
+@pytest.mark.parametrize("method", ["multislerp", "model_stock"])
+def test_a_merge_run_hands_its_kept_buffers_back(method, bf16_trio, tmp_path, monkeypatch):
+    """After `merge run` (in this process, as a library caller's goes on) neither the kept
+    rows' pool nor this thread's span buffers are kept."""
+    from weightsmith.merge.methods import sphere_native
+
+    made = []
+    init = sphere_native.RowCache.__init__
+    monkeypatch.setattr(
+        sphere_native.RowCache, "__init__", lambda s, *a: made.append(a) or init(s, *a)
+    )
+    base, *models = bf16_trio
+    r = run_cli("run", recipe(method, base, models, tmp_path), "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert made  # rows were kept during the run
+    assert sphere_native.RowCache._pool == []
+    assert "spans" not in sphere_native._local.__dict__
+
+
 def test_error_of_a_tensor_made_ahead_is_raised_in_order(tiny_model_copy, counted, tmp_path):
     base = tiny_model_copy("llama", 0, BF16)
     models = [tiny_model_copy("llama", s, BF16) for s in (1, 2)]

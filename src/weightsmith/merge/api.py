@@ -36,7 +36,7 @@ from weightsmith.merge.engine import (
 )
 from weightsmith.merge.expert_groups import group_expert_jobs
 from weightsmith.merge.lookahead import Lookahead, ahead_eligible, early_stream, input_bytes
-from weightsmith.merge.methods import get_method
+from weightsmith.merge.methods import get_method, sphere_native
 from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
 from weightsmith.merge.recipe import PASSTHROUGH, MergeRecipe
 from weightsmith.merge.vocab import VocabMerge, output_tokenizer, plan_vocabulary
@@ -116,6 +116,7 @@ def merge(
         plan.jobs = group_expert_jobs(plan.jobs, ckpts, method)
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
+        stack.callback(sphere_native.release_buffers)
         run = _Run(plan, ckpts, options, device, chunk_elements, final_from, vocab)
         return _run_plan(recipe, run, out)
 

@@ -176,6 +176,15 @@ def span_buffers(
     return [b[:numel] for b in have[:count]]
 
 
+def release_buffers() -> None:
+    """Hand back what a merge run kept for its tensors: the :class:`RowCache` pool and this
+    thread's span buffers (the pool's threads' go with the pool). A process that goes on after
+    the merge (a library caller) keeps neither."""
+    with RowCache._lock:
+        RowCache._pool.clear()
+    _local.__dict__.pop("spans", None)
+
+
 def native_reductions() -> bool:
     """torch's bfloat16 norms and sums can be reproduced natively here (:mod:`reduce`)."""
     lanes = reduce.layout()

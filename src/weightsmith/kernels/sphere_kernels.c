@@ -142,7 +142,8 @@ WIDE_VECTORS int32_t ws_stock_rows(const void *const *xs, int32_t K, int32_t dty
     for (int64_t s = 0; s < n; s += TILE) {
         const int64_t m = (n - s < TILE) ? n - s : TILE;
         load(xs[0], dtype, s, m, b, &bad[0]);
-        for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
+        if (avg)
+            for (int64_t i = 0; i < m; i++) acc[i] = 0.0f;
         for (int32_t k = 0; k < M; k++) {
             load(xs[k + 1], dtype, s, m, d[k], &bad[k + 1]);
             if (avg)
@@ -173,6 +174,16 @@ typedef struct {
     feed_fn feed;
 } feed_t;
 
+/* The reductions' parts in the span [s, s + m) of the rows in scratch (row r at r·m), fed. */
+static void feed_span(const feed_t *feeds, int32_t nfeeds, const uint16_t *scratch, int64_t s,
+                      int64_t m) {
+    for (int32_t f = 0; f < nfeeds; f++) {
+        const int64_t a = feeds[f].lo > s ? feeds[f].lo : s;
+        const int64_t b = feeds[f].hi < s + m ? feeds[f].hi : s + m;
+        if (a < b) feeds[f].feed(feeds[f].state, scratch + feeds[f].row * m + (a - s), b - a);
+    }
+}
+
 /* model_stock's statistics in one sequential pass: ws_stock_rows over spans of `step` entries
  * into `scratch` (its rows, step entries each: small enough to stay in cache), each span's
  * rows fed to the reductions at once, in order. The same values in the same order as
@@ -188,11 +199,7 @@ int32_t ws_stock_reduce(const void *const *xs, int32_t K, int32_t dtype, int64_t
         const int64_t m = (n - s < step) ? n - s : step;
         for (int32_t k = 0; k < K; k++) p[k] = (const char *)xs[k] + s * es;
         ws_stock_rows(p, K, dtype, m, scratch, avg ? avg + s : NULL, bad);
-        for (int32_t f = 0; f < nfeeds; f++) {
-            const int64_t a = feeds[f].lo > s ? feeds[f].lo : s;
-            const int64_t b = feeds[f].hi < s + m ? feeds[f].hi : s + m;
-            if (a < b) feeds[f].feed(feeds[f].state, scratch + feeds[f].row * m + (a - s), b - a);
-        }
+        feed_span(feeds, nfeeds, scratch, s, m);
     }
     return 0;
 }
@@ -383,11 +390,7 @@ int64_t ws_ms_reduce(uint16_t *const *rows, int32_t K, int64_t n, int32_t mode, 
         for (int32_t k = 0; k <= K; k++) p[k] = rows[k] + s;
         ws_ms_rows(p, K, NULL, DT_BF16, m, mode, ne, w, mn, dots, 0.0f, 0.0f, 0.0f, scratch,
                    DT_BF16, &ignored);
-        for (int32_t f = 0; f < nfeeds; f++) {
-            const int64_t a = feeds[f].lo > s ? feeds[f].lo : s;
-            const int64_t b = feeds[f].hi < s + m ? feeds[f].hi : s + m;
-            if (a < b) feeds[f].feed(feeds[f].state, scratch + feeds[f].row * m + (a - s), b - a);
-        }
+        feed_span(feeds, nfeeds, scratch, s, m);
     }
     return 0;
 }

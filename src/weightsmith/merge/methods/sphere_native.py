@@ -229,6 +229,13 @@ def wide_rows(
     return [parts[0] for parts in row_reductions(src, xs, kernel, whole)]
 
 
+def reducers(rows: Sequence[tuple[str, list]]) -> list[list[tuple[int, int, reduce.Reducer]]]:
+    """For each row's (kind, ranges): (lo, hi, the ``kind`` reduction of [lo, hi)) per range."""
+    layout = reduce.layout()
+    return [[(lo, hi, reduce.Reducer(kind, hi - lo, layout[kind])) for lo, hi in ranges]
+            for kind, ranges in rows]  # fmt: skip
+
+
 def row_reductions(
     src: ChunkSource, xs: Sequence[torch.Tensor], kernel, rows: Sequence[tuple[str, list]]
 ) -> list[list[float]]:
@@ -239,9 +246,7 @@ def row_reductions(
     previous round's set to that row's reductions, in order (so the same values in the same
     order: the same bits)."""
     n, per_round = src.numel, 2 * pool_workers()
-    layout = reduce.layout()
-    reds = [[(lo, hi, reduce.Reducer(kind, hi - lo, layout[kind])) for lo, hi in ranges]
-            for kind, ranges in rows]  # fmt: skip
+    reds = reducers(rows)
     bufs = span_buffers("wide_rows", 2 * per_round, len(rows) * min(SPAN, n))
     sets = [bufs[:per_round], bufs[per_round:]]
     spans = [(s, min(n, s + SPAN)) for s in range(0, n, SPAN)]
@@ -282,9 +287,7 @@ def fused_reductions(rows: Sequence[tuple[str, list]], run) -> list[list[float]]
     the same values in the same order, each row read back from the cache instead of from
     buffers of the pool's rounds (one thread ran 11.5M-entry model_stock statistics in 1.04 ns
     an entry, the pool's two in 1.7), leaving the pool to the previous tensor's output."""
-    layout = reduce.layout()
-    reds = [[(lo, hi, reduce.Reducer(kind, hi - lo, layout[kind])) for lo, hi in ranges]
-            for kind, ranges in rows]  # fmt: skip
+    reds = reducers(rows)
     feeds = [
         sphere.Feed(r, lo, hi, *red.native()) for r, row in enumerate(reds) for lo, hi, red in row
     ]

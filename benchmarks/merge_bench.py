@@ -54,7 +54,13 @@ METHODS = (
     "linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "ties",
     "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
     "sce", "model_stock", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough",
+    "lora_ref",
 )  # fmt: skip
+# lora_ref: a linear merge whose first model is ``base+adapter`` (mergekit's model+lora): the
+# adapter is folded into base first (mergekit: transformers + peft merge_and_unload, into its
+# --lora-merge-cache, emptied before each of its runs; weightsmith: into a temporary folder).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_RANK, LORA_ALPHA = 16, 32
 
 
 def llama_specs(cfg: dict) -> list[TensorSpec]:
@@ -111,6 +117,36 @@ def generate(out: Path, ft_seed: int | None) -> None:
         writer.commit({"operation": "merge_bench.generate", "finetune_seed": ft_seed})
 
 
+def generate_adapter(out: Path, base: Path) -> None:
+    """A rank-16 PEFT LoRA adapter on every linear layer of ``base`` (seeded; bf16, as peft
+    saves an adapter trained on a bf16 model)."""
+    if (out / "adapter_config.json").is_file():
+        return
+    specs, tensors = {s.name: s for s in llama_specs(CONFIG)}, {}
+    for name, spec in specs.items():
+        module = name.rsplit(".", 2)[-2]
+        if module not in LORA_TARGETS:
+            continue
+        rows, cols = spec.shape
+        key = "base_model.model." + name.removesuffix(".weight")
+        g = torch.Generator().manual_seed(_seed("lora", name))
+        tensors[key + ".lora_A.weight"] = torch.randn(LORA_RANK, cols, generator=g) / cols**0.5
+        tensors[key + ".lora_B.weight"] = 0.01 * torch.randn(rows, LORA_RANK, generator=g)
+    out.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()}, out / "adapter_model.safetensors"
+    )
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": list(LORA_TARGETS), "fan_in_fan_out": False, "use_rslora": False,
+        "modules_to_save": None, "inference_mode": True,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
 def _task(models: list[str], **params: float) -> list[dict]:
     return [{"model": m, "parameters": {"weight": 1.0, **params}} for m in models]
 
@@ -157,6 +193,7 @@ def recipes(models: dict[str, Path]) -> dict[str, dict]:
             ],
             "dtype": "bfloat16",
         },
+        "lora_ref": free("linear", _task([f"{base}+{models['adapter']}", ft1])),
     }
 
 
@@ -341,6 +378,8 @@ def main() -> None:
         t0 = time.perf_counter()
         generate(models[name], seed)
         print(f"model {name}: {models[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    models["adapter"] = cache / "adapter"
+    generate_adapter(models["adapter"], models["base"])
     compile_package()
     all_recipes = recipes(models)
     run_mergekit = not args.skip_mergekit and Path(args.mergekit).exists()
@@ -383,6 +422,9 @@ def bench_method(cache: Path, method: str, recipe: dict, args, run_mergekit: boo
         "merge", "run", str(cfg), "-o", str(ws_out), "--force", "--no-progress",
     ]  # fmt: skip
     mk_cmd = [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
+    mk_lora = cache / "mk-lora-cache"  # mergekit needs one for model+lora; emptied per run
+    if method == "lora_ref":
+        mk_cmd += ["--lora-merge-cache", str(mk_lora)]
     compare = run_mergekit and not (cache / f"identity-{method}.json").is_file()
     for k in range(args.repeat):
         last = k == args.repeat - 1
@@ -393,6 +435,7 @@ def bench_method(cache: Path, method: str, recipe: dict, args, run_mergekit: boo
                 continue
             # Each tool starts without an output folder (deleting one is not merge work).
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(mk_lora, ignore_errors=True)
             res = timed(cmd, log, [cache / name for name in MODELS])
             print(json.dumps({"method": method, "run": k, tool: res}), flush=True)
             if not (last and compare):
@@ -404,6 +447,7 @@ def bench_method(cache: Path, method: str, recipe: dict, args, run_mergekit: boo
         print(json.dumps({"method": method, "identity": result}), flush=True)
     shutil.rmtree(ws_out, ignore_errors=True)
     shutil.rmtree(mk_out, ignore_errors=True)
+    shutil.rmtree(mk_lora, ignore_errors=True)
 
 
 if __name__ == "__main__":

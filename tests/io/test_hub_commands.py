@@ -103,6 +103,39 @@ def test_merge_command_and_yaml_take_hub_ids(cached, tmp_path, no_network) -> No
     assert no_network == []
 
 
+def test_model_plus_adapter_takes_hub_ids(cached, hf_cache, tmp_path, no_network) -> None:  # noqa: F811
+    """``org/a+org/ad``: the adapter comes from the cache too (its own files), and both
+    repositories are on record."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(cached["org/a"]),
+        LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(tmp_path / "ad")
+    no_network.clear()  # peft's save_pretrained looks the base up on the hub; we never do
+    add_to_cache(hf_cache, "org/ad", tmp_path / "ad", SHA_B)
+    outs = {}
+    for key, ref in [("hub", "org/a+org/ad"), ("local", f"{cached['org/a']}+{tmp_path / 'ad'}")]:
+        path = tmp_path / f"{key}.yml"
+        path.write_text(yaml.safe_dump({
+            "merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}],
+        }))  # fmt: skip
+        res = _run(["merge", "run", str(path), "-o", str(tmp_path / key)])
+        assert res.exit_code == 0, res.output
+        outs[key] = tmp_path / key
+    _same_tensors(outs["hub"], outs["local"])
+    assert _hub_models(outs["hub"]) == [("org/a", SHA_A), ("org/ad", SHA_B)]
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump({
+        "merge_method": "linear", "models": [{"model": "org/a+org/b", "parameters": {"weight": 1.0}}],
+    }))  # fmt: skip
+    res = _run(["merge", "run", str(path), "-o", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "adapter_config.json" in res.output, res.output
+    assert no_network == []
+
+
 @pytest.mark.parametrize(
     "args",
     [["nearswap", "org/a", "org/b", "--t", "0.5"],

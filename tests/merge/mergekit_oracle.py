@@ -24,19 +24,26 @@ import sys, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-seed = int(sys.argv[1])
-for cfg, out in zip(sys.argv[2::2], sys.argv[3::2]):
+seed, lora_cache = int(sys.argv[1]), sys.argv[2]
+for cfg, out in zip(sys.argv[3::2], sys.argv[4::2]):
     config = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
-    options = MergeOptions(copy_tokenizer=False, lazy_unpickle=False, random_seed=seed)
+    options = MergeOptions(
+        copy_tokenizer=False, lazy_unpickle=False, random_seed=seed, lora_merge_cache=lora_cache
+    )
     run_merge(config, out, options=options)
 """
 
 
 def absolutize(data: Any, models: Path) -> Any:
-    """``data`` with every ``model``/``base_model`` name made a path under ``models``."""
+    """``data`` with every ``model``/``base_model`` name made a path under ``models`` (both
+    halves of a ``MODEL+ADAPTER`` reference)."""
     if isinstance(data, Mapping):
         return {
-            k: (str(models / v) if k in ("model", "base_model") else absolutize(v, models))
+            k: (
+                "+".join(str(models / p) for p in v.split("+"))
+                if k in ("model", "base_model")
+                else absolutize(v, models)
+            )
             for k, v in data.items()
         }
     if isinstance(data, list):
@@ -60,7 +67,7 @@ def run_both(
         args += [str(cfg), str(mk)]
         runs[name] = (mk, ws)
     proc = subprocess.run(
-        [str(peer_python("mergekit")), "-c", DRIVER, str(seed), *args],
+        [str(peer_python("mergekit")), "-c", DRIVER, str(seed), str(root / "mk-lora"), *args],
         capture_output=True,
         text=True,
         timeout=900,

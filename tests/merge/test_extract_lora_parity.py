@@ -58,6 +58,45 @@ def runs(tmp_path_factory) -> dict[str, tuple]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_adapter_as_mergekit(runs, case):
     mk, ws = runs[case]
+    _assert_same_adapter(mk, ws)
+    if case == "epsilon":
+        ca = json.loads((mk / "adapter_config.json").read_text())
+        assert ca["rank_pattern"], "ε should give modules of different ranks"
+
+
+def test_model_plus_adapter_reextracted_as_mergekit(tmp_path):
+    """``BASE BASE+ADAPTER --rank 2``: a rank-4 adapter folded in, then extracted at rank 2
+    (mergekit folds with peft into its required --lora-merge-cache; here a temporary folder)."""
+    from test_lora import make_adapter
+
+    python = require_peer("mergekit")
+    base = build_tiny_model(tmp_path / "base", "llama", seed=0)
+    make_adapter(base, tmp_path / "ad", seed=3, r=4, target_modules=["q_proj", "down_proj"])
+    mk, ws, ref = tmp_path / "mk", tmp_path / "ws", f"{base}+{tmp_path / 'ad'}"
+    cmd = [str(python.parent / "mergekit-extract-lora"), "--model", ref, "--base-model",
+           str(base), "--out-path", str(mk), "--max-rank", "2",
+           "--lora-merge-cache", str(tmp_path / "cache")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = run_cli("extract-lora", base, ref, "-o", ws, "--rank", "2", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    _assert_same_adapter(mk, ws)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ad",
+        "base",
+        "cache",
+        "mk",
+        "r.json",
+        "ws",
+    ]
+    record = json.loads((ws / "weightsmith.json").read_text())
+    assert record["lora_folds"] == [
+        {"model": str(base), "adapter": str(tmp_path / "ad"), "reused": False}
+    ]
+
+
+def _assert_same_adapter(mk, ws) -> None:
     a, b = load_file(mk / "adapter_model.safetensors"), load_file(ws / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (mk, ws))
@@ -75,5 +114,3 @@ def test_same_adapter_as_mergekit(runs, case):
         assert torch.allclose(da, db, atol=1e-6, rtol=0), name
         sa = torch.linalg.svdvals(da)
         assert torch.allclose(sa, torch.linalg.svdvals(db), atol=1e-6), name
-    if case == "epsilon":
-        assert ca["rank_pattern"], "ε should give modules of different ranks"

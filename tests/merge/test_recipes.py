@@ -123,7 +123,8 @@ def test_passthrough_layer_range_past_the_end(models_dir, tmp_path):
         ("merge_method: [oops\n", "invalid YAML"),
         ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]}]\n",
          "exactly one source"),
-        ("merge_method: linear\nmodels: [{model: a+lora}]\n", "not supported"),
+        ("merge_method: linear\nmodels: [{model: a+lora+b}]\n", "expected MODEL or MODEL+ADAPTER"),
+        ("merge_method: ties\nbase_model: a+\nmodels: [{model: b}]\n", "reference 'a+': expected"),
         ("merge_method: linear\nmodels: [{model: a}]\ndtype: int8\n", "dtype 'int8'"),
     ],
 )  # fmt: skip

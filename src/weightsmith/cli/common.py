@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -182,15 +183,24 @@ class ModelPath(click.Path):
 
     name = "model"
 
+    def __init__(self, adapters: bool = False) -> None:
+        super().__init__()
+        self.adapters = adapters  # MODEL+ADAPTER allowed: both halves resolved
+
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         from weightsmith.io.hub import resolve_model_reference
 
         if not isinstance(value, str):
             return super().convert(value, param, ctx)
+        if self.adapters and "+" in value and not Path(value).expanduser().exists():
+            model, _, adapter = value.partition("+")
+            adapter = resolve_model_reference(adapter, adapter=True)
+            return f"{resolve_model_reference(model)}+{adapter}"
         return super().convert(resolve_model_reference(value), param, ctx)
 
 
 MODEL = ModelPath()
+MODEL_OR_FOLD = ModelPath(adapters=True)  # also MODEL+ADAPTER (a LoRA folded in first)
 
 
 def _allow_download(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

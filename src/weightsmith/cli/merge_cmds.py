@@ -180,6 +180,8 @@ def run_recipe(recipe, out: str, **opts: Any) -> dict:
         models_dir=opts.get("models_dir"),
         final_from=opts.get("final_from"),
         compute_dtype=opts["compute_dtype"],
+        lora_merge_cache=opts.get("lora_merge_cache"),
+        lora_merge_dtype=opts.get("lora_merge_dtype"),
     )
     click.echo(
         f"merged ({recipe.merge_method}) {result.tensors} tensors "
@@ -420,11 +422,29 @@ def passthrough_cmd(slices, final_from, out, opts) -> dict:
     type=click.Path(file_okay=False),
     help="Folder that relative model names in the recipe are looked up in first.",
 )
+@click.option(
+    "--lora-merge-cache",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Keep the models that MODEL+ADAPTER references fold into here, and reuse them on the "
+    "next run (default: a temporary folder beside OUT, removed at the end).",
+)
+@click.option(
+    "--lora-merge-dtype",
+    default=None,
+    help="dtype of the folded MODEL+ADAPTER models (default: each tensor's stored dtype).",
+)
 @merge_options
 @common
-def run_cmd(recipe_path, models_dir, out, opts) -> dict:
-    """Run a mergekit YAML recipe (merge_method, models/slices, parameters, dtype, ...)."""
+def run_cmd(recipe_path, models_dir, lora_merge_cache, lora_merge_dtype, out, opts) -> dict:
+    """Run a mergekit YAML recipe (merge_method, models/slices, parameters, dtype, ...).
+
+    A model written MODEL+ADAPTER is MODEL with the PEFT LoRA adapter ADAPTER folded in."""
     from weightsmith.merge import load_recipe
 
     recipe = load_recipe(recipe_path)
-    return {"recipe": recipe_path, **run_recipe(recipe, out, models_dir=models_dir, **opts)}
+    lora = {"lora_merge_cache": lora_merge_cache, "lora_merge_dtype": lora_merge_dtype}
+    return {
+        "recipe": recipe_path,
+        **run_recipe(recipe, out, models_dir=models_dir, **lora, **opts),
+    }

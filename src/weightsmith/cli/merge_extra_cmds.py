@@ -8,6 +8,7 @@ import click
 from weightsmith.cli.common import (
     FINITE_FLOAT,
     MODEL,
+    MODEL_OR_FOLD,
     force_option,
     progress_option,
     report_option,
@@ -19,8 +20,8 @@ from weightsmith.io.sizes import format_size, parse_size
 
 
 @merge_cli.command("extract-lora")
-@click.argument("base", type=MODEL)
-@click.argument("finetuned", type=MODEL)
+@click.argument("base", type=MODEL_OR_FOLD)
+@click.argument("finetuned", type=MODEL_OR_FOLD)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Adapter folder to write.")
 @click.option(
     "--rank",
@@ -73,15 +74,26 @@ from weightsmith.io.sizes import format_size, parse_size
     help="Leave out modules that are not Linear/Embedding (norms) instead of saving them.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run.")
+@click.option(
+    "--lora-merge-cache",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Keep the models that MODEL+ADAPTER arguments fold into here, for the next run.",
+)
+@click.option("--lora-merge-dtype", default=None, help="dtype of the folded MODEL+ADAPTER models.")
 @force_option
 @progress_option
 @report_option
 def extract_lora_cmd(
     base, finetuned, out, rank, sv_epsilon, distribute_scale, embed_lora, modules_to_save,
-    exclude_regexes, include_regexes, skip_undecomposable, device, force, progress,
+    exclude_regexes, include_regexes, skip_undecomposable, device, lora_merge_cache,
+    lora_merge_dtype, force, progress,
 ):  # fmt: skip
     """Extract the LoRA adapter that turns BASE into FINETUNED: truncated SVD of each
-    Linear delta (FINETUNED - BASE), written as a PEFT adapter (mergekit-extract-lora)."""
+    Linear delta (FINETUNED - BASE), written as a PEFT adapter (mergekit-extract-lora).
+
+    BASE or FINETUNED written MODEL+ADAPTER is MODEL with that LoRA adapter folded in: e.g.
+    BASE BASE+ADAPTER --rank 8 re-extracts an adapter at rank 8."""
     from weightsmith.merge.extract_lora import ExtractLoraConfig, extract_lora
 
     cfg = ExtractLoraConfig(
@@ -94,7 +106,10 @@ def extract_lora_cmd(
         exclude_regexes=tuple(exclude_regexes),
         skip_undecomposable=skip_undecomposable,
     )
-    r = extract_lora(base, finetuned, out, cfg, device=device, force=force, progress=progress)
+    folds = {"lora_merge_cache": lora_merge_cache, "lora_merge_dtype": lora_merge_dtype}
+    r = extract_lora(
+        base, finetuned, out, cfg, device=device, force=force, progress=progress, **folds
+    )
     dropped = f", {len(r.dropped_modules)} below --sv-epsilon" if r.dropped_modules else ""
     click.echo(
         f"extracted LoRA: {r.lora_modules} modules (rank <= {r.max_rank}, "

@@ -27,6 +27,8 @@ DOWNLOAD_ENV = "WEIGHTSMITH_DOWNLOAD"
 # What weightsmith reads from a model repository: weights, index, config, generation config,
 # tokenizer files and chat template (never pickles, ONNX exports or consolidated duplicates).
 NEEDED_FILES = ("model*.safetensors", "model.safetensors.index.json", *SUPPORT_FILES)
+# What it reads from a PEFT adapter repository (a recipe's ``model+adapter`` reference).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _HUB_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^\s@]+))?$")
@@ -56,32 +58,45 @@ def download_requested() -> bool:
     return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def download_command(repo: str, revision: str | None) -> str:
-    """The shell command that puts ``repo`` (at ``revision``) in the cache."""
+def download_command(repo: str, revision: str | None, files: tuple[str, ...] = NEEDED_FILES) -> str:
+    """The shell command that puts ``files`` of ``repo`` (at ``revision``) in the cache."""
     rev = f" --revision {revision}" if revision else ""
-    include = " ".join(f'"{p}"' if "*" in p else p for p in NEEDED_FILES)
+    include = " ".join(f'"{p}"' if "*" in p else p for p in files)
     return f"hf download {repo}{rev} --include {include}"
 
 
-def resolve_model_reference(ref: str, *, download: bool | None = None) -> str:
+def resolve_model_reference(
+    ref: str, *, download: bool | None = None, adapter: bool = False
+) -> str:
     """A local path (returned unchanged when it exists), or the cache snapshot folder of the
     hub id ``org/name[@revision]``. Anything else is returned unchanged, for the caller's own
     "no such file" error. ``download`` (default: :func:`download_requested`) fetches a model
-    missing from the cache; without it nothing touches the network."""
+    missing from the cache; without it nothing touches the network. ``adapter``: the
+    reference names a PEFT adapter (:data:`ADAPTER_FILES`), not a model."""
     if Path(ref).expanduser().exists():
         return ref
     parsed = parse_hub_id(ref)
     if parsed is None:
         return ref
     repo, revision = parsed
+    files = ADAPTER_FILES if adapter else NEEDED_FILES
     if download is None:
         download = download_requested()
     if download:
-        return _download(repo, revision)
-    return _from_cache(ref, repo, revision)
+        return _download(repo, revision, files)
+    return _from_cache(ref, repo, revision, files)
 
 
-def _from_cache(ref: str, repo: str, revision: str | None) -> str:
+def _complete(folder: str, files: tuple[str, ...]) -> bool:
+    """Whether a snapshot holds what weightsmith reads: config and safetensors weights (a
+    model), or ``adapter_config.json`` and its weights (an adapter)."""
+    names = {p.name for p in Path(folder).iterdir()}
+    if files == ADAPTER_FILES:
+        return set(ADAPTER_FILES) <= names
+    return "config.json" in names and any(f.endswith(".safetensors") for f in names)
+
+
+def _from_cache(ref: str, repo: str, revision: str | None, files: tuple[str, ...]) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -90,34 +105,37 @@ def _from_cache(ref: str, repo: str, revision: str | None) -> str:
     try:
         folder = snapshot_download(
             repo, revision=revision, cache_dir=cache, local_files_only=True,
-            allow_patterns=list(NEEDED_FILES),
+            allow_patterns=list(files),
         )  # fmt: skip
     except HFValidationError as e:
         raise CheckpointError(f"{ref}: not a local path nor a valid hub id ({e})") from None
     except (LocalEntryNotFoundError, OSError) as e:  # not cached, or an incomplete snapshot
         folder = None
         missing = "incomplete snapshot" if "Incomplete" in type(e).__name__ else "no snapshot"
-    if folder is not None:
-        files = {p.name for p in Path(folder).iterdir()}
-        if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
-            folder, missing = None, "no config.json or safetensors weights in the snapshot"
+    if folder is not None and not _complete(folder, files):
+        want = (
+            ", ".join(ADAPTER_FILES)
+            if files == ADAPTER_FILES
+            else "config.json or safetensors weights"
+        )
+        folder, missing = None, f"no {want} in the snapshot"
     if folder is None:
         what = f"revision {revision} of {repo}" if revision else repo
         raise CheckpointError(
             f"{ref}: no such local path, and {what} is not in the Hugging Face cache {cache} "
-            f"({missing}); download it with `{download_command(repo, revision)}` "
+            f"({missing}); download it with `{download_command(repo, revision, files)}` "
             "or rerun with --download (WEIGHTSMITH_DOWNLOAD=1)"
         )
     return str(folder)
 
 
-def _download(repo: str, revision: str | None) -> str:
+def _download(repo: str, revision: str | None, files: tuple[str, ...]) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         folder = snapshot_download(
-            repo, revision=revision, cache_dir=hub_cache_dir(), allow_patterns=list(NEEDED_FILES)
+            repo, revision=revision, cache_dir=hub_cache_dir(), allow_patterns=list(files)
         )
         return str(folder)
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as e:

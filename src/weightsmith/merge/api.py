@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from weightsmith.merge.engine import (
 )
 from weightsmith.merge.expert_groups import group_expert_jobs
 from weightsmith.merge.lookahead import Lookahead, ahead_eligible, early_stream, input_bytes
+from weightsmith.merge.lora_refs import LoraFolds, resolve_reference
 from weightsmith.merge.methods import get_method, sphere_native
 from weightsmith.merge.plan import MergePlan, TensorJob, build_plan
 from weightsmith.merge.recipe import PASSTHROUGH, MergeRecipe
@@ -45,9 +46,12 @@ RECIPE_FILE = "mergekit_config.yml"
 CARD_FILE = "README.md"
 
 
-def resolve_model(ref: str, models_dir: str | os.PathLike[str] | None = None) -> str:
+def resolve_model(
+    ref: str, models_dir: str | os.PathLike[str] | None = None, *, adapter: bool = False
+) -> str:
     """A recipe's model reference as an absolute local path (``models_dir`` first), else a
-    hub id ``org/name[@revision]`` from the Hugging Face cache (:mod:`weightsmith.io.hub`)."""
+    hub id ``org/name[@revision]`` from the Hugging Face cache (:mod:`weightsmith.io.hub`).
+    ``adapter``: ``ref`` names a PEFT adapter (the ``ADAPTER`` of ``MODEL+ADAPTER``)."""
     p = Path(ref).expanduser()
     candidates = [p] if p.is_absolute() else []
     if not p.is_absolute():
@@ -58,11 +62,21 @@ def resolve_model(ref: str, models_dir: str | os.PathLike[str] | None = None) ->
         if c.exists():
             return str(c.resolve())
     if parse_hub_id(ref) is not None:
-        return resolve_model_reference(ref)
+        return resolve_model_reference(ref, adapter=adapter)
     looked = ", ".join(str(c) for c in candidates)
+    what = "adapter" if adapter else "model"
     raise ConfigError(
-        f"model {ref!r} not found (looked at {looked}); recipes take local checkpoint "
+        f"{what} {ref!r} not found (looked at {looked}); recipes take local checkpoint "
         "folders (--models-dir for relative names) or hub ids org/name[@revision]"
+    )
+
+
+def reference_resolver(models_dir: str | os.PathLike[str] | None) -> Callable[[str], str]:
+    """A recipe's model reference -> absolute paths (``MODEL+ADAPTER``: both halves)."""
+    return lambda ref: resolve_reference(
+        ref,
+        lambda m: resolve_model(m, models_dir),
+        lambda a: resolve_model(a, models_dir, adapter=True),
     )
 
 
@@ -80,11 +94,15 @@ def merge(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     allow_pickle: bool = False,
     compute_dtype: str | None = None,
+    lora_merge_cache: str | os.PathLike[str] | None = None,
+    lora_merge_dtype: str | None = None,
 ) -> StreamResult:
     """Run ``recipe`` and write the merged checkpoint to ``out`` (atomically).
 
     ``dtype`` overrides the recipe's output dtype (default: each tensor keeps its base/first
-    model's dtype). The arithmetic runs on ``device`` in mergekit's dtype (the recipe's
+    model's dtype). A ``MODEL+ADAPTER`` reference is the model with the PEFT LoRA adapter
+    folded in (:mod:`weightsmith.merge.lora_refs`: kept in ``lora_merge_cache`` when given,
+    in ``lora_merge_dtype`` when given). The arithmetic runs on ``device`` in mergekit's dtype (the recipe's
     ``dtype``, else the inputs'); ``compute_dtype`` (or the recipe's) overrides it, and
     ``"float32"`` keeps weightsmith's exact float32 arithmetic. ``final_from`` (slices only) names the
     model whose final norm and lm_head are used instead of the last slice's. Every parameter
@@ -98,11 +116,20 @@ def merge(
         name = config_dtype_name(parse_user_dtype(compute_dtype))
         recipe = replace(recipe, compute_dtype=name).validate()
     device = str(select_device(device))  # auto -> cuda/cpu; an absent device is refused
-    recipe = recipe.resolved(lambda r: resolve_model(r, models_dir))
-    if final_from is not None:
-        final_from = resolve_model(final_from, models_dir)
+    if lora_merge_dtype is not None:
+        lora_merge_dtype = config_dtype_name(parse_user_dtype(lora_merge_dtype))
+    resolve = reference_resolver(models_dir)
+    recorded = recipe.resolved(resolve)
+    final_ref = resolve(final_from) if final_from is not None else None
     options = WriteOptions(max_shard_size, force, progress)
+    folds = LoraFolds(
+        Path(out).absolute(), force, Path(lora_merge_cache) if lora_merge_cache else None,
+        lora_merge_dtype, device, progress,
+    )  # fmt: skip
     with contextlib.ExitStack() as stack:
+        stack.callback(folds.close)
+        recipe = recorded.resolved(folds.path)
+        final_from = folds.path(final_ref) if final_ref is not None else None
         ckpts: dict[str, Checkpoint] = {}
         for ref in [*recipe.referenced_models(), *([final_from] if final_from else [])]:
             if ref not in ckpts:
@@ -117,8 +144,9 @@ def merge(
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
         stack.callback(sphere_native.release_buffers)
-        run = _Run(plan, ckpts, options, device, chunk_elements, final_from, vocab)
-        return _run_plan(recipe, run, out)
+        sources = _sources(ckpts, folds, stack, allow_pickle)
+        run = _Run(plan, ckpts, options, device, chunk_elements, vocab)
+        return _run_plan(recipe, run, out, _Record(recorded, final_ref, sources, folds.record()))
 
 
 def _refuse_quantized(ckpt: Checkpoint, ref: str) -> None:
@@ -133,6 +161,32 @@ def _refuse_quantized(ckpt: Checkpoint, ref: str) -> None:
         )
 
 
+def _sources(
+    ckpts: Mapping[str, Checkpoint], folds: LoraFolds, stack: contextlib.ExitStack, pickle: bool
+) -> list[Checkpoint]:
+    """The inputs on record: each checkpoint read, but a folded one's model and adapter."""
+    folded = {f["folded"]: f for f in folds.folded.values()}
+    out = []
+    for ref, ck in ckpts.items():
+        if ref not in folded:
+            out.append(ck)
+            continue
+        for key in ("model", "adapter"):
+            out.append(stack.enter_context(open_checkpoint(folded[ref][key], allow_pickle=pickle)))
+    return out
+
+
+@dataclass
+class _Record:
+    """What the output records: the recipe as given (``MODEL+ADAPTER`` references kept), the
+    inputs and the adapters folded."""
+
+    recipe: MergeRecipe
+    final_from: str | None
+    sources: list[Checkpoint]
+    lora_folds: list[dict]
+
+
 @dataclass
 class _Run:
     plan: MergePlan
@@ -140,14 +194,14 @@ class _Run:
     options: WriteOptions
     device: str
     chunk_elements: int
-    final_from: str | None
     vocab: VocabMerge | None
 
 
-def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> StreamResult:
+def _run_plan(
+    recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str], record: _Record
+) -> StreamResult:
     """Stream every job of the plan into ``out`` and report what was merged."""
     plan, ckpts, device, chunk_elements = run.plan, run.ckpts, run.device, run.chunk_elements
-    final_from = run.final_from
     tokenizer = output_tokenizer(recipe, run.vocab, plan.reference)
     out_dtype = parse_user_dtype(recipe.output_dtype) if recipe.output_dtype else None
     specs = {o.out_name: job_spec(o, ckpts, out_dtype) for j in plan.jobs for o in j.outputs}
@@ -178,6 +232,50 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
 
     ref = ckpts[plan.reference]
 
+    try:
+        result = rewrite_checkpoint(
+            ref,
+            plan.jobs,
+            out,
+            plan=lambda job: [specs[o.out_name] for o in job.outputs],
+            apply=apply,
+            options=run.options,
+            sources=record.sources,
+            config_patch=_config_patch(ref, plan, recipe, out_dtype, run.vocab),
+            support_skip=TOKENIZER_FILES if tokenizer else (),
+            description=f"merge {recipe.merge_method}",
+            provenance={
+                "operation": "merge",
+                "method": recipe.merge_method,
+                "recipe": record.recipe.record(),
+                "config": {"device": device, "chunk_elements": chunk_elements},
+                **({"lora_folds": record.lora_folds} if record.lora_folds else {}),
+            },
+            before_commit=_support_files(record, plan, tokenizer),
+        )
+    finally:
+        ahead.close()
+    result.extra.update(
+        {
+            "method": recipe.merge_method,
+            "tensors_merged": sum(len(j.outputs) for j in plan.jobs if j.params is not None)
+            - len(stats.get("copied_shared", [])),
+            "tensors_copied": sum(1 for j in plan.jobs if j.params is None)
+            + len(stats.get("copied_shared", [])),
+            "num_layers": plan.num_layers,
+            **({"lora_folds": record.lora_folds} if record.lora_folds else {}),
+            **stats,
+        }
+    )
+    return result
+
+
+def _support_files(
+    record: _Record, plan: MergePlan, tokenizer: dict
+) -> Callable[[CheckpointWriter], None]:
+    """``before_commit``: the recipe as given, the model card and the merged tokenizer."""
+    recipe, final_from = record.recipe, record.final_from
+
     def before_commit(writer: CheckpointWriter) -> None:
         note = ""
         if final_from and recipe.slices and final_from != recipe.slices[-1].sources[0].model:
@@ -190,40 +288,7 @@ def _run_plan(recipe: MergeRecipe, run: _Run, out: str | os.PathLike[str]) -> St
         for name, data in tokenizer.items():
             writer.write_bytes(name, data)
 
-    try:
-        result = rewrite_checkpoint(
-            ref,
-            plan.jobs,
-            out,
-            plan=lambda job: [specs[o.out_name] for o in job.outputs],
-            apply=apply,
-            options=run.options,
-            sources=list(ckpts.values()),
-            config_patch=_config_patch(ref, plan, recipe, out_dtype, run.vocab),
-            support_skip=TOKENIZER_FILES if tokenizer else (),
-            description=f"merge {recipe.merge_method}",
-            provenance={
-                "operation": "merge",
-                "method": recipe.merge_method,
-                "recipe": recipe.record(),
-                "config": {"device": device, "chunk_elements": chunk_elements},
-            },
-            before_commit=before_commit,
-        )
-    finally:
-        ahead.close()
-    result.extra.update(
-        {
-            "method": recipe.merge_method,
-            "tensors_merged": sum(len(j.outputs) for j in plan.jobs if j.params is not None)
-            - len(stats.get("copied_shared", [])),
-            "tensors_copied": sum(1 for j in plan.jobs if j.params is None)
-            + len(stats.get("copied_shared", [])),
-            "num_layers": plan.num_layers,
-            **stats,
-        }
-    )
-    return result
+    return before_commit
 
 
 def _lookahead(run: _Run, specs: Mapping[str, TensorSpec]) -> Lookahead:

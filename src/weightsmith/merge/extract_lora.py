@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +31,7 @@ from weightsmith.errors import CheckpointError, ConfigError
 from weightsmith.io.reader import Checkpoint, open_checkpoint
 from weightsmith.io.writer import CheckpointWriter
 from weightsmith.merge.lora import ADAPTER_CONFIG, PREFIX
+from weightsmith.merge.lora_refs import LoraFolds
 
 LORA, EMBEDDING, SAVE = "lora", "embedding", "save"
 
@@ -277,13 +279,35 @@ def extract_lora(
     device: str = "cpu",
     force: bool = False,
     progress: bool = True,
+    lora_merge_cache: str | os.PathLike[str] | None = None,
+    lora_merge_dtype: str | None = None,
 ) -> ExtractResult:
     """Write the PEFT adapter that turns ``base`` into (a rank-``cfg.max_rank`` approximation
-    of) ``finetuned`` to ``out`` (atomically: nothing appears there on error)."""
+    of) ``finetuned`` to ``out`` (atomically: nothing appears there on error). Either may be
+    ``MODEL+ADAPTER``: the model with that LoRA adapter folded in (:mod:`.lora_refs`), e.g. to
+    re-extract an adapter at a lower rank."""
     _check_options(cfg, device)
     device = str(select_device(device))  # auto -> cuda/cpu
+    cache = Path(lora_merge_cache) if lora_merge_cache else None
+    folds = LoraFolds(Path(out).absolute(), force, cache, lora_merge_dtype, device, progress)
+    try:
+        pair = (folds.path(str(base)), folds.path(str(finetuned)))
+        return _extract(pair, out, cfg, device, force, progress, folds.record())
+    finally:
+        folds.close()
+
+
+def _extract(
+    pair: tuple[str, str],
+    out: str | os.PathLike[str],
+    cfg: ExtractLoraConfig,
+    device: str,
+    force: bool,
+    progress: bool,
+    folds: list[dict],
+) -> ExtractResult:
     start = time.perf_counter()
-    with open_checkpoint(base) as bk, open_checkpoint(finetuned) as fk:
+    with open_checkpoint(pair[0]) as bk, open_checkpoint(pair[1]) as fk:
         plans, to_save = plan_modules(bk, fk, cfg)
         _check_pair(bk, fk, plans)
         if not any(p.kind != SAVE for p in plans):
@@ -314,6 +338,7 @@ def extract_lora(
                     "inputs": [
                         {"path": str(c.path), "fingerprint": c.fingerprint()} for c in (bk, fk)
                     ],
+                    **({"lora_folds": folds} if folds else {}),
                 }
             )
     return ExtractResult(

@@ -50,6 +50,7 @@ TOP_KEYS = {
 }
 UNSUPPORTED_KEYS = {"modules": "multi-module merges"}
 DTYPES = {"float32", "float16", "bfloat16"}
+LORA_SEPARATOR = "+"  # MODEL+ADAPTER: a model with a PEFT LoRA adapter folded in
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,9 @@ class MergeRecipe:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ConfigError(f"{prefix}give either 'tokenizer_source' or 'tokenizer', not both")
         check_chat_template(self.chat_template, f"{prefix}chat_template")
+        for ref in self.referenced_models():
+            if LORA_SEPARATOR in ref and not Path(ref).expanduser().exists():
+                split_reference(ref, where or "recipe")
         for key in ("dtype", "out_dtype", "compute_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
@@ -352,9 +356,18 @@ def _ref(entry: Any, where: str) -> str:
     model = entry.get("model")
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{where}: 'model' must be a path")
-    if "+" in model:
-        raise ConfigError(f"{where}: 'model+lora' references are not supported; use merge lora")
     return model
+
+
+def split_reference(ref: str, where: str = "model") -> tuple[str, str | None]:
+    """``"MODEL+ADAPTER"`` (mergekit's reference to a model with a LoRA adapter folded in)
+    -> ``(MODEL, ADAPTER)``; ``"MODEL"`` -> ``(MODEL, None)``."""
+    parts = ref.split(LORA_SEPARATOR)
+    if len(parts) == 1:
+        return ref, None
+    if len(parts) == 2 and all(p.strip() for p in parts):
+        return parts[0], parts[1]
+    raise ConfigError(f"{where}: model reference {ref!r}: expected MODEL or MODEL+ADAPTER")
 
 
 def _params(entry: Mapping, where: str, top: bool = False) -> dict:

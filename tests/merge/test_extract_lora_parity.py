@@ -92,7 +92,7 @@ def test_model_plus_adapter_reextracted_as_mergekit(tmp_path):
     ]
     record = json.loads((ws / "weightsmith.json").read_text())
     assert record["lora_folds"] == [
-        {"model": str(base), "adapter": str(tmp_path / "ad"), "reused": False}
+        {"model": str(base), "adapter": str(tmp_path / "ad")}
     ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from merge_testlib import assert_one_line_error, run_cli, tensors
+from merge_testlib import assert_one_line_error, poke, run_cli, tensors
 from mergekit_oracle import run_both
 from test_lora import make_adapter
 
@@ -121,7 +121,7 @@ def test_fold_equals_merge_lora_and_is_temporary(models, tmp_path):
     assert recorded["models"][0]["model"] == f"{models / 'base'}+{models / 'ad1'}"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["result"]["extra"]["lora_folds"] == [
-        {"model": str(models / "base"), "adapter": str(models / "ad1"), "reused": False}
+        {"model": str(models / "base"), "adapter": str(models / "ad1")}
     ]
     inputs = json.loads((out / "weightsmith.json").read_text())["inputs"]
     assert [i["path"] for i in inputs] == [str(models / "base"), str(models / "ad1")]
@@ -190,6 +190,21 @@ def test_adapter_that_does_not_fit_fails_and_leaves_nothing(models, tmp_path):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("where", ["adapter", "model"])
+def test_nan_in_the_adapter_or_the_model_is_named(models, tmp_path, where):
+    import shutil
+
+    for name in ("base", "ad1"):
+        shutil.copytree(models / name, tmp_path / name)
+    target = tmp_path / ("ad1" if where == "adapter" else "base")
+    tensor = poke(target, "q_proj.lora_B" if where == "adapter" else "q_proj", float("nan"))
+    data = {"merge_method": "linear", "models": [W1 | {"model": "base+ad1"}]}
+    out = tmp_path / "out"
+    r = run_cli("run", _recipe(tmp_path, models, data), "--models-dir", tmp_path, "-o", out)
+    assert_one_line_error(r, str(target), tensor, "NaN")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
 def test_existing_output_is_refused_before_folding(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -197,3 +212,31 @@ def test_existing_output_is_refused_before_folding(models, tmp_path):
     r = run_cli("run", _recipe(tmp_path, models, data), "--models-dir", models, "-o", out)
     assert_one_line_error(r, "already exists")
     assert list(out.iterdir()) == [] and _leftovers(tmp_path) == []
+
+
+def test_float32_fold_equals_peft(tiny_model, tmp_path):
+    """In float32 the folded inputs are peft's merge_and_unload within 1e-6 (and each adapted
+    tensor is computed apart: none overwrites another's numbers)."""
+    from test_lora import peft_merged
+
+    base = tiny_model("llama", 0)
+    make_adapter(base, tmp_path / "ad", seed=4, r=4, target_modules="all-linear")
+    ref = f"{base}+{tmp_path / 'ad'}"
+    data = {"merge_method": "linear", "models": [W1 | {"model": ref}], "dtype": "float32"}
+    r = run_cli("run", _recipe(tmp_path, base, data), "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    expected, got = peft_merged(base, tmp_path / "ad"), tensors(tmp_path / "out")
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    # read side by side, as a merge's passes and its lookahead do: each stays its own
+    from weightsmith.merge.lora_refs import FoldedCheckpoint
+
+    with FoldedCheckpoint(base, tmp_path / "ad") as ck:
+        held = []
+        for name in ck.tensors:
+            with ck.mapped_flat(name) as flat:
+                held.append((name, flat))
+        for name, flat in held:
+            torch.testing.assert_close(
+                flat.view(expected[name].shape), expected[name], rtol=0, atol=1e-6, msg=name
+            )

@@ -23,7 +23,7 @@ from weightsmith.errors import ConfigError
 from weightsmith.io.architectures import require_described
 from weightsmith.io.dtypes import config_dtype_name, parse_user_dtype
 from weightsmith.io.hub import parse_hub_id, resolve_model_reference
-from weightsmith.io.reader import Checkpoint, open_checkpoint
+from weightsmith.io.reader import Checkpoint
 from weightsmith.io.support_files import TOKENIZER_FILES
 from weightsmith.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from weightsmith.merge.card import model_card
@@ -128,12 +128,11 @@ def merge(
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
         stack.callback(folds.close)
-        recipe = recorded.resolved(folds.path)
-        final_from = folds.path(final_ref) if final_ref is not None else None
+        recipe, final_from = recorded, final_ref
         ckpts: dict[str, Checkpoint] = {}
         for ref in [*recipe.referenced_models(), *([final_from] if final_from else [])]:
             if ref not in ckpts:
-                ckpts[ref] = stack.enter_context(open_checkpoint(ref, allow_pickle=allow_pickle))
+                ckpts[ref] = stack.enter_context(folds.open(ref, allow_pickle))
                 require_described(ckpts[ref].arch, f"{ref}: merge")
                 _refuse_quantized(ckpts[ref], ref)
         vocab = plan_vocabulary(recipe, ckpts)
@@ -144,7 +143,7 @@ def merge(
         plan.jobs = with_compute_dtype(plan.jobs, ckpts, recipe.compute_dtype or recipe.dtype)
         stack.enter_context(compute_pool(device=device))
         stack.callback(sphere_native.release_buffers)
-        sources = _sources(ckpts, folds, stack, allow_pickle)
+        sources = [stack.enter_context(s) for r, c in ckpts.items() for s in folds.sources(r, c)]
         run = _Run(plan, ckpts, options, device, chunk_elements, vocab)
         return _run_plan(recipe, run, out, _Record(recorded, final_ref, sources, folds.record()))
 
@@ -159,21 +158,6 @@ def _refuse_quantized(ckpt: Checkpoint, ref: str) -> None:
             "(load it in transformers dequantized, e.g. Mxfp4Config(dequantize=True) for "
             "gpt-oss, and save_pretrained)"
         )
-
-
-def _sources(
-    ckpts: Mapping[str, Checkpoint], folds: LoraFolds, stack: contextlib.ExitStack, pickle: bool
-) -> list[Checkpoint]:
-    """The inputs on record: each checkpoint read, but a folded one's model and adapter."""
-    folded = {f["folded"]: f for f in folds.folded.values()}
-    out = []
-    for ref, ck in ckpts.items():
-        if ref not in folded:
-            out.append(ck)
-            continue
-        for key in ("model", "adapter"):
-            out.append(stack.enter_context(open_checkpoint(folded[ref][key], allow_pickle=pickle)))
-    return out
 
 
 @dataclass
@@ -241,7 +225,7 @@ def _run_plan(
             apply=apply,
             options=run.options,
             sources=record.sources,
-            config_patch=_config_patch(ref, plan, recipe, out_dtype, run.vocab),
+            config_patch=_config_patch(ckpts, plan, recipe, out_dtype, run.vocab),
             support_skip=TOKENIZER_FILES if tokenizer else (),
             description=f"merge {recipe.merge_method}",
             provenance={
@@ -342,7 +326,8 @@ def _replace_dtype(recipe: MergeRecipe, name: str) -> MergeRecipe:
     return replace(recipe, out_dtype=name)
 
 
-def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dtype, vocab):
+def _config_patch(ckpts: Mapping[str, Checkpoint], plan: MergePlan, recipe, out_dtype, vocab):
+    ref = ckpts[plan.reference]
     old_layers = ref.num_layers
     layers_key = ref.arch.num_layers_key
 
@@ -354,7 +339,7 @@ def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dty
             target = nested if "vocab_size" not in config and isinstance(nested, dict) else config
             target["vocab_size"] = vocab.vocabulary.size
         if recipe.slices:
-            configs = _source_configs(plan)
+            configs = {m: ckpts[m].config or {} for m, _ in plan.layer_sources}
             for key, value in list(config.items()):
                 if isinstance(value, list) and len(value) == old_layers and key != "architectures":
                     config[key] = [
@@ -364,14 +349,3 @@ def _config_patch(ref: Checkpoint, plan: MergePlan, recipe: MergeRecipe, out_dty
         return config
 
     return patch
-
-
-def _source_configs(plan: MergePlan) -> Mapping[str, dict]:
-    import json
-
-    out = {}
-    for model, _ in plan.layer_sources:
-        if model not in out:
-            cfg = Path(model) / "config.json"
-            out[model] = json.loads(cfg.read_text()) if cfg.is_file() else {}
-    return out

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from weightsmith.core.device import select_device
 from weightsmith.core.transform import require_finite
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.io.reader import Checkpoint, open_checkpoint
+from weightsmith.io.reader import Checkpoint
 from weightsmith.io.writer import CheckpointWriter
 from weightsmith.merge.lora import ADAPTER_CONFIG, PREFIX
 from weightsmith.merge.lora_refs import LoraFolds
@@ -291,14 +291,15 @@ def extract_lora(
     cache = Path(lora_merge_cache) if lora_merge_cache else None
     folds = LoraFolds(Path(out).absolute(), force, cache, lora_merge_dtype, device, progress)
     try:
-        pair = (folds.path(str(base)), folds.path(str(finetuned)))
-        return _extract(pair, out, cfg, device, force, progress, folds.record())
+        with folds.open(str(base)) as bk, folds.open(str(finetuned)) as fk:
+            return _extract(bk, fk, out, cfg, device, force, progress, folds.record())
     finally:
         folds.close()
 
 
 def _extract(
-    pair: tuple[str, str],
+    bk: Checkpoint,
+    fk: Checkpoint,
     out: str | os.PathLike[str],
     cfg: ExtractLoraConfig,
     device: str,
@@ -307,40 +308,37 @@ def _extract(
     folds: list[dict],
 ) -> ExtractResult:
     start = time.perf_counter()
-    with open_checkpoint(pair[0]) as bk, open_checkpoint(pair[1]) as fk:
-        plans, to_save = plan_modules(bk, fk, cfg)
-        _check_pair(bk, fk, plans)
-        if not any(p.kind != SAVE for p in plans):
-            raise ConfigError("no Linear or Embedding module left to decompose")
-        ranks: dict[str, int] = {}
-        dropped: list[str] = []
-        kept = total = 0.0
-        with CheckpointWriter(
-            out, max_shard_size=1 << 62, force=force, inputs=[bk.path, fk.path],
-            weights_name="adapter_model",
-        ) as writer:  # fmt: skip
-            for p, tensors, rank, k, t in _stream_modules(bk, fk, plans, cfg, device, progress):
-                for name, tensor in tensors:
-                    writer.write(name, tensor)
-                if rank == 0:
-                    dropped.append(p.name)
-                elif rank is not None:
-                    ranks[p.name] = rank
-                kept, total = kept + k, total + t
-            if not ranks:
-                raise ConfigError(f"every delta is below --sv-epsilon {cfg.sv_epsilon}")
-            writer.write_json(ADAPTER_CONFIG, adapter_config(bk, ranks, to_save))
-            summary = writer.commit(
-                {
-                    "operation": "extract_lora",
-                    "config": asdict(cfg),
-                    "output_kind": "peft-adapter",
-                    "inputs": [
-                        {"path": str(c.path), "fingerprint": c.fingerprint()} for c in (bk, fk)
-                    ],
-                    **({"lora_folds": folds} if folds else {}),
-                }
-            )
+    plans, to_save = plan_modules(bk, fk, cfg)
+    _check_pair(bk, fk, plans)
+    if not any(p.kind != SAVE for p in plans):
+        raise ConfigError("no Linear or Embedding module left to decompose")
+    ranks: dict[str, int] = {}
+    dropped: list[str] = []
+    kept = total = 0.0
+    with CheckpointWriter(
+        out, max_shard_size=1 << 62, force=force, inputs=[bk.path, fk.path],
+        weights_name="adapter_model",
+    ) as writer:  # fmt: skip
+        for p, tensors, rank, k, t in _stream_modules(bk, fk, plans, cfg, device, progress):
+            for name, tensor in tensors:
+                writer.write(name, tensor)
+            if rank == 0:
+                dropped.append(p.name)
+            elif rank is not None:
+                ranks[p.name] = rank
+            kept, total = kept + k, total + t
+        if not ranks:
+            raise ConfigError(f"every delta is below --sv-epsilon {cfg.sv_epsilon}")
+        writer.write_json(ADAPTER_CONFIG, adapter_config(bk, ranks, to_save))
+        summary = writer.commit(
+            {
+                "operation": "extract_lora",
+                "config": asdict(cfg),
+                "output_kind": "peft-adapter",
+                "inputs": [{"path": str(c.path), "fingerprint": c.fingerprint()} for c in (bk, fk)],
+                **({"lora_folds": folds} if folds else {}),
+            }
+        )
     return ExtractResult(
         out=summary.out,
         lora_modules=len(ranks),

@@ -228,7 +228,7 @@ def merge_lora(
     )
     with open_checkpoint(base) as ck, open_checkpoint(adapter_dir) as ad:
         modules, replace = read_adapter(ad, config, scale)
-        _check_targets(ck, ad, modules, replace)
+        check_targets(ck, ad, modules, replace)
 
         def out_dtype(name: str) -> torch.dtype:
             stored = ck.info(name).torch_dtype
@@ -258,7 +258,7 @@ def merge_lora(
         return result
 
 
-def _check_targets(
+def check_targets(
     ck: Checkpoint, ad: Checkpoint, modules: dict[str, LoraModule], replace: dict[str, str]
 ) -> None:
     """Every adapted or replaced tensor exists in the base, with shapes that fit."""
@@ -286,6 +286,8 @@ def _lora_apply(
     """``apply`` of the LoRA merge: W + scale·B@A for adapted tensors, the adapter's tensor
     for replaced ones, a checked copy (or cast) of the rest."""
 
+    scratch = Scratch()
+
     def read(c: Checkpoint, name: str) -> torch.Tensor:
         return require_finite(c.get_tensor(name), str(c.path), name)
 
@@ -294,21 +296,8 @@ def _lora_apply(
             want = out_dtype(name)
             if name in modules:
                 mod = modules[name]
-                w = read(ck, name).to(device, torch.float32)
-                w += lora_delta(
-                    read(ad, mod.a_key).to(device),
-                    read(ad, mod.b_key).to(device),
-                    mod.scale,
-                    embedding=mod.embedding,
-                    fan_in_fan_out=mod.fan_in_fan_out,
-                )
-                merged = w.to("cpu", want)
-                if not all_finite(merged):
-                    kind = str(want).removeprefix("torch.")
-                    raise CheckpointError(
-                        f"tensor {name!r}: merged values overflow {kind} (Inf); lower --scale"
-                    )
-                yield name, merged
+                a, b = read(ad, mod.a_key), read(ad, mod.b_key)
+                yield name, folded_weight(read(ck, name), a, b, mod, want, device, scratch)
             elif name in replace:
                 yield name, read(ad, replace[name]).to(want)
             elif want == ck.info(name).torch_dtype:
@@ -317,6 +306,60 @@ def _lora_apply(
                 yield name, read(ck, name).to(want)
 
     return apply
+
+
+class Scratch:
+    """A float32 buffer reused from one tensor to the next: on this kind of machine touching
+    fresh pages costs more than the fold's arithmetic. Buffers over ``keep_bytes`` are not
+    kept (a huge lm_head does not pin its size for the rest of the run)."""
+
+    def __init__(self, keep_bytes: int = 64 << 20) -> None:
+        self.keep_bytes = keep_bytes
+        self._buf: torch.Tensor | None = None
+
+    def __call__(self, numel: int) -> torch.Tensor:
+        if self._buf is not None and self._buf.numel() >= numel:
+            return self._buf[:numel]
+        buf = torch.empty(numel, dtype=torch.float32)
+        if 4 * numel <= self.keep_bytes:
+            self._buf = buf
+        return buf
+
+
+def folded_weight(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mod: LoraModule,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
+    """W + scale·B@A computed in float32 and rounded once to ``dtype`` (on the CPU): what
+    peft's ``merge_and_unload`` leaves in a float32 model, and, rounded, in a bf16 one. An
+    overflow of ``dtype`` is an error. With ``scratch`` (CPU, untransposed layouts) the same
+    numbers are made in a reused buffer: B@A by the same matmul, then x scale, then + W."""
+    if scratch is not None and device == "cpu" and not (mod.embedding or mod.fan_in_fan_out):
+        out = scratch(w.numel()).view(w.shape)
+        torch.mm(b.float(), a.float(), out=out)
+        out.mul_(mod.scale)
+        out.add_(w)  # float32 + W, exactly as W.float() + delta (addition commutes)
+    else:
+        out = w.to(device, torch.float32)
+        out += lora_delta(
+            a.to(device),
+            b.to(device),
+            mod.scale,
+            embedding=mod.embedding,
+            fan_in_fan_out=mod.fan_in_fan_out,
+        )
+    merged = out.to("cpu", dtype, copy=scratch is not None)  # never hand out the scratch
+    if not all_finite(merged):
+        kind = str(dtype).removeprefix("torch.")
+        raise CheckpointError(
+            f"tensor {mod.target!r}: merged values overflow {kind} (Inf); lower the scale"
+        )
+    return merged
 
 
 def _check_shapes(ck: Checkpoint, ad: Checkpoint, mod: LoraModule) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith.errors import CheckpointError, ConfigError
+from weightsmith.merge.recipe import LORA_SEPARATOR, split_reference
 from weightsmith.merge.vocab_config import BASE, BUILTIN_TEMPLATES, UNION, TokenizerSpec
 
 
@@ -54,8 +55,12 @@ class VocabMerge:
 
 
 def load_tokenizer(path: str) -> Any:
-    """The fast tokenizer saved with a model (no remote code, nothing downloaded)."""
+    """The fast tokenizer saved with a model (no remote code, nothing downloaded); for
+    ``MODEL+ADAPTER``, the model's."""
     import transformers
+
+    if LORA_SEPARATOR in path and not Path(path).exists():
+        path = split_reference(path)[0]
 
     try:
         return transformers.AutoTokenizer.from_pretrained(

@@ -152,6 +152,22 @@ def test_lora_merge_dtype(models, tmp_path):
         assert {t.dtype for t in tensors(folded).values()} == {torch.float32}
 
 
+def test_lora_merge_dtype_without_a_cache_is_temporary(models, tmp_path):
+    recipe = _recipe(tmp_path, models, RECIPES["linear"] | {"dtype": "float32"})
+    out, args = tmp_path / "out", ("--models-dir", models, "--lora-merge-dtype", "float32")
+    assert run_cli("run", recipe, "-o", out, *args).exit_code == 0
+    assert _leftovers(tmp_path) == []
+    cache = tmp_path / "cache"
+    assert (
+        run_cli(
+            "run", recipe, "-o", tmp_path / "out2", *args, "--lora-merge-cache", cache
+        ).exit_code
+        == 0
+    )
+    a, b = tensors(out), tensors(tmp_path / "out2")
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the same folded models, kept or not
+
+
 def test_a_local_path_with_a_plus_is_a_model(models, tmp_path):
     (tmp_path / "a+b").symlink_to(models / "ft")
     recipe = _recipe(

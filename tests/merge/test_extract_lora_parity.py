@@ -91,9 +91,7 @@ def test_model_plus_adapter_reextracted_as_mergekit(tmp_path):
         "ws",
     ]
     record = json.loads((ws / "weightsmith.json").read_text())
-    assert record["lora_folds"] == [
-        {"model": str(base), "adapter": str(tmp_path / "ad")}
-    ]
+    assert record["lora_folds"] == [{"model": str(base), "adapter": str(tmp_path / "ad")}]
 
 
 def _assert_same_adapter(mk, ws) -> None:

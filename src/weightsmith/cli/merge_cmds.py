@@ -426,8 +426,8 @@ def passthrough_cmd(slices, final_from, out, opts) -> dict:
     "--lora-merge-cache",
     default=None,
     type=click.Path(file_okay=False),
-    help="Keep the models that MODEL+ADAPTER references fold into here, and reuse them on the "
-    "next run (default: a temporary folder beside OUT, removed at the end).",
+    help="Write the models that MODEL+ADAPTER references fold into here, and reuse them on "
+    "the next run (default: fold each adapted tensor as it is read, writing nothing).",
 )
 @click.option(
     "--lora-merge-dtype",

@@ -78,7 +78,8 @@ from weightsmith.io.sizes import format_size, parse_size
     "--lora-merge-cache",
     default=None,
     type=click.Path(file_okay=False),
-    help="Keep the models that MODEL+ADAPTER arguments fold into here, for the next run.",
+    help="Write the models that MODEL+ADAPTER arguments fold into here, for the next run "
+    "(default: fold each adapted tensor as it is read, writing nothing).",
 )
 @click.option("--lora-merge-dtype", default=None, help="dtype of the folded MODEL+ADAPTER models.")
 @force_option

@@ -65,8 +65,9 @@ def resolve_model(
         return resolve_model_reference(ref, adapter=adapter)
     looked = ", ".join(str(c) for c in candidates)
     what = "adapter" if adapter else "model"
+    kind = "PEFT adapter" if adapter else "checkpoint"
     raise ConfigError(
-        f"{what} {ref!r} not found (looked at {looked}); recipes take local checkpoint "
+        f"{what} {ref!r} not found (looked at {looked}); recipes take local {kind} "
         "folders (--models-dir for relative names) or hub ids org/name[@revision]"
     )
 

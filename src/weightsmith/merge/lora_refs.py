@@ -64,9 +64,10 @@ def has_adapter(ref: str) -> bool:
 class FoldedCheckpoint(Checkpoint):
     """The checkpoint at ``path`` read as if the PEFT LoRA adapter at ``adapter`` were folded
     in. Adapted tensors are computed on first read (:func:`folded_weight`) and the last
-    :attr:`KEEP` of them kept (up to :attr:`KEEP_BYTES`), so the passes of one merge over a tensor (and the lookahead's
-    read of the next) compute it once; a tensor the adapter replaces (``modules_to_save``) is
-    the adapter's, cast to the stored dtype. The rest read as stored."""
+    :attr:`KEEP` of them kept (up to :attr:`KEEP_BYTES`), so the passes of one merge over a
+    tensor (and the lookahead's read of the next) compute it once; a tensor the adapter
+    replaces (``modules_to_save``) is the adapter's, cast to the stored dtype. The rest read as
+    stored."""
 
     KEEP, KEEP_BYTES = 4, 512 << 20  # at least the last two, whatever their size
 

@@ -70,6 +70,17 @@ RECIPES = {
         "parameters": {"t": 0.3},
         "dtype": "bfloat16",
     },
+    "ties_union_vocabulary": {  # the tokenizer of base+ad1 is base's
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "base+ad1", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "ft+ad2", "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "tokenizer_source": "union",
+        "chat_template": "chatml",
+        "dtype": "bfloat16",
+    },
     "passthrough": {
         "merge_method": "passthrough",
         "slices": [

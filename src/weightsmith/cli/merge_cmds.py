@@ -19,6 +19,7 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
+from weightsmith.cli.fold_options import lora_fold_options
 from weightsmith.cli.groups import merge_cli
 from weightsmith.errors import ConfigError
 from weightsmith.io.sizes import format_size, parse_size
@@ -422,29 +423,17 @@ def passthrough_cmd(slices, final_from, out, opts) -> dict:
     type=click.Path(file_okay=False),
     help="Folder that relative model names in the recipe are looked up in first.",
 )
-@click.option(
-    "--lora-merge-cache",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Write the models that MODEL+ADAPTER references fold into here, and reuse them on "
-    "the next run (default: fold each adapted tensor as it is read, writing nothing).",
-)
-@click.option(
-    "--lora-merge-dtype",
-    default=None,
-    help="dtype of the folded MODEL+ADAPTER models (default: each tensor's stored dtype).",
-)
+@lora_fold_options
 @merge_options
 @common
-def run_cmd(recipe_path, models_dir, lora_merge_cache, lora_merge_dtype, out, opts) -> dict:
+def run_cmd(recipe_path, models_dir, folds, out, opts) -> dict:
     """Run a mergekit YAML recipe (merge_method, models/slices, parameters, dtype, ...).
 
     A model written MODEL+ADAPTER is MODEL with the PEFT LoRA adapter ADAPTER folded in."""
     from weightsmith.merge import load_recipe
 
     recipe = load_recipe(recipe_path)
-    lora = {"lora_merge_cache": lora_merge_cache, "lora_merge_dtype": lora_merge_dtype}
     return {
         "recipe": recipe_path,
-        **run_recipe(recipe, out, models_dir=models_dir, **lora, **opts),
+        **run_recipe(recipe, out, models_dir=models_dir, **folds, **opts),
     }

@@ -13,6 +13,7 @@ from weightsmith.cli.common import (
     progress_option,
     report_option,
 )
+from weightsmith.cli.fold_options import lora_fold_options
 from weightsmith.cli.groups import merge_cli
 from weightsmith.cli.merge_cmds import common, merge_options, parse_number
 from weightsmith.errors import ConfigError
@@ -74,21 +75,13 @@ from weightsmith.io.sizes import format_size, parse_size
     help="Leave out modules that are not Linear/Embedding (norms) instead of saving them.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run.")
-@click.option(
-    "--lora-merge-cache",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Write the models that MODEL+ADAPTER arguments fold into here, for the next run "
-    "(default: fold each adapted tensor as it is read, writing nothing).",
-)
-@click.option("--lora-merge-dtype", default=None, help="dtype of the folded MODEL+ADAPTER models.")
+@lora_fold_options
 @force_option
 @progress_option
 @report_option
 def extract_lora_cmd(
     base, finetuned, out, rank, sv_epsilon, distribute_scale, embed_lora, modules_to_save,
-    exclude_regexes, include_regexes, skip_undecomposable, device, lora_merge_cache,
-    lora_merge_dtype, force, progress,
+    exclude_regexes, include_regexes, skip_undecomposable, device, folds, force, progress,
 ):  # fmt: skip
     """Extract the LoRA adapter that turns BASE into FINETUNED: truncated SVD of each
     Linear delta (FINETUNED - BASE), written as a PEFT adapter (mergekit-extract-lora).
@@ -107,7 +100,6 @@ def extract_lora_cmd(
         exclude_regexes=tuple(exclude_regexes),
         skip_undecomposable=skip_undecomposable,
     )
-    folds = {"lora_merge_cache": lora_merge_cache, "lora_merge_dtype": lora_merge_dtype}
     r = extract_lora(
         base, finetuned, out, cfg, device=device, force=force, progress=progress, **folds
     )

@@ -37,9 +37,7 @@ from weightsmith.merge.lora import (
     read_adapter,
     read_adapter_config,
 )
-from weightsmith.merge.recipe import LORA_SEPARATOR, split_reference
-
-SEPARATOR = LORA_SEPARATOR
+from weightsmith.merge.recipe import LORA_SEPARATOR, has_adapter, split_reference
 
 
 def resolve_reference(
@@ -50,15 +48,10 @@ def resolve_reference(
     try:
         return resolve_model(ref)
     except ConfigError:
-        if SEPARATOR not in ref:
+        if LORA_SEPARATOR not in ref:
             raise
     model, adapter = split_reference(ref)  # no model of that name: MODEL+ADAPTER
-    return f"{resolve_model(model)}{SEPARATOR}{resolve_adapter(str(adapter))}"
-
-
-def has_adapter(ref: str) -> bool:
-    """Whether ``ref`` is ``MODEL+ADAPTER`` (not a path that exists as named)."""
-    return SEPARATOR in ref and not Path(ref).exists()
+    return f"{resolve_model(model)}{LORA_SEPARATOR}{resolve_adapter(str(adapter))}"
 
 
 class FoldedCheckpoint(Checkpoint):

@@ -211,7 +211,7 @@ class MergeRecipe:
             raise ConfigError(f"{prefix}give either 'tokenizer_source' or 'tokenizer', not both")
         check_chat_template(self.chat_template, f"{prefix}chat_template")
         for ref in self.referenced_models():
-            if LORA_SEPARATOR in ref and not Path(ref).expanduser().exists():
+            if has_adapter(ref):
                 split_reference(ref, where or "recipe")
         for key in ("dtype", "out_dtype", "compute_dtype"):
             value = getattr(self, key)
@@ -357,6 +357,11 @@ def _ref(entry: Any, where: str) -> str:
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{where}: 'model' must be a path")
     return model
+
+
+def has_adapter(ref: str) -> bool:
+    """Whether ``ref`` is ``MODEL+ADAPTER`` (not a path that exists as named)."""
+    return LORA_SEPARATOR in ref and not Path(ref).expanduser().exists()
 
 
 def split_reference(ref: str, where: str = "model") -> tuple[str, str | None]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith.errors import CheckpointError, ConfigError
-from weightsmith.merge.recipe import LORA_SEPARATOR, split_reference
+from weightsmith.merge.recipe import has_adapter, split_reference
 from weightsmith.merge.vocab_config import BASE, BUILTIN_TEMPLATES, UNION, TokenizerSpec
 
 
@@ -59,7 +59,7 @@ def load_tokenizer(path: str) -> Any:
     ``MODEL+ADAPTER``, the model's."""
     import transformers
 
-    if LORA_SEPARATOR in path and not Path(path).exists():
+    if has_adapter(path):
         path = split_reference(path)[0]
 
     try:
